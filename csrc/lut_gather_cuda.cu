@@ -1,0 +1,243 @@
+// lut_gather on CUDA: the table is in VRAM, or in pinned host memory read in
+// place over PCIe (zero-copy through unified addressing).
+//
+// Designed for the bytes: every thread issues several independent 16-byte loads
+// before it stores (a PCIe round trip is ~1-2 us, so many loads must be in
+// flight), and work is split within a row as well as across tokens, so a
+// single 72-192 KB decode row still spreads over many SMs.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "lut_gather.h"
+
+namespace mole {
+namespace {
+
+constexpr int kRowsThreads = 256;
+constexpr int kRowsUnroll = 4;  // independent 16-byte loads in flight per thread
+constexpr int kMaxGridY = 65535;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename id_t>
+__device__ __forceinline__ bool valid_id(id_t id, int64_t V) {
+  return static_cast<int64_t>(id) >= 0 && static_cast<int64_t>(id) < V;
+}
+
+// Records the smallest position of an id outside [0, V) (pos starts at T).
+template <typename id_t>
+__global__ void first_bad_id_kernel(const id_t* __restrict__ ids, int64_t T, int64_t V,
+                                    unsigned long long* __restrict__ pos) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < T; i += int64_t(gridDim.x) * blockDim.x) {
+    if (!valid_id(ids[i], V)) atomicMin(pos, static_cast<unsigned long long>(i));
+  }
+}
+
+// Rows form: each token's segment is a contiguous byte range copied in vec_t units.
+template <typename vec_t, typename id_t>
+__global__ void rows_kernel(const char* __restrict__ lut, const id_t* __restrict__ ids, char* __restrict__ out,
+                            int64_t T, int64_t V, int64_t row_bytes, int64_t seg_off_bytes, int64_t seg_vecs,
+                            unsigned long long* __restrict__ faults) {
+  for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
+    const id_t id = ids[t];
+    const bool ok = valid_id(id, V);
+    if (!ok && faults != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(faults, 1ull);
+    const vec_t* src = reinterpret_cast<const vec_t*>(lut + (ok ? int64_t(id) : 0) * row_bytes + seg_off_bytes);
+    vec_t* dst = reinterpret_cast<vec_t*>(out + t * seg_vecs * int64_t(sizeof(vec_t)));
+    const int64_t step = int64_t(gridDim.x) * blockDim.x * kRowsUnroll;
+    for (int64_t base = int64_t(blockIdx.x) * blockDim.x * kRowsUnroll + threadIdx.x; base < seg_vecs;
+         base += step) {
+      vec_t v[kRowsUnroll];
+#pragma unroll
+      for (int u = 0; u < kRowsUnroll; ++u) {
+        const int64_t i = base + int64_t(u) * blockDim.x;
+        if (i < seg_vecs) v[u] = ok ? src[i] : vec_t{};
+      }
+#pragma unroll
+      for (int u = 0; u < kRowsUnroll; ++u) {
+        const int64_t i = base + int64_t(u) * blockDim.x;
+        if (i < seg_vecs) dst[i] = v[u];
+      }
+    }
+  }
+}
+
+// Fused form: block (t, column tile); each thread owns VEC columns and sums E rows.
+template <typename lut_t, typename out_t, typename id_t, int VEC>
+__global__ void fused_kernel(const lut_t* __restrict__ lut, const id_t* __restrict__ ids,
+                             const float* __restrict__ w, out_t* __restrict__ out, int64_t V, int64_t row_elems,
+                             int64_t seg_offset, int E, int64_t D, bool accumulate,
+                             unsigned long long* __restrict__ faults) {
+  const int64_t t = blockIdx.x;
+  const int64_t col = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (col >= D) return;
+  const id_t id = ids[t];
+  const bool ok = valid_id(id, V);
+  if (!ok && faults != nullptr && blockIdx.y == 0 && threadIdx.x == 0) atomicAdd(faults, 1ull);
+
+  float acc[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) acc[j] = 0.f;
+  if (ok) {
+    using LP = Pack<lut_t, VEC>;
+    const lut_t* base = lut + int64_t(id) * row_elems + seg_offset + col;
+    const float* wt = w + t * E;
+    int e = 0;
+    for (; e + 4 <= E; e += 4) {  // four rows' loads issued before any arithmetic
+      LP r[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) r[k] = *reinterpret_cast<const LP*>(base + int64_t(e + k) * D);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float wk = wt[e + k];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] += wk * static_cast<float>(r[k].v[j]);
+      }
+    }
+    for (; e < E; ++e) {
+      const LP r = *reinterpret_cast<const LP*>(base + int64_t(e) * D);
+      const float we = wt[e];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[j] += we * static_cast<float>(r.v[j]);
+    }
+  }
+  using OP = Pack<out_t, VEC>;
+  OP* dst = reinterpret_cast<OP*>(out + t * D + col);
+  OP o;
+  if (accumulate) o = *dst;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) o.v[j] = static_cast<out_t>(accumulate ? static_cast<float>(o.v[j]) + acc[j] : acc[j]);
+  *dst = o;
+}
+
+bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// The address the kernel reads the table at: VRAM, or the device alias of pinned host memory.
+const void* table_device_pointer(const at::Tensor& lut, const at::Tensor& ids) {
+  if (lut.is_cuda()) {
+    MOLE_CHECK_ARG(lut.device() == ids.device(), "lut_gather: lut is on ", lut.device(), " but ids are on ",
+                   ids.device());
+    return lut.const_data_ptr();
+  }
+  MOLE_CHECK_ARG(lut.is_pinned(), "lut_gather: ids are on ", ids.device(),
+                 " but lut is an ordinary (pageable) CPU tensor; the CUDA kernel reads a CPU table in place only "
+                 "when it is pinned: use lut.pin_memory() or mole_kernels.LookupTable(..., placement='host')");
+  cudaPointerAttributes attr;
+  C10_CUDA_CHECK(cudaPointerGetAttributes(&attr, lut.const_data_ptr()));
+  TORCH_CHECK(attr.devicePointer != nullptr, "lut_gather: the pinned table has no device mapping on ",
+              ids.device(), " (was it registered without cudaHostRegisterMapped?)");
+  return attr.devicePointer;
+}
+
+// Synchronises: used only when the caller asked for an error rather than a fault counter.
+void raise_on_bad_id(const at::Tensor& ids, int64_t V, cudaStream_t stream) {
+  const int64_t T = ids.numel();
+  at::Tensor pos = at::full({1}, T, ids.options().dtype(at::kLong));
+  MOLE_DISPATCH_ID_TYPES(ids.scalar_type(), "lut_gather_check_ids", [&] {
+    const int blocks = static_cast<int>(std::min<int64_t>((T + 255) / 256, 1024));
+    first_bad_id_kernel<<<blocks, 256, 0, stream>>>(ids.const_data_ptr<scalar_t>(), T, V,
+                                                    reinterpret_cast<unsigned long long*>(pos.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const int64_t first = pos.item<int64_t>();
+  if (first < T) {
+    const int64_t id = ids.view(-1)[first].item<int64_t>();
+    MOLE_CHECK_ARG(false, "lut_gather: ids contains ", id, " (at flat position ", first,
+                   "), outside the table's vocabulary [0, ", V, ")");
+  }
+}
+
+template <typename id_t>
+void launch_rows(const GatherPlan& p, const char* lut, size_t elem, const id_t* ids, char* out,
+                 unsigned long long* faults, cudaStream_t stream) {
+  const int64_t row_bytes = p.row_elems * int64_t(elem);
+  const int64_t seg_off = p.seg_offset * int64_t(elem);
+  const int64_t seg_bytes = p.seg_elems * int64_t(elem);
+  auto launch = [&](auto vec_tag) {
+    using vec_t = decltype(vec_tag);
+    const int64_t vecs = seg_bytes / int64_t(sizeof(vec_t));
+    const int64_t per_block = int64_t(kRowsThreads) * kRowsUnroll;
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((vecs + per_block - 1) / per_block, 4096)),
+                    static_cast<unsigned>(std::min<int64_t>(p.T, kMaxGridY)));
+    rows_kernel<vec_t, id_t><<<grid, kRowsThreads, 0, stream>>>(lut, ids, out, p.T, p.V, row_bytes, seg_off, vecs,
+                                                               faults);
+  };
+  // The widest unit that divides every row's start, the segment and both base pointers.
+  auto fits = [&](int64_t w) {
+    return row_bytes % w == 0 && seg_off % w == 0 && seg_bytes % w == 0 && aligned(lut, w) && aligned(out, w);
+  };
+  if (fits(16)) launch(uint4{});
+  else if (fits(8)) launch(uint2{});
+  else if (fits(4)) launch(uint32_t{});
+  else if (fits(2)) launch(uint16_t{});
+  else launch(uint8_t{});
+}
+
+template <typename lut_t, typename out_t, typename id_t>
+void launch_fused(const GatherPlan& p, const lut_t* lut, const id_t* ids, const float* w, out_t* out,
+                  bool accumulate, unsigned long long* faults, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(lut_t);  // one 16-byte load per row per thread
+  auto launch = [&](auto vec_const) {
+    constexpr int VEC = decltype(vec_const)::value;
+    const int64_t cols = (p.D + VEC - 1) / VEC;
+    const int threads = static_cast<int>(std::min<int64_t>(256, (cols + 31) / 32 * 32));
+    const dim3 grid(static_cast<unsigned>(p.T), static_cast<unsigned>((cols + threads - 1) / threads));
+    fused_kernel<lut_t, out_t, id_t, VEC><<<grid, threads, 0, stream>>>(
+        lut, ids, w, out, p.V, p.row_elems, p.seg_offset, static_cast<int>(p.E), p.D, accumulate, faults);
+  };
+  const bool vectorizable = p.D % kVec == 0 && aligned(lut, 16) && aligned(out, int64_t(sizeof(out_t)) * kVec);
+  if (vectorizable) launch(std::integral_constant<int, kVec>{});
+  else launch(std::integral_constant<int, 1>{});  // odd D or unaligned views: one element per thread
+}
+
+}  // namespace
+
+void lut_gather_into_cuda(const at::Tensor& out, const at::Tensor& lut, const at::Tensor& ids,
+                          const std::optional<at::Tensor>& weights, std::optional<int64_t> layer,
+                          bool accumulate, const std::optional<at::Tensor>& faults) {
+  const GatherPlan p = plan_lut_gather(lut, ids, weights, layer);
+  check_gather_outputs(p, lut, ids, out, faults);
+  MOLE_CHECK_ARG(ids.is_cuda(), "lut_gather: the CUDA kernel needs ids on a CUDA device");
+  MOLE_CHECK_ARG(p.fused || !accumulate, "lut_gather: accumulate=True needs weights (the fused form)");
+  MOLE_CHECK_ARG(p.T <= std::numeric_limits<int32_t>::max(), "lut_gather: at most 2^31-1 ids per call, got ", p.T);
+  const c10::cuda::CUDAGuard guard(ids.device());
+  const void* table = table_device_pointer(lut, ids);
+  if (p.T == 0) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor ids_c = ids.contiguous();  // ids are small; the table is never copied
+  if (!faults.has_value()) raise_on_bad_id(ids_c, p.V, stream);
+  unsigned long long* fptr =
+      faults.has_value() ? reinterpret_cast<unsigned long long*>(faults->data_ptr<int64_t>()) : nullptr;
+
+  if (!p.fused) {
+    MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_rows_cuda", [&] {
+      launch_rows(p, static_cast<const char*>(table), lut.element_size(), ids_c.const_data_ptr<scalar_t>(),
+                  static_cast<char*>(out.data_ptr()), fptr, stream);
+    });
+  } else {
+    const at::Tensor w = kernel_weights(weights);
+    MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_cuda", [&] {
+      using id_t = scalar_t;
+      MOLE_DISPATCH_FLOATING_TYPES(lut.scalar_type(), "lut_gather_cuda", [&] {
+        using lut_t = scalar_t;
+        MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_gather_cuda", [&] {
+          launch_fused<lut_t, scalar_t, id_t>(p, static_cast<const lut_t*>(table), ids_c.const_data_ptr<id_t>(),
+                                              w.const_data_ptr<float>(), out.data_ptr<scalar_t>(), accumulate,
+                                              fptr, stream);
+        });
+      });
+    });
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace mole
+
+TORCH_LIBRARY_IMPL(mole_kernels, CUDA, m) {
+  m.impl("lut_gather", &mole::lut_gather_functional<mole::lut_gather_into_cuda>);
+  m.impl("lut_gather_out", &mole::lut_gather_into_cuda);
+}

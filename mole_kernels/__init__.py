@@ -1,0 +1,6 @@
+"""mole_kernels: Mixture-of-Lookup-Experts inference with the lookup tables off the GPU."""
+from ._ops import build_info
+from .lut_gather import lut_gather
+
+__all__ = ["build_info", "lut_gather"]
+__version__ = "0.1.0"

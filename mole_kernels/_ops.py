@@ -1,0 +1,44 @@
+"""Loads the compiled library (which registers torch.ops.mole_kernels.*) and the fake kernels."""
+import json
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing it registers the ops)
+except ImportError as e:  # pragma: no cover - only without a build
+    raise ImportError(
+        "mole_kernels._C is not built: install the package with `pip install --no-build-isolation .` "
+        f"(or `python setup.py build_ext --inplace` in a checkout). Cause: {e}"
+    ) from e
+
+ops = torch.ops.mole_kernels
+
+
+def build_info() -> dict:
+    """What the extension was compiled with: torch version, CUDA on/off, CUDA archs."""
+    info = json.loads(ops.build_info())
+    info["torch_runtime"] = torch.__version__
+    info["cuda_runtime_available"] = torch.cuda.is_available()
+    return info
+
+
+def _gather_shape(lut, ids, weights, layer):
+    torch._check(lut.dim() in (3, 4), lambda: f"lut_gather: lut must be [V, L, E, D] or [V, E, D], got {tuple(lut.shape)}")
+    E, D = lut.shape[-2], lut.shape[-1]
+    if weights is not None:
+        return (*ids.shape, D)
+    if layer is not None or lut.dim() == 3:
+        return (*ids.shape, E, D)
+    return (*ids.shape, lut.shape[1], E, D)
+
+
+@torch.library.register_fake("mole_kernels::lut_gather")
+def _lut_gather_fake(lut, ids, weights=None, layer=None, faults=None):
+    return ids.new_empty(_gather_shape(lut, ids, weights, layer), dtype=lut.dtype)
+
+
+@torch.library.register_fake("mole_kernels::lut_gather_out")
+def _lut_gather_out_fake(out, lut, ids, weights=None, layer=None, accumulate=False, faults=None):
+    want = _gather_shape(lut, ids, weights, layer)
+    torch._check(tuple(out.shape) == tuple(want), lambda: f"lut_gather: out must have shape {want}")
+    return None

@@ -1,0 +1,49 @@
+"""`lut_gather`: fetch LUT rows for token ids, optionally fused with the router-weighted sum."""
+from typing import Optional
+
+import torch
+
+from ._ops import ops
+
+__all__ = ["lut_gather"]
+
+
+def lut_gather(
+    lut: torch.Tensor,
+    ids: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    *,
+    layer: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+    accumulate: bool = False,
+    faults: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Rows of a lookup table for `ids`, or their router-weighted sum.
+
+    Args:
+        lut: ``[V, L, E, D]`` (or ``[V, E, D]``) contiguous table, float32/float16/bfloat16.
+            On a CUDA device, pinned in host memory (read in place by the CUDA kernel
+            when ``ids`` are on the GPU: zero-copy), or an ordinary CPU tensor (CPU kernel).
+        ids: int32/int64 token ids of any shape ``[*]``; the result is on their device.
+        weights: ``[*, E]`` router weights. When given, returns
+            ``sum_e weights[..., e] * lut[ids, layer, e, :]`` of shape ``[*, D]``,
+            accumulated in float32.
+        layer: which layer to read (required with ``weights`` when ``L > 1``). Without
+            weights, selects ``[*, E, D]`` rows of one layer instead of ``[*, L, E, D]``.
+        out: write the result here (shape as above; rows keep the table's dtype, the
+            fused form may be float32/float16/bfloat16). Returned.
+        accumulate: with ``out`` and ``weights``: ``out += result`` (add straight into
+            the residual stream).
+        faults: int64 tensor on ids' device. When given, an id outside ``[0, V)`` reads
+            nothing (zero rows) and is counted into ``faults[0]`` without synchronising
+            (safe under CUDA-graph capture). When absent, such an id raises
+            ``ValueError`` naming it (on CUDA this synchronises).
+
+    No kernel ever reads outside the table.
+    """
+    if accumulate and out is None:
+        raise ValueError("lut_gather: accumulate=True needs out= (the tensor to add into)")
+    if out is None:
+        return ops.lut_gather(lut, ids, weights, layer, faults)
+    ops.lut_gather_out(out, lut, ids, weights, layer, accumulate, faults)
+    return out

@@ -1,0 +1,126 @@
+"""Build mole_kernels: one extension, `mole_kernels._C`, from every source in csrc/.
+
+Why setup.py drives torch.utils.cpp_extension (not CMake): it picks the compile
+flags, C++ ABI and `-gencode` list that match the installed torch on every
+version from 2.4 on, with no CUDA discovery of its own to break on a minimal
+toolkit. CMakeLists.txt builds the very same csrc/ files (globbed by the same
+rule, so there is no second list) for C++ tooling: compile_commands.json,
+clangd, sanitizers.
+
+CUDA is compiled when torch is a CUDA build and a toolkit is found; otherwise
+the CPU kernels alone are built and one line says why CUDA was skipped.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# Recent architectures built when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible;
+# those nvcc does not know are dropped, the newest also gets PTX for future GPUs.
+DEFAULT_ARCHS = ["8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]
+
+
+def log(msg):
+    print(f"mole_kernels build: {msg}", file=sys.stderr, flush=True)
+
+
+def is_toolkit(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home():
+    """The real CUDA toolkit root, or None.
+
+    torch guesses dirname(dirname(which nvcc)); a wrapper script such as
+    /usr/local/bin/nvcc makes that /usr/local, which has no CUDA headers or
+    libraries. Accept only a folder that has both bin/nvcc and the headers.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            if is_toolkit(os.environ[var]):
+                return os.environ[var]
+            log(f"{var}={os.environ[var]} is not a CUDA toolkit (no bin/nvcc or include/cuda_runtime.h); searching")
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/opt/cuda"]
+    return next((c for c in candidates if is_toolkit(c)), None)
+
+
+def nvcc_archs(cuda_home):
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {f"{int(a[8:]) // 10}.{int(a[8:]) % 10}" for a in out.split() if a.startswith("compute_")}
+
+
+def choose_arch_list(torch, cuda_home):
+    """Honour TORCH_CUDA_ARCH_LIST; else the visible GPUs; else a recent default list."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{a}.{b}" for a, b in caps)
+    known = nvcc_archs(cuda_home)
+    archs = [a for a in DEFAULT_ARCHS if known is None or a in known]
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
+
+
+def cuda_plan(torch):
+    """(cuda_home, None) when CUDA should be built, else (None, reason)."""
+    if os.environ.get("MOLE_KERNELS_NO_CUDA") == "1":
+        return None, "MOLE_KERNELS_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is not a CUDA build"
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        return None, "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
+    return cuda_home, None
+
+
+def make_extension():
+    import torch
+
+    cuda_home, why_not = cuda_plan(torch)
+    if cuda_home:
+        # Must be set before cpp_extension is imported: it resolves CUDA_HOME at import time.
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ["TORCH_CUDA_ARCH_LIST"] = choose_arch_list(torch, cuda_home)
+    from torch.utils import cpp_extension
+
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    # No -std flag: cpp_extension picks the standard this torch needs (C++17 up to 2.9, C++20 after).
+    cxx = ["-O3", "-fvisibility=hidden", f'-DMOLE_TORCH_VERSION="{torch.__version__}"']
+    if cuda_home:
+        sources += sorted(glob.glob("csrc/*.cu"))
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        log(f"building CPU + CUDA kernels (CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={archs})")
+        defines = ["-DMOLE_WITH_CUDA", f'-DMOLE_CUDA_ARCHS="{archs}"']
+        return cpp_extension.CUDAExtension(
+            "mole_kernels._C", sources,
+            extra_compile_args={"cxx": cxx + defines,
+                                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines},
+        ), cpp_extension
+    log(f"CUDA skipped: {why_not}; building the CPU kernels only")
+    return cpp_extension.CppExtension("mole_kernels._C", sources, extra_compile_args={"cxx": cxx}), cpp_extension
+
+
+def main():
+    ext, cpp_extension = make_extension()
+    setup(
+        ext_modules=[ext],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main()
