@@ -1,3 +1,6 @@
+// Only c10/cuda headers are included: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers
+// that a minimal CUDA toolkit does not ship.
+//
 // lut_gather on CUDA: the table is in VRAM, or in pinned host memory read in
 // place over PCIe (zero-copy through unified addressing).
 //
@@ -5,7 +8,8 @@
 // before it stores (a PCIe round trip is ~1-2 us, so many loads must be in
 // flight), and work is split within a row as well as across tokens, so a
 // single 72-192 KB decode row still spreads over many SMs.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -207,7 +211,7 @@ void lut_gather_into_cuda(const at::Tensor& out, const at::Tensor& lut, const at
   const c10::cuda::CUDAGuard guard(ids.device());
   const void* table = table_device_pointer(lut, ids);
   if (p.T == 0) return;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor ids_c = ids.contiguous();  // ids are small; the table is never copied
   if (!faults.has_value()) raise_on_bad_id(ids_c, p.V, stream);
   unsigned long long* fptr =
