@@ -58,11 +58,10 @@ namespace mole {
 template <auto Into>
 at::Tensor lut_gather_functional(const at::Tensor& lut, const at::Tensor& ids,
                                  const std::optional<at::Tensor>& weights,
-                                 std::optional<int64_t> layer,
-                                 const std::optional<at::Tensor>& faults) {
+                                 std::optional<int64_t> layer) {
   const GatherPlan plan = plan_lut_gather(lut, ids, weights, layer);
   at::Tensor out = at::empty(plan.out_shape, ids.options().dtype(lut.scalar_type()));
-  Into(out, lut, ids, weights, layer, /*accumulate=*/false, faults);
+  Into(out, lut, ids, weights, layer, /*accumulate=*/false, /*faults=*/std::nullopt);
   return out;
 }
 

@@ -110,9 +110,12 @@ std::string build_info_json() {
 
 TORCH_LIBRARY(mole_kernels, m) {
   // Rows of `lut` for every id (weights=None), or sum_e weights[..., e] * row[..., layer, e, :].
-  // `faults` (int64, on ids' device): when given, ids outside [0, V) read nothing (zero rows) and are
-  // counted into faults[0] without synchronising; when absent, such an id raises an error naming it.
-  m.def("lut_gather(Tensor lut, Tensor ids, Tensor? weights=None, int? layer=None, Tensor(a!)? faults=None) -> Tensor");
+  // An id outside [0, V) raises an error naming it.
+  m.def("lut_gather(Tensor lut, Tensor ids, Tensor? weights=None, int? layer=None) -> Tensor");
+  // The same into `out` (accumulate: out += result, fused form only). With `faults` (int64, on ids'
+  // device), ids outside [0, V) read nothing (zero rows) and are counted into faults[0] without
+  // synchronising, so the call can be captured in a CUDA graph. The functional op stays pure:
+  // inductor cannot lower an op that returns a tensor and also mutates an optional argument.
   m.def(
       "lut_gather_out(Tensor(b!) out, Tensor lut, Tensor ids, Tensor? weights=None, int? layer=None, "
       "bool accumulate=False, Tensor(a!)? faults=None) -> ()");

@@ -22,7 +22,8 @@ def build_info() -> dict:
     return info
 
 
-def _gather_shape(lut, ids, weights, layer):
+def gather_shape(lut, ids, weights, layer):
+    """The shape lut_gather returns (the C++ plan checks everything else)."""
     torch._check(lut.dim() in (3, 4), lambda: f"lut_gather: lut must be [V, L, E, D] or [V, E, D], got {tuple(lut.shape)}")
     E, D = lut.shape[-2], lut.shape[-1]
     if weights is not None:
@@ -33,12 +34,12 @@ def _gather_shape(lut, ids, weights, layer):
 
 
 @torch.library.register_fake("mole_kernels::lut_gather")
-def _lut_gather_fake(lut, ids, weights=None, layer=None, faults=None):
-    return ids.new_empty(_gather_shape(lut, ids, weights, layer), dtype=lut.dtype)
+def _lut_gather_fake(lut, ids, weights=None, layer=None):
+    return ids.new_empty(gather_shape(lut, ids, weights, layer), dtype=lut.dtype)
 
 
 @torch.library.register_fake("mole_kernels::lut_gather_out")
 def _lut_gather_out_fake(out, lut, ids, weights=None, layer=None, accumulate=False, faults=None):
-    want = _gather_shape(lut, ids, weights, layer)
+    want = gather_shape(lut, ids, weights, layer)
     torch._check(tuple(out.shape) == tuple(want), lambda: f"lut_gather: out must have shape {want}")
     return None

@@ -3,7 +3,7 @@ from typing import Optional
 
 import torch
 
-from ._ops import ops
+from ._ops import gather_shape, ops
 
 __all__ = ["lut_gather"]
 
@@ -44,6 +44,8 @@ def lut_gather(
     if accumulate and out is None:
         raise ValueError("lut_gather: accumulate=True needs out= (the tensor to add into)")
     if out is None:
-        return ops.lut_gather(lut, ids, weights, layer, faults)
+        if faults is None:
+            return ops.lut_gather(lut, ids, weights, layer)
+        out = ids.new_empty(gather_shape(lut, ids, weights, layer), dtype=lut.dtype)
     ops.lut_gather_out(out, lut, ids, weights, layer, accumulate, faults)
     return out
