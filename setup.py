@@ -99,6 +99,12 @@ def make_extension():
     sources = sorted(glob.glob("csrc/*.cpp"))
     # No -std flag: cpp_extension picks the standard this torch needs (C++17 up to 2.9, C++20 after).
     cxx = ["-O3", "-fvisibility=hidden", f'-DMOLE_TORCH_VERSION="{torch.__version__}"']
+    # at::parallel_for is inlined into our code: without -fopenmp it silently runs on one
+    # thread. The soname (libgomp.so.1) resolves to the copy torch already loaded.
+    link = []
+    if torch._C.has_openmp:
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if cuda_home:
         sources += sorted(glob.glob("csrc/*.cu"))
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -108,9 +114,11 @@ def make_extension():
             "mole_kernels._C", sources,
             extra_compile_args={"cxx": cxx + defines,
                                 "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines},
+            extra_link_args=link,
         ), cpp_extension
     log(f"CUDA skipped: {why_not}; building the CPU kernels only")
-    return cpp_extension.CppExtension("mole_kernels._C", sources, extra_compile_args={"cxx": cxx}), cpp_extension
+    return cpp_extension.CppExtension("mole_kernels._C", sources, extra_compile_args={"cxx": cxx},
+                                      extra_link_args=link), cpp_extension
 
 
 def main():

@@ -1,5 +1,6 @@
-// lut_gather on the CPU: rows are memcpy'd; the fused form accumulates
-// E rows per token in float32, a column chunk at a time, across threads.
+// lut_gather on the CPU: rows are memcpy'd; the fused form sums E rows per token
+// in float32 registers (AVX-512 or AVX2/F16C when the CPU has them, chosen at run
+// time, so one build runs on every x86-64 CPU), across threads with at::parallel_for.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -7,80 +8,170 @@
 
 #include "lut_gather.h"
 
-// Inner loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at
-// load time (ifunc), so one wheel runs everywhere and is fast where it can be.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define MOLE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define MOLE_HAS_FLOAT16 1
+// SIMD paths use `#pragma GCC target` regions (GCC); other compilers get the scalar path.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// GCC 12 warns falsely about _mm512_undefined_* inside its own intrinsic headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#define MOLE_X86_SIMD 1
 #else
-#define MOLE_MULTIVERSION
-#define MOLE_HAS_FLOAT16 0
+#define MOLE_X86_SIMD 0
 #endif
 
 namespace mole {
 namespace {
 
-// Columns per work item: the float32 accumulator (1 KB) stays in L1 while E rows stream through.
-constexpr int64_t kChunk = 256;
+// ---- scalar path: any CPU, and the tail of every row -----------------------------------
 
-// acc[j] += w * row[j] for j < n, converting the table's element type to float32.
-MOLE_MULTIVERSION void axpy_row(float* __restrict acc, const float* __restrict row, float w, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) acc[j] += w * row[j];
-}
-
-MOLE_MULTIVERSION void axpy_row(float* __restrict acc, const at::BFloat16* __restrict row, float w, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+template <typename lut_t, typename out_t>
+void fused_span_scalar(const lut_t* base, int64_t D, int64_t E, const float* w, out_t* dst, int64_t n,
+                       bool accumulate) {
   for (int64_t j = 0; j < n; ++j) {
-    const uint32_t u = static_cast<uint32_t>(bits[j]) << 16;  // bf16 is the top half of a float32
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    acc[j] += w * f;
+    float acc = accumulate ? static_cast<float>(dst[j]) : 0.f;
+    for (int64_t e = 0; e < E; ++e) acc += w[e] * static_cast<float>(base[e * D + j]);
+    dst[j] = static_cast<out_t>(acc);  // round to nearest even
   }
 }
 
-MOLE_MULTIVERSION void axpy_row(float* __restrict acc, const at::Half* __restrict row, float w, int64_t n) {
-#if MOLE_HAS_FLOAT16
-  const _Float16* h = reinterpret_cast<const _Float16*>(row);  // vcvtph2ps where F16C exists
-  for (int64_t j = 0; j < n; ++j) acc[j] += w * static_cast<float>(h[j]);
+// Prefetches `bytes` from `p` into L2 (the next item's row, while this one is summed).
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 2);
+}
+
+}  // namespace
+}  // namespace mole
+
+#if MOLE_X86_SIMD
+// ---- AVX2 + FMA + F16C (every x86-64 CPU since 2013) --------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace mole::avx2 {
+using Vec = __m256;
+constexpr int64_t kW = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset1(float x) { return _mm256_set1_ps(x); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vload(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline Vec vload(const at::BFloat16* p) {  // bf16 is the top half of a float32
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline void vstore(at::Half* p, Vec v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void vstore(at::BFloat16* p, Vec v) {  // round to nearest even; NaN stays NaN
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0b1000);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+using mole::fused_span_scalar;
+using mole::prefetch_l2;
+#include "lut_gather_cpu_simd.inc"
+}  // namespace mole::avx2
+#pragma GCC pop_options
+
+// ---- AVX-512: half the instructions per element of AVX2 (the kernel is instruction-bound
+// once rows are in cache) ------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace mole::avx512 {
+using Vec = __m512;
+constexpr int64_t kW = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset1(float x) { return _mm512_set1_ps(x); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline Vec vload(const at::BFloat16* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline void vstore(at::Half* p, Vec v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void vstore(at::BFloat16* p, Vec v) {  // round to nearest even; NaN stays NaN
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+using mole::fused_span_scalar;
+using mole::prefetch_l2;
+#include "lut_gather_cpu_simd.inc"
+}  // namespace mole::avx512
+#pragma GCC pop_options
+#endif
+
+namespace mole {
+namespace {
+
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+#if MOLE_X86_SIMD
+  static const Isa isa = [] {
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return avx2 && avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kScalar;
+  }();
+  return isa;
 #else
-  for (int64_t j = 0; j < n; ++j) acc[j] += w * static_cast<float>(row[j]);
+  return Isa::kScalar;
 #endif
 }
 
-template <typename out_t>
-void store_row(out_t* out, const float* acc, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<out_t>(acc[j]);  // round to nearest even
+// out[t, c0:c0+n] (+)= sum_e w[t, e] * row_e[c0:c0+n], with the best instruction set available.
+template <typename lut_t, typename out_t>
+void fused_span(const lut_t* base, const lut_t* next, int64_t D, int64_t E, const float* w, out_t* dst, int64_t n,
+                bool accumulate) {
+  switch (cpu_isa()) {
+#if MOLE_X86_SIMD
+    case Isa::kAvx512:
+      return avx512::fused_span(base, next, D, E, w, dst, n, accumulate);
+    case Isa::kAvx2:
+      return avx2::fused_span(base, next, D, E, w, dst, n, accumulate);
+#endif
+    default:
+      return fused_span_scalar(base, D, E, w, dst, n, accumulate);
+  }
 }
 
-template <typename out_t>
-void load_row(float* acc, const out_t* out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) acc[j] = static_cast<float>(out[j]);
-}
+// Columns per work item when a batch is too small to keep every thread busy with whole tokens.
+constexpr int64_t kSplitColumns = 256;
 
 template <typename lut_t, typename out_t, typename id_t>
 void fused_kernel(const GatherPlan& p, const lut_t* lut, const id_t* ids, const float* w, out_t* out,
                   bool accumulate) {
-  const int64_t chunks = (p.D + kChunk - 1) / kChunk;
-  const int64_t bytes_per_item = p.E * std::min(p.D, kChunk) * static_cast<int64_t>(sizeof(lut_t));
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, bytes_per_item));
-  at::parallel_for(0, p.T * chunks, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc[kChunk];
+  // Whole tokens per item for large batches; column tiles for decode-sized ones.
+  const int64_t span = p.T >= 4 * at::get_num_threads() ? p.D : std::min(p.D, kSplitColumns);
+  const int64_t spans = (p.D + span - 1) / span;
+  const int64_t item_bytes = p.E * span * static_cast<int64_t>(sizeof(lut_t));
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, item_bytes));
+  at::parallel_for(0, p.T * spans, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / chunks;
-      const int64_t c0 = (item % chunks) * kChunk;
-      const int64_t n = std::min(kChunk, p.D - c0);
+      const int64_t t = item / spans;
+      const int64_t c0 = (item % spans) * span;
+      const int64_t n = std::min(span, p.D - c0);
       out_t* dst = out + t * p.D + c0;
-      if (accumulate) {
-        load_row(acc, dst, n);
-      } else {
-        std::fill(acc, acc + n, 0.f);
-      }
       const int64_t id = static_cast<int64_t>(ids[t]);
-      if (id >= 0 && id < p.V) {  // an id outside the table contributes nothing (counted in faults)
-        const lut_t* base = lut + id * p.row_elems + p.seg_offset + c0;
-        for (int64_t e = 0; e < p.E; ++e) axpy_row(acc, base + e * p.D, w[t * p.E + e], n);
+      if (id >= 0 && id < p.V) {
+        const lut_t* next = nullptr;  // the next item's rows, prefetched while this one is summed
+        if (item + 1 < end) {
+          const int64_t next_id = static_cast<int64_t>(ids[(item + 1) / spans]);
+          if (next_id >= 0 && next_id < p.V) next = lut + next_id * p.row_elems + p.seg_offset + ((item + 1) % spans) * span;
+        }
+        fused_span(lut + id * p.row_elems + p.seg_offset + c0, next, p.D, p.E, w + t * p.E, dst, n, accumulate);
+      } else if (!accumulate) {  // an id outside the table contributes nothing (counted in faults)
+        std::fill(dst, dst + n, out_t(0.f));
       }
-      store_row(dst, acc, n);
     }
   });
 }
