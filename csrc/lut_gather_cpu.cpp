@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
 
 #include "lut_gather.h"
@@ -26,10 +27,17 @@ namespace {
 template <typename lut_t, typename out_t>
 void fused_span_scalar(const lut_t* base, int64_t D, int64_t E, const float* w, out_t* dst, int64_t n,
                        bool accumulate) {
-  for (int64_t j = 0; j < n; ++j) {
-    float acc = accumulate ? static_cast<float>(dst[j]) : 0.f;
-    for (int64_t e = 0; e < E; ++e) acc += w[e] * static_cast<float>(base[e * D + j]);
-    dst[j] = static_cast<out_t>(acc);  // round to nearest even
+  // Expert-outer over an L1 tile, so the compiler can vectorise the inner loops.
+  constexpr int64_t kTile = 256;
+  float acc[kTile];
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t m = std::min(kTile, n - t0);
+    for (int64_t j = 0; j < m; ++j) acc[j] = accumulate ? static_cast<float>(dst[t0 + j]) : 0.f;
+    for (int64_t e = 0; e < E; ++e) {
+      const lut_t* row = base + e * D + t0;
+      for (int64_t j = 0; j < m; ++j) acc[j] += w[e] * static_cast<float>(row[j]);
+    }
+    for (int64_t j = 0; j < m; ++j) dst[t0 + j] = static_cast<out_t>(acc[j]);  // round to nearest even
   }
 }
 
@@ -120,7 +128,12 @@ Isa cpu_isa() {
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    return avx2 && avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kScalar;
+    Isa best = avx2 && avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kScalar;
+    // MOLE_KERNELS_CPU_ISA=scalar|avx2 caps the choice (tests run every path on one CPU).
+    const char* cap = std::getenv("MOLE_KERNELS_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "scalar") == 0) best = Isa::kScalar;
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
+    return best;
   }();
   return isa;
 #else

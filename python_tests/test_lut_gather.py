@@ -303,3 +303,18 @@ def test_build_info_describes_the_build():
     assert (info["cuda_archs"] != "") == info["cuda"]
     if HAS_CUDA:
         assert info["cuda"], "a GPU is visible but the extension was built without CUDA"
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_cpu_instruction_set_paths(isa):
+    """The CPU kernel picks AVX-512, AVX2 or scalar code at run time; run the fused tests on the lower paths too."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MOLE_KERNELS_CPU_ISA=isa)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+           "-k", "test_fused and cpu and not instruction"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout

@@ -1,0 +1,91 @@
+// lut_gather_quant: gather from quantized tables (int8, fp8 e4m3, nf4), dequantizing in registers.
+//
+// A quantized table is one uint8 tensor [V, L, E, row_bytes] (or [V, E, row_bytes]), token-major
+// like a float table. Each row (token, layer, expert) is self-contained:
+//
+//   [ payload: D codes (int8 / fp8: 1 byte each; nf4: 2 per byte, element 2k in the low nibble) ]
+//   [ zero pad to a multiple of 4 ][ D / block_size float32 scales ][ zero pad to a multiple of 16 ]
+//
+// Why interleaved per row rather than payload and scales in parallel arrays: a token's rows for one
+// layer (E rows) and for all layers (L*E rows) stay ONE contiguous byte range, so a zero-copy read
+// over PCIe, a disk read or a staging DMA is one sequential stream of exactly the bytes needed,
+// with no second small scattered read for the scales. The 16-byte row stride keeps every row's
+// payload 16-byte aligned for vector loads; it costs at most 12 bytes per row (<= 3% at D = 768).
+#pragma once
+
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <vector>
+
+#include "lut_gather.h"
+
+namespace mole {
+
+enum class QFormat : int { kInt8 = 0, kFp8E4M3 = 1, kNf4 = 2 };
+
+// The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023; as in bitsandbytes), times absmax.
+constexpr float kNf4Levels[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+    -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+    0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+    0.7229568362236023f, 1.0f};
+
+// Byte layout of one quantized row (see the top of this file).
+struct QuantLayout {
+  QFormat fmt = QFormat::kInt8;
+  int64_t D = 0;              // values per row
+  int64_t block = 0;          // values per scale (int8: D)
+  int64_t nblocks = 0;        // scales per row
+  int64_t payload_bytes = 0;  // D, or ceil(D / 2) for nf4
+  int64_t scale_offset = 0;   // byte offset of the float32 scales in the row
+  int64_t row_bytes = 0;      // row stride, a multiple of 16
+  int64_t codes_per_byte() const { return fmt == QFormat::kNf4 ? 2 : 1; }
+};
+
+// Parses the format name and checks dim / block_size. Throws ValueError naming the argument.
+QuantLayout make_quant_layout(c10::string_view format, int64_t dim, int64_t block_size);
+
+struct QuantPlan {
+  QuantLayout q;
+  int64_t T = 0, V = 0, L = 1, E = 0;
+  bool fused = false;
+  int64_t seg_row0 = 0;  // first row read within a token's L*E rows
+  int64_t seg_rows = 0;  // rows read per token (rows form: E or L*E; fused: E)
+  std::vector<int64_t> out_shape;
+};
+
+QuantPlan plan_lut_gather_quant(const at::Tensor& data, c10::string_view format, int64_t dim, int64_t block_size,
+                                const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+                                std::optional<int64_t> layer);
+
+void check_quant_outputs(const QuantPlan& plan, const at::Tensor& ids, const at::Tensor& out,
+                         const std::optional<at::Tensor>& faults);
+
+void lut_gather_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
+                               int64_t block_size, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+                               std::optional<int64_t> layer, bool accumulate,
+                               const std::optional<at::Tensor>& faults);
+#ifdef MOLE_WITH_CUDA
+void lut_gather_quant_into_cuda(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
+                                int64_t block_size, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+                                std::optional<int64_t> layer, bool accumulate,
+                                const std::optional<at::Tensor>& faults);
+#endif
+
+// The functional form shared by every backend: allocate the result on ids' device, fill it.
+template <auto Into>
+at::Tensor lut_gather_quant_functional(const at::Tensor& data, c10::string_view format, int64_t dim,
+                                       int64_t block_size, const at::Tensor& ids,
+                                       const std::optional<at::Tensor>& weights, std::optional<int64_t> layer,
+                                       std::optional<at::ScalarType> dtype) {
+  const QuantPlan plan = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, layer);
+  const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
+  MOLE_CHECK_ARG(is_float_dtype(out_dtype), "lut_gather_quant: dtype must be float32, float16 or bfloat16, got ",
+                 out_dtype);
+  at::Tensor out = at::empty(plan.out_shape, ids.options().dtype(out_dtype));
+  Into(out, data, format, dim, block_size, ids, weights, layer, /*accumulate=*/false, /*faults=*/std::nullopt);
+  return out;
+}
+
+}  // namespace mole

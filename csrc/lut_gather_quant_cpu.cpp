@@ -1,0 +1,446 @@
+// lut_gather_quant on the CPU, plus the schemas and validation of the quantized-gather ops.
+//
+// Rows are dequantized in float32 tiles that stay in L1 (scale * code: one rounding, the same
+// as mole_kernels.dequantize, so the rows form is exact) and either stored in the output dtype
+// (rows form) or summed over experts with the router weight folded into the scale (fused form).
+// AVX-512 decodes 16 codes per instruction group (chosen at run time); a scalar path serves
+// every other CPU and the tails. Work is split over tokens (and columns for small batches) with
+// at::parallel_for, as in lut_gather.
+#include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+#include <string>
+
+#include "lut_gather_quant.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#define MOLE_QX86 1
+#else
+#define MOLE_QX86 0
+#endif
+
+namespace mole {
+
+namespace {
+
+std::string shape_string(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << s;
+  return os.str();
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+}  // namespace
+
+QuantLayout make_quant_layout(c10::string_view format, int64_t dim, int64_t block_size) {
+  const std::string name(format.data(), format.size());
+  QuantLayout q;
+  if (name == "int8") {
+    q.fmt = QFormat::kInt8;
+  } else if (name == "fp8_e4m3") {
+    q.fmt = QFormat::kFp8E4M3;
+  } else if (name == "nf4") {
+    q.fmt = QFormat::kNf4;
+  } else {
+    MOLE_CHECK_ARG(false, "lut_gather_quant: unknown format '", name, "' (expected 'int8', 'fp8_e4m3' or 'nf4')");
+  }
+  MOLE_CHECK_ARG(dim >= 1, "lut_gather_quant: dim (values per row, D) must be >= 1, got ", dim);
+  MOLE_CHECK_ARG(block_size >= 1 && dim % block_size == 0, "lut_gather_quant: block_size must divide dim (D = ",
+                 dim, "), got ", block_size);
+  MOLE_CHECK_ARG(q.fmt != QFormat::kInt8 || block_size == dim,
+                 "lut_gather_quant: int8 has one scale per row, so block_size must equal dim (", dim, "), got ",
+                 block_size);
+  q.D = dim;
+  q.block = block_size;
+  q.nblocks = dim / block_size;
+  q.payload_bytes = q.fmt == QFormat::kNf4 ? (dim + 1) / 2 : dim;
+  q.scale_offset = round_up(q.payload_bytes, 4);
+  q.row_bytes = round_up(q.scale_offset + 4 * q.nblocks, 16);
+  return q;
+}
+
+QuantPlan plan_lut_gather_quant(const at::Tensor& data, c10::string_view format, int64_t dim, int64_t block_size,
+                                const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+                                std::optional<int64_t> layer) {
+  QuantPlan p;
+  p.q = make_quant_layout(format, dim, block_size);
+  MOLE_CHECK_ARG(data.dim() == 4 || data.dim() == 3,
+                 "lut_gather_quant: data must have shape [V, L, E, row_bytes] or [V, E, row_bytes], got ",
+                 shape_string(data.sizes()));
+  MOLE_CHECK_ARG(data.scalar_type() == at::kByte, "lut_gather_quant: data must be uint8 (packed rows), got ",
+                 data.scalar_type());
+  MOLE_CHECK_ARG(data.is_contiguous(), "lut_gather_quant: data must be contiguous (token-major); got strides ",
+                 shape_string(data.strides()));
+  MOLE_CHECK_ARG(data.size(-1) == p.q.row_bytes, "lut_gather_quant: data rows are ", data.size(-1),
+                 " bytes, but format '", std::string(format.data(), format.size()), "' with dim=", dim,
+                 " and block_size=", block_size, " needs ", p.q.row_bytes,
+                 " bytes per row (do the format metadata and the payload disagree?)");
+  MOLE_CHECK_ARG(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
+                 "lut_gather_quant: ids must be int32 or int64, got ", ids.scalar_type());
+  const bool zero_copy = data.device().is_cpu() && ids.device().is_cuda();
+  MOLE_CHECK_ARG(data.device() == ids.device() || zero_copy,
+                 "lut_gather_quant: ids must be on the table's device (", data.device(),
+                 "), or on a CUDA device with a pinned CPU table (zero-copy); got ids on ", ids.device());
+  p.V = data.size(0);
+  p.L = data.dim() == 4 ? data.size(1) : 1;
+  p.E = data.size(-2);
+  p.T = ids.numel();
+  p.fused = weights.has_value();
+  if (layer.has_value()) {
+    MOLE_CHECK_ARG(*layer >= 0 && *layer < p.L, "lut_gather_quant: layer must be in [0, ", p.L,
+                   ") for a table with ", p.L, " layers, got ", *layer);
+  }
+  MOLE_CHECK_ARG(!p.fused || layer.has_value() || p.L == 1, "lut_gather_quant: weights were given for a table with ",
+                 p.L, " layers, so `layer` must say which layer to combine");
+  const bool one_layer = layer.has_value() || data.dim() == 3;
+  p.seg_row0 = layer.value_or(0) * p.E;
+  p.seg_rows = one_layer ? p.E : p.L * p.E;
+  p.out_shape = ids.sizes().vec();
+  if (p.fused) {
+    const at::Tensor& w = *weights;
+    std::vector<int64_t> want = ids.sizes().vec();
+    want.push_back(p.E);
+    MOLE_CHECK_ARG(w.sizes().vec() == want, "lut_gather_quant: weights must have shape ids.shape + [E] = ",
+                   shape_string(want), " (E = ", p.E, " experts in the table), got ", shape_string(w.sizes()));
+    MOLE_CHECK_ARG(is_float_dtype(w.scalar_type()),
+                   "lut_gather_quant: weights must be float32, float16 or bfloat16, got ", w.scalar_type());
+    MOLE_CHECK_ARG(w.device() == ids.device(), "lut_gather_quant: weights must be on ids' device (", ids.device(),
+                   "), got ", w.device());
+    p.out_shape.push_back(p.q.D);
+  } else {
+    if (!one_layer) p.out_shape.push_back(p.L);
+    p.out_shape.push_back(p.E);
+    p.out_shape.push_back(p.q.D);
+  }
+  return p;
+}
+
+void check_quant_outputs(const QuantPlan& plan, const at::Tensor& ids, const at::Tensor& out,
+                         const std::optional<at::Tensor>& faults) {
+  MOLE_CHECK_ARG(out.sizes().vec() == plan.out_shape, "lut_gather_quant: out must have shape ",
+                 shape_string(plan.out_shape), ", got ", shape_string(out.sizes()));
+  MOLE_CHECK_ARG(out.device() == ids.device(), "lut_gather_quant: out must be on ids' device (", ids.device(),
+                 "), got ", out.device());
+  MOLE_CHECK_ARG(out.is_contiguous(), "lut_gather_quant: out must be contiguous");
+  MOLE_CHECK_ARG(is_float_dtype(out.scalar_type()),
+                 "lut_gather_quant: out must be float32, float16 or bfloat16, got ", out.scalar_type());
+  if (faults.has_value()) {
+    MOLE_CHECK_ARG(faults->scalar_type() == at::kLong && faults->numel() >= 1 && faults->is_contiguous(),
+                   "lut_gather_quant: faults must be a contiguous int64 tensor with at least one element");
+    MOLE_CHECK_ARG(faults->device() == ids.device(), "lut_gather_quant: faults must be on ids' device (",
+                   ids.device(), "), got ", faults->device());
+  }
+}
+
+namespace {
+
+// fp8 e4m3fn byte -> float, built once from c10's exact conversion (scalar path).
+struct Fp8Table {
+  float v[256];
+  Fp8Table() {
+    for (int b = 0; b < 256; ++b) v[b] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(b), c10::Float8_e4m3fn::from_bits()));
+  }
+};
+const Fp8Table& fp8_table() {
+  static const Fp8Table t;
+  return t;
+}
+
+inline float load_scale(const uint8_t* row, const QuantLayout& q, int64_t b) {
+  float s;  // memcpy: a memory-mapped table need not be 4-byte aligned
+  std::memcpy(&s, row + q.scale_offset + 4 * b, sizeof(float));
+  return s;
+}
+
+// ---- scalar path --------------------------------------------------------------------------
+// dst[k] = s * x[j0 + k] (ACC = false) or dst[k] += s * x[j0 + k] (ACC = true), for k < n, where
+// every element lies in one scale block.
+template <bool ACC>
+void segment_scalar(QFormat fmt, const uint8_t* row, int64_t j0, int64_t n, float s, float* dst) {
+  const float* fp8 = fp8_table().v;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t j = j0 + k;
+    float x;
+    if (fmt == QFormat::kInt8) {
+      x = static_cast<float>(static_cast<int8_t>(row[j]));
+    } else if (fmt == QFormat::kFp8E4M3) {
+      x = fp8[row[j]];
+    } else {
+      x = kNf4Levels[(row[j >> 1] >> ((j & 1) * 4)) & 15];
+    }
+    if (ACC) dst[k] += s * x;
+    else dst[k] = s * x;
+  }
+}
+
+template <typename out_t>
+void load_scalar(const out_t* src, float* dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(src[k]);
+}
+template <typename out_t>
+void store_scalar(const float* src, out_t* dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<out_t>(src[k]);
+}
+
+#if MOLE_QX86
+// ---- AVX-512 path -------------------------------------------------------------------------
+#define MOLE_QAVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+MOLE_QAVX512 inline __m512 decode16(QFormat fmt, const uint8_t* row, int64_t j, __m512 nf4) {
+  if (fmt == QFormat::kInt8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))));
+  }
+  if (fmt == QFormat::kFp8E4M3) {
+    // e4m3 bits s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 are the same number times 2^-8
+    // (subnormals included); the 2^8 is folded into the scale by the caller.
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7),
+                                      _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
+    return _mm512_cvtph_ps(h);
+  }
+  // nf4, j even: 8 bytes -> 16 nibbles (low first), looked up in the 16 levels with one permute.
+  const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (j >> 1)));
+  const __m512i dup = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b8, b8));
+  const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(dup, shifts), _mm512_set1_epi32(15));
+  return _mm512_permutexvar_ps(idx, nf4);
+}
+
+template <bool ACC>
+MOLE_QAVX512 void segment_avx512(QFormat fmt, const uint8_t* row, int64_t j0, int64_t n, float s, float* dst) {
+  int64_t k = 0;
+  if (fmt == QFormat::kNf4 && (j0 & 1) && n > 0) {  // vector nf4 decoding starts on a byte boundary
+    segment_scalar<ACC>(fmt, row, j0, 1, s, dst);
+    k = 1;
+  }
+  const __m512 nf4 = _mm512_loadu_ps(kNf4Levels);
+  const __m512 vs = _mm512_set1_ps(fmt == QFormat::kFp8E4M3 ? s * 256.f : s);  // exact: a power of two
+  for (; k + 16 <= n; k += 16) {
+    const __m512 x = decode16(fmt, row, j0 + k, nf4);
+    if (ACC) _mm512_storeu_ps(dst + k, _mm512_fmadd_ps(vs, x, _mm512_loadu_ps(dst + k)));
+    else _mm512_storeu_ps(dst + k, _mm512_mul_ps(vs, x));
+  }
+  segment_scalar<ACC>(fmt, row, j0 + k, n - k, s, dst + k);
+}
+
+MOLE_QAVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+MOLE_QAVX512 inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+MOLE_QAVX512 inline __m512 load16(const at::BFloat16* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+MOLE_QAVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+MOLE_QAVX512 inline void store16(at::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+MOLE_QAVX512 inline void store16(at::BFloat16* p, __m512 v) {  // round to nearest even; NaN stays NaN
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+
+template <typename out_t>
+MOLE_QAVX512 void load_avx512(const out_t* src, float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(dst + k, load16(src + k));
+  load_scalar(src + k, dst + k, n - k);
+}
+template <typename out_t>
+MOLE_QAVX512 void store_avx512(const float* src, out_t* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) store16(dst + k, _mm512_loadu_ps(src + k));
+  store_scalar(src + k, dst + k, n - k);
+}
+#endif
+
+bool use_avx512() {
+#if MOLE_QX86
+  static const bool yes = [] {
+    // MOLE_KERNELS_CPU_ISA=scalar|avx2 caps the choice, as for lut_gather (tests run the scalar path).
+    const char* cap = std::getenv("MOLE_KERNELS_CPU_ISA");
+    if (cap != nullptr && (std::strcmp(cap, "scalar") == 0 || std::strcmp(cap, "avx2") == 0)) return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Columns [c0, c0 + n) of one row: dst = deq (ACC = false) or dst += w * deq (ACC = true).
+template <bool ACC>
+void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
+  const bool simd = use_avx512();
+  int64_t j = c0;
+  const int64_t end = c0 + n;
+  while (j < end) {
+    const int64_t b = j / q.block;
+    const int64_t stop = std::min(end, (b + 1) * q.block);
+    const float s = ACC ? w * load_scale(row, q, b) : load_scale(row, q, b);
+#if MOLE_QX86
+    if (simd) {
+      segment_avx512<ACC>(q.fmt, row, j, stop - j, s, dst + (j - c0));
+      j = stop;
+      continue;
+    }
+#endif
+    segment_scalar<ACC>(q.fmt, row, j, stop - j, s, dst + (j - c0));
+    j = stop;
+  }
+  (void)simd;
+}
+
+template <typename out_t>
+void load_tile(const out_t* src, float* dst, int64_t n) {
+#if MOLE_QX86
+  if (use_avx512()) return load_avx512(src, dst, n);
+#endif
+  load_scalar(src, dst, n);
+}
+template <typename out_t>
+void store_tile(const float* src, out_t* dst, int64_t n) {
+#if MOLE_QX86
+  if (use_avx512()) return store_avx512(src, dst, n);
+#endif
+  store_scalar(src, dst, n);
+}
+
+inline void prefetch_bytes(const uint8_t* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
+}
+
+constexpr int64_t kTile = 512;          // float32 columns per L1 tile
+constexpr int64_t kSplitColumns = 256;  // columns per item when a batch is too small for whole tokens
+
+template <typename out_t, typename id_t>
+void fused_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, const float* w, out_t* out,
+                  bool accumulate) {
+  const QuantLayout& q = p.q;
+  const int64_t D = q.D;
+  const int64_t span = p.T >= 4 * at::get_num_threads() ? D : std::min(D, kSplitColumns);
+  const int64_t spans = (D + span - 1) / span;
+  const int64_t token_bytes = p.L * p.E * q.row_bytes;
+  const int64_t seg_off = p.seg_row0 * q.row_bytes;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, p.E * q.row_bytes * span / D));
+  at::parallel_for(0, p.T * spans, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[kTile];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / spans;
+      const int64_t c0 = (item % spans) * span;
+      const int64_t n = std::min(span, D - c0);
+      out_t* dst = out + t * D + c0;
+      const int64_t id = static_cast<int64_t>(ids[t]);
+      if (id < 0 || id >= p.V) {  // contributes nothing (counted in faults)
+        if (!accumulate) std::fill(dst, dst + n, out_t(0.f));
+        continue;
+      }
+      const uint8_t* seg = data + id * token_bytes + seg_off;
+      if (item + 1 < end && (item + 1) % spans == 0) {  // the next token's rows, fetched while these are summed
+        const int64_t nid = static_cast<int64_t>(ids[t + 1]);
+        if (nid >= 0 && nid < p.V) prefetch_bytes(data + nid * token_bytes + seg_off, p.E * q.row_bytes);
+      }
+      for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+        const int64_t m = std::min(kTile, n - t0);
+        if (accumulate) load_tile(dst + t0, acc, m);
+        else std::fill(acc, acc + m, 0.f);
+        for (int64_t e = 0; e < p.E; ++e) {
+          dequant_span<true>(q, seg + e * q.row_bytes, c0 + t0, m, w[t * p.E + e], acc);
+        }
+        store_tile(acc, dst + t0, m);
+      }
+    }
+  });
+}
+
+template <typename out_t, typename id_t>
+void rows_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, out_t* out) {
+  const QuantLayout& q = p.q;
+  const int64_t D = q.D;
+  const int64_t token_bytes = p.L * p.E * q.row_bytes;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (D * static_cast<int64_t>(sizeof(out_t))));
+  at::parallel_for(0, p.T * p.seg_rows, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float tile[kTile];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / p.seg_rows;
+      const int64_t r = item % p.seg_rows;
+      out_t* dst = out + item * D;
+      const int64_t id = static_cast<int64_t>(ids[t]);
+      if (id < 0 || id >= p.V) {
+        std::fill(dst, dst + D, out_t(0.f));
+        continue;
+      }
+      const uint8_t* row = data + id * token_bytes + (p.seg_row0 + r) * q.row_bytes;
+      if (r == 0) prefetch_bytes(row, p.seg_rows * q.row_bytes);  // one token's rows: one stream
+      for (int64_t c0 = 0; c0 < D; c0 += kTile) {
+        const int64_t m = std::min(kTile, D - c0);
+        if constexpr (std::is_same_v<out_t, float>) {
+          dequant_span<false>(q, row, c0, m, 1.f, dst + c0);
+        } else {
+          dequant_span<false>(q, row, c0, m, 1.f, tile);
+          store_tile(tile, dst + c0, m);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void lut_gather_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
+                               int64_t block_size, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+                               std::optional<int64_t> layer, bool accumulate,
+                               const std::optional<at::Tensor>& faults) {
+  const QuantPlan p = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, layer);
+  check_quant_outputs(p, ids, out, faults);
+  MOLE_CHECK_ARG(data.device().is_cpu(), "lut_gather_quant: a CUDA table needs ids on its device");
+  MOLE_CHECK_ARG(p.fused || !accumulate, "lut_gather_quant: accumulate=True needs weights (the fused form)");
+  if (p.T == 0) return;
+  check_ids_cpu(ids, p.V, faults);
+  const at::Tensor ids_c = ids.contiguous();  // ids are small; the table is never copied
+  const uint8_t* base = data.const_data_ptr<uint8_t>();
+  MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_quant_cpu", [&] {
+    using id_t = scalar_t;
+    const id_t* idp = ids_c.const_data_ptr<id_t>();
+    if (!p.fused) {
+      MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_gather_quant_rows_cpu",
+                                   [&] { rows_kernel<scalar_t, id_t>(p, base, idp, out.data_ptr<scalar_t>()); });
+    } else {
+      const at::Tensor w = kernel_weights(weights);
+      MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_gather_quant_cpu", [&] {
+        fused_kernel<scalar_t, id_t>(p, base, idp, w.const_data_ptr<float>(), out.data_ptr<scalar_t>(), accumulate);
+      });
+    }
+  });
+}
+
+}  // namespace mole
+
+TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
+  // Rows of a quantized table (uint8 [V, L, E, row_bytes], see csrc/lut_gather_quant.h) dequantized to
+  // `dtype` (float32 when None), or sum_e weights[..., e] * row[..., layer, e, :] accumulated in float32.
+  m.def(
+      "lut_gather_quant(Tensor data, str format, int dim, int block_size, Tensor ids, Tensor? weights=None, "
+      "int? layer=None, ScalarType? dtype=None) -> Tensor");
+  // The same into `out` (any float dtype); accumulate and faults as in lut_gather_out.
+  m.def(
+      "lut_gather_quant_out(Tensor(b!) out, Tensor data, str format, int dim, int block_size, Tensor ids, "
+      "Tensor? weights=None, int? layer=None, bool accumulate=False, Tensor(a!)? faults=None) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(mole_kernels, CPU, m) {
+  m.impl("lut_gather_quant", &mole::lut_gather_quant_functional<mole::lut_gather_quant_into_cpu>);
+  m.impl("lut_gather_quant_out", &mole::lut_gather_quant_into_cpu);
+}
