@@ -1,6 +1,7 @@
 """mole_kernels: Mixture-of-Lookup-Experts inference with the lookup tables off the GPU."""
 from ._ops import build_info
+from .combine import mole_combine, router_softmax
 from .lut_gather import lut_gather
 
-__all__ = ["build_info", "lut_gather"]
+__all__ = ["build_info", "lut_gather", "mole_combine", "router_softmax"]
 __version__ = "0.1.0"

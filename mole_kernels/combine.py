@@ -1,0 +1,502 @@
+"""`router_softmax` and `mole_combine`: the per-layer arithmetic around a MoLE lookup.
+
+    router_softmax(logits)                      -> softmax(logits, -1) in float32
+    mole_combine(logits, rows, residual, shared) -> residual + shared + sum_e softmax(logits)_e * rows[:, e, :]
+
+Read top to bottom: two Triton kernels, the block-size table, the launchers, the
+plain-torch fallback, `_backend` (the one place that picks Triton or torch), the
+torch op registration (with fake kernels for torch.compile), the public functions.
+
+Semantics shared by every backend (Triton on CUDA, Triton interpreter on CPU,
+plain torch):
+- accumulation is float32; the softmax is max-subtracted, so logits of any
+  magnitude (+-1e4 in fp16) are exact to float32 rounding;
+- a ``-inf`` logit gives its expert weight exactly 0;
+- a row whose logits are **all** ``-inf`` has no defined softmax: its
+  probabilities, and its ``mole_combine`` output row, are **NaN** (as
+  ``torch.softmax`` and the official eager chain give). It is not an exception
+  because a GPU kernel cannot raise without synchronising (and graph capture
+  forbids that); NaN is loud, never mistaken for a real output, and identical
+  on every backend. ``+inf``/NaN logits make the row NaN too.
+"""
+import os
+from typing import Optional
+
+import torch
+
+try:  # Triton is optional: without it only the torch fallback exists.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+__all__ = ["router_softmax", "mole_combine", "MAX_EXPERTS"]
+
+# The kernels hold one token's logits in registers; 4096 covers every MoE/MoLE
+# router we know of with room to spare. Checked on every backend alike.
+MAX_EXPERTS = 4096
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_LOGIT_DTYPES = _FLOATS + (torch.float64,)
+
+
+# ---------------------------------------------------------------------------
+# Triton kernels. Triton decides at import time (TRITON_INTERPRET, read when
+# triton and these decorators run) whether kernels are compiled or interpreted,
+# for tl.sum/tl.max as much as for ours; so the mode is fixed per process and
+# `_INTERPRET` records it. Tests that need the interpreter run in a subprocess.
+# ---------------------------------------------------------------------------
+if triton is not None:  # the decorators and tl.constexpr annotations need triton
+
+    @triton.jit
+    def _router_softmax_kernel(
+        x_ptr, y_ptr, T, E,
+        s_xt, s_xe, s_yt, s_ye,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):
+        # int64 offsets: T * stride can pass 2**31 on prefill-sized inputs.
+        t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+        e = tl.arange(0, BLOCK_E)
+        tmask = t < T
+        emask = e < E
+        mask = tmask[:, None] & emask[None, :]
+        x = tl.load(x_ptr + t[:, None] * s_xt + e[None, :] * s_xe, mask=mask, other=0.0).to(tl.float32)
+        # Padding experts are -inf (weight 0); padding tokens stay finite (no NaN noise).
+        x = tl.where(emask[None, :], x, float("-inf"))
+        m = tl.max(x, axis=1)
+        p = tl.exp(x - m[:, None])  # all -inf row: exp(nan) -> NaN row, by design
+        y = p / tl.sum(p, axis=1)[:, None]
+        tl.store(y_ptr + t[:, None] * s_yt + e[None, :] * s_ye, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _mole_combine_kernel(
+        logits_ptr, rows_ptr, res_ptr, sh_ptr, out_ptr,
+        E, D,
+        s_lt, s_le,
+        s_rt, s_re, s_rd,
+        s_rest, s_resd,
+        s_sht, s_shd,
+        s_ot, s_od,
+        HAS_RES: tl.constexpr, HAS_SH: tl.constexpr,
+        BLOCK_E: tl.constexpr, E_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # One program = one token x one BLOCK_D slice of the hidden dim.
+        t = tl.program_id(0).to(tl.int64)
+        d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+        dmask = d < D
+
+        # Softmax statistics of this token's E logits, recomputed by every D-slice
+        # (E values from L1/L2) so the probabilities never go to memory.
+        e_all = tl.arange(0, BLOCK_E)
+        x = tl.load(logits_ptr + t * s_lt + e_all * s_le, mask=e_all < E, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        inv_s = 1.0 / tl.sum(tl.exp(x - m), axis=0)  # all -inf row: NaN, propagates to the output
+
+        # Stream rows[t, :, d] in [E_CHUNK, BLOCK_D] tiles: each row byte is read once.
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        row_base = rows_ptr + t * s_rt
+        for e0 in range(0, E, E_CHUNK):
+            ec = e0 + tl.arange(0, E_CHUNK)
+            emask = ec < E
+            xc = tl.load(logits_ptr + t * s_lt + ec * s_le, mask=emask, other=float("-inf")).to(tl.float32)
+            w = tl.exp(xc - m) * inv_s  # -inf logit -> weight exactly 0
+            r = tl.load(
+                row_base + ec[:, None].to(tl.int64) * s_re + d[None, :] * s_rd,
+                mask=emask[:, None] & dmask[None, :], other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(w[:, None] * r, axis=0)
+
+        if HAS_RES:
+            acc += tl.load(res_ptr + t * s_rest + d * s_resd, mask=dmask, other=0.0).to(tl.float32)
+        if HAS_SH:
+            acc += tl.load(sh_ptr + t * s_sht + d * s_shd, mask=dmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * s_ot + d * s_od, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+# ---------------------------------------------------------------------------
+# Block sizes: a pure function of the shape (no autotuning), so a CUDA-graph
+# replay or a recompile never retunes and a launch costs no benchmarking.
+# Decode (T <= 64) splits D finely to put work on many SMs; prefill uses wide
+# tiles. Not yet tuned on a GPU: the numbers are first principles (16-byte
+# vectors, ~4K-element tiles in flight per program).
+# ---------------------------------------------------------------------------
+_DECODE_T = 64
+_DECODE_MIN_PROGRAMS = 256  # ~2 per SM on an H100/H200
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _combine_config(T: int, E: int, D: int) -> dict:
+    block_e = _next_pow2(E)
+    block_d = min(_next_pow2(D), 1024)
+    if T <= _DECODE_T:
+        while block_d > 128 and T * triton.cdiv(D, block_d) < _DECODE_MIN_PROGRAMS:
+            block_d //= 2
+    e_chunk = min(block_e, max(1, 4096 // block_d))
+    num_warps = 8 if e_chunk * block_d >= 4096 else 4
+    return dict(BLOCK_E=block_e, E_CHUNK=e_chunk, BLOCK_D=block_d, num_warps=num_warps)
+
+
+def _softmax_config(T: int, E: int) -> dict:
+    block_e = _next_pow2(E)
+    block_t = max(1, min(_next_pow2(max(T, 1)), 4096 // block_e))
+    return dict(BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4 if block_t * block_e <= 2048 else 8)
+
+
+# ---------------------------------------------------------------------------
+# Launchers: inputs already validated and flattened to 2-D/3-D.
+# ---------------------------------------------------------------------------
+def _launch(kernel, interpret: bool):
+    # wrap_triton makes the launch traceable by torch.compile (it is a no-op in
+    # eager); interpreted kernels and torch < 2.6 launch directly.
+    if interpret or not hasattr(torch.library, "wrap_triton"):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def _router_softmax_triton(x2: torch.Tensor, y2: torch.Tensor, interpret: bool) -> None:
+    T, E = x2.shape
+    if T == 0:
+        return
+    cfg = _softmax_config(T, E)
+    kernel = _launch(_router_softmax_kernel, interpret)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]),)
+    kernel[grid](x2, y2, T, E, x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1), **cfg)
+
+
+def _mole_combine_triton(logits2, rows3, res2, sh2, out2, interpret: bool) -> None:
+    T, E, D = rows3.shape
+    if T == 0 or D == 0:
+        return
+    cfg = _combine_config(T, E, D)
+    kernel = _launch(_mole_combine_kernel, interpret)
+    # Absent operands: a valid pointer (never read: HAS_* is a constexpr).
+    res = res2 if res2 is not None else out2
+    sh = sh2 if sh2 is not None else out2
+    grid = (T, triton.cdiv(D, cfg["BLOCK_D"]))
+    kernel[grid](
+        logits2, rows3, res, sh, out2,
+        E, D,
+        logits2.stride(0), logits2.stride(1),
+        rows3.stride(0), rows3.stride(1), rows3.stride(2),
+        res.stride(0), res.stride(1),
+        sh.stride(0), sh.stride(1),
+        out2.stride(0), out2.stride(1),
+        HAS_RES=res2 is not None, HAS_SH=sh2 is not None,
+        **cfg,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Plain-torch fallback (what runs on CPU). Same semantics as the kernels.
+# ---------------------------------------------------------------------------
+def _router_softmax_torch(x2: torch.Tensor, y2: torch.Tensor) -> None:
+    # torch.softmax subtracts the max, gives -inf weight 0 and an all -inf row NaN.
+    y2.copy_(torch.softmax(x2, dim=-1, dtype=torch.float32))
+
+
+# Half rows are widened to float32 this many elements at a time (1 MB: stays in
+# cache), never as a whole [T, E, D] float32 copy; then one batched GEMV per chunk.
+_FALLBACK_CHUNK = 1 << 18
+
+
+def _mole_combine_torch(logits2, rows3, res2, sh2, out2) -> None:
+    T, E, D = rows3.shape
+    w = torch.softmax(logits2, dim=-1, dtype=torch.float32).unsqueeze(1)  # [T, 1, E]
+    # Accumulate straight into a float32 `out`, else into a fresh buffer (never
+    # `residual.float()`, which aliases a float32 residual). `out` may be `residual`:
+    # copy_ onto itself is a no-op, and each element is read before it is written.
+    acc = out2 if out2.dtype == torch.float32 else torch.empty((T, D), dtype=torch.float32, device=out2.device)
+    if res2 is not None:
+        acc.copy_(res2)
+        if sh2 is not None:
+            acc.add_(sh2)
+    elif sh2 is not None:
+        acc.copy_(sh2)
+    else:
+        acc.zero_()
+    acc3 = acc.unsqueeze(1)  # [T, 1, D]
+    if rows3.dtype == torch.float32:
+        acc3.baddbmm_(w, rows3)  # fp32 throughout, rows read in place
+    else:
+        step = max(1, _FALLBACK_CHUNK // max(1, E * D))
+        for t0 in range(0, T, step):
+            acc3[t0 : t0 + step].baddbmm_(w[t0 : t0 + step], rows3[t0 : t0 + step].float())
+    if acc is not out2:
+        out2.copy_(acc)
+
+
+# ---------------------------------------------------------------------------
+# The one place that picks the backend.
+# ---------------------------------------------------------------------------
+def _interpreter_active() -> bool:
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # triton < 3.4 has no knobs
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Fixed at import, like the kernels themselves (see above).
+_INTERPRET = triton is not None and _interpreter_active()
+
+
+def _backend(t: torch.Tensor) -> str:
+    """'triton' (CUDA), 'interpret' (CPU under TRITON_INTERPRET=1) or 'torch'."""
+    if triton is None:
+        return "torch"
+    if t.device.type == "cuda":
+        return "triton"
+    # The interpreter runs on real CPU memory only: fake/functional tensors
+    # (torch.compile tracing) take the torch path, which traces into aten ops.
+    if t.device.type == "cpu" and type(t) is torch.Tensor and _INTERPRET:
+        return "interpret"
+    return "torch"
+
+
+# ---------------------------------------------------------------------------
+# Input checks (shared by the public functions and the ops) and flattening.
+# ---------------------------------------------------------------------------
+def _fail(fn: str, msg: str):
+    raise ValueError(f"{fn}: {msg}")
+
+
+def _check_logits(fn: str, logits) -> int:
+    if not isinstance(logits, torch.Tensor):
+        _fail(fn, f"logits must be a tensor, got {type(logits).__name__}")
+    if logits.dim() < 1:
+        _fail(fn, "logits must be [*, E] (at least 1-D), got a 0-d tensor")
+    if logits.dtype not in _LOGIT_DTYPES:
+        _fail(fn, f"logits must be float32/float16/bfloat16/float64, got {logits.dtype}")
+    E = logits.shape[-1]
+    if not 1 <= E <= MAX_EXPERTS:
+        _fail(fn, f"logits' last dim (E experts) must be in [1, {MAX_EXPERTS}], got {E}")
+    return E
+
+
+def _check_softmax(logits, out_dtype):
+    _check_logits("router_softmax", logits)
+    if out_dtype not in _FLOATS:
+        _fail("router_softmax", f"out_dtype must be float32/float16/bfloat16, got {out_dtype}")
+
+
+def _check_combine(logits, rows, residual, shared, out):
+    fn = "mole_combine"
+    E = _check_logits(fn, logits)
+    lead = tuple(logits.shape[:-1])
+    if not isinstance(rows, torch.Tensor) or rows.dim() != logits.dim() + 1:
+        _fail(fn, f"rows must be [*, E, D] with * = logits' leading dims {lead}, got "
+                  f"{tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__}")
+    D = rows.shape[-1]
+    if tuple(rows.shape[:-1]) != lead + (E,):
+        _fail(fn, f"rows must have shape {lead + (E,)} + (D,) to match logits {tuple(logits.shape)}, "
+                  f"got {tuple(rows.shape)}")
+    if rows.dtype not in _FLOATS:
+        _fail(fn, f"rows must be float32/float16/bfloat16, got {rows.dtype}")
+    if rows.device != logits.device:
+        _fail(fn, f"rows is on {rows.device} but logits is on {logits.device}: all operands must share a device")
+    for name, t in (("residual", residual), ("shared", shared), ("out", out)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            _fail(fn, f"{name} must be a tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != lead + (D,):
+            _fail(fn, f"{name} must have shape {lead + (D,)} (logits' leading dims + rows' D), got {tuple(t.shape)}")
+        if t.dtype not in _FLOATS:
+            _fail(fn, f"{name} must be float32/float16/bfloat16, got {t.dtype}")
+        if t.device != logits.device:
+            _fail(fn, f"{name} is on {t.device} but logits is on {logits.device}: all operands must share a device")
+    return E, D
+
+
+def _flat_rows(rows: torch.Tensor, E: int, D: int) -> torch.Tensor:
+    if rows.dim() == 3:
+        return rows  # the common [T, E, D] (possibly strided) case: used as is
+    try:
+        return rows.view(-1, E, D)
+    except RuntimeError:
+        _fail("mole_combine", "rows' leading dims cannot be flattened without a copy "
+                              f"(strides {rows.stride()}); pass a [T, E, D] view instead")
+
+
+def _flat_out(out: torch.Tensor, D: int) -> torch.Tensor:
+    try:
+        return out.view(-1, D)
+    except RuntimeError:
+        _fail("mole_combine", f"out's leading dims cannot be flattened in place (strides {out.stride()})")
+
+
+def _combine_impl(logits, rows, residual, shared, out) -> None:
+    E, D = rows.shape[-2], rows.shape[-1]
+    if rows.dim() == 3:  # [T, ...]: the common case, nothing to flatten (cheap at decode)
+        logits2, rows3, res2, sh2, out2 = logits, rows, residual, shared, out
+    else:
+        logits2 = logits.reshape(-1, E)  # [T, E]: tiny, a copy here is harmless
+        rows3 = _flat_rows(rows, E, D)
+        res2 = None if residual is None else residual.reshape(-1, D)
+        sh2 = None if shared is None else shared.reshape(-1, D)
+        out2 = _flat_out(out, D)
+    backend = _backend(rows)
+    if backend == "torch":
+        _mole_combine_torch(logits2, rows3, res2, sh2, out2)
+    else:
+        _mole_combine_triton(logits2, rows3, res2, sh2, out2, interpret=backend == "interpret")
+
+
+def _softmax_impl(logits, out) -> None:
+    E = logits.shape[-1]
+    x2 = logits.reshape(-1, E)
+    y2 = out.view(-1, E)
+    backend = _backend(logits)
+    if backend == "torch":
+        _router_softmax_torch(x2, y2)
+    else:
+        _router_softmax_triton(x2, y2, interpret=backend == "interpret")
+
+
+def _direct_call_ok(*tensors) -> bool:
+    """True when the op dispatcher would add nothing: eager, plain tensors, no grad,
+    no dispatch mode or functorch transform. Then the public functions call the
+    implementation directly, saving ~8 us of Python per call (decode is
+    latency-bound); anything else (torch.compile, fake/functional tensors,
+    TorchDispatchModes, vmap, autograd) goes through torch.ops.mole_kernels.*."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or (type(t) is torch.Tensor and not t.requires_grad) for t in tensors)
+
+
+def _combine_dtype(rows, residual):
+    return residual.dtype if residual is not None else rows.dtype
+
+
+def _new_combine_out(rows, residual):
+    return torch.empty((*rows.shape[:-2], rows.shape[-1]), dtype=_combine_dtype(rows, residual), device=rows.device)
+
+
+# ---------------------------------------------------------------------------
+# Torch ops: torch.ops.mole_kernels.{router_softmax, mole_combine, mole_combine_out}.
+# triton_op (torch >= 2.6 with triton) lets torch.compile see the kernels;
+# otherwise custom_op keeps them opaque. Both get the explicit fakes below.
+# ---------------------------------------------------------------------------
+_define = (torch.library.triton_op if triton is not None and hasattr(torch.library, "triton_op")
+           else torch.library.custom_op)
+
+
+@_define("mole_kernels::router_softmax", mutates_args=())
+def _router_softmax_op(logits: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    _check_softmax(logits, out_dtype)  # the ops are public too: never launch on bad input
+    out = torch.empty(logits.shape, dtype=out_dtype, device=logits.device)
+    _softmax_impl(logits, out)
+    return out
+
+
+@_define("mole_kernels::mole_combine", mutates_args=())
+def _mole_combine_op(
+    logits: torch.Tensor, rows: torch.Tensor, residual: Optional[torch.Tensor], shared: Optional[torch.Tensor]
+) -> torch.Tensor:
+    _check_combine(logits, rows, residual, shared, None)
+    out = _new_combine_out(rows, residual)
+    _combine_impl(logits, rows, residual, shared, out)
+    return out
+
+
+@_define("mole_kernels::mole_combine_out", mutates_args=("out",))
+def _mole_combine_out_op(
+    logits: torch.Tensor, rows: torch.Tensor, residual: Optional[torch.Tensor], shared: Optional[torch.Tensor],
+    out: torch.Tensor,
+) -> None:
+    _check_combine(logits, rows, residual, shared, out)
+    _combine_impl(logits, rows, residual, shared, out)
+
+
+@_router_softmax_op.register_fake
+def _router_softmax_fake(logits, out_dtype):
+    torch._check(logits.dim() >= 1, lambda: "router_softmax: logits must be [*, E]")
+    return logits.new_empty(logits.shape, dtype=out_dtype)
+
+
+def _combine_fake_checks(logits, rows, residual, shared, out=None):
+    E, D = rows.shape[-2], rows.shape[-1]
+    torch._check(rows.dim() == logits.dim() + 1, lambda: "mole_combine: rows must be [*, E, D]")
+    torch._check(logits.shape[-1] == E, lambda: "mole_combine: logits' E must match rows'")
+    for t in (residual, shared, out):
+        if t is not None:
+            torch._check(t.shape[-1] == D, lambda: "mole_combine: residual/shared/out must be [*, D]")
+
+
+@_mole_combine_op.register_fake
+def _mole_combine_fake(logits, rows, residual, shared):
+    _combine_fake_checks(logits, rows, residual, shared)
+    return rows.new_empty(rows.shape[:-2] + rows.shape[-1:], dtype=_combine_dtype(rows, residual))
+
+
+@_mole_combine_out_op.register_fake
+def _mole_combine_out_fake(logits, rows, residual, shared, out):
+    _combine_fake_checks(logits, rows, residual, shared, out)
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+# ---------------------------------------------------------------------------
+def router_softmax(logits: torch.Tensor, *, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Softmax over the last (expert) dim, computed in float32.
+
+    Args:
+        logits: ``[*, E]``, float32/float16/bfloat16/float64, ``1 <= E <= MAX_EXPERTS``,
+            any strides.
+        out_dtype: dtype of the result (float32/float16/bfloat16).
+
+    Returns ``[*, E]`` probabilities. Stable for logits of any magnitude; a ``-inf``
+    logit gets probability 0; a row of all ``-inf`` (or with ``+inf``/NaN) is all
+    NaN on every backend. Runs Triton on CUDA tensors (and on CPU tensors under
+    ``TRITON_INTERPRET=1``), plain torch otherwise.
+    """
+    _check_softmax(logits, out_dtype)
+    if _direct_call_ok(logits):
+        out = torch.empty(logits.shape, dtype=out_dtype, device=logits.device)
+        _softmax_impl(logits, out)
+        return out
+    return torch.ops.mole_kernels.router_softmax(logits, out_dtype)
+
+
+def mole_combine(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    residual: Optional[torch.Tensor] = None,
+    shared: Optional[torch.Tensor] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``residual + shared + sum_e softmax(logits)_e * rows[..., e, :]`` in one pass.
+
+    Args:
+        logits: ``[*, E]`` router logits, float32/float16/bfloat16/float64. The softmax
+            is recomputed inside the kernel and never written out.
+        rows: ``[*, E, D]`` looked-up expert rows, float32/float16/bfloat16. Any
+            strides (e.g. ``buf[:, l]`` of a ``[T, L, E, D]`` prefetch buffer); a
+            ``[T, E, D]`` view is never copied. With more leading dims they must be
+            flattenable as a view.
+        residual, shared: optional ``[*, D]`` addends (float32/float16/bfloat16).
+        out: optional ``[*, D]`` destination (float32/float16/bfloat16; may be
+            ``residual`` itself for an in-place update). Returned.
+
+    All arithmetic is float32; the result is rounded once, to ``out``'s dtype, else
+    ``residual``'s, else ``rows'``. ``-inf`` logits give weight 0; a token whose
+    logits are all ``-inf`` gets an all-NaN output row (every backend; see the
+    module docstring). Shape, dtype or device mismatches raise ``ValueError``
+    naming the argument.
+    """
+    _check_combine(logits, rows, residual, shared, out)
+    if _direct_call_ok(logits, rows, residual, shared, out):
+        if out is None:
+            out = _new_combine_out(rows, residual)
+        _combine_impl(logits, rows, residual, shared, out)
+        return out
+    if out is None:
+        return torch.ops.mole_kernels.mole_combine(logits, rows, residual, shared)
+    torch.ops.mole_kernels.mole_combine_out(logits, rows, residual, shared, out)
+    return out
