@@ -2,6 +2,17 @@
 from ._ops import build_info
 from .combine import mole_combine, router_softmax
 from .lut_gather import lut_gather
+from .table import LookupTable, Prefetch, Prefetcher, TableStats, host_allocations
 
-__all__ = ["build_info", "lut_gather", "mole_combine", "router_softmax"]
+__all__ = [
+    "LookupTable",
+    "Prefetch",
+    "Prefetcher",
+    "TableStats",
+    "build_info",
+    "host_allocations",
+    "lut_gather",
+    "mole_combine",
+    "router_softmax",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,759 @@
+"""`LookupTable`: one object that owns where a LUT lives and gets its rows to where they are used.
+
+Tiers (``placement``):
+
+- ``"device"``: the table is a CUDA tensor; rows are read in place (path ``"device"``).
+- ``"host"``: page-aligned host memory of exactly the table's size, registered with CUDA
+  (pinned) when CUDA is available. Two paths to the GPU:
+  ``"zero_copy"`` (the CUDA kernel reads the rows over PCIe in place; no synchronisation,
+  best for small decode batches whose ids are on the GPU) and ``"dma"`` (ids on the host are
+  deduplicated, each unique row crosses PCIe once by async copy into a device buffer, then a
+  device-side gather expands them; best for large prefill batches). On a machine without
+  CUDA the host tier is ordinary memory and both paths run on the CPU (same results).
+- ``"disk"``: a safetensors file, memory-mapped; nothing is read up front (a file larger
+  than RAM works). Path ``"staged"``: host threads in the extension copy the unique rows
+  out of the mapping into a small pinned staging buffer (in chunks when they do not fit,
+  double-buffered so a chunk's DMA overlaps the next chunk's copy), then the device gather.
+
+``path="auto"`` picks: device tier -> ``device``; host tier -> ``zero_copy`` when ids are on
+the GPU (moving them to the host would synchronise) or the batch has at most
+``dma_min_tokens`` ids, else ``dma``; disk tier -> ``staged``.
+
+The C++ side (exact-size allocation and its release, the file mapping, the row copy
+threads, the DMA submission) is ``torch.classes.mole_kernels.TableStore``
+(csrc/lookup_table.cpp); this module is a thin owner of it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ._ops import ops
+from .lut_gather import lut_gather
+
+__all__ = ["LookupTable", "Prefetcher", "TableStats", "host_allocations", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+TENSOR_NAME = "lut"
+PLACEMENTS = ("device", "host", "disk")
+_PATHS = {"device": ("device",), "host": ("zero_copy", "dma"), "disk": ("staged",)}
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_HEADER_ALIGN = 4096  # the data starts on a page boundary (safetensors allows header padding)
+_MAX_HEADER = 100 << 20  # the safetensors limit
+_CHUNK = 256 << 20  # bytes per step when filling or saving a table
+_PROGRESS_MIN = 1 << 30  # show a progress bar for tables at least this large
+
+
+def host_allocations() -> Dict[str, int]:
+    """Live exact-size host allocations made by tables (pinned or not): ``{"count", "bytes"}``."""
+    count, nbytes = ops.host_allocations()
+    return {"count": count, "bytes": nbytes}
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.4g} {unit}"
+        n /= 1024
+
+
+def _progress(total: int, desc: str):
+    """A tqdm bar over bytes for large tables (tqdm if importable), else a no-op."""
+    if total >= _PROGRESS_MIN:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+        except ImportError:
+            pass
+
+    class _Null:
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()
+
+
+@dataclass
+class TableStats:
+    """Counters every call updates (cheap: a few integer adds and two clock reads per stage).
+
+    ``bytes_read`` counts table bytes read from each tier; ``bytes_h2d`` the bytes that crossed
+    from host to device (zero-copy reads or DMA). ``seconds`` is host wall time per stage
+    (``dedupe``, ``host_copy``, ``dma``, ``gather``); on CUDA it is submission time unless the
+    stage synchronises.
+    """
+
+    calls: int = 0
+    rows_requested: int = 0
+    unique_rows: int = 0
+    bytes_read: Dict[str, int] = field(default_factory=lambda: {t: 0 for t in PLACEMENTS})
+    bytes_h2d: int = 0
+    dma_copies: int = 0
+    seconds: Dict[str, float] = field(default_factory=dict)
+    last_path: Optional[str] = None
+    paths: Dict[str, int] = field(default_factory=dict)
+
+    def add_time(self, stage: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + (t1 - t0)
+        return t1
+
+    def as_dict(self) -> dict:
+        return {
+            "calls": self.calls, "rows_requested": self.rows_requested, "unique_rows": self.unique_rows,
+            "bytes_read": dict(self.bytes_read), "bytes_h2d": self.bytes_h2d, "dma_copies": self.dma_copies,
+            "seconds": dict(self.seconds), "last_path": self.last_path, "paths": dict(self.paths),
+        }
+
+
+# ---------------------------------------------------------------- safetensors -------------
+
+
+@dataclass
+class _FileInfo:
+    shape: Tuple[int, int, int, int]
+    dtype: torch.dtype
+    data_offset: int  # absolute offset of the table's first byte
+    nbytes: int
+    metadata: Dict[str, str]
+
+
+def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
+    """Parses and validates a safetensors header; every problem is a ValueError naming the file."""
+
+    def bad(msg):
+        return ValueError(f"LookupTable.open: {path}: {msg}")
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes is too short for a safetensors file (8-byte header length + JSON header)")
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > _MAX_HEADER or 8 + n > size:
+                raise bad(f"header length field says {n} bytes but the file has {size} bytes: not a safetensors "
+                          "file, or truncated")
+            raw = f.read(n)
+    except OSError as e:
+        raise ValueError(f"LookupTable.open: cannot read {path}: {e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the header is not valid JSON ({e}): not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object: not a safetensors file")
+    meta = header.pop("__metadata__", None) or {}
+    if tensor not in header:
+        raise bad(f"no tensor named {tensor!r} (tensors: {sorted(header)[:8]}); pass tensor= to pick one")
+    entry = header[tensor]
+    try:
+        dtype_name, shape = entry["dtype"], [int(s) for s in entry["shape"]]
+        begin, end = (int(x) for x in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise bad(f"tensor {tensor!r} entry {entry!r} lacks dtype/shape/data_offsets") from None
+    if dtype_name not in _ST_DTYPES:
+        raise bad(f"tensor {tensor!r} has dtype {dtype_name}; a table must be one of {sorted(_ST_DTYPES)}")
+    dtype = _ST_DTYPES[dtype_name]
+    if len(shape) == 3:
+        shape = [shape[0], 1, shape[1], shape[2]]
+    if len(shape) != 4 or min(shape) < 0:
+        raise bad(f"tensor {tensor!r} has shape {shape}; a table is [V, L, E, D] or [V, E, D]")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes or begin < 0:
+        raise bad(f"tensor {tensor!r} data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} "
+                  f"in {dtype_name} needs {nbytes}")
+    try:  # the file must hold every tensor the header describes, not just ours
+        data_end = max(int(e["data_offsets"][1]) for e in header.values() if isinstance(e, dict) and "data_offsets" in e)
+    except (TypeError, ValueError, IndexError):
+        raise bad("a tensor entry has malformed data_offsets") from None
+    if size < 8 + n + data_end:
+        raise bad(f"truncated: the header describes {8 + n + data_end} bytes but the file has {size}")
+    # The metadata, when present, must agree with the tensor (a mismatch means a corrupt or foreign file).
+    want = {"vocab": shape[0], "layers": shape[1], "experts": shape[2], "hidden": shape[3]}
+    for key, val in want.items():
+        if key in meta and str(meta[key]) != str(val):
+            raise bad(f"metadata says {key}={meta[key]} but tensor {tensor!r} has shape {shape} ({key}={val})")
+    if "dtype" in meta and meta["dtype"] != str(dtype).replace("torch.", ""):
+        raise bad(f"metadata says dtype={meta['dtype']} but tensor {tensor!r} is {dtype_name}")
+    if "format_version" in meta and int(meta["format_version"]) > FORMAT_VERSION:
+        raise bad(f"format_version {meta['format_version']} is newer than this mole_kernels ({FORMAT_VERSION})")
+    return _FileInfo(tuple(shape), dtype, 8 + n + begin, nbytes, dict(meta))
+
+
+def _header_bytes(shape, dtype, metadata: Dict[str, str]) -> bytes:
+    header = {
+        "__metadata__": metadata,
+        TENSOR_NAME: {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [0, math.prod(shape) * dtype.itemsize]},
+    }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    pad = (-(8 + len(raw))) % _HEADER_ALIGN
+    return struct.pack("<Q", len(raw) + pad) + raw + b" " * pad
+
+
+# ---------------------------------------------------------------- the table ---------------
+
+
+def _default_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _store(kind: str, path: str = "", offset: int = 0, nbytes: int = 0, pin: bool = False):
+    return torch.classes.mole_kernels.TableStore(kind, path, offset, nbytes, pin)
+
+
+class LookupTable:
+    """A ``[V, L, E, D]`` lookup table in VRAM, pinned host memory or a memory-mapped file.
+
+    Build with :meth:`from_tensor` or :meth:`open`; read rows with :meth:`gather` /
+    :meth:`gather_combine` (results on :attr:`device`); :meth:`prefetcher` for decoding.
+    See the module docstring for tiers and paths.
+    """
+
+    #: host tier, ``path="auto"``: batches of at most this many ids use zero-copy even when on the host.
+    dma_min_tokens = 32
+
+    def __init__(self, *, lut: torch.Tensor, placement: str, device: torch.device, store=None,
+                 staging_bytes: int = 0, metadata: Optional[Dict[str, str]] = None, _token=None):
+        if _token is not _PRIVATE:
+            raise TypeError("use LookupTable.from_tensor(...) or LookupTable.open(...)")
+        self._lut = lut  # [V, L, E, D] view over the tier's storage
+        self._store = store
+        self.placement = placement
+        self.device = device
+        self.shape = tuple(lut.shape)
+        self.dtype = lut.dtype
+        self.metadata = dict(metadata or {})
+        self.stats = TableStats()
+        self._staging_bytes = staging_bytes
+        self._staging = None  # disk tier: pinned staging, two halves (created on first use)
+        self._staging_events = None
+
+    # ------------------------------------------------------------ construction ------------
+
+    @classmethod
+    def from_tensor(cls, lut: torch.Tensor, placement: str = "host", device=None, *,
+                    path: Optional[str] = None, staging_bytes: int = 64 << 20) -> "LookupTable":
+        """A table holding a copy of ``lut`` (``[V, L, E, D]`` or ``[V, E, D]``).
+
+        Args:
+            placement: ``"device"``, ``"host"`` or ``"disk"`` (for disk, ``lut`` is saved to
+                ``path``, or to an anonymous temporary file when ``path`` is None).
+            device: where results land (default: the current CUDA device if any, else CPU).
+            staging_bytes: disk tier: size of the pinned staging buffer rows pass through.
+        """
+        if not isinstance(lut, torch.Tensor):
+            raise ValueError(f"LookupTable.from_tensor: lut must be a tensor, got {type(lut).__name__}")
+        if lut.dim() == 3:
+            lut = lut.unsqueeze(1)
+        if lut.dim() != 4:
+            raise ValueError(f"LookupTable.from_tensor: lut must be [V, L, E, D] or [V, E, D], got {tuple(lut.shape)}")
+        if lut.dtype not in _ST_NAMES:
+            raise ValueError(f"LookupTable.from_tensor: lut must be float32, float16 or bfloat16, got {lut.dtype}")
+        placement, device = cls._check_placement(placement, device, "from_tensor")
+        meta = _metadata(lut.shape, lut.dtype)
+        if placement == "disk":
+            if path is not None:
+                _save_tensor(lut, path, meta)
+                return cls.open(path, "disk", device, staging_bytes=staging_bytes)
+            fd, tmp = tempfile.mkstemp(suffix=".safetensors", prefix="mole_lut_")
+            os.close(fd)
+            try:
+                _save_tensor(lut, tmp, meta)
+                return cls.open(tmp, "disk", device, staging_bytes=staging_bytes)
+            finally:
+                os.unlink(tmp)  # the mapping keeps the data; nothing is left behind on disk
+        if placement == "device":
+            data = lut.to(device, copy=True).contiguous()
+            return cls(lut=data, placement=placement, device=device, metadata=meta, _token=_PRIVATE)
+        store, view = cls._host_store(lut.shape, lut.dtype, device)
+        bar = _progress(view.numel() * view.element_size(), "pinning LUT")
+        step = max(1, _CHUNK // max(1, view[0].numel() * view.element_size()))
+        for a in range(0, lut.shape[0], step):
+            view[a:a + step].copy_(lut[a:a + step])
+            bar.update(view[a:a + step].numel() * view.element_size())
+        bar.close()
+        return cls(lut=view, placement=placement, device=device, store=store, metadata=meta, _token=_PRIVATE)
+
+    @classmethod
+    def open(cls, path: str, placement: str = "disk", device=None, *, tensor: str = TENSOR_NAME,
+             staging_bytes: int = 64 << 20) -> "LookupTable":
+        """Opens a safetensors table (header validated now: truncation, dtype, shape vs metadata).
+
+        ``placement="disk"`` maps the file and reads nothing up front; ``"host"``/``"device"``
+        load it (in chunks, never a second full copy in memory).
+        """
+        path = os.fspath(path)
+        placement, device = cls._check_placement(placement, device, "open")
+        info = _read_header(path, tensor)
+        if placement == "disk":
+            store = _store("file", path, info.data_offset, info.nbytes)
+            lut = store.tensor().view(info.dtype).view(info.shape)
+            return cls(lut=lut, placement="disk", device=device, store=store, staging_bytes=staging_bytes,
+                       metadata=info.metadata, _token=_PRIVATE)
+        if placement == "host":
+            store, view = cls._host_store(info.shape, info.dtype, device)
+        else:
+            store, view = None, torch.empty(info.shape, dtype=info.dtype, device=device)
+        mapped = _store("file", path, info.data_offset, info.nbytes)
+        src = mapped.tensor().view(info.dtype).view(info.shape)
+        bar = _progress(info.nbytes, f"loading {os.path.basename(path)}")
+        step = max(1, _CHUNK // max(1, src[0].numel() * src.element_size()))
+        for a in range(0, info.shape[0], step):
+            view[a:a + step].copy_(src[a:a + step])
+            bar.update(src[a:a + step].numel() * src.element_size())
+        bar.close()
+        del src
+        mapped.close()
+        return cls(lut=view, placement=placement, device=device, store=store, metadata=info.metadata, _token=_PRIVATE)
+
+    @staticmethod
+    def _check_placement(placement, device, where):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"LookupTable.{where}: placement must be one of {PLACEMENTS}, got {placement!r}")
+        device = _default_device(device)
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"LookupTable.{where}: device must be cpu or cuda, got {device}")
+        if placement == "device" and device.type != "cuda":
+            raise ValueError(f"LookupTable.{where}: placement='device' needs a CUDA device, got device={device} "
+                             "(use placement='host' on a machine without CUDA)")
+        return placement, device
+
+    @staticmethod
+    def _host_store(shape, dtype, device):
+        nbytes = math.prod(shape) * dtype.itemsize
+        # Pin only when the rows will go to a GPU: pinning needs CUDA and costs locked memory.
+        store = _store("host", "", 0, nbytes, device.type == "cuda")
+        return store, store.tensor().view(dtype).view(shape)
+
+    # ------------------------------------------------------------ properties ---------------
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's rows for all layers (L*E*D elements)."""
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The ``[V, L, E, D]`` tensor over the tier's storage (read-only for the disk tier)."""
+        self._check_open()
+        return self._lut
+
+    @property
+    def pinned(self) -> bool:
+        return self._store is not None and not self._store.closed() and self._store.pinned()
+
+    @property
+    def closed(self) -> bool:
+        return self._lut is None
+
+    def paths(self) -> Tuple[str, ...]:
+        """The paths gather can take for this table."""
+        return _PATHS[self.placement]
+
+    def __repr__(self):
+        if self.closed:
+            return f"LookupTable(closed, placement={self.placement!r})"
+        V, L, E, D = self.shape
+        pin = ", pinned" if self.pinned else ""
+        return (f"LookupTable(placement={self.placement!r}{pin}, shape=[V={V}, L={L}, E={E}, D={D}], "
+                f"dtype={str(self.dtype).replace('torch.', '')}, bytes={_human(self.nbytes)}, "
+                f"row={_human(self.row_bytes)}, device={self.device})")
+
+    def reset_stats(self) -> None:
+        self.stats = TableStats()
+
+    # ------------------------------------------------------------ saving / closing ----------
+
+    def save(self, path) -> None:
+        """Writes the table as safetensors: tensor ``"lut"`` [V, L, E, D] plus metadata."""
+        self._check_open()
+        _save_tensor(self._lut, os.fspath(path), {**self.metadata, **_metadata(self.shape, self.dtype)})
+
+    def close(self) -> None:
+        """Releases the table's memory / mapping and staging now (views still held keep theirs alive)."""
+        if self._store is not None:
+            self._store.close()
+        if self._staging is not None:
+            self._staging.close()
+        self._lut = self._store = self._staging = self._staging_events = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_open(self):
+        if self._lut is None:
+            raise RuntimeError("LookupTable: the table was closed")
+
+    # ------------------------------------------------------------ reading rows --------------
+
+    def gather(self, ids: torch.Tensor, *, layer: Optional[int] = None, path: str = "auto") -> torch.Tensor:
+        """Rows ``[*, L, E, D]`` (or ``[*, E, D]`` for one ``layer``) for ``ids`` [*], on :attr:`device`."""
+        self._check_open()
+        ids = self._check_ids(ids, "gather")
+        layer = self._check_layer(layer, "gather", required=False)
+        path = self._choose_path(ids, path)
+        t0 = time.perf_counter()
+        if path in ("device", "zero_copy"):
+            out = lut_gather(self._lut, ids.to(self.device, non_blocking=True), layer=layer)
+            self._count_direct(ids.numel(), layer, path)
+            self.stats.add_time("gather", t0)
+            return out
+        rows, inv = self._unique_rows(ids, layer, path)
+        t0 = time.perf_counter()
+        out = lut_gather(rows, inv)
+        self.stats.add_time("gather", t0)
+        return out
+
+    def gather_combine(self, ids: torch.Tensor, weights: torch.Tensor, layer: Optional[int], *,
+                       out: Optional[torch.Tensor] = None, accumulate: bool = False,
+                       path: str = "auto") -> torch.Tensor:
+        """``sum_e weights[..., e] * LUT[ids, layer, e, :]`` of shape ``[*, D]`` on :attr:`device`.
+
+        ``out`` / ``accumulate`` as in :func:`mole_kernels.lut_gather`. ``weights`` ``[*, E]``
+        are moved to :attr:`device` if they are elsewhere (they are small).
+        """
+        self._check_open()
+        ids = self._check_ids(ids, "gather_combine")
+        layer = self._check_layer(layer, "gather_combine", required=True)
+        if not isinstance(weights, torch.Tensor):
+            raise ValueError(f"LookupTable.gather_combine: weights must be a tensor [*, E], got {type(weights).__name__}")
+        weights = weights.to(self.device, non_blocking=True)
+        path = self._choose_path(ids, path)
+        t0 = time.perf_counter()
+        if path in ("device", "zero_copy"):
+            res = lut_gather(self._lut, ids.to(self.device, non_blocking=True), weights, layer=layer, out=out,
+                             accumulate=accumulate)
+            self._count_direct(ids.numel(), layer, path)
+        else:
+            rows, inv = self._unique_rows(ids, layer, path)
+            t0 = time.perf_counter()
+            res = lut_gather(rows, inv, weights, out=out, accumulate=accumulate)
+        self.stats.add_time("gather", t0)
+        return res
+
+    def prefetcher(self, max_tokens: int, *, strict: bool = True) -> "Prefetcher":
+        """A double-buffered prefetcher of all layers' rows for up to ``max_tokens`` ids."""
+        return Prefetcher(self, max_tokens, strict=strict)
+
+    # ------------------------------------------------------------ internals -----------------
+
+    def _check_ids(self, ids, where) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"LookupTable.{where}: ids must be an int32/int64 tensor, got {type(ids).__name__}")
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"LookupTable.{where}: ids must be int32 or int64, got {ids.dtype}")
+        return ids
+
+    def _check_layer(self, layer, where, required):
+        L = self.shape[1]
+        if layer is None:
+            if required and L > 1:
+                raise ValueError(f"LookupTable.{where}: layer is required for a table with {L} layers")
+            return 0 if required else None
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < L:
+            raise ValueError(f"LookupTable.{where}: layer must be an int in [0, {L}), got {layer!r}")
+        return layer
+
+    def _choose_path(self, ids: torch.Tensor, path: str) -> str:
+        allowed = _PATHS[self.placement]
+        if path == "auto":
+            if self.placement != "host":
+                path = allowed[0]
+            else:
+                small = ids.numel() <= self.dma_min_tokens
+                path = "zero_copy" if ids.is_cuda or small else "dma"
+        elif path not in allowed:
+            raise ValueError(f"LookupTable: path must be 'auto' or one of {allowed} for placement="
+                             f"{self.placement!r}, got {path!r}")
+        if path == "zero_copy" and self.device.type == "cuda" and not self.pinned:
+            raise RuntimeError("LookupTable: zero_copy needs the host table pinned (it was built for device=cpu)")
+        self.stats.last_path = path
+        self.stats.paths[path] = self.stats.paths.get(path, 0) + 1
+        return path
+
+    def _segment(self, layer: Optional[int]):
+        """(byte offset in a row, bytes, shape of one token's piece) of the rows a call needs."""
+        _, L, E, D = self.shape
+        if layer is None:
+            return 0, self.row_bytes, (L, E, D)
+        seg = E * D * self.dtype.itemsize
+        return layer * seg, seg, (E, D)
+
+    def _count_direct(self, n: int, layer, path: str):
+        s = self.stats
+        s.calls += 1
+        s.rows_requested += n
+        moved = n * self._segment(layer)[1]
+        s.bytes_read[self.placement] += moved
+        if path == "zero_copy" and self.device.type == "cuda":
+            s.bytes_h2d += moved
+
+    def _unique_rows(self, ids: torch.Tensor, layer: Optional[int], path: str, out: Optional[torch.Tensor] = None):
+        """Dedupe ``ids`` on the host and bring each unique row to :attr:`device` once.
+
+        Returns ``(rows [U, *piece], inverse ids [*] on device)``; ``lut_gather(rows, inverse)``
+        expands them. ``out``: a uint8 device buffer to reuse (at least U * segment bytes).
+        """
+        s = self.stats
+        t0 = time.perf_counter()
+        V = self.shape[0]
+        host_ids = ids.reshape(-1).cpu()  # synchronises if ids are on the GPU: the price of dedupe
+        if host_ids.numel():
+            lo, hi = int(host_ids.min()), int(host_ids.max())
+            if lo < 0 or hi >= V:
+                bad = lo if lo < 0 else hi
+                pos = int((host_ids == bad).nonzero()[0])
+                raise ValueError(f"LookupTable: ids contains {bad} (at flat position {pos}), outside the table's "
+                                 f"vocabulary [0, {V})")
+        uniq, inv = torch.unique(host_ids, sorted=True, return_inverse=True)
+        U = uniq.numel()
+        seg_off, seg_bytes, piece = self._segment(layer)
+        t0 = s.add_time("dedupe", t0)
+        s.calls += 1
+        s.rows_requested += host_ids.numel()
+        s.unique_rows += U
+        s.bytes_read[self.placement] += U * seg_bytes
+        if out is None:
+            out = torch.empty(U * seg_bytes, dtype=torch.uint8, device=self.device)
+        elif out.numel() < U * seg_bytes:
+            raise ValueError(f"LookupTable: out buffer holds {out.numel()} bytes, needs {U * seg_bytes}")
+        dst = out[:U * seg_bytes]
+        cuda = self.device.type == "cuda"
+        if path == "dma":
+            if cuda:
+                s.dma_copies += self._store.dma_rows(uniq, self.row_bytes, seg_off, seg_bytes, dst)
+                s.bytes_h2d += U * seg_bytes
+                s.add_time("dma", t0)
+            else:
+                self._store.copy_rows(uniq, self.row_bytes, seg_off, seg_bytes, dst)
+                s.add_time("host_copy", t0)
+        else:
+            self._staged_copy(uniq, seg_off, seg_bytes, dst)
+        inv = inv.to(self.device, non_blocking=True).view(ids.shape)
+        return dst.view(self.dtype).view(U, *piece), inv
+
+    def _staged_copy(self, uniq: torch.Tensor, seg_off: int, seg_bytes: int, dst: torch.Tensor):
+        """Disk tier: mapping -> staging (host threads) -> dst (DMA on CUDA), in chunks.
+
+        Two staging halves alternate so chunk k+1 is copied while chunk k's DMA runs; a half is
+        refilled only after the event of its previous DMA has completed.
+        """
+        s = self.stats
+        cuda = self.device.type == "cuda"
+        if self._staging is None:
+            self._staging = _store("host", "", 0, self._staging_bytes, cuda)
+            self._staging_events = [torch.cuda.Event() for _ in range(2)] if cuda else [None, None]
+        half = self._staging_bytes // 2
+        rows_per_chunk = half // seg_bytes
+        if rows_per_chunk < 1:
+            raise ValueError(f"LookupTable: staging_bytes={self._staging_bytes} is too small: each half must hold "
+                             f"one row piece of {seg_bytes} bytes")
+        staging = self._staging.tensor()
+        U = uniq.numel()
+        for k, a in enumerate(range(0, U, rows_per_chunk)):
+            b = min(U, a + rows_per_chunk)
+            h = k % 2
+            buf = staging[h * half:h * half + (b - a) * seg_bytes]
+            t0 = time.perf_counter()
+            if cuda:
+                self._staging_events[h].synchronize()  # its previous DMA has finished reading this half
+            self._store.copy_rows(uniq[a:b], self.row_bytes, seg_off, seg_bytes, buf)
+            t0 = s.add_time("host_copy", t0)
+            dst[a * seg_bytes:b * seg_bytes].copy_(buf, non_blocking=True)
+            if cuda:
+                self._staging_events[h].record(torch.cuda.current_stream(self.device))
+                s.bytes_h2d += buf.numel()
+                s.dma_copies += 1
+            s.add_time("dma", t0)
+
+
+_PRIVATE = object()
+
+
+def _metadata(shape, dtype) -> Dict[str, str]:
+    V, L, E, D = shape
+    return {"format": "mole_kernels.lut", "format_version": str(FORMAT_VERSION), "vocab": str(V), "layers": str(L),
+            "experts": str(E), "hidden": str(D), "dtype": str(dtype).replace("torch.", "")}
+
+
+def _save_tensor(lut: torch.Tensor, path: str, metadata: Dict[str, str]) -> None:
+    """Streams ``lut`` into a safetensors file (written to path.tmp, then renamed: never half a file)."""
+    if lut.dim() == 3:
+        lut = lut.unsqueeze(1)
+    shape, dtype = tuple(lut.shape), lut.dtype
+    nbytes = math.prod(shape) * dtype.itemsize
+    tmp = path + ".tmp"
+    bar = _progress(nbytes, f"saving {os.path.basename(path)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_header_bytes(shape, dtype, metadata))
+            step = max(1, _CHUNK // max(1, math.prod(shape[1:]) * dtype.itemsize))
+            for a in range(0, shape[0], step):
+                chunk = lut[a:a + step].detach().to("cpu").contiguous()
+                f.write(chunk.view(torch.uint8).numpy().data)
+                bar.update(chunk.numel() * dtype.itemsize)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------- prefetcher --------------
+
+
+class Prefetch:
+    """One started prefetch: :meth:`layer` returns its rows (valid until two later ``start`` calls)."""
+
+    def __init__(self, owner: "Prefetcher", slot: int, generation: int, num_tokens: int):
+        self._owner, self.slot, self.generation, self.num_tokens = owner, slot, generation, num_tokens
+
+    def layer(self, l: int) -> torch.Tensor:
+        return self._owner._layer(self, l)
+
+
+class Prefetcher:
+    """Issues all layers' rows for the next ids on a side stream into a reusable double buffer.
+
+    ``start(ids)`` returns at once (on CUDA); ``layer(l)`` makes the current stream wait for
+    layer ``l``'s rows only and returns them, a ``[T, E, D]`` view (contiguous: the buffer is
+    layer-major ``[L, max_tokens, E, D]``). Two buffers alternate, so the prefetch for step n+1
+    may be started while step n still reads its rows; a third ``start`` reuses the first
+    buffer (its :class:`Prefetch` handle then raises instead of returning overwritten rows).
+    Every ``start`` waits (on the GPU) for the work already queued on the current stream, so
+    ids produced there are ready and earlier readers of the reused buffer are done.
+
+    Steady state allocates nothing for the device tier and the host tier's zero-copy path,
+    so a decode step can be captured in a CUDA graph with ``strict=False`` (out-of-range ids
+    then read zeros and are counted in :attr:`faults` instead of raising, which would
+    synchronise). The dma and disk paths dedupe on the host and synchronise.
+    On the CPU everything runs synchronously with the same API.
+    """
+
+    def __init__(self, table: LookupTable, max_tokens: int, *, strict: bool = True):
+        table._check_open()
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"Prefetcher: max_tokens must be a positive int, got {max_tokens!r}")
+        V, L, E, D = table.shape
+        dev = table.device
+        self.table, self.max_tokens, self.strict = table, max_tokens, strict
+        self._bufs = [torch.empty((L, max_tokens, E, D), dtype=table.dtype, device=dev) for _ in range(2)]
+        self._ids = [torch.empty(max_tokens, dtype=torch.int64, device=dev) for _ in range(2)]
+        self._unique = [None, None]  # dedupe paths: device buffer of unique rows, made on first use
+        self._faults = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._scratch = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._cuda = dev.type == "cuda"
+        if self._cuda:
+            self._stream = torch.cuda.Stream(dev)
+            self._ready = [[torch.cuda.Event() for _ in range(L)] for _ in range(2)]
+        self._generation = [0, 0]
+        self._current: Optional[Prefetch] = None
+
+    @property
+    def faults(self) -> int:
+        """Ids outside [0, V) seen with strict=False (reading it synchronises)."""
+        return int(self._faults.item())
+
+    @property
+    def faults_tensor(self) -> torch.Tensor:
+        return self._faults
+
+    def start(self, ids: torch.Tensor, *, path: str = "auto") -> Prefetch:
+        """Starts fetching all layers' rows for ``ids`` [T] (T <= max_tokens); returns a handle."""
+        t = self.table
+        t._check_open()
+        ids = t._check_ids(ids, "Prefetcher.start").reshape(-1)
+        T = ids.numel()
+        if T > self.max_tokens:
+            raise ValueError(f"Prefetcher.start: {T} ids, more than max_tokens={self.max_tokens}")
+        slot = 0 if self._current is None else 1 - self._current.slot
+        self._generation[slot] += 1
+        path = t._choose_path(ids, path)
+        if self._cuda:
+            self._stream.wait_stream(torch.cuda.current_stream(t.device))
+            if ids.is_cuda and not torch.cuda.is_current_stream_capturing():
+                ids.record_stream(self._stream)  # the caller may free ids before the side stream reads them
+            with torch.cuda.stream(self._stream):
+                self._issue(slot, ids, T, path)
+        else:
+            self._issue(slot, ids, T, path)
+        self._current = Prefetch(self, slot, self._generation[slot], T)
+        return self._current
+
+    def layer(self, l: int) -> torch.Tensor:
+        """Rows ``[T, E, D]`` of layer ``l`` for the ids of the latest :meth:`start`."""
+        if self._current is None:
+            raise RuntimeError("Prefetcher.layer: call start(ids) first")
+        return self._layer(self._current, l)
+
+    def _issue(self, slot: int, ids: torch.Tensor, T: int, path: str):
+        t = self.table
+        V, L, E, D = t.shape
+        idx = self._ids[slot][:T]
+        if path in ("device", "zero_copy"):
+            if self.strict and T:
+                self._check_range(ids, V)
+            idx.copy_(ids, non_blocking=True)
+            src = t._lut
+            t._count_direct(T, None, path)
+        else:
+            if self._unique[slot] is None:
+                self._unique[slot] = torch.empty(self.max_tokens * t.row_bytes, dtype=torch.uint8, device=t.device)
+            src, inv = t._unique_rows(ids, None, path, out=self._unique[slot])  # validates the range itself
+            idx.copy_(inv, non_blocking=True)
+        t0 = time.perf_counter()
+        buf = self._bufs[slot]
+        for l in range(L):
+            # faults= keeps every launch free of synchronisation (the range was checked above if strict).
+            # Bad ids are counted once per start (layer 0); later layers count into scratch.
+            lut_gather(src, idx, layer=l, out=buf[l, :T], faults=self._faults if l == 0 else self._scratch)
+            if self._cuda:
+                self._ready[slot][l].record(self._stream)
+        t.stats.add_time("gather", t0)
+
+    @staticmethod
+    def _check_range(ids: torch.Tensor, V: int):
+        bad = (ids < 0) | (ids >= V)
+        if bool(bad.any()):  # one synchronisation when ids are on the GPU (strict mode only)
+            pos = int(bad.nonzero()[0, 0])
+            raise ValueError(f"Prefetcher.start: ids contains {int(ids[pos])} (at flat position {pos}), outside the "
+                             f"table's vocabulary [0, {V})")
+
+    def _layer(self, handle: Prefetch, l: int) -> torch.Tensor:
+        if self._generation[handle.slot] != handle.generation:
+            raise RuntimeError("Prefetch.layer: these rows were overwritten by a later start() (a Prefetcher keeps "
+                               "the two most recent prefetches)")
+        L = self.table.shape[1]
+        if not isinstance(l, int) or not 0 <= l < L:
+            raise ValueError(f"Prefetcher.layer: l must be an int in [0, {L}), got {l!r}")
+        if self._cuda:
+            torch.cuda.current_stream(self.table.device).wait_event(self._ready[handle.slot][l])
+        return self._bufs[handle.slot][l, :handle.num_tokens]
