@@ -32,6 +32,10 @@ GatherPlan plan_lut_gather(const at::Tensor& lut, const at::Tensor& ids,
 void check_gather_outputs(const GatherPlan& plan, const at::Tensor& lut, const at::Tensor& ids,
                           const at::Tensor& out, const std::optional<at::Tensor>& faults);
 
+// True when no row has to be read (no ids, E = 0 or D = 0); then `out` is already final
+// (a fused sum over nothing is zero). Keeps zero-sized work away from the kernels.
+bool nothing_to_read(const GatherPlan& plan, const at::Tensor& out, bool accumulate);
+
 // Either raises (faults == nullopt) naming the first id outside [0, V), or adds
 // the number of such ids to faults[0] (no synchronisation on CUDA).
 void check_ids_cpu(const at::Tensor& ids, int64_t V, const std::optional<at::Tensor>& faults);

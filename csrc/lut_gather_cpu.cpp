@@ -232,6 +232,7 @@ void lut_gather_into_cpu(const at::Tensor& out, const at::Tensor& lut, const at:
   MOLE_CHECK_ARG(lut.device().is_cpu(), "lut_gather: a CUDA table needs ids on its device");
   if (p.T == 0) return;
   check_ids_cpu(ids, p.V, faults);
+  if (nothing_to_read(p, out, accumulate)) return;
   const at::Tensor ids_c = ids.contiguous();  // ids are small; the table is never copied
   if (!p.fused) {
     MOLE_CHECK_ARG(!accumulate, "lut_gather: accumulate=True needs weights (the fused form)");

@@ -214,6 +214,7 @@ void lut_gather_into_cuda(const at::Tensor& out, const at::Tensor& lut, const at
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor ids_c = ids.contiguous();  // ids are small; the table is never copied
   if (!faults.has_value()) raise_on_bad_id(ids_c, p.V, stream);
+  if (nothing_to_read(p, out, accumulate)) return;  // after the id check, as on the CPU
   unsigned long long* fptr =
       faults.has_value() ? reinterpret_cast<unsigned long long*>(faults->data_ptr<int64_t>()) : nullptr;
 

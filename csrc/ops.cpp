@@ -94,6 +94,12 @@ void check_gather_outputs(const GatherPlan& plan, const at::Tensor& lut, const a
   }
 }
 
+bool nothing_to_read(const GatherPlan& plan, const at::Tensor& out, bool accumulate) {
+  if (plan.T > 0 && plan.E > 0 && plan.D > 0) return false;
+  if (plan.fused && !accumulate) out.zero_();
+  return true;
+}
+
 std::string build_info_json() {
   std::ostringstream os;
   os << "{\"torch\": \"" << MOLE_TORCH_VERSION << "\"";

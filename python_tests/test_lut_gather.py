@@ -318,3 +318,18 @@ def test_cpu_instruction_set_paths(isa):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_sized_rows(device):
+    """E = 0 or D = 0: nothing to read; the fused sum is zero (or out unchanged when accumulating)."""
+    for E, D in ((0, 5), (3, 0)):
+        lut = torch.empty(4, 2, E, D)
+        ids = torch.tensor([1, 3])
+        lut_d, ids_d = place(lut, ids, device)
+        assert lut_gather(lut_d, ids_d).shape == (2, 2, E, D)
+        got = lut_gather(lut_d, ids_d, torch.rand(2, E, device=ids_d.device), layer=1)
+        assert got.shape == (2, D) and bool((got == 0).all())
+        out = torch.full((2, D), 3.0, device=ids_d.device)
+        lut_gather(lut_d, ids_d, torch.rand(2, E, device=ids_d.device), layer=1, out=out, accumulate=True)
+        assert bool((out == 3.0).all())
