@@ -2,9 +2,14 @@
 from ._ops import build_info
 from .combine import mole_combine, router_softmax
 from .lut_gather import lut_gather
+from .model import DenseForCausalLM, MoEForCausalLM, MoLEConfig, MoLEForCausalLM
 from .table import LookupTable, Prefetch, Prefetcher, TableStats, host_allocations
 
 __all__ = [
+    "DenseForCausalLM",
+    "MoEForCausalLM",
+    "MoLEConfig",
+    "MoLEForCausalLM",
     "LookupTable",
     "Prefetch",
     "Prefetcher",
