@@ -193,41 +193,61 @@ void store_scalar(const float* src, out_t* dst, int64_t n) {
 // ---- AVX-512 path -------------------------------------------------------------------------
 #define MOLE_QAVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
-MOLE_QAVX512 inline __m512 decode16(QFormat fmt, const uint8_t* row, int64_t j, __m512 nf4) {
-  if (fmt == QFormat::kInt8) {
+template <QFormat F>
+MOLE_QAVX512 inline __m512 decode16(const uint8_t* row, int64_t j, __m512 nf4) {
+  if constexpr (F == QFormat::kInt8) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))));
-  }
-  if (fmt == QFormat::kFp8E4M3) {
+  } else if constexpr (F == QFormat::kFp8E4M3) {
     // e4m3 bits s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 are the same number times 2^-8
     // (subnormals included); the 2^8 is folded into the scale by the caller.
     const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
     const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7),
                                       _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
     return _mm512_cvtph_ps(h);
+  } else {
+    // nf4, j even: 8 bytes -> 16 nibbles (low first), looked up in the 16 levels with one permute.
+    const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (j >> 1)));
+    const __m512i dup = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b8, b8));
+    const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(dup, shifts), _mm512_set1_epi32(15));
+    return _mm512_permutexvar_ps(idx, nf4);
   }
-  // nf4, j even: 8 bytes -> 16 nibbles (low first), looked up in the 16 levels with one permute.
-  const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (j >> 1)));
-  const __m512i dup = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b8, b8));
-  const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-  const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(dup, shifts), _mm512_set1_epi32(15));
-  return _mm512_permutexvar_ps(idx, nf4);
+}
+
+// A whole span in one call (the block loop inside): per-call setup is paid once per row, not per block.
+template <QFormat F, bool ACC>
+MOLE_QAVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
+  const __m512 nf4 = _mm512_loadu_ps(kNf4Levels);
+  const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;  // exact: a power of two
+  float* out = dst - c0;
+  int64_t j = c0;
+  const int64_t end = c0 + n;
+  while (j < end) {
+    const int64_t b = j / q.block;
+    const int64_t stop = std::min(end, (b + 1) * q.block);
+    const float s = ACC ? w * load_scale(row, q, b) : load_scale(row, q, b);
+    if (F == QFormat::kNf4 && (j & 1)) {  // vector nf4 decoding starts on a byte boundary
+      segment_scalar<ACC>(F, row, j, 1, s, out + j);
+      ++j;
+    }
+    const __m512 vs = _mm512_set1_ps(s * unit);
+    for (; j + 16 <= stop; j += 16) {
+      const __m512 x = decode16<F>(row, j, nf4);
+      if (ACC) _mm512_storeu_ps(out + j, _mm512_fmadd_ps(vs, x, _mm512_loadu_ps(out + j)));
+      else _mm512_storeu_ps(out + j, _mm512_mul_ps(vs, x));
+    }
+    if (j < stop) segment_scalar<ACC>(F, row, j, stop - j, s, out + j);
+    j = stop;
+  }
 }
 
 template <bool ACC>
-MOLE_QAVX512 void segment_avx512(QFormat fmt, const uint8_t* row, int64_t j0, int64_t n, float s, float* dst) {
-  int64_t k = 0;
-  if (fmt == QFormat::kNf4 && (j0 & 1) && n > 0) {  // vector nf4 decoding starts on a byte boundary
-    segment_scalar<ACC>(fmt, row, j0, 1, s, dst);
-    k = 1;
+void span_avx512_any(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
+  switch (q.fmt) {
+    case QFormat::kInt8: return span_avx512<QFormat::kInt8, ACC>(q, row, c0, n, w, dst);
+    case QFormat::kFp8E4M3: return span_avx512<QFormat::kFp8E4M3, ACC>(q, row, c0, n, w, dst);
+    case QFormat::kNf4: return span_avx512<QFormat::kNf4, ACC>(q, row, c0, n, w, dst);
   }
-  const __m512 nf4 = _mm512_loadu_ps(kNf4Levels);
-  const __m512 vs = _mm512_set1_ps(fmt == QFormat::kFp8E4M3 ? s * 256.f : s);  // exact: a power of two
-  for (; k + 16 <= n; k += 16) {
-    const __m512 x = decode16(fmt, row, j0 + k, nf4);
-    if (ACC) _mm512_storeu_ps(dst + k, _mm512_fmadd_ps(vs, x, _mm512_loadu_ps(dst + k)));
-    else _mm512_storeu_ps(dst + k, _mm512_mul_ps(vs, x));
-  }
-  segment_scalar<ACC>(fmt, row, j0 + k, n - k, s, dst + k);
 }
 
 MOLE_QAVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -283,24 +303,18 @@ bool use_avx512() {
 // Columns [c0, c0 + n) of one row: dst = deq (ACC = false) or dst += w * deq (ACC = true).
 template <bool ACC>
 void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
-  const bool simd = use_avx512();
+#if MOLE_QX86
+  if (use_avx512()) return span_avx512_any<ACC>(q, row, c0, n, w, dst);
+#endif
   int64_t j = c0;
   const int64_t end = c0 + n;
   while (j < end) {
     const int64_t b = j / q.block;
     const int64_t stop = std::min(end, (b + 1) * q.block);
     const float s = ACC ? w * load_scale(row, q, b) : load_scale(row, q, b);
-#if MOLE_QX86
-    if (simd) {
-      segment_avx512<ACC>(q.fmt, row, j, stop - j, s, dst + (j - c0));
-      j = stop;
-      continue;
-    }
-#endif
     segment_scalar<ACC>(q.fmt, row, j, stop - j, s, dst + (j - c0));
     j = stop;
   }
-  (void)simd;
 }
 
 template <typename out_t>

@@ -2,10 +2,15 @@
 from ._ops import build_info
 from .combine import mole_combine, router_softmax
 from .lut_gather import lut_gather
+from .quant import FORMATS, QuantizedLUT, dequantize, quantize
 from .model import DenseForCausalLM, MoEForCausalLM, MoLEConfig, MoLEForCausalLM
 from .table import LookupTable, Prefetch, Prefetcher, TableStats, host_allocations
 
 __all__ = [
+    "FORMATS",
+    "QuantizedLUT",
+    "dequantize",
+    "quantize",
     "DenseForCausalLM",
     "MoEForCausalLM",
     "MoLEConfig",

@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 
 from ._ops import gather_shape, ops
+from .quant import QuantizedLUT, quantized_lut_gather
 
 __all__ = ["lut_gather"]
 
@@ -39,8 +40,11 @@ def lut_gather(
             (safe under CUDA-graph capture). When absent, such an id raises
             ``ValueError`` naming it (on CUDA this synchronises).
 
-    No kernel ever reads outside the table.
+    No kernel ever reads outside the table. ``lut`` may also be a
+    :class:`mole_kernels.QuantizedLUT` (int8 / fp8 / nf4 rows, dequantized in registers).
     """
+    if isinstance(lut, QuantizedLUT):
+        return quantized_lut_gather(lut, ids, weights, layer=layer, out=out, accumulate=accumulate, faults=faults)
     if accumulate and out is None:
         raise ValueError("lut_gather: accumulate=True needs out= (the tensor to add into)")
     if out is None:

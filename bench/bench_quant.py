@@ -1,0 +1,72 @@
+"""Quantized tables against the bf16 table, in the same run: bytes per token and gather latency.
+
+Shape: 160M-4E (L=12, E=4, D=768). The vocabulary is scaled to QUANT_VOCAB tokens (the real one
+is 50,304) so that the bf16 table (151 MB at 2,048 tokens) and its four quantized copies fit
+next to other work; every table is still far larger than the CPU caches, and ids are Zipfian
+and rotated so repeated calls do not find warm rows.
+
+Providers: `bf16` is mole_kernels.lut_gather on the bf16 table (the baseline); the others are
+mole_kernels.quantized_lut_gather on the quantized table. Forms: `fused` (one layer,
+out[t] = sum_e w[t,e] * row[t,layer,e], bf16 [T, D]) and `rows` (one layer's rows dequantized
+to bf16 [T, E, D]). extra_info: `bytes` = table bytes the call reads (T * E rows of one layer,
+scales and padding included), `bytes_per_token` (all layers: what a prefetch moves over PCIe or
+from disk), `bytes_ratio_vs_bf16`, and GB/s of table bytes read.
+"""
+import pytest
+import torch
+
+import mole_kernels
+from mole_kernels.quant import quantize, quantized_lut_gather
+from conftest import MODEL_SHAPES, SMOKE, Rotation, pick, run, zipf_ids
+
+SHAPE = "160M-4E"
+QUANT_VOCAB = 256 if SMOKE else 2048
+PROVIDERS = pick(["bf16", "int8", "fp8_e4m3-128", "nf4-64", "nf4-768"], ["bf16", "nf4-64"])
+TOKENS = pick([1, 256, 4096], [16])
+FORMS = pick(["fused", "rows"], ["fused"])
+ID_SETS = 1 if SMOKE else 8
+
+
+@pytest.fixture(scope="module")
+def tables():
+    L, E, D = MODEL_SHAPES[SHAPE]
+    lut = torch.empty(QUANT_VOCAB, L, E, D, dtype=torch.bfloat16).uniform_(-1, 1)
+    made = {"bf16": lut}
+
+    def get(provider):
+        if provider not in made:
+            fmt, _, block = provider.partition("-")
+            made[provider] = quantize(lut, fmt, int(block) if block else None)
+        return made[provider]
+
+    return get
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_quant_gather(benchmark, tables, provider, form, T):
+    L, E, D = MODEL_SHAPES[SHAPE]
+    table = tables(provider)
+    bf16_per_token = L * E * D * 2
+    if provider == "bf16":
+        per_token, per_token_layer = bf16_per_token, E * D * 2
+
+        def fn(ids, w, layer):
+            return mole_kernels.lut_gather(table, ids, w if form == "fused" else None, layer=layer)
+    else:
+        per_token, per_token_layer = table.bytes_per_token, table.bytes_per_token_layer
+
+        def fn(ids, w, layer):
+            return quantized_lut_gather(table, ids, w if form == "fused" else None, layer=layer,
+                                        dtype=torch.bfloat16)
+
+    inputs = Rotation((ids, torch.rand(T, E), i % L)
+                      for i, ids in enumerate(zipf_ids(QUANT_VOCAB, T, batches=ID_SETS, seed=T)))
+    benchmark.group = f"quant-{form}-{SHAPE}-T{T}"
+    benchmark.extra_info.update(
+        provider=provider, op=f"lut_gather_quant-{form}", shape=f"{SHAPE}-V{QUANT_VOCAB}-T{T}", device="cpu",
+        bytes=T * per_token_layer, bytes_per_token=per_token, bytes_ratio_vs_bf16=per_token / bf16_per_token,
+    )
+    out = run(benchmark, lambda: fn(*inputs.next()))
+    assert out is not None and out.dtype == torch.bfloat16

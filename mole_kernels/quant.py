@@ -1,0 +1,418 @@
+"""Quantized lookup tables: int8, fp8 (e4m3) and nf4 rows, dequantized inside the gather.
+
+A :class:`QuantizedLUT` is one uint8 tensor ``data`` of shape ``[V, L, E, row_bytes]`` (or
+``[V, E, row_bytes]``) plus four facts (format, dim, block size, the original dtype). It keeps
+the float table's token-major row addressing: row ``(v, l, e)`` is ``data[v, l, e]``, and one
+token's rows for all layers are one contiguous block. Each row is self-contained::
+
+    [ D codes (int8/fp8: 1 byte each; nf4: 2 per byte, element 2k in the low nibble) ]
+    [ pad to 4 ][ D // block_size float32 scales ][ pad to a multiple of 16 bytes ]
+
+Scales live inside the row, not in a parallel array, so a zero-copy PCIe read, a disk read or a
+staging copy of a token's rows is one contiguous stream of exactly the bytes needed (see
+csrc/lut_gather_quant.h). Only these quantized bytes ever move; the gather dequantizes in
+registers.
+
+Formats and their round-trip error bounds (per element ``x`` of a finite table; ``s`` its scale):
+
+- ``int8``: one symmetric scale per row, ``s = max|row| / 127``; ``|x - deq| <= s / 2``.
+- ``fp8_e4m3`` (alias ``fp8``): per-block scale ``s = max|block| / 448`` then e4m3 rounding;
+  ``|x - deq| <= |x| / 16 + s / 1024`` (half an ulp of a 3-bit mantissa; the subnormal step).
+- ``nf4``: 4-bit NormalFloat levels times the block's absmax ``s``;
+  ``|x - deq| <= 0.1519 * s`` (half the widest gap between levels, -1 to -0.696).
+
+Each bound holds up to one float32 rounding of the product ``s * code``.
+"""
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ._ops import ops
+
+__all__ = ["FORMATS", "QuantizedLUT", "quantize", "dequantize", "quantized_lut_gather"]
+
+FORMATS = ("int8", "fp8_e4m3", "nf4")
+_ALIASES = {"fp8": "fp8_e4m3"}
+_FP8 = getattr(torch, "float8_e4m3fn", None)
+_FP8_MAX = 448.0
+# The 16 NF4 levels (QLoRA / bitsandbytes); the same numbers as kNf4Levels in csrc/lut_gather_quant.h.
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+# Relative error bounds stated above (tests check them).
+ERROR_BOUNDS = {"int8": "s/2, s = max|row|/127", "fp8_e4m3": "|x|/16 + s/1024, s = max|block|/448",
+                "nf4": "0.1519*s, s = max|block|"}
+_META_PREFIX = "mole_kernels."
+LAYOUT_VERSION = "rows-v1"
+_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def canonical_format(format: str) -> str:
+    """The canonical name of a format ('fp8' -> 'fp8_e4m3'); ValueError for an unknown one."""
+    name = _ALIASES.get(format, format) if isinstance(format, str) else format
+    if name not in FORMATS:
+        raise ValueError(f"quantize: unknown format {format!r}; expected one of {FORMATS} (or 'fp8')")
+    return name
+
+
+def default_block_size(format: str, dim: int) -> int:
+    """int8: the row (dim). fp8: 128 when it divides dim, else dim. nf4: 64 when it divides dim, else dim."""
+    name = canonical_format(format)
+    preferred = {"int8": dim, "fp8_e4m3": 128, "nf4": 64}[name]
+    return preferred if dim % preferred == 0 else dim
+
+
+def row_layout(format: str, dim: int, block_size: int) -> Tuple[int, int, int]:
+    """(payload_bytes, scale_offset, row_bytes) of one quantized row; checks dim and block_size."""
+    name = canonical_format(format)
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"quantize: dim (values per row, D) must be a positive int, got {dim!r}")
+    if not isinstance(block_size, int) or block_size < 1 or dim % block_size:
+        raise ValueError(f"quantize: block_size must divide D = {dim}, got {block_size!r}")
+    if name == "int8" and block_size != dim:
+        raise ValueError(f"quantize: int8 has one scale per row, so block_size must be None or D = {dim}, "
+                         f"got {block_size}")
+    payload = (dim + 1) // 2 if name == "nf4" else dim
+    scale_offset = -(-payload // 4) * 4
+    row_bytes = -(-(scale_offset + 4 * (dim // block_size)) // 16) * 16
+    return payload, scale_offset, row_bytes
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedLUT:
+    """A quantized lookup table: packed rows ``data`` (uint8 ``[V, L, E, row_bytes]`` or ``[V, E, row_bytes]``).
+
+    ``format``/``dim``/``block_size`` say how to decode a row; ``dtype`` is the float dtype the
+    table was quantized from (the default result dtype of :func:`dequantize` and the gather).
+    ``data`` is an ordinary tensor: move it, pin it, memory-map it or slice rows out of it.
+    """
+
+    data: torch.Tensor
+    format: str
+    dim: int
+    block_size: int
+    dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self):
+        object.__setattr__(self, "format", canonical_format(self.format))
+        _, _, row_bytes = row_layout(self.format, self.dim, self.block_size)
+        d = self.data
+        if not isinstance(d, torch.Tensor) or d.dtype != torch.uint8 or d.dim() not in (3, 4):
+            raise ValueError("QuantizedLUT: data must be a uint8 tensor [V, L, E, row_bytes] or [V, E, row_bytes], "
+                             f"got {getattr(d, 'dtype', type(d))} {tuple(getattr(d, 'shape', ()))}")
+        if d.shape[-1] != row_bytes:
+            raise ValueError(f"QuantizedLUT: data rows are {d.shape[-1]} bytes, but format {self.format!r} with "
+                             f"dim={self.dim}, block_size={self.block_size} needs {row_bytes} bytes per row "
+                             "(do the metadata and the payload disagree?)")
+        if self.dtype not in _FLOAT_DTYPES.values():
+            raise ValueError(f"QuantizedLUT: dtype must be float32, float16 or bfloat16, got {self.dtype}")
+
+    # ---- shape and bytes ----
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        """The logical (dequantized) shape: ``[V, L, E, D]`` or ``[V, E, D]``."""
+        return (*self.data.shape[:-1], self.dim)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.data.shape[1] if self.data.dim() == 4 else 1
+
+    @property
+    def num_experts(self) -> int:
+        return self.data.shape[-2]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.data.shape[-1]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of one token's rows for all layers (what a full prefetch moves)."""
+        return self.num_layers * self.num_experts * self.row_bytes
+
+    @property
+    def bytes_per_token_layer(self) -> int:
+        """Bytes of one token's rows for one layer (what the fused gather reads)."""
+        return self.num_experts * self.row_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    # ---- placement (data is the only tensor) ----
+    def _with(self, data: torch.Tensor) -> "QuantizedLUT":
+        return QuantizedLUT(data, self.format, self.dim, self.block_size, self.dtype)
+
+    def to(self, *args, **kwargs) -> "QuantizedLUT":
+        """Moves the packed bytes (a dtype argument is refused: the bytes are not numbers)."""
+        data = self.data.to(*args, **kwargs)
+        if data.dtype != torch.uint8:
+            raise ValueError("QuantizedLUT.to: only the device can change; use dequantize(q, dtype) for floats")
+        return self._with(data)
+
+    def pin_memory(self) -> "QuantizedLUT":
+        """A copy in pinned host memory, read in place by the CUDA gather (zero-copy)."""
+        return self._with(self.data.pin_memory())
+
+    def is_pinned(self) -> bool:
+        return self.data.is_pinned()
+
+    def scales(self) -> torch.Tensor:
+        """The float32 scales ``[V, L, E, D // block_size]`` (a copy; for inspection and tests)."""
+        _, off, _ = row_layout(self.format, self.dim, self.block_size)
+        nb = self.dim // self.block_size
+        return self.data[..., off:off + 4 * nb].contiguous().view(torch.float32)
+
+    # ---- files (safetensors: one uint8 tensor + string metadata) ----
+    def metadata(self) -> Dict[str, str]:
+        """String metadata that, with ``data``, fully describes the table (safetensors-ready)."""
+        return {
+            _META_PREFIX + "format": self.format,
+            _META_PREFIX + "dim": str(self.dim),
+            _META_PREFIX + "block_size": str(self.block_size),
+            _META_PREFIX + "dtype": str(self.dtype).replace("torch.", ""),
+            _META_PREFIX + "layout": LAYOUT_VERSION,
+        }
+
+    @staticmethod
+    def is_quantized_metadata(metadata: Optional[Dict[str, str]]) -> bool:
+        return bool(metadata) and (_META_PREFIX + "format") in metadata
+
+    @classmethod
+    def from_metadata(cls, data: torch.Tensor, metadata: Dict[str, str]) -> "QuantizedLUT":
+        """Rebuilds a table from ``data`` and :meth:`metadata`; ValueError when they disagree."""
+        def get(key):
+            if _META_PREFIX + key not in metadata:
+                raise ValueError(f"QuantizedLUT: metadata lacks {_META_PREFIX + key!r} (got keys {sorted(metadata)})")
+            return metadata[_META_PREFIX + key]
+
+        layout = get("layout")
+        if layout != LAYOUT_VERSION:
+            raise ValueError(f"QuantizedLUT: unsupported layout {layout!r} (this version reads {LAYOUT_VERSION!r})")
+        dtype_name = get("dtype")
+        if dtype_name not in _FLOAT_DTYPES:
+            raise ValueError(f"QuantizedLUT: metadata dtype must be one of {sorted(_FLOAT_DTYPES)}, got {dtype_name!r}")
+        try:
+            dim, block = int(get("dim")), int(get("block_size"))
+        except ValueError as e:
+            raise ValueError(f"QuantizedLUT: metadata dim/block_size must be integers: {e}") from None
+        q = cls(data, get("format"), dim, block, _FLOAT_DTYPES[dtype_name])
+        q.check_sample()
+        return q
+
+    def check_sample(self, tokens: int = 16) -> None:
+        """Cheap consistency check of the first and last ``tokens`` tokens' rows (a memory-mapped file
+        is not read in full): padding bytes are zero and scales are finite and >= 0. ValueError if not."""
+        payload, off, row_bytes = row_layout(self.format, self.dim, self.block_size)
+        end = off + 4 * (self.dim // self.block_size)
+        V = self.vocab_size
+        idx = sorted(set(range(min(V, tokens))) | set(range(max(0, V - tokens), V)))
+        rows = self.data[idx].cpu()
+        s = rows[..., off:end].contiguous().view(torch.float32)
+        if (rows[..., payload:off] != 0).any() or (rows[..., end:] != 0).any():
+            raise ValueError(f"QuantizedLUT: padding bytes of {self!r} are not zero: the payload was not "
+                             "written with this format/dim/block_size (metadata and payload disagree)")
+        if not (torch.isfinite(s).all() and (s >= 0).all()):
+            raise ValueError(f"QuantizedLUT: scales of {self!r} are not finite and >= 0: the payload was not "
+                             "written with this format/dim/block_size (metadata and payload disagree)")
+
+    def __repr__(self):
+        return (f"QuantizedLUT(format={self.format!r}, shape={list(self.shape)}, block_size={self.block_size}, "
+                f"dtype={self.dtype}, row_bytes={self.row_bytes}, bytes_per_token={self.bytes_per_token}, "
+                f"device={self.device}{', pinned' if self.data.device.type == 'cpu' and self.is_pinned() else ''})")
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize / dequantize (vectorised torch, in chunks of tokens so temporaries stay small)
+
+_CHUNK_ELEMENTS = 1 << 24  # float32 values per chunk (64 MB of temporaries)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
+        except ImportError:
+            pass
+    return None
+
+
+def _encode(x: torch.Tensor, fmt: str, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float32 [..., D] -> (codes uint8 [..., payload_bytes], scales float32 [..., D // block])."""
+    D = x.shape[-1]
+    xb = x.unflatten(-1, (D // block, block))
+    amax = xb.abs().amax(-1, keepdim=True)
+    if fmt == "int8":
+        s = amax / 127.0
+        q = torch.where(s > 0, xb / s, 0.0).round_().clamp_(-127, 127).to(torch.int8).view(torch.uint8)
+        return q.flatten(-2), s.squeeze(-1)
+    if fmt == "fp8_e4m3":
+        s = amax / _FP8_MAX
+        y = torch.where(s > 0, xb / s, 0.0).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8).view(torch.uint8)
+        return y.flatten(-2), s.squeeze(-1)
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=x.device)
+    xn = torch.where(amax > 0, xb / amax, 0.0).flatten(-2)
+    codes = torch.bucketize(xn, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)  # nearest level
+    if D % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), amax.squeeze(-1)
+
+
+def _decode(rows: torch.Tensor, fmt: str, dim: int, block: int) -> torch.Tensor:
+    """uint8 rows [..., row_bytes] -> float32 [..., dim]: scale * code, one float32 rounding (as the kernels)."""
+    payload, off, _ = row_layout(fmt, dim, block)
+    nb = dim // block
+    s = rows[..., off:off + 4 * nb].contiguous().view(torch.float32)
+    p = rows[..., :payload]
+    if fmt == "int8":
+        x = p.view(torch.int8).float()
+    elif fmt == "fp8_e4m3":
+        x = p.view(_FP8).float()
+    else:
+        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=rows.device)
+        codes = torch.stack((p & 15, p >> 4), -1).flatten(-2)[..., :dim]
+        x = levels[codes.long()]
+    return (x.unflatten(-1, (nb, block)) * s[..., None]).flatten(-2)
+
+
+def quantize(lut: torch.Tensor, format: str, block_size: Optional[int] = None, *,
+             progress: Optional[bool] = None) -> QuantizedLUT:
+    """Quantizes a float table ``[V, L, E, D]`` (or ``[V, E, D]``) into a :class:`QuantizedLUT`.
+
+    Args:
+        lut: float32/float16/bfloat16 table, any device (the result is on the same device).
+        format: ``"int8"`` (per-row scale), ``"fp8_e4m3"``/``"fp8"`` (per-block scale) or ``"nf4"``.
+        block_size: values per scale; must divide D. Default: :func:`default_block_size`
+            (int8: D; fp8: 128; nf4: 64; D itself where those do not divide it).
+        progress: show a tqdm bar (if tqdm is installed). Default: only for tables over 2^28 values.
+
+    The error bounds per format are in this module's docstring. Non-finite values are refused.
+    """
+    fmt = canonical_format(format)
+    if not isinstance(lut, torch.Tensor) or lut.dim() not in (3, 4):
+        raise ValueError(f"quantize: lut must be a tensor [V, L, E, D] or [V, E, D], got "
+                         f"{tuple(lut.shape) if isinstance(lut, torch.Tensor) else type(lut)}")
+    if lut.dtype not in _FLOAT_DTYPES.values():
+        raise ValueError(f"quantize: lut must be float32, float16 or bfloat16, got {lut.dtype}")
+    if fmt == "fp8_e4m3" and _FP8 is None:
+        raise ValueError(f"quantize: fp8_e4m3 needs torch.float8_e4m3fn (torch >= 2.1); this is torch {torch.__version__}")
+    D = lut.shape[-1]
+    block = default_block_size(fmt, D) if block_size is None else block_size
+    _, off, row_bytes = row_layout(fmt, D, block)
+    V = lut.shape[0]
+    data = torch.zeros(*lut.shape[:-1], row_bytes, dtype=torch.uint8, device=lut.device)
+    per_token = max(1, math.prod(lut.shape[1:]))
+    chunk = max(1, _CHUNK_ELEMENTS // per_token)
+    if lut.numel() == 0:  # nothing to encode (V = 0 or E = 0)
+        return QuantizedLUT(data, fmt, D, block, lut.dtype)
+    show = lut.numel() > (1 << 28) if progress is None else progress
+    bar = _progress(V, show, f"quantize {fmt}")
+    try:
+        for v0 in range(0, V, chunk):
+            x = lut[v0:v0 + chunk].float()
+            if not torch.isfinite(x).all():
+                bad = (~torch.isfinite(x)).nonzero()[0]
+                raise ValueError(f"quantize: lut has a non-finite value at index {(v0 + bad[0].item(), *bad[1:].tolist())}")
+            codes, scales = _encode(x, fmt, block)
+            rows = data[v0:v0 + chunk]
+            rows[..., :codes.shape[-1]] = codes
+            rows[..., off:off + 4 * scales.shape[-1]] = scales.contiguous().view(torch.uint8)
+            if bar is not None:
+                bar.update(x.shape[0])
+    finally:
+        if bar is not None:
+            bar.close()
+    return QuantizedLUT(data, fmt, D, block, lut.dtype)
+
+
+def dequantize(q: QuantizedLUT, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The float table ``[V, L, E, D]`` a :class:`QuantizedLUT` stands for (default dtype: ``q.dtype``).
+
+    Element for element equal to what :func:`quantized_lut_gather` returns for the rows.
+    """
+    if not isinstance(q, QuantizedLUT):
+        raise ValueError(f"dequantize: expected a QuantizedLUT, got {type(q).__name__}")
+    dtype = q.dtype if dtype is None else dtype
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, math.prod(q.shape[1:])))
+    for v0 in range(0, q.vocab_size, chunk):
+        out[v0:v0 + chunk] = _decode(q.data[v0:v0 + chunk], q.format, q.dim, q.block_size).to(dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the gather
+
+def _gather_shape(data, ids, weights, layer, dim):
+    torch._check(data.dim() in (3, 4), lambda: f"lut_gather_quant: data must be 3-D or 4-D, got {tuple(data.shape)}")
+    if weights is not None:
+        return (*ids.shape, dim)
+    if layer is not None or data.dim() == 3:
+        return (*ids.shape, data.shape[-2], dim)
+    return (*ids.shape, data.shape[1], data.shape[-2], dim)
+
+
+@torch.library.register_fake("mole_kernels::lut_gather_quant")
+def _lut_gather_quant_fake(data, format, dim, block_size, ids, weights=None, layer=None, dtype=None):
+    return ids.new_empty(_gather_shape(data, ids, weights, layer, dim), dtype=dtype or torch.float32)
+
+
+@torch.library.register_fake("mole_kernels::lut_gather_quant_out")
+def _lut_gather_quant_out_fake(out, data, format, dim, block_size, ids, weights=None, layer=None,
+                               accumulate=False, faults=None):
+    want = _gather_shape(data, ids, weights, layer, dim)
+    torch._check(tuple(out.shape) == tuple(want), lambda: f"lut_gather_quant: out must have shape {want}")
+    return None
+
+
+def quantized_lut_gather(
+    q: QuantizedLUT,
+    ids: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    *,
+    layer: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+    accumulate: bool = False,
+    faults: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """:func:`mole_kernels.lut_gather` for a :class:`QuantizedLUT`: same forms, same arguments.
+
+    Rows (``weights=None``): dequantized ``[*, L, E, D]`` (``[*, E, D]`` for one layer), equal to
+    ``dequantize(q, dtype)[ids]``. Fused: ``sum_e weights[..., e] * row[..., layer, e, :]`` ``[*, D]``,
+    accumulated in float32. ``dtype`` (default ``q.dtype``) is the result dtype when ``out`` is
+    not given. ``out``/``accumulate``/``faults`` behave as in ``lut_gather``. ``q.data`` may be on
+    the GPU, pinned in host memory (read in place by the CUDA kernel: zero-copy, quantized bytes
+    only), or an ordinary CPU tensor (CPU kernel).
+    """
+    if not isinstance(q, QuantizedLUT):
+        raise ValueError(f"quantized_lut_gather: q must be a QuantizedLUT (see mole_kernels.quantize), "
+                         f"got {type(q).__name__}; use mole_kernels.lut_gather for a float table")
+    if accumulate and out is None:
+        raise ValueError("quantized_lut_gather: accumulate=True needs out= (the tensor to add into)")
+    if out is None:
+        dtype = q.dtype if dtype is None else dtype
+        if faults is None:
+            return ops.lut_gather_quant(q.data, q.format, q.dim, q.block_size, ids, weights, layer, dtype)
+        out = ids.new_empty(_gather_shape(q.data, ids, weights, layer, q.dim), dtype=dtype)
+    elif dtype is not None and dtype != out.dtype:
+        raise ValueError(f"quantized_lut_gather: dtype={dtype} disagrees with out.dtype={out.dtype}")
+    ops.lut_gather_quant_out(out, q.data, q.format, q.dim, q.block_size, ids, weights, layer, accumulate, faults)
+    return out

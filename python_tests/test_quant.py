@@ -1,0 +1,394 @@
+"""Quantized tables (int8, fp8 e4m3, nf4): round-trip bounds, layout, errors, and the gather
+against a float64 reference of the dequantized table on every device and form."""
+import itertools
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mole_kernels.quant import (NF4_LEVELS, QuantizedLUT, dequantize, quantize, quantized_lut_gather, row_layout)
+
+from conftest import FLOAT_DTYPES, HAS_CUDA, TOLERANCES, requires_cuda
+
+DEVICES = ["cpu"] + (["cuda", "zero_copy"] if HAS_CUDA else [])
+# (format, block_size) pairs at D = 768, the paper's 160M hidden size.
+FORMATS_768 = [("int8", None), ("fp8_e4m3", None), ("fp8_e4m3", 64), ("nf4", 64), ("nf4", 128), ("nf4", 768)]
+# (V, L, E, D, format, block): odd D, E = 1, L = 1, 3-D tables (L None), blocks that are not whole
+# 16-byte chunks (the CUDA one-element path) and ones that are (the vector path).
+GATHER_CASES = [
+    (11, 3, 4, 96, "int8", None),
+    (7, 1, 1, 37, "int8", None),
+    (9, None, 3, 21, "fp8_e4m3", 7),
+    (6, 2, 16, 64, "fp8_e4m3", None),
+    (9, 2, 2, 21, "nf4", 7),
+    (5, 2, 3, 7, "nf4", None),
+    (13, 2, 4, 768, "nf4", 768),
+    (8, None, 4, 128, "nf4", 64),
+]
+CASE_IDS = [f"{f}-b{b}-V{V}L{L}E{E}D{D}" for V, L, E, D, f, b in GATHER_CASES]
+NF4_HALF_GAP = (NF4_LEVELS[1] - NF4_LEVELS[0]) / 2  # the widest gap between neighbouring levels
+
+
+def make_table(V, L, E, D, dtype=torch.float32):
+    """Random rows with magnitudes spread over 2^-8..2^8, an outlier and an all-zero row."""
+    shape = (V, E, D) if L is None else (V, L, E, D)
+    lut = torch.randn(shape) * torch.exp2(torch.randint(-8, 9, shape[:-1]).float())[..., None]
+    lut.view(-1, D)[0, D // 2] = 40.0
+    lut.view(-1, D)[-1] = 0.0
+    return lut.to(dtype)
+
+
+def place(q, ids, device):
+    if device == "cpu":
+        return q, ids
+    if device == "cuda":
+        return q.to("cuda"), ids.cuda()
+    return q.pin_memory(), ids.cuda()
+
+
+def random_ids(V, leading, dtype=torch.int64):
+    ids = torch.randint(0, V, leading, dtype=dtype)
+    if ids.numel() > 1:
+        ids.view(-1)[-1] = ids.view(-1)[0]  # always a repeated id
+    return ids
+
+
+def ref_fused(deq, ids, weights, layer):
+    rows = deq.double()[ids.cpu().long()]
+    if deq.dim() == 4:
+        rows = rows[..., layer, :, :]
+    return (rows * weights.double().cpu()[..., None]).sum(-2)
+
+
+# ---- quantize / dequantize --------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,block", FORMATS_768, ids=str)
+@pytest.mark.parametrize("lut_dtype", FLOAT_DTYPES, ids=str)
+def test_round_trip_within_stated_bound(fmt, block, lut_dtype):
+    lut = make_table(12, 2, 3, 768, lut_dtype)
+    q = quantize(lut, fmt, block)
+    assert q.dtype == lut_dtype and q.shape == tuple(lut.shape)
+    x = lut.double()
+    got = dequantize(q, torch.float32).double()
+    blk = q.block_size
+    amax = x.unflatten(-1, (768 // blk, blk)).abs().amax(-1, keepdim=True).expand(-1, -1, -1, -1, blk).flatten(-2)
+    if fmt == "int8":
+        s = amax / 127
+        bound = s / 2
+    elif fmt == "fp8_e4m3":
+        s = amax / 448
+        bound = x.abs() / 16 + s / 1024
+    else:
+        s = amax
+        bound = NF4_HALF_GAP * s
+    # one float32 rounding of scale * code (and of the stored scale)
+    bound = bound + 2 ** -22 * (x.abs() + s)
+    err = (got - x).abs()
+    assert (err <= bound).all(), f"max err/bound {(err / bound.clamp_min(1e-300)).max().item():.4f}"
+    # the bound is not vacuous: quantization loses something, and a decent share of the bound
+    assert (err / bound.clamp_min(1e-300)).max() > 0.25
+    torch.testing.assert_close(q.scales().double(), (s[..., ::blk]).to(torch.float32).double(), rtol=0, atol=0)
+    # zero rows stay exactly zero, and the default dtype is the table's
+    assert (dequantize(q)[-1, -1, -1] == 0).all() and dequantize(q).dtype == lut_dtype
+
+
+def test_nf4_error_on_gaussian_rows_is_small_on_average():
+    lut = torch.randn(64, 4, 768)
+    for block, rms_max in ((64, 0.10), (768, 0.13)):
+        err = dequantize(quantize(lut, "nf4", block), torch.float32) - lut
+        assert err.pow(2).mean().sqrt() < rms_max  # ~0.095 / ~0.11 for unit-variance rows
+
+
+def test_row_layout_and_bytes_per_token():
+    # 160M-4E (L=12, E=4, D=768): bf16 row per token = 73,728 bytes
+    assert row_layout("int8", 768, 768) == (768, 768, 784)
+    assert row_layout("fp8_e4m3", 768, 128) == (768, 768, 800)
+    assert row_layout("nf4", 768, 64) == (384, 384, 432)
+    assert row_layout("nf4", 768, 768) == (384, 384, 400)
+    assert row_layout("nf4", 7, 7) == (4, 4, 16)
+    q = quantize(torch.randn(3, 12, 4, 768), "nf4", 768)
+    assert q.bytes_per_token == 12 * 4 * 400 and q.bytes_per_token_layer == 4 * 400
+    assert q.data.shape == (3, 12, 4, 400) and q.data.dtype == torch.uint8
+    # element 2k is the low nibble of byte k; the scale follows the payload
+    lut = torch.zeros(1, 1, 8)
+    lut[0, 0, :2] = torch.tensor([-1.0, 0.56])
+    q = quantize(lut, "nf4", 8)
+    b = q.data[0, 0]
+    assert NF4_LEVELS[int(b[0]) & 15] == -1.0 and NF4_LEVELS[int(b[0]) >> 4] == pytest.approx(0.5626, abs=1e-4)
+    assert b[4:8].view(torch.float32).item() == 1.0 and (b[8:] == 0).all()
+
+
+def test_fp8_alias_and_defaults():
+    lut = torch.randn(4, 2, 96)
+    assert quantize(lut, "fp8").format == "fp8_e4m3"
+    assert quantize(lut, "fp8").block_size == 96  # 128 does not divide 96: one block per row
+    assert quantize(torch.randn(2, 2, 256), "fp8").block_size == 128
+    assert quantize(lut, "nf4").block_size == 96 and quantize(torch.randn(2, 1, 128), "nf4").block_size == 64
+    assert quantize(lut, "int8").block_size == 96
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda t: quantize(t, "nf4", 100), "block_size must divide D = 768"),
+    (lambda t: quantize(t, "fp8", 500), "block_size must divide D = 768"),
+    (lambda t: quantize(t, "int4"), "unknown format 'int4'"),
+    (lambda t: quantize(t, "int8", 64), "int8 has one scale per row"),
+    (lambda t: quantize(t.long(), "int8"), "lut must be float32, float16 or bfloat16"),
+    (lambda t: quantize(t[0, 0], "int8"), r"lut must be a tensor \[V, L, E, D\]"),
+])
+def test_bad_quantize_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(2, 3, 768))
+
+
+def test_non_finite_values_are_refused_naming_the_index():
+    lut = torch.randn(3, 2, 2, 8)
+    lut[2, 1, 0, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite value at index \(2, 1, 0, 5\)"):
+        quantize(lut, "int8")
+
+
+def test_metadata_round_trip_and_disagreement(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    q = quantize(torch.randn(5, 2, 3, 64).half(), "nf4", 32)
+    path = str(tmp_path / "lut.safetensors")
+    safetensors.save_file({"data": q.data}, path, metadata=q.metadata())
+    with safetensors.safe_open(path, "pt") as f:
+        meta, data = f.metadata(), f.get_tensor("data")
+    back = QuantizedLUT.from_metadata(data, meta)
+    assert (back.format, back.dim, back.block_size, back.dtype) == ("nf4", 64, 32, torch.float16)
+    assert torch.equal(dequantize(back), dequantize(q))
+    with pytest.raises(ValueError, match="rows are 48 bytes, but format 'nf4' with dim=64, block_size=8 needs 64"):
+        QuantizedLUT.from_metadata(data, {**meta, "mole_kernels.block_size": "8"})
+    with pytest.raises(ValueError, match="padding bytes .* are not zero"):  # same row size, scales in the padding
+        QuantizedLUT.from_metadata(data, {**meta, "mole_kernels.block_size": "64"})
+    with pytest.raises(ValueError, match="rows are 48 bytes, but format 'int8' with dim=64"):
+        QuantizedLUT.from_metadata(data, {**meta, "mole_kernels.format": "int8", "mole_kernels.block_size": "64"})
+    with pytest.raises(ValueError, match="metadata lacks 'mole_kernels.dim'"):
+        QuantizedLUT.from_metadata(data, {k: v for k, v in meta.items() if not k.endswith("dim")})
+    with pytest.raises(ValueError, match="unknown format 'nf3'"):
+        QuantizedLUT.from_metadata(data, {**meta, "mole_kernels.format": "nf3"})
+
+
+# ---- the gather -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", GATHER_CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=str)
+def test_rows_equal_dequantized_table(device, case, out_dtype):
+    V, L, E, D, fmt, block = case
+    q = quantize(make_table(V, L, E, D), fmt, block)
+    ids = random_ids(V, (2, 3))
+    want = dequantize(q, torch.float32)[ids].to(out_dtype)  # one rounding from float32, as the kernel
+    qd, ids_d = place(q, ids, device)
+    got = quantized_lut_gather(qd, ids_d, dtype=out_dtype)
+    assert got.shape == want.shape and got.dtype == out_dtype and got.device == ids_d.device
+    assert torch.equal(got.cpu(), want)
+    if L is not None:
+        one = quantized_lut_gather(qd, ids_d, layer=L - 1, dtype=out_dtype)
+        assert torch.equal(one.cpu(), want[:, :, L - 1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", GATHER_CASES, ids=CASE_IDS)
+def test_fused_matches_float64(device, case):
+    V, L, E, D, fmt, block = case
+    q = quantize(make_table(V, L, E, D), fmt, block)
+    deq = dequantize(q, torch.float32)
+    ids = random_ids(V, (5,))
+    weights = torch.rand(5, E)
+    layer = None if L is None else L - 1
+    want = ref_fused(deq, ids, weights, layer)
+    qd, ids_d = place(q, ids, device)
+    got = quantized_lut_gather(qd, ids_d, weights.to(ids_d.device), layer=layer, dtype=torch.float32)
+    assert got.shape == (5, D) and got.device == ids_d.device
+    scale = deq.abs().amax().double()  # float32 accumulation error is relative to the largest term
+    torch.testing.assert_close(got.cpu().double(), want, atol=1e-5 * scale * E, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_dtype,out_dtype", list(itertools.product(FLOAT_DTYPES, repeat=2)), ids=str)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "nf4"])
+def test_fused_every_dtype_into_poisoned_out(device, w_dtype, out_dtype, id_dtype, fmt):
+    V, L, E, D = 17, 2, 3, 64
+    q = quantize(torch.randn(V, L, E, D), fmt, 32 if fmt != "int8" else None)
+    ids = random_ids(V, (9,), id_dtype)
+    weights = torch.rand(9, E).to(w_dtype)
+    want = ref_fused(dequantize(q, torch.float32), ids, weights, 1)
+    qd, ids_d = place(q, ids, device)
+    out = torch.full((9, D), float("nan"), dtype=out_dtype, device=ids_d.device)
+    res = quantized_lut_gather(qd, ids_d, weights.to(ids_d.device), layer=1, out=out)
+    assert res is out
+    torch.testing.assert_close(out.cpu().double(), want, **TOLERANCES[out_dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=str)
+def test_fused_accumulates_into_out(device, out_dtype):
+    V, L, E, D = 10, 3, 4, 96
+    q = quantize(torch.randn(V, L, E, D), "nf4", 32)
+    ids = random_ids(V, (2, 3))
+    weights = torch.rand(2, 3, E)
+    h = torch.randn(2, 3, D).to(out_dtype)
+    want = h.double() + ref_fused(dequantize(q, torch.float32), ids, weights, 2)
+    qd, ids_d = place(q, ids, device)
+    out = h.to(ids_d.device)
+    quantized_lut_gather(qd, ids_d, weights.to(ids_d.device), layer=2, out=out, accumulate=True)
+    torch.testing.assert_close(out.cpu().double(), want, **TOLERANCES[out_dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_into_poisoned_out_and_non_contiguous_inputs(device):
+    V, L, E, D = 9, 2, 3, 64
+    q = quantize(torch.randn(V, L, E, D), "fp8_e4m3", 32)
+    deq = dequantize(q, torch.float32)
+    ids_full = torch.randint(0, V, (6, 4), dtype=torch.int32)
+    ids = ids_full[:, 1]  # strided
+    w = torch.rand(E, 6).t()  # transposed
+    assert not ids.is_contiguous() and not w.is_contiguous()
+    qd, ids_d = place(q, ids_full, device)
+    ids_d, w_d = ids_d[:, 1], w.to(ids_d.device)
+    out = torch.full((6, L, E, D), float("nan"), device=ids_d.device)
+    quantized_lut_gather(qd, ids_d, out=out)
+    assert torch.equal(out.cpu(), deq[ids.long()])
+    got = quantized_lut_gather(qd, ids_d, w_d, layer=0, dtype=torch.float32)
+    torch.testing.assert_close(got.cpu().double(), ref_fused(deq, ids, w, 0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_ids_give_empty_results(device):
+    q = quantize(torch.randn(5, 2, 3, 32), "int8")
+    qd, ids_d = place(q, torch.zeros(0, dtype=torch.long), device)
+    assert quantized_lut_gather(qd, ids_d).shape == (0, 2, 3, 32)
+    w = torch.zeros(0, 3, device=ids_d.device)
+    assert quantized_lut_gather(qd, ids_d, w, layer=1).shape == (0, 32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [-1, 5, 2 ** 40])
+def test_out_of_range_id_raises_naming_it(device, bad):
+    q = quantize(torch.randn(5, 2, 3, 32), "nf4", 16)
+    ids = torch.tensor([0, bad, 1])
+    qd, ids_d = place(q, ids, device)
+    with pytest.raises(ValueError, match=rf"ids contains {bad} \(at flat position 1\), outside .*\[0, 5\)"):
+        quantized_lut_gather(qd, ids_d)
+    with pytest.raises(ValueError, match=rf"ids contains {bad}"):
+        quantized_lut_gather(qd, ids_d, torch.rand(3, 3, device=ids_d.device), layer=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fault_counter_mode_zero_rows_and_counts(device):
+    q = quantize(torch.randn(6, 2, 3, 64), "int8")
+    deq = dequantize(q, torch.float32)
+    ids = torch.tensor([1, 7, 2, -3])
+    qd, ids_d = place(q, ids, device)
+    faults = torch.zeros(1, dtype=torch.int64, device=ids_d.device)
+    rows = quantized_lut_gather(qd, ids_d, faults=faults, dtype=torch.float32).cpu()
+    assert (rows[1] == 0).all() and (rows[3] == 0).all()
+    assert torch.equal(rows[0], deq[1]) and torch.equal(rows[2], deq[2])
+    assert faults.item() == 2
+    w = torch.rand(4, 3, device=ids_d.device)
+    fused = quantized_lut_gather(qd, ids_d, w, layer=1, faults=faults).cpu()
+    assert (fused[1] == 0).all() and (fused[3] == 0).all()
+    assert faults.item() == 4
+
+
+def test_bad_gather_arguments_name_the_argument():
+    q = quantize(torch.randn(5, 2, 3, 32), "nf4", 16)
+    ids = torch.tensor([0, 1])
+    w = torch.rand(2, 3)
+    cases = [
+        (lambda: quantized_lut_gather(torch.randn(5, 2, 3, 32), ids), "q must be a QuantizedLUT"),
+        (lambda: quantized_lut_gather(q, ids.float()), "ids must be int32 or int64"),
+        (lambda: quantized_lut_gather(q, ids, w), "`layer` must say which layer"),
+        (lambda: quantized_lut_gather(q, ids, torch.rand(2, 4), layer=0), r"weights must have shape .*\[2, 3\]"),
+        (lambda: quantized_lut_gather(q, ids, layer=2), r"layer must be in \[0, 2\)"),
+        (lambda: quantized_lut_gather(q, ids, w, layer=0, accumulate=True), "accumulate=True needs out="),
+        (lambda: quantized_lut_gather(q, ids, out=torch.empty(2, 3, 32)), r"out must have shape \[2, 2, 3, 32\]"),
+        (lambda: quantized_lut_gather(q, ids, out=torch.empty(2, 2, 3, 32), dtype=torch.half), "disagrees with out"),
+        (lambda: quantized_lut_gather(q, ids, dtype=torch.int32), "dtype must be float32, float16 or bfloat16"),
+        (lambda: quantized_lut_gather(q, ids, faults=torch.zeros(1)), "faults must be a contiguous int64"),
+        (lambda: torch.ops.mole_kernels.lut_gather_quant(q.data[..., :16].contiguous(), "nf4", 32, 16, ids),
+         "data rows are 16 bytes, but format 'nf4' with dim=32 and block_size=16 needs 32"),
+        (lambda: torch.ops.mole_kernels.lut_gather_quant(q.data, "nf3", 32, 16, ids), "unknown format 'nf3'"),
+        (lambda: torch.ops.mole_kernels.lut_gather_quant(q.data, "nf4", 32, 5, ids), "block_size must divide dim"),
+        (lambda: QuantizedLUT(q.data, "nf4", 32, 16).to(torch.float32), "only the device can change"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@requires_cuda
+def test_cuda_pageable_table_with_cuda_ids_is_an_error():
+    q = quantize(torch.randn(5, 2, 3, 32), "int8")
+    with pytest.raises(ValueError, match="pageable"):
+        quantized_lut_gather(q, torch.tensor([0, 1], device="cuda"))
+
+
+@requires_cuda
+def test_cuda_zero_copy_is_graph_capturable():
+    q = quantize(torch.randn(64, 2, 4, 768), "nf4", 64).pin_memory()
+    ids = torch.randint(0, 64, (8,), device="cuda")
+    w = torch.rand(8, 4, device="cuda")
+    out = torch.zeros(8, 768, device="cuda", dtype=torch.bfloat16)
+    faults = torch.zeros(1, dtype=torch.int64, device="cuda")
+    quantized_lut_gather(q, ids, w, layer=1, out=out, faults=faults)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        quantized_lut_gather(q, ids, w, layer=1, out=out, faults=faults)
+    out.zero_()
+    graph.replay()
+    want = ref_fused(dequantize(q, torch.float32), ids, w, 1)
+    torch.testing.assert_close(out.cpu().double(), want, **TOLERANCES[torch.bfloat16])
+    assert faults.item() == 0
+
+
+def sample_inputs(device):
+    q = quantize(torch.randn(9, 2, 3, 64), "nf4", 32)
+    ids = torch.randint(0, 9, (2, 3))
+    w = torch.rand(2, 3, 3)
+    qd, ids_d = place(q, ids, device)
+    w = w.to(ids_d.device)
+    args = (qd.data, qd.format, qd.dim, qd.block_size, ids_d)
+    op, op_out = torch.ops.mole_kernels.lut_gather_quant.default, torch.ops.mole_kernels.lut_gather_quant_out.default
+    yield op, (*args, None, None, torch.bfloat16)
+    yield op, (*args, w, 1, torch.float32)
+    yield op, (*args, None, 0, None)
+    out = torch.randn(2, 3, 64, device=ids_d.device)
+    yield op_out, (out, *args, w, 0, True, None)
+    faults = torch.zeros(1, dtype=torch.int64, device=ids_d.device)
+    yield op_out, (out.clone(), *args, w, 0, False, faults)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for op, args in sample_inputs(device):
+        torch.library.opcheck(op, args)
+
+
+def test_scalar_cpu_path():
+    """The CPU kernel picks AVX-512 or scalar decoding at run time; run the CPU gather tests on the scalar path."""
+    env = dict(os.environ, MOLE_KERNELS_CPU_ISA="scalar")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+           "-k", "(rows_equal or fused_matches or accumulates) and cpu"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_lut_gather_is_the_one_public_way():
+    """mole_kernels.lut_gather takes a QuantizedLUT too, and gives exactly what the quantized op gives."""
+    import mole_kernels
+
+    lut = torch.randn(9, 2, 3, 64)
+    q = mole_kernels.quantize(lut, "nf4", 64)
+    ids = torch.tensor([[1, 8], [8, 0]])
+    w = torch.rand(2, 2, 3)
+    assert torch.equal(mole_kernels.lut_gather(q, ids), quantized_lut_gather(q, ids))
+    assert torch.equal(mole_kernels.lut_gather(q, ids, w, layer=1), quantized_lut_gather(q, ids, w, layer=1))
+    want = (dequantize(q, torch.float64)[ids][:, :, 1] * w.double()[..., None]).sum(-2)
+    torch.testing.assert_close(mole_kernels.lut_gather(q, ids, w, layer=1).double(), want, atol=1e-5, rtol=1e-5)
