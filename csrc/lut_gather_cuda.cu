@@ -1,6 +1,3 @@
-// Only c10/cuda headers are included: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers
-// that a minimal CUDA toolkit does not ship.
-//
 // lut_gather on CUDA: the table is in VRAM, or in pinned host memory read in
 // place over PCIe (zero-copy through unified addressing).
 //
@@ -8,15 +5,18 @@
 // before it stores (a PCIe round trip is ~1-2 us, so many loads must be in
 // flight), and work is split within a row as well as across tokens, so a
 // single 72-192 KB decode row still spreads over many SMs.
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda_common.cuh"
 #include "lut_gather.h"
 
 namespace mole {
 namespace {
+
+using cuda::aligned;
+using cuda::valid_id;
 
 constexpr int kRowsThreads = 256;
 constexpr int kRowsUnroll = 4;  // independent 16-byte loads in flight per thread
@@ -26,20 +26,6 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
-
-template <typename id_t>
-__device__ __forceinline__ bool valid_id(id_t id, int64_t V) {
-  return static_cast<int64_t>(id) >= 0 && static_cast<int64_t>(id) < V;
-}
-
-// Records the smallest position of an id outside [0, V) (pos starts at T).
-template <typename id_t>
-__global__ void first_bad_id_kernel(const id_t* __restrict__ ids, int64_t T, int64_t V,
-                                    unsigned long long* __restrict__ pos) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < T; i += int64_t(gridDim.x) * blockDim.x) {
-    if (!valid_id(ids[i], V)) atomicMin(pos, static_cast<unsigned long long>(i));
-  }
-}
 
 // Rows form: each token's segment is a contiguous byte range copied in vec_t units.
 template <typename vec_t, typename id_t>
@@ -118,43 +104,6 @@ __global__ void fused_kernel(const lut_t* __restrict__ lut, const id_t* __restri
   *dst = o;
 }
 
-bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-// The address the kernel reads the table at: VRAM, or the device alias of pinned host memory.
-const void* table_device_pointer(const at::Tensor& lut, const at::Tensor& ids) {
-  if (lut.is_cuda()) {
-    MOLE_CHECK_ARG(lut.device() == ids.device(), "lut_gather: lut is on ", lut.device(), " but ids are on ",
-                   ids.device());
-    return lut.const_data_ptr();
-  }
-  MOLE_CHECK_ARG(lut.is_pinned(), "lut_gather: ids are on ", ids.device(),
-                 " but lut is an ordinary (pageable) CPU tensor; the CUDA kernel reads a CPU table in place only "
-                 "when it is pinned: use lut.pin_memory() or mole_kernels.LookupTable(..., placement='host')");
-  cudaPointerAttributes attr;
-  C10_CUDA_CHECK(cudaPointerGetAttributes(&attr, lut.const_data_ptr()));
-  TORCH_CHECK(attr.devicePointer != nullptr, "lut_gather: the pinned table has no device mapping on ",
-              ids.device(), " (was it registered without cudaHostRegisterMapped?)");
-  return attr.devicePointer;
-}
-
-// Synchronises: used only when the caller asked for an error rather than a fault counter.
-void raise_on_bad_id(const at::Tensor& ids, int64_t V, cudaStream_t stream) {
-  const int64_t T = ids.numel();
-  at::Tensor pos = at::full({1}, T, ids.options().dtype(at::kLong));
-  MOLE_DISPATCH_ID_TYPES(ids.scalar_type(), "lut_gather_check_ids", [&] {
-    const int blocks = static_cast<int>(std::min<int64_t>((T + 255) / 256, 1024));
-    first_bad_id_kernel<<<blocks, 256, 0, stream>>>(ids.const_data_ptr<scalar_t>(), T, V,
-                                                    reinterpret_cast<unsigned long long*>(pos.data_ptr<int64_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  const int64_t first = pos.item<int64_t>();
-  if (first < T) {
-    const int64_t id = ids.view(-1)[first].item<int64_t>();
-    MOLE_CHECK_ARG(false, "lut_gather: ids contains ", id, " (at flat position ", first,
-                   "), outside the table's vocabulary [0, ", V, ")");
-  }
-}
-
 template <typename id_t>
 void launch_rows(const GatherPlan& p, const char* lut, size_t elem, const id_t* ids, char* out,
                  unsigned long long* faults, cudaStream_t stream) {
@@ -209,11 +158,12 @@ void lut_gather_into_cuda(const at::Tensor& out, const at::Tensor& lut, const at
   MOLE_CHECK_ARG(p.fused || !accumulate, "lut_gather: accumulate=True needs weights (the fused form)");
   MOLE_CHECK_ARG(p.T <= std::numeric_limits<int32_t>::max(), "lut_gather: at most 2^31-1 ids per call, got ", p.T);
   const c10::cuda::CUDAGuard guard(ids.device());
-  const void* table = table_device_pointer(lut, ids);
+  const void* table = cuda::table_device_pointer(
+      lut, ids, "lut_gather", "lut", "lut.pin_memory() or mole_kernels.LookupTable(..., placement='host')");
   if (p.T == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor ids_c = ids.contiguous();  // ids are small; the table is never copied
-  if (!faults.has_value()) raise_on_bad_id(ids_c, p.V, stream);
+  if (!faults.has_value()) cuda::raise_on_bad_id(ids_c, p.V, stream, "lut_gather");
   if (nothing_to_read(p, out, accumulate)) return;  // after the id check, as on the CPU
   unsigned long long* fptr =
       faults.has_value() ? reinterpret_cast<unsigned long long*>(faults->data_ptr<int64_t>()) : nullptr;

@@ -1,6 +1,3 @@
-// Only c10/cuda headers are included: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers
-// that a minimal CUDA toolkit does not ship.
-//
 // lut_gather_quant on CUDA: the quantized table is in VRAM, or pinned in host memory and read in
 // place over PCIe (zero-copy): only quantized bytes cross the bus; codes are dequantized in
 // registers. Layout: csrc/lut_gather_quant.h (one self-contained row per token/layer/expert).
@@ -17,10 +14,14 @@
 
 #include <limits>
 
+#include "cuda_common.cuh"
 #include "lut_gather_quant.h"
 
 namespace mole {
 namespace {
+
+using cuda::aligned;
+using cuda::valid_id;
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;  // independent 16-byte loads in flight per thread
@@ -48,19 +49,6 @@ struct QArgs {
   int64_t block;
   int64_t scale_offset;
 };
-
-template <typename id_t>
-__device__ __forceinline__ bool valid_id(id_t id, int64_t V) {
-  return static_cast<int64_t>(id) >= 0 && static_cast<int64_t>(id) < V;
-}
-
-template <typename id_t>
-__global__ void first_bad_id_kernel(const id_t* __restrict__ ids, int64_t T, int64_t V,
-                                    unsigned long long* __restrict__ pos) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < T; i += int64_t(gridDim.x) * blockDim.x) {
-    if (!valid_id(ids[i], V)) atomicMin(pos, static_cast<unsigned long long>(i));
-  }
-}
 
 // One code -> its value before scaling. e4m3 bits placed as fp16 s.0eeee.mmm0000000 are the value
 // times 2^-8 (subnormals included), so the decode is exact.
@@ -274,41 +262,6 @@ __global__ void fused_any_kernel(QArgs a, const id_t* __restrict__ ids, const fl
   *dst = static_cast<out_t>(accumulate ? static_cast<float>(*dst) + acc : acc);
 }
 
-bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-const uint8_t* table_device_pointer(const at::Tensor& data, const at::Tensor& ids) {
-  if (data.is_cuda()) {
-    MOLE_CHECK_ARG(data.device() == ids.device(), "lut_gather_quant: data is on ", data.device(), " but ids are on ",
-                   ids.device());
-    return data.const_data_ptr<uint8_t>();
-  }
-  MOLE_CHECK_ARG(data.is_pinned(), "lut_gather_quant: ids are on ", ids.device(),
-                 " but data is an ordinary (pageable) CPU tensor; the CUDA kernel reads a CPU table in place only "
-                 "when it is pinned: use QuantizedLUT.pin_memory()");
-  cudaPointerAttributes attr;
-  C10_CUDA_CHECK(cudaPointerGetAttributes(&attr, data.const_data_ptr()));
-  TORCH_CHECK(attr.devicePointer != nullptr, "lut_gather_quant: the pinned table has no device mapping on ",
-              ids.device());
-  return static_cast<const uint8_t*>(attr.devicePointer);
-}
-
-void raise_on_bad_id(const at::Tensor& ids, int64_t V, cudaStream_t stream) {
-  const int64_t T = ids.numel();
-  at::Tensor pos = at::full({1}, T, ids.options().dtype(at::kLong));
-  MOLE_DISPATCH_ID_TYPES(ids.scalar_type(), "lut_gather_quant_check_ids", [&] {
-    const int blocks = static_cast<int>(std::min<int64_t>((T + 255) / 256, 1024));
-    first_bad_id_kernel<<<blocks, 256, 0, stream>>>(ids.const_data_ptr<scalar_t>(), T, V,
-                                                    reinterpret_cast<unsigned long long*>(pos.data_ptr<int64_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  const int64_t first = pos.item<int64_t>();
-  if (first < T) {
-    const int64_t id = ids.view(-1)[first].item<int64_t>();
-    MOLE_CHECK_ARG(false, "lut_gather_quant: ids contains ", id, " (at flat position ", first,
-                   "), outside the table's vocabulary [0, ", V, ")");
-  }
-}
-
 template <int FMT, typename out_t, typename id_t>
 void launch(const QuantPlan& p, const QArgs& a, const id_t* ids, const float* w, out_t* out, bool accumulate,
             unsigned long long* faults, cudaStream_t stream) {
@@ -346,11 +299,12 @@ void lut_gather_quant_into_cuda(const at::Tensor& out, const at::Tensor& data, c
   MOLE_CHECK_ARG(p.T <= std::numeric_limits<int32_t>::max(), "lut_gather_quant: at most 2^31-1 ids per call, got ",
                  p.T);
   const c10::cuda::CUDAGuard guard(ids.device());
-  const uint8_t* table = table_device_pointer(data, ids);
+  const auto* table = static_cast<const uint8_t*>(
+      cuda::table_device_pointer(data, ids, "lut_gather_quant", "data", "QuantizedLUT.pin_memory()"));
   if (p.T == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor ids_c = ids.contiguous();
-  if (!faults.has_value()) raise_on_bad_id(ids_c, p.V, stream);
+  if (!faults.has_value()) cuda::raise_on_bad_id(ids_c, p.V, stream, "lut_gather_quant");
   unsigned long long* fptr =
       faults.has_value() ? reinterpret_cast<unsigned long long*>(faults->data_ptr<int64_t>()) : nullptr;
   const QArgs a{table, p.V, p.L * p.E * p.q.row_bytes, p.seg_row0 * p.q.row_bytes, p.seg_rows,
