@@ -318,6 +318,7 @@ def test_disk_chunking_through_tiny_staging(tables):
 
 
 def test_release_on_close_and_collection():
+    gc.collect()  # tables from earlier tests, still in reference cycles, must not be freed mid-test
     base = host_allocations()
     lut = make_lut(40, 2, 3, 100, torch.bfloat16)  # 48000 B -> 12 pages (exact size, page-rounded)
     t = LookupTable.from_tensor(lut, "host", device="cpu")
