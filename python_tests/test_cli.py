@@ -88,8 +88,9 @@ def test_info_in_process(capsys):
 
 
 def test_python_dash_m_info():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-m", "mole_kernels", "info"], capture_output=True, text=True, cwd=root,
+    # cwd: the tests folder, so `-m` finds the installed package, not the source tree's
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run([sys.executable, "-m", "mole_kernels", "info"], capture_output=True, text=True, cwd=here,
                          timeout=120)
     assert res.returncode == 0, res.stderr
     assert re.search(r"^torch\s+\S+", res.stdout, re.M) and "lut_tiers" in res.stdout

@@ -447,7 +447,9 @@ def test_imports_and_falls_back_without_triton():
         "torch.testing.assert_close(c.router_softmax(l).double(), torch.softmax(l, -1))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    # cwd: the tests folder, so the child imports the installed package, not the source tree's
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -460,8 +462,9 @@ def test_triton_interpreter_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
            "-k", "interpret and not subprocess", "-W", "ignore::RuntimeWarning"]
+    # cwd: the tests folder, so the child imports the installed package, not the source tree's
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"interpreter run failed:\n{tail}"
     assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
