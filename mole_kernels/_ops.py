@@ -1,15 +1,21 @@
 """Loads the compiled library (which registers torch.ops.mole_kernels.*) and the fake kernels."""
 import json
+import os
 
 import torch
 
 try:
     from . import _C  # noqa: F401  (importing it registers the ops)
 except ImportError as e:  # pragma: no cover - only without a build
-    raise ImportError(
-        "mole_kernels._C is not built: install the package with `pip install --no-build-isolation .` "
-        f"(or `python setup.py build_ext --inplace` in a checkout). Cause: {e}"
-    ) from e
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _hint = (
+        f" Python imported the source tree at {_root} (it is the current folder or on sys.path), which has no "
+        "compiled extension: run from another folder to use the installed package, or build in place with "
+        "`python setup.py build_ext --inplace`."
+        if os.path.exists(os.path.join(_root, "setup.py"))
+        else " Install the package with `pip install --no-build-isolation .`."
+    )
+    raise ImportError(f"mole_kernels._C is not built.{_hint} Cause: {e}") from e
 
 ops = torch.ops.mole_kernels
 
