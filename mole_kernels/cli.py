@@ -1,7 +1,9 @@
-"""The ``mole-kernels`` command: ``demo``, ``reparameterize``, ``info``.
+"""The ``mole-kernels`` command: ``demo``, ``reparameterize``, ``quality``, ``info``.
 
     mole-kernels demo                                   # no download, no arguments needed
     mole-kernels reparameterize --from TRAIN_DIR --to REP_DIR [--dtype bf16]
+                                [--lut-format nf4 --block-size 64 --lut-file LUT.safetensors]
+    mole-kernels quality [--markdown FILE]              # quantized LUTs vs the bf16 LUT
     mole-kernels info                                   # build and device facts
 """
 from __future__ import annotations
@@ -86,20 +88,26 @@ def cmd_demo(args) -> int:
                          same=True))
 
         tiers = (["device"] if dev.type == "cuda" else []) + ["host", "disk"]
-        variants = [(t, torch.float32) for t in tiers] + [("host", torch.bfloat16)]
+        # (tier, dtype, quantization format): the fp32 LUT on every tier, then smaller host tables
+        # (quantized ones hold and move packed rows; the gather dequantizes them to fp32).
+        variants = [(t, torch.float32, None) for t in tiers] + [("host", torch.bfloat16, None),
+                                                               ("host", torch.float32, "int8"),
+                                                               ("host", torch.float32, "nf4")]
         processed = B * (S + N - 1)  # tokens that passed through the model (prefill + decode)
-        for tier, dtype in variants:
-            if dtype == torch.float32:
+        for tier, dtype, fmt in variants:
+            if dtype == torch.float32 and fmt is None:
                 table = LookupTable.open(lut_file, placement=tier, device=dev)
             else:
                 src = LookupTable.open(lut_file, placement="disk", device=dev)
-                table = LookupTable.from_tensor(src.tensor.to(dtype), placement=tier, device=dev)
+                table = LookupTable.from_tensor(src.tensor.to(dtype), placement=tier, device=dev, format=fmt)
                 src.close()
             inf.set_lut(table)
             seq, t = _timed_generate(inf, prompt, N, dev, reset=table.reset_stats)
             moved = sum(table.stats.bytes_read.values())
             delta = (inf(ref_seq).logits - ref_logits).abs().max().item()
             name = f"MoLE, LUT on {tier}" + ("" if dtype == torch.float32 else f" ({str(dtype)[6:]})")
+            if fmt is not None:
+                name += f" ({fmt}, block {table.block_size})"
             vram = table.nbytes if tier == "device" else 0
             ram = table.nbytes if tier == "host" else 0
             rows.append(dict(name=name, t=t, moved=moved, vram=vram, ram=ram, delta=delta,
@@ -134,7 +142,7 @@ def cmd_demo(args) -> int:
     print()
     print("tokens/s: generated tokens of the whole batch per second; ms/token: time per generation step (both "
           "include the prompt's prefill).\nLUT/expert bytes per token: table (or expert weight) bytes read, over "
-          "every token the model processed.\nmax|dlogits|: logits of the train form's greedy continuation, each model vs the train form"
+          "every token the model processed (quantized tables: packed rows with their scales).\nmax|dlogits|: logits of the train form's greedy continuation, each model vs the train form"
           " ('*': greedy tokens differed).\nThe disk tier's LUT is memory-mapped (held by the page cache, not counted);"
           " the MoE baseline is a different random model with MoLE's activated parameters.")
     try:
@@ -156,20 +164,177 @@ def cmd_reparameterize(args) -> int:
         raise ValueError(f"--dtype must be fp32, fp16 or bf16, got {args.dtype!r}")
     if os.path.abspath(args.src) == os.path.abspath(args.dst):
         raise ValueError("--to must differ from --from (the train-form folder is not overwritten)")
+    if args.block_size is not None and args.lut_format is None:
+        raise ValueError("--block-size needs --lut-format (a float LUT has no blocks)")
+    if args.lut_format is not None and not args.lut_file:
+        raise ValueError("--lut-format needs --lut-file: the official layout has no quantized form, so the "
+                         "quantized LUT is written there (the folder keeps the float LUT)")
     model = MoLEForCausalLM.from_pretrained(args.src)
     if model.is_reparameterized:
         raise ValueError(f"--from {args.src!r} is already re-parameterized (it holds model.moe_table.weight)")
+    if args.lut_format is not None:  # fail on a bad format or block size before the long computation
+        from .model import _check_lut_format
+
+        _check_lut_format(args.lut_format, args.block_size, model.config.hidden_size, "--lut-format/--block-size")
     t0 = time.perf_counter()
     inf = model.reparameterize(placement="host", dtype=dtype, device="cpu", chunk_size=args.chunk_size,
                                progress=not args.quiet)
     inf.save_pretrained(args.dst)
-    if args.lut_file:
-        inf.lut.save(args.lut_file)
     V, L, E, D = inf.config.lut_shape
+    note = ""
+    if args.lut_format is not None:
+        from .table import LookupTable
+
+        with LookupTable.from_tensor(inf.lut.tensor, "host", device="cpu", format=args.lut_format,
+                                     block_size=args.block_size) as q:
+            q.save(args.lut_file)
+            note = (f"; quantized LUT ({q.format}, block {q.block_size}) = {_human(q.nbytes)} "
+                    f"({_human(q.row_bytes)} per token) in {args.lut_file}")
+    elif args.lut_file:
+        inf.lut.save(args.lut_file)
+        note = f"; standalone LUT file {args.lut_file}"
     print(f"wrote {args.dst}: LUT [V={V}, L={L}, E={E}, D={D}] {str(dtype)[6:]} = {_human(inf.lut.nbytes)} "
           f"({_human(inf.lut.row_bytes)} per token) as model.moe_table.weight [{V}, {L * E * D}]"
-          + (f"; standalone LUT file {args.lut_file}" if args.lut_file else "")
-          + f" in {time.perf_counter() - t0:.1f} s")
+          + note + f" in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------- quality -----------------
+
+DEFAULT_QUALITY_VARIANTS = "fp32,fp16,int8,fp8-128,nf4-64,nf4-128,nf4-768"
+
+
+def _parse_variant(v: str):
+    """'nf4-64' -> ('nf4', 64); 'int8' -> ('int8', None); 'fp32' -> (torch.float32, None)."""
+    from .model import parse_dtype
+
+    name, _, block = v.strip().partition("-")
+    try:
+        b = int(block) if block else None
+    except ValueError:
+        raise ValueError(f"--variants: {v!r}: the block size after '-' must be an int") from None
+    if name in ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16"):
+        if b is not None:
+            raise ValueError(f"--variants: {v!r}: a float LUT has no block size")
+        return parse_dtype(name), None
+    from .quant import canonical_format
+
+    return canonical_format(name), b
+
+
+@torch.no_grad()
+def lut_quality(train, input_ids: torch.Tensor, variants, *, base_dtype=torch.bfloat16) -> list:
+    """Each LUT variant's model against the model with the ``base_dtype`` LUT, on one batch.
+
+    ``train``: a train-form :class:`MoLEForCausalLM`; its LUT is computed once in float32, rounded
+    to ``base_dtype`` (the reference), and each variant is either a float dtype (the float32 LUT
+    rounded to it) or ``(format, block_size)``, the reference LUT quantized (dequantized rows in
+    ``base_dtype``, as the gather returns them). Logits are teacher-forced on ``input_ids``
+    ``[B, S]``. Returns one dict per variant (the reference first): ``bytes_per_token`` (LUT bytes
+    one token's rows take, all layers), ``ratio`` (vs the reference), ``max_dlogit``/``mean_dlogit``
+    (|logits - reference logits|), ``kl`` (mean over positions of KL(reference || variant) of the
+    next-token distributions, nats, float64), ``agree`` (fraction of positions whose greedy next
+    token equals the reference's).
+    """
+    from .table import LookupTable
+
+    lut32 = train.compute_lut(dtype=torch.float32, progress=False)
+    ref_lut = lut32.to(base_dtype)
+    base_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[base_dtype]
+
+    def run(table):
+        inf = train._inference_form(table)
+        try:
+            return inf(input_ids).logits.double()
+        finally:
+            table.close()
+
+    ref = run(LookupTable.from_tensor(ref_lut, "host", device=train.device))
+    ref_logp = torch.log_softmax(ref, -1)
+    ref_tok = ref.argmax(-1)
+    ref_bytes = ref_lut[0].numel() * ref_lut.element_size()
+    rows = [dict(name=f"{base_name} (reference)", bytes_per_token=ref_bytes, ratio=1.0, max_dlogit=0.0,
+                 mean_dlogit=0.0, kl=0.0, agree=1.0)]
+    for fmt, block in variants:
+        if isinstance(fmt, torch.dtype):
+            table = LookupTable.from_tensor(lut32.to(fmt), "host", device=train.device)
+            name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[fmt]
+        else:
+            table = LookupTable.from_tensor(ref_lut, "host", device=train.device, format=fmt, block_size=block)
+            name = fmt if fmt == "int8" else f"{fmt} (block {table.block_size})"
+        nbytes = table.row_bytes
+        logits = run(table)
+        d = (logits - ref).abs()
+        logp = torch.log_softmax(logits, -1)
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
+        rows.append(dict(name=name, bytes_per_token=nbytes, ratio=nbytes / ref_bytes, max_dlogit=d.max().item(),
+                         mean_dlogit=d.mean().item(), kl=kl, agree=(logits.argmax(-1) == ref_tok).double().mean().item()))
+    return rows
+
+
+def _quality_table(rows) -> str:
+    lines = ["| LUT | bytes/token | vs bf16 | max abs dlogits | mean abs dlogits | KL (nats) | greedy agreement |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['bytes_per_token']:,} | {r['ratio']:.3f} | {r['max_dlogit']:.3e} | "
+                     f"{r['mean_dlogit']:.3e} | {r['kl']:.3e} | {100 * r['agree']:.2f}% |")
+    return "\n".join(lines)
+
+
+_QUALITY_NOTES = """Notes:
+- bytes/token: one token's LUT rows for all layers as stored (quantized rows include their float32
+  scales and the padding to 16-byte rows); what a prefetch moves over PCIe or reads from disk.
+- fp32 and fp16 rows are the float32 LUT rounded to that dtype: the differences bf16 rounding alone
+  makes, for scale. int8/fp8/nf4 rows are the bf16 LUT quantized, dequantized in the gather.
+- KL: mean over positions of KL(p_bf16 || p_variant) of the next-token distributions, in float64.
+  Greedy agreement: share of positions whose argmax next token equals the bf16 LUT model's.
+- The model has random weights, so its next-token distributions are flatter than a trained
+  model's and close calls between the top two tokens are common: greedy agreement here is a
+  pessimistic stand-in for a trained model's. The paper's accuracy numbers need trained weights.
+"""
+
+
+def cmd_quality(args) -> int:
+    import datetime
+    import platform
+    import shlex
+
+    from .model import MoLEConfig, MoLEForCausalLM
+
+    variants = [_parse_variant(v) for v in args.variants.split(",") if v.strip()]
+    torch.manual_seed(args.seed)
+    cfg = MoLEConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+                     num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                     num_key_value_heads=max(1, args.heads // 2), num_experts=args.experts)
+    train = MoLEForCausalLM(cfg, init_std=args.init_std).eval()
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len),
+                        generator=torch.Generator().manual_seed(args.seed + 1))
+    t0 = time.perf_counter()
+    rows = lut_quality(train, ids, variants)
+    with torch.no_grad():
+        ref_std = train(ids[:1]).logits.float().std().item()
+    took = time.perf_counter() - t0
+    desc = (f"Reference model: MoLE, V={cfg.vocab_size}, L={cfg.num_hidden_layers}, E={cfg.num_experts}, "
+            f"D={cfg.hidden_size}, FFN={cfg.intermediate_size}, random weights (seed {args.seed}, init std "
+            f"{args.init_std}), float32 compute; batch {args.batch} x {args.seq_len} random tokens, logits "
+            f"teacher-forced at every position ({args.batch * args.seq_len} positions, logit std {ref_std:.3f}). "
+            "Every quantized LUT is the bf16 LUT quantized; every row compares with the model using the bf16 LUT.")
+    table = _quality_table(rows)
+    print(desc)
+    print()
+    print(table)
+    print(f"\n({took:.1f} s)")
+    if args.markdown:
+        cmd = "python -m mole_kernels quality " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+            if len(sys.argv) > 1 and sys.argv[1] == "quality" else "python -m mole_kernels quality"
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write("# Quantized LUT quality on the reference model\n\n")
+            f.write(f"- date: {datetime.date.today().isoformat()}\n")
+            f.write(f"- machine: {platform.node() or 'unknown'} ({platform.machine()}, {os.cpu_count()} CPUs, "
+                    f"{platform.system()}), torch {torch.__version__}, CPU only\n")
+            f.write(f"- command: `{cmd}`\n\n")
+            f.write(desc + "\n\n" + table + "\n\n" + _QUALITY_NOTES)
+        print(f"wrote {args.markdown}")
     return 0
 
 
@@ -236,9 +401,35 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--to", dest="dst", required=True, help="output folder (official re-parameterized layout)")
     r.add_argument("--dtype", default="fp16", help="LUT dtype: fp32, fp16 (default, as the official code) or bf16")
     r.add_argument("--chunk-size", type=int, default=4096, help="vocabulary entries per step")
-    r.add_argument("--lut-file", default=None, help="also write the LUT as a standalone mmap-able safetensors file")
+    r.add_argument("--lut-file", default=None,
+                   help="also write the LUT as a standalone mmap-able LookupTable safetensors file (required with "
+                        "--lut-format); load it with MoLEForCausalLM.from_pretrained(TO, lut_file=...)")
+    r.add_argument("--lut-format", default=None, choices=["int8", "fp8", "fp8_e4m3", "nf4"],
+                   help="quantize the LUT written to --lut-file (int8: per-row scale; fp8 e4m3 / nf4: per-block "
+                        "scales). The official layout has no quantized form, so --to keeps the float LUT in "
+                        "--dtype and the quantized one goes to --lut-file")
+    r.add_argument("--block-size", type=int, default=None,
+                   help="values per scale for --lut-format (must divide the hidden size; default fp8 128, nf4 64, "
+                        "or the hidden size where those do not divide it; int8 is always per row)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_reparameterize)
+
+    q = sub.add_parser("quality", help="quantized LUTs vs the bf16 LUT on a seeded reference model: bytes per token, "
+                                       "|dlogits|, KL, greedy agreement")
+    q.add_argument("--vocab", type=int, default=1024)
+    q.add_argument("--hidden", type=int, default=768, help="hidden size (768: the paper's 160M; nf4 block 768 fits)")
+    q.add_argument("--ffn", type=int, default=1536, help="shared and expert MLP hidden size")
+    q.add_argument("--layers", type=int, default=4)
+    q.add_argument("--experts", type=int, default=4)
+    q.add_argument("--heads", type=int, default=12)
+    q.add_argument("--batch", type=int, default=8)
+    q.add_argument("--seq-len", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--init-std", type=float, default=0.05, help="weight init std (large enough that logits are peaked)")
+    q.add_argument("--variants", default=DEFAULT_QUALITY_VARIANTS,
+                   help="comma-separated FORMAT[-BLOCK] list (fp32 and fp16 are unquantized float LUTs)")
+    q.add_argument("--markdown", default=None, help="also write the table (with date, machine, command) to this file")
+    q.set_defaults(func=cmd_quality)
 
     i = sub.add_parser("info", help="build and device facts")
     i.add_argument("--json", action="store_true")

@@ -30,6 +30,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ._ops import ops
+from ._progress import progress_bar
 
 __all__ = ["FORMATS", "QuantizedLUT", "quantize", "dequantize", "quantized_lut_gather"]
 
@@ -192,8 +193,13 @@ class QuantizedLUT:
         return bool(metadata) and (_META_PREFIX + "format") in metadata
 
     @classmethod
-    def from_metadata(cls, data: torch.Tensor, metadata: Dict[str, str]) -> "QuantizedLUT":
-        """Rebuilds a table from ``data`` and :meth:`metadata`; ValueError when they disagree."""
+    def from_metadata(cls, data: torch.Tensor, metadata: Dict[str, str], *,
+                      check_sample: bool = True) -> "QuantizedLUT":
+        """Rebuilds a table from ``data`` and :meth:`metadata`; ValueError when they disagree.
+
+        ``check_sample``: also run :meth:`check_sample` on the first and last tokens' rows (off
+        for data that cannot be read yet, e.g. a ``meta``-device tensor checked for shape only).
+        """
         def get(key):
             if _META_PREFIX + key not in metadata:
                 raise ValueError(f"QuantizedLUT: metadata lacks {_META_PREFIX + key!r} (got keys {sorted(metadata)})")
@@ -210,7 +216,8 @@ class QuantizedLUT:
         except ValueError as e:
             raise ValueError(f"QuantizedLUT: metadata dim/block_size must be integers: {e}") from None
         q = cls(data, get("format"), dim, block, _FLOAT_DTYPES[dtype_name])
-        q.check_sample()
+        if check_sample:
+            q.check_sample()
         return q
 
     def check_sample(self, tokens: int = 16) -> None:
@@ -239,17 +246,6 @@ class QuantizedLUT:
 # quantize / dequantize (vectorised torch, in chunks of tokens so temporaries stay small)
 
 _CHUNK_ELEMENTS = 1 << 24  # float32 values per chunk (64 MB of temporaries)
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
-        except ImportError:
-            pass
-    return None
 
 
 def _encode(x: torch.Tensor, fmt: str, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -321,7 +317,7 @@ def quantize(lut: torch.Tensor, format: str, block_size: Optional[int] = None, *
     if lut.numel() == 0:  # nothing to encode (V = 0 or E = 0)
         return QuantizedLUT(data, fmt, D, block, lut.dtype)
     show = lut.numel() > (1 << 28) if progress is None else progress
-    bar = _progress(V, show, f"quantize {fmt}")
+    bar = progress_bar(V, f"quantize {fmt}", enabled=show, unit="tok", unit_scale=True)
     try:
         for v0 in range(0, V, chunk):
             x = lut[v0:v0 + chunk].float()
@@ -332,11 +328,9 @@ def quantize(lut: torch.Tensor, format: str, block_size: Optional[int] = None, *
             rows = data[v0:v0 + chunk]
             rows[..., :codes.shape[-1]] = codes
             rows[..., off:off + 4 * scales.shape[-1]] = scales.contiguous().view(torch.uint8)
-            if bar is not None:
-                bar.update(x.shape[0])
+            bar.update(x.shape[0])
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return QuantizedLUT(data, fmt, D, block, lut.dtype)
 
 

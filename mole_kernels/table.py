@@ -19,6 +19,14 @@ Tiers (``placement``):
 the GPU (moving them to the host would synchronise) or the batch has at most
 ``dma_min_tokens`` ids, else ``dma``; disk tier -> ``staged``.
 
+Quantized tables (:class:`mole_kernels.QuantizedLUT`: int8 / fp8 / nf4 rows with in-row
+scales) live on every tier the same way: the tier holds the packed uint8 rows
+``[V, L, E, row_bytes]``, every copy (pinning, file, staging, DMA) moves those bytes only, and
+the gather kernel dequantizes in registers. ``shape`` and ``dtype`` stay the logical
+``[V, L, E, D]`` and the float dtype the table was quantized from; byte counts (``nbytes``,
+``row_bytes``, :class:`TableStats`) are quantized bytes. A quantized file is the same
+safetensors layout with a ``U8`` tensor and metadata naming format, block size and dtype.
+
 The C++ side (exact-size allocation and its release, the file mapping, the row copy
 threads, the DMA submission) is ``torch.classes.mole_kernels.TableStore``
 (csrc/lookup_table.cpp); this module is a thin owner of it.
@@ -37,16 +45,22 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ._ops import ops
+from ._progress import progress_bar
 from .lut_gather import lut_gather
+from .quant import QuantizedLUT, canonical_format, quantize
 
 __all__ = ["LookupTable", "Prefetcher", "TableStats", "host_allocations", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+#: The newest file format this version reads. Float tables are written as version 1 (readable by
+#: every release); quantized tables as version 2 (a U8 tensor plus quantization metadata).
+FORMAT_VERSION = 2
+_FLOAT_FORMAT_VERSION = 1
 TENSOR_NAME = "lut"
 PLACEMENTS = ("device", "host", "disk")
 _PATHS = {"device": ("device",), "host": ("zero_copy", "dma"), "disk": ("staged",)}
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_ST_NAMES[torch.uint8] = "U8"  # written for quantized tables only
 _HEADER_ALIGN = 4096  # the data starts on a page boundary (safetensors allows header padding)
 _MAX_HEADER = 100 << 20  # the safetensors limit
 _CHUNK = 256 << 20  # bytes per step when filling or saving a table
@@ -67,23 +81,8 @@ def _human(n: int) -> str:
 
 
 def _progress(total: int, desc: str):
-    """A tqdm bar over bytes for large tables (tqdm if importable), else a no-op."""
-    if total >= _PROGRESS_MIN:
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
-        except ImportError:
-            pass
-
-    class _Null:
-        def update(self, n):
-            pass
-
-        def close(self):
-            pass
-
-    return _Null()
+    """A bar over bytes, shown only for tables of at least ``_PROGRESS_MIN`` bytes."""
+    return progress_bar(total, desc, enabled=total >= _PROGRESS_MIN, unit="B", unit_scale=True)
 
 
 @dataclass
@@ -124,11 +123,12 @@ class TableStats:
 
 @dataclass
 class _FileInfo:
-    shape: Tuple[int, int, int, int]
-    dtype: torch.dtype
+    shape: Tuple[int, int, int, int]  # of the stored tensor (quantized: [V, L, E, row_bytes])
+    dtype: torch.dtype  # of the stored tensor (quantized: uint8)
     data_offset: int  # absolute offset of the table's first byte
     nbytes: int
     metadata: Dict[str, str]
+    quantized: bool = False
 
 
 def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
@@ -165,9 +165,20 @@ def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
         begin, end = (int(x) for x in entry["data_offsets"])
     except (KeyError, TypeError, ValueError):
         raise bad(f"tensor {tensor!r} entry {entry!r} lacks dtype/shape/data_offsets") from None
-    if dtype_name not in _ST_DTYPES:
-        raise bad(f"tensor {tensor!r} has dtype {dtype_name}; a table must be one of {sorted(_ST_DTYPES)}")
-    dtype = _ST_DTYPES[dtype_name]
+    quantized = QuantizedLUT.is_quantized_metadata(meta)
+    if quantized:
+        if dtype_name != "U8":
+            raise bad(f"metadata names a quantized table (mole_kernels.format={meta['mole_kernels.format']}) but "
+                      f"tensor {tensor!r} has dtype {dtype_name}; quantized rows are stored as U8")
+        dtype = torch.uint8
+    elif dtype_name == "U8":
+        raise bad(f"tensor {tensor!r} is U8 but the metadata names no quantization (mole_kernels.format, "
+                  "mole_kernels.block_size, ...): cannot tell how to decode its rows")
+    elif dtype_name not in _ST_DTYPES:
+        raise bad(f"tensor {tensor!r} has dtype {dtype_name}; a table must be one of {sorted(_ST_DTYPES)} "
+                  "(or U8 with quantization metadata)")
+    else:
+        dtype = _ST_DTYPES[dtype_name]
     if len(shape) == 3:
         shape = [shape[0], 1, shape[1], shape[2]]
     if len(shape) != 4 or min(shape) < 0:
@@ -183,15 +194,30 @@ def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
     if size < 8 + n + data_end:
         raise bad(f"truncated: the header describes {8 + n + data_end} bytes but the file has {size}")
     # The metadata, when present, must agree with the tensor (a mismatch means a corrupt or foreign file).
-    want = {"vocab": shape[0], "layers": shape[1], "experts": shape[2], "hidden": shape[3]}
+    logical, logical_dtype = list(shape), str(dtype).replace("torch.", "")
+    if quantized:
+        q = _quantized_on_meta(shape, meta, bad)
+        logical, logical_dtype = list(q.shape), str(q.dtype).replace("torch.", "")
+    want = {"vocab": logical[0], "layers": logical[1], "experts": logical[2], "hidden": logical[3]}
     for key, val in want.items():
         if key in meta and str(meta[key]) != str(val):
             raise bad(f"metadata says {key}={meta[key]} but tensor {tensor!r} has shape {shape} ({key}={val})")
-    if "dtype" in meta and meta["dtype"] != str(dtype).replace("torch.", ""):
-        raise bad(f"metadata says dtype={meta['dtype']} but tensor {tensor!r} is {dtype_name}")
+    if "dtype" in meta and meta["dtype"] != logical_dtype:
+        raise bad(f"metadata says dtype={meta['dtype']} but tensor {tensor!r} is {dtype_name}"
+                  + (f" quantized from {logical_dtype}" if quantized else ""))
     if "format_version" in meta and int(meta["format_version"]) > FORMAT_VERSION:
         raise bad(f"format_version {meta['format_version']} is newer than this mole_kernels ({FORMAT_VERSION})")
-    return _FileInfo(tuple(shape), dtype, 8 + n + begin, nbytes, dict(meta))
+    return _FileInfo(tuple(shape), dtype, 8 + n + begin, nbytes, dict(meta), quantized)
+
+
+def _quantized_on_meta(shape, meta: Dict[str, str], bad) -> QuantizedLUT:
+    """The QuantizedLUT the metadata describes, over a meta-device payload of ``shape``: checks that
+    format, dim, block size, dtype and layout are valid and that the row size matches them."""
+    try:
+        return QuantizedLUT.from_metadata(torch.empty(shape, dtype=torch.uint8, device="meta"), meta,
+                                          check_sample=False)
+    except ValueError as e:
+        raise bad(f"quantized table: {e}") from None
 
 
 def _header_bytes(shape, dtype, metadata: Dict[str, str]) -> bytes:
@@ -225,7 +251,8 @@ class LookupTable:
 
     Build with :meth:`from_tensor` or :meth:`open`; read rows with :meth:`gather` /
     :meth:`gather_combine` (results on :attr:`device`); :meth:`prefetcher` for decoding.
-    See the module docstring for tiers and paths.
+    The table may be quantized (:attr:`format` is then ``"int8"``, ``"fp8_e4m3"`` or ``"nf4"``);
+    results are then dequantized rows in :attr:`dtype`. See the module docstring for tiers and paths.
     """
 
     #: host tier, ``path="auto"``: batches of at most this many ids use zero-copy even when on the host.
@@ -235,12 +262,16 @@ class LookupTable:
                  staging_bytes: int = 0, metadata: Optional[Dict[str, str]] = None, _token=None):
         if _token is not _PRIVATE:
             raise TypeError("use LookupTable.from_tensor(...) or LookupTable.open(...)")
-        self._lut = lut  # [V, L, E, D] view over the tier's storage
+        self._lut = lut  # [V, L, E, D] view over the tier's storage, or a QuantizedLUT whose data is one
         self._store = store
         self.placement = placement
         self.device = device
         self.shape = tuple(lut.shape)
         self.dtype = lut.dtype
+        quant = isinstance(lut, QuantizedLUT)
+        self._format = lut.format if quant else None
+        self._block_size = lut.block_size if quant else None
+        self._token_bytes = lut.bytes_per_token if quant else math.prod(self.shape[1:]) * self.dtype.itemsize
         self.metadata = dict(metadata or {})
         self.stats = TableStats()
         self._staging_bytes = staging_bytes
@@ -250,48 +281,66 @@ class LookupTable:
     # ------------------------------------------------------------ construction ------------
 
     @classmethod
-    def from_tensor(cls, lut: torch.Tensor, placement: str = "host", device=None, *,
-                    path: Optional[str] = None, staging_bytes: int = 64 << 20) -> "LookupTable":
+    def from_tensor(cls, lut, placement: str = "host", device=None, *, path: Optional[str] = None,
+                    staging_bytes: int = 64 << 20, format: Optional[str] = None,
+                    block_size: Optional[int] = None) -> "LookupTable":
         """A table holding a copy of ``lut`` (``[V, L, E, D]`` or ``[V, E, D]``).
 
         Args:
+            lut: a float32/float16/bfloat16 tensor, or a :class:`mole_kernels.QuantizedLUT`
+                (its packed rows are copied as they are).
             placement: ``"device"``, ``"host"`` or ``"disk"`` (for disk, ``lut`` is saved to
                 ``path``, or to an anonymous temporary file when ``path`` is None).
             device: where results land (default: the current CUDA device if any, else CPU).
             staging_bytes: disk tier: size of the pinned staging buffer rows pass through.
+            format, block_size: quantize a float ``lut`` first (:func:`mole_kernels.quantize`:
+                ``"int8"``, ``"fp8"``/``"fp8_e4m3"`` or ``"nf4"``). With a QuantizedLUT they may
+                only repeat its own format and block size.
         """
-        if not isinstance(lut, torch.Tensor):
-            raise ValueError(f"LookupTable.from_tensor: lut must be a tensor, got {type(lut).__name__}")
-        if lut.dim() == 3:
-            lut = lut.unsqueeze(1)
-        if lut.dim() != 4:
+        if isinstance(lut, QuantizedLUT):
+            if format is not None and canonical_format(format) != lut.format:
+                raise ValueError(f"LookupTable.from_tensor: format={format!r} but lut is already quantized as "
+                                 f"{lut.format!r} (dequantize it first to change the format)")
+            if block_size is not None and block_size != lut.block_size:
+                raise ValueError(f"LookupTable.from_tensor: block_size={block_size!r} but lut is quantized with "
+                                 f"block_size={lut.block_size}")
+        elif not isinstance(lut, torch.Tensor):
+            raise ValueError(f"LookupTable.from_tensor: lut must be a tensor or a QuantizedLUT, got {type(lut).__name__}")
+        elif lut.dim() not in (3, 4):
             raise ValueError(f"LookupTable.from_tensor: lut must be [V, L, E, D] or [V, E, D], got {tuple(lut.shape)}")
-        if lut.dtype not in _ST_NAMES:
+        elif lut.dtype not in _ST_DTYPES.values():
             raise ValueError(f"LookupTable.from_tensor: lut must be float32, float16 or bfloat16, got {lut.dtype}")
+        elif format is not None:
+            lut = quantize(lut, format, block_size)
+        elif block_size is not None:
+            raise ValueError("LookupTable.from_tensor: block_size needs format= (a float table has no blocks)")
         placement, device = cls._check_placement(placement, device, "from_tensor")
-        meta = _metadata(lut.shape, lut.dtype)
+        lut = _as_4d(lut)
+        payload = _payload(lut)  # what the tier stores: the float tensor or the packed uint8 rows
+        meta = _metadata_of(lut)
         if placement == "disk":
             if path is not None:
-                _save_tensor(lut, path, meta)
+                _save_tensor(payload, path, meta)
                 return cls.open(path, "disk", device, staging_bytes=staging_bytes)
             fd, tmp = tempfile.mkstemp(suffix=".safetensors", prefix="mole_lut_")
             os.close(fd)
             try:
-                _save_tensor(lut, tmp, meta)
+                _save_tensor(payload, tmp, meta)
                 return cls.open(tmp, "disk", device, staging_bytes=staging_bytes)
             finally:
                 os.unlink(tmp)  # the mapping keeps the data; nothing is left behind on disk
         if placement == "device":
-            data = lut.to(device, copy=True).contiguous()
-            return cls(lut=data, placement=placement, device=device, metadata=meta, _token=_PRIVATE)
-        store, view = cls._host_store(lut.shape, lut.dtype, device)
+            data = payload.to(device, copy=True).contiguous()
+            return cls(lut=_like(lut, data), placement=placement, device=device, metadata=meta, _token=_PRIVATE)
+        store, view = cls._host_store(payload.shape, payload.dtype, device)
         bar = _progress(view.numel() * view.element_size(), "pinning LUT")
         step = max(1, _CHUNK // max(1, view[0].numel() * view.element_size()))
-        for a in range(0, lut.shape[0], step):
-            view[a:a + step].copy_(lut[a:a + step])
+        for a in range(0, payload.shape[0], step):
+            view[a:a + step].copy_(payload[a:a + step])
             bar.update(view[a:a + step].numel() * view.element_size())
         bar.close()
-        return cls(lut=view, placement=placement, device=device, store=store, metadata=meta, _token=_PRIVATE)
+        return cls(lut=_like(lut, view), placement=placement, device=device, store=store, metadata=meta,
+                   _token=_PRIVATE)
 
     @classmethod
     def open(cls, path: str, placement: str = "disk", device=None, *, tensor: str = TENSOR_NAME,
@@ -299,22 +348,27 @@ class LookupTable:
         """Opens a safetensors table (header validated now: truncation, dtype, shape vs metadata).
 
         ``placement="disk"`` maps the file and reads nothing up front; ``"host"``/``"device"``
-        load it (in chunks, never a second full copy in memory).
+        load it (in chunks, never a second full copy in memory). A quantized file (U8 tensor with
+        ``mole_kernels.format`` metadata) is checked against its metadata now: row size from
+        format/dim/block size, and the first and last tokens' rows (zero padding, finite scales).
         """
         path = os.fspath(path)
         placement, device = cls._check_placement(placement, device, "open")
         info = _read_header(path, tensor)
+        mapped = _store("file", path, info.data_offset, info.nbytes)
+        try:
+            src = mapped.tensor().view(info.dtype).view(info.shape)
+            template = _check_quantized_rows(src, info, path)  # None for a float table
+        except BaseException:
+            mapped.close()
+            raise
         if placement == "disk":
-            store = _store("file", path, info.data_offset, info.nbytes)
-            lut = store.tensor().view(info.dtype).view(info.shape)
-            return cls(lut=lut, placement="disk", device=device, store=store, staging_bytes=staging_bytes,
-                       metadata=info.metadata, _token=_PRIVATE)
+            return cls(lut=_like(template, src), placement="disk", device=device, store=mapped,
+                       staging_bytes=staging_bytes, metadata=info.metadata, _token=_PRIVATE)
         if placement == "host":
             store, view = cls._host_store(info.shape, info.dtype, device)
         else:
             store, view = None, torch.empty(info.shape, dtype=info.dtype, device=device)
-        mapped = _store("file", path, info.data_offset, info.nbytes)
-        src = mapped.tensor().view(info.dtype).view(info.shape)
         bar = _progress(info.nbytes, f"loading {os.path.basename(path)}")
         step = max(1, _CHUNK // max(1, src[0].numel() * src.element_size()))
         for a in range(0, info.shape[0], step):
@@ -323,7 +377,8 @@ class LookupTable:
         bar.close()
         del src
         mapped.close()
-        return cls(lut=view, placement=placement, device=device, store=store, metadata=info.metadata, _token=_PRIVATE)
+        return cls(lut=_like(template, view), placement=placement, device=device, store=store,
+                   metadata=info.metadata, _token=_PRIVATE)
 
     @staticmethod
     def _check_placement(placement, device, where):
@@ -347,17 +402,34 @@ class LookupTable:
     # ------------------------------------------------------------ properties ---------------
 
     @property
+    def format(self) -> Optional[str]:
+        """The quantization format (``"int8"``, ``"fp8_e4m3"``, ``"nf4"``), or None for a float table."""
+        return self._format
+
+    @property
+    def block_size(self) -> Optional[int]:
+        """Values per quantization scale, or None for a float table."""
+        return self._block_size
+
+    @property
+    def quantized(self) -> bool:
+        return self._format is not None
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        """Bytes the tier holds (quantized tables: the packed rows, scales and padding included)."""
+        return self.shape[0] * self.row_bytes
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one token's rows for all layers (L*E*D elements)."""
-        return math.prod(self.shape[1:]) * self.dtype.itemsize
+        """Bytes of one token's rows for all layers (L*E*D elements, or L*E quantized rows)."""
+        return self._token_bytes
 
     @property
-    def tensor(self) -> torch.Tensor:
-        """The ``[V, L, E, D]`` tensor over the tier's storage (read-only for the disk tier)."""
+    def tensor(self):
+        """The table over the tier's storage (read-only for the disk tier): a ``[V, L, E, D]`` tensor,
+        or for a quantized table the :class:`~mole_kernels.QuantizedLUT` (``lut_gather`` and
+        ``dequantize`` take either)."""
         self._check_open()
         return self._lut
 
@@ -378,8 +450,9 @@ class LookupTable:
             return f"LookupTable(closed, placement={self.placement!r})"
         V, L, E, D = self.shape
         pin = ", pinned" if self.pinned else ""
+        quant = f", format={self._format}, block_size={self._block_size}" if self.quantized else ""
         return (f"LookupTable(placement={self.placement!r}{pin}, shape=[V={V}, L={L}, E={E}, D={D}], "
-                f"dtype={str(self.dtype).replace('torch.', '')}, bytes={_human(self.nbytes)}, "
+                f"dtype={str(self.dtype).replace('torch.', '')}{quant}, bytes={_human(self.nbytes)}, "
                 f"row={_human(self.row_bytes)}, device={self.device})")
 
     def reset_stats(self) -> None:
@@ -388,9 +461,11 @@ class LookupTable:
     # ------------------------------------------------------------ saving / closing ----------
 
     def save(self, path) -> None:
-        """Writes the table as safetensors: tensor ``"lut"`` [V, L, E, D] plus metadata."""
+        """Writes the table as safetensors: tensor ``"lut"`` [V, L, E, D] plus metadata (a quantized
+        table: its packed uint8 rows ``[V, L, E, row_bytes]`` and metadata naming format, block size,
+        dtype and layout; :meth:`open` reads either)."""
         self._check_open()
-        _save_tensor(self._lut, os.fspath(path), {**self.metadata, **_metadata(self.shape, self.dtype)})
+        _save_tensor(_payload(self._lut), os.fspath(path), {**self.metadata, **_metadata_of(self._lut)})
 
     def close(self) -> None:
         """Releases the table's memory / mapping and staging now (views still held keep theirs alive)."""
@@ -498,12 +573,14 @@ class LookupTable:
         return path
 
     def _segment(self, layer: Optional[int]):
-        """(byte offset in a row, bytes, shape of one token's piece) of the rows a call needs."""
+        """(byte offset in a token's rows, bytes, shape of one token's piece as stored) of the rows a
+        call needs. Quantized tables: pieces of packed rows ``(L, E, row_bytes)`` / ``(E, row_bytes)``."""
         _, L, E, D = self.shape
+        last = self._lut.row_bytes if self.quantized else D
+        seg = self.row_bytes // L if L else 0
         if layer is None:
-            return 0, self.row_bytes, (L, E, D)
-        seg = E * D * self.dtype.itemsize
-        return layer * seg, seg, (E, D)
+            return 0, self.row_bytes, (L, E, last)
+        return layer * seg, seg, (E, last)
 
     def _count_direct(self, n: int, layer, path: str):
         s = self.stats
@@ -518,7 +595,7 @@ class LookupTable:
         """Dedupe ``ids`` on the host and bring each unique row to :attr:`device` once.
 
         Returns ``(rows [U, *piece], inverse ids [*] on device)``; ``lut_gather(rows, inverse)``
-        expands them. ``out``: a uint8 device buffer to reuse (at least U * segment bytes).
+        expands them (a quantized table's rows are a QuantizedLUT over the packed bytes). ``out``: a uint8 device buffer to reuse (at least U * segment bytes).
         """
         s = self.stats
         t0 = time.perf_counter()
@@ -556,6 +633,8 @@ class LookupTable:
         else:
             self._staged_copy(uniq, seg_off, seg_bytes, dst)
         inv = inv.to(self.device, non_blocking=True).view(ids.shape)
+        if self.quantized:  # packed rows; the gather that expands them dequantizes
+            return _like(self._lut, dst.view(U, *piece)), inv
         return dst.view(self.dtype).view(U, *piece), inv
 
     def _staged_copy(self, uniq: torch.Tensor, seg_off: int, seg_bytes: int, dst: torch.Tensor):
@@ -596,10 +675,49 @@ class LookupTable:
 _PRIVATE = object()
 
 
-def _metadata(shape, dtype) -> Dict[str, str]:
+def _metadata(shape, dtype, quantized: Optional[QuantizedLUT] = None) -> Dict[str, str]:
+    """File metadata of a ``[V, L, E, D]`` table of ``dtype``; a quantized one adds its QuantizedLUT.metadata()."""
     V, L, E, D = shape
-    return {"format": "mole_kernels.lut", "format_version": str(FORMAT_VERSION), "vocab": str(V), "layers": str(L),
+    version = FORMAT_VERSION if quantized is not None else _FLOAT_FORMAT_VERSION
+    meta = {"format": "mole_kernels.lut", "format_version": str(version), "vocab": str(V), "layers": str(L),
             "experts": str(E), "hidden": str(D), "dtype": str(dtype).replace("torch.", "")}
+    if quantized is not None:
+        meta.update(quantized.metadata())
+    return meta
+
+
+def _metadata_of(lut) -> Dict[str, str]:
+    """:func:`_metadata` of a 4-D table (tensor or QuantizedLUT)."""
+    return _metadata(lut.shape, lut.dtype, lut if isinstance(lut, QuantizedLUT) else None)
+
+
+def _as_4d(lut):
+    """[V, E, ...] -> [V, 1, E, ...] (tensor or QuantizedLUT)."""
+    if isinstance(lut, QuantizedLUT):
+        return lut if lut.data.dim() == 4 else _like(lut, lut.data.unsqueeze(1))
+    return lut if lut.dim() == 4 else lut.unsqueeze(1)
+
+
+def _payload(lut) -> torch.Tensor:
+    """The tensor a tier stores: the float table itself, or a QuantizedLUT's packed uint8 rows."""
+    return lut.data if isinstance(lut, QuantizedLUT) else lut
+
+
+def _like(template, payload: torch.Tensor):
+    """``payload`` as the same kind of table as ``template`` (a QuantizedLUT with its format, or as is)."""
+    if isinstance(template, QuantizedLUT):
+        return QuantizedLUT(payload, template.format, template.dim, template.block_size, template.dtype)
+    return payload
+
+
+def _check_quantized_rows(src: torch.Tensor, info: _FileInfo, path: str) -> Optional[QuantizedLUT]:
+    """A quantized file's table over its mapping, its first and last rows checked; None for a float file."""
+    if not info.quantized:
+        return None
+    try:
+        return QuantizedLUT.from_metadata(src, info.metadata)
+    except ValueError as e:
+        raise ValueError(f"LookupTable.open: {path}: quantized table: {e}") from None
 
 
 def _save_tensor(lut: torch.Tensor, path: str, metadata: Dict[str, str]) -> None:
@@ -645,7 +763,8 @@ class Prefetcher:
 
     ``start(ids)`` returns at once (on CUDA); ``layer(l)`` makes the current stream wait for
     layer ``l``'s rows only and returns them, a ``[T, E, D]`` view (contiguous: the buffer is
-    layer-major ``[L, max_tokens, E, D]``). Two buffers alternate, so the prefetch for step n+1
+    layer-major ``[L, max_tokens, E, D]``; dequantized, in the table's dtype, for a quantized
+    table). Two buffers alternate, so the prefetch for step n+1
     may be started while step n still reads its rows; a third ``start`` reuses the first
     buffer (its :class:`Prefetch` handle then raises instead of returning overwritten rows).
     Every ``start`` waits (on the GPU) for the work already queued on the current stream, so
@@ -665,6 +784,12 @@ class Prefetcher:
         V, L, E, D = table.shape
         dev = table.device
         self.table, self.max_tokens, self.strict = table, max_tokens, strict
+        # The buffers hold dequantized rows in the table's dtype for a quantized table too: the
+        # gather's rows form dequantizes while it writes them, so layer() and mole_combine are the
+        # same for every table, and only quantized bytes cross PCIe / come off disk either way.
+        # The alternative (keep quantized rows here, dequantize inside mole_combine) would save
+        # device-buffer bandwidth; it was not measured because no GPU was available, so the
+        # simpler form stands until a benchmark says otherwise.
         self._bufs = [torch.empty((L, max_tokens, E, D), dtype=table.dtype, device=dev) for _ in range(2)]
         self._ids = [torch.empty(max_tokens, dtype=torch.int64, device=dev) for _ in range(2)]
         self._unique = [None, None]  # dedupe paths: device buffer of unique rows, made on first use

@@ -36,6 +36,18 @@ def test_demo_prints_every_tier_and_baseline(capsys):
     assert "dense baseline" in out and "experts offloaded" in out
     bf16 = next(l for l in out.splitlines() if "(bfloat16)" in l)
     assert 1e-6 < float(bf16.split()[-1]) < 1.0
+    # quantized host tables: logits move more than bf16's, bytes per token shrink (D = 32: one scale per row)
+    int8 = next(l for l in out.splitlines() if l.startswith("MoLE, LUT on host (int8, block 32)"))
+    nf4 = next(l for l in out.splitlines() if l.startswith("MoLE, LUT on host (nf4, block 32)"))
+    fp32 = next(l for l in out.splitlines() if l.startswith("MoLE, LUT on host "))
+    deltas = [float(l.replace(" *", "").split()[-1]) for l in (bf16, int8, nf4)]
+    assert 0 < deltas[0] < deltas[2] < 5.0 and 0 < deltas[1] < deltas[2]
+
+    def per_token(line):  # the "LUT/expert bytes per token" column, e.g. "1.5 KiB"
+        value, unit = re.findall(r"([0-9.]+) (B|KiB|MiB)", line)[0]
+        return float(value) * {"B": 1, "KiB": 1024, "MiB": 1 << 20}[unit]
+
+    assert per_token(nf4) < per_token(int8) < per_token(fp32) / 2  # 32 and 48 vs 128 bytes a row
 
 
 def test_reparameterize_command(tmp_path, capsys):

@@ -1,0 +1,39 @@
+"""One progress bar for long table operations: tqdm when it is importable, else a no-op.
+
+``progress_bar(total, desc, enabled=..., unit=...)`` returns an object with ``update(n)`` and
+``close()`` (and usable as a context manager) either way, so callers never test for tqdm.
+Bars go to stderr and disappear when closed (``leave=False``).
+"""
+from __future__ import annotations
+
+import sys
+
+__all__ = ["progress_bar"]
+
+
+class _NullBar:
+    """The interface of a tqdm bar that callers use, doing nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def progress_bar(total: int, desc: str, *, enabled: bool = True, unit: str = "it", unit_scale: bool = False):
+    """A tqdm bar over ``total`` units when ``enabled`` and tqdm is installed, else a no-op bar."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr, leave=False)
+    return _NullBar()
