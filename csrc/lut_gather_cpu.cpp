@@ -113,6 +113,7 @@ inline void vstore(at::BFloat16* p, Vec v) {  // round to nearest even; NaN stay
 using mole::fused_span_scalar;
 using mole::prefetch_l2;
 #include "lut_gather_cpu_simd.inc"
+
 }  // namespace mole::avx512
 #pragma GCC pop_options
 #endif
@@ -157,6 +158,9 @@ void fused_span(const lut_t* base, const lut_t* next, int64_t D, int64_t E, cons
   }
 }
 
+// How many work items ahead rows are prefetched.
+constexpr int64_t kPrefetchItems = 2;
+
 // Columns per work item when a batch is too small to keep every thread busy with whole tokens.
 constexpr int64_t kSplitColumns = 256;
 
@@ -177,9 +181,10 @@ void fused_kernel(const GatherPlan& p, const lut_t* lut, const id_t* ids, const 
       const int64_t id = static_cast<int64_t>(ids[t]);
       if (id >= 0 && id < p.V) {
         const lut_t* next = nullptr;  // the next item's rows, prefetched while this one is summed
-        if (item + 1 < end) {
-          const int64_t next_id = static_cast<int64_t>(ids[(item + 1) / spans]);
-          if (next_id >= 0 && next_id < p.V) next = lut + next_id * p.row_elems + p.seg_offset + ((item + 1) % spans) * span;
+        if (item + kPrefetchItems < end) {
+          const int64_t ahead = item + kPrefetchItems;
+          const int64_t next_id = static_cast<int64_t>(ids[ahead / spans]);
+          if (next_id >= 0 && next_id < p.V) next = lut + next_id * p.row_elems + p.seg_offset + (ahead % spans) * span;
         }
         fused_span(lut + id * p.row_elems + p.seg_offset + c0, next, p.D, p.E, w + t * p.E, dst, n, accumulate);
       } else if (!accumulate) {  // an id outside the table contributes nothing (counted in faults)
