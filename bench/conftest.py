@@ -6,13 +6,21 @@ moved per call), `provider` (ours or a named baseline), `shape`, and after the r
 
 MOLE_BENCH_SMOKE=1 shrinks every suite to one or two tiny cases (CI runs it with
 --benchmark-disable, so a broken benchmark fails CI without costing minutes).
+MOLE_BENCH_GPU_QUICK=1 (set by bench/gpu_check.sh) trims the grids that honour it so the whole
+suite fits a short GPU loan; the shapes stay the paper's.
+
+An autouse fixture adds `commit`, `torch`, `cuda`, `gpu`, `cpu_threads`, `smoke` and `load1` to
+every benchmark's extra_info, so each row of the JSON says what it ran on and how busy the
+machine was (bench/report.py prints them on every table and figure).
 """
 import os
+import subprocess
 
 import pytest
 import torch
 
 SMOKE = os.environ.get("MOLE_BENCH_SMOKE") == "1"
+GPU_QUICK = os.environ.get("MOLE_BENCH_GPU_QUICK") == "1"
 HAS_CUDA = torch.cuda.is_available()
 
 # The paper's shapes (DESIGN section 7): name -> (L, E, D).
@@ -81,3 +89,36 @@ class Rotation:
 def memcpy_bytes():
     """Size of the buffers used for the machine's copy bandwidth."""
     return (16 if SMOKE else 512) << 20
+
+
+def _source_commit():
+    """The commit of the tree these benchmarks come from (pytest-benchmark reads the cwd's, which
+    gpu_check.sh moves out of the tree so that the installed package is the one measured)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode:
+        return None
+    return sha.stdout.strip()[:12] + ("+dirty" if dirty.stdout.strip() else "")
+
+
+ENV_INFO = {
+    "commit": _source_commit(),
+    "torch": torch.__version__,
+    "cuda": torch.version.cuda if HAS_CUDA else None,  # None: no GPU in this run (whatever the build)
+    "gpu": torch.cuda.get_device_name() if HAS_CUDA else None,
+    "cpu_threads": torch.get_num_threads(),
+    "smoke": SMOKE,
+}
+
+
+@pytest.fixture(autouse=True)
+def _record_environment(request):
+    """Stamps every benchmark with the versions and devices it ran on (tests set the rest)."""
+    if "benchmark" in request.fixturenames:
+        # load1: the 1-minute load average as the test starts (other work on the machine shows here)
+        request.getfixturevalue("benchmark").extra_info.update(ENV_INFO, load1=round(os.getloadavg()[0], 2))

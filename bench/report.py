@@ -1,22 +1,57 @@
-"""Turn pytest-benchmark JSON into bench/RESULTS.md tables and PNG plots.
+"""Turn pytest-benchmark JSON into bench/RESULTS.md (tables) and bench/plots/*.png (figures).
 
-    pytest bench --benchmark-json=cpu.json
-    python bench/report.py cpu.json [gpu.json ...] --out bench/RESULTS.md --plots bench/plots
+One command, on this CPU machine (runs the whole suite, then renders; a few minutes):
 
-Each JSON file becomes one section headed by its machine, date, torch/CUDA versions and git
-commit. Benchmarks are grouped by their pytest-benchmark group (op x shape); in each group every
-provider's median is shown with its ratio to ours (provider names starting with "mole"), its
-GB/s (from extra_info["bytes"]) and the fraction of the relevant machine limit measured in the
-same run (bench_limits.py: host-copy for CPU rows, h2d-pinned for zero-copy/host rows, d2d for
-VRAM rows). A run without a GPU lists the GPU rows as not measured.
+    python bench/report.py --run                 # -> bench/results/cpu.json, bench/RESULTS.md, bench/plots/
+    python bench/report.py --run --smoke         # the same at smoke sizes (seconds; numbers meaningless)
+    python bench/report.py                       # re-render from bench/results/*.json only
+
+Other JSON files (e.g. the GPU run that bench/gpu_check.sh writes; put it at
+bench/results/gpu.json) are rendered next to the CPU run:
+
+    python bench/report.py bench/results/cpu.json bench/results/gpu.json --out bench/RESULTS.md --plots bench/plots
+    python bench/report.py a.json b.json --merge-to all.json   # one JSON from several partial runs
+
+Files from the same machine (node + GPU) are pooled into one section headed by the machine,
+date, torch/CUDA versions and git commit; every figure carries the same line. Rows are grouped
+op x shape; each provider's median is shown with its ratio to ours (the fastest of our providers
+on the same device and group: above 1x ours is faster; ours = names starting with "mole", every
+LookupTable path in table-gather, the quantized formats against bf16), its GB/s (from
+extra_info["bytes"]) and the fraction of the relevant machine limit measured in the same run
+(bench_limits.py: host-copy for CPU rows, h2d-pinned for rows whose bytes cross PCIe, d2d for
+VRAM rows). Without a GPU run, the GPU providers of each op are listed as not measured.
+`--summary` prints one line per group (ours vs the best baseline); gpu_check.sh shows it last.
 """
 import argparse
 import json
 import os
 import re
+import subprocess
+import sys
 from collections import defaultdict
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
 OURS = "mole"
+# Suites whose every provider is ours (tiers/paths of LookupTable), and suites whose baseline is
+# not named as a peer but as our own reference format (quant: bf16 is the reference).
+ALL_OURS_OPS = ("table-gather",)
+REFERENCE_PROVIDERS = {"bf16"}
+# GPU-only providers per op, listed as "not measured" when no GPU run is given. Keep in step with
+# the suites (a missing name only costs a line in the report).
+GPU_PROVIDERS = {
+    "limits": ["h2d-pinned", "d2d"],
+    "lut_gather-fused": ["mole-cuda-device", "mole-cuda-zero_copy", "torch-eager-cuda-device"],  # fbgemm: CPU only
+    "lut_gather-rows": ["mole-cuda-device", "mole-cuda-zero_copy", "official-cuda"],
+    "table-gather": ["device-device", "host-zero_copy", "host-dma", "disk-staged"],
+    "e2e-decode": ["dense", "mole-device", "mole-host", "mole-disk", "moe-offload", "dense-graph",
+                   "mole-device-graph", "mole-host-graph"],
+    "e2e-prefill": ["dense", "mole-device", "mole-host", "mole-disk", "moe-offload"],
+    "combine": ["mole_combine (Triton)", "eager"],
+}
+
+
+# ---------------------------------------------------------------- reading ---------------------
 
 
 def load(path):
@@ -26,31 +61,87 @@ def load(path):
     return data
 
 
-def provider_of(bench):
-    info = bench.get("extra_info", {})
-    return info.get("provider") or bench.get("param") or bench["name"]
+def info_of(b):
+    return b.get("extra_info", {}) or {}
+
+
+def provider_of(b):
+    return str(info_of(b).get("provider") or b.get("param") or b["name"])
+
+
+def is_ours(b):
+    provider = provider_of(b)
+    if provider.startswith(OURS):
+        return True
+    op = op_of(b)
+    if op in ALL_OURS_OPS:
+        return True
+    return op.startswith("lut_gather_quant") and provider not in REFERENCE_PROVIDERS
+
+
+def op_of(b):
+    info = info_of(b)
+    if info.get("op"):
+        return "limits" if info.get("provider") == "limit" else info["op"]
+    m = re.search(r"bench_(\w+)\.py", b.get("fullname", ""))  # suites that set no op: the file name
+    return m.group(1) if m else b.get("group") or "misc"
+
+
+def device_of(b, run_has_gpu):
+    """'cpu' or 'cuda' (bench_combine records a device *name*; anything not a CPU is the GPU)."""
+    d = str(info_of(b).get("device", "cpu"))
+    if d in ("cpu", "cuda"):
+        return d
+    return "cpu" if d.startswith("cpu") or not run_has_gpu else "cuda"
+
+
+def run_has_gpu(data):
+    return any(info_of(b).get("gpu") or info_of(b).get("device") == "cuda" for b in data["benchmarks"])
+
+
+def machine_key(data):
+    gpu = next((info_of(b).get("gpu") for b in data["benchmarks"] if info_of(b).get("gpu")), None)
+    return data.get("machine_info", {}).get("node", "?"), gpu
+
+
+def pool(datas):
+    """Files from one machine -> one run: benchmarks concatenated, the first file's metadata."""
+    runs = {}
+    for d in datas:
+        key = machine_key(d)
+        if key not in runs:
+            runs[key] = dict(d, benchmarks=list(d["benchmarks"]), _paths=[d["_path"]])
+        else:
+            runs[key]["benchmarks"] += d["benchmarks"]
+            runs[key]["_paths"].append(d["_path"])
+    return list(runs.values())
 
 
 def limits_of(data):
     """Machine limits measured in this run: op name -> bytes/s."""
     out = {}
     for b in data["benchmarks"]:
-        info = b.get("extra_info", {})
+        info = info_of(b)
         if info.get("provider") == "limit" and info.get("bytes"):
             out[info["op"]] = info["bytes"] / b["stats"]["median"]
     return out
 
 
-def limit_for(info, limits):
-    """The ceiling a row is judged against, by where its bytes come from."""
-    provider = str(info.get("provider", ""))
-    tier = str(info.get("tier", "")) + " " + provider
-    if "zero_copy" in tier or "host" in tier or "dma" in tier or "disk" in tier:
-        if info.get("device") == "cuda" or "cuda" in provider:
+def limit_for(b, device, limits):
+    """The ceiling a row is judged against, by where its bytes come from (None: not a bandwidth row)."""
+    info, provider = info_of(b), provider_of(b)
+    op = op_of(b)
+    if op.startswith("e2e") and not (provider.startswith(OURS) and device == "cuda" and info.get("tier") != "device"):
+        return None, None  # a model step is not a copy; only the off-GPU LUT tiers are judged by PCIe
+    where = f"{info.get('tier', '')} {provider}"
+    if device == "cuda":
+        if any(k in where for k in ("zero_copy", "host", "dma", "disk", "official", "offload")):
             return "h2d-pinned", limits.get("h2d-pinned")
-    if info.get("device") == "cuda" or "cuda" in provider:
         return "d2d", limits.get("d2d")
     return "host-copy", limits.get("host-copy")
+
+
+# ---------------------------------------------------------------- formatting -------------------
 
 
 def fmt_time(seconds):
@@ -60,121 +151,339 @@ def fmt_time(seconds):
     return f"{seconds / 1e-9:.3g} ns"
 
 
-def header(data):
+def stamp(data):
+    """One line naming machine, date, versions and commit: on every table section and figure."""
     m, c = data.get("machine_info", {}), data.get("commit_info", {})
+    extra = next((info_of(b) for b in data["benchmarks"] if info_of(b).get("torch")), {})
     cpu = m.get("cpu", {}).get("brand_raw", m.get("processor", "?"))
-    extra = data["benchmarks"][0].get("extra_info", {}) if data["benchmarks"] else {}
-    lines = [
-        f"- date: {data.get('datetime', '?')}",
-        f"- machine: {m.get('node', '?')} — {cpu}, {m.get('cpu', {}).get('count', '?')} CPUs"
-        + (f", GPU: {extra['gpu']}" if extra.get("gpu") else ", no GPU"),
-        f"- python {m.get('python_version', '?')}, torch {extra.get('torch', '?')}, CUDA {extra.get('cuda', 'none')}",
-        f"- commit: {c.get('id', '?')[:12]}{' (dirty)' if c.get('dirty') else ''}",
-        f"- source: `{os.path.basename(data['_path'])}`",
-    ]
-    return "\n".join(lines)
+    gpu = extra.get("gpu") or "no GPU"
+    commit = extra.get("commit") or (c.get("id", "?")[:12] + ("+dirty" if c.get("dirty") else ""))
+    return (f"{m.get('node', '?')} | {cpu} ({m.get('cpu', {}).get('count', '?')} CPUs) | {gpu} | "
+            f"torch {extra.get('torch', '?')}, CUDA {extra.get('cuda') or 'none'} | "
+            f"{str(data.get('datetime', '?'))[:16]} | commit {commit}")
 
 
-def group_table(benches, limits):
-    ours = [b for b in benches if str(provider_of(b)).startswith(OURS)]
-    best_ours = min((b["stats"]["median"] for b in ours), default=None)
-    rows = ["| provider | median | vs ours | GB/s | of limit |", "| --- | ---: | ---: | ---: | ---: |"]
-    for b in sorted(benches, key=lambda b: b["stats"]["median"]):
-        info = b.get("extra_info", {})
-        med = b["stats"]["median"]
-        ratio = f"{med / best_ours:.2f}x" if best_ours else "—"
-        gbs = info.get("bytes", 0) / med / 1e9 if info.get("bytes") else None
-        name, lim = limit_for(info, limits)
-        frac = f"{gbs * 1e9 / lim:.0%} {name}" if gbs and lim else "—"
-        rows.append(f"| {provider_of(b)} | {fmt_time(med)} | {ratio} | {f'{gbs:.1f}' if gbs else '—'} | {frac} |")
-    return "\n".join(rows)
+def sort_key_shape(shape):
+    """Natural order: 160M-4E-T8 before 160M-4E-T32."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(shape))]
 
 
-def plot(data, plot_dir, tag):
-    """Latency vs tokens per provider, one PNG per op/shape family."""
+def group_rows(benches, has_gpu, limits):
+    """Rows of one op: (shape, provider, device, median, vs ours, GB/s, of limit)."""
+    by_group = defaultdict(list)
+    for b in benches:
+        by_group[b.get("group") or b["name"]].append(b)
+    rows = []
+    for group in sorted(by_group, key=sort_key_shape):
+        members = [(b, device_of(b, has_gpu)) for b in by_group[group]]
+        ref = {}
+        for b, d in members:
+            if is_ours(b):
+                ref[d] = min(ref.get(d, float("inf")), b["stats"]["median"])
+        any_ref = min(ref.values(), default=None)
+        for b, d in sorted(members, key=lambda x: (x[1], x[0]["stats"]["median"])):
+            info, med = info_of(b), b["stats"]["median"]
+            base = ref.get(d, any_ref)
+            gbs = info["bytes"] / med / 1e9 if info.get("bytes") else None
+            lname, lim = limit_for(b, d, limits)
+            rows.append(dict(
+                shape=str(info.get("shape", group)), provider=provider_of(b), device=d, median=med,
+                ratio=med / base if base else None, gbs=gbs,
+                frac=f"{gbs * 1e9 / lim:.0%} {lname}" if gbs and lim else "—", group=group,
+                ours=is_ours(b),
+            ))
+    return rows
+
+
+def op_table(rows):
+    out = ["| shape | provider | device | median | vs ours | GB/s | of limit |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    last = None
+    for r in rows:
+        shape = r["shape"] if r["shape"] != last else ""
+        last = r["shape"]
+        name = f"**{r['provider']}**" if r["ours"] else r["provider"]
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "—"
+        gbs = f"{r['gbs']:.3g}" if r["gbs"] is not None else "—"
+        out.append(f"| {shape} | {name} | {r['device']} | {fmt_time(r['median'])} | {ratio} | {gbs} | {r['frac']} |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- plots -----------------------
+
+
+def _plt():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
-    series = defaultdict(lambda: defaultdict(list))
+        return None
+    return plt
+
+
+def _series(data, has_gpu, value, ours_labels):
+    """op -> family (shape without -T<n>) -> 'provider [device]' -> [(T, value)]; ours' labels into ours_labels."""
+    out = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for b in data["benchmarks"]:
-        info = b.get("extra_info", {})
-        m = re.search(r"-T(\d+)", str(info.get("shape", "")))
+        info = info_of(b)
+        m = re.search(r"-T(\d+)$", str(info.get("shape", "")))
         if not m or info.get("provider") == "limit":
             continue
-        family = f"{info.get('op', b['group'])}-{re.sub(r'-T\d+', '', info['shape'])}"
-        series[family][provider_of(b)].append((int(m.group(1)), b["stats"]["median"]))
+        v = value(b)
+        if v is None:
+            continue
+        family = re.sub(r"-T\d+$", "", info["shape"])
+        label = f"{provider_of(b)} [{device_of(b, has_gpu)}]"
+        if is_ours(b):
+            ours_labels.add(label)
+        out[op_of(b)][family][label].append((int(m.group(1)), v))
+    return out
+
+
+def _figure(plt, title, xlabel, ylabel, stamp_line):
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.text(0.01, 0.005, stamp_line, fontsize=5.5, color="0.35")
+    return fig, ax
+
+
+def plots(data, plot_dir, tag):
+    """Latency vs tokens (batch) per provider, and GB/s vs rows with the machine's limits drawn in."""
+    plt = _plt()
+    if plt is None or not plot_dir:
+        return []
     os.makedirs(plot_dir, exist_ok=True)
+    for old in os.listdir(plot_dir):  # figures of an earlier run of this kind would linger unlinked
+        if old.startswith(f"{tag}-") and old.endswith(".png"):
+            os.unlink(os.path.join(plot_dir, old))
+    has_gpu, line, limits = run_has_gpu(data), stamp(data), limits_of(data)
     written = []
-    for family, providers in sorted(series.items()):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for provider, points in sorted(providers.items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] * 1e3 for p in points], marker="o", label=provider)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens per call")
-        ax.set_ylabel("median latency (ms)")
-        ax.set_title(f"{family} ({tag})")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        path = os.path.join(plot_dir, f"{tag}-{family}.png")
-        fig.tight_layout()
+
+    def save(fig, ax, name):
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        path = os.path.join(plot_dir, f"{tag}-{name}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+
+    ours = set()  # ours solid, baselines dashed
+    latency = _series(data, has_gpu, lambda b: b["stats"]["median"] * 1e3, ours)
+    for op, families in sorted(latency.items()):
+        for family, providers in sorted(families.items()):
+            xlabel = "batch (decode tokens per step)" if op == "e2e-decode" else "tokens per call"
+            fig, ax = _figure(plt, f"{op} {family}: median latency ({tag})", xlabel, "ms", line)
+            for label, pts in sorted(providers.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                        linestyle="-" if label in ours else "--")
+            save(fig, ax, f"latency-{op}-{family}")
+
+    bandwidth = _series(data, has_gpu, lambda b: info_of(b)["bytes"] / b["stats"]["median"] / 1e9
+                        if info_of(b).get("bytes") and not op_of(b).startswith("e2e") else None, ours)
+    for op, families in sorted(bandwidth.items()):
+        for family, providers in sorted(families.items()):
+            fig, ax = _figure(plt, f"{op} {family}: GB/s of rows read ({tag})", "rows (tokens) per call", "GB/s", line)
+            for label, pts in sorted(providers.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                        linestyle="-" if label in ours else "--")
+            for name, bps in sorted(limits.items()):
+                ax.axhline(bps / 1e9, color="0.5", linewidth=0.8, linestyle=":")
+                ax.annotate(f"{name} {bps / 1e9:.0f} GB/s", (ax.get_xlim()[0], bps / 1e9), fontsize=6, color="0.4")
+            save(fig, ax, f"bandwidth-{op}-{family}")
     return written
 
 
+# ---------------------------------------------------------------- document --------------------
+
+
+def scaling_notes(data):
+    notes = set()
+    for b in data["benchmarks"]:
+        info = info_of(b)
+        if info.get("scaled_from"):
+            family = re.sub(r"-T\d+$", "", info["shape"])
+            notes.add(f"`{info['op']}` {family}: L={info.get('layers')}, "
+                      f"V={info.get('vocab')}, context {info.get('context')} (paper: {info['scaled_from']})")
+        elif info.get("vocab") and info.get("vocab") != 50304 and info.get("op"):
+            notes.add(f"`{info['op']}`: vocabulary {info['vocab']} (paper: 50,304)")
+        if str(info.get("op", "")).startswith("e2e") and info.get("threads"):
+            notes.add(f"`e2e-*`: {info['threads']} CPU thread(s), {info.get('dtype')}")
+    return sorted(notes)
+
+
 def section(data, plot_dir, out_dir):
-    has_gpu = any(b.get("extra_info", {}).get("device") == "cuda" for b in data["benchmarks"])
+    has_gpu = run_has_gpu(data)
     tag = "gpu" if has_gpu else "cpu"
     limits = limits_of(data)
-    parts = [f"## {'GPU' if has_gpu else 'CPU'} run", header(data), ""]
+    smoke = any(info_of(b).get("smoke") for b in data["benchmarks"])
+    parts = [f"## {'GPU' if has_gpu else 'CPU'} run — {machine_key(data)[0]}"
+             + (" — SMOKE sizes: the numbers mean nothing" if smoke else ""), "",
+             f"`{stamp(data)}`", "",
+             "Sources: " + ", ".join(f"`{os.path.relpath(p, out_dir)}`" for p in data["_paths"]), ""]
+    loads = [info_of(b)["load1"] for b in data["benchmarks"] if info_of(b).get("load1") is not None]
+    if loads:
+        cpus = data.get("machine_info", {}).get("cpu", {}).get("count", "?")
+        parts += [f"1-minute load average as each benchmark started: {min(loads):.2f} to {max(loads):.2f} "
+                  f"({cpus} CPUs; a load near the CPU count means other work shared the machine).", ""]
     if limits:
-        parts.append("Machine limits (same run): " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in sorted(limits.items())))
-        parts.append("")
-    groups = defaultdict(list)
+        parts += ["Machine limits (same run): " + ", ".join(f"{k} **{v / 1e9:.1f} GB/s**" for k, v in sorted(limits.items())), ""]
+    notes = scaling_notes(data)
+    if notes:
+        parts += ["Scaled down on this machine:", ""] + [f"- {n}" for n in notes] + [""]
+    by_op = defaultdict(list)
     for b in data["benchmarks"]:
-        if b.get("extra_info", {}).get("provider") != "limit":
-            groups[b["group"] or b["name"]].append(b)
-    for name in sorted(groups):
-        parts += [f"### {name}", "", group_table(groups[name], limits), ""]
+        if info_of(b).get("provider") != "limit":
+            by_op[op_of(b)].append(b)
+    for op in sorted(by_op):
+        parts += [f"### {op}", "", op_table(group_rows(by_op[op], has_gpu, limits)), ""]
+        if not has_gpu and op in GPU_PROVIDERS:
+            parts += [f"GPU (cuda) rows — **not measured** (no GPU run in these files): "
+                      + ", ".join(GPU_PROVIDERS[op]), ""]
     if plot_dir:
-        for path in plot(data, plot_dir, tag):
-            parts.append(f"![{os.path.basename(path)}]({os.path.relpath(path, out_dir)})")
-        parts.append("")
+        figs = plots(data, plot_dir, tag)
+        if figs:
+            parts += ["### Figures", ""]
+            parts += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for p in figs] + [""]
     return "\n".join(parts), has_gpu
+
+
+PREAMBLE = """\
+Generated by `bench/report.py` from pytest-benchmark JSON — do not edit by hand; regenerate with
+`python bench/report.py --run` (CPU) and add a GPU run's JSON from `bench/gpu_check.sh`.
+
+How to read: **vs ours** = provider median / the median of our fastest provider (names starting
+with `mole`, in bold) on the same device in the same group, so above 1x ours is faster. GB/s counts the
+table (or expert) bytes a call must move (`bytes` in the JSON); *of limit* divides it by the
+machine's own ceiling measured in the same run (host-copy counts the bytes a copy reads, and
+a copy also writes as many, so a gather that only reads can pass 100%; so can Zipf ids, whose
+popular rows stay in cache). End-to-end rows (`e2e-*`) are model steps: their
+GB/s is the LUT bytes per step over the step time, shown for comparison only. Every number below
+comes from the run named in its section; none is carried over from another machine."""
+
+
+def render(paths, out, plot_dir, preamble=None):
+    out_dir = os.path.dirname(os.path.abspath(out))
+    runs = pool([load(p) for p in paths])
+    runs.sort(key=run_has_gpu)  # CPU first
+    doc = ["# Benchmark results", "", PREAMBLE, ""]
+    if preamble:
+        with open(preamble) as f:
+            doc += [f.read().rstrip(), ""]
+    texts = [section(r, plot_dir, out_dir) for r in runs]
+    if not any(g for _, g in texts):
+        doc += ["**GPU: not measured** — no GPU run in these files (run `bench/gpu_check.sh` on a GPU machine).", ""]
+    doc += [t for t, _ in texts]
+    with open(out, "w") as f:
+        f.write("\n".join(doc).rstrip() + "\n")
+    return runs
+
+
+def summary(runs):
+    """One line per group: ours (fastest mole*) vs the fastest baseline, on the run's main device."""
+    lines = []
+    for data in runs:
+        has_gpu = run_has_gpu(data)
+        dev = "cuda" if has_gpu else "cpu"
+        lines.append(f"== {stamp(data)}")
+        lines.append(f"{'op':18s} {'shape':24s} {'ours':24s} {'median':>9s} {'GB/s':>8s}   "
+                     f"{'best baseline':24s} {'median':>9s} {'vs-ours':>7s}")
+        for lim, bps in sorted(limits_of(data).items()):
+            lines.append(f"{'limits':18s} {lim:24s} {'':24s} {'':>9s} {bps / 1e9:8.1f}")
+        by_op = defaultdict(list)
+        for b in data["benchmarks"]:
+            if info_of(b).get("provider") != "limit":
+                by_op[op_of(b)].append(b)
+        for op in sorted(by_op):
+            rows = [r for r in group_rows(by_op[op], has_gpu, {}) if r["device"] == dev]
+            groups = defaultdict(list)
+            for r in rows:
+                groups[r["group"]].append(r)
+            for g in sorted(groups, key=sort_key_shape):
+                ours = [r for r in groups[g] if r["ours"]]
+                base = [r for r in groups[g] if not r["ours"]]
+                o = min(ours, key=lambda r: r["median"]) if ours else None
+                bb = min(base, key=lambda r: r["median"]) if base else None
+                gbs = "%.1f" % o["gbs"] if o and o["gbs"] else "-"
+                ratio = "%.2fx" % (bb["median"] / o["median"]) if o and bb else "-"
+                lines.append(
+                    f"{op[:18]:18s} {(o or bb)['shape'][:24]:24s} {(o['provider'] if o else '-')[:24]:24s} "
+                    f"{fmt_time(o['median']) if o else '-':>9s} {gbs:>8s}   "
+                    f"{(bb['provider'] if bb else '-')[:24]:24s} {fmt_time(bb['median']) if bb else '-':>9s} "
+                    f"{ratio:>7s}")
+    return "\n".join(lines)
+
+
+def merge(paths, dest):
+    datas = [load(p) for p in paths]
+    merged = {k: v for k, v in datas[0].items() if k != "_path"}
+    merged["benchmarks"] = [b for d in datas for b in d["benchmarks"]]
+    with open(dest, "w") as f:
+        json.dump(merged, f)
+    return dest
+
+
+def run_suite(smoke, extra):
+    """Runs the whole suite with this Python and writes bench/results/cpu.json (or cpu-smoke.json)."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    dest = os.path.join(RESULTS_DIR, "cpu-smoke.json" if smoke else "cpu.json")
+    env = dict(os.environ)
+    if smoke:
+        env["MOLE_BENCH_SMOKE"] = "1"
+    cmd = [sys.executable, "-m", "pytest", HERE, "-q", "-p", "no:cacheprovider", f"--benchmark-json={dest}",
+           "--benchmark-columns=median,rounds"] + extra
+    print("+", " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, env=env, cwd=os.path.dirname(HERE))
+    if rc not in (0, 1) or not os.path.exists(dest):  # 1: some benchmark failed; render what ran
+        sys.exit(f"the benchmark run failed (exit {rc}); nothing to render")
+    return dest
+
+
+def default_inputs(cpu=True):
+    """bench/results/: every gpu*.json, and cpu.json (else cpu-smoke.json) when cpu."""
+    if not os.path.isdir(RESULTS_DIR):
+        return []
+    names = sorted(os.listdir(RESULTS_DIR))
+    out = [f for f in names if f.startswith("gpu") and f.endswith(".json")]
+    if cpu:
+        out = [f for f in ("cpu.json", "cpu-smoke.json") if f in names][:1] + out
+    return [os.path.join(RESULTS_DIR, f) for f in out]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON files")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
-    ap.add_argument("--plots", default=None, help="folder for PNG plots (none if omitted)")
+    ap.add_argument("json", nargs="*", help="pytest-benchmark JSON files (default: bench/results/*.json)")
+    ap.add_argument("--run", action="store_true", help="run the suite first (this machine) into bench/results/")
+    ap.add_argument("--smoke", action="store_true", help="with --run: smoke sizes (MOLE_BENCH_SMOKE=1)")
+    ap.add_argument("--pytest-args", default="", help="with --run: extra pytest arguments (one string)")
+    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--plots", default=os.path.join(HERE, "plots"), help="folder for PNG figures ('' for none)")
     ap.add_argument("--preamble", default=None, help="markdown file placed above the generated sections")
+    ap.add_argument("--summary", action="store_true", help="print one line per group (ours vs best baseline)")
+    ap.add_argument("--merge-to", default=None, help="write the inputs as one JSON file and stop")
     args = ap.parse_args(argv)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    sections, any_gpu = [], False
-    for path in args.json:
-        text, has_gpu = section(load(path), args.plots, out_dir)
-        sections.append(text)
-        any_gpu |= has_gpu
-    doc = ["# Benchmark results", "",
-           "Generated by `bench/report.py` from pytest-benchmark JSON; ratios are provider median / our "
-           "median in the same run (above 1x: ours is faster).", ""]
-    if args.preamble:
-        with open(args.preamble) as f:
-            doc += [f.read().rstrip(), ""]
-    if not any_gpu:
-        doc += ["GPU rows: **not measured** (no GPU run in these files; see `bench/gpu_check.sh`).", ""]
-    doc += sections
-    with open(args.out, "w") as f:
-        f.write("\n".join(doc).rstrip() + "\n")
-    print(f"wrote {args.out}")
+    paths = list(args.json)
+    if args.run:
+        fresh = run_suite(args.smoke, args.pytest_args.split())
+        paths = paths or [fresh] + default_inputs(cpu=False)
+    paths = paths or default_inputs()
+    if not paths:
+        ap.error("no JSON given and none in bench/results/ (use --run)")
+    if args.merge_to:
+        print(f"wrote {merge(paths, args.merge_to)}")
+        return
+    runs = render(paths, args.out, args.plots or None, args.preamble)
+    print(f"wrote {args.out}" + (f" and figures under {args.plots}" if args.plots else ""))
+    if args.summary:
+        print(summary(runs))
 
 
 if __name__ == "__main__":
