@@ -117,6 +117,8 @@ def make_extension():
             extra_link_args=link,
         ), cpp_extension
     log(f"CUDA skipped: {why_not}; building the CPU kernels only")
+    # pip hides build output unless -v: build_info() (and `mole-kernels info`) tells the reason too.
+    cxx.append(f'-DMOLE_CUDA_SKIPPED="{why_not}"')
     return cpp_extension.CppExtension("mole_kernels._C", sources, extra_compile_args={"cxx": cxx},
                                       extra_link_args=link), cpp_extension
 

@@ -106,7 +106,7 @@ std::string build_info_json() {
 #ifdef MOLE_WITH_CUDA
   os << ", \"cuda\": true, \"cuda_archs\": \"" << MOLE_CUDA_ARCHS << "\"";
 #else
-  os << ", \"cuda\": false, \"cuda_archs\": \"\"";
+  os << ", \"cuda\": false, \"cuda_archs\": \"\", \"cuda_skipped\": \"" << MOLE_CUDA_SKIPPED << "\"";
 #endif
   os << "}";
   return os.str();

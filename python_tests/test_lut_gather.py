@@ -301,6 +301,7 @@ def test_build_info_describes_the_build():
     assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda"], bool)
     assert (info["cuda_archs"] != "") == info["cuda"]
+    assert info["cuda"] or info["cuda_skipped"], "a CPU-only build says why CUDA was skipped"
     if HAS_CUDA:
         assert info["cuda"], "a GPU is visible but the extension was built without CUDA"
 
