@@ -8,7 +8,11 @@ one is 50,304) so that the 410M-4E table is 768 MiB: far larger than any cache, 
 shared machine. The disk tier reads a file that the page cache holds after the first round, so its
 figure is the staged-copy cost, not the drive's.
 
-extra_info: `bytes` = rows delivered per call (T * row), `unique_bytes` = rows that crossed the tier
+Quantized tables (`int8`, `nf4` block 64) run the same paths: host and disk tiers move only the
+quantized bytes and the gather dequantizes, so the claim to test is that those tiers get faster in
+proportion to the bytes saved (bf16 is the baseline in the same run).
+
+extra_info: `bytes` = table bytes per call (T * row, quantized bytes for a quantized table), `unique_bytes` = rows that crossed the tier
 boundary once (dedupe), `GB/s` (delivered), `rows/s`, and `frac_memcpy` = GB/s over the host memcpy
 bandwidth (`frac_h2d` over pinned H2D on a GPU) measured by the fixtures below in the same run.
 """
@@ -29,6 +33,7 @@ BATCHES = pick([1, 16, 256, 4096], [16])
 ID_SETS = pick(4, 1)
 CPU_CASES = pick([("host", "zero_copy"), ("host", "dma"), ("disk", "staged")], [("host", "zero_copy"), ("disk", "staged")])
 GPU_CASES = [("device", "device"), ("host", "zero_copy"), ("host", "dma"), ("disk", "staged")]
+FORMATS = pick(["bf16", "int8", "nf4"], ["bf16", "nf4"])  # bf16 = the float table itself
 CASES = [("cpu", *c) for c in CPU_CASES] + [("cuda", *c) for c in (GPU_CASES if not SMOKE else GPU_CASES[1:2])]
 
 
@@ -65,39 +70,43 @@ def lut(request):
 _TABLES = {}
 
 
-def table_for(name, lut, placement, device):
-    """One table per (shape, placement, device), built once (pinning/saving a table is slow)."""
-    key = (name, placement, device)
+def table_for(name, lut, placement, device, fmt):
+    """One table per (shape, placement, device, format), built once (pinning/saving a table is slow)."""
+    key = (name, placement, device, fmt)
+    quant = {} if fmt == "bf16" else {"format": fmt, "block_size": 64 if fmt == "nf4" else None}
     if key not in _TABLES:
         for other in [k for k in _TABLES if k[0] != name]:  # keep one shape's tables alive at a time
             _TABLES.pop(other).close()
         if placement == "disk":
             d = tempfile.mkdtemp(prefix="mole_bench_")
             path = os.path.join(d, f"{name}.safetensors")
-            _TABLES[key] = LookupTable.from_tensor(lut, "disk", device, path=path)
+            _TABLES[key] = LookupTable.from_tensor(lut, "disk", device, path=path, **quant)
             os.unlink(path)  # the mapping keeps the data
             os.rmdir(d)
         else:
-            _TABLES[key] = LookupTable.from_tensor(lut, placement, device)
+            _TABLES[key] = LookupTable.from_tensor(lut, placement, device, **quant)
     return _TABLES[key]
 
 
 @pytest.mark.parametrize("T", BATCHES)
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("device,placement,path", CASES, ids=lambda c: str(c))
-def test_table_gather(benchmark, lut, limits, device, placement, path, T):
+def test_table_gather(benchmark, lut, limits, device, placement, path, fmt, T):
     name, data = lut
     if device == "cuda" and not HAS_CUDA:
         pytest.skip("needs a CUDA device (none visible)")
-    table = table_for(name, data, placement, device)
+    table = table_for(name, data, placement, device, fmt)
     ids_on = "cuda" if device == "cuda" and path in ("device", "zero_copy") else "cpu"  # decode ids live on the GPU
     batches = zipf_ids(VOCAB, T, batches=ID_SETS, seed=T)
     unique = sum(torch.unique(b).numel() for b in batches) / len(batches)
     inputs = Rotation(b.to(ids_on) for b in batches)
     row = table.row_bytes
     benchmark.group = f"table-{name}-T{T}"
-    benchmark.name = f"{placement}-{path}-{name}-T{T}" + ("-cuda" if device == "cuda" else "")
+    suffix = "" if fmt == "bf16" else f"-{fmt}"
+    benchmark.name = f"{placement}-{path}{suffix}-{name}-T{T}" + ("-cuda" if device == "cuda" else "")
     benchmark.extra_info.update(
-        provider=f"{placement}-{path}", op="table-gather", shape=f"{name}-T{T}", dtype="bfloat16", device=device,
+        provider=f"{placement}-{path}{suffix}", op="table-gather", shape=f"{name}-T{T}", dtype="bfloat16",
+        format=fmt, device=device,
         vocab=VOCAB, bytes=T * row, unique_bytes=int(unique * row), row_bytes=row, **limits,
     )
     table.reset_stats()
