@@ -9,6 +9,12 @@
 
 namespace mole::cuda {
 
+// N values of T moved as one aligned vector (16 bytes when sizeof(T) * N == 16).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
 template <typename id_t>
 __device__ __forceinline__ bool valid_id(id_t id, int64_t V) {
   return static_cast<int64_t>(id) >= 0 && static_cast<int64_t>(id) < V;

@@ -16,16 +16,12 @@ namespace mole {
 namespace {
 
 using cuda::aligned;
+using cuda::Pack;
 using cuda::valid_id;
 
 constexpr int kRowsThreads = 256;
 constexpr int kRowsUnroll = 4;  // independent 16-byte loads in flight per thread
 constexpr int kMaxGridY = 65535;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 // Rows form: each token's segment is a contiguous byte range copied in vec_t units.
 template <typename vec_t, typename id_t>

@@ -21,6 +21,7 @@ namespace mole {
 namespace {
 
 using cuda::aligned;
+using cuda::Pack;
 using cuda::valid_id;
 
 constexpr int kThreads = 256;
@@ -32,11 +33,6 @@ __constant__ float kNf4Device[16] = {
     -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
     0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
     0.7229568362236023f, 1.0f};
-
-template <typename T, int N>
-struct alignas(16) Pack16 {
-  T v[N];
-};
 
 struct QArgs {
   const uint8_t* data;
@@ -100,10 +96,10 @@ __device__ __forceinline__ void store_values(out_t* dst, const float* v) {
   constexpr int P = 16 / sizeof(out_t);
 #pragma unroll
   for (int k = 0; k < N / P; ++k) {
-    Pack16<out_t, P> o;
+    Pack<out_t, P> o;
 #pragma unroll
     for (int j = 0; j < P; ++j) o.v[j] = static_cast<out_t>(v[k * P + j]);
-    reinterpret_cast<Pack16<out_t, P>*>(dst)[k] = o;
+    reinterpret_cast<Pack<out_t, P>*>(dst)[k] = o;
   }
 }
 
@@ -203,7 +199,7 @@ __global__ void fused_vec_kernel(QArgs a, const id_t* __restrict__ ids, const fl
     constexpr int P = 16 / sizeof(out_t);
 #pragma unroll
     for (int k = 0; k < N / P; ++k) {
-      const Pack16<out_t, P> o = reinterpret_cast<const Pack16<out_t, P>*>(dst)[k];
+      const Pack<out_t, P> o = reinterpret_cast<const Pack<out_t, P>*>(dst)[k];
 #pragma unroll
       for (int j = 0; j < P; ++j) acc[k * P + j] += static_cast<float>(o.v[j]);
     }

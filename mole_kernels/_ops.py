@@ -28,10 +28,11 @@ def build_info() -> dict:
     return info
 
 
-def gather_shape(lut, ids, weights, layer):
-    """The shape lut_gather returns (the C++ plan checks everything else)."""
+def gather_shape(lut, ids, weights, layer, dim=None):
+    """The shape lut_gather returns (the C++ plan checks everything else). `dim`: the hidden size
+    when the table's last axis is not it (a quantized table's last axis is bytes per row)."""
     torch._check(lut.dim() in (3, 4), lambda: f"lut_gather: lut must be [V, L, E, D] or [V, E, D], got {tuple(lut.shape)}")
-    E, D = lut.shape[-2], lut.shape[-1]
+    E, D = lut.shape[-2], lut.shape[-1] if dim is None else dim
     if weights is not None:
         return (*ids.shape, D)
     if layer is not None or lut.dim() == 3:

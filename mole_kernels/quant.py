@@ -29,7 +29,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._ops import ops
+from ._ops import gather_shape, ops
 from ._progress import progress_bar
 
 __all__ = ["FORMATS", "QuantizedLUT", "quantize", "dequantize", "quantized_lut_gather"]
@@ -354,24 +354,15 @@ def dequantize(q: QuantizedLUT, dtype: Optional[torch.dtype] = None) -> torch.Te
 # ---------------------------------------------------------------------------------------------
 # the gather
 
-def _gather_shape(data, ids, weights, layer, dim):
-    torch._check(data.dim() in (3, 4), lambda: f"lut_gather_quant: data must be 3-D or 4-D, got {tuple(data.shape)}")
-    if weights is not None:
-        return (*ids.shape, dim)
-    if layer is not None or data.dim() == 3:
-        return (*ids.shape, data.shape[-2], dim)
-    return (*ids.shape, data.shape[1], data.shape[-2], dim)
-
-
 @torch.library.register_fake("mole_kernels::lut_gather_quant")
 def _lut_gather_quant_fake(data, format, dim, block_size, ids, weights=None, layer=None, dtype=None):
-    return ids.new_empty(_gather_shape(data, ids, weights, layer, dim), dtype=dtype or torch.float32)
+    return ids.new_empty(gather_shape(data, ids, weights, layer, dim), dtype=dtype or torch.float32)
 
 
 @torch.library.register_fake("mole_kernels::lut_gather_quant_out")
 def _lut_gather_quant_out_fake(out, data, format, dim, block_size, ids, weights=None, layer=None,
                                accumulate=False, faults=None):
-    want = _gather_shape(data, ids, weights, layer, dim)
+    want = gather_shape(data, ids, weights, layer, dim)
     torch._check(tuple(out.shape) == tuple(want), lambda: f"lut_gather_quant: out must have shape {want}")
     return None
 
@@ -405,7 +396,7 @@ def quantized_lut_gather(
         dtype = q.dtype if dtype is None else dtype
         if faults is None:
             return ops.lut_gather_quant(q.data, q.format, q.dim, q.block_size, ids, weights, layer, dtype)
-        out = ids.new_empty(_gather_shape(q.data, ids, weights, layer, q.dim), dtype=dtype)
+        out = ids.new_empty(gather_shape(q.data, ids, weights, layer, q.dim), dtype=dtype)
     elif dtype is not None and dtype != out.dtype:
         raise ValueError(f"quantized_lut_gather: dtype={dtype} disagrees with out.dtype={out.dtype}")
     ops.lut_gather_quant_out(out, q.data, q.format, q.dim, q.block_size, ids, weights, layer, accumulate, faults)
