@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "lut_gather.h"
+#include "lut_gather_quant.h"
 
 // SIMD paths use `#pragma GCC target` regions (GCC); other compilers get the scalar path.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -261,6 +262,22 @@ void lut_gather_into_cpu(const at::Tensor& out, const at::Tensor& lut, const at:
 }
 
 }  // namespace mole
+
+// Which instruction set the CPU kernels run (after the MOLE_KERNELS_CPU_ISA cap), so that tests and
+// `mole-kernels info` can see the switch: "avx512", "avx2" or "scalar". The quantized gather has its
+// own dispatch (AVX-512 or scalar).
+TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
+  m.def("cpu_isa(str kernel) -> str", [](c10::string_view kernel) -> std::string {
+    if (kernel == "lut_gather_quant") return mole::quant_cpu_isa();
+    MOLE_CHECK_ARG(kernel == "lut_gather", "cpu_isa: kernel must be 'lut_gather' or 'lut_gather_quant', got '",
+                   std::string(kernel), "'");
+    switch (mole::cpu_isa()) {
+      case mole::Isa::kAvx512: return "avx512";
+      case mole::Isa::kAvx2: return "avx2";
+      default: return "scalar";
+    }
+  });
+}
 
 TORCH_LIBRARY_IMPL(mole_kernels, CPU, m) {
   m.impl("lut_gather", &mole::lut_gather_functional<mole::lut_gather_into_cpu>);

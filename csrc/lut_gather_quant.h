@@ -62,6 +62,9 @@ QuantPlan plan_lut_gather_quant(const at::Tensor& data, c10::string_view format,
 void check_quant_outputs(const QuantPlan& plan, const at::Tensor& ids, const at::Tensor& out,
                          const std::optional<at::Tensor>& faults);
 
+// The instruction set the quantized CPU kernels use: "avx512" or "scalar" (MOLE_KERNELS_CPU_ISA caps it).
+const char* quant_cpu_isa();
+
 void lut_gather_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
                                int64_t block_size, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
                                std::optional<int64_t> layer, bool accumulate,

@@ -413,6 +413,8 @@ void rows_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, out_t
 
 }  // namespace
 
+const char* quant_cpu_isa() { return use_avx512() ? "avx512" : "scalar"; }
+
 void lut_gather_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
                                int64_t block_size, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
                                std::optional<int64_t> layer, bool accumulate,

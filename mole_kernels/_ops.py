@@ -21,10 +21,12 @@ ops = torch.ops.mole_kernels
 
 
 def build_info() -> dict:
-    """What the extension was compiled with: torch version, CUDA on/off, CUDA archs."""
+    """What the extension was compiled with (torch version, CUDA on/off, CUDA archs) and the CPU
+    instruction set its CPU kernels run (`cpu_isa`, `cpu_isa_quant`: after the MOLE_KERNELS_CPU_ISA cap)."""
     info = json.loads(ops.build_info())
     info["torch_runtime"] = torch.__version__
     info["cuda_runtime_available"] = torch.cuda.is_available()
+    info["cpu_isa"], info["cpu_isa_quant"] = ops.cpu_isa("lut_gather"), ops.cpu_isa("lut_gather_quant")
     return info
 
 
