@@ -1,11 +1,28 @@
-"""Shared test setup: every test starts from the same seed, CUDA tests skip cleanly."""
+"""Shared test setup: every test starts from the same seed; CUDA cases are always collected and
+skip with their reason where no GPU is visible (so the skip count says what did not run); helpers
+for tests that rerun part of the suite in a child process and check how many cases it ran."""
+import inspect
+import os
 import random
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none visible)")
+
+
+def cuda_param(value, id=None):
+    """A parametrize value that needs a GPU: collected everywhere, skipped (with the reason) without one."""
+    return pytest.param(value, marks=requires_cuda, id=id or str(value))
+
+
+# Where a lut_gather test puts (table, ids): cpu; cuda (VRAM); zero_copy (pinned table, CUDA ids).
+DEVICES = ["cpu", cuda_param("cuda"), cuda_param("zero_copy")]
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Tolerances for a float32-accumulated result rounded to the output dtype (half an ulp, with margin).
@@ -21,3 +38,96 @@ def _seed():
     torch.manual_seed(0)
     random.seed(0)
     yield
+
+
+# ---------------------------------------------------------------- child pytest runs --------
+
+def run_pytest(args, env=None, timeout=900):
+    """Runs ``python -m pytest ARGS`` in a child (cwd: this folder, so the child imports the same
+    package as this process) and returns its counts from a JUnit report: passed, failed, errors,
+    skipped, collected, plus ``output`` (the tail of stdout+stderr) for assertion messages."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "report.xml")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+        output = (proc.stdout + proc.stderr)[-6000:]
+        if not os.path.exists(report):
+            raise AssertionError(f"the child pytest wrote no report (exit code {proc.returncode}):\n{output}")
+        suite = ET.parse(report).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    return dict(collected=n["tests"], failed=n["failures"], errors=n["errors"], skipped=n["skipped"],
+                passed=n["tests"] - n["failures"] - n["errors"] - n["skipped"], returncode=proc.returncode,
+                output=output)
+
+
+def assert_child_ran(result, expected):
+    """Every one of the ``expected`` cases ran and passed: none failed, errored or skipped (a
+    collection error or a module skipped as a whole shows here as a wrong count)."""
+    got = {k: result[k] for k in ("passed", "failed", "errors", "skipped")}
+    assert got == dict(passed=expected, failed=0, errors=0, skipped=0) and result["returncode"] == 0, \
+        f"expected {expected} cases to pass, got {got} (exit code {result['returncode']}):\n{result['output']}"
+
+
+def _param_values(value, n_names):
+    """The values one parametrize entry gives its argnames (a pytest.param's, or the entry itself)."""
+    if type(value).__name__ == "ParameterSet":
+        return tuple(value.values)
+    return tuple(value) if n_names > 1 else (value,)
+
+
+def count_cases(functions, fixed=None):
+    """How many cases pytest generates for ``functions`` from their ``@pytest.mark.parametrize``
+    marks, keeping only values equal to ``fixed[name]`` for the names in ``fixed`` (e.g.
+    ``{"device": "cpu"}``). Counted from the decorators, independently of any child's collection."""
+    fixed = fixed or {}
+    total = 0
+    for fn in functions:
+        n = 1
+        for mark in getattr(fn, "pytestmark", []):
+            if mark.name != "parametrize":
+                continue
+            names = mark.args[0]
+            names = [s.strip() for s in names.split(",")] if isinstance(names, str) else list(names)
+            keep = 0
+            for v in mark.args[1]:
+                vals = _param_values(v, len(names))
+                keep += all(vals[names.index(k)] == want for k, want in fixed.items() if k in names)
+            n *= keep
+        total += n
+    return total
+
+
+def module_tests(module, predicate=lambda fn: True):
+    """The test functions of ``module`` (a module's globals) that satisfy ``predicate``."""
+    return [fn for name, fn in module.items() if name.startswith("test_") and inspect.isfunction(fn) and predicate(fn)]
+
+
+def uses_fixture(name):
+    return lambda fn: name in inspect.signature(fn).parameters
+
+
+# ---------------------------------------------------------------- CPU instruction sets ------
+
+_ISA_ORDER = ["scalar", "avx2", "avx512"]
+
+
+def expected_cpu_isa(cap=None):
+    """(lut_gather's ISA, lut_gather_quant's ISA) this CPU should run under the cap
+    MOLE_KERNELS_CPU_ISA=cap, from /proc/cpuinfo (not from the extension). The quantized gather
+    has AVX-512 and scalar code only. None when the CPU's flags cannot be read here."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "scalar", "scalar"
+    if not os.path.exists("/proc/cpuinfo"):
+        return None
+    with open("/proc/cpuinfo") as f:
+        flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    best = "avx512" if avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else \
+        "avx2" if avx2 else "scalar"
+    if cap in _ISA_ORDER:
+        best = _ISA_ORDER[min(_ISA_ORDER.index(best), _ISA_ORDER.index(cap))]
+    return best, ("avx512" if best == "avx512" else "scalar")

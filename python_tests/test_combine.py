@@ -9,8 +9,14 @@ Why a subprocess for "interpret": triton reads TRITON_INTERPRET once, when it an
 the @triton.jit decorators are imported (tl.sum/tl.max are themselves jit
 functions), so one process cannot run compiled-mode and interpreted kernels.
 `test_triton_interpreter_subprocess` reruns this file's "interpret" cases in a
-child with TRITON_INTERPRET=1 and fails with the child's output if any fails;
-in the parent those cases skip, in the child everything else skips.
+child with TRITON_INTERPRET=1 and fails unless every one of them passed (their
+number is counted from the decorators here); in the parent those cases skip,
+in the child everything else skips.
+
+The Triton kernels tile: router_softmax runs BLOCK_T tokens per program,
+mole_combine streams E in E_CHUNK slices and D in BLOCK_D slices, with wider
+tiles for prefill (T > 64). The TILED_* cases reach each of those paths on every
+backend and assert the block configuration that makes them do so.
 """
 import itertools
 import os
@@ -25,7 +31,7 @@ import torch
 import mole_kernels.combine as combine_mod
 from mole_kernels.combine import MAX_EXPERTS, mole_combine, router_softmax
 
-from conftest import HAS_CUDA, TOLERANCES
+from conftest import HAS_CUDA, TOLERANCES, assert_child_ran, count_cases, module_tests, run_pytest, uses_fixture
 
 INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BACKENDS = ["torch", "interpret", "cuda"]
@@ -34,16 +40,20 @@ NEG_INF = float("-inf")
 
 
 def _skip_unless_runnable(backend):
+    """Skips with the true reason: what is missing here, or where the case runs instead."""
     if backend == "cuda":
         if not HAS_CUDA:
             pytest.skip("needs a CUDA device (none visible)")
         if combine_mod.triton is None:
             pytest.skip("needs triton (not installed)")
-        return
-    if INTERPRETER_CHILD != (backend == "interpret"):
-        pytest.skip("interpreter cases run in the TRITON_INTERPRET=1 subprocess; the rest run outside it")
-    if backend == "interpret" and combine_mod.triton is None:
-        pytest.skip("needs triton (not installed)")
+    elif backend == "interpret":
+        if combine_mod.triton is None:
+            pytest.skip("needs triton (not installed): no Triton interpreter to run the kernels on CPU")
+        if not INTERPRETER_CHILD:
+            pytest.skip("runs in the TRITON_INTERPRET=1 child of test_triton_interpreter_subprocess, which fails "
+                        "unless every such case passes there")
+    elif INTERPRETER_CHILD:
+        pytest.skip("the TRITON_INTERPRET=1 child runs the interpreter cases only")
 
 
 def _device(backend):
@@ -120,11 +130,52 @@ def _case_id(c):
     return f"T{T}-E{E}-D{D}-{str(dt)[6:]}-{layout}-{'r' if r else ''}{'s' if s else ''}"
 
 
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+# Shapes that reach mole_combine's tiling paths: (case, the path it must reach; see _assert_reaches).
+TILED_COMBINE = [
+    ((3, 100, 130, torch.bfloat16, "layer", (True, True)), "e_chunks"),  # 4 E chunks, the last partial; 2 D blocks
+    ((2, 64, 128, torch.float32, "emajor", (True, False)), "e_chunks"),  # E = 64: exactly 2 chunks
+    ((64, 4, 1000, torch.float16, "dstride", (False, True)), "wide_d"),  # decode, BLOCK_D = 256, D tail
+    ((130, 16, 1000, torch.bfloat16, "layer", (True, True)), "prefill"),  # BLOCK_D = 1024, 4 E chunks, D tail
+    ((2, MAX_EXPERTS, 3, torch.float32, "contig", (False, False)), "max_e"),  # the documented E limit
+]
+
+
+def _assert_reaches(T, E, D, path):
+    """The block configuration of (T, E, D) takes `path`: if the configuration changes so that it
+    no longer does, this fails rather than leaving the path untested."""
+    if combine_mod.triton is None:
+        return  # no kernels, no configuration: the case still checks the torch fallback
+    cfg = combine_mod._combine_config(T, E, D)
+    chunks = _cdiv(E, cfg["E_CHUNK"])
+    if path == "e_chunks":
+        assert chunks >= 2, cfg
+    elif path == "wide_d":
+        assert T <= combine_mod._DECODE_T and cfg["BLOCK_D"] > 128 and D % cfg["BLOCK_D"], cfg
+    elif path == "prefill":
+        assert T >= 128 > combine_mod._DECODE_T and cfg["BLOCK_D"] >= 1024 > D and chunks >= 2, cfg
+    else:
+        assert path == "max_e" and E == MAX_EXPERTS and chunks >= 2, cfg
+
+
 # ---------------------------------------------------------------------------
 # mole_combine
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("case", COMBINE_CASES, ids=_case_id)
 def test_combine_matches_float64_into_poisoned_out(backend, case):
+    _check_combine(backend, case)
+
+
+@pytest.mark.parametrize("case,path", TILED_COMBINE, ids=[f"{p}-{_case_id(c)}" for c, p in TILED_COMBINE])
+def test_combine_tiling_paths_match_float64(backend, case, path):
+    _assert_reaches(*case[:3], path)
+    _check_combine(backend, case)
+
+
+def _check_combine(backend, case):
     T, E, D, dtype, layout, (has_res, has_sh) = case
     dev = _device(backend)
     logits = (3 * torch.randn(T, E, device=dev)).to(dtype)
@@ -214,21 +265,26 @@ def test_combine_extreme_and_neg_inf_logits(backend, dtype):
     assert_matches(out, ref_combine(logits, rows, residual), dtype)
 
 
-def test_all_neg_inf_row_gives_nan_row(backend):
-    """Defined semantics: no softmax exists, so that token's output row is all NaN
-    (every backend; a GPU kernel cannot raise without a sync). Other rows are exact."""
+def test_undefined_softmax_rows_give_nan_rows(backend):
+    """Defined semantics: a token whose logits are all -inf, or hold +inf or NaN, has no softmax, so
+    its output row (and its probabilities) are all NaN on every backend (a GPU kernel cannot raise
+    without a sync). The other tokens' rows are exact."""
     dev = _device(backend)
-    T, E, D = 5, 3, 7
+    T, E, D = 7, 3, 7
     logits = torch.randn(T, E, device=dev)
-    logits[2] = NEG_INF
+    logits[1] = NEG_INF
+    logits[2, 1] = float("inf")
+    logits[3, 0] = float("nan")
+    logits[4, 0], logits[4, 2] = float("inf"), NEG_INF
+    logits[5] = float("nan")
+    bad, keep = [1, 2, 3, 4, 5], [0, 6]
     rows = make_rows(T, E, D, torch.float32, "contig", dev)
     residual = torch.randn(T, D, device=dev)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy's inf-inf in the interpreter
         out = mole_combine(logits, rows, residual, out=poisoned((T, D), torch.float32, dev))
         probs = router_softmax(logits)
-    assert torch.isnan(out[2]).all() and torch.isnan(probs[2]).all()
-    keep = [0, 1, 3, 4]
+    assert torch.isnan(out[bad]).all() and torch.isnan(probs[bad]).all()
     assert torch.isfinite(out[keep]).all() and torch.isfinite(probs[keep]).all()
     assert_matches(out[keep], ref_combine(logits[keep], rows[keep], residual[keep]), torch.float32)
     assert_matches(probs[keep], ref_softmax(logits[keep]), torch.float32)
@@ -265,6 +321,28 @@ def test_router_softmax_matches_float64(backend, case):
     logits = (5 * torch.randn(*leading, E, device=dev)).to(dtype)
     got = router_softmax(logits, out_dtype=out_dtype)
     assert got.shape == logits.shape and got.dtype == out_dtype
+    assert_matches(got, ref_softmax(logits), out_dtype)
+
+
+# (T, E, logit dtype, out dtype): several BLOCK_T programs each, the last one partial.
+TILED_SOFTMAX = [
+    (130, 64, torch.float32, torch.float32),  # BLOCK_T = BLOCK_E = 64: 3 programs
+    (1500, 3, torch.bfloat16, torch.float32),  # BLOCK_T = 1024, BLOCK_E = 4 (one padding expert)
+    (130, 100, torch.float16, torch.bfloat16),  # BLOCK_T = 32: 5 programs, 28 padding experts
+    (3, MAX_EXPERTS, torch.float32, torch.float16),  # the documented E limit: one token per program
+]
+
+
+@pytest.mark.parametrize("case", TILED_SOFTMAX, ids=lambda c: f"T{c[0]}-E{c[1]}-{str(c[2])[6:]}-{str(c[3])[6:]}")
+def test_router_softmax_multi_program_matches_float64(backend, case):
+    T, E, dtype, out_dtype = case
+    if combine_mod.triton is not None:
+        cfg = combine_mod._softmax_config(T, E)
+        assert _cdiv(T, cfg["BLOCK_T"]) >= 2 and (T % cfg["BLOCK_T"] or cfg["BLOCK_T"] == 1), cfg  # last one partial
+    dev = _device(backend)
+    logits = (5 * torch.randn(E, T, device=dev)).to(dtype).t()  # token stride 1, expert stride T
+    got = router_softmax(logits, out_dtype=out_dtype)
+    assert got.shape == (T, E) and got.dtype == out_dtype
     assert_matches(got, ref_softmax(logits), out_dtype)
 
 
@@ -332,6 +410,8 @@ def test_combine_unflattenable_rows_is_an_error_not_a_copy():
 def test_too_many_experts_is_an_error():
     with pytest.raises(ValueError, match=f"in \\[1, {MAX_EXPERTS}\\]"):
         router_softmax(torch.randn(2, MAX_EXPERTS + 1))
+    with pytest.raises(ValueError, match=f"mole_combine: logits' last dim .*in \\[1, {MAX_EXPERTS}\\], got {MAX_EXPERTS + 1}"):
+        mole_combine(torch.randn(2, MAX_EXPERTS + 1), torch.randn(2, MAX_EXPERTS + 1, 3))
     with pytest.raises(ValueError, match="logits' last dim"):
         mole_combine(torch.randn(2, 0), torch.randn(2, 0, 3))
 
@@ -432,6 +512,21 @@ def test_cuda_graph_replay_matches():
     assert_matches(out, ref_combine(logits, rows, res), torch.bfloat16)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (runs on cuda:1)")
+def test_second_cuda_device():
+    """Operands on cuda:1 while cuda:0 is current: the kernels launch on the operands' device."""
+    dev = torch.device("cuda", 1)
+    T, E, D = 5, 4, 300
+    logits = torch.randn(T, E, device=dev)
+    rows = make_rows(T, E, D, torch.bfloat16, "layer", dev)
+    residual = torch.randn(T, D, device=dev).bfloat16()
+    out = mole_combine(logits, rows, residual)
+    probs = router_softmax(logits)
+    assert out.device == dev and probs.device == dev and torch.cuda.current_device() == 0
+    assert_matches(out, ref_combine(logits, rows, residual), torch.bfloat16)
+    assert_matches(probs, ref_softmax(logits), torch.float32)
+
+
 @pytest.mark.skipif(INTERPRETER_CHILD, reason="runs outside the interpreter subprocess")
 def test_imports_and_falls_back_without_triton():
     """A machine without triton still gets both ops (torch fallback). Subprocess:
@@ -459,13 +554,7 @@ def test_imports_and_falls_back_without_triton():
 @pytest.mark.skipif(INTERPRETER_CHILD, reason="this is the parent of the interpreter run")
 @pytest.mark.skipif(combine_mod.triton is None, reason="needs triton (not installed)")
 def test_triton_interpreter_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-           "-k", "interpret and not subprocess", "-W", "ignore::RuntimeWarning"]
-    # cwd: the tests folder, so the child imports the installed package, not the source tree's
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"interpreter run failed:\n{tail}"
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
-    print(proc.stdout.strip().splitlines()[-1])
+    result = run_pytest([__file__, "-k", "interpret and not subprocess", "-W", "ignore::RuntimeWarning"],
+                        env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert_child_ran(result, count_cases(module_tests(globals(), uses_fixture("backend"))))
+    print(result["output"].strip().splitlines()[-1])

@@ -1,18 +1,20 @@
 """lut_gather against a float64 reference on every device, form, dtype and shape it accepts."""
 import itertools
+import os
 
 import pytest
 import torch
 
 import mole_kernels
-from mole_kernels import lut_gather
+from mole_kernels import QuantizedLUT, dequantize, lut_gather, quantize
+from mole_kernels.quant import row_layout
 
-from conftest import FLOAT_DTYPES, HAS_CUDA, TOLERANCES, requires_cuda
+from conftest import (DEVICES, FLOAT_DTYPES, HAS_CUDA, TOLERANCES, assert_child_ran, count_cases, expected_cpu_isa,
+                      module_tests, requires_cuda, run_pytest)
 
 # (V, L, E, D): odd D, E = 1, L = 1, and a 3-D table ([V, E, D], L=None).
 TABLE_SHAPES = [(11, 3, 4, 100), (7, 1, 1, 3), (5, 2, 3, 1), (13, None, 4, 1000), (9, 2, 16, 64)]
 LEADING = [(), (6,), (2, 3)]
-DEVICES = ["cpu"] + (["cuda", "zero_copy"] if HAS_CUDA else [])
 
 
 def make_table(V, L, E, D, dtype):
@@ -162,24 +164,28 @@ def test_out_of_range_id_raises_naming_it(device, bad):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fault_counter_mode_zero_rows_and_counts(device):
-    V, L, E, D = 6, 2, 2, 8
-    lut = make_table(V, L, E, D, torch.float32)
+@pytest.mark.parametrize("lut_dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("L", [2, None], ids=["4d", "3d"])
+def test_fault_counter_mode_zero_rows_and_counts(device, lut_dtype, L):
+    """Every form with faults= (the result allocated by the wrapper: shape and dtype from the table)."""
+    V, E, D = 6, 2, 8
+    lut = make_table(V, L, E, D, lut_dtype)
     ids = torch.tensor([1, -3, 5, 6, 2])
     weights = torch.rand(5, E)
+    layer = None if L is None else 1
     lut_d, ids_d = place(lut, ids, device)
     faults = torch.zeros(1, dtype=torch.int64, device=ids_d.device)
-    rows = lut_gather(lut_d, ids_d, faults=faults)
     good = torch.tensor([True, False, True, False, True])
-    want = torch.zeros(5, L, E, D, dtype=torch.float64)
-    want[good] = ref_rows(lut, ids[good])
-    assert torch.equal(rows.cpu().double(), want)
-    assert faults.item() == 2
-    fused = lut_gather(lut_d, ids_d, weights.to(ids_d.device), layer=1, faults=faults)
-    want_f = torch.zeros(5, D, dtype=torch.float64)
-    want_f[good] = ref_fused(lut, ids[good], weights[good], 1)
-    torch.testing.assert_close(fused.cpu().double(), want_f)
-    assert faults.item() == 4
+    safe = ids.where(good, 0)  # the reference's ids: bad ones replaced, their rows zeroed below
+    forms = [(None, None, ref_rows), (None, layer, ref_rows), (weights, layer, ref_fused)]
+    for k, (w, lay, ref) in enumerate(forms):
+        got = lut_gather(lut_d, ids_d, None if w is None else w.to(ids_d.device), layer=lay, faults=faults)
+        want = ref(lut, safe, layer=lay) if w is None else ref(lut, safe, w, lay)
+        want[~good] = 0
+        assert got.dtype == lut_dtype and got.shape == want.shape
+        tol = TOLERANCES[lut_dtype] if w is not None else dict(rtol=0, atol=0)  # rows are copied exactly
+        torch.testing.assert_close(got.cpu().double(), want, **tol)
+        assert faults.item() == 2 * (k + 1)
 
 
 def test_bad_arguments_name_the_argument():
@@ -252,7 +258,64 @@ def test_cuda_decode_row_spans_many_blocks():
         assert torch.equal(lut_gather(lut_d, ids_d).cpu().double(), ref_rows(lut, ids))
 
 
+@requires_cuda
+def test_zero_copy_reads_the_pinned_table_in_place():
+    """A pinned table is read where it lies: device memory grows by the results only (a copy of the
+    table to VRAM would show as 256 MiB), for the float and the quantized table alike."""
+    V, L, E, D = 8192, 4, 4, 1024  # bf16: 256 MiB
+    lut = torch.empty(V, L, E, D, dtype=torch.bfloat16, pin_memory=True)
+    ids = torch.tensor([V - 1, 3, V // 2, 3])
+    lut[ids] = torch.randn(4, L, E, D).bfloat16()  # only the rows read hold data
+    row_bytes = row_layout("nf4", D, 64)[2]
+    q = QuantizedLUT(torch.empty(V, L, E, row_bytes, dtype=torch.uint8, pin_memory=True), "nf4", D, 64, torch.float32)
+    q.data[ids] = quantize(lut[ids].float(), "nf4", 64).data
+    w = torch.rand(4, E, device="cuda")
+    lut_gather(lut, ids[:1].cuda())  # loads the kernels' code before the measurement
+    lut_gather(q, ids[:1].cuda(), w[:1], layer=0)
+    for table, want in ((lut, lut[ids].double()), (q, dequantize(QuantizedLUT(q.data[ids], "nf4", D, 64), torch.float64))):
+        nbytes = table.data.numel() if isinstance(table, QuantizedLUT) else lut.numel() * 2
+        torch.cuda.synchronize()
+        free0, allocated0 = torch.cuda.mem_get_info()[0], torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        rows = lut_gather(table, ids.cuda())
+        fused = lut_gather(table, ids.cuda(), w, layer=2)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - allocated0 < nbytes // 64  # results: 256 KiB + 32 KiB
+        assert free0 - torch.cuda.mem_get_info()[0] < nbytes // 4  # nothing outside torch's allocator either
+        assert rows.is_cuda and torch.equal(rows.cpu().double(), want)
+        torch.testing.assert_close(fused.cpu().double(), (want[:, 2] * w.cpu().double()[..., None]).sum(-2),
+                                   **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (runs on cuda:1)")
+def test_second_cuda_device():
+    """Tables and ids on cuda:1 while cuda:0 is current: the kernels launch on the tensors' device."""
+    dev = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    lut = make_table(40, 3, 4, 100, torch.bfloat16)
+    q = quantize(lut, "nf4", 50)
+    ids = random_ids(40, (2, 5))
+    w = torch.rand(2, 5, 4)
+    deq = dequantize(q, torch.float32)
+    for table, ref_lut in ((lut.to(dev), lut), (lut.pin_memory(), lut), (q.to(dev), deq), (q.pin_memory(), deq)):
+        rows = lut_gather(table, ids.to(dev))
+        assert rows.device == dev and torch.equal(rows.cpu().double(), ref_rows(ref_lut, ids).to(rows.dtype).double())
+        faults = torch.zeros(1, dtype=torch.int64, device=dev)
+        out = torch.full((2, 5, 100), float("nan"), device=dev)
+        lut_gather(table, ids.to(dev), w.to(dev), layer=1, out=out, faults=faults)
+        torch.testing.assert_close(out.cpu().double(), ref_fused(ref_lut, ids, w, 1), **TOLERANCES[torch.bfloat16])
+        assert faults.item() == 0
+    with pytest.raises(ValueError, match="ids contains 40"):
+        lut_gather(lut.to(dev), torch.tensor([1, 40], device=dev))
+    assert torch.cuda.current_device() == 0
+
+
 def sample_inputs(device):
+    lut3 = make_table(9, None, 3, 10, torch.float16)  # [V, E, D]: one layer, no layer argument
+    ids3, w3 = torch.randint(0, 9, (4,)), torch.rand(4, 3)
+    lut3_d, ids3_d = place(lut3, ids3, device)
+    yield torch.ops.mole_kernels.lut_gather.default, (lut3_d, ids3_d, None, None)
+    yield torch.ops.mole_kernels.lut_gather.default, (lut3_d, ids3_d, w3.to(ids3_d.device), None)
     lut = make_table(9, 2, 3, 10, torch.bfloat16)
     ids = torch.randint(0, 9, (2, 3))
     w = torch.rand(2, 3, 3)
@@ -306,19 +369,62 @@ def test_build_info_describes_the_build():
         assert info["cuda"], "a GPU is visible but the extension was built without CUDA"
 
 
+def test_reported_cpu_isa_follows_the_cpu_and_the_cap():
+    """build_info() names the instruction set the CPU kernels run: the best this CPU has (from
+    /proc/cpuinfo, not from the extension), lowered by MOLE_KERNELS_CPU_ISA. The capped child runs
+    below include this test, so a cap the kernels ignore fails there."""
+    want = expected_cpu_isa(os.environ.get("MOLE_KERNELS_CPU_ISA"))
+    if want is None:
+        pytest.skip("cannot read this CPU's flags (no /proc/cpuinfo)")
+    info = mole_kernels.build_info()
+    assert (info["cpu_isa"], info["cpu_isa_quant"]) == want
+
+
+# The child runs' selection: every CPU case of the fused tests, and the ISA report.
+ISA_CHILD_K = "(test_fused and cpu and not instruction) or reported_cpu_isa"
+
+
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_cpu_instruction_set_paths(isa):
     """The CPU kernel picks AVX-512, AVX2 or scalar code at run time; run the fused tests on the lower paths too."""
-    import os
-    import subprocess
-    import sys
+    result = run_pytest([__file__, "-k", ISA_CHILD_K], env=dict(os.environ, MOLE_KERNELS_CPU_ISA=isa))
+    fused = module_tests(globals(), lambda fn: fn.__name__.startswith("test_fused"))
+    assert_child_ran(result, count_cases(fused, {"device": "cpu"}) + (expected_cpu_isa() is not None))
 
-    env = dict(os.environ, MOLE_KERNELS_CPU_ISA=isa)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-           "-k", "test_fused and cpu and not instruction"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
+
+# Bytes before the last rows: past 2**31 bytes for every kind, and past 2**31 elements for bf16 and uint8 rows.
+BIG_TABLES = {"float32": 1 << 31, "bfloat16": 1 << 32, "int8": 1 << 31, "nf4": 1 << 31}
+
+
+@pytest.mark.parametrize("kind", list(BIG_TABLES))
+def test_table_over_2_gib_is_addressed_with_64_bit_offsets(kind):
+    """The kernels themselves address rows past 2**31 bytes/elements (rows and fused forms, float
+    and quantized). torch.empty maps pages lazily, so only the rows written and read are backed."""
+    E, D = 2, 1024
+    small = torch.randn(3, 1, E, D)
+    if kind in ("float32", "bfloat16"):
+        dtype = getattr(torch, kind)
+        V = BIG_TABLES[kind] // (E * D * dtype.itemsize) + 3
+        table = torch.empty(V, 1, E, D, dtype=dtype)
+        payload, rows = table, small.to(dtype)
+        want = rows.double()
+    else:
+        q = quantize(small, kind, None if kind == "int8" else 64)
+        V = BIG_TABLES[kind] // q.bytes_per_token + 3
+        payload = torch.empty(V, 1, E, q.row_bytes, dtype=torch.uint8)
+        table, rows = QuantizedLUT(payload, kind, D, q.block_size, torch.float32), q.data
+        want = dequantize(q, torch.float64)
+    picked = torch.tensor([V - 1, 0, V - 2])
+    payload[picked] = rows
+    assert (V - 2) * payload[0].numel() * payload.element_size() > BIG_TABLES[kind]
+    k = torch.randint(0, 3, (64,))  # rows of `picked`
+    got = lut_gather(table, picked[k].int())
+    torch.testing.assert_close(got.double(), want[k], rtol=0, atol=0)
+    w = torch.rand(64, E)
+    want_f = (want[k, 0] * w.double()[..., None]).sum(-2)
+    tol = TOLERANCES[torch.bfloat16 if kind == "bfloat16" else torch.float32]
+    for T in (64, 1):  # whole-token work items, and the column split of a decode-sized batch
+        torch.testing.assert_close(lut_gather(table, picked[k[:T]], w[:T], layer=0).double(), want_f[:T], **tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)

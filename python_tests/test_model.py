@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HAS_CUDA, requires_cuda
+from conftest import HAS_CUDA, cuda_param, requires_cuda
 from mole_kernels.model import (DenseForCausalLM, MoEForCausalLM, MoLEConfig, MoLEForCausalLM, LUT_KEY)
 
-TIERS = ["host", "disk"] + (["device"] if HAS_CUDA else [])
+TIERS = ["host", "disk", cuda_param("device")]
 DEV = "cuda" if HAS_CUDA else "cpu"
 # Unit roundoff (half an ulp at 1) of the LUT dtypes: bf16 keeps 8 significant bits, fp16 11.
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}

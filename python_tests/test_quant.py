@@ -3,21 +3,20 @@ against a float64 reference of the dequantized table on every device and form.""
 import itertools
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from mole_kernels.quant import (NF4_LEVELS, QuantizedLUT, dequantize, quantize, quantized_lut_gather, row_layout)
 
-from conftest import FLOAT_DTYPES, HAS_CUDA, TOLERANCES, requires_cuda
+from conftest import (DEVICES, FLOAT_DTYPES, TOLERANCES, assert_child_ran, count_cases, expected_cpu_isa,
+                      module_tests, requires_cuda, run_pytest)
 
-DEVICES = ["cpu"] + (["cuda", "zero_copy"] if HAS_CUDA else [])
 # (format, block_size) pairs at D = 768, the paper's 160M hidden size.
 FORMATS_768 = [("int8", None), ("fp8_e4m3", None), ("fp8_e4m3", 64), ("nf4", 64), ("nf4", 128), ("nf4", 768)]
 # (V, L, E, D, format, block): odd D, E = 1, L = 1, 3-D tables (L None), blocks that are not whole
-# 16-byte chunks (the CUDA one-element path) and ones that are (the vector path).
+# 16-byte chunks (the CUDA one-element path) and ones that are (the vector path); blocks that end
+# one element past a multiple of 16 (the AVX-512 path's one-element tail).
 GATHER_CASES = [
     (11, 3, 4, 96, "int8", None),
     (7, 1, 1, 37, "int8", None),
@@ -27,6 +26,9 @@ GATHER_CASES = [
     (5, 2, 3, 7, "nf4", None),
     (13, 2, 4, 768, "nf4", 768),
     (8, None, 4, 128, "nf4", 64),
+    (7, 2, 2, 33, "int8", None),
+    (6, None, 2, 49, "fp8_e4m3", 49),
+    (5, 2, 3, 34, "nf4", 17),
 ]
 CASE_IDS = [f"{f}-b{b}-V{V}L{L}E{E}D{D}" for V, L, E, D, f, b in GATHER_CASES]
 NF4_HALF_GAP = (NF4_LEVELS[1] - NF4_LEVELS[0]) / 2  # the widest gap between neighbouring levels
@@ -382,14 +384,17 @@ def test_opcheck(device):
         torch.library.opcheck(op, args)
 
 
+# The scalar child run's selection: the CPU cases of the gather tests, and the ISA report.
+SCALAR_CHILD_TESTS = ("test_rows_equal_dequantized_table", "test_fused_matches_float64", "test_fused_accumulates_into_out")
+
+
 def test_scalar_cpu_path():
     """The CPU kernel picks AVX-512 or scalar decoding at run time; run the CPU gather tests on the scalar path."""
-    env = dict(os.environ, MOLE_KERNELS_CPU_ISA="scalar")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-           "-k", "(rows_equal or fused_matches or accumulates) and cpu"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
+    isa_test = os.path.join(os.path.dirname(__file__), "test_lut_gather.py::test_reported_cpu_isa_follows_the_cpu_and_the_cap")
+    result = run_pytest([__file__, isa_test, "-k", f"({' or '.join(SCALAR_CHILD_TESTS)}) and cpu or reported_cpu_isa"],
+                        env=dict(os.environ, MOLE_KERNELS_CPU_ISA="scalar"))
+    gather = module_tests(globals(), lambda fn: fn.__name__ in SCALAR_CHILD_TESTS)
+    assert_child_ran(result, count_cases(gather, {"device": "cpu"}) + (expected_cpu_isa() is not None))
 
 
 def test_lut_gather_is_the_one_public_way():

@@ -16,6 +16,7 @@ from mole_kernels.table import FORMAT_VERSION
 
 from conftest import HAS_CUDA, TOLERANCES, requires_cuda
 from test_quant import check_within_bound
+from test_table import gathered_table_sizes
 
 # (format, block) at D = 24: one per format, blocks smaller than D where the format has them.
 FORMATS = [("int8", None), ("fp8_e4m3", 12), ("nf4", 8)]
@@ -84,6 +85,7 @@ def test_prefetcher_holds_dequantized_rows(placement, path, fmt, block):
     t = LookupTable.from_tensor(lut, placement, device="cpu", format=fmt, block_size=block,
                                 staging_bytes=small_staging(quantize(lut[:1], fmt, block)))
     deq = dequantize(t.tensor)
+    check_within_bound(t.tensor, lut.double())  # what the table holds, checked against the float input
     pf = t.prefetcher(7)
     a, b = random_ids(29, (7,)), random_ids(29, (4,))
     ha, hb = pf.start(a, path=path), pf.start(b, path=path)
@@ -100,6 +102,7 @@ def test_three_d_and_auto_path_and_repr():
         assert t.shape == (13, 1, 2, 24)
         ids = random_ids(13, (40,))  # > dma_min_tokens: auto takes dma
         assert torch.equal(t.gather(ids), dequantize(q)[ids].unsqueeze(1)) and t.stats.last_path == "dma"
+        assert gathered_table_sizes(lambda: t.gather(ids)) == [ids.unique().numel()]  # it did: unique rows only
         assert "format=nf4, block_size=8" in repr(t)
 
 
@@ -292,6 +295,15 @@ def test_reparameterize_command_writes_quantized_lut_file(tmp_path, capsys):
     q = MoLEForCausalLM.from_pretrained(tmp_path / "rep", lut_file=lut_file, placement="disk")
     assert q.lut.format == "nf4" and q.lut.block_size == 16
     assert torch.equal(q.lut.tensor.data, quantize(float_model.lut.tensor, "nf4", 16).data)
+    # Independently of quantize(): the file decodes to within nf4's stated bound of the float LUT,
+    # and that LUT holds the train model's experts (a few tokens, evaluated here).
+    check_within_bound(q.lut.tensor, float_model.lut.tensor.double())
+    with torch.no_grad():
+        for v in (0, 60):
+            for l, layer in enumerate(m.model.layers):
+                x = layer.expert_layernorm(m.model.embed_tokens.weight[v])
+                want = torch.stack([e(x) for e in layer.experts])
+                torch.testing.assert_close(float_model.lut.tensor[v, l], want, rtol=1e-5, atol=1e-5)
     for argv, msg in [(["--lut-format", "nf4"], "--lut-format needs --lut-file"),
                       (["--block-size", "16"], "--block-size needs --lut-format"),
                       (["--lut-format", "nf4", "--block-size", "5", "--lut-file", str(lut_file)], "must divide D = 32")]:

@@ -11,6 +11,7 @@ import struct
 import pytest
 import torch
 
+from mole_kernels import dequantize, quantize
 from mole_kernels.table import LookupTable, Prefetcher, host_allocations
 
 from conftest import FLOAT_DTYPES, HAS_CUDA, TOLERANCES, requires_cuda
@@ -45,7 +46,8 @@ def ref_combine(lut, ids, w, layer):
 
 def tiny_staging(lut):
     """Staging whose halves hold two rows: every multi-row request is chunked."""
-    return 2 * 2 * lut[0].numel() * lut.element_size()
+    row = lut.bytes_per_token if hasattr(lut, "bytes_per_token") else lut[0].numel() * lut.element_size()
+    return 2 * 2 * row
 
 
 @pytest.fixture
@@ -140,9 +142,65 @@ def test_auto_path_and_3d_table(tables):
     small, big = random_ids(13, (3,)), random_ids(13, (LookupTable.dma_min_tokens + 1,))
     assert torch.equal(t.gather(small)[:, 0], lut3[small]) and t.stats.last_path == "zero_copy"
     assert torch.equal(t.gather(big)[:, 0], lut3[big]) and t.stats.last_path == "dma"
+    # the same choices, seen in the kernels run: the table in place, then its unique rows
+    assert gathered_table_sizes(lambda: t.gather(small)) == [13]
+    assert gathered_table_sizes(lambda: t.gather(big)) == [big.unique().numel()]
     w = torch.rand(3, 4)
     ref = (lut3.double()[small] * w.double()[..., None]).sum(1)
     torch.testing.assert_close(t.gather_combine(small, w, None).double(), ref, **TOLERANCES[torch.float16])
+
+
+def gathered_table_sizes(fn):
+    """Runs ``fn()`` and returns, for every gather kernel it ran, how many token rows the table it
+    read from had: V when it read the table in place, U when it read deduplicated rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Spy(TorchDispatchMode):
+        sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if name.startswith("mole_kernels.lut_gather"):  # lut_gather(_out) / lut_gather_quant(_out)
+                table = args[1] if name.endswith("_out.default") else args[0]
+                self.sizes.append(table.shape[0])
+            return func(*args, **(kwargs or {}))
+
+    with Spy() as spy:
+        fn()
+    return spy.sizes
+
+
+@pytest.mark.parametrize("placement,path", TIER_PATHS)
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_path_taken_shows_in_the_kernels_it_runs(tables, placement, path, fmt):
+    """stats.last_path is set from the argument; this checks the path independently: zero-copy
+    gathers from the whole table in place, the dedupe paths (dma, staged) from the unique rows only."""
+    V = 37
+    lut = make_lut(V, 2, 3, 8, torch.float32)
+    t = tables(lut if fmt is None else quantize(lut, fmt), placement)
+    ids = torch.tensor([5, 9, 5, 5, 30, 9])
+    want = V if path == "zero_copy" else 3
+    assert gathered_table_sizes(lambda: t.gather(ids, path=path)) == [want]
+    assert gathered_table_sizes(lambda: t.gather_combine(ids, torch.rand(6, 3), 1, path=path)) == [want]
+
+
+@pytest.mark.parametrize("placement", ["host", "disk"])
+@pytest.mark.parametrize("fmt", [None, "nf4"])
+def test_open_three_d_file(tmp_path, placement, fmt):
+    """A [V, E, D] file (one layer; as another tool may write it, data not page-aligned) opens as [V, 1, E, D]."""
+    st = pytest.importorskip("safetensors.torch")
+    lut3 = make_lut(13, 1, 4, 8, torch.bfloat16)[:, 0]
+    q = None if fmt is None else quantize(lut3, fmt, 4)
+    path = str(tmp_path / "three_d.safetensors")
+    st.save_file({"lut": lut3 if q is None else q.data}, path, metadata=None if q is None else q.metadata())
+    want = lut3 if q is None else dequantize(q)
+    with LookupTable.open(path, placement, device="cpu") as t:
+        assert t.shape == (13, 1, 4, 8) and t.dtype == torch.bfloat16 and t.format == fmt
+        ids = random_ids(13, (9,))
+        assert torch.equal(t.gather(ids)[:, 0], want[ids]) and torch.equal(t.gather(ids, layer=0), want[ids])
+        w = torch.rand(9, 4)
+        ref = (want.double()[ids] * w.double()[..., None]).sum(-2)
+        torch.testing.assert_close(t.gather_combine(ids, w, 0).double(), ref, **TOLERANCES[torch.bfloat16])
 
 
 def test_argument_errors(tables):
@@ -177,6 +235,7 @@ def test_repr_and_stats(tables):
     t = tables(make_lut(8, 2, 4, 16, torch.bfloat16), "host")
     r = repr(t)
     assert "placement='host'" in r and "V=8, L=2, E=4, D=16" in r and "bfloat16" in r and "2 KiB" in r
+    assert t.row_bytes == 2 * 4 * 16 * 2  # L * E * D * sizeof(bf16): the unit every byte count below uses
     t.gather(torch.tensor([1, 1, 2]), path="dma")
     d = t.stats.as_dict()
     assert d["rows_requested"] == 3 and d["unique_rows"] == 2 and d["last_path"] == "dma"
@@ -463,6 +522,107 @@ def test_cuda_prefetcher_side_stream(placement):
     for l in range(L):
         assert torch.equal(ha.layer(l).cpu(), lut[a.cpu(), l])
         assert torch.equal(hb.layer(l).cpu(), lut[b.cpu(), l])
+    t.close()
+
+
+# ~0.1 s of a spin kernel at 1.5-2 GHz: far longer than layer 0's gather and a host round trip.
+SPIN_CYCLES = 200_000_000
+
+
+@requires_cuda
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_cuda_prefetcher_layer_waits_only_for_its_own_rows(placement, monkeypatch):
+    """Layer 0 is readable while the prefetch stream is still busy before layer L-1, and every layer's
+    rows are right. A spin kernel is queued on the prefetch stream before the last layer's gather
+    (by wrapping the gather the Prefetcher calls; adapt `delayed` if it issues its gathers in
+    another way): a layer(l) that waited for all layers would stall until the spin ends, one that
+    waited for nothing would read the buffer's previous rows."""
+    import mole_kernels.table as table_mod
+
+    V, L, E, D = 97, 6, 4, 256
+    lut = make_lut(V, L, E, D, torch.bfloat16)
+    t = LookupTable.from_tensor(lut, placement, device="cuda")
+    pf = t.prefetcher(16)
+    old, other, new = torch.arange(0, 16), torch.arange(16, 32), torch.arange(32, 48)
+    pf.start(old.cuda())
+    pf.start(other.cuda())  # `new` goes into `old`'s buffer: reading it too early shows old's rows
+    torch.cuda.synchronize()
+    real, last_done, fired = table_mod.lut_gather, torch.cuda.Event(), []
+
+    def delayed(*args, **kwargs):
+        last = kwargs.get("layer") == L - 1
+        if last:
+            torch.cuda._sleep(SPIN_CYCLES)  # on the current stream: the prefetch stream
+            fired.append(torch.cuda.current_stream())
+        out = real(*args, **kwargs)
+        if last:
+            last_done.record()
+        return out
+
+    monkeypatch.setattr(table_mod, "lut_gather", delayed)
+    handle = pf.start(new.cuda())
+    assert len(fired) == 1 and fired[0] != torch.cuda.current_stream(), "the last layer was not gathered on a side stream"
+    first = pf.layer(0).clone()
+    reached = torch.cuda.Event()
+    reached.record()
+    reached.synchronize()  # the current stream got past layer 0's rows ...
+    assert not last_done.query(), "layer(0) waited for the last layer's rows"  # ... while layer L-1 is pending
+    assert torch.equal(first.cpu(), lut[new, 0])
+    for l in range(L):
+        assert torch.equal(handle.layer(l).cpu(), lut[new, l]), f"layer {l} read before its rows were written"
+    t.close()
+
+
+@requires_cuda
+def test_cuda_host_table_zero_copy_moves_only_the_rows_asked_for():
+    """Zero-copy reads a host table in place: device memory does not grow by the table (256 MiB),
+    and the bytes reported as moved are the rows read."""
+    V, L, E, D = 8192, 4, 4, 1024
+    lut = torch.empty(V, L, E, D, dtype=torch.bfloat16)
+    ids = torch.tensor([V - 1, 7, V // 3, 7, 12])
+    lut[ids] = make_lut(5, L, E, D, torch.bfloat16)  # only the rows read need values
+    t = LookupTable.from_tensor(lut, "host", device="cuda")
+    assert t.pinned and t.nbytes == lut.numel() * 2
+    w = torch.rand(5, E, device="cuda")
+    t.gather(ids[:1].cuda(), path="zero_copy")  # loads the kernels' code before the measurement
+    t.reset_stats()
+    torch.cuda.synchronize()
+    free0, allocated0 = torch.cuda.mem_get_info()[0], torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    rows = t.gather(ids.cuda(), path="zero_copy")
+    combined = t.gather_combine(ids.cuda(), w, 2, path="zero_copy")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - allocated0 < t.nbytes // 64  # the results: 160 KiB + 10 KiB
+    assert free0 - torch.cuda.mem_get_info()[0] < t.nbytes // 4
+    assert torch.equal(rows.cpu(), lut[ids])
+    torch.testing.assert_close(combined.cpu().double(), ref_combine(lut, ids, w.cpu(), 2), **TOLERANCES[torch.bfloat16])
+    row = L * E * D * 2
+    assert t.stats.bytes_h2d == 5 * row + 5 * row // L  # every id's rows (no dedupe on this path), then one layer's
+    assert t.stats.bytes_read["host"] == t.stats.bytes_h2d
+    t.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (runs on cuda:1)")
+@pytest.mark.parametrize("placement", ["device", "host", "disk"])
+def test_cuda_second_device(placement):
+    """A table for cuda:1 while cuda:0 is current: every path and the prefetcher deliver on cuda:1."""
+    dev = torch.device("cuda", 1)
+    V, L, E, D = 61, 3, 4, 40
+    lut = make_lut(V, L, E, D, torch.float16)
+    t = LookupTable.from_tensor(lut, placement, device=dev)
+    ids = random_ids(V, (12,))
+    w = torch.rand(12, E)
+    for path in t.paths():
+        for src in (ids, ids.to(dev)):
+            got = t.gather(src, path=path)
+            assert got.device == dev and torch.equal(got.cpu(), lut[ids])
+            c = t.gather_combine(src, w.to(dev), 1, path=path)
+            assert c.device == dev
+            torch.testing.assert_close(c.cpu().double(), ref_combine(lut, ids, w, 1), **TOLERANCES[torch.float16])
+    h = t.prefetcher(12).start(ids.to(dev))
+    for l in range(L):
+        assert torch.equal(h.layer(l).cpu(), lut[ids, l])
+    assert torch.cuda.current_device() == 0
     t.close()
 
 
