@@ -243,17 +243,28 @@ def test_combine_out_may_be_residual(backend):
     assert_matches(residual, want, torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_combine_extreme_and_neg_inf_logits(backend, dtype):
-    dev = _device(backend)
-    T, E, D = 5, 4, 33
-    logits = torch.tensor([
-        [1e4, -1e4, 0.0, 1e4],        # huge, tied maxima
-        [-1e4, -1e4, -1e4, -1e4],     # all huge negative: uniform
+# Huge, tied and -inf logits. E = 3 leaves a padding expert in the kernels' power-of-two tiles
+# (whose weight must stay exactly 0 even when exp(-max) overflows).
+EXTREME_LOGITS = {
+    4: [[1e4, -1e4, 0.0, 1e4],  # huge, tied maxima
+        [-1e4, -1e4, -1e4, -1e4],  # all huge negative: uniform
         [NEG_INF, 2.0, NEG_INF, 1.0],  # two experts excluded
         [NEG_INF, NEG_INF, NEG_INF, 5e3],  # one survivor gets weight exactly 1
-        [1e4, NEG_INF, -1e4, 0.5],
-    ], device=dev).to(dtype)
+        [1e4, NEG_INF, -1e4, 0.5]],
+    3: [[1e4, -1e4, 1e4],
+        [-1e4, -1e4, -1e4],
+        [NEG_INF, 2.0, 1.0],
+        [NEG_INF, NEG_INF, -5e3],
+        [-1e4, NEG_INF, -1e4]],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", list(EXTREME_LOGITS))
+def test_combine_extreme_and_neg_inf_logits(backend, dtype, E):
+    dev = _device(backend)
+    T, D = 5, 33
+    logits = torch.tensor(EXTREME_LOGITS[E], device=dev).to(dtype)
     rows = make_rows(T, E, D, dtype, "layer", dev)
     # A -inf expert's rows are huge: any nonzero weight on them would show.
     big = 6e4 if dtype == torch.float16 else 1e30

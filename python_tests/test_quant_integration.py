@@ -14,7 +14,7 @@ from mole_kernels._progress import progress_bar
 from mole_kernels.cli import lut_quality, main
 from mole_kernels.table import FORMAT_VERSION
 
-from conftest import HAS_CUDA, TOLERANCES, requires_cuda
+from conftest import TOLERANCES, requires_cuda
 from test_quant import check_within_bound
 from test_table import gathered_table_sizes
 
