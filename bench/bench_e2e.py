@@ -1,4 +1,4 @@
-"""End-to-end step latency of the reference model (mole_kernels/model.py) at the paper's shapes.
+"""End-to-end step latency of the reference model (mole_kernels/model/) at the paper's shapes.
 
 What one call is:
 - `e2e-decode`: one decode step (embed -> L layers -> final norm -> lm_head) for a batch of B new
@@ -44,8 +44,8 @@ import pytest
 import torch
 
 from conftest import GPU_QUICK, HAS_CUDA, SMOKE, Rotation, pick, run, zipf_ids
-from mole_kernels.model import (DenseForCausalLM, MoEForCausalLM, MoLEConfig, MoLEForCausalLM, StaticKVCache,
-                                _attention_mask)
+from mole_kernels.model import DenseForCausalLM, MoEForCausalLM, MoLEConfig, MoLEForCausalLM, StaticKVCache
+from mole_kernels.model.layers import _attention_mask
 from mole_kernels.table import LookupTable
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")

@@ -339,7 +339,7 @@ def test_disk_file_larger_than_ram_is_not_read(tmp_path):
     V, L, E, D = 1 << 20, 8, 4, 512  # 32 KiB bf16 rows, 32 GiB of table... doubled below
     V *= 2
     path = tmp_path / "huge.safetensors"
-    from mole_kernels.table import _header_bytes, _metadata
+    from mole_kernels.table.file_format import _header_bytes, _metadata
 
     head = _header_bytes((V, L, E, D), torch.bfloat16, _metadata((V, L, E, D), torch.bfloat16))
     row = make_lut(1, L, E, D, torch.bfloat16)

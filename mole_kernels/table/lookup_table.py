@@ -33,38 +33,26 @@ threads, the DMA submission) is ``torch.classes.mole_kernels.TableStore``
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 
-from ._ops import ops
-from ._progress import progress_bar
-from .lut_gather import lut_gather
-from .quant import QuantizedLUT, canonical_format, quantize
+from .._ops import ops
+from ..lut_gather import lut_gather
+from ..quant import QuantizedLUT, canonical_format, quantize
+from .file_format import (_CHUNK, _ST_DTYPES, TENSOR_NAME, _check_quantized_rows, _metadata_of, _progress,
+                          _read_header, _save_tensor)
 
-__all__ = ["LookupTable", "Prefetcher", "TableStats", "host_allocations", "FORMAT_VERSION"]
+if TYPE_CHECKING:
+    from .prefetch import Prefetcher
 
-#: The newest file format this version reads. Float tables are written as version 1 (readable by
-#: every release); quantized tables as version 2 (a U8 tensor plus quantization metadata).
-FORMAT_VERSION = 2
-_FLOAT_FORMAT_VERSION = 1
-TENSOR_NAME = "lut"
 PLACEMENTS = ("device", "host", "disk")
 _PATHS = {"device": ("device",), "host": ("zero_copy", "dma"), "disk": ("staged",)}
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-_ST_NAMES[torch.uint8] = "U8"  # written for quantized tables only
-_HEADER_ALIGN = 4096  # the data starts on a page boundary (safetensors allows header padding)
-_MAX_HEADER = 100 << 20  # the safetensors limit
-_CHUNK = 256 << 20  # bytes per step when filling or saving a table
-_PROGRESS_MIN = 1 << 30  # show a progress bar for tables at least this large
 
 
 def host_allocations() -> Dict[str, int]:
@@ -78,11 +66,6 @@ def _human(n: int) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n} B" if unit == "B" else f"{n:.4g} {unit}"
         n /= 1024
-
-
-def _progress(total: int, desc: str):
-    """A bar over bytes, shown only for tables of at least ``_PROGRESS_MIN`` bytes."""
-    return progress_bar(total, desc, enabled=total >= _PROGRESS_MIN, unit="B", unit_scale=True)
 
 
 @dataclass
@@ -116,121 +99,6 @@ class TableStats:
             "bytes_read": dict(self.bytes_read), "bytes_h2d": self.bytes_h2d, "dma_copies": self.dma_copies,
             "seconds": dict(self.seconds), "last_path": self.last_path, "paths": dict(self.paths),
         }
-
-
-# ---------------------------------------------------------------- safetensors -------------
-
-
-@dataclass
-class _FileInfo:
-    shape: Tuple[int, int, int, int]  # of the stored tensor (quantized: [V, L, E, row_bytes])
-    dtype: torch.dtype  # of the stored tensor (quantized: uint8)
-    data_offset: int  # absolute offset of the table's first byte
-    nbytes: int
-    metadata: Dict[str, str]
-    quantized: bool = False
-
-
-def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
-    """Parses and validates a safetensors header; every problem is a ValueError naming the file."""
-
-    def bad(msg):
-        return ValueError(f"LookupTable.open: {path}: {msg}")
-
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise bad(f"{size} bytes is too short for a safetensors file (8-byte header length + JSON header)")
-            (n,) = struct.unpack("<Q", head)
-            if n < 2 or n > _MAX_HEADER or 8 + n > size:
-                raise bad(f"header length field says {n} bytes but the file has {size} bytes: not a safetensors "
-                          "file, or truncated")
-            raw = f.read(n)
-    except OSError as e:
-        raise ValueError(f"LookupTable.open: cannot read {path}: {e}") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"the header is not valid JSON ({e}): not a safetensors file") from None
-    if not isinstance(header, dict):
-        raise bad("the header is not a JSON object: not a safetensors file")
-    meta = header.pop("__metadata__", None) or {}
-    if tensor not in header:
-        raise bad(f"no tensor named {tensor!r} (tensors: {sorted(header)[:8]}); pass tensor= to pick one")
-    entry = header[tensor]
-    try:
-        dtype_name, shape = entry["dtype"], [int(s) for s in entry["shape"]]
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise bad(f"tensor {tensor!r} entry {entry!r} lacks dtype/shape/data_offsets") from None
-    quantized = QuantizedLUT.is_quantized_metadata(meta)
-    if quantized:
-        if dtype_name != "U8":
-            raise bad(f"metadata names a quantized table (mole_kernels.format={meta['mole_kernels.format']}) but "
-                      f"tensor {tensor!r} has dtype {dtype_name}; quantized rows are stored as U8")
-        dtype = torch.uint8
-    elif dtype_name == "U8":
-        raise bad(f"tensor {tensor!r} is U8 but the metadata names no quantization (mole_kernels.format, "
-                  "mole_kernels.block_size, ...): cannot tell how to decode its rows")
-    elif dtype_name not in _ST_DTYPES:
-        raise bad(f"tensor {tensor!r} has dtype {dtype_name}; a table must be one of {sorted(_ST_DTYPES)} "
-                  "(or U8 with quantization metadata)")
-    else:
-        dtype = _ST_DTYPES[dtype_name]
-    if len(shape) == 3:
-        shape = [shape[0], 1, shape[1], shape[2]]
-    if len(shape) != 4 or min(shape) < 0:
-        raise bad(f"tensor {tensor!r} has shape {shape}; a table is [V, L, E, D] or [V, E, D]")
-    nbytes = math.prod(shape) * dtype.itemsize
-    if end - begin != nbytes or begin < 0:
-        raise bad(f"tensor {tensor!r} data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} "
-                  f"in {dtype_name} needs {nbytes}")
-    try:  # the file must hold every tensor the header describes, not just ours
-        data_end = max(int(e["data_offsets"][1]) for e in header.values() if isinstance(e, dict) and "data_offsets" in e)
-    except (TypeError, ValueError, IndexError):
-        raise bad("a tensor entry has malformed data_offsets") from None
-    if size < 8 + n + data_end:
-        raise bad(f"truncated: the header describes {8 + n + data_end} bytes but the file has {size}")
-    # The metadata, when present, must agree with the tensor (a mismatch means a corrupt or foreign file).
-    logical, logical_dtype = list(shape), str(dtype).replace("torch.", "")
-    if quantized:
-        q = _quantized_on_meta(shape, meta, bad)
-        logical, logical_dtype = list(q.shape), str(q.dtype).replace("torch.", "")
-    want = {"vocab": logical[0], "layers": logical[1], "experts": logical[2], "hidden": logical[3]}
-    for key, val in want.items():
-        if key in meta and str(meta[key]) != str(val):
-            raise bad(f"metadata says {key}={meta[key]} but tensor {tensor!r} has shape {shape} ({key}={val})")
-    if "dtype" in meta and meta["dtype"] != logical_dtype:
-        raise bad(f"metadata says dtype={meta['dtype']} but tensor {tensor!r} is {dtype_name}"
-                  + (f" quantized from {logical_dtype}" if quantized else ""))
-    if "format_version" in meta and int(meta["format_version"]) > FORMAT_VERSION:
-        raise bad(f"format_version {meta['format_version']} is newer than this mole_kernels ({FORMAT_VERSION})")
-    return _FileInfo(tuple(shape), dtype, 8 + n + begin, nbytes, dict(meta), quantized)
-
-
-def _quantized_on_meta(shape, meta: Dict[str, str], bad) -> QuantizedLUT:
-    """The QuantizedLUT the metadata describes, over a meta-device payload of ``shape``: checks that
-    format, dim, block size, dtype and layout are valid and that the row size matches them."""
-    try:
-        return QuantizedLUT.from_metadata(torch.empty(shape, dtype=torch.uint8, device="meta"), meta,
-                                          check_sample=False)
-    except ValueError as e:
-        raise bad(f"quantized table: {e}") from None
-
-
-def _header_bytes(shape, dtype, metadata: Dict[str, str]) -> bytes:
-    header = {
-        "__metadata__": metadata,
-        TENSOR_NAME: {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [0, math.prod(shape) * dtype.itemsize]},
-    }
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    pad = (-(8 + len(raw))) % _HEADER_ALIGN
-    return struct.pack("<Q", len(raw) + pad) + raw + b" " * pad
-
-
-# ---------------------------------------------------------------- the table ---------------
 
 
 def _default_device(device) -> torch.device:
@@ -534,6 +402,8 @@ class LookupTable:
 
     def prefetcher(self, max_tokens: int, *, strict: bool = True) -> "Prefetcher":
         """A double-buffered prefetcher of all layers' rows for up to ``max_tokens`` ids."""
+        from .prefetch import Prefetcher
+
         return Prefetcher(self, max_tokens, strict=strict)
 
     # ------------------------------------------------------------ internals -----------------
@@ -675,22 +545,6 @@ class LookupTable:
 _PRIVATE = object()
 
 
-def _metadata(shape, dtype, quantized: Optional[QuantizedLUT] = None) -> Dict[str, str]:
-    """File metadata of a ``[V, L, E, D]`` table of ``dtype``; a quantized one adds its QuantizedLUT.metadata()."""
-    V, L, E, D = shape
-    version = FORMAT_VERSION if quantized is not None else _FLOAT_FORMAT_VERSION
-    meta = {"format": "mole_kernels.lut", "format_version": str(version), "vocab": str(V), "layers": str(L),
-            "experts": str(E), "hidden": str(D), "dtype": str(dtype).replace("torch.", "")}
-    if quantized is not None:
-        meta.update(quantized.metadata())
-    return meta
-
-
-def _metadata_of(lut) -> Dict[str, str]:
-    """:func:`_metadata` of a 4-D table (tensor or QuantizedLUT)."""
-    return _metadata(lut.shape, lut.dtype, lut if isinstance(lut, QuantizedLUT) else None)
-
-
 def _as_4d(lut):
     """[V, E, ...] -> [V, 1, E, ...] (tensor or QuantizedLUT)."""
     if isinstance(lut, QuantizedLUT):
@@ -708,177 +562,3 @@ def _like(template, payload: torch.Tensor):
     if isinstance(template, QuantizedLUT):
         return QuantizedLUT(payload, template.format, template.dim, template.block_size, template.dtype)
     return payload
-
-
-def _check_quantized_rows(src: torch.Tensor, info: _FileInfo, path: str) -> Optional[QuantizedLUT]:
-    """A quantized file's table over its mapping, its first and last rows checked; None for a float file."""
-    if not info.quantized:
-        return None
-    try:
-        return QuantizedLUT.from_metadata(src, info.metadata)
-    except ValueError as e:
-        raise ValueError(f"LookupTable.open: {path}: quantized table: {e}") from None
-
-
-def _save_tensor(lut: torch.Tensor, path: str, metadata: Dict[str, str]) -> None:
-    """Streams ``lut`` into a safetensors file (written to path.tmp, then renamed: never half a file)."""
-    if lut.dim() == 3:
-        lut = lut.unsqueeze(1)
-    shape, dtype = tuple(lut.shape), lut.dtype
-    nbytes = math.prod(shape) * dtype.itemsize
-    tmp = path + ".tmp"
-    bar = _progress(nbytes, f"saving {os.path.basename(path)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_header_bytes(shape, dtype, metadata))
-            step = max(1, _CHUNK // max(1, math.prod(shape[1:]) * dtype.itemsize))
-            for a in range(0, shape[0], step):
-                chunk = lut[a:a + step].detach().to("cpu").contiguous()
-                f.write(chunk.view(torch.uint8).numpy().data)
-                bar.update(chunk.numel() * dtype.itemsize)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        bar.close()
-
-
-# ---------------------------------------------------------------- prefetcher --------------
-
-
-class Prefetch:
-    """One started prefetch: :meth:`layer` returns its rows (valid until two later ``start`` calls)."""
-
-    def __init__(self, owner: "Prefetcher", slot: int, generation: int, num_tokens: int):
-        self._owner, self.slot, self.generation, self.num_tokens = owner, slot, generation, num_tokens
-
-    def layer(self, l: int) -> torch.Tensor:
-        return self._owner._layer(self, l)
-
-
-class Prefetcher:
-    """Issues all layers' rows for the next ids on a side stream into a reusable double buffer.
-
-    ``start(ids)`` returns at once (on CUDA); ``layer(l)`` makes the current stream wait for
-    layer ``l``'s rows only and returns them, a ``[T, E, D]`` view (contiguous: the buffer is
-    layer-major ``[L, max_tokens, E, D]``; dequantized, in the table's dtype, for a quantized
-    table). Two buffers alternate, so the prefetch for step n+1
-    may be started while step n still reads its rows; a third ``start`` reuses the first
-    buffer (its :class:`Prefetch` handle then raises instead of returning overwritten rows).
-    Every ``start`` waits (on the GPU) for the work already queued on the current stream, so
-    ids produced there are ready and earlier readers of the reused buffer are done.
-
-    Steady state allocates nothing for the device tier and the host tier's zero-copy path,
-    so a decode step can be captured in a CUDA graph with ``strict=False`` (out-of-range ids
-    then read zeros and are counted in :attr:`faults` instead of raising, which would
-    synchronise). The dma and disk paths dedupe on the host and synchronise.
-    On the CPU everything runs synchronously with the same API.
-    """
-
-    def __init__(self, table: LookupTable, max_tokens: int, *, strict: bool = True):
-        table._check_open()
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"Prefetcher: max_tokens must be a positive int, got {max_tokens!r}")
-        V, L, E, D = table.shape
-        dev = table.device
-        self.table, self.max_tokens, self.strict = table, max_tokens, strict
-        # The buffers hold dequantized rows in the table's dtype for a quantized table too: the
-        # gather's rows form dequantizes while it writes them, so layer() and mole_combine are the
-        # same for every table, and only quantized bytes cross PCIe / come off disk either way.
-        # The alternative (keep quantized rows here, dequantize inside mole_combine) would save
-        # device-buffer bandwidth; it was not measured because no GPU was available, so the
-        # simpler form stands until a benchmark says otherwise.
-        self._bufs = [torch.empty((L, max_tokens, E, D), dtype=table.dtype, device=dev) for _ in range(2)]
-        self._ids = [torch.empty(max_tokens, dtype=torch.int64, device=dev) for _ in range(2)]
-        self._unique = [None, None]  # dedupe paths: device buffer of unique rows, made on first use
-        self._faults = torch.zeros(1, dtype=torch.int64, device=dev)
-        self._scratch = torch.zeros(1, dtype=torch.int64, device=dev)
-        self._cuda = dev.type == "cuda"
-        if self._cuda:
-            self._stream = torch.cuda.Stream(dev)
-            self._ready = [[torch.cuda.Event() for _ in range(L)] for _ in range(2)]
-        self._generation = [0, 0]
-        self._current: Optional[Prefetch] = None
-
-    @property
-    def faults(self) -> int:
-        """Ids outside [0, V) seen with strict=False (reading it synchronises)."""
-        return int(self._faults.item())
-
-    @property
-    def faults_tensor(self) -> torch.Tensor:
-        return self._faults
-
-    def start(self, ids: torch.Tensor, *, path: str = "auto") -> Prefetch:
-        """Starts fetching all layers' rows for ``ids`` [T] (T <= max_tokens); returns a handle."""
-        t = self.table
-        t._check_open()
-        ids = t._check_ids(ids, "Prefetcher.start").reshape(-1)
-        T = ids.numel()
-        if T > self.max_tokens:
-            raise ValueError(f"Prefetcher.start: {T} ids, more than max_tokens={self.max_tokens}")
-        slot = 0 if self._current is None else 1 - self._current.slot
-        self._generation[slot] += 1
-        path = t._choose_path(ids, path)
-        if self._cuda:
-            self._stream.wait_stream(torch.cuda.current_stream(t.device))
-            if ids.is_cuda and not torch.cuda.is_current_stream_capturing():
-                ids.record_stream(self._stream)  # the caller may free ids before the side stream reads them
-            with torch.cuda.stream(self._stream):
-                self._issue(slot, ids, T, path)
-        else:
-            self._issue(slot, ids, T, path)
-        self._current = Prefetch(self, slot, self._generation[slot], T)
-        return self._current
-
-    def layer(self, l: int) -> torch.Tensor:
-        """Rows ``[T, E, D]`` of layer ``l`` for the ids of the latest :meth:`start`."""
-        if self._current is None:
-            raise RuntimeError("Prefetcher.layer: call start(ids) first")
-        return self._layer(self._current, l)
-
-    def _issue(self, slot: int, ids: torch.Tensor, T: int, path: str):
-        t = self.table
-        V, L, E, D = t.shape
-        idx = self._ids[slot][:T]
-        if path in ("device", "zero_copy"):
-            if self.strict and T:
-                self._check_range(ids, V)
-            idx.copy_(ids, non_blocking=True)
-            src = t._lut
-            t._count_direct(T, None, path)
-        else:
-            if self._unique[slot] is None:
-                self._unique[slot] = torch.empty(self.max_tokens * t.row_bytes, dtype=torch.uint8, device=t.device)
-            src, inv = t._unique_rows(ids, None, path, out=self._unique[slot])  # validates the range itself
-            idx.copy_(inv, non_blocking=True)
-        t0 = time.perf_counter()
-        buf = self._bufs[slot]
-        for l in range(L):
-            # faults= keeps every launch free of synchronisation (the range was checked above if strict).
-            # Bad ids are counted once per start (layer 0); later layers count into scratch.
-            lut_gather(src, idx, layer=l, out=buf[l, :T], faults=self._faults if l == 0 else self._scratch)
-            if self._cuda:
-                self._ready[slot][l].record(self._stream)
-        t.stats.add_time("gather", t0)
-
-    @staticmethod
-    def _check_range(ids: torch.Tensor, V: int):
-        bad = (ids < 0) | (ids >= V)
-        if bool(bad.any()):  # one synchronisation when ids are on the GPU (strict mode only)
-            pos = int(bad.nonzero()[0, 0])
-            raise ValueError(f"Prefetcher.start: ids contains {int(ids[pos])} (at flat position {pos}), outside the "
-                             f"table's vocabulary [0, {V})")
-
-    def _layer(self, handle: Prefetch, l: int) -> torch.Tensor:
-        if self._generation[handle.slot] != handle.generation:
-            raise RuntimeError("Prefetch.layer: these rows were overwritten by a later start() (a Prefetcher keeps "
-                               "the two most recent prefetches)")
-        L = self.table.shape[1]
-        if not isinstance(l, int) or not 0 <= l < L:
-            raise ValueError(f"Prefetcher.layer: l must be an int in [0, {L}), got {l!r}")
-        if self._cuda:
-            torch.cuda.current_stream(self.table.device).wait_event(self._ready[handle.slot][l])
-        return self._bufs[handle.slot][l, :handle.num_tokens]

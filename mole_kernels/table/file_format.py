@@ -1,0 +1,195 @@
+"""The table file: safetensors with one tensor ``"lut"`` ``[V, L, E, D]`` (or ``[V, E, D]``) and
+metadata, its data starting on a page boundary; quantized tables store their packed uint8 rows
+``[V, L, E, row_bytes]`` and name format, block size and dtype in the metadata. Headers are
+validated on read (every problem a ValueError naming the file); files are written whole or not at all."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .._progress import progress_bar
+from ..quant import QuantizedLUT
+
+#: The newest file format this version reads. Float tables are written as version 1 (readable by
+#: every release); quantized tables as version 2 (a U8 tensor plus quantization metadata).
+FORMAT_VERSION = 2
+_FLOAT_FORMAT_VERSION = 1
+TENSOR_NAME = "lut"
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_ST_NAMES[torch.uint8] = "U8"  # written for quantized tables only
+_HEADER_ALIGN = 4096  # the data starts on a page boundary (safetensors allows header padding)
+_MAX_HEADER = 100 << 20  # the safetensors limit
+_CHUNK = 256 << 20  # bytes per step when filling or saving a table
+_PROGRESS_MIN = 1 << 30  # show a progress bar for tables at least this large
+
+
+def _progress(total: int, desc: str):
+    """A bar over bytes, shown only for tables of at least ``_PROGRESS_MIN`` bytes."""
+    return progress_bar(total, desc, enabled=total >= _PROGRESS_MIN, unit="B", unit_scale=True)
+
+
+@dataclass
+class _FileInfo:
+    shape: Tuple[int, int, int, int]  # of the stored tensor (quantized: [V, L, E, row_bytes])
+    dtype: torch.dtype  # of the stored tensor (quantized: uint8)
+    data_offset: int  # absolute offset of the table's first byte
+    nbytes: int
+    metadata: Dict[str, str]
+    quantized: bool = False
+
+
+def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
+    """Parses and validates a safetensors header; every problem is a ValueError naming the file."""
+
+    def bad(msg):
+        return ValueError(f"LookupTable.open: {path}: {msg}")
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes is too short for a safetensors file (8-byte header length + JSON header)")
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > _MAX_HEADER or 8 + n > size:
+                raise bad(f"header length field says {n} bytes but the file has {size} bytes: not a safetensors "
+                          "file, or truncated")
+            raw = f.read(n)
+    except OSError as e:
+        raise ValueError(f"LookupTable.open: cannot read {path}: {e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the header is not valid JSON ({e}): not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object: not a safetensors file")
+    meta = header.pop("__metadata__", None) or {}
+    if tensor not in header:
+        raise bad(f"no tensor named {tensor!r} (tensors: {sorted(header)[:8]}); pass tensor= to pick one")
+    entry = header[tensor]
+    try:
+        dtype_name, shape = entry["dtype"], [int(s) for s in entry["shape"]]
+        begin, end = (int(x) for x in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise bad(f"tensor {tensor!r} entry {entry!r} lacks dtype/shape/data_offsets") from None
+    quantized = QuantizedLUT.is_quantized_metadata(meta)
+    if quantized:
+        if dtype_name != "U8":
+            raise bad(f"metadata names a quantized table (mole_kernels.format={meta['mole_kernels.format']}) but "
+                      f"tensor {tensor!r} has dtype {dtype_name}; quantized rows are stored as U8")
+        dtype = torch.uint8
+    elif dtype_name == "U8":
+        raise bad(f"tensor {tensor!r} is U8 but the metadata names no quantization (mole_kernels.format, "
+                  "mole_kernels.block_size, ...): cannot tell how to decode its rows")
+    elif dtype_name not in _ST_DTYPES:
+        raise bad(f"tensor {tensor!r} has dtype {dtype_name}; a table must be one of {sorted(_ST_DTYPES)} "
+                  "(or U8 with quantization metadata)")
+    else:
+        dtype = _ST_DTYPES[dtype_name]
+    if len(shape) == 3:
+        shape = [shape[0], 1, shape[1], shape[2]]
+    if len(shape) != 4 or min(shape) < 0:
+        raise bad(f"tensor {tensor!r} has shape {shape}; a table is [V, L, E, D] or [V, E, D]")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes or begin < 0:
+        raise bad(f"tensor {tensor!r} data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} "
+                  f"in {dtype_name} needs {nbytes}")
+    try:  # the file must hold every tensor the header describes, not just ours
+        data_end = max(int(e["data_offsets"][1]) for e in header.values() if isinstance(e, dict) and "data_offsets" in e)
+    except (TypeError, ValueError, IndexError):
+        raise bad("a tensor entry has malformed data_offsets") from None
+    if size < 8 + n + data_end:
+        raise bad(f"truncated: the header describes {8 + n + data_end} bytes but the file has {size}")
+    # The metadata, when present, must agree with the tensor (a mismatch means a corrupt or foreign file).
+    logical, logical_dtype = list(shape), str(dtype).replace("torch.", "")
+    if quantized:
+        q = _quantized_on_meta(shape, meta, bad)
+        logical, logical_dtype = list(q.shape), str(q.dtype).replace("torch.", "")
+    want = {"vocab": logical[0], "layers": logical[1], "experts": logical[2], "hidden": logical[3]}
+    for key, val in want.items():
+        if key in meta and str(meta[key]) != str(val):
+            raise bad(f"metadata says {key}={meta[key]} but tensor {tensor!r} has shape {shape} ({key}={val})")
+    if "dtype" in meta and meta["dtype"] != logical_dtype:
+        raise bad(f"metadata says dtype={meta['dtype']} but tensor {tensor!r} is {dtype_name}"
+                  + (f" quantized from {logical_dtype}" if quantized else ""))
+    if "format_version" in meta and int(meta["format_version"]) > FORMAT_VERSION:
+        raise bad(f"format_version {meta['format_version']} is newer than this mole_kernels ({FORMAT_VERSION})")
+    return _FileInfo(tuple(shape), dtype, 8 + n + begin, nbytes, dict(meta), quantized)
+
+
+def _quantized_on_meta(shape, meta: Dict[str, str], bad) -> QuantizedLUT:
+    """The QuantizedLUT the metadata describes, over a meta-device payload of ``shape``: checks that
+    format, dim, block size, dtype and layout are valid and that the row size matches them."""
+    try:
+        return QuantizedLUT.from_metadata(torch.empty(shape, dtype=torch.uint8, device="meta"), meta,
+                                          check_sample=False)
+    except ValueError as e:
+        raise bad(f"quantized table: {e}") from None
+
+
+def _header_bytes(shape, dtype, metadata: Dict[str, str]) -> bytes:
+    header = {
+        "__metadata__": metadata,
+        TENSOR_NAME: {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [0, math.prod(shape) * dtype.itemsize]},
+    }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    pad = (-(8 + len(raw))) % _HEADER_ALIGN
+    return struct.pack("<Q", len(raw) + pad) + raw + b" " * pad
+
+
+def _metadata(shape, dtype, quantized: Optional[QuantizedLUT] = None) -> Dict[str, str]:
+    """File metadata of a ``[V, L, E, D]`` table of ``dtype``; a quantized one adds its QuantizedLUT.metadata()."""
+    V, L, E, D = shape
+    version = FORMAT_VERSION if quantized is not None else _FLOAT_FORMAT_VERSION
+    meta = {"format": "mole_kernels.lut", "format_version": str(version), "vocab": str(V), "layers": str(L),
+            "experts": str(E), "hidden": str(D), "dtype": str(dtype).replace("torch.", "")}
+    if quantized is not None:
+        meta.update(quantized.metadata())
+    return meta
+
+
+def _metadata_of(lut) -> Dict[str, str]:
+    """:func:`_metadata` of a 4-D table (tensor or QuantizedLUT)."""
+    return _metadata(lut.shape, lut.dtype, lut if isinstance(lut, QuantizedLUT) else None)
+
+
+def _check_quantized_rows(src: torch.Tensor, info: _FileInfo, path: str) -> Optional[QuantizedLUT]:
+    """A quantized file's table over its mapping, its first and last rows checked; None for a float file."""
+    if not info.quantized:
+        return None
+    try:
+        return QuantizedLUT.from_metadata(src, info.metadata)
+    except ValueError as e:
+        raise ValueError(f"LookupTable.open: {path}: quantized table: {e}") from None
+
+
+def _save_tensor(lut: torch.Tensor, path: str, metadata: Dict[str, str]) -> None:
+    """Streams ``lut`` into a safetensors file (written to path.tmp, then renamed: never half a file)."""
+    if lut.dim() == 3:
+        lut = lut.unsqueeze(1)
+    shape, dtype = tuple(lut.shape), lut.dtype
+    nbytes = math.prod(shape) * dtype.itemsize
+    tmp = path + ".tmp"
+    bar = _progress(nbytes, f"saving {os.path.basename(path)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_header_bytes(shape, dtype, metadata))
+            step = max(1, _CHUNK // max(1, math.prod(shape[1:]) * dtype.itemsize))
+            for a in range(0, shape[0], step):
+                chunk = lut[a:a + step].detach().to("cpu").contiguous()
+                f.write(chunk.view(torch.uint8).numpy().data)
+                bar.update(chunk.numel() * dtype.itemsize)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        bar.close()
