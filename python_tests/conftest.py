@@ -4,6 +4,7 @@ for tests that rerun part of the suite in a child process and check how many cas
 import inspect
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,25 +42,84 @@ def _seed():
 
 
 # ---------------------------------------------------------------- child pytest runs --------
+# A test marked child_run(args, env) checks a child `python -m pytest ARGS` run with ENV (the
+# Triton interpreter, a capped CPU instruction set). The children start right after collection
+# and run while this process runs the other tests; the marked test then waits for its child.
 
-def run_pytest(args, env=None, timeout=900):
-    """Runs ``python -m pytest ARGS`` in a child (cwd: this folder, so the child imports the same
-    package as this process) and returns its counts from a JUnit report: passed, failed, errors,
-    skipped, collected, plus ``output`` (the tail of stdout+stderr) for assertion messages."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = os.path.join(tmp, "report.xml")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *args]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                              cwd=os.path.dirname(os.path.abspath(__file__)))
-        output = (proc.stdout + proc.stderr)[-6000:]
-        if not os.path.exists(report):
-            raise AssertionError(f"the child pytest wrote no report (exit code {proc.returncode}):\n{output}")
-        suite = ET.parse(report).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+def pytest_configure(config):
+    config.addinivalue_line("markers", "child_run(args, env={}): the test checks a child pytest run of ARGS with "
+                                       "ENV, started right after collection (see conftest.child_result)")
+
+
+class _Child:
+    def __init__(self, args, env):
+        self.dir = tempfile.mkdtemp(prefix="mole_child_")
+        self.report = os.path.join(self.dir, "report.xml")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={self.report}", *args]
+        # cwd: this folder, so the child imports the same package as this process
+        self.proc = subprocess.Popen(cmd, env=dict(os.environ, **env), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        self._result = None
+
+    def result(self, timeout=900):
+        if self._result is None:
+            try:
+                out, _ = self.proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise AssertionError(f"the child pytest run took more than {timeout} s")
+            self._result = _counts(self.report, self.proc.returncode, out[-6000:])
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return self._result
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _counts(report, returncode, output):
+    """A child's counts from its JUnit report: passed, failed, errors, skipped, collected."""
+    if not os.path.exists(report):
+        raise AssertionError(f"the child pytest wrote no report (exit code {returncode}):\n{output}")
+    suite = ET.parse(report).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     return dict(collected=n["tests"], failed=n["failures"], errors=n["errors"], skipped=n["skipped"],
-                passed=n["tests"] - n["failures"] - n["errors"] - n["skipped"], returncode=proc.returncode,
-                output=output)
+                passed=n["tests"] - n["failures"] - n["errors"] - n["skipped"], returncode=returncode, output=output)
+
+
+_children = {}
+
+
+def _child_key(mark):
+    return tuple(mark.kwargs["args"]), tuple(sorted(mark.kwargs.get("env", {}).items()))
+
+
+def _start_child(mark):
+    key = _child_key(mark)
+    if key not in _children:
+        _children[key] = _Child(mark.kwargs["args"], mark.kwargs.get("env", {}))
+    return _children[key]
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        mark = item.get_closest_marker("child_run")
+        skipped = any(m.args and m.args[0] is True for m in item.iter_markers("skipif"))
+        if mark is not None and not skipped and not item.get_closest_marker("skip"):
+            _start_child(mark)
+
+
+def pytest_sessionfinish(session):
+    for child in _children.values():
+        child.stop()  # children of tests that never ran (-x, -k, Ctrl-C)
+
+
+def child_result(request):
+    """The counts of the child run named by the test's child_run marker (started now if it was not yet)."""
+    return _start_child(request.node.get_closest_marker("child_run")).result()
 
 
 def assert_child_ran(result, expected):

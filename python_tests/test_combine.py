@@ -31,7 +31,7 @@ import torch
 import mole_kernels.combine as combine_mod
 from mole_kernels.combine import MAX_EXPERTS, mole_combine, router_softmax
 
-from conftest import HAS_CUDA, TOLERANCES, assert_child_ran, count_cases, module_tests, run_pytest, uses_fixture
+from conftest import HAS_CUDA, TOLERANCES, assert_child_ran, child_result, count_cases, module_tests, uses_fixture
 
 INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BACKENDS = ["torch", "interpret", "cuda"]
@@ -208,16 +208,18 @@ def test_combine_result_dtype_follows_residual_else_rows(backend, rows_dtype, re
 
 def test_combine_non_contiguous_everything(backend):
     dev = _device(backend)
-    T, E, D = 5, 4, 64
+    T, E, D = 5, 4, 100  # D < BLOCK_D: the kernel's last D lanes are masked
     logits = torch.randn(E, T, device=dev).t()  # stride (1, T)
     rows = make_rows(T, E, D, torch.float32, "emajor", dev)
     residual = torch.randn(T, 2 * D, device=dev)[:, ::2]
     shared = torch.randn(D, T, device=dev).t()
-    out_buf = poisoned((T, 2 * D), torch.float32, dev)
-    out = out_buf[:, 1::2]
+    out_buf = poisoned((T, 2 * D + 2), torch.float32, dev)
+    out = out_buf[:, 1:2 * D:2]  # out[t, D] would be out_buf[t, 2 * D + 1]: in the buffer, outside the view
     mole_combine(logits, rows, residual, shared, out=out)
     assert_matches(out, ref_combine(logits, rows, residual, shared), torch.float32)
-    assert torch.isnan(out_buf[:, ::2]).all()  # nothing written outside the view
+    outside = torch.ones(T, 2 * D + 2, dtype=torch.bool, device=dev)
+    outside[:, 1:2 * D:2] = False
+    assert torch.isnan(out_buf[outside]).all()  # nothing written outside the view
 
 
 def test_combine_leading_dims(backend):
@@ -564,8 +566,9 @@ def test_imports_and_falls_back_without_triton():
 # ---------------------------------------------------------------------------
 @pytest.mark.skipif(INTERPRETER_CHILD, reason="this is the parent of the interpreter run")
 @pytest.mark.skipif(combine_mod.triton is None, reason="needs triton (not installed)")
-def test_triton_interpreter_subprocess():
-    result = run_pytest([__file__, "-k", "interpret and not subprocess", "-W", "ignore::RuntimeWarning"],
-                        env=dict(os.environ, TRITON_INTERPRET="1"))
+@pytest.mark.child_run(args=[__file__, "-k", "interpret and not subprocess", "-W", "ignore::RuntimeWarning"],
+                       env={"TRITON_INTERPRET": "1"})
+def test_triton_interpreter_subprocess(request):
+    result = child_result(request)
     assert_child_ran(result, count_cases(module_tests(globals(), uses_fixture("backend"))))
     print(result["output"].strip().splitlines()[-1])

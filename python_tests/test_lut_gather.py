@@ -9,8 +9,8 @@ import mole_kernels
 from mole_kernels import QuantizedLUT, dequantize, lut_gather, quantize
 from mole_kernels.quant import row_layout
 
-from conftest import (DEVICES, FLOAT_DTYPES, HAS_CUDA, TOLERANCES, assert_child_ran, count_cases, expected_cpu_isa,
-                      module_tests, requires_cuda, run_pytest)
+from conftest import (DEVICES, FLOAT_DTYPES, HAS_CUDA, TOLERANCES, assert_child_ran, child_result, count_cases,
+                      expected_cpu_isa, module_tests, requires_cuda)
 
 # (V, L, E, D): odd D, E = 1, L = 1, and a 3-D table ([V, E, D], L=None).
 TABLE_SHAPES = [(11, 3, 4, 100), (7, 1, 1, 3), (5, 2, 3, 1), (13, None, 4, 1000), (9, 2, 16, 64)]
@@ -384,10 +384,12 @@ def test_reported_cpu_isa_follows_the_cpu_and_the_cap():
 ISA_CHILD_K = "(test_fused and cpu and not instruction) or reported_cpu_isa"
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
-def test_cpu_instruction_set_paths(isa):
+@pytest.mark.parametrize("isa", [
+    pytest.param(isa, marks=pytest.mark.child_run(args=[__file__, "-k", ISA_CHILD_K], env={"MOLE_KERNELS_CPU_ISA": isa}))
+    for isa in ("scalar", "avx2")])
+def test_cpu_instruction_set_paths(isa, request):
     """The CPU kernel picks AVX-512, AVX2 or scalar code at run time; run the fused tests on the lower paths too."""
-    result = run_pytest([__file__, "-k", ISA_CHILD_K], env=dict(os.environ, MOLE_KERNELS_CPU_ISA=isa))
+    result = child_result(request)
     fused = module_tests(globals(), lambda fn: fn.__name__.startswith("test_fused"))
     assert_child_ran(result, count_cases(fused, {"device": "cpu"}) + (expected_cpu_isa() is not None))
 

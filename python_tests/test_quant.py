@@ -9,8 +9,8 @@ import torch
 
 from mole_kernels.quant import (NF4_LEVELS, QuantizedLUT, dequantize, quantize, quantized_lut_gather, row_layout)
 
-from conftest import (DEVICES, FLOAT_DTYPES, TOLERANCES, assert_child_ran, count_cases, expected_cpu_isa,
-                      module_tests, requires_cuda, run_pytest)
+from conftest import (DEVICES, FLOAT_DTYPES, TOLERANCES, assert_child_ran, child_result, count_cases, expected_cpu_isa,
+                      module_tests, requires_cuda)
 
 # (format, block_size) pairs at D = 768, the paper's 160M hidden size.
 FORMATS_768 = [("int8", None), ("fp8_e4m3", None), ("fp8_e4m3", 64), ("nf4", 64), ("nf4", 128), ("nf4", 768)]
@@ -388,11 +388,14 @@ def test_opcheck(device):
 SCALAR_CHILD_TESTS = ("test_rows_equal_dequantized_table", "test_fused_matches_float64", "test_fused_accumulates_into_out")
 
 
-def test_scalar_cpu_path():
+ISA_TEST = os.path.join(os.path.dirname(__file__), "test_lut_gather.py::test_reported_cpu_isa_follows_the_cpu_and_the_cap")
+
+
+@pytest.mark.child_run(args=[__file__, ISA_TEST, "-k", f"({' or '.join(SCALAR_CHILD_TESTS)}) and cpu or reported_cpu_isa"],
+                       env={"MOLE_KERNELS_CPU_ISA": "scalar"})
+def test_scalar_cpu_path(request):
     """The CPU kernel picks AVX-512 or scalar decoding at run time; run the CPU gather tests on the scalar path."""
-    isa_test = os.path.join(os.path.dirname(__file__), "test_lut_gather.py::test_reported_cpu_isa_follows_the_cpu_and_the_cap")
-    result = run_pytest([__file__, isa_test, "-k", f"({' or '.join(SCALAR_CHILD_TESTS)}) and cpu or reported_cpu_isa"],
-                        env=dict(os.environ, MOLE_KERNELS_CPU_ISA="scalar"))
+    result = child_result(request)
     gather = module_tests(globals(), lambda fn: fn.__name__ in SCALAR_CHILD_TESTS)
     assert_child_ran(result, count_cases(gather, {"device": "cpu"}) + (expected_cpu_isa() is not None))
 

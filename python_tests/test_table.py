@@ -536,7 +536,7 @@ def test_cuda_prefetcher_layer_waits_only_for_its_own_rows(placement, monkeypatc
     (by wrapping the gather the Prefetcher calls; adapt `delayed` if it issues its gathers in
     another way): a layer(l) that waited for all layers would stall until the spin ends, one that
     waited for nothing would read the buffer's previous rows."""
-    import mole_kernels.table as table_mod
+    import mole_kernels.table.prefetch as prefetch_mod
 
     V, L, E, D = 97, 6, 4, 256
     lut = make_lut(V, L, E, D, torch.bfloat16)
@@ -546,7 +546,7 @@ def test_cuda_prefetcher_layer_waits_only_for_its_own_rows(placement, monkeypatc
     pf.start(old.cuda())
     pf.start(other.cuda())  # `new` goes into `old`'s buffer: reading it too early shows old's rows
     torch.cuda.synchronize()
-    real, last_done, fired = table_mod.lut_gather, torch.cuda.Event(), []
+    real, last_done, fired = prefetch_mod.lut_gather, torch.cuda.Event(), []
 
     def delayed(*args, **kwargs):
         last = kwargs.get("layer") == L - 1
@@ -558,7 +558,7 @@ def test_cuda_prefetcher_layer_waits_only_for_its_own_rows(placement, monkeypatc
             last_done.record()
         return out
 
-    monkeypatch.setattr(table_mod, "lut_gather", delayed)
+    monkeypatch.setattr(prefetch_mod, "lut_gather", delayed)
     handle = pf.start(new.cuda())
     assert len(fired) == 1 and fired[0] != torch.cuda.current_stream(), "the last layer was not gathered on a side stream"
     first = pf.layer(0).clone()

@@ -106,7 +106,7 @@ MUTANTS = [
            _combine_interp("combine"), "rows assumed contiguous along D", INTERPRET),
     Mutant("combine-d-mask", "mole_kernels/combine.py",
            "dmask = d < D\n", "dmask = d <= D\n",
-           _combine_interp("combine"), "D mask off by one: one element past each row is written", INTERPRET),
+           _combine_interp("non_contiguous"), "D mask off by one: one element past each row is written", INTERPRET),
     # ---- the torch fallback and the checks (mole_kernels/combine.py) ---------------------------
     Mutant("fallback-chunk-weights", "mole_kernels/combine.py",
            "acc3[t0 : t0 + step].baddbmm_(w[t0 : t0 + step],", "acc3[t0 : t0 + step].baddbmm_(w[:step],",
