@@ -105,6 +105,8 @@ def _start_child(mark):
 
 
 def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
     for item in session.items:
         mark = item.get_closest_marker("child_run")
         skipped = any(m.args and m.args[0] is True for m in item.iter_markers("skipif"))
