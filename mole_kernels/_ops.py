@@ -28,25 +28,52 @@ def build_info() -> dict:
     return info
 
 
-def gather_shape(lut, ids, weights, layer, dim=None):
+def raise_on_bad_ids(ids: torch.Tensor, V: int, where: str) -> None:
+    """Raises ``ValueError`` naming the first id outside [0, V) (on a GPU this synchronises)."""
+    bad = (ids < 0) | (ids >= V)
+    if bool(bad.any()):
+        pos = int(bad.reshape(-1).nonzero()[0, 0])
+        raise ValueError(f"{where}: ids contains {int(ids.reshape(-1)[pos])} (at flat position {pos}), outside the "
+                         f"table's vocabulary [0, {V})")
+
+
+def layer_span(layer, L: int, where: str):
+    """``layer`` as the ops take it: None, an int, or a slice of consecutive layers -> (layer, layer_end).
+
+    A slice (rows form only) reads layers [start, stop) with one call, e.g. a prefetch that fills
+    several layers of a buffer at once; negative or open ends follow Python's slice rules."""
+    if layer is None or (isinstance(layer, int) and not isinstance(layer, bool)):
+        return layer, None
+    if isinstance(layer, slice):
+        start, stop, step = layer.indices(L)
+        if step != 1 or stop <= start:
+            raise ValueError(f"{where}: layer slice {layer} must select consecutive layers (step 1) of the table's "
+                             f"{L}, at least one")
+        return start, stop
+    raise ValueError(f"{where}: layer must be an int, a slice of layers or None, got {layer!r}")
+
+
+def gather_shape(lut, ids, weights, layer, dim=None, layer_end=None):
     """The shape lut_gather returns (the C++ plan checks everything else). `dim`: the hidden size
     when the table's last axis is not it (a quantized table's last axis is bytes per row)."""
     torch._check(lut.dim() in (3, 4), lambda: f"lut_gather: lut must be [V, L, E, D] or [V, E, D], got {tuple(lut.shape)}")
     E, D = lut.shape[-2], lut.shape[-1] if dim is None else dim
     if weights is not None:
         return (*ids.shape, D)
+    if layer_end is not None:
+        return (*ids.shape, layer_end - layer, E, D)
     if layer is not None or lut.dim() == 3:
         return (*ids.shape, E, D)
     return (*ids.shape, lut.shape[1], E, D)
 
 
 @torch.library.register_fake("mole_kernels::lut_gather")
-def _lut_gather_fake(lut, ids, weights=None, layer=None):
-    return ids.new_empty(gather_shape(lut, ids, weights, layer), dtype=lut.dtype)
+def _lut_gather_fake(lut, ids, weights=None, layer=None, layer_end=None):
+    return ids.new_empty(gather_shape(lut, ids, weights, layer, layer_end=layer_end), dtype=lut.dtype)
 
 
 @torch.library.register_fake("mole_kernels::lut_gather_out")
-def _lut_gather_out_fake(out, lut, ids, weights=None, layer=None, accumulate=False, faults=None):
-    want = gather_shape(lut, ids, weights, layer)
+def _lut_gather_out_fake(out, lut, ids, weights=None, layer=None, accumulate=False, faults=None, layer_end=None):
+    want = gather_shape(lut, ids, weights, layer, layer_end=layer_end)
     torch._check(tuple(out.shape) == tuple(want), lambda: f"lut_gather: out must have shape {want}")
     return None
