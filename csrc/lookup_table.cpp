@@ -12,8 +12,10 @@
 //   the process with SIGBUS. Nothing is read up front, so a file larger than RAM works.
 //
 // copy_rows moves row segments (ids validated, int64 on the CPU) into a CPU buffer with host
-// threads (at::parallel_for): memcpy for "host", pread for "file". dedupe_ids turns a batch's ids
-// into its sorted unique ids and each id's position among them, so a row is read once per batch.
+// threads (at::parallel_for): memcpy for "host", pread for "file". stage_rows (CUDA builds) moves
+// them to a device buffer through a pinned staging store in a few large async copies, pipelined:
+// host threads fill one half of the staging while the other half's copy runs. dedupe_ids turns a
+// batch's ids into its sorted unique ids and each id's position among them, so a row is read once.
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -34,6 +36,8 @@
 
 #ifdef MOLE_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #endif
 
@@ -210,6 +214,14 @@ struct TableStore : torch::CustomClassHolder {
   at::Tensor bytes_;             // "host": uint8 [nbytes]; undefined once closed
   std::shared_ptr<File> file_;   // "file": the open file; null once closed
   bool pinned_ = false;
+#ifdef MOLE_WITH_CUDA
+  cudaEvent_t half_done_[2] = {nullptr, nullptr};  // as a staging store: the last copy out of each half
+  ~TableStore() override {
+    for (cudaEvent_t e : half_done_) {
+      if (e != nullptr) (void)cudaEventDestroy(e), (void)cudaGetLastError();
+    }
+  }
+#endif
 
   // kind "host": allocate nbytes (pinned if `pin`); kind "file": bytes [offset, offset+nbytes) of path.
   TableStore(std::string kind, std::string path, int64_t offset, int64_t nbytes, bool pin) : kind_(std::move(kind)) {
@@ -290,6 +302,52 @@ struct TableStore : torch::CustomClassHolder {
     });
   }
 
+  // dst (a CUDA buffer) = the rows' segments, as copy_rows lays them out, through `staging` (a pinned
+  // host store): chunks fill alternate halves of it with host threads while the previous chunk's
+  // async copy runs on the current stream. A batch is cut into at least four chunks when it has
+  // rows enough, so that reading overlaps copying; otherwise a chunk is a whole half. Returns the
+  // number of copies (O(bytes / half), never one per row: small copies run far below PCIe speed).
+  int64_t stage_rows(const at::Tensor& ids, int64_t row_bytes, int64_t seg_offset, int64_t seg_bytes,
+                     const c10::intrusive_ptr<TableStore>& staging, const at::Tensor& dst) const {
+#ifdef MOLE_WITH_CUDA
+    MOLE_CHECK_ARG(staging && staging->kind_ == "host" && staging->pinned_ && !staging->closed(),
+                   "TableStore.stage_rows: staging must be an open, pinned host store");
+    MOLE_CHECK_ARG(dst.is_cuda() && dst.is_contiguous(), "TableStore.stage_rows: dst must be a contiguous CUDA tensor");
+    MOLE_CHECK_ARG(seg_bytes > 0, "TableStore.stage_rows: seg_bytes must be > 0, got ", seg_bytes);
+    const at::Tensor flat = checked_ids(ids, nbytes() / std::max<int64_t>(row_bytes, 1), "TableStore.stage_rows");
+    const int64_t n = flat.numel();
+    MOLE_CHECK_ARG(static_cast<int64_t>(dst.nbytes()) >= checked_mul(n, seg_bytes, "TableStore.stage_rows: bytes"),
+                   "TableStore.stage_rows: dst holds ", dst.nbytes(), " bytes, needs ", n * seg_bytes);
+    const int64_t half = staging->nbytes() / 2;
+    MOLE_CHECK_ARG(half >= seg_bytes, "TableStore.stage_rows: each staging half (", half,
+                   " bytes) must hold one row segment of ", seg_bytes, " bytes");
+    if (n == 0) return 0;
+    const c10::cuda::CUDAGuard guard(dst.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    for (cudaEvent_t& e : staging->half_done_) {
+      if (e == nullptr) C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    }
+    const int64_t rows = std::max<int64_t>(1, std::min(half / seg_bytes, (n + 3) / 4));
+    char* stage = static_cast<char*>(staging->tensor().data_ptr());
+    char* out = static_cast<char*>(dst.data_ptr());
+    int64_t copies = 0;
+    for (int64_t a = 0; a < n; a += rows, ++copies) {
+      const int64_t b = std::min(n, a + rows);
+      const int h = static_cast<int>(copies % 2);
+      C10_CUDA_CHECK(cudaEventSynchronize(staging->half_done_[h]));  // its previous copy has read this half
+      const at::Tensor buf = staging->tensor().narrow(0, h * half, (b - a) * seg_bytes);
+      copy_rows(flat.narrow(0, a, b - a), row_bytes, seg_offset, seg_bytes, buf);
+      C10_CUDA_CHECK(cudaMemcpyAsync(out + a * seg_bytes, stage + h * half, (b - a) * seg_bytes,
+                                     cudaMemcpyHostToDevice, stream));
+      C10_CUDA_CHECK(cudaEventRecord(staging->half_done_[h], stream));
+    }
+    return copies;
+#else
+    (void)ids, (void)row_bytes, (void)seg_offset, (void)seg_bytes, (void)staging, (void)dst;
+    TORCH_CHECK(false, "TableStore.stage_rows: mole_kernels was built without CUDA");
+#endif
+  }
+
   // dst[0:n] = table bytes [start, start + n): loading a file, in chunks, into another tier.
   void read(int64_t start, int64_t n, const at::Tensor& dst) const {
     check_open();
@@ -359,6 +417,7 @@ TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
       .def("identity", &mole::TableStore::identity)
       .def("close", &mole::TableStore::close)
       .def("copy_rows", &mole::TableStore::copy_rows)
+      .def("stage_rows", &mole::TableStore::stage_rows)
       .def("read", &mole::TableStore::read);
   m.def("host_allocations() -> int[]", &mole::host_allocations);
   m.def("dedupe_ids(Tensor ids, int V, bool strict) -> (Tensor, Tensor)", &mole::dedupe_ids);

@@ -85,8 +85,8 @@ class TableStats:
 
     ``bytes_read`` counts table bytes read from each tier; ``bytes_h2d`` the bytes that crossed
     from host to device (zero-copy reads or DMA). ``seconds`` is host wall time per stage
-    (``dedupe``, ``host_copy``, ``dma``, ``gather``); on CUDA it is submission time unless the
-    stage synchronises.
+    (``dedupe``, ``host_copy`` (CPU), ``staged`` (GPU: host reads + async copies), ``gather``);
+    on CUDA it is submission time unless the stage synchronises.
     """
 
     calls: int = 0
@@ -159,7 +159,6 @@ class LookupTable:
         self.stats = TableStats()
         self._staging_bytes = staging_bytes
         self._staging = None  # GPU staging: pinned, two halves (created on first use)
-        self._staging_events = None
         self._faults = None  # bad ids among ids that were on a GPU (created on first use)
         self._lock = threading.RLock()
         self._closed = False
@@ -404,7 +403,7 @@ class LookupTable:
             for store in (self._store, self._staging):
                 if store is not None:
                     store.close()
-            self._lut = self._store = self._staging = self._staging_events = None
+            self._lut = self._store = self._staging = None
             self._closed = True
 
     def __enter__(self):
@@ -588,30 +587,15 @@ class LookupTable:
             return _like(self._quant, dst.view(self._stored_dtype).view(U, *piece)), inv
 
     def _staged_copy(self, uniq: torch.Tensor, seg_off: int, seg_bytes: int, dst: torch.Tensor):
-        """GPU dma/disk paths: table -> pinned staging (host threads: memcpy or pread) -> dst (one async
-        copy per chunk). Two staging halves alternate so chunk k+1 is read while chunk k's copy runs;
-        a half is refilled only after the event of its previous copy has completed."""
+        """GPU dma/disk paths: table -> pinned staging (host threads: memcpy or pread) -> dst, in a few
+        large async copies pipelined in C++ (``TableStore.stage_rows``)."""
         s = self.stats
         if self._staging is None:
             self._staging = _store("host", "", 0, self._staging_bytes, True)
-            self._staging_events = [torch.cuda.Event() for _ in range(2)]
-        half = self._staging_bytes // 2
-        rows_per_chunk = half // seg_bytes  # >= 1: a half holds a token's rows (checked at construction)
-        staging = self._staging.tensor()
-        stream = torch.cuda.current_stream(self.device)
-        for k, a in enumerate(range(0, uniq.numel(), rows_per_chunk)):
-            b = min(uniq.numel(), a + rows_per_chunk)
-            h = k % 2
-            buf = staging[h * half:h * half + (b - a) * seg_bytes]
-            t0 = time.perf_counter()
-            self._staging_events[h].synchronize()  # its previous copy has finished reading this half
-            self._store.copy_rows(uniq[a:b], self.row_bytes, seg_off, seg_bytes, buf)
-            t0 = s.add_time("host_copy", t0)
-            dst[a * seg_bytes:b * seg_bytes].copy_(buf, non_blocking=True)
-            self._staging_events[h].record(stream)
-            s.bytes_h2d += buf.numel()
-            s.dma_copies += 1
-            s.add_time("dma", t0)
+        t0 = time.perf_counter()
+        s.dma_copies += self._store.stage_rows(uniq, self.row_bytes, seg_off, seg_bytes, self._staging, dst)
+        s.bytes_h2d += uniq.numel() * seg_bytes
+        s.add_time("staged", t0)
 
 
 _PRIVATE = object()
