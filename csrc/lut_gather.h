@@ -28,9 +28,33 @@ GatherPlan plan_lut_gather(const at::Tensor& lut, const at::Tensor& ids,
                            const std::optional<at::Tensor>& weights,
                            std::optional<int64_t> layer);
 
-// Checks `out` (shape, dtype, device, contiguity) and `faults` against the plan.
+// Checks `out` (shape, dtype, device, contiguity) and `faults` against the plan, and that
+// neither shares memory with an input or with the other.
 void check_gather_outputs(const GatherPlan& plan, const at::Tensor& lut, const at::Tensor& ids,
-                          const at::Tensor& out, const std::optional<at::Tensor>& faults);
+                          const std::optional<at::Tensor>& weights, const at::Tensor& out,
+                          const std::optional<at::Tensor>& faults);
+
+// ---- checks shared by the float and quantized gathers; `op` and `table_name` name the call and
+// the table argument in errors (ValueError) ------------------------------------------------------
+
+// a * b, a + b; a ValueError naming `what` when the result does not fit in int64.
+int64_t checked_mul(int64_t a, int64_t b, const char* what);
+int64_t checked_add(int64_t a, int64_t b, const char* what);
+
+// Both dense, on the CPU or CUDA (a meta tensor has nothing to read); ids int32/int64 on the
+// table's device, or on CUDA with a CPU table (zero-copy).
+void check_table_and_ids(const char* op, const at::Tensor& table, const char* table_name, const at::Tensor& ids);
+
+// Checks weights ([*ids.shape, E], float, on ids' device) when given; returns the result's shape.
+std::vector<int64_t> check_weights_and_shape(const char* op, const at::Tensor& ids,
+                                             const std::optional<at::Tensor>& weights, int64_t L, int64_t E,
+                                             int64_t D, bool one_layer);
+
+// out: dense, contiguous, on ids' device; faults: contiguous int64 (>= 1 element) on ids' device;
+// neither shares memory with the table, ids, weights or the other.
+void check_outputs(const char* op, const at::Tensor& table, const char* table_name, const at::Tensor& ids,
+                   const std::optional<at::Tensor>& weights, const at::Tensor& out,
+                   const std::optional<at::Tensor>& faults);
 
 // True when no row has to be read (no ids, E = 0 or D = 0); then `out` is already final
 // (a fused sum over nothing is zero). Keeps zero-sized work away from the kernels.

@@ -233,7 +233,7 @@ void lut_gather_into_cpu(const at::Tensor& out, const at::Tensor& lut, const at:
                          const std::optional<at::Tensor>& weights, std::optional<int64_t> layer,
                          bool accumulate, const std::optional<at::Tensor>& faults) {
   const GatherPlan p = plan_lut_gather(lut, ids, weights, layer);
-  check_gather_outputs(p, lut, ids, out, faults);
+  check_gather_outputs(p, lut, ids, weights, out, faults);
   MOLE_CHECK_ARG(lut.device().is_cpu(), "lut_gather: a CUDA table needs ids on its device");
   if (p.T == 0) return;
   check_ids_cpu(ids, p.V, faults);

@@ -59,7 +59,9 @@ QuantPlan plan_lut_gather_quant(const at::Tensor& data, c10::string_view format,
                                 const at::Tensor& ids, const std::optional<at::Tensor>& weights,
                                 std::optional<int64_t> layer);
 
-void check_quant_outputs(const QuantPlan& plan, const at::Tensor& ids, const at::Tensor& out,
+// Checks `out` (shape, float dtype) against the plan, and out/faults as check_outputs does.
+void check_quant_outputs(const QuantPlan& plan, const at::Tensor& data, const at::Tensor& ids,
+                         const std::optional<at::Tensor>& weights, const at::Tensor& out,
                          const std::optional<at::Tensor>& faults);
 
 void lut_gather_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,

@@ -35,7 +35,10 @@ std::string shape_string(at::IntArrayRef s) {
   return os.str();
 }
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// x rounded up to a multiple of m, checked: dim and block_size come from the user or a file.
+int64_t round_up(int64_t x, int64_t m, const char* what) {
+  return checked_add(x, m - 1, what) / m * m;
+}
 
 }  // namespace
 
@@ -60,9 +63,11 @@ QuantLayout make_quant_layout(c10::string_view format, int64_t dim, int64_t bloc
   q.D = dim;
   q.block = block_size;
   q.nblocks = dim / block_size;
-  q.payload_bytes = q.fmt == QFormat::kNf4 ? (dim + 1) / 2 : dim;
-  q.scale_offset = round_up(q.payload_bytes, 4);
-  q.row_bytes = round_up(q.scale_offset + 4 * q.nblocks, 16);
+  q.payload_bytes = q.fmt == QFormat::kNf4 ? dim / 2 + dim % 2 : dim;
+  q.scale_offset = round_up(q.payload_bytes, 4, "lut_gather_quant: the row size for this dim");
+  const int64_t scale_bytes = checked_mul(4, q.nblocks, "lut_gather_quant: the scales' size for this block_size");
+  q.row_bytes = round_up(checked_add(q.scale_offset, scale_bytes, "lut_gather_quant: the row size for this dim"), 16,
+                         "lut_gather_quant: the row size for this dim");
   return q;
 }
 
@@ -71,6 +76,7 @@ QuantPlan plan_lut_gather_quant(const at::Tensor& data, c10::string_view format,
                                 std::optional<int64_t> layer) {
   QuantPlan p;
   p.q = make_quant_layout(format, dim, block_size);
+  check_table_and_ids("lut_gather_quant", data, "data", ids);
   MOLE_CHECK_ARG(data.dim() == 4 || data.dim() == 3,
                  "lut_gather_quant: data must have shape [V, L, E, row_bytes] or [V, E, row_bytes], got ",
                  shape_string(data.sizes()));
@@ -82,16 +88,13 @@ QuantPlan plan_lut_gather_quant(const at::Tensor& data, c10::string_view format,
                  " bytes, but format '", std::string(format.data(), format.size()), "' with dim=", dim,
                  " and block_size=", block_size, " needs ", p.q.row_bytes,
                  " bytes per row (do the format metadata and the payload disagree?)");
-  MOLE_CHECK_ARG(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
-                 "lut_gather_quant: ids must be int32 or int64, got ", ids.scalar_type());
-  const bool zero_copy = data.device().is_cpu() && ids.device().is_cuda();
-  MOLE_CHECK_ARG(data.device() == ids.device() || zero_copy,
-                 "lut_gather_quant: ids must be on the table's device (", data.device(),
-                 "), or on a CUDA device with a pinned CPU table (zero-copy); got ids on ", ids.device());
   p.V = data.size(0);
   p.L = data.dim() == 4 ? data.size(1) : 1;
   p.E = data.size(-2);
   p.T = ids.numel();
+  // The kernels address a token's rows as id * L * E * row_bytes; with V = 0 that is not bounded by numel.
+  checked_mul(checked_mul(p.L, p.E, "lut_gather_quant: L * E"), p.q.row_bytes,
+              "lut_gather_quant: bytes per token (L * E * row_bytes)");
   p.fused = weights.has_value();
   if (layer.has_value()) {
     MOLE_CHECK_ARG(*layer >= 0 && *layer < p.L, "lut_gather_quant: layer must be in [0, ", p.L,
@@ -102,41 +105,18 @@ QuantPlan plan_lut_gather_quant(const at::Tensor& data, c10::string_view format,
   const bool one_layer = layer.has_value() || data.dim() == 3;
   p.seg_row0 = layer.value_or(0) * p.E;
   p.seg_rows = one_layer ? p.E : p.L * p.E;
-  p.out_shape = ids.sizes().vec();
-  if (p.fused) {
-    const at::Tensor& w = *weights;
-    std::vector<int64_t> want = ids.sizes().vec();
-    want.push_back(p.E);
-    MOLE_CHECK_ARG(w.sizes().vec() == want, "lut_gather_quant: weights must have shape ids.shape + [E] = ",
-                   shape_string(want), " (E = ", p.E, " experts in the table), got ", shape_string(w.sizes()));
-    MOLE_CHECK_ARG(is_float_dtype(w.scalar_type()),
-                   "lut_gather_quant: weights must be float32, float16 or bfloat16, got ", w.scalar_type());
-    MOLE_CHECK_ARG(w.device() == ids.device(), "lut_gather_quant: weights must be on ids' device (", ids.device(),
-                   "), got ", w.device());
-    p.out_shape.push_back(p.q.D);
-  } else {
-    if (!one_layer) p.out_shape.push_back(p.L);
-    p.out_shape.push_back(p.E);
-    p.out_shape.push_back(p.q.D);
-  }
+  p.out_shape = check_weights_and_shape("lut_gather_quant", ids, weights, p.L, p.E, p.q.D, one_layer);
   return p;
 }
 
-void check_quant_outputs(const QuantPlan& plan, const at::Tensor& ids, const at::Tensor& out,
+void check_quant_outputs(const QuantPlan& plan, const at::Tensor& data, const at::Tensor& ids,
+                         const std::optional<at::Tensor>& weights, const at::Tensor& out,
                          const std::optional<at::Tensor>& faults) {
   MOLE_CHECK_ARG(out.sizes().vec() == plan.out_shape, "lut_gather_quant: out must have shape ",
                  shape_string(plan.out_shape), ", got ", shape_string(out.sizes()));
-  MOLE_CHECK_ARG(out.device() == ids.device(), "lut_gather_quant: out must be on ids' device (", ids.device(),
-                 "), got ", out.device());
-  MOLE_CHECK_ARG(out.is_contiguous(), "lut_gather_quant: out must be contiguous");
   MOLE_CHECK_ARG(is_float_dtype(out.scalar_type()),
                  "lut_gather_quant: out must be float32, float16 or bfloat16, got ", out.scalar_type());
-  if (faults.has_value()) {
-    MOLE_CHECK_ARG(faults->scalar_type() == at::kLong && faults->numel() >= 1 && faults->is_contiguous(),
-                   "lut_gather_quant: faults must be a contiguous int64 tensor with at least one element");
-    MOLE_CHECK_ARG(faults->device() == ids.device(), "lut_gather_quant: faults must be on ids' device (",
-                   ids.device(), "), got ", faults->device());
-  }
+  check_outputs("lut_gather_quant", data, "data", ids, weights, out, faults);
 }
 
 namespace {
@@ -199,9 +179,12 @@ MOLE_QAVX512 inline __m512 decode16(const uint8_t* row, int64_t j, __m512 nf4) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))));
   } else if constexpr (F == QFormat::kFp8E4M3) {
     // e4m3 bits s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 are the same number times 2^-8
-    // (subnormals included); the 2^8 is folded into the scale by the caller.
+    // (subnormals included); the 2^8 is folded into the scale by the caller. e4m3fn has no
+    // infinities: its NaN codes s.1111.111 get an all-ones fp16 exponent (NaN) like the scalar table.
     const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
-    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7),
+    const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
+    const __m256i nan = _mm256_and_si256(_mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f)), _mm256_set1_epi16(0x7c00));
+    const __m256i h = _mm256_or_si256(_mm256_or_si256(_mm256_slli_epi16(mag, 7), nan),
                                       _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
     return _mm512_cvtph_ps(h);
   } else {
@@ -418,7 +401,7 @@ void lut_gather_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c1
                                std::optional<int64_t> layer, bool accumulate,
                                const std::optional<at::Tensor>& faults) {
   const QuantPlan p = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, layer);
-  check_quant_outputs(p, ids, out, faults);
+  check_quant_outputs(p, data, ids, weights, out, faults);
   MOLE_CHECK_ARG(data.device().is_cpu(), "lut_gather_quant: a CUDA table needs ids on its device");
   MOLE_CHECK_ARG(p.fused || !accumulate, "lut_gather_quant: accumulate=True needs weights (the fused form)");
   if (p.T == 0) return;
