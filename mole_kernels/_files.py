@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from typing import IO, Iterator, Optional
 
 __all__ = ["atomic_path", "atomic_write"]
@@ -80,11 +81,17 @@ def atomic_path(path) -> Iterator[str]:
     name, which only this process knows.
     """
     path = os.fspath(path)
-    with _temporary(path) as (_, tmp):
+    with _temporary(path) as (fd, tmp):
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
         yield tmp
-        # The writer may have replaced the file under that name: fsync what the name holds now.
-        with open(tmp, "rb") as f:
-            _publish(f.fileno(), tmp, path)
+        # The writer may have replaced the file under that name (safetensors does, as 0600): fsync
+        # what the name holds now, with the permissions a new file gets.
+        written = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fchmod(written, mode)
+            _publish(written, tmp, path)
+        finally:
+            os.close(written)
 
 
 @contextlib.contextmanager
