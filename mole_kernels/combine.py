@@ -378,6 +378,8 @@ def _flat_out(out: torch.Tensor, D: int) -> torch.Tensor:
 
 
 def _combine_impl(logits, rows, residual, shared, out) -> None:
+    if out.numel() == 0:  # no tokens or D = 0: nothing to write (and -1 cannot be inferred below)
+        return
     E, D = rows.shape[-2], rows.shape[-1]
     if rows.dim() == 3:  # [T, ...]: the common case, nothing to flatten (cheap at decode)
         logits2, rows3, res2, sh2, out2 = logits, rows, residual, shared, out

@@ -23,14 +23,16 @@ from mole_kernels.quant import NF4_LEVELS, QuantizedLUT, quantized_lut_gather, r
 from conftest import FLOAT_DTYPES, requires_cuda
 
 F32_MAX = torch.finfo(torch.float32).max
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The child imports the mole_kernels this process imported (installed, or built in place) and this folder.
+CHILD_PATH = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(mk.__file__))), HERE])
 
 
 def run_child(code: str, **env) -> subprocess.CompletedProcess:
-    """Runs `code` in a fresh interpreter that imports this checkout; fails on a signal or an error."""
-    env = dict(os.environ, **{"PYTHONPATH": REPO, **env})
+    """Runs `code` in a fresh interpreter; fails on a signal or an error, with the child's output."""
+    env = dict(os.environ, PYTHONPATH=CHILD_PATH, **env)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=300, cwd=os.path.dirname(REPO), env=env)
+                          timeout=300, cwd=HERE, env=env)
     assert proc.returncode == 0, f"child exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -259,7 +261,7 @@ def scalar_decodes(tmp_path_factory):
         import torch, test_hardening as th
         torch.save({{(fmt, str(dt)): th._decode_results(th._every_code_table(fmt), dt)[:2]
                     for fmt in th.mk.FORMATS for dt in th.FLOAT_DTYPES}}, {str(out)!r})
-    """, MOLE_KERNELS_CPU_ISA="scalar", PYTHONPATH=os.pathsep.join([REPO, os.path.dirname(__file__)]))
+    """, MOLE_KERNELS_CPU_ISA="scalar")
     return torch.load(out)
 
 
