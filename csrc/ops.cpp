@@ -18,7 +18,7 @@ std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
-
+// The bytes [first, last + 1) that a strided tensor's elements span.
 std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
   int64_t lo = 0, hi = 0;  // element offsets of the lowest and highest element
   for (int64_t d = 0; d < t.dim(); ++d) {

@@ -61,13 +61,6 @@ def _gather_overlap_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(len(_gather_overlap_cases())))
-def test_gather_refuses_out_sharing_memory(case):
-    call, match = _gather_overlap_cases()[case]
-    with pytest.raises(ValueError, match=match):
-        call()
-
-
 def test_gather_out_overlap_leaves_inputs_untouched():
     lut = torch.randn(6, 2, 3, 8)
     before = lut.clone()
@@ -140,9 +133,13 @@ def _bool_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(len(_bool_cases())))
-def test_bools_are_not_ints(case):
-    call, match = _bool_cases()[case]
+REFUSED = {"out-overlap": _gather_overlap_cases, "bool-as-int": _bool_cases}
+
+
+@pytest.mark.parametrize("group,case", [(g, i) for g, cases in REFUSED.items() for i in range(len(cases()))])
+def test_refused_with_a_clear_error(group, case):
+    """Outputs sharing memory with an input (or expanded), and bools where ints are meant."""
+    call, match = REFUSED[group]()[case]
     with pytest.raises(ValueError, match=match):
         call()
 

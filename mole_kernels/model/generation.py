@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoLEConfig
+from .config import MoLEConfig, _is_int
 from .layers import DecoderLayer, StaticKVCache, _attention_mask, _Backbone, _rope
 
 @dataclass
@@ -237,25 +237,22 @@ def _check_generate_args(name: str, vocab: int, *, max_new_tokens, do_sample, te
                          eos_token_id, pad_token_id, generator, cuda_graph, return_logits) -> None:
     """ValueError naming the argument for any of generate()'s options outside its domain (a bool is
     not a count, NaN is not a temperature)."""
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
     def is_real(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     for flag, v in (("do_sample", do_sample), ("cuda_graph", cuda_graph), ("return_logits", return_logits)):
         if not isinstance(v, bool):
             raise ValueError(f"{name}: {flag} must be a bool, got {v!r}")
-    if not is_int(max_new_tokens) or max_new_tokens < 0:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"{name}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not is_real(temperature) or (do_sample and not temperature > 0):
         raise ValueError(f"{name}: temperature must be a finite number (> 0 when sampling), got {temperature!r}")
-    if not is_int(top_k) or top_k < 0:
+    if not _is_int(top_k) or top_k < 0:
         raise ValueError(f"{name}: top_k must be an int >= 0 (0 = off), got {top_k!r}")
     if not is_real(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"{name}: top_p must be a number in (0, 1], got {top_p!r}")
     for tok, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-        if v is not None and (not is_int(v) or not 0 <= v < vocab):
+        if v is not None and (not _is_int(v) or not 0 <= v < vocab):
             raise ValueError(f"{name}: {tok} must be None or an int in [0, vocab_size={vocab}), got {v!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"{name}: generator must be a torch.Generator or None, got {type(generator).__name__}")
