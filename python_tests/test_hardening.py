@@ -392,6 +392,10 @@ def test_save_pretrained_failure_leaves_the_old_checkpoint(tmp_path, monkeypatch
         _tiny(2).save_pretrained(tmp_path, safe_serialization=True)
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before  # no temp file left
     assert torch.equal(MoLEForCausalLM.from_pretrained(tmp_path).lm_head.weight, old.lm_head.weight)
+    (tmp_path / "pytorch_model.bin").mkdir()  # cannot be replaced: refused before anything is touched
+    with pytest.raises(ValueError, match="pytorch_model.bin' is a directory"):
+        _tiny(2).save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "model.safetensors").read_bytes() == before["model.safetensors"]
 
 
 def test_save_pretrained_replaces_symlinks_not_their_targets(tmp_path):
@@ -518,7 +522,7 @@ def test_atomic_write_replaces_a_symlink_and_refuses_a_directory(tmp_path):
     (dict(eos_token_id=True), "eos_token_id must be None or an int"),
     (dict(pad_token_id=64), "pad_token_id must be None or an int"),
     (dict(generator=0), "generator must be a torch.Generator"),
-    (dict(attention_mask=torch.tensor([[0.5, 1.0]])), "attention_mask must be a bool or integer tensor"),
+    (dict(attention_mask=torch.tensor([[0.5, 1.0]])), "attention_mask must hold only 0 and 1"),
     (dict(attention_mask=torch.tensor([[2, 1]])), "attention_mask must hold only 0 and 1"),
     (dict(input_ids=torch.zeros(0, 2, dtype=torch.long)), r"input_ids must be \[B, S\] with B >= 1 and S >= 1"),
 ])

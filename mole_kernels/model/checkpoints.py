@@ -126,6 +126,9 @@ def save_checkpoint(path: str, sd: Dict[str, torch.Tensor], config: dict, safe: 
     os.makedirs(path, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     keep = SAFE_WEIGHTS if safe else BIN_WEIGHTS
+    for name in (keep, CONFIG_NAME):  # refused now: found when publishing, the old files would be gone
+        if os.path.isdir(os.path.join(path, name)):
+            raise ValueError(f"save_pretrained: {os.path.join(path, name)!r} is a directory")
     with atomic_path(os.path.join(path, keep)) as tmp:
         if safe:
             from safetensors.torch import save_file

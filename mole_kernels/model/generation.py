@@ -101,13 +101,11 @@ class _CausalLM(nn.Module):
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"{where}: attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
-        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-            raise ValueError(f"{where}: attention_mask must be a bool or integer tensor of 0/1, got "
-                             f"{attention_mask.dtype}")
         m = attention_mask.to(self.device)
-        if m.dtype != torch.bool:
-            if not bool(((m == 0) | (m == 1)).all()):
-                raise ValueError(f"{where}: attention_mask must hold only 0 and 1")
+        if m.dtype != torch.bool:  # 0.5 or 2 is not "token" or "padding"
+            if m.dtype.is_complex or not bool(((m == 0) | (m == 1)).all()):
+                raise ValueError(f"{where}: attention_mask must hold only 0 and 1 (or be bool), got a {m.dtype} "
+                                 "tensor with other values")
             m = m.bool()
         if not bool(m.any(dim=1).all()):
             raise ValueError(f"{where}: attention_mask has a row with no real token")
