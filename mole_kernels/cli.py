@@ -99,7 +99,7 @@ def cmd_demo(args) -> int:
                 table = LookupTable.open(lut_file, placement=tier, device=dev)
             else:
                 src = LookupTable.open(lut_file, placement="disk", device=dev)
-                table = LookupTable.from_tensor(src.tensor.to(dtype), placement=tier, device=dev, format=fmt)
+                table = LookupTable.from_tensor(src.read().to(dtype), placement=tier, device=dev, format=fmt)
                 src.close()
             inf.set_lut(table)
             seq, t = _timed_generate(inf, prompt, N, dev, reset=table.reset_stats)
@@ -185,7 +185,7 @@ def cmd_reparameterize(args) -> int:
     if args.lut_format is not None:
         from .table import LookupTable
 
-        with LookupTable.from_tensor(inf.lut.tensor, "host", device="cpu", format=args.lut_format,
+        with LookupTable.from_tensor(inf.lut.read(), "host", device="cpu", format=args.lut_format,
                                      block_size=args.block_size) as q:
             q.save(args.lut_file)
             note = (f"; quantized LUT ({q.format}, block {q.block_size}) = {_human(q.nbytes)} "

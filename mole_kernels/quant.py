@@ -35,7 +35,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._ops import check_fake_devices, check_gather_args, gather_shape, ops
+from ._ops import check_fake_devices, check_gather_args, gather_shape, layer_span, ops
 from ._progress import progress_bar
 
 __all__ = ["FORMATS", "QuantizedLUT", "quantize", "dequantize", "quantized_lut_gather"]
@@ -393,16 +393,16 @@ def dequantize(q: QuantizedLUT, dtype: Optional[torch.dtype] = None) -> torch.Te
 # the gather
 
 @torch.library.register_fake("mole_kernels::lut_gather_quant")
-def _lut_gather_quant_fake(data, format, dim, block_size, ids, weights=None, layer=None, dtype=None):
-    check_fake_devices(data, ids, weights=weights)
-    return ids.new_empty(gather_shape(data, ids, weights, layer, dim), dtype=dtype or torch.float32)
+def _lut_gather_quant_fake(data, format, dim, block_size, ids, weights=None, layer=None, dtype=None, layer_end=None):
+    check_fake_devices("lut_gather_quant", data, ids, weights=weights)
+    return ids.new_empty(gather_shape(data, ids, weights, layer, dim, layer_end), dtype=dtype or torch.float32)
 
 
 @torch.library.register_fake("mole_kernels::lut_gather_quant_out")
 def _lut_gather_quant_out_fake(out, data, format, dim, block_size, ids, weights=None, layer=None,
-                               accumulate=False, faults=None):
-    check_fake_devices(data, ids, weights=weights, out=out, faults=faults)
-    want = gather_shape(data, ids, weights, layer, dim)
+                               accumulate=False, faults=None, layer_end=None):
+    check_fake_devices("lut_gather_quant", data, ids, weights=weights, out=out, faults=faults)
+    want = gather_shape(data, ids, weights, layer, dim, layer_end)
     torch._check(tuple(out.shape) == tuple(want), lambda: f"lut_gather_quant: out must have shape {want}")
     return None
 
@@ -412,7 +412,7 @@ def quantized_lut_gather(
     ids: torch.Tensor,
     weights: Optional[torch.Tensor] = None,
     *,
-    layer: Optional[int] = None,
+    layer=None,
     out: Optional[torch.Tensor] = None,
     accumulate: bool = False,
     faults: Optional[torch.Tensor] = None,
@@ -430,17 +430,19 @@ def quantized_lut_gather(
     if not isinstance(q, QuantizedLUT):
         raise ValueError(f"quantized_lut_gather: q must be a QuantizedLUT (see mole_kernels.quantize), "
                          f"got {type(q).__name__}; use mole_kernels.lut_gather for a float table")
-    layer = check_gather_args("quantized_lut_gather", q.data, ids, weights, layer, out, accumulate, faults)
+    check_gather_args("quantized_lut_gather", q.data, ids, weights, out, accumulate, faults)
     if dtype is not None and dtype not in _FLOAT_DTYPES.values():
         raise ValueError(f"quantized_lut_gather: dtype must be float32, float16 or bfloat16 (or None), got {dtype!r}")
     if accumulate and out is None:
         raise ValueError("quantized_lut_gather: accumulate=True needs out= (the tensor to add into)")
+    layer, layer_end = layer_span(layer, q.num_layers, "quantized_lut_gather")
     if out is None:
         dtype = q.dtype if dtype is None else dtype
         if faults is None:
-            return ops.lut_gather_quant(q.data, q.format, q.dim, q.block_size, ids, weights, layer, dtype)
-        out = ids.new_empty(gather_shape(q.data, ids, weights, layer, q.dim), dtype=dtype)
+            return ops.lut_gather_quant(q.data, q.format, q.dim, q.block_size, ids, weights, layer, dtype, layer_end)
+        out = ids.new_empty(gather_shape(q.data, ids, weights, layer, q.dim, layer_end), dtype=dtype)
     elif dtype is not None and dtype != out.dtype:
         raise ValueError(f"quantized_lut_gather: dtype={dtype} disagrees with out.dtype={out.dtype}")
-    ops.lut_gather_quant_out(out, q.data, q.format, q.dim, q.block_size, ids, weights, layer, accumulate, faults)
+    ops.lut_gather_quant_out(out, q.data, q.format, q.dim, q.block_size, ids, weights, layer, accumulate, faults,
+                             layer_end)
     return out

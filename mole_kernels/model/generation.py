@@ -58,16 +58,16 @@ class _CausalLM(nn.Module):
 
     # -- the network ---------------------------------------------------------------------
 
-    def _ffn_context(self, input_ids: torch.Tensor, embeds: torch.Tensor, *, static: bool = False):
+    def _ffn_context(self, input_ids: torch.Tensor, embeds: torch.Tensor):
         return None
 
     def _ffn(self, l: int, layer: DecoderLayer, h: torch.Tensor, ctx) -> torch.Tensor:
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def _hidden(self, input_ids, position_ids, mask, cache=None, cache_idx=None, *, static=False):
+    def _hidden(self, input_ids, position_ids, mask, cache=None, cache_idx=None):
         x = self.model.embed_tokens(input_ids)
         cos, sin = _rope(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        ctx = self._ffn_context(input_ids, x, static=static)  # MoLE: the prefetch starts here, before layer 0
+        ctx = self._ffn_context(input_ids, x)  # MoLE: the step's rows start here, before layer 0
         h = x
         for l, layer in enumerate(self.model.layers):
             h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, mask, cache, l, cache_idx)
@@ -140,12 +140,11 @@ class _CausalLM(nn.Module):
 
     # -- generation ----------------------------------------------------------------------
 
-    def _decode_step(self, cache: StaticKVCache, tok: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor,
-                     static: bool) -> torch.Tensor:
+    def _decode_step(self, cache: StaticKVCache, tok: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token per row: ``tok``/``pos`` ``[B]``, ``idx`` ``[1]`` the cache slot. Static shapes."""
         cache.valid.index_fill_(1, idx, True)
         attn = _attention_mask(idx, cache.valid, self.dtype)
-        h = self._hidden(tok[:, None], pos[:, None], attn, cache, idx, static=static)
+        h = self._hidden(tok[:, None], pos[:, None], attn, cache, idx)
         return self.lm_head(h[:, -1]).float()
 
     @torch.no_grad()
@@ -190,6 +189,7 @@ class _CausalLM(nn.Module):
         dev = self.device
 
         cache = StaticKVCache(self.config, B, S + max(max_new_tokens, 1), device=dev, dtype=self.dtype)
+        step = self._graph_step(cache, B) if cuda_graph else None  # before any work: it says if it cannot be
         valid = mask if mask is not None else torch.ones(B, S, dtype=torch.bool, device=dev)
         cache.valid[:, :S] = valid
         positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
@@ -202,7 +202,6 @@ class _CausalLM(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         pos = valid.long().sum(-1)  # the next token's position in each row
         idx = torch.tensor([S], device=dev)
-        step = self._graph_step(cache, B) if cuda_graph else None
         for i in range(max_new_tokens):
             if return_logits:
                 out_logits.append(logits)
@@ -218,7 +217,7 @@ class _CausalLM(nn.Module):
             if step is not None:
                 logits = step(tok, idx, pos)
             else:
-                logits = self._decode_step(cache, tok, idx, pos, static=False)
+                logits = self._decode_step(cache, tok, idx, pos)
             idx += 1
             pos += 1
         seq = torch.cat([input_ids] + [t[:, None] for t in out_tokens], dim=1)
@@ -294,10 +293,10 @@ class _GraphStep:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                self.model._decode_step(self.cache, self.tok, self.idx, self.pos, static=True)
+                self.model._decode_step(self.cache, self.tok, self.idx, self.pos)
             torch.cuda.current_stream().wait_stream(s)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.out = self.model._decode_step(self.cache, self.tok, self.idx, self.pos, static=True)
+                self.out = self.model._decode_step(self.cache, self.tok, self.idx, self.pos)
         self.graph.replay()
         return self.out.clone()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +33,16 @@ class MoLEForCausalLM(_CausalLM):
     - **inference form** (:meth:`reparameterize`, or :meth:`from_pretrained` of a
       re-parameterized folder): no experts; their outputs for every vocabulary entry are a
       ``[V, L, E, D]`` :class:`~mole_kernels.table.LookupTable` (:attr:`lut`) on the
-      ``"device"``, ``"host"`` or ``"disk"`` tier, read by a prefetcher and combined by
-      :func:`mole_kernels.mole_combine`. Inference only (no autograd through the LUT).
+      ``"device"``, ``"host"`` or ``"disk"`` tier. Each layer's expert term is one fused call
+      (:class:`~mole_kernels.table.reader.LayerReader`: router softmax, the token's E rows
+      read from wherever the table lives, their weighted sum, the residual and shared MLP
+      output added). Inference only (no autograd through the LUT).
     """
 
     def __init__(self, config: MoLEConfig, *, reparameterized: bool = False, init_std: float = 0.02):
         super().__init__(config, init_std=init_std, kind="mole_lut" if reparameterized else "mole")
         self.lut = None  # the LookupTable of the inference form
-        self._prefetchers: Dict[bool, object] = {}
+        self._reader = None  # how steps read self.lut (made on first use)
 
     @property
     def is_reparameterized(self) -> bool:
@@ -48,44 +50,39 @@ class MoLEForCausalLM(_CausalLM):
 
     # -- the expert term -----------------------------------------------------------------
 
-    def _ffn_context(self, input_ids, embeds, *, static=False):
+    def _ffn_context(self, input_ids, embeds):
         if not self.is_reparameterized:
             return embeds
-        if self.lut is None:
-            raise RuntimeError("MoLEForCausalLM: the inference form has no LUT; call set_lut(table) "
-                               "(or build it with reparameterize() / from_pretrained())")
-        if self.lut.device != self.device:
-            raise RuntimeError(f"MoLEForCausalLM: the LUT delivers rows to {self.lut.device} but the model is on "
-                               f"{self.device}; rebuild the table with device={self.device}")
-        ids = input_ids.reshape(-1)
-        # Under graph capture nothing may synchronise: strict=False counts bad ids instead of raising
-        # (ids were range-checked before generation began).
-        return self._prefetcher(ids.numel(), strict=not static).start(ids)
-
-    def _prefetcher(self, T: int, strict: bool):
-        pf = self._prefetchers.get(strict)
-        if pf is None or pf.max_tokens < T:
-            pf = self.lut.prefetcher(max(T, 1), strict=strict)
-            self._prefetchers[strict] = pf
-        return pf
+        if self._reader is None:
+            if self.lut is None:
+                raise RuntimeError("MoLEForCausalLM: the inference form has no LUT; call set_lut(table) "
+                                   "(or build it with reparameterize() / from_pretrained())")
+            if self.lut.device != self.device:
+                raise RuntimeError(f"MoLEForCausalLM: the LUT delivers rows to {self.lut.device} but the model is on "
+                                   f"{self.device}; rebuild the table with device={self.device}")
+            self._reader = self.lut.reader()
+        # Every layer's rows for this step's ids, started before layer 0 (prefetched on a GPU). Ids
+        # were range-checked where they entered (forward/generate): no step synchronises for them.
+        return self._reader.start(input_ids)
 
     def _ffn(self, l, layer, h, ctx):
         n = layer.post_attention_layernorm(h)
+        if self.is_reparameterized:  # one fused call: softmax, the token's E rows, their sum, both adds
+            return ctx.combine(l, layer.router(n), h, layer.mlp(n))
+        # The train form, as the official layer: softmax in float32, cast to the hidden dtype, weighted sum.
         logits = layer.router(n)
         shared = layer.mlp(n)
-        if not self.is_reparameterized:
-            # As the official layer: softmax in float32, cast to the hidden dtype, weighted sum.
-            p = F.softmax(logits, dim=-1, dtype=_acc_dtype(shared.dtype)).to(shared.dtype)
-            x = layer.expert_layernorm(ctx)
-            experts = torch.stack([e(x) for e in layer.experts], dim=2)  # [B, S, E, D]
-            return h + shared + (experts * p.unsqueeze(-1)).sum(dim=2)
-        from ..combine import mole_combine
+        p = F.softmax(logits, dim=-1, dtype=_acc_dtype(shared.dtype)).to(shared.dtype)
+        x = layer.expert_layernorm(ctx)
+        experts = torch.stack([e(x) for e in layer.experts], dim=2)  # [B, S, E, D]
+        return h + shared + (experts * p.unsqueeze(-1)).sum(dim=2)
 
-        B, S, D = h.shape
-        rows = ctx.layer(l)  # [T, E, D]: waits for this layer's rows only
-        out = mole_combine(logits.reshape(B * S, -1), rows, residual=h.reshape(B * S, D),
-                           shared=shared.reshape(B * S, D))
-        return out.view(B, S, D)
+    def _graph_step(self, cache, B):
+        if self.is_reparameterized and self.lut is not None and self.lut.placement == "disk":
+            raise ValueError("MoLEForCausalLM.generate: cuda_graph=True is not possible with the LUT on the disk tier "
+                             "(host threads read each step's rows once its ids are on the host); use placement='host' "
+                             "(pinned, read over PCIe inside the graph) or cuda_graph=False")
+        return super()._graph_step(cache, B)
 
     # -- re-parameterization -------------------------------------------------------------
 
@@ -179,7 +176,7 @@ class MoLEForCausalLM(_CausalLM):
             raise ValueError(f"set_lut: table must have shape [V, L, E, D] = {list(self.config.lut_shape)}, "
                              f"got {list(shape)}")
         self.lut = table
-        self._prefetchers = {}
+        self._reader = None
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -284,7 +281,7 @@ class MoLEForCausalLM(_CausalLM):
             if self.lut is None:
                 raise RuntimeError("save_pretrained: the inference form has no LUT to save")
             V, L, E, D = self.config.lut_shape
-            lut = self.lut.tensor
+            lut = self.lut.read()
             if isinstance(lut, QuantizedLUT):
                 lut = dequantize(lut)
             lut_dtype = parse_dtype(lut_dtype, "save_pretrained: lut_dtype") or lut.dtype
