@@ -239,6 +239,7 @@ void check_ids_cpu(const at::Tensor& ids, int64_t V, const std::optional<at::Ten
 
 void fused_gather_cpu(const GatherPlan& p, const at::Tensor& lut, const at::Tensor& ids, const float* w,
                       const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1) {
+  if (p.T == 0 || p.D == 0) return;  // nothing to write (and no columns to split into spans)
   const at::Tensor ids_c = ids.contiguous();  // ids are small; the table is never copied
   MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_cpu", [&] {
     using id_t = scalar_t;

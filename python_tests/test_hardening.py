@@ -18,6 +18,7 @@ import torch
 import mole_kernels as mk
 from mole_kernels import MoLEConfig, MoLEForCausalLM
 from mole_kernels._files import atomic_path, atomic_write
+from mole_kernels.combine import lut_combine
 from mole_kernels.quant import NF4_LEVELS, QuantizedLUT, quantized_lut_gather, row_layout
 
 from conftest import FLOAT_DTYPES, requires_cuda
@@ -105,7 +106,11 @@ def test_meta_inputs(quantized):
         mk.lut_gather(meta_table, ids)
     with pytest.raises(ValueError, match=r"table's device \(cpu\).*got ids on meta"):
         mk.lut_gather(table, ids.to("meta"))
+    with pytest.raises(ValueError, match=r"lut_combine(_quant)?: ids must be on the table's device \(meta\)"):
+        lut_combine(meta_table, ids, torch.randn(2, 3), layer=0)
     res = mk.lut_gather(meta_table, ids.to("meta"), torch.rand(2, 3, device="meta"), layer=1)
+    assert res.device.type == "meta" and tuple(res.shape) == (2, 8)
+    res = lut_combine(meta_table, ids.to("meta"), torch.rand(2, 3, device="meta"), layer=1)
     assert res.device.type == "meta" and tuple(res.shape) == (2, 8)
     # Below the fake kernels, the C++ kernel itself never reads a meta tensor.
     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
@@ -145,12 +150,16 @@ def test_refused_with_a_clear_error(group, case):
 
 
 # ---------------------------------------------------------------------------------------------
-# Size arithmetic from user input is checked (in a child: an unchecked overflow could crash).
+# Sizes at the edges (in a child: an unchecked overflow or a division by a zero size could crash).
 
-def test_size_overflow_is_a_clear_error():
+def test_extreme_and_zero_sizes_in_a_child():
     run_child("""
         import torch, mole_kernels
+        from mole_kernels.combine import lut_combine
         ops = torch.ops.mole_kernels
+        # D = 0: the fused CPU kernel once divided by the (zero) column span.
+        out = lut_combine(torch.randn(4, 2, 3, 0), torch.tensor([1, 2]), torch.randn(2, 3), layer=1)
+        assert out.shape == (2, 0)
         ids = torch.tensor([0])
         data = torch.zeros(1, 1, 16, dtype=torch.uint8)
         def refused(call, match):

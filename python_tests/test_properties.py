@@ -1,4 +1,5 @@
-"""Property-based tests (hypothesis): every public op and table path against a float64 reference,
+"""Property-based tests (hypothesis): every public op (lut_gather, router_softmax, mole_combine,
+lut_combine) and table path against a float64 reference,
 on random shapes (zero and odd sizes, E = 1, 3-D tables), dtypes, strided views, ids in and out of
 range (repeated), float and quantized tables, host and disk tiers.
 
@@ -297,6 +298,49 @@ def test_mole_combine(params, D, rows_dtype, add_dtype, with_residual, with_shar
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(res.double(), want.to(dtype).double(), equal_nan=True, rtol=tol["rtol"],
                                atol=tol["atol"] * scale)
+
+
+@skip_in_interpreter_child
+@props()
+@given(st.booleans(), st.data())
+def test_lut_combine(quantized, data):
+    table, ref, gen = data.draw(table_cases(quantized))
+    V, E, D = ref.shape[0], ref.shape[-2], ref.shape[-1]
+    L = ref.shape[1] if ref.dim() == 4 else 1
+    lead = tuple(data.draw(st.lists(st.integers(0, 4), max_size=2)))
+    layer = data.draw(st.integers(0, L - 1)) if ref.dim() == 4 else data.draw(st.sampled_from([None, 0]))
+    ids = torch.randint(0, max(V, 1), lead, generator=gen)
+    bad = ids.numel() > 0 and (V == 0 or data.draw(st.booleans()))
+    if bad:
+        ids.view(-1)[0] = data.draw(st.sampled_from([-1, V, V + 7]))
+    logits = randn(gen, (*lead, E), data.draw(st.sampled_from(FLOAT_DTYPES))) * 3
+    add_dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
+    residual = randn(gen, (*lead, D), add_dtype) if data.draw(st.booleans()) else None
+    shared = randn(gen, (*lead, D), add_dtype) if data.draw(st.booleans()) else None
+    out_kind = data.draw(st.sampled_from(["none", "separate"] + (["residual"] if residual is not None else [])))
+    out = {"none": None, "separate": poisoned((*lead, D), add_dtype), "residual": residual}[out_kind]
+    faults = torch.zeros(1, dtype=torch.int64) if data.draw(st.booleans()) else None
+    ok = (ids >= 0) & (ids < V)
+    rows = ref[ids.clamp(0, max(V - 1, 0))] if V else ref.new_zeros((*lead, *ref.shape[1:]))
+    rows = (rows[..., layer, :, :] if ref.dim() == 4 else rows) * ok[..., None, None]
+    want = (reference_softmax(logits)[..., None] * rows).sum(-2)
+    for t in (residual, shared):
+        if t is not None:
+            want = want + t.double()
+    call = lambda: combine_mod.lut_combine(table, ids, logits, layer=layer, residual=residual, shared=shared,
+                                           out=out, faults=faults)
+    if bad and faults is None:
+        with pytest.raises(ValueError, match="outside the table's vocabulary"):
+            call()
+        return
+    res = call()
+    if out is not None:
+        assert res is out
+    if faults is not None:
+        assert faults.item() == int((~ok).sum())
+    scale = (ref.abs().max().item() if ref.numel() else 0.0) + 2
+    tol = TOLERANCES[res.dtype]
+    torch.testing.assert_close(res.double(), want.to(res.dtype).double(), rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
 @skip_in_interpreter_child
