@@ -44,8 +44,10 @@ std::vector<float> softmax_weights(const at::Tensor& logits, int64_t T, int64_t 
 // The result dtype when no `out` is given: residual's, else shared's, else `fallback`.
 at::ScalarType result_dtype(const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared,
                             at::ScalarType fallback) {
-  if (residual.has_value()) return residual->scalar_type();
-  if (shared.has_value()) return shared->scalar_type();
+  // A non-float addend is refused by the checks, naming it: do not let it pick the result dtype.
+  for (const auto* t : {&residual, &shared}) {
+    if (t->has_value() && is_float_dtype((*t)->scalar_type())) return (*t)->scalar_type();
+  }
   return fallback;
 }
 
@@ -56,32 +58,27 @@ std::pair<at::Tensor, at::Tensor> addends(const GatherPlan& p, const at::Tensor&
                                           const std::optional<at::Tensor>& residual,
                                           const std::optional<at::Tensor>& shared, const char* op) {
   const at::IntArrayRef want(p.out_shape);
-  MOLE_CHECK_ARG(out.sizes() == want, op, ": out must have shape ids.shape + [D] = ", want, ", got ", out.sizes());
-  MOLE_CHECK_ARG(out.device() == ids.device(), op, ": out must be on ids' device (", ids.device(), "), got ",
-                 out.device());
+  auto check = [&](const at::Tensor& t, const char* name) {
+    MOLE_CHECK_ARG(t.sizes() == want, op, ": ", name, " must have shape ids.shape + [D] = ", want, ", got ",
+                   t.sizes());
+    MOLE_CHECK_ARG(t.device() == ids.device(), op, ": ", name, " must be on ids' device (", ids.device(), "), got ",
+                   t.device());
+    MOLE_CHECK_ARG(is_float_dtype(t.scalar_type()), op, ": ", name, " must be float32, float16 or bfloat16, got ",
+                   t.scalar_type());
+  };
+  if (residual.has_value()) check(*residual, "residual");
+  if (shared.has_value()) check(*shared, "shared");
+  check(out, "out");
   MOLE_CHECK_ARG(out.is_contiguous(), op, ": out must be contiguous");
-  MOLE_CHECK_ARG(is_float_dtype(out.scalar_type()), op, ": out must be float32, float16 or bfloat16, got ",
-                 out.scalar_type());
   at::assert_no_internal_overlap(out);
   for (const at::Tensor* in : {&lut, &ids, &logits}) at::assert_no_overlap(out, *in);
-  at::Tensor terms[2];
-  const char* names[2] = {"residual", "shared"};
-  const std::optional<at::Tensor>* given[2] = {&residual, &shared};
-  for (int i = 0; i < 2; ++i) {
-    if (!given[i]->has_value()) continue;
-    const at::Tensor& t = **given[i];
-    MOLE_CHECK_ARG(t.sizes() == want, op, ": ", names[i], " must have shape ids.shape + [D] = ", want, ", got ",
-                   t.sizes());
-    MOLE_CHECK_ARG(t.device() == ids.device(), op, ": ", names[i], " must be on ids' device (", ids.device(),
-                   "), got ", t.device());
-    MOLE_CHECK_ARG(is_float_dtype(t.scalar_type()), op, ": ", names[i], " must be float32, float16 or bfloat16, got ",
-                   t.scalar_type());
-    // `out` may be the residual itself (an in-place update of the residual stream), never a part of it.
-    if (i == 0) at::assert_no_partial_overlap(out, t);
-    else at::assert_no_overlap(out, t);
-    terms[i] = as_contiguous(t, out.scalar_type());
-  }
-  return {terms[0], terms[1]};
+  // `out` may be the residual itself (an in-place update of the residual stream), never a part of it.
+  if (residual.has_value()) at::assert_no_partial_overlap(out, *residual);
+  if (shared.has_value()) at::assert_no_overlap(out, *shared);
+  auto term = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? as_contiguous(*t, out.scalar_type()) : at::Tensor();
+  };
+  return {term(residual), term(shared)};
 }
 
 void combine_cpu(const GatherPlan& p, const at::Tensor& out, const at::Tensor& lut, const at::Tensor& ids,

@@ -1,10 +1,10 @@
 """mole_kernels: Mixture-of-Lookup-Experts inference with the lookup tables off the GPU."""
 from ._ops import build_info
-from .combine import mole_combine, router_softmax
+from .combine import lut_combine, mole_combine, router_softmax
 from .lut_gather import lut_gather
 from .quant import FORMATS, QuantizedLUT, dequantize, quantize
 from .model import DenseForCausalLM, MoEForCausalLM, MoLEConfig, MoLEForCausalLM
-from .table import LookupTable, Prefetch, Prefetcher, TableStats, host_allocations
+from .table import LayerReader, LookupTable, Prefetch, Prefetcher, TableStats, host_allocations
 
 __all__ = [
     "FORMATS",
@@ -15,12 +15,14 @@ __all__ = [
     "MoEForCausalLM",
     "MoLEConfig",
     "MoLEForCausalLM",
+    "LayerReader",
     "LookupTable",
     "Prefetch",
     "Prefetcher",
     "TableStats",
     "build_info",
     "host_allocations",
+    "lut_combine",
     "lut_gather",
     "mole_combine",
     "router_softmax",

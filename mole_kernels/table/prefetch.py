@@ -22,11 +22,11 @@ def layer_groups(L: int) -> List[Tuple[int, int]]:
     publishes per-layer flags the consumer spins on would need stream memory operations to stay
     off the SMs and capturable; these events are plain, graph-capturable and testable.
     """
-    groups, a, size = [], 0, 1
+    groups, a = [], 0
     while a < L:
-        b = min(L, a + size)
+        b = min(L, a + max(1, a))  # as many layers as come before the group: 1, 1, 2, 4, 8, ...
         groups.append((a, b))
-        a, size = b, size if a < 2 else size * 2
+        a = b
     return groups
 
 
