@@ -41,7 +41,8 @@ std::pair<int64_t, int64_t> resolve_layers(LayerSpan layers, int64_t L, bool fus
 // Checks an optional fault counter: a contiguous int64 tensor with >= 1 element on ids' device.
 void check_faults(const std::optional<at::Tensor>& faults, const at::Tensor& ids, const char* op);
 
-// What every table format shares: ids, devices, counts, the layer span, weights, the result shape.
+// What every table format shares: ids, devices (CPU or CUDA, dense), counts (overflow-checked), the
+// layer span, weights, the result shape.
 // `table` is [V, L, E, x] or [V, E, x] (x = D for a float table, bytes per row for a quantized one);
 // D is the hidden size.
 GatherPlan plan_table(const at::Tensor& table, const char* table_name, const at::Tensor& ids,
@@ -53,11 +54,24 @@ GatherPlan plan_lut_gather(const at::Tensor& lut, const at::Tensor& ids,
                            const std::optional<at::Tensor>& weights, LayerSpan layers,
                            const char* op = "lut_gather", const char* what = "weights");
 
-// Checks `out` (shape, dtype, device, layout) and `faults` against the plan. Returns the elements
-// between consecutive tokens' results in `out`: the rows form may write into a view whose tokens
-// are strided (a slice of a larger buffer); everything else is contiguous.
+// Checks `out` (shape, dtype, device, layout) and `faults` against the plan, and that neither
+// shares memory with an input or the other. Returns the elements between consecutive tokens'
+// results in `out`: the rows form may write into a view whose tokens are strided (a slice of a
+// larger buffer; its layout rules out internal overlap); everything else is contiguous.
 int64_t check_gather_outputs(const GatherPlan& plan, const at::Tensor& lut, const at::Tensor& ids,
-                             const at::Tensor& out, const std::optional<at::Tensor>& faults);
+                             const std::optional<at::Tensor>& weights, const at::Tensor& out,
+                             const std::optional<at::Tensor>& faults);
+
+// ValueError when `out` or `faults` shares memory with the table, ids, weights or each other
+// (a conservative test on the byte ranges the tensors span).
+void check_no_overlaps(const char* op, const at::Tensor& table, const char* table_name, const at::Tensor& ids,
+                       const std::optional<at::Tensor>& weights, const at::Tensor& out,
+                       const std::optional<at::Tensor>& faults);
+
+// a * b, a + b; a ValueError naming `what` when the result does not fit in int64 (sizes that come
+// from the caller or a file).
+int64_t checked_mul(int64_t a, int64_t b, const char* what);
+int64_t checked_add(int64_t a, int64_t b, const char* what);
 
 // The per-token stride of a rows-form `out` whose inner `inner` elements per token are contiguous,
 // or -1 when `out` has no such layout. Shared by the float and quantized gathers.

@@ -239,6 +239,7 @@ void check_ids_cpu(const at::Tensor& ids, int64_t V, const std::optional<at::Ten
 
 void fused_gather_cpu(const GatherPlan& p, const at::Tensor& lut, const at::Tensor& ids, const float* w,
                       const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1) {
+  if (p.T == 0 || p.D == 0) return;  // nothing to write (and no columns to split into spans)
   const at::Tensor ids_c = ids.contiguous();  // ids are small; the table is never copied
   MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_cpu", [&] {
     using id_t = scalar_t;
@@ -258,7 +259,7 @@ void lut_gather_into_cpu(const at::Tensor& out, const at::Tensor& lut, const at:
                          bool accumulate, const std::optional<at::Tensor>& faults,
                          std::optional<int64_t> layer_end) {
   const GatherPlan p = plan_lut_gather(lut, ids, weights, {layer, layer_end});
-  const int64_t out_stride = check_gather_outputs(p, lut, ids, out, faults);
+  const int64_t out_stride = check_gather_outputs(p, lut, ids, weights, out, faults);
   MOLE_CHECK_ARG(lut.device().is_cpu(), "lut_gather: a CUDA table needs ids on its device");
   if (p.T == 0) return;
   check_ids_cpu(ids, p.V, faults);

@@ -153,7 +153,7 @@ void lut_gather_into_cuda(const at::Tensor& out, const at::Tensor& lut, const at
                           bool accumulate, const std::optional<at::Tensor>& faults,
                           std::optional<int64_t> layer_end) {
   const GatherPlan p = plan_lut_gather(lut, ids, weights, {layer, layer_end});
-  const int64_t out_stride = check_gather_outputs(p, lut, ids, out, faults);
+  const int64_t out_stride = check_gather_outputs(p, lut, ids, weights, out, faults);
   MOLE_CHECK_ARG(ids.is_cuda(), "lut_gather: the CUDA kernel needs ids on a CUDA device");
   MOLE_CHECK_ARG(p.fused || !accumulate, "lut_gather: accumulate=True needs weights (the fused form)");
   MOLE_CHECK_ARG(p.T <= std::numeric_limits<int32_t>::max(), "lut_gather: at most 2^31-1 ids per call, got ", p.T);

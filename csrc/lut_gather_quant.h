@@ -59,8 +59,10 @@ QuantPlan plan_lut_gather_quant(const at::Tensor& data, c10::string_view format,
                                 const at::Tensor& ids, const std::optional<at::Tensor>& weights, LayerSpan layers,
                                 const char* op = "lut_gather_quant", const char* what = "weights");
 
-// As check_gather_outputs; returns the elements between consecutive tokens' results in `out`.
-int64_t check_quant_outputs(const QuantPlan& plan, const at::Tensor& ids, const at::Tensor& out,
+// As check_gather_outputs (overlap included); returns the elements between consecutive tokens'
+// results in `out`.
+int64_t check_quant_outputs(const QuantPlan& plan, const at::Tensor& data, const at::Tensor& ids,
+                            const std::optional<at::Tensor>& weights, const at::Tensor& out,
                             const std::optional<at::Tensor>& faults);
 
 // The fused CPU gather behind lut_gather_quant(weights=) and lut_combine_quant (see fused_gather_cpu).

@@ -35,7 +35,8 @@ std::string shape_string(at::IntArrayRef s) {
   return os.str();
 }
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// x rounded up to a multiple of m, checked: dim and block_size come from the user or a file.
+int64_t round_up(int64_t x, int64_t m, const char* what) { return checked_add(x, m - 1, what) / m * m; }
 
 }  // namespace
 
@@ -60,9 +61,10 @@ QuantLayout make_quant_layout(c10::string_view format, int64_t dim, int64_t bloc
   q.D = dim;
   q.block = block_size;
   q.nblocks = dim / block_size;
-  q.payload_bytes = q.fmt == QFormat::kNf4 ? (dim + 1) / 2 : dim;
-  q.scale_offset = round_up(q.payload_bytes, 4);
-  q.row_bytes = round_up(q.scale_offset + 4 * q.nblocks, 16);
+  q.payload_bytes = q.fmt == QFormat::kNf4 ? dim / 2 + dim % 2 : dim;
+  const char* what = "lut_gather_quant: the row size for this dim and block_size";
+  q.scale_offset = round_up(q.payload_bytes, 4, what);
+  q.row_bytes = round_up(checked_add(q.scale_offset, checked_mul(4, q.nblocks, what), what), 16, what);
   return q;
 }
 
@@ -90,7 +92,8 @@ QuantPlan plan_lut_gather_quant(const at::Tensor& data, c10::string_view format,
   return p;
 }
 
-int64_t check_quant_outputs(const QuantPlan& plan, const at::Tensor& ids, const at::Tensor& out,
+int64_t check_quant_outputs(const QuantPlan& plan, const at::Tensor& data, const at::Tensor& ids,
+                            const std::optional<at::Tensor>& weights, const at::Tensor& out,
                             const std::optional<at::Tensor>& faults) {
   MOLE_CHECK_ARG(out.sizes().vec() == plan.out_shape, "lut_gather_quant: out must have shape ",
                  shape_string(plan.out_shape), ", got ", shape_string(out.sizes()));
@@ -108,6 +111,7 @@ int64_t check_quant_outputs(const QuantPlan& plan, const at::Tensor& ids, const 
                    shape_string(out.strides()));
   }
   check_faults(faults, ids, "lut_gather_quant");
+  check_no_overlaps("lut_gather_quant", data, "data", ids, weights, out, faults);
   return stride;
 }
 
@@ -171,9 +175,12 @@ MOLE_QAVX512 inline __m512 decode16(const uint8_t* row, int64_t j, __m512 nf4) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))));
   } else if constexpr (F == QFormat::kFp8E4M3) {
     // e4m3 bits s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 are the same number times 2^-8
-    // (subnormals included); the 2^8 is folded into the scale by the caller.
+    // (subnormals included); the 2^8 is folded into the scale by the caller. e4m3fn has no
+    // infinities: its NaN codes s.1111.111 get an all-ones fp16 exponent (NaN) like the scalar table.
     const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
-    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7),
+    const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
+    const __m256i nan = _mm256_and_si256(_mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f)), _mm256_set1_epi16(0x7c00));
+    const __m256i h = _mm256_or_si256(_mm256_or_si256(_mm256_slli_epi16(mag, 7), nan),
                                       _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
     return _mm512_cvtph_ps(h);
   } else {
@@ -407,7 +414,7 @@ void lut_gather_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c1
                                std::optional<int64_t> layer, bool accumulate,
                                const std::optional<at::Tensor>& faults, std::optional<int64_t> layer_end) {
   const QuantPlan p = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, {layer, layer_end});
-  const int64_t out_stride = check_quant_outputs(p, ids, out, faults);
+  const int64_t out_stride = check_quant_outputs(p, data, ids, weights, out, faults);
   MOLE_CHECK_ARG(data.device().is_cpu(), "lut_gather_quant: a CUDA table needs ids on its device");
   MOLE_CHECK_ARG(p.fused || !accumulate, "lut_gather_quant: accumulate=True needs weights (the fused form)");
   if (p.T == 0) return;

@@ -48,13 +48,16 @@ struct QArgs {
 };
 
 // One code -> its value before scaling. e4m3 bits placed as fp16 s.0eeee.mmm0000000 are the value
-// times 2^-8 (subnormals included), so the decode is exact.
+// times 2^-8 (subnormals included), so the decode is exact; the NaN codes s.1111.111 (e4m3fn has no
+// infinities) get an all-ones fp16 exponent: NaN, as on the CPU.
 template <int FMT>
 __device__ __forceinline__ float decode(uint32_t byte, int nibble, const float* nf4) {
   if constexpr (FMT == int(QFormat::kInt8)) {
     return static_cast<float>(static_cast<int8_t>(byte));
   } else if constexpr (FMT == int(QFormat::kFp8E4M3)) {
-    const unsigned short h = static_cast<unsigned short>(((byte & 0x7fu) << 7) | ((byte & 0x80u) << 8));
+    const uint32_t mag = byte & 0x7fu;
+    const unsigned short h =
+        static_cast<unsigned short>((mag << 7) | (mag == 0x7fu ? 0x7c00u : 0u) | ((byte & 0x80u) << 8));
     return __half2float(__ushort_as_half(h)) * 256.f;
   } else {
     return nf4[(byte >> (4 * nibble)) & 15u];
@@ -291,7 +294,7 @@ void lut_gather_quant_into_cuda(const at::Tensor& out, const at::Tensor& data, c
                                 std::optional<int64_t> layer, bool accumulate,
                                 const std::optional<at::Tensor>& faults, std::optional<int64_t> layer_end) {
   const QuantPlan p = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, {layer, layer_end});
-  const int64_t out_stride = check_quant_outputs(p, ids, out, faults);
+  const int64_t out_stride = check_quant_outputs(p, data, ids, weights, out, faults);
   MOLE_CHECK_ARG(ids.is_cuda(), "lut_gather_quant: the CUDA kernel needs ids on a CUDA device");
   MOLE_CHECK_ARG(p.fused || !accumulate, "lut_gather_quant: accumulate=True needs weights (the fused form)");
   MOLE_CHECK_ARG(p.T <= std::numeric_limits<int32_t>::max(), "lut_gather_quant: at most 2^31-1 ids per call, got ",

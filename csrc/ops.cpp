@@ -1,6 +1,10 @@
 // Every schema of the mole_kernels op library, written once, and the input
 // validation all backends share. Backends only say impl(name, key, fn).
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
+
+#include <limits>
+#include <utility>
 
 #include "lut_gather.h"
 
@@ -14,7 +18,58 @@ std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
+// The bytes [first, last + 1) that a strided tensor's elements span.
+std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
+  int64_t lo = 0, hi = 0;  // element offsets of the lowest and highest element
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t reach = (t.size(d) - 1) * t.stride(d);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const auto base = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const int64_t item = static_cast<int64_t>(t.element_size());
+  return {base + lo * item, base + (hi + 1) * item};
+}
+
+// Conservative: two views that interleave without sharing an element count as overlapping.
+bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
+  const auto [a0, a1] = byte_range(a);
+  const auto [b0, b1] = byte_range(b);
+  return a0 < b1 && b0 < a1;
+}
+
+void check_no_overlap(const char* op, const char* written_name, const at::Tensor& written, const char* name,
+                      const at::Tensor& other) {
+  MOLE_CHECK_ARG(!may_overlap(written, other), op, ": ", written_name, " shares memory with ", name,
+                 "; the kernel would read what it writes (pass a separate tensor)");
+}
+
 }  // namespace
+
+int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  MOLE_CHECK_ARG(!c10::mul_overflows(a, b, &r), what, " overflows int64 (", a, " * ", b, ")");
+  return r;
+}
+
+int64_t checked_add(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  MOLE_CHECK_ARG(!c10::add_overflows(a, b, &r), what, " overflows int64 (", a, " + ", b, ")");
+  return r;
+}
+
+void check_no_overlaps(const char* op, const at::Tensor& table, const char* table_name, const at::Tensor& ids,
+                       const std::optional<at::Tensor>& weights, const at::Tensor& out,
+                       const std::optional<at::Tensor>& faults) {
+  const std::pair<const char*, const at::Tensor*> inputs[] = {{table_name, &table}, {"ids", &ids},
+                                                              {"weights", weights ? &*weights : nullptr}};
+  for (const auto& [name, t] : inputs) {
+    if (t == nullptr) continue;
+    check_no_overlap(op, "out", out, name, *t);
+    if (faults.has_value()) check_no_overlap(op, "faults", *faults, name, *t);
+  }
+  if (faults.has_value()) check_no_overlap(op, "faults", *faults, "out", out);
+}
 
 std::pair<int64_t, int64_t> resolve_layers(LayerSpan layers, int64_t L, bool fused, const char* op) {
   const auto& [layer, layer_end] = layers;
@@ -46,6 +101,12 @@ void check_faults(const std::optional<at::Tensor>& faults, const at::Tensor& ids
 GatherPlan plan_table(const at::Tensor& table, const char* table_name, const at::Tensor& ids,
                       const std::optional<at::Tensor>& weights, LayerSpan layers, int64_t D, const char* op,
                       const char* what) {
+  // A meta (or other) tensor has no memory to read: refuse it rather than return garbage.
+  const std::pair<const char*, const at::Tensor*> args[] = {{table_name, &table}, {"ids", &ids}};
+  for (const auto& [name, t] : args) {
+    MOLE_CHECK_ARG(t->layout() == at::kStrided && (t->device().is_cpu() || t->device().is_cuda()), op, ": ", name,
+                   " must be a dense tensor on the CPU or a CUDA device, got ", t->layout(), " on ", t->device());
+  }
   MOLE_CHECK_ARG(table.is_contiguous(),
                  op, ": ", table_name, " must be contiguous (token-major [V, L, E, ...]); got strides ",
                  shape_str(table.strides()), " (a copy of a large table is never made silently: call .contiguous())");
@@ -62,7 +123,10 @@ GatherPlan plan_table(const at::Tensor& table, const char* table_name, const at:
   p.E = table.size(-2);
   p.D = D;
   p.T = ids.numel();
-  p.row_elems = p.L * p.E * p.D;
+  // With V = 0 the other sizes are not bounded by the table's numel; D may come from the caller.
+  const int64_t rows = checked_mul(p.L, p.E, "L * E");
+  p.row_elems = checked_mul(rows, p.D, "elements per token (L * E * D)");
+  checked_mul(rows, table.size(-1), "bytes or elements per token (L * E * row size)");
   p.fused = weights.has_value();
   std::tie(p.layer0, p.layers) = resolve_layers(layers, p.L, p.fused, op);
   p.seg_offset = p.layer0 * p.E * p.D;
@@ -77,8 +141,11 @@ GatherPlan plan_table(const at::Tensor& table, const char* table_name, const at:
                    shape_str(want), " (E = ", p.E, " experts in the table), got ", shape_str(w.sizes()));
     MOLE_CHECK_ARG(is_float_dtype(w.scalar_type()),
                    op, ": ", what, " must be float32, float16 or bfloat16, got ", w.scalar_type());
-    MOLE_CHECK_ARG(w.device() == ids.device(), op, ": ", what, " must be on ids' device (", ids.device(),
-                   "), got ", w.device());
+    MOLE_CHECK_ARG(w.layout() == at::kStrided && w.device() == ids.device(), op, ": ", what,
+                   " must be a dense tensor on ids' device (", ids.device(), "), got ", w.layout(), " on ",
+                   w.device());
+    // The CUDA kernels index experts with int.
+    MOLE_CHECK_ARG(p.E <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31-1 experts, got ", p.E);
     p.out_shape.push_back(p.D);
   } else {
     if (layers.layer_end.has_value() || (!layers.layer.has_value() && table.dim() == 4)) p.out_shape.push_back(p.layers);
@@ -110,7 +177,8 @@ int64_t rows_out_stride(const at::Tensor& out, int64_t id_dims, int64_t inner) {
 }
 
 int64_t check_gather_outputs(const GatherPlan& plan, const at::Tensor& lut, const at::Tensor& ids,
-                             const at::Tensor& out, const std::optional<at::Tensor>& faults) {
+                             const std::optional<at::Tensor>& weights, const at::Tensor& out,
+                             const std::optional<at::Tensor>& faults) {
   MOLE_CHECK_ARG(out.sizes().vec() == plan.out_shape, "lut_gather: out must have shape ",
                  shape_str(plan.out_shape), ", got ", shape_str(out.sizes()));
   MOLE_CHECK_ARG(out.device() == ids.device(), "lut_gather: out must be on ids' device (", ids.device(), "), got ",
@@ -129,6 +197,7 @@ int64_t check_gather_outputs(const GatherPlan& plan, const at::Tensor& lut, cons
                    lut.scalar_type(), ") when gathering rows, got ", out.scalar_type());
   }
   check_faults(faults, ids, "lut_gather");
+  check_no_overlaps("lut_gather", lut, "lut", ids, weights, out, faults);
   return stride;
 }
 

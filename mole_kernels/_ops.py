@@ -28,6 +28,20 @@ def build_info() -> dict:
     return info
 
 
+def check_gather_args(fn: str, lut, ids, weights, out, accumulate, faults) -> None:
+    """What the op schema cannot say about the public gathers' arguments: each is a dense tensor (or
+    None) where one is meant, and ``accumulate`` a bool (``layer``: see :func:`layer_span`). The
+    C++ plan checks shapes, dtypes, devices and memory overlap."""
+    for name, t, optional in (("lut", lut, False), ("ids", ids, False), ("weights", weights, True),
+                              ("out", out, True), ("faults", faults, True)):
+        if not (isinstance(t, torch.Tensor) or (optional and t is None)):
+            raise ValueError(f"{fn}: {name} must be a tensor{' or None' if optional else ''}, got {type(t).__name__}")
+        if t is not None and t.layout != torch.strided:
+            raise ValueError(f"{fn}: {name} must be a dense (strided) tensor, got layout {t.layout}")
+    if not isinstance(accumulate, bool):
+        raise ValueError(f"{fn}: accumulate must be a bool, got {accumulate!r}")
+
+
 def raise_on_bad_ids(ids: torch.Tensor, V: int, where: str) -> None:
     """Raises ``ValueError`` naming the first id outside [0, V) (on a GPU this synchronises)."""
     bad = (ids < 0) | (ids >= V)
@@ -67,13 +81,28 @@ def gather_shape(lut, ids, weights, layer, dim=None, layer_end=None):
     return (*ids.shape, lut.shape[1], E, D)
 
 
+def check_fake_devices(op: str, lut, ids, **others):
+    """The device rule of the C++ plan, for the fake kernels: they also run for real ``meta`` tensors,
+    where all-meta inputs give a meta result, but a meta table with real ids (or real ids with a meta
+    table) would return uninitialised memory: refused."""
+    zero_copy = lut.device.type == "cpu" and ids.device.type == "cuda"
+    torch._check_value(lut.device == ids.device or zero_copy,
+                       lambda: f"{op}: ids must be on the table's device ({lut.device}) or on a CUDA device with a "
+                               f"pinned CPU table, got ids on {ids.device}")
+    for name, t in others.items():
+        torch._check_value(t is None or t.device == ids.device,
+                           lambda: f"{op}: {name} must be on ids' device ({ids.device}), got {t.device}")
+
+
 @torch.library.register_fake("mole_kernels::lut_gather")
 def _lut_gather_fake(lut, ids, weights=None, layer=None, layer_end=None):
+    check_fake_devices("lut_gather", lut, ids, weights=weights)
     return ids.new_empty(gather_shape(lut, ids, weights, layer, layer_end=layer_end), dtype=lut.dtype)
 
 
 @torch.library.register_fake("mole_kernels::lut_gather_out")
 def _lut_gather_out_fake(out, lut, ids, weights=None, layer=None, accumulate=False, faults=None, layer_end=None):
+    check_fake_devices("lut_gather", lut, ids, weights=weights, out=out, faults=faults)
     want = gather_shape(lut, ids, weights, layer, layer_end=layer_end)
     torch._check(tuple(out.shape) == tuple(want), lambda: f"lut_gather: out must have shape {want}")
     return None

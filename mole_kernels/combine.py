@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ._ops import build_info, ops, raise_on_bad_ids
+from ._ops import build_info, check_fake_devices, ops, raise_on_bad_ids
 from .quant import QuantizedLUT
 
 try:  # Triton is optional: without it only the torch fallback exists.
@@ -302,6 +302,52 @@ def _check_softmax(logits, out_dtype):
         _fail("router_softmax", f"out_dtype must be float32/float16/bfloat16, got {out_dtype}")
 
 
+def _extent(t: torch.Tensor):
+    """The byte range ``[lo, hi)`` a tensor's elements span."""
+    lo = hi = 0
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride
+        if reach < 0:
+            lo += reach
+        else:
+            hi += reach
+    base, item = t.data_ptr(), t.element_size()
+    return base + lo * item, base + (hi + 1) * item
+
+
+def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors may share memory (conservative: interleaved views count as overlapping)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def _has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (an expanded, stride-0 view; conservative)."""
+    reach = 0  # the furthest offset the smaller-stride dims span
+    for stride, size in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def _check_out_memory(fn: str, out, inputs) -> None:
+    """``out`` may be exactly ``residual`` (the in-place update) but share no other memory."""
+    if _has_internal_overlap(out):
+        _fail(fn, f"out has overlapping elements (strides {out.stride()}, e.g. an expanded view); "
+                  "pass a tensor with one element per position")
+    for name, t in inputs:
+        if t is None or not _may_overlap(out, t):
+            continue
+        same = (name == "residual" and t.data_ptr() == out.data_ptr() and t.dtype == out.dtype
+                and t.stride() == out.stride())
+        if not same:
+            _fail(fn, f"out shares memory with {name}" + (" (it may be residual itself, but not a part or "
+                  "another view of it)" if name == "residual" else "") + "; pass a separate tensor")
+
+
 def _check_combine(logits, rows, residual, shared, out):
     fn = "mole_combine"
     E = _check_logits(fn, logits)
@@ -328,6 +374,9 @@ def _check_combine(logits, rows, residual, shared, out):
             _fail(fn, f"{name} must be float32/float16/bfloat16, got {t.dtype}")
         if t.device != logits.device:
             _fail(fn, f"{name} is on {t.device} but logits is on {logits.device}: all operands must share a device")
+    # Addresses exist only for real tensors: traced (fake) and meta calls are checked when they run.
+    if out is not None and not torch.compiler.is_compiling() and type(out) is torch.Tensor and out.device.type != "meta":
+        _check_out_memory(fn, out, (("logits", logits), ("rows", rows), ("shared", shared), ("residual", residual)))
     return E, D
 
 
@@ -349,6 +398,8 @@ def _flat_out(out: torch.Tensor, D: int) -> torch.Tensor:
 
 
 def _combine_impl(logits, rows, residual, shared, out) -> None:
+    if out.numel() == 0:  # no tokens or D = 0: nothing to write (and -1 cannot be inferred below)
+        return
     E, D = rows.shape[-2], rows.shape[-1]
     if rows.dim() == 3:  # [T, ...]: the common case, nothing to flatten (cheap at decode)
         logits2, rows3, res2, sh2, out2 = logits, rows, residual, shared, out
@@ -571,23 +622,28 @@ if build_info()["cuda"]:
 
 @torch.library.register_fake("mole_kernels::lut_combine")
 def _lut_combine_fake(lut, ids, logits, layer=None, residual=None, shared=None):
+    check_fake_devices("lut_combine", lut, ids, logits=logits, residual=residual, shared=shared)
     return _new_lut_combine_out(ids, lut.shape[-1], residual, shared, lut.dtype)
 
 
 @torch.library.register_fake("mole_kernels::lut_combine_out")
 def _lut_combine_out_fake(out, lut, ids, logits, layer=None, residual=None, shared=None, faults=None):
+    check_fake_devices("lut_combine", lut, ids, logits=logits, residual=residual, shared=shared, out=out, faults=faults)
     return None
 
 
 @torch.library.register_fake("mole_kernels::lut_combine_quant")
 def _lut_combine_quant_fake(data, format, dim, block_size, ids, logits, layer=None, residual=None, shared=None,
                             dtype=None):
+    check_fake_devices("lut_combine_quant", data, ids, logits=logits, residual=residual, shared=shared)
     return _new_lut_combine_out(ids, dim, residual, shared, dtype or torch.float32)
 
 
 @torch.library.register_fake("mole_kernels::lut_combine_quant_out")
 def _lut_combine_quant_out_fake(out, data, format, dim, block_size, ids, logits, layer=None, residual=None,
                                 shared=None, faults=None):
+    check_fake_devices("lut_combine_quant", data, ids, logits=logits, residual=residual, shared=shared, out=out,
+                       faults=faults)
     return None
 
 

@@ -3,7 +3,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._ops import gather_shape, layer_span, ops
+from ._ops import check_gather_args, gather_shape, layer_span, ops
 from .quant import QuantizedLUT, quantized_lut_gather
 
 __all__ = ["lut_gather"]
@@ -43,11 +43,16 @@ def lut_gather(
             (safe under CUDA-graph capture). When absent, such an id raises
             ``ValueError`` naming it (on CUDA this synchronises).
 
+    ``out`` and ``faults`` may not share memory with any input (nor with each other): a
+    ``ValueError`` says which. Tables, ids and results live on the CPU or a CUDA device; with
+    ``meta`` tensors throughout, the call gives a ``meta`` result (shape and dtype only).
+
     No kernel ever reads outside the table. ``lut`` may also be a
     :class:`mole_kernels.QuantizedLUT` (int8 / fp8 / nf4 rows, dequantized in registers).
     """
     if isinstance(lut, QuantizedLUT):
         return quantized_lut_gather(lut, ids, weights, layer=layer, out=out, accumulate=accumulate, faults=faults)
+    check_gather_args("lut_gather", lut, ids, weights, out, accumulate, faults)
     if accumulate and out is None:
         raise ValueError("lut_gather: accumulate=True needs out= (the tensor to add into)")
     layer, layer_end = layer_span(layer, lut.shape[1] if lut.dim() == 4 else 1, "lut_gather")

@@ -2,6 +2,7 @@
 KV cache, and the decode step captured in a CUDA graph."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoLEConfig
+from .config import MoLEConfig, _is_int
 from .layers import DecoderLayer, StaticKVCache, _attention_mask, _Backbone, _rope
 
 @dataclass
@@ -75,11 +76,12 @@ class _CausalLM(nn.Module):
 
     def _check_ids(self, input_ids, where: str) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{where}: input_ids must be an int32/int64 tensor [B, S]")
+            got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"{where}: input_ids must be an int32/int64 tensor [B, S], got {got}")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"{where}: input_ids must be [B, S] with S >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:  # an empty batch has nothing to run
+            raise ValueError(f"{where}: input_ids must be [B, S] with B >= 1 and S >= 1, got {tuple(input_ids.shape)}")
         if input_ids.device != self.device:
             raise ValueError(f"{where}: input_ids are on {input_ids.device} but the model is on {self.device}")
         if input_ids.numel():
@@ -99,7 +101,12 @@ class _CausalLM(nn.Module):
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"{where}: attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
-        m = attention_mask.to(self.device).bool()
+        m = attention_mask.to(self.device)
+        if m.dtype != torch.bool:  # 0.5 or 2 is not "token" or "padding"
+            if m.dtype.is_complex or not bool(((m == 0) | (m == 1)).all()):
+                raise ValueError(f"{where}: attention_mask must hold only 0 and 1 (or be bool), got a {m.dtype} "
+                                 "tensor with other values")
+            m = m.bool()
         if not bool(m.any(dim=1).all()):
             raise ValueError(f"{where}: attention_mask has a row with no real token")
         return m
@@ -165,12 +172,10 @@ class _CausalLM(nn.Module):
         name = f"{type(self).__name__}.generate"
         input_ids = self._check_ids(input_ids, name)
         mask = self._check_mask(attention_mask, input_ids, name)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"{name}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"{name}: temperature must be > 0 when sampling, got {temperature!r}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"{name}: top_p must be in (0, 1], got {top_p!r}")
+        _check_generate_args(name, self.config.vocab_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                             pad_token_id=pad_token_id, generator=generator, cuda_graph=cuda_graph,
+                             return_logits=return_logits)
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"{name}: cuda_graph=True needs the model on a CUDA device (it is on {self.device})")
         B, S = input_ids.shape
@@ -223,6 +228,31 @@ class _CausalLM(nn.Module):
 
     def _graph_step(self, cache: StaticKVCache, B: int) -> "_GraphStep":
         return _GraphStep(self, cache, B)
+
+
+def _check_generate_args(name: str, vocab: int, *, max_new_tokens, do_sample, temperature, top_k, top_p,
+                         eos_token_id, pad_token_id, generator, cuda_graph, return_logits) -> None:
+    """ValueError naming the argument for any of generate()'s options outside its domain (a bool is
+    not a count, NaN is not a temperature)."""
+    def is_real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for flag, v in (("do_sample", do_sample), ("cuda_graph", cuda_graph), ("return_logits", return_logits)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name}: {flag} must be a bool, got {v!r}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"{name}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not is_real(temperature) or (do_sample and not temperature > 0):
+        raise ValueError(f"{name}: temperature must be a finite number (> 0 when sampling), got {temperature!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise ValueError(f"{name}: top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not is_real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"{name}: top_p must be a number in (0, 1], got {top_p!r}")
+    for tok, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if v is not None and (not _is_int(v) or not 0 <= v < vocab):
+            raise ValueError(f"{name}: {tok} must be None or an int in [0, vocab_size={vocab}), got {v!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"{name}: generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def _choose(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:

@@ -11,7 +11,6 @@ The architecture follows the official MoLE code (github.com/JieShibo/MoLE,
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Optional
 
@@ -20,8 +19,8 @@ import torch.nn.functional as F
 
 from .._progress import progress_bar
 from ..quant import QuantizedLUT, canonical_format, dequantize, row_layout
-from .checkpoints import (CONFIG_NAME, LUT_KEY, _check_state_dict, _is_expert_key, _load_state_dict,
-                          _read_config, _save_state_dict, _weight_files)
+from .checkpoints import (LUT_KEY, _check_state_dict, _is_expert_key, _load_state_dict, _read_config,
+                          _weight_files, save_checkpoint)
 from .config import MoLEConfig, parse_dtype
 from .generation import _CausalLM
 from .layers import _acc_dtype
@@ -268,9 +267,15 @@ class MoLEForCausalLM(_CausalLM):
 
         The official layout has no quantized form: a quantized LUT is written dequantized (in
         ``lut_dtype``, default the dtype it was quantized from). To keep the quantized rows,
-        also ``self.lut.save(file)`` and load with ``from_pretrained(..., lut_file=file)``."""
+        also ``self.lut.save(file)`` and load with ``from_pretrained(..., lut_file=file)``.
+
+        Every file is written whole or not at all, and the weight files, shard indexes and shards
+        of an earlier save into ``path`` (in either format) are removed, so that
+        :meth:`from_pretrained` reads this model and nothing else (see
+        :func:`~mole_kernels.model.checkpoints.save_checkpoint`)."""
         path = os.fspath(path)
-        os.makedirs(path, exist_ok=True)
+        if not isinstance(safe_serialization, bool):
+            raise ValueError(f"save_pretrained: safe_serialization must be a bool, got {safe_serialization!r}")
         sd = dict(self.state_dict())
         if self.is_reparameterized:
             if self.lut is None:
@@ -285,9 +290,7 @@ class MoLEForCausalLM(_CausalLM):
         cfg.setdefault("architectures", ["MoleForCausalLM"])
         cfg.setdefault("model_type", "llama")  # the official config class is LlamaConfig
         cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")
-        with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-        _save_state_dict(sd, path, safe_serialization)
+        save_checkpoint(path, sd, cfg, safe_serialization)
 
 
 def _check_lut_format(lut_format: Optional[str], block_size, hidden: int, where: str) -> None:
