@@ -219,3 +219,22 @@ def test_concurrent_saves_to_one_path_give_a_whole_file(tmp_path):
     got = LookupTable.open(path, "host", device="cpu").read()
     assert (got == got.view(-1)[0]).all() and got.view(-1)[0].item() in (0.0, 1.0, 2.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": "1114", "data_offsets": [0, 16]},      # a string where a list is meant
+    {"dtype": "F32", "shape": [1, 1, 1, 4.5], "data_offsets": [0, 16]},
+    {"dtype": "F32", "shape": [True, 1, 1, 4], "data_offsets": [0, 16]},
+    {"dtype": "F32", "shape": [1, 1, 1, 4], "data_offsets": ["0", 16]},
+    {"dtype": 7, "shape": [1, 1, 1, 4], "data_offsets": [0, 16]},
+    ["not", "an", "object"],
+])
+def test_header_fields_of_the_wrong_json_type_are_refused(tmp_path, entry):
+    import json
+    import struct
+
+    raw = json.dumps({"lut": entry}).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
+    with pytest.raises(ValueError, match=r"bad\.safetensors: tensor 'lut' entry .* needs dtype"):
+        LookupTable.open(path, "disk", device="cpu")

@@ -9,12 +9,12 @@ import math
 import os
 import stat
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .._files import atomic_write
 from .._progress import progress_bar
 from ..quant import QuantizedLUT
 
@@ -90,11 +90,16 @@ def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
     if tensor not in header:
         raise bad(f"no tensor named {tensor!r} (tensors: {sorted(header)[:8]}); pass tensor= to pick one")
     entry = header[tensor]
-    try:
-        dtype_name, shape = entry["dtype"], [int(s) for s in entry["shape"]]
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise bad(f"tensor {tensor!r} entry {entry!r} lacks dtype/shape/data_offsets") from None
+    def ints(x, n=None):  # a JSON list of ints (not strings, floats or booleans), of length n if given
+        ok = isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+        return ok and (n is None or len(x) == n)
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or not ints(entry.get("shape")) \
+            or not ints(entry.get("data_offsets"), 2):
+        raise bad(f"tensor {tensor!r} entry {entry!r} needs dtype (a string), shape (a list of ints) and "
+                  "data_offsets (two ints)")
+    dtype_name, shape = entry["dtype"], list(entry["shape"])
+    begin, end = entry["data_offsets"]
     quantized = QuantizedLUT.is_quantized_metadata(meta)
     if quantized:
         if dtype_name != "U8":
@@ -119,10 +124,10 @@ def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
     if end - begin != nbytes or begin < 0:
         raise bad(f"tensor {tensor!r} data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} "
                   f"in {dtype_name} needs {nbytes}")
-    try:  # the file must hold every tensor the header describes, not just ours
-        data_end = max(int(e["data_offsets"][1]) for e in header.values() if isinstance(e, dict) and "data_offsets" in e)
-    except (TypeError, ValueError, IndexError):
-        raise bad("a tensor entry has malformed data_offsets") from None
+    offsets = [e["data_offsets"] for e in header.values() if isinstance(e, dict) and "data_offsets" in e]
+    if not all(ints(o, 2) for o in offsets):
+        raise bad("a tensor entry has malformed data_offsets (two ints expected)")
+    data_end = max(o[1] for o in offsets)  # the file must hold every tensor the header describes, not just ours
     if size < 8 + n + data_end:
         raise bad(f"truncated: the header describes {8 + n + data_end} bytes but the file has {size}")
     # The metadata, when present, must agree with the tensor (a mismatch means a corrupt or foreign file).
@@ -193,34 +198,16 @@ def _check_quantized_rows(sample: torch.Tensor, info: _FileInfo, path: str) -> N
 
 def _write_table(path: str, shape, dtype: torch.dtype, metadata: Dict[str, str],
                  read_tokens: Callable[[int, int], torch.Tensor]) -> None:
-    """Writes a table file whole or not at all: a unique temporary file in the target's folder
-    (never a fixed name, never through a symlink), filled chunk by chunk with ``read_tokens(a, b)``
-    (the stored rows of tokens [a, b) as a CPU tensor), flushed to disk, then renamed over ``path``.
-    The file gets the usual permissions (0666 minus the umask), like any file the user creates."""
+    """Writes a table file whole or not at all (:func:`mole_kernels._files.atomic_write`: a unique
+    temporary file in the target's folder, never a fixed name, never through a symlink, the usual
+    permissions), filled chunk by chunk with ``read_tokens(a, b)`` (the stored rows of tokens
+    [a, b) as a CPU tensor): a big table is never copied whole."""
     shape = tuple(shape) if len(shape) == 4 else (shape[0], 1, *shape[1:])
     nbytes = math.prod(shape) * dtype.itemsize
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    bar = _progress(nbytes, f"saving {os.path.basename(path)}")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)  # read the umask (there is no other way) and put it back
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)
-            f.write(_header_bytes(shape, dtype, metadata))
-            step = max(1, _CHUNK // max(1, math.prod(shape[1:]) * dtype.itemsize))
-            for a in range(0, shape[0], step):
-                chunk = read_tokens(a, min(shape[0], a + step))
-                f.write(chunk.contiguous().view(torch.uint8).numpy().data)
-                bar.update(chunk.numel() * dtype.itemsize)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic; replaces a symlink named `path` itself, never its target
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    finally:
-        bar.close()
+    with _progress(nbytes, f"saving {os.path.basename(path)}") as bar, atomic_write(path) as f:
+        f.write(_header_bytes(shape, dtype, metadata))
+        step = max(1, _CHUNK // max(1, math.prod(shape[1:]) * dtype.itemsize))
+        for a in range(0, shape[0], step):
+            chunk = read_tokens(a, min(shape[0], a + step))
+            f.write(chunk.contiguous().view(torch.uint8).numpy().data)
+            bar.update(chunk.numel() * dtype.itemsize)
