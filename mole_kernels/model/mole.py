@@ -68,7 +68,9 @@ class MoLEForCausalLM(_CausalLM):
     def _ffn(self, l, layer, h, ctx):
         n = layer.post_attention_layernorm(h)
         if self.is_reparameterized:  # one fused call: softmax, the token's E rows, their sum, both adds
-            return ctx.combine(l, layer.router(n), h, layer.mlp(n))
+            # F.linear, not layer.router(n): the module call's hook machinery costs more than this
+            # D x E matmul itself at decode sizes.
+            return ctx.combine(l, F.linear(n, layer.router.weight), h, layer.mlp(n))
         # The train form, as the official layer: softmax in float32, cast to the hidden dtype, weighted sum.
         logits = layer.router(n)
         shared = layer.mlp(n)

@@ -76,7 +76,8 @@ class LayerReader:
             # On a GPU a bad id becomes -1 (counted by the kernel); on a CPU it raises naming it.
             rows, inverse = t._unique_rows(ids, None, out=self._staged, strict=t.device.type == "cpu")
             return _Direct(rows, inverse.view(ids.shape), self._faults)
-        t._count_direct(ids.numel(), None, "zero_copy" if t.placement == "host" else "device")
+        if not torch.compiler.is_compiling():  # counters are Python state: a compiled step would recompile on them
+            t._count_direct(ids.numel(), None, "zero_copy" if t.placement == "host" else "device")
         return _Direct(t._lut, t._to_device(ids, "reader"), self._faults)
 
     def _path(self, ids: torch.Tensor) -> str:
