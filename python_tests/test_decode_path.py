@@ -204,3 +204,20 @@ def test_cuda_graph_on_cpu_says_why():
     _, mole, _ = _models()
     with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
         mole.generate(torch.tensor([[1, 2]]), max_new_tokens=2, cuda_graph=True)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens():
+    """generate(compile_step=True): the decode step through torch.compile (our ops as custom ops with
+    fake kernels) gives the eager step's tokens and logits, on a table read in place and a staged one."""
+    cfg = MoLEConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, num_experts=3)
+    train = MoLEForCausalLM(cfg, init_std=0.1).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (2, 4))
+    for placement in ("host", "disk"):
+        inf = train.reparameterize(placement=placement, dtype=torch.float32, progress=False)
+        eager = inf.generate(prompt, max_new_tokens=5, return_logits=True)
+        compiled = inf.generate(prompt, max_new_tokens=5, return_logits=True, compile_step=True)
+        assert torch.equal(compiled.sequences, eager.sequences)
+        torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="compile_step must be a bool"):
+        inf.generate(prompt, max_new_tokens=2, compile_step=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ class _CausalLM(nn.Module):
         self.model = _Backbone(config, self._kind)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._init_weights(init_std)
-        self._graphs: Dict[tuple, "_GraphStep"] = {}
+        self._compiled_step = None  # _decode_step through torch.compile, made on first use
 
     def _init_weights(self, std: float):
         # As the official _init_weights: normal(0, std) for Linear and Embedding, norms at 1.
@@ -152,7 +152,7 @@ class _CausalLM(nn.Module):
                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
                  pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 cuda_graph: bool = False, return_logits: bool = False):
+                 cuda_graph: bool = False, compile_step: bool = False, return_logits: bool = False):
         """Autoregressive generation with a static KV cache.
 
         Args:
@@ -165,6 +165,9 @@ class _CausalLM(nn.Module):
                 slots of a stopped row hold ``pad_token_id``. Generation ends when every row stopped.
             pad_token_id: default ``config.pad_token_id``, else ``eos_token_id``, else 0.
             cuda_graph: capture the decode step in a CUDA graph and replay it (CUDA only).
+            compile_step: run the decode step through ``torch.compile`` (inductor; compiled once per
+                model and cache length, which takes seconds): it fuses the many tiny ops that
+                dominate a small model's step on a CPU (measured in bench/RESULTS.md).
             return_logits: return a :class:`GenerationOutput` with the per-step logits.
 
         Returns ``[B, S + n]`` token ids (or a :class:`GenerationOutput`).
@@ -175,9 +178,11 @@ class _CausalLM(nn.Module):
         _check_generate_args(name, self.config.vocab_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                              pad_token_id=pad_token_id, generator=generator, cuda_graph=cuda_graph,
-                             return_logits=return_logits)
+                             compile_step=compile_step, return_logits=return_logits)
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"{name}: cuda_graph=True needs the model on a CUDA device (it is on {self.device})")
+        if cuda_graph and compile_step:
+            raise ValueError(f"{name}: choose one of cuda_graph=True and compile_step=True")
         B, S = input_ids.shape
         if mask is not None:
             # Left padding: once a row's tokens start they continue to the end.
@@ -216,6 +221,8 @@ class _CausalLM(nn.Module):
                 break
             if step is not None:
                 logits = step(tok, idx, pos)
+            elif compile_step:
+                logits = self._compiled_decode_step()(cache, tok, idx, pos)
             else:
                 logits = self._decode_step(cache, tok, idx, pos)
             idx += 1
@@ -229,15 +236,22 @@ class _CausalLM(nn.Module):
     def _graph_step(self, cache: StaticKVCache, B: int) -> "_GraphStep":
         return _GraphStep(self, cache, B)
 
+    def _compiled_decode_step(self):
+        """``_decode_step`` through torch.compile, made once per model (inductor caches the code)."""
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._decode_step, dynamic=False)
+        return self._compiled_step
+
 
 def _check_generate_args(name: str, vocab: int, *, max_new_tokens, do_sample, temperature, top_k, top_p,
-                         eos_token_id, pad_token_id, generator, cuda_graph, return_logits) -> None:
+                         eos_token_id, pad_token_id, generator, cuda_graph, compile_step, return_logits) -> None:
     """ValueError naming the argument for any of generate()'s options outside its domain (a bool is
     not a count, NaN is not a temperature)."""
     def is_real(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    for flag, v in (("do_sample", do_sample), ("cuda_graph", cuda_graph), ("return_logits", return_logits)):
+    for flag, v in (("do_sample", do_sample), ("cuda_graph", cuda_graph), ("compile_step", compile_step),
+                    ("return_logits", return_logits)):
         if not isinstance(v, bool):
             raise ValueError(f"{name}: {flag} must be a bool, got {v!r}")
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
