@@ -1,0 +1,7 @@
+"""The public API, imported by ``mole_kernels/__init__.py`` (see there for why it lives here)."""
+from ._ops import build_info
+from .combine import mole_combine, router_softmax
+from .lut_gather import lut_gather
+from .quant import FORMATS, QuantizedLUT, dequantize, quantize
+from .model import DenseForCausalLM, MoEForCausalLM, MoLEConfig, MoLEForCausalLM
+from .table import LookupTable, Prefetch, Prefetcher, TableStats, host_allocations
