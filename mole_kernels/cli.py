@@ -140,25 +140,31 @@ def cmd_demo(args) -> int:
 
 
 def _check_reparameterize_paths(args) -> None:
-    """No output may be, or be inside, the input folder; the LUT file is not a model file."""
+    """Nothing is written into the input folder, and the LUT file is none of the output's own files.
+    Checked before the output folders are probed (a probe file must not land in the input either)."""
     src, dst = args.src, args.dst
     if not os.path.isdir(src):
         raise UsageError(f"--from {src!r} is not a folder (expected a train-form model folder with config.json)")
-    check_output_folder(dst, "--to")
     if _same_path(src, dst) or _inside(dst, src):
-        raise UsageError(f"--to {dst!r} is (or is inside) --from {src!r}: the train-form folder is never written to")
+        raise UsageError(f"--to {dst!r} is (or is inside) --from {src!r}: nothing is written into the train-form folder")
     inputs = [os.path.join(src, n) for n in os.listdir(src)]
+    for name in MODEL_FILES:  # an output file may already be a link to an input file
+        if any(_same_path(os.path.join(dst, name), f) for f in inputs):
+            raise UsageError(f"--to {dst!r}: its {name} is the same file as one in --from {src!r}")
     if args.lut_file:
-        lut = check_output_file(args.lut_file, "--lut-file")
-        if _inside(lut, src) or any(_same_path(lut, f) for f in inputs):
-            raise UsageError(f"--lut-file {lut!r} is inside --from {src!r}: the train-form folder is never written to")
+        lut = args.lut_file
+        if _inside(lut, src):
+            raise UsageError(f"--lut-file {lut!r} is inside --from {src!r}: nothing is written into the "
+                             "train-form folder")
+        same = next((f for f in inputs if _same_path(lut, f)), None)
+        if same is not None:
+            raise UsageError(f"--lut-file {lut!r} is the same file as {same!r} of --from")
         for name in MODEL_FILES:
             if _same_path(lut, os.path.join(dst, name)):
                 raise UsageError(f"--lut-file {lut!r} is the output's own {name}; choose another file name")
-    for name in MODEL_FILES:  # an output file may be a link to an input file
-        target = os.path.join(dst, name)
-        if any(_same_path(target, f) for f in inputs):
-            raise UsageError(f"--to {dst!r}: its {name} is the same file as one in --from {src!r}")
+    check_output_folder(dst, "--to")
+    if args.lut_file:
+        check_output_file(args.lut_file, "--lut-file")
 
 
 def cmd_reparameterize(args) -> int:
