@@ -28,11 +28,12 @@ Columns (medians over {repeats} interleaved runs of {batch} x {new} generated to
               and the prefetch's bookkeeping: here {extra} per layer and token for the host tier,
               a visible share of a step at this toy size (D={hidden}); bench/RESULTS.md (e2e-decode)
               compares them at the paper's sizes.
-  LUT/token   table (MoE: expert weight) bytes read per token, in the prompt's prefill and per
-              decode step. A token needs L*E*D values: {row} in float32 here. The disk tier and the deduplicating
-              paths read each distinct id of a call once, so a prompt that repeats ids reads less
-              than {row} per token; decode reads one row per sequence and step. Quantized tables read
-              their packed rows with scales. MoE: the experts its router picked, copied per step.
+  LUT/token   table bytes read per token, in the prompt's prefill and per decode step. A token's
+              rows are L*E*D values ({row} in float32 here). The prompt's ids follow a Zipf law, as
+              text does, so some repeat: the host tier reads a row for every token, the disk tier
+              reads each distinct id of a call once, hence fewer bytes per prompt token. Decode
+              reads one row per sequence and step. Quantized tables read packed rows with their
+              scales. MoE: the expert weights its router picked, copied per token.
   VRAM/RAM    memory the table (MoE: the offloaded experts) holds on the GPU / in host memory; the
               disk tier's file is memory-mapped (page cache, not counted)
   max|dlogit| largest |logit difference| from the train form on its own greedy continuation (fp32
@@ -67,17 +68,34 @@ class _Entry:
             self.model.set_lut(self.table)
         return self.model.generate(prompt, max_new_tokens=new_tokens)
 
-    def measure_bytes(self, prompt, new_tokens):
-        """Bytes read by a prefill alone (one new token), then by a whole generation; returns its tokens."""
-        if self.moved is None:
-            return self.generate(prompt, new_tokens)
-        self.reset()
-        self.generate(prompt, 1)
-        self.prefill_bytes = self.moved()
-        self.reset()
+    def timed(self, prompt, new_tokens, dev, count_bytes=False):
+        """One timed generation; with ``count_bytes``, the bytes it reads beyond the prefill's."""
+        if count_bytes and self.reset is not None:
+            self.reset()
+        _sync(dev)
+        t0 = time.perf_counter()
         seq = self.generate(prompt, new_tokens)
-        self.decode_bytes = self.moved() - self.prefill_bytes
+        _sync(dev)
+        self.times.append(time.perf_counter() - t0)
+        if count_bytes and self.moved is not None:
+            self.decode_bytes = self.moved() - self.prefill_bytes
         return seq
+
+    def warm_up(self, prompt):
+        """A prefill alone (one new token): builds lazy buffers, and counts the prefill's bytes."""
+        if self.reset is not None:
+            self.reset()
+        self.generate(prompt, 1)
+        if self.moved is not None:
+            self.prefill_bytes = self.moved()
+
+
+def zipf_prompt(V: int, shape, device) -> torch.Tensor:
+    """Token ids drawn from a Zipf law over a random permutation of the vocabulary: like text,
+    a prompt repeats some ids (which the deduplicating paths read once)."""
+    weights = 1.0 / torch.arange(1, V + 1, dtype=torch.float64) ** 1.1
+    ranks = torch.multinomial(weights, shape[0] * shape[1], replacement=True)
+    return torch.randperm(V)[ranks].view(shape).to(device)
 
 
 def run_demo(args, cfg: MoLEConfig) -> int:
@@ -133,23 +151,22 @@ def run_demo(args, cfg: MoLEConfig) -> int:
                               ram=moe.host_bytes, moved=lambda: moe.offload_stats.bytes_h2d,
                               reset=lambda: setattr(moe, "offload_stats", type(moe.offload_stats)())))
 
-        prompt = torch.randint(0, cfg.vocab_size, (B, S), device=dev)
+        prompt = zipf_prompt(cfg.vocab_size, (B, S), dev)
         ref_seq = train.generate(prompt, max_new_tokens=N)
         ref_logits = train(ref_seq).logits
-        for e in entries:  # these first runs also warm up (lazy buffers, kernel compiles)
-            seq = e.measure_bytes(prompt, N)
-            if e.table is not None:  # the LUT models against the train form they were made from
-                e.same = torch.equal(seq, ref_seq)
-                e.delta = (inf(ref_seq).logits - ref_logits).abs().max().item()
+        for e in entries:
+            e.warm_up(prompt)
         with progress_bar(R * len(entries), f"timing {len(entries)} models x {R} runs", unit="run") as bar:
-            for _ in range(R):
+            for rep in range(R):
                 for e in entries:
-                    _sync(dev)
-                    t0 = time.perf_counter()
-                    e.generate(prompt, N)
-                    _sync(dev)
-                    e.times.append(time.perf_counter() - t0)
+                    seq = e.timed(prompt, N, dev, count_bytes=rep == 0)
+                    if rep == 0 and e.table is not None:  # a LUT model: the train form's tokens?
+                        e.same = torch.equal(seq, ref_seq)
                     bar.update(1)
+        for e in entries:  # a LUT model's logits against the train form it was made from
+            if e.table is not None:
+                inf.set_lut(e.table)
+                e.delta = (inf(ref_seq).logits - ref_logits).abs().max().item()
     medians = {e.name: statistics.median(e.times) for e in entries}
     _print_table(entries, medians, B, S, N)
     extra = (medians["MoLE, LUT on host"] - medians["dense baseline"]) / N / cfg.num_hidden_layers

@@ -100,10 +100,10 @@ def test_demo_threads_option(capsys, keep_threads):
 def test_demo_removes_its_lut_when_it_fails(capsys, monkeypatch, keep_threads):
     from mole_kernels import _demo
 
-    def broken(self, prompt, new_tokens):
+    def broken(self, prompt):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(_demo._Entry, "measure_bytes", broken)
+    monkeypatch.setattr(_demo._Entry, "warm_up", broken)
     with pytest.raises(RuntimeError, match="injected failure"):
         main(SMALL_DEMO)
     folder = _lut_folder(capsys.readouterr().out)
