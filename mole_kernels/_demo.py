@@ -19,25 +19,26 @@ from .model import DenseForCausalLM, MoEForCausalLM, MoLEConfig, MoLEForCausalLM
 from .table import LookupTable
 
 LEGEND = """\
-Columns (medians over {repeats} interleaved runs of {batch} x {new} generated tokens after a {prompt}-token prompt):
-  ms/token    generation time per step (the prompt's prefill included) / generated tokens per sequence
-  min-max     the fastest and slowest run, same unit: how much the machine moved the figure
+Columns: medians over {repeats} interleaved runs of each model, each run {batch} x {new} generated
+tokens after a {prompt}-token prompt.
+  ms/token    a whole generation's time (the prompt's prefill included) / tokens per sequence
+  min-max     the fastest and the slowest run in the same unit: how much the machine moved it
   tokens/s    generated tokens of the whole batch per second
-  vs dense    ms/token over the dense baseline's (1.00x = as fast as the dense model). A MoLE step is
-              the dense step plus, per layer, a router (D x E), a softmax over E, an E-row weighted sum
-              and the prefetch's bookkeeping: here {extra} per layer and token for the host tier,
-              a visible share of a step at this toy size (D={hidden}); bench/RESULTS.md (e2e-decode)
-              compares them at the paper's sizes.
+  vs dense    ms/token over the dense baseline's (1.00x: as fast as the dense model). A MoLE step
+              is the dense step plus, per layer, a router (D x E), a softmax over E, an E-row
+              weighted sum and the prefetch's bookkeeping: {extra} per layer and token here
+              (host tier), a visible share of a step this small (D={hidden}); bench/RESULTS.md
+              (e2e-decode) compares them at the paper's sizes.
   LUT/token   table bytes read per token, in the prompt's prefill and per decode step. A token's
-              rows are L*E*D values ({row} in float32 here). The prompt's ids follow a Zipf law, as
-              text does, so some repeat: the host tier reads a row for every token, the disk tier
-              reads each distinct id of a call once, hence fewer bytes per prompt token. Decode
-              reads one row per sequence and step. Quantized tables read packed rows with their
-              scales. MoE: the expert weights its router picked, copied per token.
-  VRAM/RAM    memory the table (MoE: the offloaded experts) holds on the GPU / in host memory; the
+              rows are L*E*D values ({row} in float32 here). The prompt's ids follow a Zipf law,
+              as text does, so some repeat: the host tier (zero-copy) reads a row for every
+              token, the disk tier each distinct id of a call once, hence fewer bytes per prompt
+              token. Decode reads one row per sequence and step. Quantized tables read packed
+              rows with their scales. MoE: the expert weights its router picked, copied per token.
+  VRAM/RAM    what the table (MoE: the offloaded experts) holds on the GPU / in host memory; the
               disk tier's file is memory-mapped (page cache, not counted)
-  max|dlogit| largest |logit difference| from the train form on its own greedy continuation (fp32
-              tables: rounding only); '*' marks a model whose greedy tokens differed
+  max|dlogit| largest |logit difference| from the train form on its own greedy continuation
+              (fp32 tables: rounding only); '*': the greedy tokens differed
 The MoE baseline is a different random model with MoLE's activated parameters."""
 
 

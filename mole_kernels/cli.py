@@ -21,6 +21,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import List, Optional
 
@@ -556,8 +557,10 @@ def main(argv: Optional[List[str]] = None, prog: str = PROG) -> int:
     args = _parser(prog).parse_args(argv)
     args.command_line = " ".join([prog] + [shlex.quote(a) for a in argv])
     where = f"{prog} {args.command}"
-    # SIGTERM unwinds like Ctrl-C, so temporary files are removed on that exit path too.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM unwinds like Ctrl-C, so temporary files are removed on that exit path too (only the
+    # main thread may set a handler; a caller running main() elsewhere keeps its own).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main else None
     try:
         status = args.func(args)
         sys.stdout.flush()  # a closed pipe (`info | head -1`) shows up here, inside the handlers below
@@ -580,7 +583,8 @@ def main(argv: Optional[List[str]] = None, prog: str = PROG) -> int:
         print(f"{where}: interrupted", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,7 +71,7 @@ def test_demo_prints_every_tier_and_baseline(capsys, keep_threads):
         assert "*" not in line  # and the same greedy tokens
     dense = next(l for l in out.splitlines() if l.startswith("dense baseline"))
     assert " 1.00x " in dense
-    assert "experts offloaded" in out and "Columns (medians over 2 interleaved runs" in out
+    assert "experts offloaded" in out and "Columns: medians over 2 interleaved runs" in out
     bf16 = next(l for l in out.splitlines() if "(bfloat16)" in l)
     assert 1e-6 < float(bf16.split()[-1]) < 1.0
     # quantized host tables: logits move more than bf16's, bytes per token shrink (D = 32: one scale per row)
