@@ -91,12 +91,6 @@ def test_demo_prints_every_tier_and_baseline(capsys, keep_threads):
     assert not os.path.exists(_lut_folder(out))  # the temporary LUT is gone
 
 
-def test_demo_threads_option(capsys, keep_threads):
-    assert main([*SMALL_DEMO, "--threads", "2", "--cpu", "--repeats", "1", "--new-tokens", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "MoLE demo on cpu:" in out and "2 CPU thread(s)" in out
-
-
 def test_demo_removes_its_lut_when_it_fails(capsys, monkeypatch, keep_threads):
     from mole_kernels import _demo
 
@@ -110,8 +104,19 @@ def test_demo_removes_its_lut_when_it_fails(capsys, monkeypatch, keep_threads):
     assert not os.path.exists(folder)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_demo_removes_its_lut_when_interrupted(sig):
+def test_demo_removes_its_lut_when_terminated(capsys, monkeypatch, keep_threads):
+    from mole_kernels import _demo
+
+    monkeypatch.setattr(_demo._Entry, "warm_up", lambda self, prompt: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(SMALL_DEMO) == 130
+    captured = capsys.readouterr()
+    assert captured.err == f"{PROG} demo: interrupted\n"
+    assert not os.path.exists(_lut_folder(captured.out))
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone again
+
+
+def test_demo_removes_its_lut_on_ctrl_c():
     proc = subprocess.Popen([sys.executable, "-m", "mole_kernels", *SMALL_DEMO, "--repeats", "100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +126,7 @@ def test_demo_removes_its_lut_when_interrupted(sig):
                 break
         folder = _lut_folder(line)
         assert os.path.isdir(folder)
-        proc.send_signal(sig)
+        proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
@@ -133,8 +138,10 @@ def test_demo_removes_its_lut_when_interrupted(sig):
 
 def test_demo_saves_a_model_that_reparameterize_reads(tmp_path, capsys, keep_threads):
     train = tmp_path / "train"
-    assert main([*SMALL_DEMO, "--repeats", "1", "--save-model", str(train)]) == 0
-    assert f"saved the train-form model to {train}" in capsys.readouterr().out
+    assert main([*SMALL_DEMO, "--repeats", "1", "--save-model", str(train), "--cpu", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"saved the train-form model to {train}" in out
+    assert "MoLE demo on cpu:" in out and "2 CPU thread(s)" in out
     assert main(["reparameterize", "--from", str(train), "--to", str(tmp_path / "rep"), "--quiet"]) == 0
     model = MoLEForCausalLM.from_pretrained(train)
     rep = MoLEForCausalLM.from_pretrained(tmp_path / "rep")
