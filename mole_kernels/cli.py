@@ -80,17 +80,22 @@ def _check_writable_folder(folder: str, what: str) -> None:
     os.unlink(probe)
 
 
-def check_output_file(path: str, option: str) -> str:
-    """A file the command will create or replace: its folder must exist and be writable."""
-    if os.path.isdir(path):
-        raise UsageError(f"{option} {path!r} is a folder; give a file name")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise UsageError(f"{option} {path!r} is read-only")
+def _check_parent(path: str, option: str) -> str:
+    """The folder a new file or folder ``path`` goes into must exist and be writable."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"{option} {path!r}: its folder {parent!r} does not exist")
     _check_writable_folder(parent, f"{option} {path!r}")
     return path
+
+
+def check_output_file(path: str, option: str) -> str:
+    """A file the command will create or replace."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a folder; give a file name")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path!r} is read-only")
+    return _check_parent(path, option)
 
 
 def check_output_folder(path: str, option: str) -> str:
@@ -100,11 +105,7 @@ def check_output_folder(path: str, option: str) -> str:
     if os.path.isdir(path):
         _check_writable_folder(path, f"{option} {path!r}")
         return path
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{option} {path!r}: its parent folder {parent!r} does not exist")
-    _check_writable_folder(parent, f"{option} {path!r}")
-    return path
+    return _check_parent(path, option)
 
 
 def write_text_atomic(path: str, text: str) -> None:
