@@ -1,12 +1,13 @@
 """`mole-kernels demo`: a seeded MoLE model, its LUT on every tier, timed against the baselines.
 
-Runs are interleaved (every model once, then every model again, ...) so that a slow moment of
-a shared machine hits all models alike, and the table shows medians.
+Runs are interleaved (every model once, then every model again in a new order, ...) so that a
+slow moment of a shared machine hits all models alike, and the table shows medians.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -157,9 +158,10 @@ def run_demo(args, cfg: MoLEConfig) -> int:
         ref_logits = train(ref_seq).logits
         for e in entries:
             e.warm_up(prompt)
+        order = random.Random(args.seed)  # a new order each round: no model always follows the same one
         with progress_bar(R * len(entries), f"timing {len(entries)} models x {R} runs", unit="run") as bar:
             for rep in range(R):
-                for e in entries:
+                for e in (entries if rep == 0 else order.sample(entries, len(entries))):
                     seq = e.timed(prompt, N, dev, count_bytes=rep == 0)
                     if rep == 0 and e.table is not None:  # a LUT model: the train form's tokens?
                         e.same = torch.equal(seq, ref_seq)
@@ -170,6 +172,10 @@ def run_demo(args, cfg: MoLEConfig) -> int:
                 e.delta = (inf(ref_seq).logits - ref_logits).abs().max().item()
     medians = {e.name: statistics.median(e.times) for e in entries}
     _print_table(entries, medians, B, S, N)
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if dev.type == "cpu" and load > cpus / 2:
+        print(f"Note: this machine is busy (1-minute load average {load:.1f} on {cpus} CPUs); other work moved "
+              "these timings, see min-max. Medians of more runs (--repeats) steady them.\n")
     extra = (medians["MoLE, LUT on host"] - medians["dense baseline"]) / N / cfg.num_hidden_layers
     print(LEGEND.format(repeats=R, batch=B, new=N, prompt=S, hidden=cfg.hidden_size, row=row,
                         extra=f"{extra * 1e6:.0f} us"))
