@@ -453,7 +453,7 @@ def section(data, plot_dir, out_dir):
         if not has_gpu and op in CPU_NOTES:
             parts += [CPU_NOTES[op], ""]
         if not has_gpu and op in GPU_PROVIDERS:
-            parts += [f"GPU (cuda) rows — **not measured** (no GPU run in these files): "
+            parts += ["GPU (cuda) rows — **not measured** (no GPU run in these files): "
                       + ", ".join(GPU_PROVIDERS[op]), ""]
     if plot_dir:
         figs = plots(data, plot_dir, tag)

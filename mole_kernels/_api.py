@@ -1,4 +1,8 @@
-"""The public API, imported by ``mole_kernels/__init__.py`` (see there for why it lives here)."""
+"""The public API, imported by ``mole_kernels/__init__.py`` (see there for why it lives here).
+
+Every name imported here is public: ``__init__`` re-exports them all (its ``__all__`` lists them).
+"""
+# ruff: noqa: F401
 from ._ops import build_info
 from .combine import mole_combine, router_softmax
 from .lut_gather import lut_gather
