@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 from setuptools import setup
 
@@ -43,6 +44,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = ["8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]
 
 
+# torch warns at import when numpy is missing; the build does not use numpy (a runtime dependency
+# that pip installs after the build), so pip would only show an alarming line.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 BUILD_INFO = "_build_info.json"  # read by mole_kernels/_build_check.py when the extension cannot load
 HEARTBEAT_S = 30
 
