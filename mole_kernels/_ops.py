@@ -1,23 +1,24 @@
 """Loads the compiled library (which registers torch.ops.mole_kernels.*) and the fake kernels."""
 import json
-import os
+import warnings
 
 import torch
 
 try:
     from . import _C  # noqa: F401  (importing it registers the ops)
-except ImportError as e:  # pragma: no cover - only without a build
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _hint = (
-        f" Python imported the source tree at {_root} (it is the current folder or on sys.path), which has no "
-        "compiled extension: run from another folder to use the installed package, or build in place with "
-        "`python setup.py build_ext --inplace`."
-        if os.path.exists(os.path.join(_root, "setup.py"))
-        else " Install the package with `pip install --no-build-isolation .`."
-    )
-    raise ImportError(f"mole_kernels._C is not built.{_hint} Cause: {e}") from e
+except ImportError as e:
+    from ._build_check import load_error
+
+    # One message naming the cause and the fix; the chained traceback (a "partially initialized
+    # module ... circular import" line when run from the source tree) would only bury it.
+    raise load_error(e, torch.__version__) from None
 
 ops = torch.ops.mole_kernels
+_built_with = json.loads(ops.build_info())["torch"]
+if _built_with != torch.__version__:
+    from ._build_check import mismatch_warning
+
+    warnings.warn(mismatch_warning(_built_with, torch.__version__), RuntimeWarning, stacklevel=2)
 
 
 def build_info() -> dict:

@@ -4,6 +4,8 @@ import random
 import pytest
 import torch
 
+import mole_kernels  # noqa: F401  (an unbuilt or mismatched install fails here once, not in every module)
+
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none visible)")
 
