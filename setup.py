@@ -9,12 +9,32 @@ clangd, sanitizers.
 
 CUDA is compiled when torch is a CUDA build and a toolkit is found; otherwise
 the CPU kernels alone are built and one line says why CUDA was skipped.
+
+Which torch the extension is compiled against: torch's C++ ABI changes with every
+release, so the extension only loads under the torch it was compiled with.
+`pip install .` therefore goes through build_backend.py (pyproject's in-tree
+PEP 517 backend, a thin layer over setuptools.build_meta): when the environment
+being installed into already has torch, the build uses that torch instead of
+downloading the newest one into pip's isolated build environment; when it has
+none, `torch>=2.4` is installed there as usual and pip installs the same release
+to run it. Each build records its torch version next to the extension
+(mole_kernels/_build_info.json), so that a later torch upgrade or downgrade makes
+`import mole_kernels` say which torch the extension needs and the command that
+rebuilds it (mole_kernels/_build_check.py), instead of a bare loader error.
+
+pip shows a build's output only with -v: the few progress lines below (what is
+compiled, a heartbeat every 30 s, the total time) go to the terminal directly
+when stderr is captured, so a five-minute CUDA build shows that it is alive.
 """
 import glob
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import warnings
 
 from setuptools import setup
 
@@ -24,8 +44,33 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = ["8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]
 
 
+# torch warns at import when numpy is missing; the build does not use numpy (a runtime dependency
+# that pip installs after the build), so pip would only show an alarming line.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+BUILD_INFO = "_build_info.json"  # read by mole_kernels/_build_check.py when the extension cannot load
+HEARTBEAT_S = 30
+
+
+def _log_stream():
+    """stderr, or the terminal when stderr is captured (pip hides a build's output unless -v)."""
+    if not sys.stderr.isatty():
+        try:
+            return open("/dev/tty", "w")
+        except OSError:  # no controlling terminal (CI, a service): stderr it is
+            pass
+    return sys.stderr
+
+
+_LOG = _log_stream()
+
+
 def log(msg):
-    print(f"mole_kernels build: {msg}", file=sys.stderr, flush=True)
+    print(f"mole_kernels build: {msg}", file=_LOG, flush=True)
+
+
+def _elapsed(t0):
+    s = int(time.monotonic() - t0)
+    return f"{s // 60}m{s % 60:02d}s"
 
 
 def is_toolkit(path):
@@ -123,12 +168,53 @@ def make_extension():
                                       extra_link_args=link), cpp_extension
 
 
+def build_ext_class(cpp_extension, torch_version):
+    """torch's BuildExtension, plus progress lines and the build record next to the extension."""
+
+    class BuildExt(cpp_extension.BuildExtension):
+        def build_extensions(self):
+            sources = [src for ext in self.extensions for src in ext.sources]
+            cuda = sum(src.endswith(".cu") for src in sources)
+            log(f"compiling {len(sources)} sources ({cuda} CUDA) against torch {torch_version}"
+                + (f" for CUDA archs {os.environ['TORCH_CUDA_ARCH_LIST']}" if cuda else ""))
+            t0, start, done = time.monotonic(), time.time(), threading.Event()
+
+            def heartbeat():  # ninja prints nothing while nvcc works for minutes: say the build is alive
+                while not done.wait(HEARTBEAT_S):
+                    written = sum(os.path.getmtime(p) >= start
+                                  for p in glob.glob(os.path.join(self.build_temp, "**", "*.o"), recursive=True))
+                    log(f"still compiling: {written} of {len(sources)} objects written, {_elapsed(t0)} elapsed")
+
+            threading.Thread(target=heartbeat, daemon=True).start()
+            try:
+                super().build_extensions()
+            finally:
+                done.set()
+            log(f"compiled in {_elapsed(t0)}")
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            with open(self._build_info_paths(ext)[0], "w", encoding="utf-8") as f:
+                json.dump({"torch": torch_version, "source": ROOT}, f)
+
+        def copy_extensions_to_source(self):  # --inplace builds and editable installs
+            super().copy_extensions_to_source()
+            for ext in self.extensions:
+                self.copy_file(*self._build_info_paths(ext), level=self.verbose)
+
+        def _build_info_paths(self, ext):
+            """The build record next to the extension: (in build_lib, in the source tree)."""
+            inplace, regular = self._get_inplace_equivalent(self.get_finalized_command("build_py"), ext)
+            return tuple(os.path.join(os.path.dirname(p), BUILD_INFO) for p in (regular, inplace))
+
+    return BuildExt.with_options(use_ninja=True)
+
+
 def main():
+    import torch
+
     ext, cpp_extension = make_extension()
-    setup(
-        ext_modules=[ext],
-        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    )
+    setup(ext_modules=[ext], cmdclass={"build_ext": build_ext_class(cpp_extension, torch.__version__)})
 
 
 if __name__ == "__main__":

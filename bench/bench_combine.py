@@ -1,4 +1,4 @@
-"""mole_combine against the eager chain of the official MoLE code, same inputs, same run.
+"""mole_combine and lut_combine against the eager chain of the official MoLE code, same inputs, same run.
 
 Baseline ("torch-eager-chain"): softmax(logits, float32) -> cast to the rows' dtype ->
 rows * p[..., None] -> .sum(1) -> + residual + shared, each a separate torch op.
@@ -15,6 +15,15 @@ bandwidth in the same session and the fraction of it reached.
     MOLE_BENCH_MAX_MIB=512 pytest bench/bench_combine.py # raise the CPU size cap
 
 Ratios = eager mean / mole_combine mean per shape (same `group`).
+
+`test_lut_combine` times one layer's whole lookup branch read straight from the table
+(`lut_combine`, one call) against the same work done unfused (`lut_gather` rows, then
+`mole_combine`: the rows written and read again) and against the official eager chain
+(`lut[ids, l]`, softmax, weighted sum, adds). The table is [8192, 4, E, D] in bf16, layer 1;
+on a GPU it sits in VRAM ("lut_combine": the goal is >= 85 % of the HBM copy bandwidth
+measured by bench_limits' d2d) and in pinned host memory read in place ("lut_combine-pinned":
+judged against bench_limits' zero-copy-read). `bytes` counts the row bytes read plus logits,
+residual, shared and out.
 """
 import itertools
 import os
@@ -112,3 +121,58 @@ def _device_name():
     if DEVICE == "cuda":
         return torch.cuda.get_device_name()
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------- lut_combine ----------------------------
+LUT_VOCAB, LUT_LAYERS = (256, 2) if SMOKE else (8192, 4)
+LUT_PROVIDERS = ["lut_combine", "gather+mole_combine", "eager-lookup"] + (["lut_combine-pinned"] if HAS_CUDA else [])
+LUT_SHAPES = [(1, 1024, 4), (32, 1024, 4)] if SMOKE else [
+    (T, D, E) for T, D, E in itertools.product([1, 32, 1024, 8192], [768, 1024], [4, 16])
+    if T * E * D * 2 <= MAX_ROWS_BYTES]
+
+
+def _lut_cases():
+    for (T, D, E), provider in itertools.product(LUT_SHAPES, LUT_PROVIDERS):
+        yield pytest.param(provider, T, D, E, id=f"{provider}-T{T}-D{D}-E{E}")
+
+
+@pytest.mark.parametrize("provider,T,D,E", list(_lut_cases()))
+def test_lut_combine(benchmark, copy_bandwidth, provider, T, D, E):
+    from mole_kernels import lut_combine, lut_gather
+    from conftest import zipf_ids
+
+    dtype = torch.bfloat16
+    lut = torch.randn(LUT_VOCAB, LUT_LAYERS, E, D).to(dtype)
+    lut = lut.pin_memory() if provider.endswith("pinned") else lut.to(DEVICE)
+    ids = zipf_ids(LUT_VOCAB, T)[0].to(DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    logits = torch.randn(T, E, device=DEVICE, generator=g)
+    residual = torch.randn(T, D, device=DEVICE, generator=g).to(dtype)
+    shared = torch.randn(T, D, device=DEVICE, generator=g).to(dtype)
+    out = torch.empty(T, D, device=DEVICE, dtype=dtype)
+    rows = torch.empty(T, E, D, device=DEVICE, dtype=dtype)
+
+    if provider.startswith("lut_combine"):
+        def fn():
+            return lut_combine(lut, ids, logits, layer=1, residual=residual, shared=shared, out=out)
+    elif provider == "gather+mole_combine":
+        def fn():
+            lut_gather(lut, ids, layer=1, out=rows)
+            return mole_combine(logits, rows, residual, shared, out=out)
+    else:
+        def fn():
+            return eager_chain(logits, lut[ids, 1], residual, shared)
+
+    torch.testing.assert_close(fn().float(), eager_chain(logits, lut[ids.to(lut.device), 1].to(DEVICE), residual,
+                                                         shared).float(), atol=0.1, rtol=0.05)
+    nbytes = _bytes_moved(T, D, E, dtype)
+    est = nbytes / (5e9 if DEVICE == "cpu" else 2e12) + 20e-6
+    benchmark.group = f"lut-T{T}-D{D}-E{E}"
+    benchmark.extra_info.update(
+        provider=provider, baseline="eager-lookup", device=_device_name(), shape=f"T{T}-D{D}-E{E}", T=T, D=D, E=E,
+        dtype="bfloat16", bytes=nbytes, device_copy_GBps=round(copy_bandwidth, 1),
+        table="pinned host (zero-copy)" if provider.endswith("pinned") else DEVICE,
+    )
+    run(benchmark, fn, device=DEVICE, rounds=1 if SMOKE else max(5, min(200, int(0.25 / est))))
+    if "GB/s" in benchmark.extra_info:
+        benchmark.extra_info["fraction_of_copy_bw"] = round(benchmark.extra_info["GB/s"] / copy_bandwidth, 3)

@@ -150,7 +150,7 @@ def _decode(model, B, tokens, graph):
         tok = tokens.next()
         if step is not None:
             return step(tok, idx, pos)
-        return model._decode_step(cache, tok, idx, pos, static=False)
+        return model._decode_step(cache, tok, idx, pos)
 
     return fn
 

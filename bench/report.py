@@ -31,6 +31,7 @@ import sys
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PAPER_VOCAB = 50304
 RESULTS_DIR = os.path.join(HERE, "results")
 OURS = "mole"
 # Suites whose every provider is ours (tiers/paths of LookupTable), and suites whose baseline is
@@ -158,9 +159,10 @@ def stamp(data):
     cpu = m.get("cpu", {}).get("brand_raw", m.get("processor", "?"))
     gpu = extra.get("gpu") or "no GPU"
     commit = extra.get("commit") or (c.get("id", "?")[:12] + ("+dirty" if c.get("dirty") else ""))
+    # "CUDA x" only when a GPU ran: a CUDA build of torch on a machine without one says "no GPU" once
+    cuda = f", CUDA {extra['cuda']}" if extra.get("cuda") else ""
     return (f"{m.get('node', '?')} | {cpu} ({m.get('cpu', {}).get('count', '?')} CPUs) | {gpu} | "
-            f"torch {extra.get('torch', '?')}, CUDA {extra.get('cuda') or 'none'} | "
-            f"{str(data.get('datetime', '?'))[:16]} | commit {commit}")
+            f"torch {extra.get('torch', '?')}{cuda} | {str(data.get('datetime', '?'))[:16]} | commit {commit}")
 
 
 def sort_key_shape(shape):
@@ -186,13 +188,40 @@ def group_rows(benches, has_gpu, limits):
             base = ref.get(d, any_ref)
             gbs = info["bytes"] / med / 1e9 if info.get("bytes") else None
             lname, lim = limit_for(b, d, limits)
+            frac = "—"
+            if gbs and lim:
+                frac = f"{gbs * 1e9 / lim:.0%} {lname}"
+                if gbs * 1e9 > lim:
+                    frac += f" ({over_limit_reason(b)})"
             rows.append(dict(
                 shape=str(info.get("shape", group)), provider=provider_of(b), device=d, median=med,
-                ratio=med / base if base else None, gbs=gbs,
-                frac=f"{gbs * 1e9 / lim:.0%} {lname}" if gbs and lim else "—", group=group,
-                ours=is_ours(b),
+                ratio=med / base if base else None, gbs=gbs, frac=frac, group=group, ours=is_ours(b),
             ))
     return rows
+
+
+def over_limit_reason(b):
+    """Why a row can move more than the machine's copy limit (the limit counts the bytes a copy
+    reads, and a copy writes as many again)."""
+    info, op = info_of(b), op_of(b)
+    if info.get("unique_bytes") and info["unique_bytes"] < 0.9 * info["bytes"]:
+        return "repeated ids: re-read rows come from cache"
+    if op.endswith("fused") or op == "combine":
+        return "writes one row per E rows read; a copy writes all it reads"
+    return "reads reach memory, the small output stays in cache"
+
+
+# Notes printed under an op's table in a CPU run (what a figure there is made of).
+CPU_NOTES = {
+    "table-gather": (
+        "The step from 16 to 256 tokens at 410M-4E (3 MiB to 48 MiB returned per call) is the output "
+        "allocation, not the gather: the rows form allocates its result on every call, and glibc's malloc "
+        "returns blocks above its 32 MiB mmap threshold to the kernel when they are freed, so each such call "
+        "maps fresh memory and page-faults all of it in (12,288 faults of 4 KiB at 48 MiB: about 16 ms of a "
+        "24 ms call measured on the 2-CPU VM; how slow a fault is depends on the machine's memory state, "
+        "73 ms in one run). Below 32 MiB the freed block is reused. A decoder does not pay it: the "
+        "prefetcher gathers into buffers it keeps."),
+}
 
 
 def op_table(rows):
@@ -223,6 +252,9 @@ def _plt():
     return plt
 
 
+MARKERS = "osD^vP<X>*"
+
+
 def _series(data, has_gpu, value, ours_labels):
     """op -> family (shape without -T<n>) -> 'provider [device]' -> [(T, value)]; ours' labels into ours_labels."""
     out = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -234,24 +266,90 @@ def _series(data, has_gpu, value, ours_labels):
         v = value(b)
         if v is None:
             continue
-        family = re.sub(r"-T\d+$", "", info["shape"])
         label = f"{provider_of(b)} [{device_of(b, has_gpu)}]"
         if is_ours(b):
             ours_labels.add(label)
-        out[op_of(b)][family][label].append((int(m.group(1)), v))
+        out[op_of(b)][family_of(info)][label].append((int(m.group(1)), v))
     return out
+
+
+def family_of(info):
+    return re.sub(r"-T\d+$", "", str(info.get("shape", "")))
+
+
+def scale_note(info):
+    """How a benchmark's shape differs from the paper's, in a few words (None: it does not)."""
+    if info.get("scaled_from"):
+        return f"scaled: L={info.get('layers')}, V={info.get('vocab')} (paper {info['scaled_from']})"
+    if info.get("vocab") and info.get("vocab") != PAPER_VOCAB and info.get("op"):
+        return f"scaled: V={info['vocab']} (paper {PAPER_VOCAB:,})"
+    return None
+
+
+def plain_number(x, unit):
+    """Tick text in plain units: 60 ms, 800 us, 2.5 GB/s, 256."""
+    if unit == "ms":
+        return fmt_time(x / 1e3)
+    if unit == "GB/s":
+        return f"{x:.3g} GB/s"
+    return f"{x:.4g}"
+
+
+def _unit_formatter(unit, base=10):
+    """A log-axis formatter that writes plain numbers with units (matplotlib's default: 6x10^1)."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):
+            return plain_number(x, unit)
+
+    return Plain(base=base, labelOnlyBase=False)
 
 
 def _figure(plt, title, xlabel, ylabel, stamp_line):
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.text(0.01, 0.005, stamp_line, fontsize=5.5, color="0.35")
     return fig, ax
+
+
+def _log_axes(ax, yunit):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(_unit_formatter("", base=2))
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(_unit_formatter(yunit))
+
+
+def _lines(ax, providers, ours):
+    """One line per provider; distinct hollow markers and a small sideways offset, so that equal
+    values stay visible side by side instead of one provider hiding under another."""
+    n = len(providers)
+    for i, (label, pts) in enumerate(sorted(providers.items())):
+        pts.sort()
+        shift = 2 ** (0.05 * (i - (n - 1) / 2))  # a few percent along the log2 axis
+        ax.plot([p[0] * shift for p in pts], [p[1] for p in pts], marker=MARKERS[i % len(MARKERS)],
+                markerfacecolor="none", label=label, linestyle="-" if label in ours else "--")
+
+
+def _bars(ax, providers, ours, unit):
+    """One measured size only: a bar per provider (a line through one point shows nothing)."""
+    items = sorted(((pts[0][1], label) for label, pts in providers.items()), reverse=True)
+    values = [v for v, _ in items]
+    ax.barh(range(len(items)), values, color=["C0" if label in ours else "0.6" for _, label in items])
+    ax.set_yticks(range(len(items)), [label for _, label in items], fontsize=7)
+    if values[0] / max(values[-1], 1e-30) > 20:
+        ax.set_xscale("log")
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(_unit_formatter(unit))
+    for y, v in enumerate(values):
+        ax.annotate(plain_number(v, unit), (v, y), xytext=(3, 0), textcoords="offset points", va="center",
+                    fontsize=7)
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.grid(False, axis="y")
 
 
 def plots(data, plot_dir, tag):
@@ -264,37 +362,46 @@ def plots(data, plot_dir, tag):
         if old.startswith(f"{tag}-") and old.endswith(".png"):
             os.unlink(os.path.join(plot_dir, old))
     has_gpu, line, limits = run_has_gpu(data), stamp(data), limits_of(data)
+    notes = {(op_of(b), family_of(info_of(b))): scale_note(info_of(b)) for b in data["benchmarks"]}
     written = []
 
-    def save(fig, ax, name):
-        ax.legend(fontsize=7, ncol=2)
+    def title(op, family, what):
+        note = notes.get((op, family))
+        return f"{op} {family}: {what} ({tag})" + (f"\n{note}" if note else "")
+
+    def save(fig, ax, name, legend=True):
+        if legend:
+            ax.legend(fontsize=7, ncol=2)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         path = os.path.join(plot_dir, f"{tag}-{name}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
 
-    ours = set()  # ours solid, baselines dashed
+    ours = set()  # ours solid (blue bars), baselines dashed (grey bars)
     latency = _series(data, has_gpu, lambda b: b["stats"]["median"] * 1e3, ours)
     for op, families in sorted(latency.items()):
         for family, providers in sorted(families.items()):
-            xlabel = "batch (decode tokens per step)" if op == "e2e-decode" else "tokens per call"
-            fig, ax = _figure(plt, f"{op} {family}: median latency ({tag})", xlabel, "ms", line)
-            for label, pts in sorted(providers.items()):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
-                        linestyle="-" if label in ours else "--")
+            sizes = {t for pts in providers.values() for t, _ in pts}
+            unit = "batch (decode tokens per step)" if op == "e2e-decode" else "tokens per call"
+            if len(sizes) == 1:
+                fig, ax = _figure(plt, title(op, family, f"median latency at {unit} = {sizes.pop()}"),
+                                  "median latency", "", line)
+                _bars(ax, providers, ours, "ms")
+                save(fig, ax, f"latency-{op}-{family}", legend=False)
+                continue
+            fig, ax = _figure(plt, title(op, family, "median latency"), unit, "median latency", line)
+            _log_axes(ax, "ms")
+            _lines(ax, providers, ours)
             save(fig, ax, f"latency-{op}-{family}")
 
     bandwidth = _series(data, has_gpu, lambda b: info_of(b)["bytes"] / b["stats"]["median"] / 1e9
                         if info_of(b).get("bytes") and not op_of(b).startswith("e2e") else None, ours)
     for op, families in sorted(bandwidth.items()):
         for family, providers in sorted(families.items()):
-            fig, ax = _figure(plt, f"{op} {family}: GB/s of rows read ({tag})", "rows (tokens) per call", "GB/s", line)
-            for label, pts in sorted(providers.items()):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
-                        linestyle="-" if label in ours else "--")
+            fig, ax = _figure(plt, title(op, family, "GB/s of rows read"), "rows (tokens) per call", "GB/s", line)
+            _log_axes(ax, "GB/s")
+            _lines(ax, providers, ours)
             for name, bps in sorted(limits.items()):
                 ax.axhline(bps / 1e9, color="0.5", linewidth=0.8, linestyle=":")
                 ax.annotate(f"{name} {bps / 1e9:.0f} GB/s", (ax.get_xlim()[0], bps / 1e9), fontsize=6, color="0.4")
@@ -309,12 +416,10 @@ def scaling_notes(data):
     notes = set()
     for b in data["benchmarks"]:
         info = info_of(b)
-        if info.get("scaled_from"):
-            family = re.sub(r"-T\d+$", "", info["shape"])
-            notes.add(f"`{info['op']}` {family}: L={info.get('layers')}, "
-                      f"V={info.get('vocab')}, context {info.get('context')} (paper: {info['scaled_from']})")
-        elif info.get("vocab") and info.get("vocab") != 50304 and info.get("op"):
-            notes.add(f"`{info['op']}`: vocabulary {info['vocab']} (paper: 50,304)")
+        note = scale_note(info)
+        if note:
+            notes.add(f"`{info['op']}` {family_of(info)}: {note}"
+                      + (f", context {info['context']}" if info.get("context") else ""))
         if str(info.get("op", "")).startswith("e2e") and info.get("threads"):
             notes.add(f"`e2e-*`: {info['threads']} CPU thread(s), {info.get('dtype')}")
     return sorted(notes)
@@ -345,8 +450,10 @@ def section(data, plot_dir, out_dir):
             by_op[op_of(b)].append(b)
     for op in sorted(by_op):
         parts += [f"### {op}", "", op_table(group_rows(by_op[op], has_gpu, limits)), ""]
+        if not has_gpu and op in CPU_NOTES:
+            parts += [CPU_NOTES[op], ""]
         if not has_gpu and op in GPU_PROVIDERS:
-            parts += [f"GPU (cuda) rows — **not measured** (no GPU run in these files): "
+            parts += ["GPU (cuda) rows — **not measured** (no GPU run in these files): "
                       + ", ".join(GPU_PROVIDERS[op]), ""]
     if plot_dir:
         figs = plots(data, plot_dir, tag)
@@ -364,8 +471,11 @@ How to read: **vs ours** = provider median / the median of our fastest provider 
 with `mole`, in bold) on the same device in the same group, so above 1x ours is faster. GB/s counts the
 table (or expert) bytes a call must move (`bytes` in the JSON); *of limit* divides it by the
 machine's own ceiling measured in the same run (host-copy counts the bytes a copy reads, and
-a copy also writes as many, so a gather that only reads can pass 100%; so can Zipf ids, whose
-popular rows stay in cache). End-to-end rows (`e2e-*`) are model steps: their
+a copy also writes as many, so a gather that mostly reads can pass 100%; so can Zipf ids, whose
+popular rows stay in cache: every figure above 100% names its reason). Shapes named after the
+paper's models (160M-4E, ...) keep their rows per token (L, E, D) but may be scaled down (fewer
+layers, a smaller vocabulary): the list in each section and every figure's title say where.
+End-to-end rows (`e2e-*`) are model steps: their
 GB/s is the LUT bytes per step over the step time, shown for comparison only. Every number below
 comes from the run named in its section; none is carried over from another machine."""
 

@@ -1,13 +1,16 @@
 """bench/report.py renders a pytest-benchmark JSON (a CPU run: GPU rows listed as not measured)."""
 import importlib.util
 import json
+import re
+
+import pytest
 
 import report
 
 
 def _bench(op, shape, provider, median, nbytes, device="cpu", **extra):
-    info = dict(op=op, shape=shape, provider=provider, device=device, bytes=nbytes, torch="2.x", cuda=None,
-                gpu=None, commit="abc123", **extra)
+    info = dict(dict(op=op, shape=shape, provider=provider, device=device, bytes=nbytes, torch="2.x", cuda=None,
+                     gpu=None, commit="abc123"), **extra)
     return {"name": f"test[{provider}-{shape}]", "fullname": f"bench/bench_x.py::test[{provider}-{shape}]",
             "group": f"{op}-{shape}", "extra_info": info, "stats": {"median": median}}
 
@@ -38,3 +41,67 @@ def test_render_cpu_run(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:  # figures need matplotlib (README installs it)
         assert sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert "lut_gather-fused" in report.summary(runs)
+
+
+def _run_data(*benches, cuda=None):
+    return {"machine_info": {"node": "box", "cpu": {"brand_raw": "Some CPU", "count": 2}},
+            "commit_info": {"id": "unversioned"}, "datetime": "2026-01-01T00:00:00", "benchmarks": list(benches)}
+
+
+def test_stamp_says_cuda_only_when_a_gpu_ran():
+    cpu = _run_data(_bench("lut_gather-fused", "160M-4E-T1", "mole", 1e-5, 6144, torch="2.14.1+cu130"))
+    assert "| no GPU | torch 2.14.1+cu130 |" in report.stamp(cpu) and "CUDA" not in report.stamp(cpu)
+    gpu = _run_data(_bench("lut_gather-fused", "160M-4E-T1", "mole", 1e-5, 6144, device="cuda"))
+    gpu["benchmarks"][0]["extra_info"].update(cuda="13.0", gpu="H200")
+    assert "| H200 | torch 2.x, CUDA 13.0 |" in report.stamp(gpu)
+
+
+def test_above_the_limit_says_why():
+    limit = _bench("host-copy", "512MiB", "limit", 0.1, 512 << 20)  # 5.4 GB/s
+    fused = _bench("lut_gather-fused", "160M-4E-T16", "mole", 1e-5, 1 << 20)  # 105 GB/s
+    rows = _bench("table-gather", "160M-4E-T16", "host-zero_copy", 1e-4, 1 << 20, unique_bytes=1 << 19)
+    slow = _bench("lut_gather-rows", "160M-4E-T16", "mole", 1.0, 1 << 20)
+    data = _run_data(limit, fused, rows, slow)
+    limits = report.limits_of(data)
+    [f] = report.group_rows([fused], False, limits)
+    [r] = report.group_rows([rows], False, limits)
+    [s] = report.group_rows([slow], False, limits)
+    assert f["frac"] == "1953% host-copy (writes one row per E rows read; a copy writes all it reads)"
+    assert r["frac"] == "195% host-copy (repeated ids: re-read rows come from cache)"
+    assert s["frac"] == "0% host-copy"  # below the limit: no reason needed
+
+
+def test_figures_plain_ticks_bars_for_one_size_scaled_titles(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    figures = []
+    make = report._figure
+
+    def recording(plt, title, *args):
+        fig, ax = make(plt, title, *args)
+        figures.append((title, fig, ax))
+        return fig, ax
+
+    monkeypatch.setattr(report, "_figure", recording)
+    scaled = dict(scaled_from="L=12,V=50304", layers=4, vocab=4096, context=128)
+    data = _run_data(
+        _bench("e2e-prefill", "160M-4E-S128-T128", "mole-host", 0.087, 0, **scaled),
+        _bench("e2e-prefill", "160M-4E-S128-T128", "mole-disk", 0.087, 0, **scaled),
+        _bench("e2e-prefill", "160M-4E-S128-T128", "dense", 0.085, 0, **scaled),
+        *[_bench("e2e-decode", f"160M-4E-T{t}", p, 0.01 * t, 0, **scaled)
+          for t in (1, 8, 32) for p in ("mole-host", "mole-disk")])
+    data["_path"] = str(tmp_path / "x.json")
+    report.plots(data, str(tmp_path / "plots"), "cpu")
+    by_title = {t.splitlines()[0]: (t, fig, ax) for t, fig, ax in figures}
+    prefill = next(v for k, v in by_title.items() if k.startswith("e2e-prefill"))
+    decode = next(v for k, v in by_title.items() if k.startswith("e2e-decode"))
+    for title, _, _ in (prefill, decode):
+        assert "scaled: L=4, V=4096 (paper L=12,V=50304)" in title
+    _, _, ax = prefill  # one size: a bar per provider, none hidden
+    assert len(ax.patches) == 3 and not ax.get_lines()
+    _, fig, ax = decode  # equal values of two providers stay side by side
+    host, disk = ax.get_lines()
+    assert list(host.get_ydata()) == list(disk.get_ydata()) and all(host.get_xdata() != disk.get_xdata())
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True) if t.get_text()]
+    assert labels and all(re.fullmatch(r"[0-9.]+ (ms|us|s)", t) for t in labels), labels
+    assert {t.get_text() for t in ax.get_xticklabels() if t.get_text()} >= {"1", "8", "32"}

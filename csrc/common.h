@@ -25,4 +25,10 @@ inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+// `t` as a contiguous tensor of `dtype`: itself (no copy, no dispatch) in the usual case. A decode
+// step calls the ops once per layer on tiny tensors, where every avoided dispatch shows.
+inline at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
+}
+
 }  // namespace mole

@@ -1,18 +1,21 @@
-// The C++ side of a LookupTable: `torch.classes.mole_kernels.TableStore`.
+// The C++ side of a LookupTable: `torch.classes.mole_kernels.TableStore`, and `dedupe_ids`.
 //
-// A store owns one block of host bytes and moves table rows out of it:
+// A store owns where a table's bytes live and copies row segments out of them:
 // - kind "host": anonymous, page-aligned memory of exactly the bytes asked (rounded to a page),
 //   registered with cudaHostRegister(Mapped|Portable) when `pin` is set. torch's pinned allocator
-//   rounds up to a power of two (a 9.9 GB table would pin 16 GB); this does not.
-// - kind "file": a read-only shared mapping of a file (the disk tier). Nothing is read up front;
-//   rows are faulted in when copied, so a file larger than RAM works.
-// The bytes are exposed as a uint8 tensor whose deleter releases them, so release is
-// deterministic (when the store and every view are gone) and never leaves a dangling view.
+//   rounds up to a power of two (a 9.9 GB table would pin 16 GB); this does not. The bytes are a
+//   uint8 tensor whose deleter releases them, so release is deterministic (when the store and
+//   every view are gone) and never leaves a dangling view.
+// - kind "file": an open file descriptor of a regular file (the disk tier). Rows are read with
+//   pread, never through a memory mapping: a file truncated or rewritten by another process then
+//   shows up as a short read or a changed size/mtime (a clear error), where a mapping would kill
+//   the process with SIGBUS. Nothing is read up front, so a file larger than RAM works.
 //
-// Row movers (all take int64 row ids on the CPU, validated, and a byte segment of each row):
-// - copy_rows: host threads (at::parallel_for) copy rows into a CPU buffer (pinned staging).
-// - dma_rows (CUDA builds): async copies from pinned memory to a device buffer on the current
-//   stream, one cudaMemcpy2DAsync per run of consecutive ids.
+// copy_rows moves row segments (ids validated, int64 on the CPU) into a CPU buffer with host
+// threads (at::parallel_for): memcpy for "host", pread for "file". stage_rows (CUDA builds) moves
+// them to a device buffer through a pinned staging store in a few large async copies, pipelined:
+// host threads fill one half of the staging while the other half's copy runs. dedupe_ids turns a
+// batch's ids into its sorted unique ids and each id's position among them, so a row is read once.
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -22,9 +25,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <memory>
+#include <vector>
 
 #include "common.h"
 
@@ -47,8 +53,6 @@ int64_t page_size() {
   return p;
 }
 
-int64_t round_to_page(int64_t n) { return (n + page_size() - 1) / page_size() * page_size(); }
-
 std::string gib(int64_t bytes) {
   std::ostringstream os;
   os.precision(3);
@@ -56,39 +60,55 @@ std::string gib(int64_t bytes) {
   return os.str();
 }
 
+// a + b and a * b for sizes that come from users and files: an overflow is an error, never a wrap.
+int64_t checked_add(int64_t a, int64_t b, const char* what) {
+  int64_t r;
+  MOLE_CHECK_ARG(!__builtin_add_overflow(a, b, &r), what, ": ", a, " + ", b, " overflows int64");
+  return r;
+}
+int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t r;
+  MOLE_CHECK_ARG(!__builtin_mul_overflow(a, b, &r), what, ": ", a, " * ", b, " overflows int64");
+  return r;
+}
+
 struct Block {
-  void* map = nullptr;   // what mmap returned
+  void* map = nullptr;    // what mmap returned
   int64_t map_bytes = 0;  // what was mapped
   bool registered = false;
-  bool counted = false;
 };
 
 void release(Block* b) {
 #ifdef MOLE_WITH_CUDA
-  // Errors are ignored: at interpreter exit the CUDA runtime may already be unloading.
-  if (b->registered) (void)cudaHostUnregister(b->map), (void)cudaGetLastError();
+  if (b->registered) {
+    // A kernel or copy may still read this memory (an eager launch, or a CUDA graph replay, which no
+    // event recorded at capture time would cover): wait until every device is idle, then unregister.
+    // Errors are ignored: at interpreter exit the CUDA runtime may already be unloading.
+    int count = 0, current = 0;
+    if (cudaGetDeviceCount(&count) == cudaSuccess && cudaGetDevice(&current) == cudaSuccess) {
+      for (int d = 0; d < count; ++d) {
+        if (cudaSetDevice(d) == cudaSuccess) (void)cudaDeviceSynchronize();
+      }
+      (void)cudaSetDevice(current);
+    }
+    (void)cudaHostUnregister(b->map);
+    (void)cudaGetLastError();
+  }
 #endif
   munmap(b->map, b->map_bytes);
-  if (b->counted) {
-    g_live_blocks.fetch_sub(1);
-    g_live_bytes.fetch_sub(b->map_bytes);
-  }
+  g_live_blocks.fetch_sub(1);
+  g_live_bytes.fetch_sub(b->map_bytes);
   delete b;
-}
-
-at::Tensor wrap(Block* b, int64_t offset, int64_t nbytes) {
-  return at::from_blob(
-      static_cast<char*>(b->map) + offset, {nbytes}, [b](void*) { release(b); },
-      at::TensorOptions().dtype(at::kByte).device(at::kCPU));
 }
 
 at::Tensor alloc_host(int64_t nbytes, bool pin) {
   MOLE_CHECK_ARG(nbytes >= 0, "TableStore: nbytes must be >= 0, got ", nbytes);
-  const int64_t bytes = round_to_page(std::max<int64_t>(nbytes, 1));
+  const int64_t bytes = checked_add(std::max<int64_t>(nbytes, 1), page_size() - 1, "TableStore: nbytes") /
+                        page_size() * page_size();
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   TORCH_CHECK(p != MAP_FAILED, "LookupTable: could not allocate ", nbytes, " bytes (", gib(nbytes),
               ") of host memory: ", std::strerror(errno), ". Use placement='disk' to keep the table in its file.");
-  auto* b = new Block{p, bytes, false, true};
+  auto* b = new Block{p, bytes, false};
   g_live_blocks.fetch_add(1);
   g_live_bytes.fetch_add(bytes);
   if (pin) {
@@ -108,30 +128,69 @@ at::Tensor alloc_host(int64_t nbytes, bool pin) {
     TORCH_CHECK(false, "LookupTable: pinning needs a CUDA build of mole_kernels");
 #endif
   }
-  return wrap(b, 0, nbytes);
+  return at::from_blob(
+      p, {nbytes}, [b](void*) { release(b); }, at::TensorOptions().dtype(at::kByte).device(at::kCPU));
 }
 
-at::Tensor map_file(const std::string& path, int64_t offset, int64_t nbytes) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  MOLE_CHECK_ARG(fd >= 0, "LookupTable: cannot open ", path, ": ", std::strerror(errno));
-  struct stat st {};
-  const int rc = fstat(fd, &st);
-  const int saved = errno;
-  if (rc != 0) ::close(fd);
-  MOLE_CHECK_ARG(rc == 0, "LookupTable: cannot stat ", path, ": ", std::strerror(saved));
-  if (offset < 0 || nbytes < 0 || offset + nbytes > static_cast<int64_t>(st.st_size)) {
-    ::close(fd);
-    MOLE_CHECK_ARG(false, "LookupTable: ", path, " has ", st.st_size, " bytes but the table needs bytes [", offset,
-                   ", ", offset + nbytes, "): the file is truncated");
+// An open table file: the descriptor and what fstat said at open, to notice a file changed under us.
+struct File {
+  std::string path;
+  int fd = -1;
+  struct stat at_open {};
+  int64_t offset = 0;  // first byte of the table in the file
+  int64_t nbytes = 0;
+
+  ~File() {
+    if (fd >= 0) ::close(fd);
   }
-  const int64_t bytes = std::max<int64_t>(offset + nbytes, 1);
-  void* p = mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd, 0);
-  const int merr = errno;
-  ::close(fd);  // the mapping keeps the file alive
-  TORCH_CHECK(p != MAP_FAILED, "LookupTable: cannot memory-map ", path, ": ", std::strerror(merr));
-  // Rows are read at random: no speculative read-around beyond what copy_rows asks for.
-  (void)madvise(p, bytes, MADV_RANDOM);
-  return wrap(new Block{p, bytes, false, false}, offset, nbytes);
+
+  // A clear error when the file is not the one opened any more (truncated, extended, rewritten).
+  void check_unchanged() const {
+    struct stat now {};
+    MOLE_CHECK_ARG(fstat(fd, &now) == 0, "LookupTable: cannot stat ", path, ": ", std::strerror(errno));
+    // Size and mtime: a write changes them; an unlink or rename of the open file (which keeps serving
+    // the bytes opened) changes only ctime, so ctime is not compared.
+    const bool same = now.st_size == at_open.st_size && now.st_mtim.tv_sec == at_open.st_mtim.tv_sec &&
+                      now.st_mtim.tv_nsec == at_open.st_mtim.tv_nsec;
+    TORCH_CHECK(same, "LookupTable: ", path, " changed after it was opened (size ", at_open.st_size, " -> ",
+                now.st_size, " bytes, or modified in place): its rows can no longer be trusted; open it again");
+  }
+
+  // Reads exactly n bytes at table offset `at` into dst (loops over partial reads and EINTR).
+  void read_exact(char* dst, int64_t at, int64_t n) const {
+    int64_t done = 0;
+    while (done < n) {
+      const ssize_t got = ::pread(fd, dst + done, static_cast<size_t>(n - done), offset + at + done);
+      if (got < 0 && errno == EINTR) continue;
+      TORCH_CHECK(got >= 0, "LookupTable: reading ", path, " failed: ", std::strerror(errno));
+      TORCH_CHECK(got > 0, "LookupTable: ", path, " ended at byte ", offset + at + done, " but the table needs ",
+                  offset + nbytes, " bytes: the file was truncated after it was opened; open it again");
+      done += got;
+    }
+  }
+};
+
+std::shared_ptr<File> open_file(const std::string& path, int64_t offset, int64_t nbytes) {
+  // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  MOLE_CHECK_ARG(fd >= 0, "LookupTable: cannot open ", path, ": ", std::strerror(errno));
+  auto f = std::make_shared<File>();
+  f->path = path;
+  f->fd = fd;
+  MOLE_CHECK_ARG(fstat(fd, &f->at_open) == 0, "LookupTable: cannot stat ", path, ": ", std::strerror(errno));
+  MOLE_CHECK_ARG(S_ISREG(f->at_open.st_mode), "LookupTable: ", path,
+                 " is not a regular file (a directory, FIFO, socket or device cannot hold a table)");
+  MOLE_CHECK_ARG(offset >= 0 && nbytes >= 0, "LookupTable: table bytes [", offset, ", +", nbytes, ") of ", path,
+                 " must not be negative");
+  const int64_t end = checked_add(offset, nbytes, "LookupTable: table end");
+  MOLE_CHECK_ARG(end <= static_cast<int64_t>(f->at_open.st_size), "LookupTable: ", path, " has ",
+                 f->at_open.st_size, " bytes but the table needs bytes [", offset, ", ", end,
+                 "): the file is truncated");
+  f->offset = offset;
+  f->nbytes = nbytes;
+  // Rows are read at random: no speculative read-ahead beyond what is asked.
+  (void)posix_fadvise(fd, offset, nbytes, POSIX_FADV_RANDOM);
+  return f;
 }
 
 // Validated view of the ids to copy: int64, contiguous, every id in [0, rows).
@@ -152,112 +211,198 @@ at::Tensor checked_ids(const at::Tensor& ids, int64_t rows, const char* what) {
 
 struct TableStore : torch::CustomClassHolder {
   std::string kind_;
-  at::Tensor bytes_;  // uint8 [nbytes]; undefined once closed
+  at::Tensor bytes_;             // "host": uint8 [nbytes]; undefined once closed
+  std::shared_ptr<File> file_;   // "file": the open file; null once closed
   bool pinned_ = false;
+#ifdef MOLE_WITH_CUDA
+  cudaEvent_t half_done_[2] = {nullptr, nullptr};  // as a staging store: the last copy out of each half
+  ~TableStore() override {
+    for (cudaEvent_t e : half_done_) {
+      if (e != nullptr) (void)cudaEventDestroy(e), (void)cudaGetLastError();
+    }
+  }
+#endif
 
-  // kind "host": allocate nbytes (pinned if `pin`); kind "file": map bytes [offset, offset+nbytes) of path.
+  // kind "host": allocate nbytes (pinned if `pin`); kind "file": bytes [offset, offset+nbytes) of path.
   TableStore(std::string kind, std::string path, int64_t offset, int64_t nbytes, bool pin) : kind_(std::move(kind)) {
     if (kind_ == "host") {
       bytes_ = alloc_host(nbytes, pin);
       pinned_ = pin;
     } else if (kind_ == "file") {
-      MOLE_CHECK_ARG(!pin, "TableStore: a file mapping is never pinned (that would force it resident)");
-      bytes_ = map_file(path, offset, nbytes);
+      MOLE_CHECK_ARG(!pin, "TableStore: a file is never pinned (its rows pass through pinned staging)");
+      file_ = open_file(path, offset, nbytes);
     } else {
       MOLE_CHECK_ARG(false, "TableStore: kind must be 'host' or 'file', got '", kind_, "'");
     }
   }
 
-  const at::Tensor& live() const {
-    TORCH_CHECK(bytes_.defined(), "TableStore: the table was closed");
+  bool closed() const { return !bytes_.defined() && file_ == nullptr; }
+  void check_open() const { TORCH_CHECK(!closed(), "TableStore: the table was closed"); }
+
+  // The host bytes as a tensor (a file has none: its rows are read on demand).
+  at::Tensor tensor() const {
+    check_open();
+    TORCH_CHECK(kind_ == "host", "TableStore: a file store has no tensor in memory; read rows with copy_rows");
     return bytes_;
   }
-
-  at::Tensor tensor() const { return live(); }
-  int64_t nbytes() const { return live().numel(); }
+  int64_t nbytes() const {
+    check_open();
+    return kind_ == "host" ? bytes_.numel() : file_->nbytes;
+  }
   bool pinned() const { return pinned_; }
-  bool closed() const { return !bytes_.defined(); }
   std::string kind() const { return kind_; }
-  // Drops the store's reference; the bytes are released when no view of them is left.
-  void close() { bytes_ = at::Tensor(); }
-
-  void check_segment(int64_t row_bytes, int64_t seg_offset, int64_t seg_bytes, const char* what) const {
-    MOLE_CHECK_ARG(row_bytes > 0 && nbytes() % row_bytes == 0, what, ": row_bytes (", row_bytes,
-                   ") must divide the table's ", nbytes(), " bytes");
-    MOLE_CHECK_ARG(seg_offset >= 0 && seg_bytes > 0 && seg_offset + seg_bytes <= row_bytes, what,
-                   ": segment [", seg_offset, ", ", seg_offset + seg_bytes, ") is not inside a row of ", row_bytes,
-                   " bytes");
+  // (st_dev, st_ino) of the file opened, so a caller can tell it is the file it validated.
+  std::vector<int64_t> identity() const {
+    check_open();
+    TORCH_CHECK(kind_ == "file", "TableStore: identity() is for file stores");
+    return {static_cast<int64_t>(file_->at_open.st_dev), static_cast<int64_t>(file_->at_open.st_ino)};
+  }
+  // Drops the store's reference; host bytes are released when no view of them is left, the file
+  // when no copy in progress uses it.
+  void close() {
+    bytes_ = at::Tensor();
+    file_.reset();
   }
 
   // dst[i*seg_bytes : (i+1)*seg_bytes] = row ids[i], bytes [seg_offset, seg_offset+seg_bytes).
   void copy_rows(const at::Tensor& ids, int64_t row_bytes, int64_t seg_offset, int64_t seg_bytes,
                  const at::Tensor& dst) const {
-    check_segment(row_bytes, seg_offset, seg_bytes, "TableStore.copy_rows");
-    const at::Tensor flat = checked_ids(ids, nbytes() / row_bytes, "TableStore.copy_rows");
+    check_open();
+    const at::Tensor host = bytes_;              // held for the whole copy: close() from another
+    const std::shared_ptr<File> file = file_;    // thread cannot pull the bytes from under it
+    const int64_t total = nbytes();
+    MOLE_CHECK_ARG(row_bytes > 0 && total % row_bytes == 0, "TableStore.copy_rows: row_bytes (", row_bytes,
+                   ") must divide the table's ", total, " bytes");
+    MOLE_CHECK_ARG(seg_offset >= 0 && seg_bytes > 0 &&
+                       checked_add(seg_offset, seg_bytes, "TableStore.copy_rows: segment end") <= row_bytes,
+                   "TableStore.copy_rows: segment [", seg_offset, ", +", seg_bytes, ") is not inside a row of ",
+                   row_bytes, " bytes");
+    const at::Tensor flat = checked_ids(ids, total / row_bytes, "TableStore.copy_rows");
     const int64_t n = flat.numel();
-    MOLE_CHECK_ARG(dst.device().is_cpu() && dst.is_contiguous() && dst.nbytes() >= static_cast<size_t>(n * seg_bytes),
-                   "TableStore.copy_rows: dst must be a contiguous CPU tensor of at least ", n * seg_bytes,
-                   " bytes, got ", dst.nbytes(), " bytes on ", dst.device());
+    const int64_t need = checked_mul(n, seg_bytes, "TableStore.copy_rows: bytes to copy");
+    MOLE_CHECK_ARG(dst.device().is_cpu() && dst.is_contiguous() && static_cast<int64_t>(dst.nbytes()) >= need,
+                   "TableStore.copy_rows: dst must be a contiguous CPU tensor of at least ", need, " bytes, got ",
+                   dst.nbytes(), " bytes on ", dst.device());
     if (n == 0) return;
-    const char* src = static_cast<const char*>(live().const_data_ptr());
     char* out = static_cast<char*>(dst.data_ptr());
     const int64_t* id = flat.const_data_ptr<int64_t>();
-    if (kind_ == "file") {
-      // Ask the kernel to start reading every row now, so the copies below overlap the I/O.
-      const int64_t pg = page_size();
-      const uintptr_t base = reinterpret_cast<uintptr_t>(src);
-      for (int64_t i = 0; i < n; ++i) {
-        const uintptr_t a = base + id[i] * row_bytes + seg_offset;
-        const uintptr_t a0 = a / pg * pg;
-        (void)madvise(reinterpret_cast<void*>(a0), a + seg_bytes - a0, MADV_WILLNEED);
-      }
-    }
     // ~256 KB per task: enough to amortise scheduling, small enough to spread a decode batch.
     const int64_t grain = std::max<int64_t>(1, (256 << 10) / seg_bytes);
+    if (file) {
+      file->check_unchanged();
+      at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) file->read_exact(out + i * seg_bytes, id[i] * row_bytes + seg_offset, seg_bytes);
+      });
+      file->check_unchanged();  // a rewrite while we read would have mixed old and new rows
+      return;
+    }
+    const char* src = static_cast<const char*>(host.const_data_ptr());
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        std::memcpy(out + i * seg_bytes, src + id[i] * row_bytes + seg_offset, seg_bytes);
-      }
+      for (int64_t i = begin; i < end; ++i) std::memcpy(out + i * seg_bytes, src + id[i] * row_bytes + seg_offset, seg_bytes);
     });
   }
 
-  // Async copies of the rows into dst (a CUDA tensor) on the current stream; returns the number of
-  // copies submitted (runs of consecutive ids become one 2-D copy). The store must be pinned.
-  int64_t dma_rows(const at::Tensor& ids, int64_t row_bytes, int64_t seg_offset, int64_t seg_bytes,
-                   const at::Tensor& dst) const {
+  // dst (a CUDA buffer) = the rows' segments, as copy_rows lays them out, through `staging` (a pinned
+  // host store): chunks fill alternate halves of it with host threads while the previous chunk's
+  // async copy runs on the current stream. A batch is cut into at least four chunks when it has
+  // rows enough, so that reading overlaps copying; otherwise a chunk is a whole half. Returns the
+  // number of copies (O(bytes / half), never one per row: small copies run far below PCIe speed).
+  int64_t stage_rows(const at::Tensor& ids, int64_t row_bytes, int64_t seg_offset, int64_t seg_bytes,
+                     const c10::intrusive_ptr<TableStore>& staging, const at::Tensor& dst) const {
 #ifdef MOLE_WITH_CUDA
-    check_segment(row_bytes, seg_offset, seg_bytes, "TableStore.dma_rows");
-    MOLE_CHECK_ARG(pinned_, "TableStore.dma_rows: the store is not pinned, so a copy from it cannot be async");
-    const at::Tensor flat = checked_ids(ids, nbytes() / row_bytes, "TableStore.dma_rows");
+    MOLE_CHECK_ARG(staging && staging->kind_ == "host" && staging->pinned_ && !staging->closed(),
+                   "TableStore.stage_rows: staging must be an open, pinned host store");
+    MOLE_CHECK_ARG(dst.is_cuda() && dst.is_contiguous(), "TableStore.stage_rows: dst must be a contiguous CUDA tensor");
+    MOLE_CHECK_ARG(seg_bytes > 0, "TableStore.stage_rows: seg_bytes must be > 0, got ", seg_bytes);
+    const at::Tensor flat = checked_ids(ids, nbytes() / std::max<int64_t>(row_bytes, 1), "TableStore.stage_rows");
     const int64_t n = flat.numel();
-    MOLE_CHECK_ARG(dst.is_cuda() && dst.is_contiguous() && dst.nbytes() >= static_cast<size_t>(n * seg_bytes),
-                   "TableStore.dma_rows: dst must be a contiguous CUDA tensor of at least ", n * seg_bytes,
-                   " bytes, got ", dst.nbytes(), " bytes on ", dst.device());
+    MOLE_CHECK_ARG(static_cast<int64_t>(dst.nbytes()) >= checked_mul(n, seg_bytes, "TableStore.stage_rows: bytes"),
+                   "TableStore.stage_rows: dst holds ", dst.nbytes(), " bytes, needs ", n * seg_bytes);
+    const int64_t half = staging->nbytes() / 2;
+    MOLE_CHECK_ARG(half >= seg_bytes, "TableStore.stage_rows: each staging half (", half,
+                   " bytes) must hold one row segment of ", seg_bytes, " bytes");
     if (n == 0) return 0;
     const c10::cuda::CUDAGuard guard(dst.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const char* src = static_cast<const char*>(live().const_data_ptr());
+    for (cudaEvent_t& e : staging->half_done_) {
+      if (e == nullptr) C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    }
+    const int64_t rows = std::max<int64_t>(1, std::min(half / seg_bytes, (n + 3) / 4));
+    char* stage = static_cast<char*>(staging->tensor().data_ptr());
     char* out = static_cast<char*>(dst.data_ptr());
-    const int64_t* id = flat.const_data_ptr<int64_t>();
     int64_t copies = 0;
-    for (int64_t i = 0; i < n;) {
-      int64_t j = i + 1;
-      while (j < n && id[j] == id[j - 1] + 1) ++j;  // a run of consecutive rows: one copy
-      C10_CUDA_CHECK(cudaMemcpy2DAsync(out + i * seg_bytes, seg_bytes, src + id[i] * row_bytes + seg_offset,
-                                       row_bytes, seg_bytes, j - i, cudaMemcpyHostToDevice, stream));
-      ++copies;
-      i = j;
+    for (int64_t a = 0; a < n; a += rows, ++copies) {
+      const int64_t b = std::min(n, a + rows);
+      const int h = static_cast<int>(copies % 2);
+      C10_CUDA_CHECK(cudaEventSynchronize(staging->half_done_[h]));  // its previous copy has read this half
+      const at::Tensor buf = staging->tensor().narrow(0, h * half, (b - a) * seg_bytes);
+      copy_rows(flat.narrow(0, a, b - a), row_bytes, seg_offset, seg_bytes, buf);
+      C10_CUDA_CHECK(cudaMemcpyAsync(out + a * seg_bytes, stage + h * half, (b - a) * seg_bytes,
+                                     cudaMemcpyHostToDevice, stream));
+      C10_CUDA_CHECK(cudaEventRecord(staging->half_done_[h], stream));
     }
     return copies;
 #else
-    (void)ids, (void)row_bytes, (void)seg_offset, (void)seg_bytes, (void)dst;
-    TORCH_CHECK(false, "TableStore.dma_rows: mole_kernels was built without CUDA");
+    (void)ids, (void)row_bytes, (void)seg_offset, (void)seg_bytes, (void)staging, (void)dst;
+    TORCH_CHECK(false, "TableStore.stage_rows: mole_kernels was built without CUDA");
 #endif
+  }
+
+  // dst[0:n] = table bytes [start, start + n): loading a file, in chunks, into another tier.
+  void read(int64_t start, int64_t n, const at::Tensor& dst) const {
+    check_open();
+    const int64_t total = nbytes();
+    MOLE_CHECK_ARG(start >= 0 && n >= 0 && checked_add(start, n, "TableStore.read: end") <= total,
+                   "TableStore.read: bytes [", start, ", +", n, ") are not inside the table's ", total, " bytes");
+    MOLE_CHECK_ARG(dst.device().is_cpu() && dst.is_contiguous() && static_cast<int64_t>(dst.nbytes()) >= n,
+                   "TableStore.read: dst must be a contiguous CPU tensor of at least ", n, " bytes");
+    char* out = static_cast<char*>(dst.data_ptr());
+    if (const std::shared_ptr<File> file = file_) {
+      file->check_unchanged();
+      file->read_exact(out, start, n);
+      file->check_unchanged();
+    } else {
+      std::memcpy(out, static_cast<const char*>(bytes_.const_data_ptr()) + start, n);
+    }
   }
 };
 
 // [live blocks, live bytes] of exact-size host allocations (pinned or not).
 std::vector<int64_t> host_allocations() { return {g_live_blocks.load(), g_live_bytes.load()}; }
+
+// (sorted unique ids in [0, V), inverse) for CPU ids of any shape: ids[i] == uniq[inverse[i]].
+// An id outside [0, V) raises naming the first one (strict), or gets inverse -1 (a gather in
+// counted-faults mode then reads zeros for it and counts it).
+std::tuple<at::Tensor, at::Tensor> dedupe_ids(const at::Tensor& ids, int64_t V, bool strict) {
+  MOLE_CHECK_ARG(ids.device().is_cpu(), "dedupe_ids: ids must be on the CPU, got ", ids.device());
+  MOLE_CHECK_ARG(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+                 "dedupe_ids: ids must be int32 or int64, got ", ids.scalar_type());
+  const at::Tensor flat = ids.to(at::kLong).contiguous().view(-1);
+  const int64_t n = flat.numel();
+  const int64_t* p = flat.const_data_ptr<int64_t>();
+  at::Tensor inverse = at::empty(ids.sizes(), flat.options());
+  int64_t* inv = inverse.data_ptr<int64_t>();
+  std::vector<std::pair<int64_t, int64_t>> order;  // (id, position) of the valid ids
+  order.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] >= 0 && p[i] < V) {
+      order.emplace_back(p[i], i);
+    } else {
+      MOLE_CHECK_ARG(!strict, "LookupTable: ids contains ", p[i], " (at flat position ", i,
+                     "), outside the table's vocabulary [0, ", V, ")");
+      inv[i] = -1;
+    }
+  }
+  std::sort(order.begin(), order.end());
+  std::vector<int64_t> uniq;
+  for (const auto& [id, pos] : order) {
+    if (uniq.empty() || uniq.back() != id) uniq.push_back(id);
+    inv[pos] = static_cast<int64_t>(uniq.size()) - 1;
+  }
+  at::Tensor u = at::empty({static_cast<int64_t>(uniq.size())}, flat.options());
+  std::copy(uniq.begin(), uniq.end(), u.data_ptr<int64_t>());
+  return {u, inverse};
+}
 
 }  // namespace mole
 
@@ -269,8 +414,11 @@ TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
       .def("pinned", &mole::TableStore::pinned)
       .def("closed", &mole::TableStore::closed)
       .def("kind", &mole::TableStore::kind)
+      .def("identity", &mole::TableStore::identity)
       .def("close", &mole::TableStore::close)
       .def("copy_rows", &mole::TableStore::copy_rows)
-      .def("dma_rows", &mole::TableStore::dma_rows);
+      .def("stage_rows", &mole::TableStore::stage_rows)
+      .def("read", &mole::TableStore::read);
   m.def("host_allocations() -> int[]", &mole::host_allocations);
+  m.def("dedupe_ids(Tensor ids, int V, bool strict) -> (Tensor, Tensor)", &mole::dedupe_ids);
 }

@@ -25,15 +25,18 @@ namespace {
 
 // ---- scalar path: any CPU, and the tail of every row -----------------------------------
 
+// dst[j] = add0[j] + add1[j] + sum_e w[e] * row_e[j] for j < n (add0/add1 may be null; add0 may be dst).
 template <typename lut_t, typename out_t>
 void fused_span_scalar(const lut_t* base, int64_t D, int64_t E, const float* w, out_t* dst, int64_t n,
-                       bool accumulate) {
+                       const out_t* add0, const out_t* add1) {
   // Expert-outer over an L1 tile, so the compiler can vectorise the inner loops.
   constexpr int64_t kTile = 256;
   float acc[kTile];
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
     const int64_t m = std::min(kTile, n - t0);
-    for (int64_t j = 0; j < m; ++j) acc[j] = accumulate ? static_cast<float>(dst[t0 + j]) : 0.f;
+    for (int64_t j = 0; j < m; ++j) {
+      acc[j] = (add0 ? static_cast<float>(add0[t0 + j]) : 0.f) + (add1 ? static_cast<float>(add1[t0 + j]) : 0.f);
+    }
     for (int64_t e = 0; e < E; ++e) {
       const lut_t* row = base + e * D + t0;
       for (int64_t j = 0; j < m; ++j) acc[j] += w[e] * static_cast<float>(row[j]);
@@ -60,6 +63,7 @@ constexpr int64_t kW = 8;
 inline Vec vzero() { return _mm256_setzero_ps(); }
 inline Vec vset1(float x) { return _mm256_set1_ps(x); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec vload(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline Vec vload(const at::BFloat16* p) {  // bf16 is the top half of a float32
@@ -94,6 +98,7 @@ constexpr int64_t kW = 16;
 inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vset1(float x) { return _mm512_set1_ps(x); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vload(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline Vec vload(const at::BFloat16* p) {
@@ -143,19 +148,19 @@ Isa cpu_isa() {
 #endif
 }
 
-// out[t, c0:c0+n] (+)= sum_e w[t, e] * row_e[c0:c0+n], with the best instruction set available.
+// out[t, c0:c0+n] = add0 + add1 + sum_e w[t, e] * row_e[c0:c0+n], with the best instruction set available.
 template <typename lut_t, typename out_t>
 void fused_span(const lut_t* base, const lut_t* next, int64_t D, int64_t E, const float* w, out_t* dst, int64_t n,
-                bool accumulate) {
+                const out_t* add0, const out_t* add1) {
   switch (cpu_isa()) {
 #if MOLE_X86_SIMD
     case Isa::kAvx512:
-      return avx512::fused_span(base, next, D, E, w, dst, n, accumulate);
+      return avx512::fused_span(base, next, D, E, w, dst, n, add0, add1);
     case Isa::kAvx2:
-      return avx2::fused_span(base, next, D, E, w, dst, n, accumulate);
+      return avx2::fused_span(base, next, D, E, w, dst, n, add0, add1);
 #endif
     default:
-      return fused_span_scalar(base, D, E, w, dst, n, accumulate);
+      return fused_span_scalar(base, D, E, w, dst, n, add0, add1);
   }
 }
 
@@ -167,7 +172,7 @@ constexpr int64_t kSplitColumns = 256;
 
 template <typename lut_t, typename out_t, typename id_t>
 void fused_kernel(const GatherPlan& p, const lut_t* lut, const id_t* ids, const float* w, out_t* out,
-                  bool accumulate) {
+                  const out_t* add0, const out_t* add1) {
   // Whole tokens per item for large batches; column tiles for decode-sized ones.
   const int64_t span = p.T >= 4 * at::get_num_threads() ? p.D : std::min(p.D, kSplitColumns);
   const int64_t spans = (p.D + span - 1) / span;
@@ -178,31 +183,34 @@ void fused_kernel(const GatherPlan& p, const lut_t* lut, const id_t* ids, const 
       const int64_t t = item / spans;
       const int64_t c0 = (item % spans) * span;
       const int64_t n = std::min(span, p.D - c0);
-      out_t* dst = out + t * p.D + c0;
+      const int64_t at = t * p.D + c0;
+      const out_t* a0 = add0 ? add0 + at : nullptr;
+      const out_t* a1 = add1 ? add1 + at : nullptr;
       const int64_t id = static_cast<int64_t>(ids[t]);
-      if (id >= 0 && id < p.V) {
-        const lut_t* next = nullptr;  // the next item's rows, prefetched while this one is summed
-        if (item + kPrefetchItems < end) {
-          const int64_t ahead = item + kPrefetchItems;
-          const int64_t next_id = static_cast<int64_t>(ids[ahead / spans]);
-          if (next_id >= 0 && next_id < p.V) next = lut + next_id * p.row_elems + p.seg_offset + (ahead % spans) * span;
-        }
-        fused_span(lut + id * p.row_elems + p.seg_offset + c0, next, p.D, p.E, w + t * p.E, dst, n, accumulate);
-      } else if (!accumulate) {  // an id outside the table contributes nothing (counted in faults)
-        std::fill(dst, dst + n, out_t(0.f));
+      if (id < 0 || id >= p.V) {  // an id outside the table adds nothing (counted in faults)
+        fused_span(lut, static_cast<const lut_t*>(nullptr), p.D, int64_t(0), w, out + at, n, a0, a1);
+        continue;
       }
+      const lut_t* next = nullptr;  // the next item's rows, prefetched while this one is summed
+      if (item + kPrefetchItems < end) {
+        const int64_t ahead = item + kPrefetchItems;
+        const int64_t next_id = static_cast<int64_t>(ids[ahead / spans]);
+        if (next_id >= 0 && next_id < p.V) next = lut + next_id * p.row_elems + p.seg_offset + (ahead % spans) * span;
+      }
+      fused_span(lut + id * p.row_elems + p.seg_offset + c0, next, p.D, p.E, w + t * p.E, out + at, n, a0, a1);
     }
   });
 }
 
+// Each token's segment copied to out + t * out_stride (bytes); an id outside the table gives zeros.
 template <typename id_t>
-void rows_kernel(const GatherPlan& p, const char* lut, size_t elem, const id_t* ids, char* out) {
+void rows_kernel(const GatherPlan& p, const char* lut, size_t elem, const id_t* ids, char* out, int64_t out_stride) {
   const int64_t seg_bytes = p.seg_elems * static_cast<int64_t>(elem);
   const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, seg_bytes));
   at::parallel_for(0, p.T, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t id = static_cast<int64_t>(ids[t]);
-      char* dst = out + t * seg_bytes;
+      char* dst = out + t * out_stride;
       if (id >= 0 && id < p.V) {
         std::memcpy(dst, lut + (id * p.row_elems + p.seg_offset) * static_cast<int64_t>(elem), seg_bytes);
       } else {
@@ -215,7 +223,7 @@ void rows_kernel(const GatherPlan& p, const char* lut, size_t elem, const id_t* 
 }  // namespace
 
 void check_ids_cpu(const at::Tensor& ids, int64_t V, const std::optional<at::Tensor>& faults) {
-  const at::Tensor flat = ids.contiguous().view(-1);
+  const at::Tensor flat = ids.contiguous();  // no copy (nor dispatch) when already contiguous: the usual case
   MOLE_DISPATCH_ID_TYPES(flat.scalar_type(), "lut_gather_check_ids", [&] {
     const scalar_t* p = flat.const_data_ptr<scalar_t>();
     int64_t bad = 0;
@@ -230,35 +238,45 @@ void check_ids_cpu(const at::Tensor& ids, int64_t V, const std::optional<at::Ten
   });
 }
 
-void lut_gather_into_cpu(const at::Tensor& out, const at::Tensor& lut, const at::Tensor& ids,
-                         const std::optional<at::Tensor>& weights, std::optional<int64_t> layer,
-                         bool accumulate, const std::optional<at::Tensor>& faults) {
-  const GatherPlan p = plan_lut_gather(lut, ids, weights, layer);
-  check_gather_outputs(p, lut, ids, out, faults);
-  MOLE_CHECK_ARG(lut.device().is_cpu(), "lut_gather: a CUDA table needs ids on its device");
-  if (p.T == 0) return;
-  check_ids_cpu(ids, p.V, faults);
-  if (nothing_to_read(p, out, accumulate)) return;
+void fused_gather_cpu(const GatherPlan& p, const at::Tensor& lut, const at::Tensor& ids, const float* w,
+                      const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1) {
+  if (p.T == 0 || p.D == 0) return;  // nothing to write (and no columns to split into spans)
   const at::Tensor ids_c = ids.contiguous();  // ids are small; the table is never copied
-  if (!p.fused) {
-    MOLE_CHECK_ARG(!accumulate, "lut_gather: accumulate=True needs weights (the fused form)");
-    MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_rows_cpu", [&] {
-      rows_kernel(p, static_cast<const char*>(lut.const_data_ptr()), lut.element_size(),
-                  ids_c.const_data_ptr<scalar_t>(), static_cast<char*>(out.data_ptr()));
-    });
-    return;
-  }
-  const at::Tensor w = kernel_weights(weights);
   MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_cpu", [&] {
     using id_t = scalar_t;
     MOLE_DISPATCH_FLOATING_TYPES(lut.scalar_type(), "lut_gather_cpu", [&] {
       using lut_t = scalar_t;
       MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_gather_cpu", [&] {
-        fused_kernel<lut_t, scalar_t, id_t>(p, lut.const_data_ptr<lut_t>(), ids_c.const_data_ptr<id_t>(),
-                                            w.const_data_ptr<float>(), out.data_ptr<scalar_t>(), accumulate);
+        auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+        fused_kernel<lut_t, scalar_t, id_t>(p, lut.const_data_ptr<lut_t>(), ids_c.const_data_ptr<id_t>(), w,
+                                            out.data_ptr<scalar_t>(), ptr(add0), ptr(add1));
       });
     });
   });
+}
+
+void lut_gather_into_cpu(const at::Tensor& out, const at::Tensor& lut, const at::Tensor& ids,
+                         const std::optional<at::Tensor>& weights, std::optional<int64_t> layer,
+                         bool accumulate, const std::optional<at::Tensor>& faults,
+                         std::optional<int64_t> layer_end) {
+  const GatherPlan p = plan_lut_gather(lut, ids, weights, {layer, layer_end});
+  const int64_t out_stride = check_gather_outputs(p, lut, ids, weights, out, faults);
+  MOLE_CHECK_ARG(lut.device().is_cpu(), "lut_gather: a CUDA table needs ids on its device");
+  if (p.T == 0) return;
+  check_ids_cpu(ids, p.V, faults);
+  if (nothing_to_read(p, out, accumulate)) return;
+  if (!p.fused) {
+    MOLE_CHECK_ARG(!accumulate, "lut_gather: accumulate=True needs weights (the fused form)");
+    const at::Tensor ids_c = ids.contiguous();
+    MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_rows_cpu", [&] {
+      rows_kernel(p, static_cast<const char*>(lut.const_data_ptr()), lut.element_size(),
+                  ids_c.const_data_ptr<scalar_t>(), static_cast<char*>(out.data_ptr()),
+                  out_stride * static_cast<int64_t>(lut.element_size()));
+    });
+    return;
+  }
+  const at::Tensor w = kernel_weights(weights);
+  fused_gather_cpu(p, lut, ids, w.const_data_ptr<float>(), out, accumulate ? out : at::Tensor(), at::Tensor());
 }
 
 }  // namespace mole

@@ -23,17 +23,18 @@ constexpr int kRowsThreads = 256;
 constexpr int kRowsUnroll = 4;  // independent 16-byte loads in flight per thread
 constexpr int kMaxGridY = 65535;
 
-// Rows form: each token's segment is a contiguous byte range copied in vec_t units.
+// Rows form: each token's segment is a contiguous byte range copied in vec_t units, to
+// out + t * out_stride (bytes: a prefetch buffer's slice of several layers has strided tokens).
 template <typename vec_t, typename id_t>
 __global__ void rows_kernel(const char* __restrict__ lut, const id_t* __restrict__ ids, char* __restrict__ out,
                             int64_t T, int64_t V, int64_t row_bytes, int64_t seg_off_bytes, int64_t seg_vecs,
-                            unsigned long long* __restrict__ faults) {
+                            int64_t out_stride, unsigned long long* __restrict__ faults) {
   for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
     const id_t id = ids[t];
     const bool ok = valid_id(id, V);
     if (!ok && faults != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(faults, 1ull);
     const vec_t* src = reinterpret_cast<const vec_t*>(lut + (ok ? int64_t(id) : 0) * row_bytes + seg_off_bytes);
-    vec_t* dst = reinterpret_cast<vec_t*>(out + t * seg_vecs * int64_t(sizeof(vec_t)));
+    vec_t* dst = reinterpret_cast<vec_t*>(out + t * out_stride);
     const int64_t step = int64_t(gridDim.x) * blockDim.x * kRowsUnroll;
     for (int64_t base = int64_t(blockIdx.x) * blockDim.x * kRowsUnroll + threadIdx.x; base < seg_vecs;
          base += step) {
@@ -101,11 +102,12 @@ __global__ void fused_kernel(const lut_t* __restrict__ lut, const id_t* __restri
 }
 
 template <typename id_t>
-void launch_rows(const GatherPlan& p, const char* lut, size_t elem, const id_t* ids, char* out,
+void launch_rows(const GatherPlan& p, const char* lut, size_t elem, const id_t* ids, char* out, int64_t out_stride,
                  unsigned long long* faults, cudaStream_t stream) {
   const int64_t row_bytes = p.row_elems * int64_t(elem);
   const int64_t seg_off = p.seg_offset * int64_t(elem);
   const int64_t seg_bytes = p.seg_elems * int64_t(elem);
+  out_stride *= int64_t(elem);
   auto launch = [&](auto vec_tag) {
     using vec_t = decltype(vec_tag);
     const int64_t vecs = seg_bytes / int64_t(sizeof(vec_t));
@@ -113,11 +115,12 @@ void launch_rows(const GatherPlan& p, const char* lut, size_t elem, const id_t* 
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>((vecs + per_block - 1) / per_block, 4096)),
                     static_cast<unsigned>(std::min<int64_t>(p.T, kMaxGridY)));
     rows_kernel<vec_t, id_t><<<grid, kRowsThreads, 0, stream>>>(lut, ids, out, p.T, p.V, row_bytes, seg_off, vecs,
-                                                               faults);
+                                                               out_stride, faults);
   };
   // The widest unit that divides every row's start, the segment and both base pointers.
   auto fits = [&](int64_t w) {
-    return row_bytes % w == 0 && seg_off % w == 0 && seg_bytes % w == 0 && aligned(lut, w) && aligned(out, w);
+    return row_bytes % w == 0 && seg_off % w == 0 && seg_bytes % w == 0 && out_stride % w == 0 && aligned(lut, w) &&
+           aligned(out, w);
   };
   if (fits(16)) launch(uint4{});
   else if (fits(8)) launch(uint2{});
@@ -147,9 +150,10 @@ void launch_fused(const GatherPlan& p, const lut_t* lut, const id_t* ids, const 
 
 void lut_gather_into_cuda(const at::Tensor& out, const at::Tensor& lut, const at::Tensor& ids,
                           const std::optional<at::Tensor>& weights, std::optional<int64_t> layer,
-                          bool accumulate, const std::optional<at::Tensor>& faults) {
-  const GatherPlan p = plan_lut_gather(lut, ids, weights, layer);
-  check_gather_outputs(p, lut, ids, out, faults);
+                          bool accumulate, const std::optional<at::Tensor>& faults,
+                          std::optional<int64_t> layer_end) {
+  const GatherPlan p = plan_lut_gather(lut, ids, weights, {layer, layer_end});
+  const int64_t out_stride = check_gather_outputs(p, lut, ids, weights, out, faults);
   MOLE_CHECK_ARG(ids.is_cuda(), "lut_gather: the CUDA kernel needs ids on a CUDA device");
   MOLE_CHECK_ARG(p.fused || !accumulate, "lut_gather: accumulate=True needs weights (the fused form)");
   MOLE_CHECK_ARG(p.T <= std::numeric_limits<int32_t>::max(), "lut_gather: at most 2^31-1 ids per call, got ", p.T);
@@ -167,7 +171,7 @@ void lut_gather_into_cuda(const at::Tensor& out, const at::Tensor& lut, const at
   if (!p.fused) {
     MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_rows_cuda", [&] {
       launch_rows(p, static_cast<const char*>(table), lut.element_size(), ids_c.const_data_ptr<scalar_t>(),
-                  static_cast<char*>(out.data_ptr()), fptr, stream);
+                  static_cast<char*>(out.data_ptr()), out_stride, fptr, stream);
     });
   } else {
     const at::Tensor w = kernel_weights(weights);
@@ -186,9 +190,32 @@ void lut_gather_into_cuda(const at::Tensor& out, const at::Tensor& lut, const at
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// A CUDA tensor over the same bytes as `t`: `t` itself when it is on `device`, or the device alias
+// of pinned host memory (zero-copy over PCIe), which keeps `t`'s storage alive. Lets kernels that
+// take device tensors (Triton) read a pinned table in place.
+at::Tensor device_view(const at::Tensor& t, at::Device device) {
+  MOLE_CHECK_ARG(device.is_cuda(), "device_view: device must be a CUDA device, got ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor probe = at::empty({0}, t.options().device(device));
+  const void* p = cuda::table_device_pointer(t, probe, "device_view", "t", "t.pin_memory()");
+  if (t.is_cuda()) return t;
+  c10::Storage keep = t.storage();
+  return at::from_blob(const_cast<void*>(p), t.sizes(), t.strides(), [keep](void*) {},
+                       t.options().device(probe.device()));
+}
+
 }  // namespace mole
 
+TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
+  m.def("device_view(Tensor t, Device device) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mole_kernels, CPU, m) {
+  m.impl("device_view", &mole::device_view);
+}
+
 TORCH_LIBRARY_IMPL(mole_kernels, CUDA, m) {
+  m.impl("device_view", &mole::device_view);
   m.impl("lut_gather", &mole::lut_gather_functional<mole::lut_gather_into_cuda>);
   m.impl("lut_gather_out", &mole::lut_gather_into_cuda);
 }

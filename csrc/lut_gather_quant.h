@@ -56,11 +56,18 @@ struct QuantPlan {
 };
 
 QuantPlan plan_lut_gather_quant(const at::Tensor& data, c10::string_view format, int64_t dim, int64_t block_size,
-                                const at::Tensor& ids, const std::optional<at::Tensor>& weights,
-                                std::optional<int64_t> layer);
+                                const at::Tensor& ids, const std::optional<at::Tensor>& weights, LayerSpan layers,
+                                const char* op = "lut_gather_quant", const char* what = "weights");
 
-void check_quant_outputs(const QuantPlan& plan, const at::Tensor& ids, const at::Tensor& out,
-                         const std::optional<at::Tensor>& faults);
+// As check_gather_outputs (overlap included); returns the elements between consecutive tokens'
+// results in `out`.
+int64_t check_quant_outputs(const QuantPlan& plan, const at::Tensor& data, const at::Tensor& ids,
+                            const std::optional<at::Tensor>& weights, const at::Tensor& out,
+                            const std::optional<at::Tensor>& faults);
+
+// The fused CPU gather behind lut_gather_quant(weights=) and lut_combine_quant (see fused_gather_cpu).
+void fused_gather_quant_cpu(const QuantPlan& p, const at::Tensor& data, const at::Tensor& ids, const float* w,
+                            const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1);
 
 // The instruction set the quantized CPU kernels use: "avx512" or "scalar" (MOLE_KERNELS_CPU_ISA caps it).
 const char* quant_cpu_isa();
@@ -68,12 +75,12 @@ const char* quant_cpu_isa();
 void lut_gather_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
                                int64_t block_size, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
                                std::optional<int64_t> layer, bool accumulate,
-                               const std::optional<at::Tensor>& faults);
+                               const std::optional<at::Tensor>& faults, std::optional<int64_t> layer_end);
 #ifdef MOLE_WITH_CUDA
 void lut_gather_quant_into_cuda(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
                                 int64_t block_size, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
                                 std::optional<int64_t> layer, bool accumulate,
-                                const std::optional<at::Tensor>& faults);
+                                const std::optional<at::Tensor>& faults, std::optional<int64_t> layer_end);
 #endif
 
 // The functional form shared by every backend: allocate the result on ids' device, fill it.
@@ -81,13 +88,14 @@ template <auto Into>
 at::Tensor lut_gather_quant_functional(const at::Tensor& data, c10::string_view format, int64_t dim,
                                        int64_t block_size, const at::Tensor& ids,
                                        const std::optional<at::Tensor>& weights, std::optional<int64_t> layer,
-                                       std::optional<at::ScalarType> dtype) {
-  const QuantPlan plan = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, layer);
+                                       std::optional<at::ScalarType> dtype, std::optional<int64_t> layer_end) {
+  const QuantPlan plan = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, {layer, layer_end});
   const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
   MOLE_CHECK_ARG(is_float_dtype(out_dtype), "lut_gather_quant: dtype must be float32, float16 or bfloat16, got ",
                  out_dtype);
   at::Tensor out = at::empty(plan.out_shape, ids.options().dtype(out_dtype));
-  Into(out, data, format, dim, block_size, ids, weights, layer, /*accumulate=*/false, /*faults=*/std::nullopt);
+  Into(out, data, format, dim, block_size, ids, weights, layer, /*accumulate=*/false, /*faults=*/std::nullopt,
+       layer_end);
   return out;
 }
 

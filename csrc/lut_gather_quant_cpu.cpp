@@ -35,7 +35,8 @@ std::string shape_string(at::IntArrayRef s) {
   return os.str();
 }
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// x rounded up to a multiple of m, checked: dim and block_size come from the user or a file.
+int64_t round_up(int64_t x, int64_t m, const char* what) { return checked_add(x, m - 1, what) / m * m; }
 
 }  // namespace
 
@@ -60,83 +61,58 @@ QuantLayout make_quant_layout(c10::string_view format, int64_t dim, int64_t bloc
   q.D = dim;
   q.block = block_size;
   q.nblocks = dim / block_size;
-  q.payload_bytes = q.fmt == QFormat::kNf4 ? (dim + 1) / 2 : dim;
-  q.scale_offset = round_up(q.payload_bytes, 4);
-  q.row_bytes = round_up(q.scale_offset + 4 * q.nblocks, 16);
+  q.payload_bytes = q.fmt == QFormat::kNf4 ? dim / 2 + dim % 2 : dim;
+  const char* what = "lut_gather_quant: the row size for this dim and block_size";
+  q.scale_offset = round_up(q.payload_bytes, 4, what);
+  q.row_bytes = round_up(checked_add(q.scale_offset, checked_mul(4, q.nblocks, what), what), 16, what);
   return q;
 }
 
 QuantPlan plan_lut_gather_quant(const at::Tensor& data, c10::string_view format, int64_t dim, int64_t block_size,
-                                const at::Tensor& ids, const std::optional<at::Tensor>& weights,
-                                std::optional<int64_t> layer) {
+                                const at::Tensor& ids, const std::optional<at::Tensor>& weights, LayerSpan layers,
+                                const char* op, const char* what) {
   QuantPlan p;
   p.q = make_quant_layout(format, dim, block_size);
   MOLE_CHECK_ARG(data.dim() == 4 || data.dim() == 3,
-                 "lut_gather_quant: data must have shape [V, L, E, row_bytes] or [V, E, row_bytes], got ",
-                 shape_string(data.sizes()));
-  MOLE_CHECK_ARG(data.scalar_type() == at::kByte, "lut_gather_quant: data must be uint8 (packed rows), got ",
-                 data.scalar_type());
-  MOLE_CHECK_ARG(data.is_contiguous(), "lut_gather_quant: data must be contiguous (token-major); got strides ",
-                 shape_string(data.strides()));
-  MOLE_CHECK_ARG(data.size(-1) == p.q.row_bytes, "lut_gather_quant: data rows are ", data.size(-1),
+                 op, ": data must have shape [V, L, E, row_bytes] or [V, E, row_bytes], got ", shape_string(data.sizes()));
+  MOLE_CHECK_ARG(data.scalar_type() == at::kByte, op, ": data must be uint8 (packed rows), got ", data.scalar_type());
+  MOLE_CHECK_ARG(data.size(-1) == p.q.row_bytes, op, ": data rows are ", data.size(-1),
                  " bytes, but format '", std::string(format.data(), format.size()), "' with dim=", dim,
                  " and block_size=", block_size, " needs ", p.q.row_bytes,
                  " bytes per row (do the format metadata and the payload disagree?)");
-  MOLE_CHECK_ARG(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
-                 "lut_gather_quant: ids must be int32 or int64, got ", ids.scalar_type());
-  const bool zero_copy = data.device().is_cpu() && ids.device().is_cuda();
-  MOLE_CHECK_ARG(data.device() == ids.device() || zero_copy,
-                 "lut_gather_quant: ids must be on the table's device (", data.device(),
-                 "), or on a CUDA device with a pinned CPU table (zero-copy); got ids on ", ids.device());
-  p.V = data.size(0);
-  p.L = data.dim() == 4 ? data.size(1) : 1;
-  p.E = data.size(-2);
-  p.T = ids.numel();
-  p.fused = weights.has_value();
-  if (layer.has_value()) {
-    MOLE_CHECK_ARG(*layer >= 0 && *layer < p.L, "lut_gather_quant: layer must be in [0, ", p.L,
-                   ") for a table with ", p.L, " layers, got ", *layer);
-  }
-  MOLE_CHECK_ARG(!p.fused || layer.has_value() || p.L == 1, "lut_gather_quant: weights were given for a table with ",
-                 p.L, " layers, so `layer` must say which layer to combine");
-  const bool one_layer = layer.has_value() || data.dim() == 3;
-  p.seg_row0 = layer.value_or(0) * p.E;
-  p.seg_rows = one_layer ? p.E : p.L * p.E;
-  p.out_shape = ids.sizes().vec();
-  if (p.fused) {
-    const at::Tensor& w = *weights;
-    std::vector<int64_t> want = ids.sizes().vec();
-    want.push_back(p.E);
-    MOLE_CHECK_ARG(w.sizes().vec() == want, "lut_gather_quant: weights must have shape ids.shape + [E] = ",
-                   shape_string(want), " (E = ", p.E, " experts in the table), got ", shape_string(w.sizes()));
-    MOLE_CHECK_ARG(is_float_dtype(w.scalar_type()),
-                   "lut_gather_quant: weights must be float32, float16 or bfloat16, got ", w.scalar_type());
-    MOLE_CHECK_ARG(w.device() == ids.device(), "lut_gather_quant: weights must be on ids' device (", ids.device(),
-                   "), got ", w.device());
-    p.out_shape.push_back(p.q.D);
-  } else {
-    if (!one_layer) p.out_shape.push_back(p.L);
-    p.out_shape.push_back(p.E);
-    p.out_shape.push_back(p.q.D);
-  }
+  const GatherPlan g = plan_table(data, "data", ids, weights, layers, dim, op, what);
+  p.T = g.T;
+  p.V = g.V;
+  p.L = g.L;
+  p.E = g.E;
+  p.fused = g.fused;
+  p.seg_row0 = g.layer0 * g.E;
+  p.seg_rows = g.layers * g.E;
+  p.out_shape = g.out_shape;
   return p;
 }
 
-void check_quant_outputs(const QuantPlan& plan, const at::Tensor& ids, const at::Tensor& out,
-                         const std::optional<at::Tensor>& faults) {
+int64_t check_quant_outputs(const QuantPlan& plan, const at::Tensor& data, const at::Tensor& ids,
+                            const std::optional<at::Tensor>& weights, const at::Tensor& out,
+                            const std::optional<at::Tensor>& faults) {
   MOLE_CHECK_ARG(out.sizes().vec() == plan.out_shape, "lut_gather_quant: out must have shape ",
                  shape_string(plan.out_shape), ", got ", shape_string(out.sizes()));
   MOLE_CHECK_ARG(out.device() == ids.device(), "lut_gather_quant: out must be on ids' device (", ids.device(),
                  "), got ", out.device());
-  MOLE_CHECK_ARG(out.is_contiguous(), "lut_gather_quant: out must be contiguous");
   MOLE_CHECK_ARG(is_float_dtype(out.scalar_type()),
                  "lut_gather_quant: out must be float32, float16 or bfloat16, got ", out.scalar_type());
-  if (faults.has_value()) {
-    MOLE_CHECK_ARG(faults->scalar_type() == at::kLong && faults->numel() >= 1 && faults->is_contiguous(),
-                   "lut_gather_quant: faults must be a contiguous int64 tensor with at least one element");
-    MOLE_CHECK_ARG(faults->device() == ids.device(), "lut_gather_quant: faults must be on ids' device (",
-                   ids.device(), "), got ", faults->device());
+  int64_t stride = plan.q.D;
+  if (plan.fused) {
+    MOLE_CHECK_ARG(out.is_contiguous(), "lut_gather_quant: out must be contiguous");
+  } else {
+    stride = rows_out_stride(out, ids.dim(), plan.seg_rows * plan.q.D);
+    MOLE_CHECK_ARG(stride >= 0, "lut_gather_quant: out must be contiguous, or a [T, ...] view (1-D ids) whose rows "
+                   "are contiguous with tokens strided (a slice of a larger buffer); got strides ",
+                   shape_string(out.strides()));
   }
+  check_faults(faults, ids, "lut_gather_quant");
+  check_no_overlaps("lut_gather_quant", data, "data", ids, weights, out, faults);
+  return stride;
 }
 
 namespace {
@@ -199,9 +175,12 @@ MOLE_QAVX512 inline __m512 decode16(const uint8_t* row, int64_t j, __m512 nf4) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))));
   } else if constexpr (F == QFormat::kFp8E4M3) {
     // e4m3 bits s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 are the same number times 2^-8
-    // (subnormals included); the 2^8 is folded into the scale by the caller.
+    // (subnormals included); the 2^8 is folded into the scale by the caller. e4m3fn has no
+    // infinities: its NaN codes s.1111.111 get an all-ones fp16 exponent (NaN) like the scalar table.
     const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
-    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7),
+    const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
+    const __m256i nan = _mm256_and_si256(_mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f)), _mm256_set1_epi16(0x7c00));
+    const __m256i h = _mm256_or_si256(_mm256_or_si256(_mm256_slli_epi16(mag, 7), nan),
                                       _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
     return _mm512_cvtph_ps(h);
   } else {
@@ -339,9 +318,10 @@ inline void prefetch_bytes(const uint8_t* p, int64_t bytes) {
 constexpr int64_t kTile = 512;          // float32 columns per L1 tile
 constexpr int64_t kSplitColumns = 256;  // columns per item when a batch is too small for whole tokens
 
+// out[t] = add0[t] + add1[t] + sum_e w[t, e] * deq(row(ids[t], e)); add0/add1 may be null (add0 may be out).
 template <typename out_t, typename id_t>
 void fused_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, const float* w, out_t* out,
-                  bool accumulate) {
+                  const out_t* add0, const out_t* add1) {
   const QuantLayout& q = p.q;
   const int64_t D = q.D;
   const int64_t span = p.T >= 4 * at::get_num_threads() ? D : std::min(D, kSplitColumns);
@@ -351,36 +331,39 @@ void fused_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, cons
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, p.E * q.row_bytes * span / D));
   at::parallel_for(0, p.T * spans, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[kTile];
+    alignas(64) float tmp[kTile];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / spans;
       const int64_t c0 = (item % spans) * span;
       const int64_t n = std::min(span, D - c0);
-      out_t* dst = out + t * D + c0;
+      const int64_t at = t * D + c0;
       const int64_t id = static_cast<int64_t>(ids[t]);
-      if (id < 0 || id >= p.V) {  // contributes nothing (counted in faults)
-        if (!accumulate) std::fill(dst, dst + n, out_t(0.f));
-        continue;
-      }
-      const uint8_t* seg = data + id * token_bytes + seg_off;
-      if (item + 1 < end && (item + 1) % spans == 0) {  // the next token's rows, fetched while these are summed
+      const bool ok = id >= 0 && id < p.V;  // an id outside the table adds nothing (counted in faults)
+      const uint8_t* seg = ok ? data + id * token_bytes + seg_off : nullptr;
+      if (ok && item + 1 < end && (item + 1) % spans == 0) {  // the next token's rows, fetched while these are summed
         const int64_t nid = static_cast<int64_t>(ids[t + 1]);
         if (nid >= 0 && nid < p.V) prefetch_bytes(data + nid * token_bytes + seg_off, p.E * q.row_bytes);
       }
       for (int64_t t0 = 0; t0 < n; t0 += kTile) {
         const int64_t m = std::min(kTile, n - t0);
-        if (accumulate) load_tile(dst + t0, acc, m);
+        if (add0 != nullptr) load_tile(add0 + at + t0, acc, m);
         else std::fill(acc, acc + m, 0.f);
-        for (int64_t e = 0; e < p.E; ++e) {
+        if (add1 != nullptr) {
+          load_tile(add1 + at + t0, tmp, m);
+          for (int64_t k = 0; k < m; ++k) acc[k] += tmp[k];
+        }
+        for (int64_t e = 0; ok && e < p.E; ++e) {
           dequant_span<true>(q, seg + e * q.row_bytes, c0 + t0, m, w[t * p.E + e], acc);
         }
-        store_tile(acc, dst + t0, m);
+        store_tile(acc, out + at + t0, m);
       }
     }
   });
 }
 
+// Token t's rows go to out + t * out_stride (elements), row after row.
 template <typename out_t, typename id_t>
-void rows_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, out_t* out) {
+void rows_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, out_t* out, int64_t out_stride) {
   const QuantLayout& q = p.q;
   const int64_t D = q.D;
   const int64_t token_bytes = p.L * p.E * q.row_bytes;
@@ -390,7 +373,7 @@ void rows_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, out_t
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / p.seg_rows;
       const int64_t r = item % p.seg_rows;
-      out_t* dst = out + item * D;
+      out_t* dst = out + t * out_stride + r * D;
       const int64_t id = static_cast<int64_t>(ids[t]);
       if (id < 0 || id >= p.V) {
         std::fill(dst, dst + D, out_t(0.f));
@@ -415,30 +398,41 @@ void rows_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, out_t
 
 const char* quant_cpu_isa() { return use_avx512() ? "avx512" : "scalar"; }
 
+void fused_gather_quant_cpu(const QuantPlan& p, const at::Tensor& data, const at::Tensor& ids, const float* w,
+                            const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1) {
+  const at::Tensor ids_c = ids.contiguous();  // ids are small; the table is never copied
+  MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_quant_cpu", [&] {
+    using id_t = scalar_t;
+    MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_gather_quant_cpu", [&] {
+      auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+      fused_kernel<scalar_t, id_t>(p, data.const_data_ptr<uint8_t>(), ids_c.const_data_ptr<id_t>(), w,
+                                   out.data_ptr<scalar_t>(), ptr(add0), ptr(add1));
+    });
+  });
+}
+
 void lut_gather_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
                                int64_t block_size, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
                                std::optional<int64_t> layer, bool accumulate,
-                               const std::optional<at::Tensor>& faults) {
-  const QuantPlan p = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, layer);
-  check_quant_outputs(p, ids, out, faults);
+                               const std::optional<at::Tensor>& faults, std::optional<int64_t> layer_end) {
+  const QuantPlan p = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, {layer, layer_end});
+  const int64_t out_stride = check_quant_outputs(p, data, ids, weights, out, faults);
   MOLE_CHECK_ARG(data.device().is_cpu(), "lut_gather_quant: a CUDA table needs ids on its device");
   MOLE_CHECK_ARG(p.fused || !accumulate, "lut_gather_quant: accumulate=True needs weights (the fused form)");
   if (p.T == 0) return;
   check_ids_cpu(ids, p.V, faults);
-  const at::Tensor ids_c = ids.contiguous();  // ids are small; the table is never copied
-  const uint8_t* base = data.const_data_ptr<uint8_t>();
-  MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_quant_cpu", [&] {
+  if (p.fused) {
+    const at::Tensor w = kernel_weights(weights);
+    return fused_gather_quant_cpu(p, data, ids, w.const_data_ptr<float>(), out, accumulate ? out : at::Tensor(),
+                                  at::Tensor());
+  }
+  const at::Tensor ids_c = ids.contiguous();
+  MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_quant_rows_cpu", [&] {
     using id_t = scalar_t;
-    const id_t* idp = ids_c.const_data_ptr<id_t>();
-    if (!p.fused) {
-      MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_gather_quant_rows_cpu",
-                                   [&] { rows_kernel<scalar_t, id_t>(p, base, idp, out.data_ptr<scalar_t>()); });
-    } else {
-      const at::Tensor w = kernel_weights(weights);
-      MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_gather_quant_cpu", [&] {
-        fused_kernel<scalar_t, id_t>(p, base, idp, w.const_data_ptr<float>(), out.data_ptr<scalar_t>(), accumulate);
-      });
-    }
+    MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_gather_quant_rows_cpu", [&] {
+      rows_kernel<scalar_t, id_t>(p, data.const_data_ptr<uint8_t>(), ids_c.const_data_ptr<id_t>(),
+                                  out.data_ptr<scalar_t>(), out_stride);
+    });
   });
 }
 
@@ -449,11 +443,12 @@ TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
   // `dtype` (float32 when None), or sum_e weights[..., e] * row[..., layer, e, :] accumulated in float32.
   m.def(
       "lut_gather_quant(Tensor data, str format, int dim, int block_size, Tensor ids, Tensor? weights=None, "
-      "int? layer=None, ScalarType? dtype=None) -> Tensor");
+      "int? layer=None, ScalarType? dtype=None, int? layer_end=None) -> Tensor");
   // The same into `out` (any float dtype); accumulate and faults as in lut_gather_out.
   m.def(
       "lut_gather_quant_out(Tensor(b!) out, Tensor data, str format, int dim, int block_size, Tensor ids, "
-      "Tensor? weights=None, int? layer=None, bool accumulate=False, Tensor(a!)? faults=None) -> ()");
+      "Tensor? weights=None, int? layer=None, bool accumulate=False, Tensor(a!)? faults=None, "
+      "int? layer_end=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mole_kernels, CPU, m) {

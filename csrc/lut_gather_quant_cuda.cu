@@ -44,16 +44,20 @@ struct QArgs {
   int64_t D;
   int64_t block;
   int64_t scale_offset;
+  int64_t out_stride;   // rows form: elements between consecutive tokens' results in `out`
 };
 
 // One code -> its value before scaling. e4m3 bits placed as fp16 s.0eeee.mmm0000000 are the value
-// times 2^-8 (subnormals included), so the decode is exact.
+// times 2^-8 (subnormals included), so the decode is exact; the NaN codes s.1111.111 (e4m3fn has no
+// infinities) get an all-ones fp16 exponent: NaN, as on the CPU.
 template <int FMT>
 __device__ __forceinline__ float decode(uint32_t byte, int nibble, const float* nf4) {
   if constexpr (FMT == int(QFormat::kInt8)) {
     return static_cast<float>(static_cast<int8_t>(byte));
   } else if constexpr (FMT == int(QFormat::kFp8E4M3)) {
-    const unsigned short h = static_cast<unsigned short>(((byte & 0x7fu) << 7) | ((byte & 0x80u) << 8));
+    const uint32_t mag = byte & 0x7fu;
+    const unsigned short h =
+        static_cast<unsigned short>((mag << 7) | (mag == 0x7fu ? 0x7c00u : 0u) | ((byte & 0x80u) << 8));
     return __half2float(__ushort_as_half(h)) * 256.f;
   } else {
     return nf4[(byte >> (4 * nibble)) & 15u];
@@ -117,7 +121,7 @@ __global__ void rows_vec_kernel(QArgs a, const id_t* __restrict__ ids, out_t* __
     const bool ok = valid_id(id, a.V);
     if (!ok && faults != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(faults, 1ull);
     const uint8_t* seg = a.data + (ok ? int64_t(id) : 0) * a.token_bytes + a.seg_off;
-    out_t* dst = out + t * a.seg_rows * a.D;
+    out_t* dst = out + t * a.out_stride;
     const int64_t step = int64_t(gridDim.x) * blockDim.x * kUnroll;
     for (int64_t base = int64_t(blockIdx.x) * blockDim.x * kUnroll + threadIdx.x; base < chunks; base += step) {
       uint4 c[kUnroll];
@@ -228,7 +232,7 @@ __global__ void rows_any_kernel(QArgs a, const id_t* __restrict__ ids, out_t* __
     const uint8_t* seg = a.data + (ok ? int64_t(id) : 0) * a.token_bytes + a.seg_off;
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
       const float v = ok ? element<FMT>(a, seg + (i / a.D) * a.row_bytes, i % a.D, nf4) : 0.f;
-      out[t * n + i] = static_cast<out_t>(v);
+      out[t * a.out_stride + i] = static_cast<out_t>(v);
     }
   }
 }
@@ -263,7 +267,8 @@ void launch(const QuantPlan& p, const QArgs& a, const id_t* ids, const float* w,
             unsigned long long* faults, cudaStream_t stream) {
   constexpr int N = codes_per_chunk<FMT>();
   // Vector path: whole 16-byte chunks per row, each inside one scale block, aligned pointers.
-  const bool vec = p.q.D % N == 0 && p.q.block % N == 0 && aligned(a.data, 16) && aligned(out, 16);
+  const bool vec = p.q.D % N == 0 && p.q.block % N == 0 && aligned(a.data, 16) && aligned(out, 16) &&
+                   (a.out_stride * int64_t(sizeof(out_t))) % 16 == 0;
   if (!p.fused) {
     const int64_t per_row = vec ? p.q.D / N : p.q.D;
     const int64_t per_block = vec ? int64_t(kThreads) * kUnroll : kThreads;
@@ -287,9 +292,9 @@ void launch(const QuantPlan& p, const QArgs& a, const id_t* ids, const float* w,
 void lut_gather_quant_into_cuda(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
                                 int64_t block_size, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
                                 std::optional<int64_t> layer, bool accumulate,
-                                const std::optional<at::Tensor>& faults) {
-  const QuantPlan p = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, layer);
-  check_quant_outputs(p, ids, out, faults);
+                                const std::optional<at::Tensor>& faults, std::optional<int64_t> layer_end) {
+  const QuantPlan p = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, {layer, layer_end});
+  const int64_t out_stride = check_quant_outputs(p, data, ids, weights, out, faults);
   MOLE_CHECK_ARG(ids.is_cuda(), "lut_gather_quant: the CUDA kernel needs ids on a CUDA device");
   MOLE_CHECK_ARG(p.fused || !accumulate, "lut_gather_quant: accumulate=True needs weights (the fused form)");
   MOLE_CHECK_ARG(p.T <= std::numeric_limits<int32_t>::max(), "lut_gather_quant: at most 2^31-1 ids per call, got ",
@@ -304,7 +309,7 @@ void lut_gather_quant_into_cuda(const at::Tensor& out, const at::Tensor& data, c
   unsigned long long* fptr =
       faults.has_value() ? reinterpret_cast<unsigned long long*>(faults->data_ptr<int64_t>()) : nullptr;
   const QArgs a{table, p.V, p.L * p.E * p.q.row_bytes, p.seg_row0 * p.q.row_bytes, p.seg_rows,
-                p.q.row_bytes, p.q.D, p.q.block, p.q.scale_offset};
+                p.q.row_bytes, p.q.D, p.q.block, p.q.scale_offset, out_stride};
   const at::Tensor w = p.fused ? kernel_weights(weights) : at::Tensor();
   const float* wp = p.fused ? w.const_data_ptr<float>() : nullptr;
   MOLE_DISPATCH_ID_TYPES(ids_c.scalar_type(), "lut_gather_quant_cuda", [&] {

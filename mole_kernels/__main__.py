@@ -1,6 +1,6 @@
-"""``python -m mole_kernels demo|reparameterize|info`` (the same as the ``mole-kernels`` command)."""
+"""``python -m mole_kernels demo|reparameterize|quality|info`` (the same as the ``mole-kernels`` command)."""
 import sys
 
 from .cli import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m mole_kernels"))

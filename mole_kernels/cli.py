@@ -1,22 +1,40 @@
 """The ``mole-kernels`` command: ``demo``, ``reparameterize``, ``quality``, ``info``.
 
-    mole-kernels demo                                   # no download, no arguments needed
+    mole-kernels demo [--save-model DIR]                # no download, no arguments needed
     mole-kernels reparameterize --from TRAIN_DIR --to REP_DIR [--dtype bf16]
                                 [--lut-format nf4 --block-size 64 --lut-file LUT.safetensors]
     mole-kernels quality [--markdown FILE]              # quantized LUTs vs the bf16 LUT
     mole-kernels info                                   # build and device facts
+
+This module imports neither torch nor the extension when it is loaded: `--help`, `--version`
+and argument errors answer at once (mole_kernels/__init__.py explains how the package stays
+light for the command). Every user error is one line, ``mole-kernels <command>: error: ...``,
+exit status 2, found before any long computation: the arguments first, then the paths the
+command will write, then what needs torch (a config, a checkpoint's header), then the work.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import List, Optional
 
-import torch
+PROG = "mole-kernels"
+# The float LUT dtypes, by the names every option and message uses.
+LUT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Files save_pretrained writes into a model folder (a LUT file must not be one of them).
+MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json")
+
+
+class UsageError(Exception):
+    """A user error: printed as one line, exit status 2."""
 
 
 def _human(n: Optional[float]) -> str:
@@ -28,154 +46,126 @@ def _human(n: Optional[float]) -> str:
         n /= 1024
 
 
-def _sync(dev: torch.device):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, LUT_DTYPES[name])
+
+
+# ---------------------------------------------------------------- paths -------------------
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Whether two paths name the same file or folder (through symlinks and hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _inside(path: str, folder: str) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _check_writable_folder(folder: str, what: str) -> None:
+    """Creates and removes a probe file: os.access says yes to root even on a read-only mount."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mole-kernels-probe-", dir=folder)
+    except OSError as e:
+        raise UsageError(f"{what}: cannot write into {folder!r} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_parent(path: str, option: str) -> str:
+    """The folder a new file or folder ``path`` goes into must exist and be writable."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path!r}: its folder {parent!r} does not exist")
+    _check_writable_folder(parent, f"{option} {path!r}")
+    return path
+
+
+def check_output_file(path: str, option: str) -> str:
+    """A file the command will create or replace."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a folder; give a file name")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path!r} is read-only")
+    return _check_parent(path, option)
+
+
+def check_output_folder(path: str, option: str) -> str:
+    """A folder the command will create (or whose model files it will replace)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a file, not a folder")
+    if os.path.isdir(path):
+        _check_writable_folder(path, f"{option} {path!r}")
+        return path
+    return _check_parent(path, option)
 
 
 # ---------------------------------------------------------------- demo --------------------
 
 
-def _timed_generate(model, prompt, new_tokens, dev, reset=None, **kw):
-    model.generate(prompt, max_new_tokens=2, **kw)  # warm-up: lazy buffers, kernel compiles
-    _sync(dev)
-    if reset is not None:
-        reset()  # byte counters cover the timed run only
-    t0 = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new_tokens, **kw)
-    _sync(dev)
-    return out, time.perf_counter() - t0
-
-
 def cmd_demo(args) -> int:
-    from .model import DenseForCausalLM, MoEForCausalLM, MoLEConfig, MoLEForCausalLM
-    from .table import LookupTable
+    if args.save_model:
+        check_output_folder(args.save_model, "--save-model")
+    from ._demo import demo_config, run_demo
 
-    dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif dev.type == "cpu":
-        # Decoding a small model is a chain of tiny ops: waking a thread pool for each costs more
-        # than the op (on a busy machine, milliseconds), so one thread is both faster and steadier.
-        torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
-    cfg = MoLEConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                     num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                     num_key_value_heads=max(1, args.heads // 2), num_experts=args.experts)
-    print(f"MoLE demo on {dev}: V={cfg.vocab_size} L={cfg.num_hidden_layers} E={cfg.num_experts} "
-          f"D={cfg.hidden_size} FFN={cfg.intermediate_size} heads={cfg.num_attention_heads}/"
-          f"{cfg.num_key_value_heads}, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens "
-          f"(seed {args.seed}, random weights, {torch.get_num_threads()} CPU thread(s))")
-    train = MoLEForCausalLM(cfg, init_std=0.1).to(dev).eval()
-
-    t0 = time.perf_counter()
-    inf = train.reparameterize(placement="host", dtype=torch.float32, device=dev, progress=True)
-    print(f"re-parameterized into a [V, L, E, D] = {list(cfg.lut_shape)} LUT "
-          f"({_human(inf.lut.nbytes)}, {_human(inf.lut.row_bytes)} per token) in {time.perf_counter() - t0:.2f} s")
-
-    tmp = tempfile.mkdtemp(prefix="mole_demo_")
-    lut_file = os.path.join(tmp, "lut.safetensors")
-    inf.lut.save(lut_file)
-    print(f"saved the LUT to {lut_file}")
-
-    B, S, N = args.batch, args.prompt_len, args.new_tokens
-    prompt = torch.randint(0, cfg.vocab_size, (B, S), device=dev)
-    rows = []
-    with torch.no_grad():
-        ref_seq, t_train = _timed_generate(train, prompt, N, dev)
-        ref_logits = train(ref_seq).logits
-        rows.append(dict(name="train form (experts computed)", t=t_train, moved=0, vram=None, ram=None, delta=0.0,
-                         same=True))
-
-        tiers = (["device"] if dev.type == "cuda" else []) + ["host", "disk"]
-        # (tier, dtype, quantization format): the fp32 LUT on every tier, then smaller host tables
-        # (quantized ones hold and move packed rows; the gather dequantizes them to fp32).
-        variants = [(t, torch.float32, None) for t in tiers] + [("host", torch.bfloat16, None),
-                                                               ("host", torch.float32, "int8"),
-                                                               ("host", torch.float32, "nf4")]
-        processed = B * (S + N - 1)  # tokens that passed through the model (prefill + decode)
-        for tier, dtype, fmt in variants:
-            if dtype == torch.float32 and fmt is None:
-                table = LookupTable.open(lut_file, placement=tier, device=dev)
-            else:
-                src = LookupTable.open(lut_file, placement="disk", device=dev)
-                table = LookupTable.from_tensor(src.tensor.to(dtype), placement=tier, device=dev, format=fmt)
-                src.close()
-            inf.set_lut(table)
-            seq, t = _timed_generate(inf, prompt, N, dev, reset=table.reset_stats)
-            moved = sum(table.stats.bytes_read.values())
-            delta = (inf(ref_seq).logits - ref_logits).abs().max().item()
-            name = f"MoLE, LUT on {tier}" + ("" if dtype == torch.float32 else f" ({str(dtype)[6:]})")
-            if fmt is not None:
-                name += f" ({fmt}, block {table.block_size})"
-            vram = table.nbytes if tier == "device" else 0
-            ram = table.nbytes if tier == "host" else 0
-            rows.append(dict(name=name, t=t, moved=moved, vram=vram, ram=ram, delta=delta,
-                             same=torch.equal(seq, ref_seq)))
-            table.close()
-
-        dense = DenseForCausalLM.from_mole(train)
-        _, t = _timed_generate(dense, prompt, N, dev)
-        rows.append(dict(name="dense baseline", t=t, moved=0, vram=None, ram=None, delta=None, same=None))
-
-        moe = MoEForCausalLM(cfg, init_std=0.1).to(dev).eval()
-        moe.offload_experts()
-        _, t = _timed_generate(moe, prompt, N, dev, reset=lambda: setattr(moe, "offload_stats", type(moe.offload_stats)()))
-        st = moe.offload_stats
-        rows.append(dict(name=f"MoE top-{cfg.moe_top_k}/{cfg.moe_num_experts}, experts offloaded", t=t,
-                         moved=st.bytes_h2d, vram=None, ram=moe.host_bytes, delta=None, same=None))
-
-    print()
-    head = f"{'model':40s} {'tokens/s':>9s} {'ms/token':>9s} {'LUT/expert bytes per token':>27s} " \
-           f"{'VRAM held':>10s} {'RAM held':>10s} {'max|dlogits|':>13s}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        tps = B * N / r["t"]
-        ms = 1000 * r["t"] / N
-        per_tok = r["moved"] / processed
-        delta = "-" if r["delta"] is None else f"{r['delta']:.2e}"
-        if r["same"] is False:
-            delta += " *"
-        print(f"{r['name']:40s} {tps:9.1f} {ms:9.2f} {_human(per_tok):>27s} {_human(r['vram']):>10s} "
-              f"{_human(r['ram']):>10s} {delta:>13s}")
-    print()
-    print("tokens/s: generated tokens of the whole batch per second; ms/token: time per generation step (both "
-          "include the prompt's prefill).\nLUT/expert bytes per token: table (or expert weight) bytes read, over "
-          "every token the model processed (quantized tables: packed rows with their scales).\nmax|dlogits|: logits of the train form's greedy continuation, each model vs the train form"
-          " ('*': greedy tokens differed).\nThe disk tier's LUT is memory-mapped (held by the page cache, not counted);"
-          " the MoE baseline is a different random model with MoLE's activated parameters.")
-    try:
-        os.unlink(lut_file)
-        os.rmdir(tmp)
-    except OSError:
-        pass
-    return 0
+    cfg = demo_config(args)  # a bad combination of sizes fails here, before any work
+    return run_demo(args, cfg)
 
 
 # ---------------------------------------------------------------- reparameterize ----------
 
 
-def cmd_reparameterize(args) -> int:
-    from .model import MoLEForCausalLM, parse_dtype
+def _check_reparameterize_paths(args) -> None:
+    """Nothing is written into the input folder, and the LUT file is none of the output's own files.
+    Checked before the output folders are probed (a probe file must not land in the input either)."""
+    src, dst = args.src, args.dst
+    if not os.path.isdir(src):
+        raise UsageError(f"--from {src!r} is not a folder (expected a train-form model folder with config.json)")
+    if _same_path(src, dst) or _inside(dst, src):
+        raise UsageError(f"--to {dst!r} is (or is inside) --from {src!r}: nothing is written into the train-form folder")
+    inputs = [os.path.join(src, n) for n in os.listdir(src)]
+    for name in MODEL_FILES:  # an output file may already be a link to an input file
+        if any(_same_path(os.path.join(dst, name), f) for f in inputs):
+            raise UsageError(f"--to {dst!r}: its {name} is the same file as one in --from {src!r}")
+    if args.lut_file:
+        lut = args.lut_file
+        if _inside(lut, src):
+            raise UsageError(f"--lut-file {lut!r} is inside --from {src!r}: nothing is written into the "
+                             "train-form folder")
+        same = next((f for f in inputs if _same_path(lut, f)), None)
+        if same is not None:
+            raise UsageError(f"--lut-file {lut!r} is the same file as {same!r} of --from")
+        for name in MODEL_FILES:
+            if _same_path(lut, os.path.join(dst, name)):
+                raise UsageError(f"--lut-file {lut!r} is the output's own {name}; choose another file name")
+    check_output_folder(dst, "--to")
+    if args.lut_file:
+        check_output_file(args.lut_file, "--lut-file")
 
-    dtype = parse_dtype(args.dtype, "--dtype")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"--dtype must be fp32, fp16 or bf16, got {args.dtype!r}")
-    if os.path.abspath(args.src) == os.path.abspath(args.dst):
-        raise ValueError("--to must differ from --from (the train-form folder is not overwritten)")
+
+def cmd_reparameterize(args) -> int:
     if args.block_size is not None and args.lut_format is None:
-        raise ValueError("--block-size needs --lut-format (a float LUT has no blocks)")
+        raise UsageError("--block-size needs --lut-format (a float LUT has no blocks)")
     if args.lut_format is not None and not args.lut_file:
-        raise ValueError("--lut-format needs --lut-file: the official layout has no quantized form, so the "
+        raise UsageError("--lut-format needs --lut-file: the official layout has no quantized form, so the "
                          "quantized LUT is written there (the folder keeps the float LUT)")
+    _check_reparameterize_paths(args)
+    from .model import MoLEForCausalLM
+
+    dtype = _torch_dtype(args.dtype)
     model = MoLEForCausalLM.from_pretrained(args.src)
     if model.is_reparameterized:
-        raise ValueError(f"--from {args.src!r} is already re-parameterized (it holds model.moe_table.weight)")
-    if args.lut_format is not None:  # fail on a bad format or block size before the long computation
-        from .model import _check_lut_format
-
-        _check_lut_format(args.lut_format, args.block_size, model.config.hidden_size, "--lut-format/--block-size")
+        raise UsageError(f"--from {args.src!r} is already re-parameterized (it holds model.moe_table.weight)")
+    if args.lut_format is not None:  # a block size that does not fit the model fails before the long computation
+        _check_block(args.lut_format, args.block_size, model.config.hidden_size, "--lut-format/--block-size")
     t0 = time.perf_counter()
     inf = model.reparameterize(placement="host", dtype=dtype, device="cpu", chunk_size=args.chunk_size,
                                progress=not args.quiet)
@@ -185,7 +175,7 @@ def cmd_reparameterize(args) -> int:
     if args.lut_format is not None:
         from .table import LookupTable
 
-        with LookupTable.from_tensor(inf.lut.tensor, "host", device="cpu", format=args.lut_format,
+        with LookupTable.from_tensor(inf.lut.read(), "host", device="cpu", format=args.lut_format,
                                      block_size=args.block_size) as q:
             q.save(args.lut_file)
             note = (f"; quantized LUT ({q.format}, block {q.block_size}) = {_human(q.nbytes)} "
@@ -193,10 +183,21 @@ def cmd_reparameterize(args) -> int:
     elif args.lut_file:
         inf.lut.save(args.lut_file)
         note = f"; standalone LUT file {args.lut_file}"
-    print(f"wrote {args.dst}: LUT [V={V}, L={L}, E={E}, D={D}] {str(dtype)[6:]} = {_human(inf.lut.nbytes)} "
+    print(f"wrote {args.dst}: LUT [V={V}, L={L}, E={E}, D={D}] {LUT_DTYPES[args.dtype]} = {_human(inf.lut.nbytes)} "
           f"({_human(inf.lut.row_bytes)} per token) as model.moe_table.weight [{V}, {L * E * D}]"
           + note + f" in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _check_block(fmt: str, block: Optional[int], hidden: int, option: str) -> None:
+    """UsageError unless ``fmt`` is a quantization format and ``block`` (None: its default) fits ``hidden``."""
+    from .quant import canonical_format, default_block_size, row_layout
+
+    try:
+        name = canonical_format(fmt)
+        row_layout(name, hidden, default_block_size(name, hidden) if block is None else block)
+    except ValueError as e:
+        raise UsageError(f"{option}: {e}") from None
 
 
 # ---------------------------------------------------------------- quality -----------------
@@ -205,70 +206,95 @@ DEFAULT_QUALITY_VARIANTS = "fp32,fp16,int8,fp8-128,nf4-64,nf4-128,nf4-768"
 
 
 def _parse_variant(v: str):
-    """'nf4-64' -> ('nf4', 64); 'int8' -> ('int8', None); 'fp32' -> (torch.float32, None)."""
-    from .model import parse_dtype
-
+    """'nf4-64' -> ('nf4', 64); 'int8' -> ('int8', None); 'fp32' -> ('fp32', None) (syntax only)."""
     name, _, block = v.strip().partition("-")
     try:
         b = int(block) if block else None
     except ValueError:
-        raise ValueError(f"--variants: {v!r}: the block size after '-' must be an int") from None
-    if name in ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16"):
-        if b is not None:
-            raise ValueError(f"--variants: {v!r}: a float LUT has no block size")
-        return parse_dtype(name), None
-    from .quant import canonical_format
-
-    return canonical_format(name), b
+        raise UsageError(f"--variants: {v!r}: the block size after '-' must be an int") from None
+    if name in LUT_DTYPES and b is not None:
+        raise UsageError(f"--variants: {v!r}: a float LUT has no block size")
+    return name, b
 
 
-@torch.no_grad()
-def lut_quality(train, input_ids: torch.Tensor, variants, *, base_dtype=torch.bfloat16) -> list:
+def quality_variants(spec: Optional[str], hidden: int):
+    """(variants [(float dtype name | format, block)], notes). The default list drops, with a note, the
+    blocks that do not divide ``hidden``; a list the user gave must fit as it is."""
+    variants, notes = [], []
+    for item in (spec or DEFAULT_QUALITY_VARIANTS).split(","):
+        if not item.strip():
+            continue
+        name, block = _parse_variant(item)
+        if name not in LUT_DTYPES:
+            try:
+                _check_block(name, block, hidden, f"--variants {item.strip()!r}")
+            except UsageError:
+                if spec is not None:
+                    raise
+                notes.append(f"{item.strip()} skipped: block {block} does not divide --hidden {hidden}")
+                continue
+        variants.append((name, block))
+    if not variants:
+        raise UsageError("--variants: no variant given")
+    return variants, notes
+
+
+def lut_quality(train, input_ids, variants, *, base_dtype="bf16", progress: bool = False) -> list:
     """Each LUT variant's model against the model with the ``base_dtype`` LUT, on one batch.
 
     ``train``: a train-form :class:`MoLEForCausalLM`; its LUT is computed once in float32, rounded
-    to ``base_dtype`` (the reference), and each variant is either a float dtype (the float32 LUT
-    rounded to it) or ``(format, block_size)``, the reference LUT quantized (dequantized rows in
-    ``base_dtype``, as the gather returns them). Logits are teacher-forced on ``input_ids``
-    ``[B, S]``. Returns one dict per variant (the reference first): ``bytes_per_token`` (LUT bytes
-    one token's rows take, all layers), ``ratio`` (vs the reference), ``max_dlogit``/``mean_dlogit``
-    (|logits - reference logits|), ``kl`` (mean over positions of KL(reference || variant) of the
-    next-token distributions, nats, float64), ``agree`` (fraction of positions whose greedy next
-    token equals the reference's).
+    to ``base_dtype`` (the reference), and each variant is either a float dtype (a torch dtype or
+    a name in :data:`LUT_DTYPES`: the float32 LUT rounded to it) or ``(format, block_size)``, the
+    reference LUT quantized (dequantized rows in ``base_dtype``, as the gather returns them).
+    Logits are teacher-forced on ``input_ids`` ``[B, S]``. Returns one dict per variant (the
+    reference first): ``bytes_per_token`` (LUT bytes one token's rows take, all layers),
+    ``ratio`` (vs the reference), ``max_dlogit``/``mean_dlogit`` (|logits - reference logits|),
+    ``kl`` (mean over positions of KL(reference || variant) of the next-token distributions,
+    nats, float64), ``agree`` (fraction of positions whose greedy next token equals the
+    reference's). ``progress``: a bar over the variants on stderr.
     """
+    import torch
+
+    from ._progress import progress_bar
     from .table import LookupTable
 
-    lut32 = train.compute_lut(dtype=torch.float32, progress=False)
-    ref_lut = lut32.to(base_dtype)
-    base_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[base_dtype]
+    names = {getattr(torch, v): k for k, v in LUT_DTYPES.items()}
+    base = _torch_dtype(base_dtype) if isinstance(base_dtype, str) else base_dtype
+    with torch.no_grad():
+        lut32 = train.compute_lut(dtype=torch.float32, progress=progress)
+        ref_lut = lut32.to(base)
 
-    def run(table):
-        inf = train._inference_form(table)
-        try:
-            return inf(input_ids).logits.double()
-        finally:
-            table.close()
+        def run(table):
+            inf = train._inference_form(table)
+            try:
+                return inf(input_ids).logits.double()
+            finally:
+                table.close()
 
-    ref = run(LookupTable.from_tensor(ref_lut, "host", device=train.device))
-    ref_logp = torch.log_softmax(ref, -1)
-    ref_tok = ref.argmax(-1)
-    ref_bytes = ref_lut[0].numel() * ref_lut.element_size()
-    rows = [dict(name=f"{base_name} (reference)", bytes_per_token=ref_bytes, ratio=1.0, max_dlogit=0.0,
-                 mean_dlogit=0.0, kl=0.0, agree=1.0)]
-    for fmt, block in variants:
-        if isinstance(fmt, torch.dtype):
-            table = LookupTable.from_tensor(lut32.to(fmt), "host", device=train.device)
-            name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[fmt]
-        else:
-            table = LookupTable.from_tensor(ref_lut, "host", device=train.device, format=fmt, block_size=block)
-            name = fmt if fmt == "int8" else f"{fmt} (block {table.block_size})"
-        nbytes = table.row_bytes
-        logits = run(table)
-        d = (logits - ref).abs()
-        logp = torch.log_softmax(logits, -1)
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
-        rows.append(dict(name=name, bytes_per_token=nbytes, ratio=nbytes / ref_bytes, max_dlogit=d.max().item(),
-                         mean_dlogit=d.mean().item(), kl=kl, agree=(logits.argmax(-1) == ref_tok).double().mean().item()))
+        ref = run(LookupTable.from_tensor(ref_lut, "host", device=train.device))
+        ref_logp = torch.log_softmax(ref, -1)
+        ref_tok = ref.argmax(-1)
+        ref_bytes = ref_lut[0].numel() * ref_lut.element_size()
+        rows = [dict(name=f"{names[base]} (reference)", bytes_per_token=ref_bytes, ratio=1.0, max_dlogit=0.0,
+                     mean_dlogit=0.0, kl=0.0, agree=1.0)]
+        with progress_bar(len(variants), "quality: LUT variants", enabled=progress) as bar:
+            for fmt, block in variants:
+                dtype = _torch_dtype(fmt) if fmt in LUT_DTYPES else fmt if isinstance(fmt, torch.dtype) else None
+                if dtype is not None:
+                    table = LookupTable.from_tensor(lut32.to(dtype), "host", device=train.device)
+                    name = names[dtype]
+                else:
+                    table = LookupTable.from_tensor(ref_lut, "host", device=train.device, format=fmt, block_size=block)
+                    name = table.format if table.format == "int8" else f"{table.format} (block {table.block_size})"
+                nbytes = table.row_bytes
+                logits = run(table)
+                d = (logits - ref).abs()
+                logp = torch.log_softmax(logits, -1)
+                kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
+                rows.append(dict(name=name, bytes_per_token=nbytes, ratio=nbytes / ref_bytes,
+                                 max_dlogit=d.max().item(), mean_dlogit=d.mean().item(), kl=kl,
+                                 agree=(logits.argmax(-1) == ref_tok).double().mean().item()))
+                bar.update(1)
     return rows
 
 
@@ -281,9 +307,11 @@ def _quality_table(rows) -> str:
     return "\n".join(lines)
 
 
-_QUALITY_NOTES = """Notes:
+QUALITY_NOTES = """Columns:
 - bytes/token: one token's LUT rows for all layers as stored (quantized rows include their float32
   scales and the padding to 16-byte rows); what a prefetch moves over PCIe or reads from disk.
+- vs bf16: bytes/token over the bf16 LUT's.
+- max/mean abs dlogits: |logits - the bf16 LUT model's logits|, over every position and vocabulary entry.
 - fp32 and fp16 rows are the float32 LUT rounded to that dtype: the differences bf16 rounding alone
   makes, for scale. int8/fp8/nf4 rows are the bf16 LUT quantized, dequantized in the gather.
 - KL: mean over positions of KL(p_bf16 || p_variant) of the next-token distributions, in float64.
@@ -297,20 +325,27 @@ _QUALITY_NOTES = """Notes:
 def cmd_quality(args) -> int:
     import datetime
     import platform
-    import shlex
+
+    if args.markdown:
+        check_output_file(args.markdown, "--markdown")
+    variants, notes = quality_variants(args.variants, args.hidden)
+    import torch
 
     from .model import MoLEConfig, MoLEForCausalLM
 
-    variants = [_parse_variant(v) for v in args.variants.split(",") if v.strip()]
-    torch.manual_seed(args.seed)
     cfg = MoLEConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
                      num_key_value_heads=max(1, args.heads // 2), num_experts=args.experts)
+    for note in notes:
+        print(note)
+    print(f"building a seeded V={cfg.vocab_size} L={cfg.num_hidden_layers} E={cfg.num_experts} "
+          f"D={cfg.hidden_size} model and {len(variants)} LUT variants ...", flush=True)
+    torch.manual_seed(args.seed)
     train = MoLEForCausalLM(cfg, init_std=args.init_std).eval()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len),
                         generator=torch.Generator().manual_seed(args.seed + 1))
     t0 = time.perf_counter()
-    rows = lut_quality(train, ids, variants)
+    rows = lut_quality(train, ids, variants, progress=not args.quiet)
     with torch.no_grad():
         ref_std = train(ids[:1]).logits.float().std().item()
     took = time.perf_counter() - t0
@@ -320,20 +355,18 @@ def cmd_quality(args) -> int:
             f"teacher-forced at every position ({args.batch * args.seq_len} positions, logit std {ref_std:.3f}). "
             "Every quantized LUT is the bf16 LUT quantized; every row compares with the model using the bf16 LUT.")
     table = _quality_table(rows)
-    print(desc)
-    print()
-    print(table)
-    print(f"\n({took:.1f} s)")
+    print(f"\n{desc}\n\n{table}\n\n{QUALITY_NOTES}\n({took:.1f} s)")
     if args.markdown:
-        cmd = "python -m mole_kernels quality " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-            if len(sys.argv) > 1 and sys.argv[1] == "quality" else "python -m mole_kernels quality"
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write("# Quantized LUT quality on the reference model\n\n")
-            f.write(f"- date: {datetime.date.today().isoformat()}\n")
-            f.write(f"- machine: {platform.node() or 'unknown'} ({platform.machine()}, {os.cpu_count()} CPUs, "
-                    f"{platform.system()}), torch {torch.__version__}, CPU only\n")
-            f.write(f"- command: `{cmd}`\n\n")
-            f.write(desc + "\n\n" + table + "\n\n" + _QUALITY_NOTES)
+        from ._files import atomic_write
+
+        with atomic_write(args.markdown, "w", encoding="utf-8") as f:
+            f.write("".join([
+                "# Quantized LUT quality on the reference model\n\n",
+                f"- date: {datetime.date.today().isoformat()}\n",
+                f"- machine: {platform.node() or 'unknown'} ({platform.machine()}, {os.cpu_count()} CPUs, "
+                f"{platform.system()}), torch {torch.__version__}, CPU only\n",
+                f"- command: `{args.command_line}`\n\n",
+                desc + "\n\n" + table + "\n\n" + QUALITY_NOTES]))
         print(f"wrote {args.markdown}")
     return 0
 
@@ -342,10 +375,11 @@ def cmd_quality(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from . import build_info
+    import torch
 
-    info = build_info()
-    facts = {"mole_kernels": _version(), "python": sys.version.split()[0], **info}
+    from . import __version__, build_info
+
+    facts = {"mole_kernels": __version__, "python": sys.version.split()[0], **build_info()}
     try:
         import triton
 
@@ -369,81 +403,174 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _version() -> str:
+# ---------------------------------------------------------------- arguments ---------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (argparse would print the usage first)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" where there is a default to show (not for flags or optional values)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _int_at_least(low):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+POSITIVE = _int_at_least(1)
+
+
+def _model_options(p, *, vocab, hidden, layers, experts, heads, ffn=None):
+    p.add_argument("--vocab", type=POSITIVE, default=vocab, help="vocabulary size V")
+    p.add_argument("--hidden", type=POSITIVE, default=hidden, help="hidden size D")
+    if ffn is not None:
+        p.add_argument("--ffn", type=POSITIVE, default=ffn, help="shared and expert MLP hidden size")
+    p.add_argument("--layers", type=POSITIVE, default=layers, help="decoder layers L")
+    p.add_argument("--experts", type=POSITIVE, default=experts, help="routed experts per layer E")
+    p.add_argument("--heads", type=POSITIVE, default=heads,
+                   help="attention heads (key/value heads: half as many); must divide --hidden")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random weights and tokens")
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
     from . import __version__
 
-    return __version__
+    p = _Parser(prog=prog, description="Mixture-of-Lookup-Experts inference kernels: a demo, checkpoint "
+                                       "conversion, LUT quantization quality and build facts.", formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
+    def command(name, help, description):
+        return sub.add_parser(name, help=help, description=description, formatter_class=_Help)
 
-# ---------------------------------------------------------------- entry point -------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mole-kernels", description="Mixture-of-Lookup-Experts inference kernels")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("demo", help="build a small seeded MoLE model, re-parameterize it, generate on every LUT tier")
-    d.add_argument("--vocab", type=int, default=2048)
-    d.add_argument("--hidden", type=int, default=128)
-    d.add_argument("--layers", type=int, default=4)
-    d.add_argument("--experts", type=int, default=4)
-    d.add_argument("--heads", type=int, default=4)
-    d.add_argument("--batch", type=int, default=1)
-    d.add_argument("--prompt-len", type=int, default=16)
-    d.add_argument("--new-tokens", type=int, default=32)
-    d.add_argument("--seed", type=int, default=0)
+    d = command("demo", "build a small seeded MoLE model, re-parameterize it, time generation on every LUT tier",
+                "Builds a small MoLE model with random weights (no download), re-parameterizes its experts into a "
+                "LUT, and times greedy generation with the LUT on every tier this machine has (and bf16/int8/nf4 "
+                "tables), next to the train form, a dense and an MoE-with-offloaded-experts baseline. Runs are "
+                "interleaved and repeated; the table shows medians and explains every column.")
+    _model_options(d, vocab=2048, hidden=128, layers=4, experts=4, heads=4)
+    d.add_argument("--batch", type=POSITIVE, default=1, help="sequences generated at once")
+    d.add_argument("--prompt-len", type=POSITIVE, default=16, help="prompt tokens per sequence")
+    d.add_argument("--new-tokens", type=_int_at_least(2), default=32,
+                   help="tokens generated per sequence (at least 2: one from the prefill, one decode step)")
+    d.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs per model (interleaved; medians shown)")
     d.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
-    d.add_argument("--threads", type=int, default=0, help="CPU threads (default: 1 on the CPU, torch's default on a GPU)")
+    d.add_argument("--threads", type=POSITIVE, default=None,
+                   help="CPU threads (default: 1 on the CPU, where one thread is fastest for a model this small; "
+                        "torch's default when a GPU runs the model)")
+    d.add_argument("--save-model", metavar="DIR", default=None,
+                   help="also save the train-form model (config.json + model.safetensors) into DIR: the input "
+                        "of `mole-kernels reparameterize --from DIR`")
     d.set_defaults(func=cmd_demo)
 
-    r = sub.add_parser("reparameterize", help="turn a train-form checkpoint folder into the re-parameterized form")
-    r.add_argument("--from", dest="src", required=True, help="train-form folder (config.json + weights)")
-    r.add_argument("--to", dest="dst", required=True, help="output folder (official re-parameterized layout)")
-    r.add_argument("--dtype", default="fp16", help="LUT dtype: fp32, fp16 (default, as the official code) or bf16")
-    r.add_argument("--chunk-size", type=int, default=4096, help="vocabulary entries per step")
-    r.add_argument("--lut-file", default=None,
-                   help="also write the LUT as a standalone mmap-able LookupTable safetensors file (required with "
-                        "--lut-format); load it with MoLEForCausalLM.from_pretrained(TO, lut_file=...)")
+    r = command("reparameterize", "turn a train-form checkpoint folder into the re-parameterized form",
+                "Reads a train-form model folder (config.json + weights, official MoLE names), evaluates every "
+                "expert for every vocabulary entry and writes the inference form: the official layout with "
+                "model.moe_table.weight [V, L*E*D]. Nothing is written into --from.")
+    r.add_argument("--from", dest="src", required=True, metavar="DIR", help="train-form folder (config.json + weights)")
+    r.add_argument("--to", dest="dst", required=True, metavar="DIR",
+                   help="output folder (official re-parameterized layout); created if missing")
+    r.add_argument("--dtype", default="fp16", choices=list(LUT_DTYPES),
+                   help="LUT dtype (fp16: as the official code stores it)")
+    r.add_argument("--chunk-size", type=POSITIVE, default=4096, help="vocabulary entries per step")
+    r.add_argument("--lut-file", default=None, metavar="FILE",
+                   help="also write the LUT as a standalone memory-mappable LookupTable safetensors file (required "
+                        "with --lut-format); load it with MoLEForCausalLM.from_pretrained(TO, lut_file=FILE)")
     r.add_argument("--lut-format", default=None, choices=["int8", "fp8", "fp8_e4m3", "nf4"],
                    help="quantize the LUT written to --lut-file (int8: per-row scale; fp8 e4m3 / nf4: per-block "
                         "scales). The official layout has no quantized form, so --to keeps the float LUT in "
                         "--dtype and the quantized one goes to --lut-file")
-    r.add_argument("--block-size", type=int, default=None,
-                   help="values per scale for --lut-format (must divide the hidden size; default fp8 128, nf4 64, "
+    r.add_argument("--block-size", type=POSITIVE, default=None,
+                   help="values per scale for --lut-format (must divide the hidden size; default: fp8 128, nf4 64, "
                         "or the hidden size where those do not divide it; int8 is always per row)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_reparameterize)
 
-    q = sub.add_parser("quality", help="quantized LUTs vs the bf16 LUT on a seeded reference model: bytes per token, "
-                                       "|dlogits|, KL, greedy agreement")
-    q.add_argument("--vocab", type=int, default=1024)
-    q.add_argument("--hidden", type=int, default=768, help="hidden size (768: the paper's 160M; nf4 block 768 fits)")
-    q.add_argument("--ffn", type=int, default=1536, help="shared and expert MLP hidden size")
-    q.add_argument("--layers", type=int, default=4)
-    q.add_argument("--experts", type=int, default=4)
-    q.add_argument("--heads", type=int, default=12)
-    q.add_argument("--batch", type=int, default=8)
-    q.add_argument("--seq-len", type=int, default=64)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--init-std", type=float, default=0.05, help="weight init std (large enough that logits are peaked)")
-    q.add_argument("--variants", default=DEFAULT_QUALITY_VARIANTS,
-                   help="comma-separated FORMAT[-BLOCK] list (fp32 and fp16 are unquantized float LUTs)")
-    q.add_argument("--markdown", default=None, help="also write the table (with date, machine, command) to this file")
+    q = command("quality", "quantized LUTs vs the bf16 LUT on a seeded model: bytes per token, |dlogits|, KL, "
+                           "greedy agreement",
+                "Builds a seeded MoLE model, computes its LUT and compares the model with each LUT variant "
+                "(float dtypes, int8, fp8, nf4 blocks) against the same model with the bf16 LUT.")
+    _model_options(q, vocab=1024, hidden=768, layers=4, experts=4, heads=12, ffn=1536)
+    q.add_argument("--batch", type=POSITIVE, default=8, help="sequences of random tokens")
+    q.add_argument("--seq-len", type=POSITIVE, default=64, help="tokens per sequence")
+    q.add_argument("--init-std", type=_positive_float, default=0.05,
+                   help="weight init std (large enough that logits are peaked)")
+    q.add_argument("--variants", default=None, metavar="LIST",
+                   help="comma-separated FORMAT[-BLOCK] list: fp32, fp16 (float LUTs), int8, fp8-BLOCK, nf4-BLOCK "
+                        f"(default: {DEFAULT_QUALITY_VARIANTS}, skipping the blocks that do not divide --hidden)")
+    q.add_argument("--markdown", default=None, metavar="FILE",
+                   help="also write the table (with date, machine, command) to this file")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quality)
 
-    i = sub.add_parser("info", help="build and device facts")
-    i.add_argument("--json", action="store_true")
+    i = command("info", "build and device facts", "What the extension was built with and what this machine has.")
+    i.add_argument("--json", action="store_true", help="one JSON object instead of aligned lines")
     i.set_defaults(func=cmd_info)
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Optional[List[str]] = None, prog: str = PROG) -> int:
+    """Runs one command; returns the exit status (0, 1 when the package cannot load, 2 for a user error,
+    130 when interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(prog).parse_args(argv)
+    args.command_line = " ".join([prog] + [shlex.quote(a) for a in argv])
+    where = f"{prog} {args.command}"
+    # SIGTERM unwinds like Ctrl-C, so temporary files are removed on that exit path too (only the
+    # main thread may set a handler; a caller running main() elsewhere keeps its own).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main else None
     try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"mole-kernels {args.command}: error: {e}", file=sys.stderr)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe (`info | head -1`) shows up here, inside the handlers below
+        return status
+    except UsageError as e:
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:  # a bad checkpoint or config, named by the library
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # the extension is not built, or was built against another torch
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away: nothing left to say. Point stdout at /dev/null so that the
+        # interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

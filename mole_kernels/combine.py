@@ -1,7 +1,10 @@
-"""`router_softmax` and `mole_combine`: the per-layer arithmetic around a MoLE lookup.
+"""`router_softmax`, `mole_combine` and `lut_combine`: the per-layer arithmetic around a MoLE lookup.
 
     router_softmax(logits)                      -> softmax(logits, -1) in float32
     mole_combine(logits, rows, residual, shared) -> residual + shared + sum_e softmax(logits)_e * rows[:, e, :]
+    lut_combine(lut, ids, logits, layer=l, residual=, shared=)
+                                                -> the same with rows = lut[ids, l]: read in place
+                                                   from the table, each byte once (one call per layer)
 
 Read top to bottom: two Triton kernels, the block-size table, the launchers, the
 plain-torch fallback, `_backend` (the one place that picks Triton or torch), the
@@ -24,6 +27,9 @@ from typing import Optional
 
 import torch
 
+from ._ops import build_info, check_fake_devices, ops, raise_on_bad_ids
+from .quant import QuantizedLUT
+
 try:  # Triton is optional: without it only the torch fallback exists.
     import triton
     import triton.language as tl
@@ -31,7 +37,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
-__all__ = ["router_softmax", "mole_combine", "MAX_EXPERTS"]
+__all__ = ["router_softmax", "mole_combine", "lut_combine", "MAX_EXPERTS"]
 
 # The kernels hold one token's logits in registers; 4096 covers every MoE/MoLE
 # router we know of with room to spare. Checked on every backend alike.
@@ -71,20 +77,33 @@ if triton is not None:  # the decorators and tl.constexpr annotations need trito
 
     @triton.jit
     def _mole_combine_kernel(
-        logits_ptr, rows_ptr, res_ptr, sh_ptr, out_ptr,
-        E, D,
+        logits_ptr, rows_ptr, res_ptr, sh_ptr, out_ptr, ids_ptr, faults_ptr,
+        E, D, V,
         s_lt, s_le,
         s_rt, s_re, s_rd,
         s_rest, s_resd,
         s_sht, s_shd,
         s_ot, s_od,
-        HAS_RES: tl.constexpr, HAS_SH: tl.constexpr,
+        HAS_RES: tl.constexpr, HAS_SH: tl.constexpr, GATHER: tl.constexpr, COUNT_FAULTS: tl.constexpr,
         BLOCK_E: tl.constexpr, E_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # One program = one token x one BLOCK_D slice of the hidden dim.
         t = tl.program_id(0).to(tl.int64)
         d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
         dmask = d < D
+        if GATHER:
+            # rows is a table [V, E, D] (one layer's slice of [V, L, E, D], VRAM or the device alias
+            # of pinned host memory) read at row ids[t]: each table byte is read once, in place.
+            # An id outside [0, V) reads nothing and is counted once (by the token's first program).
+            tok = tl.load(ids_ptr + t).to(tl.int64)
+            ok = (tok >= 0) & (tok < V)
+            if COUNT_FAULTS:
+                tl.atomic_add(faults_ptr, 1, mask=(~ok) & (tl.program_id(1) == 0))
+            dmask_rows = dmask & ok
+            tok = tl.where(ok, tok, 0)
+        else:
+            tok = t
+            dmask_rows = dmask
 
         # Softmax statistics of this token's E logits, recomputed by every D-slice
         # (E values from L1/L2) so the probabilities never go to memory.
@@ -95,7 +114,7 @@ if triton is not None:  # the decorators and tl.constexpr annotations need trito
 
         # Stream rows[t, :, d] in [E_CHUNK, BLOCK_D] tiles: each row byte is read once.
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        row_base = rows_ptr + t * s_rt
+        row_base = rows_ptr + tok * s_rt
         for e0 in range(0, E, E_CHUNK):
             ec = e0 + tl.arange(0, E_CHUNK)
             emask = ec < E
@@ -103,7 +122,7 @@ if triton is not None:  # the decorators and tl.constexpr annotations need trito
             w = tl.exp(xc - m) * inv_s  # -inf logit -> weight exactly 0
             r = tl.load(
                 row_base + ec[:, None].to(tl.int64) * s_re + d[None, :] * s_rd,
-                mask=emask[:, None] & dmask[None, :], other=0.0,
+                mask=emask[:, None] & dmask_rows[None, :], other=0.0,
             ).to(tl.float32)
             acc += tl.sum(w[:, None] * r, axis=0)
 
@@ -167,25 +186,26 @@ def _router_softmax_triton(x2: torch.Tensor, y2: torch.Tensor, interpret: bool) 
     kernel[grid](x2, y2, T, E, x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1), **cfg)
 
 
-def _mole_combine_triton(logits2, rows3, res2, sh2, out2, interpret: bool) -> None:
-    T, E, D = rows3.shape
+def _mole_combine_triton(logits2, rows3, res2, sh2, out2, interpret: bool, ids=None, faults=None) -> None:
+    """rows3: [T, E, D] rows, or with ``ids`` [T] a table [V, E, D] read at row ids[t]."""
+    T, (_, E, D) = logits2.shape[0], rows3.shape
     if T == 0 or D == 0:
         return
     cfg = _combine_config(T, E, D)
     kernel = _launch(_mole_combine_kernel, interpret)
-    # Absent operands: a valid pointer (never read: HAS_* is a constexpr).
+    # Absent operands: a valid pointer (never read: HAS_*, GATHER, COUNT_FAULTS are constexprs).
     res = res2 if res2 is not None else out2
     sh = sh2 if sh2 is not None else out2
     grid = (T, triton.cdiv(D, cfg["BLOCK_D"]))
     kernel[grid](
-        logits2, rows3, res, sh, out2,
-        E, D,
+        logits2, rows3, res, sh, out2, ids if ids is not None else out2, faults if faults is not None else out2,
+        E, D, rows3.shape[0],
         logits2.stride(0), logits2.stride(1),
         rows3.stride(0), rows3.stride(1), rows3.stride(2),
         res.stride(0), res.stride(1),
         sh.stride(0), sh.stride(1),
         out2.stride(0), out2.stride(1),
-        HAS_RES=res2 is not None, HAS_SH=sh2 is not None,
+        HAS_RES=res2 is not None, HAS_SH=sh2 is not None, GATHER=ids is not None, COUNT_FAULTS=faults is not None,
         **cfg,
     )
 
@@ -282,6 +302,52 @@ def _check_softmax(logits, out_dtype):
         _fail("router_softmax", f"out_dtype must be float32/float16/bfloat16, got {out_dtype}")
 
 
+def _extent(t: torch.Tensor):
+    """The byte range ``[lo, hi)`` a tensor's elements span."""
+    lo = hi = 0
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride
+        if reach < 0:
+            lo += reach
+        else:
+            hi += reach
+    base, item = t.data_ptr(), t.element_size()
+    return base + lo * item, base + (hi + 1) * item
+
+
+def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors may share memory (conservative: interleaved views count as overlapping)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def _has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (an expanded, stride-0 view; conservative)."""
+    reach = 0  # the furthest offset the smaller-stride dims span
+    for stride, size in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def _check_out_memory(fn: str, out, inputs) -> None:
+    """``out`` may be exactly ``residual`` (the in-place update) but share no other memory."""
+    if _has_internal_overlap(out):
+        _fail(fn, f"out has overlapping elements (strides {out.stride()}, e.g. an expanded view); "
+                  "pass a tensor with one element per position")
+    for name, t in inputs:
+        if t is None or not _may_overlap(out, t):
+            continue
+        same = (name == "residual" and t.data_ptr() == out.data_ptr() and t.dtype == out.dtype
+                and t.stride() == out.stride())
+        if not same:
+            _fail(fn, f"out shares memory with {name}" + (" (it may be residual itself, but not a part or "
+                  "another view of it)" if name == "residual" else "") + "; pass a separate tensor")
+
+
 def _check_combine(logits, rows, residual, shared, out):
     fn = "mole_combine"
     E = _check_logits(fn, logits)
@@ -308,6 +374,9 @@ def _check_combine(logits, rows, residual, shared, out):
             _fail(fn, f"{name} must be float32/float16/bfloat16, got {t.dtype}")
         if t.device != logits.device:
             _fail(fn, f"{name} is on {t.device} but logits is on {logits.device}: all operands must share a device")
+    # Addresses exist only for real tensors: traced (fake) and meta calls are checked when they run.
+    if out is not None and not torch.compiler.is_compiling() and type(out) is torch.Tensor and out.device.type != "meta":
+        _check_out_memory(fn, out, (("logits", logits), ("rows", rows), ("shared", shared), ("residual", residual)))
     return E, D
 
 
@@ -329,6 +398,8 @@ def _flat_out(out: torch.Tensor, D: int) -> torch.Tensor:
 
 
 def _combine_impl(logits, rows, residual, shared, out) -> None:
+    if out.numel() == 0:  # no tokens or D = 0: nothing to write (and -1 cannot be inferred below)
+        return
     E, D = rows.shape[-2], rows.shape[-1]
     if rows.dim() == 3:  # [T, ...]: the common case, nothing to flatten (cheap at decode)
         logits2, rows3, res2, sh2, out2 = logits, rows, residual, shared, out
@@ -440,6 +511,143 @@ def _mole_combine_out_fake(logits, rows, residual, shared, out):
 
 
 # ---------------------------------------------------------------------------
+# lut_combine on CUDA (the schemas, checks and CPU kernels are C++: csrc/lut_combine.cpp).
+# Float tables: the Triton kernel above in its GATHER form, reading the table in VRAM or, for a
+# pinned host table, through its device alias (zero-copy: each byte crosses PCIe once). Quantized
+# tables (and float ones without Triton): softmax, then the CUDA fused gather accumulating onto
+# residual + shared in a float32 buffer (so the result is rounded once, as on the CPU).
+# ---------------------------------------------------------------------------
+def _cuda_combine_checks(op, table_shape, ids, logits, layer, residual, shared, out):
+    """Shapes, dtypes and devices, as the C++ CPU implementation checks them. Returns (E, D, layer)."""
+    if ids.dtype not in (torch.int32, torch.int64):
+        _fail(op, f"ids must be int32 or int64, got {ids.dtype}")
+    E, D = table_shape[-2], table_shape[-1]
+    L = table_shape[1] if len(table_shape) == 4 else 1
+    if layer is None:
+        if L > 1:
+            _fail(op, f"the table has {L} layers, so `layer` must say which layer to combine")
+        layer = 0
+    elif not 0 <= layer < L:
+        _fail(op, f"layer must be in [0, {L}) for a table with {L} layers, got {layer}")
+    lead = tuple(ids.shape)
+    if tuple(logits.shape) != lead + (E,) or logits.dtype not in _FLOATS or logits.device != ids.device:
+        _fail(op, f"logits must be a float32/float16/bfloat16 tensor of shape ids.shape + [E] = {lead + (E,)} on "
+                  f"{ids.device}, got {logits.dtype} {tuple(logits.shape)} on {logits.device}")
+    for name, t in (("residual", residual), ("shared", shared), ("out", out)):
+        if t is not None and (tuple(t.shape) != lead + (D,) or t.dtype not in _FLOATS or t.device != ids.device):
+            _fail(op, f"{name} must be a float32/float16/bfloat16 tensor of shape ids.shape + [D] = {lead + (D,)} "
+                      f"on {ids.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if out is not None and not out.is_contiguous():
+        _fail(op, "out must be contiguous")
+    return E, D, layer
+
+
+def _float32_addends(residual, shared, like):
+    """residual + shared in float32 ([*, D] zeros when neither is given): the start of a fused sum."""
+    if residual is None:
+        acc = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    else:
+        acc = residual.to(torch.float32, copy=True)
+    if shared is not None:
+        acc += shared
+    return acc
+
+
+def _combine_by_gather(gather, ids, logits, residual, shared, out, faults):
+    """out = residual + shared + gather(weights=softmax(logits)): the unfused CUDA form."""
+    acc = _float32_addends(residual, shared, out)
+    gather(torch.softmax(logits, dim=-1, dtype=torch.float32), acc, faults)
+    out.copy_(acc)
+
+
+def _lut_combine_out_cuda(out, lut, ids, logits, layer=None, residual=None, shared=None, faults=None):
+    if lut.dtype not in _FLOATS or lut.dim() not in (3, 4) or not lut.is_contiguous():
+        _fail("lut_combine", f"lut must be a contiguous float32/float16/bfloat16 [V, L, E, D] or [V, E, D] table, got "
+                             f"{lut.dtype} {tuple(lut.shape)}")
+    E, D, layer = _cuda_combine_checks("lut_combine", lut.shape, ids, logits, layer, residual, shared, out)
+    table = ops.device_view(lut, ids.device)  # VRAM as is; pinned host memory through its device alias
+    if faults is None:
+        raise_on_bad_ids(ids, lut.shape[0], "lut_combine")
+    if triton is None:
+        def gather(w, acc, f):
+            ops.lut_gather_out(acc, table, ids, w, layer, True, f)
+        return _combine_by_gather(gather, ids, logits, residual, shared, out, faults)
+    rows = table[:, layer] if table.dim() == 4 else table  # [V, E, D], token stride L*E*D
+    _mole_combine_triton(_flat2(logits), rows, _flat2(residual), _flat2(shared), out.view(-1, D), interpret=False,
+                         ids=ids.reshape(-1), faults=faults)
+
+
+def _flat2(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """[*, X] -> [T, X] (a view when possible; these operands are small)."""
+    return None if t is None else t.reshape(-1, t.shape[-1])
+
+
+def _lut_combine_cuda(lut, ids, logits, layer=None, residual=None, shared=None):
+    out = _new_lut_combine_out(ids, lut.shape[-1], residual, shared, lut.dtype)
+    _lut_combine_out_cuda(out, lut, ids, logits, layer, residual, shared)
+    return out
+
+
+def _lut_combine_quant_out_cuda(out, data, format, dim, block_size, ids, logits, layer=None, residual=None,
+                                shared=None, faults=None):
+    E, D, layer = _cuda_combine_checks("lut_combine_quant", (*data.shape[:-1], dim), ids, logits, layer, residual,
+                                       shared, out)
+    if faults is None:
+        raise_on_bad_ids(ids, data.shape[0], "lut_combine_quant")
+
+    def gather(w, acc, f):
+        ops.lut_gather_quant_out(acc, data, format, dim, block_size, ids, w, layer, True, f)
+    _combine_by_gather(gather, ids, logits, residual, shared, out, faults)
+
+
+def _lut_combine_quant_cuda(data, format, dim, block_size, ids, logits, layer=None, residual=None, shared=None,
+                            dtype=None):
+    out = _new_lut_combine_out(ids, dim, residual, shared, dtype or torch.float32)
+    _lut_combine_quant_out_cuda(out, data, format, dim, block_size, ids, logits, layer, residual, shared)
+    return out
+
+
+def _new_lut_combine_out(ids, D, residual, shared, fallback):
+    dtype = residual.dtype if residual is not None else shared.dtype if shared is not None else fallback
+    return torch.empty((*ids.shape, D), dtype=dtype, device=ids.device)
+
+
+if build_info()["cuda"]:
+    _cuda_impls = torch.library.Library("mole_kernels", "IMPL")
+    _cuda_impls.impl("lut_combine", _lut_combine_cuda, "CUDA")
+    _cuda_impls.impl("lut_combine_out", _lut_combine_out_cuda, "CUDA")
+    _cuda_impls.impl("lut_combine_quant", _lut_combine_quant_cuda, "CUDA")
+    _cuda_impls.impl("lut_combine_quant_out", _lut_combine_quant_out_cuda, "CUDA")
+
+
+@torch.library.register_fake("mole_kernels::lut_combine")
+def _lut_combine_fake(lut, ids, logits, layer=None, residual=None, shared=None):
+    check_fake_devices("lut_combine", lut, ids, logits=logits, residual=residual, shared=shared)
+    return _new_lut_combine_out(ids, lut.shape[-1], residual, shared, lut.dtype)
+
+
+@torch.library.register_fake("mole_kernels::lut_combine_out")
+def _lut_combine_out_fake(out, lut, ids, logits, layer=None, residual=None, shared=None, faults=None):
+    check_fake_devices("lut_combine", lut, ids, logits=logits, residual=residual, shared=shared, out=out, faults=faults)
+    return None
+
+
+@torch.library.register_fake("mole_kernels::lut_combine_quant")
+def _lut_combine_quant_fake(data, format, dim, block_size, ids, logits, layer=None, residual=None, shared=None,
+                            dtype=None):
+    check_fake_devices("lut_combine_quant", data, ids, logits=logits, residual=residual, shared=shared)
+    return _new_lut_combine_out(ids, dim, residual, shared, dtype or torch.float32)
+
+
+@torch.library.register_fake("mole_kernels::lut_combine_quant_out")
+def _lut_combine_quant_out_fake(out, data, format, dim, block_size, ids, logits, layer=None, residual=None,
+                                shared=None, faults=None):
+    check_fake_devices("lut_combine_quant", data, ids, logits=logits, residual=residual, shared=shared, out=out,
+                       faults=faults)
+    return None
+
+
+# ---------------------------------------------------------------------------
 # Public API.
 # ---------------------------------------------------------------------------
 def router_softmax(logits: torch.Tensor, *, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -499,4 +707,58 @@ def mole_combine(
     if out is None:
         return torch.ops.mole_kernels.mole_combine(logits, rows, residual, shared)
     torch.ops.mole_kernels.mole_combine_out(logits, rows, residual, shared, out)
+    return out
+
+
+def lut_combine(
+    lut,
+    ids: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    layer: Optional[int] = None,
+    residual: Optional[torch.Tensor] = None,
+    shared: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    faults: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One MoLE layer's lookup branch in one call, reading the rows straight from the table:
+    ``residual + shared + sum_e softmax(logits)_e * lut[ids, layer, e, :]``.
+
+    Args:
+        lut: ``[V, L, E, D]`` (or ``[V, E, D]``) contiguous float table, or a
+            :class:`mole_kernels.QuantizedLUT`. On the CPU (C++ kernel), in VRAM, or pinned in
+            host memory with ``ids`` on a GPU (read in place over PCIe: zero-copy).
+        ids: int32/int64 token ids ``[*]``; the result is ``[*, D]`` on their device.
+        logits: ``[*, E]`` router logits (float32/float16/bfloat16); the softmax is float32,
+            max-subtracted, computed inside and never written out.
+        layer: which layer's rows (required when ``L > 1``).
+        residual, shared: optional ``[*, D]`` addends.
+        out: optional contiguous ``[*, D]`` destination; it may be ``residual`` itself (an
+            in-place update of the residual stream) but must not overlap anything else.
+        faults: int64 tensor on ids' device: an id outside ``[0, V)`` then adds nothing and is
+            counted into ``faults[0]`` without synchronising (CUDA-graph safe). Without it such
+            an id raises ``ValueError`` naming it (on CUDA this synchronises).
+
+    The result has ``out``'s dtype, else ``residual``'s, else ``shared``'s, else the table's
+    (a quantized table's: the dtype it was quantized from); all arithmetic is float32, rounded
+    once. A token whose logits are all ``-inf`` (or hold ``+inf``/NaN) gets a NaN row, as in
+    :func:`mole_combine`.
+    """
+    if isinstance(lut, QuantizedLUT):
+        prefix, op, op_out = (lut.data, lut.format, lut.dim, lut.block_size), ops.lut_combine_quant, ops.lut_combine_quant_out
+        dtype = lut.dtype
+    elif isinstance(lut, torch.Tensor):
+        prefix, op, op_out, dtype = (lut,), ops.lut_combine, ops.lut_combine_out, lut.dtype
+    else:
+        raise ValueError(f"lut_combine: lut must be a tensor or a QuantizedLUT, got {type(lut).__name__}")
+    if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool)):
+        raise ValueError(f"lut_combine: layer must be an int or None, got {layer!r}")
+    if out is None and faults is None:
+        if isinstance(lut, QuantizedLUT):
+            return op(*prefix, ids, logits, layer, residual, shared, dtype)
+        return op(*prefix, ids, logits, layer, residual, shared)
+    if out is None:
+        D = lut.dim if isinstance(lut, QuantizedLUT) else lut.shape[-1]
+        out = _new_lut_combine_out(ids, D, residual, shared, dtype)
+    op_out(out, *prefix, ids, logits, layer, residual, shared, faults)
     return out

@@ -21,7 +21,13 @@ Formats and their round-trip error bounds (per element ``x`` of a finite table; 
 - ``nf4``: 4-bit NormalFloat levels times the block's absmax ``s``;
   ``|x - deq| <= 0.1519 * s`` (half the widest gap between levels, -1 to -0.696).
 
-Each bound holds up to one float32 rounding of the product ``s * code``.
+``s`` is the stored float32 scale. For int8 and fp8 it is the quotient above rounded to the nearest
+float32, except that a subnormal quotient (a block below ~1e-36) is rounded *up* (at least to the
+smallest subnormal), so that its few significant bits never clip a value; and it is at most the
+largest float32 whose product with the top code (127, 448) is finite, so dequantizing a table of
+finite values never gives an infinity (near float32's maximum the cap clips the largest values by
+about one float32 ulp). Each bound holds up to one float32 rounding of the product ``s * code``,
+of the quotient ``x / s`` when encoding and of the scale itself.
 """
 import math
 from dataclasses import dataclass
@@ -29,7 +35,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._ops import gather_shape, ops
+from ._ops import check_fake_devices, check_gather_args, gather_shape, layer_span, ops
 from ._progress import progress_bar
 
 __all__ = ["FORMATS", "QuantizedLUT", "quantize", "dequantize", "quantized_lut_gather"]
@@ -64,17 +70,26 @@ def canonical_format(format: str) -> str:
 def default_block_size(format: str, dim: int) -> int:
     """int8: the row (dim). fp8: 128 when it divides dim, else dim. nf4: 64 when it divides dim, else dim."""
     name = canonical_format(format)
+    _check_dim(dim)
     preferred = {"int8": dim, "fp8_e4m3": 128, "nf4": 64}[name]
     return preferred if dim % preferred == 0 else dim
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # True is not a block size
+
+
+def _check_dim(dim) -> None:
+    if not _is_int(dim) or dim < 1:
+        raise ValueError(f"quantize: dim (values per row, D) must be a positive int, got {dim!r}")
 
 
 def row_layout(format: str, dim: int, block_size: int) -> Tuple[int, int, int]:
     """(payload_bytes, scale_offset, row_bytes) of one quantized row; checks dim and block_size."""
     name = canonical_format(format)
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"quantize: dim (values per row, D) must be a positive int, got {dim!r}")
-    if not isinstance(block_size, int) or block_size < 1 or dim % block_size:
-        raise ValueError(f"quantize: block_size must divide D = {dim}, got {block_size!r}")
+    _check_dim(dim)
+    if not _is_int(block_size) or block_size < 1 or dim % block_size:
+        raise ValueError(f"quantize: block_size must divide D = {dim} (a positive int), got {block_size!r}")
     if name == "int8" and block_size != dim:
         raise ValueError(f"quantize: int8 has one scale per row, so block_size must be None or D = {dim}, "
                          f"got {block_size}")
@@ -248,17 +263,40 @@ class QuantizedLUT:
 _CHUNK_ELEMENTS = 1 << 24  # float32 values per chunk (64 MB of temporaries)
 
 
+def _largest_scale(top_code: float) -> float:
+    """The largest float32 ``s`` whose float32 product with ``top_code`` is finite."""
+    inf = torch.tensor(math.inf)
+    s = torch.tensor(torch.finfo(torch.float32).max / top_code, dtype=torch.float32)
+    while not torch.isfinite(s * top_code):
+        s = torch.nextafter(s, -inf)
+    while torch.isfinite(torch.nextafter(s, inf) * top_code):
+        s = torch.nextafter(s, inf)
+    return s.item()
+
+
+_MAX_SCALE = {"int8": _largest_scale(127.0), "fp8_e4m3": _largest_scale(_FP8_MAX)}
+
+
+def _scale(amax: torch.Tensor, top_code: float, fmt: str) -> torch.Tensor:
+    """``amax / top_code`` in float32, subnormal quotients rounded up, capped at ``_MAX_SCALE[fmt]``
+    (see the module docstring)."""
+    s = amax / top_code
+    exact = amax.double() / top_code
+    up = torch.where(s.double() < exact, torch.nextafter(s, torch.full_like(s, math.inf)), s)
+    return torch.where(s < torch.finfo(torch.float32).tiny, up, s).clamp_(max=_MAX_SCALE[fmt])
+
+
 def _encode(x: torch.Tensor, fmt: str, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """float32 [..., D] -> (codes uint8 [..., payload_bytes], scales float32 [..., D // block])."""
     D = x.shape[-1]
     xb = x.unflatten(-1, (D // block, block))
     amax = xb.abs().amax(-1, keepdim=True)
     if fmt == "int8":
-        s = amax / 127.0
+        s = _scale(amax, 127.0, fmt)
         q = torch.where(s > 0, xb / s, 0.0).round_().clamp_(-127, 127).to(torch.int8).view(torch.uint8)
         return q.flatten(-2), s.squeeze(-1)
     if fmt == "fp8_e4m3":
-        s = amax / _FP8_MAX
+        s = _scale(amax, _FP8_MAX, fmt)
         y = torch.where(s > 0, xb / s, 0.0).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8).view(torch.uint8)
         return y.flatten(-2), s.squeeze(-1)
     levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=x.device)
@@ -355,14 +393,16 @@ def dequantize(q: QuantizedLUT, dtype: Optional[torch.dtype] = None) -> torch.Te
 # the gather
 
 @torch.library.register_fake("mole_kernels::lut_gather_quant")
-def _lut_gather_quant_fake(data, format, dim, block_size, ids, weights=None, layer=None, dtype=None):
-    return ids.new_empty(gather_shape(data, ids, weights, layer, dim), dtype=dtype or torch.float32)
+def _lut_gather_quant_fake(data, format, dim, block_size, ids, weights=None, layer=None, dtype=None, layer_end=None):
+    check_fake_devices("lut_gather_quant", data, ids, weights=weights)
+    return ids.new_empty(gather_shape(data, ids, weights, layer, dim, layer_end), dtype=dtype or torch.float32)
 
 
 @torch.library.register_fake("mole_kernels::lut_gather_quant_out")
 def _lut_gather_quant_out_fake(out, data, format, dim, block_size, ids, weights=None, layer=None,
-                               accumulate=False, faults=None):
-    want = gather_shape(data, ids, weights, layer, dim)
+                               accumulate=False, faults=None, layer_end=None):
+    check_fake_devices("lut_gather_quant", data, ids, weights=weights, out=out, faults=faults)
+    want = gather_shape(data, ids, weights, layer, dim, layer_end)
     torch._check(tuple(out.shape) == tuple(want), lambda: f"lut_gather_quant: out must have shape {want}")
     return None
 
@@ -372,7 +412,7 @@ def quantized_lut_gather(
     ids: torch.Tensor,
     weights: Optional[torch.Tensor] = None,
     *,
-    layer: Optional[int] = None,
+    layer=None,
     out: Optional[torch.Tensor] = None,
     accumulate: bool = False,
     faults: Optional[torch.Tensor] = None,
@@ -390,14 +430,19 @@ def quantized_lut_gather(
     if not isinstance(q, QuantizedLUT):
         raise ValueError(f"quantized_lut_gather: q must be a QuantizedLUT (see mole_kernels.quantize), "
                          f"got {type(q).__name__}; use mole_kernels.lut_gather for a float table")
+    check_gather_args("quantized_lut_gather", q.data, ids, weights, out, accumulate, faults)
+    if dtype is not None and dtype not in _FLOAT_DTYPES.values():
+        raise ValueError(f"quantized_lut_gather: dtype must be float32, float16 or bfloat16 (or None), got {dtype!r}")
     if accumulate and out is None:
         raise ValueError("quantized_lut_gather: accumulate=True needs out= (the tensor to add into)")
+    layer, layer_end = layer_span(layer, q.num_layers, "quantized_lut_gather")
     if out is None:
         dtype = q.dtype if dtype is None else dtype
         if faults is None:
-            return ops.lut_gather_quant(q.data, q.format, q.dim, q.block_size, ids, weights, layer, dtype)
-        out = ids.new_empty(gather_shape(q.data, ids, weights, layer, q.dim), dtype=dtype)
+            return ops.lut_gather_quant(q.data, q.format, q.dim, q.block_size, ids, weights, layer, dtype, layer_end)
+        out = ids.new_empty(gather_shape(q.data, ids, weights, layer, q.dim, layer_end), dtype=dtype)
     elif dtype is not None and dtype != out.dtype:
         raise ValueError(f"quantized_lut_gather: dtype={dtype} disagrees with out.dtype={out.dtype}")
-    ops.lut_gather_quant_out(out, q.data, q.format, q.dim, q.block_size, ids, weights, layer, accumulate, faults)
+    ops.lut_gather_quant_out(out, q.data, q.format, q.dim, q.block_size, ids, weights, layer, accumulate, faults,
+                             layer_end)
     return out

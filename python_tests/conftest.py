@@ -13,6 +13,8 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
+import mole_kernels  # noqa: F401  (an unbuilt or mismatched install fails here once, not in every module)
+
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none visible)")
 

@@ -1,17 +1,30 @@
-"""The `mole-kernels` command: demo, reparameterize, info (in-process, plus one subprocess)."""
+"""The `mole-kernels` command: demo, reparameterize, quality, info, and how it fails.
+
+Most tests call `main` in-process; those about the process itself (one-line errors and exit
+status, no torch for --help, Ctrl-C, a closed pipe, a broken install) run a subprocess.
+"""
+import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import sysconfig
 
+import pytest
 import torch
 
-from mole_kernels.cli import main
+import mole_kernels
+from mole_kernels import _api, _build_check
+from mole_kernels.cli import PROG, _parser, main
 from mole_kernels.model import MoLEConfig, MoLEForCausalLM
 
-SMALL_DEMO = ["demo", "--vocab", "97", "--hidden", "32", "--layers", "2", "--experts", "3", "--heads", "2",
-              "--prompt-len", "5", "--new-tokens", "4", "--batch", "2"]
+SMALL = ["--vocab", "97", "--hidden", "32", "--layers", "2", "--experts", "3", "--heads", "2"]
+SMALL_DEMO = ["demo", *SMALL, "--prompt-len", "5", "--new-tokens", "4", "--batch", "2", "--repeats", "2"]
+SMALL_QUALITY = ["quality", "--vocab", "61", "--hidden", "64", "--ffn", "32", "--layers", "2", "--heads", "4",
+                 "--batch", "2", "--seq-len", "5"]
+PACKAGE = os.path.dirname(os.path.abspath(mole_kernels.__file__))
 
 
 def _tiny():
@@ -20,20 +33,45 @@ def _tiny():
     return MoLEForCausalLM(cfg, init_std=0.2).eval()
 
 
-def test_demo_prints_every_tier_and_baseline(capsys):
+@pytest.fixture
+def keep_threads():
     threads = torch.get_num_threads()
-    try:
-        assert main(SMALL_DEMO) == 0
-    finally:
-        torch.set_num_threads(threads)  # the demo picks one thread on the CPU
+    yield
+    torch.set_num_threads(threads)  # the demo picks its own thread count
+
+
+def _lut_folder(out):
+    return os.path.dirname(re.search(r"saved the LUT to (\S+)", out).group(1))
+
+
+def _usual_mode():
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _run(args, **kw):
+    """`python -m mole_kernels ARGS` in a subprocess, from outside the source tree."""
+    kw.setdefault("cwd", os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "mole_kernels", *args], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+# ---------------------------------------------------------------- demo --------------------
+
+
+def test_demo_prints_every_tier_and_baseline(capsys, keep_threads):
+    assert main(SMALL_DEMO) == 0
     out = capsys.readouterr().out
+    assert "1 CPU thread(s)" in out or torch.cuda.is_available()
     tiers = (["device"] if torch.cuda.is_available() else []) + ["host", "disk"]
     for tier in tiers:
         line = next(l for l in out.splitlines() if l.startswith(f"MoLE, LUT on {tier} "))
-        delta = float(line.split()[-1])
-        assert delta <= 1e-4  # fp32 LUT: the same logits as the train form
+        assert float(line.split()[-1]) <= 1e-4  # fp32 LUT: the same logits as the train form
         assert "*" not in line  # and the same greedy tokens
-    assert "dense baseline" in out and "experts offloaded" in out
+    dense = next(l for l in out.splitlines() if l.startswith("dense baseline"))
+    assert " 1.00x " in dense
+    assert "experts offloaded" in out and "Columns: medians over 2 interleaved runs" in out
     bf16 = next(l for l in out.splitlines() if "(bfloat16)" in l)
     assert 1e-6 < float(bf16.split()[-1]) < 1.0
     # quantized host tables: logits move more than bf16's, bytes per token shrink (D = 32: one scale per row)
@@ -43,11 +81,82 @@ def test_demo_prints_every_tier_and_baseline(capsys):
     deltas = [float(l.replace(" *", "").split()[-1]) for l in (bf16, int8, nf4)]
     assert 0 < deltas[0] < deltas[2] < 5.0 and 0 < deltas[1] < deltas[2]
 
-    def per_token(line):  # the "LUT/expert bytes per token" column, e.g. "1.5 KiB"
-        value, unit = re.findall(r"([0-9.]+) (B|KiB|MiB)", line)[0]
-        return float(value) * {"B": 1, "KiB": 1024, "MiB": 1 << 20}[unit]
+    def per_token(line):  # the prefill and decode "LUT/token" columns, e.g. "1.5 KiB"
+        sizes = re.findall(r"([0-9.]+) (B|KiB|MiB)", line)[:2]
+        return [float(v) * {"B": 1, "KiB": 1024, "MiB": 1 << 20}[u] for v, u in sizes]
 
-    assert per_token(nf4) < per_token(int8) < per_token(fp32) / 2  # 32 and 48 vs 128 bytes a row
+    row = 2 * 3 * 32 * 4  # L * E * D float32 values
+    assert per_token(fp32) == [row, row]  # every prompt token and every decode step reads its row
+    assert per_token(nf4)[1] < per_token(int8)[1] < per_token(fp32)[1] / 2  # 32 and 48 vs 128 bytes a row
+    assert not os.path.exists(_lut_folder(out))  # the temporary LUT is gone
+
+
+def test_demo_removes_its_lut_when_it_fails(capsys, monkeypatch, keep_threads):
+    from mole_kernels import _demo
+
+    def broken(self, prompt):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(_demo._Entry, "warm_up", broken)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        main(SMALL_DEMO)
+    folder = _lut_folder(capsys.readouterr().out)
+    assert not os.path.exists(folder)
+
+
+def test_demo_removes_its_lut_when_terminated(capsys, monkeypatch, keep_threads):
+    from mole_kernels import _demo
+
+    monkeypatch.setattr(_demo._Entry, "warm_up", lambda self, prompt: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(SMALL_DEMO) == 130
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == f"{PROG} demo: interrupted"  # after any progress bar
+    assert "Traceback" not in captured.err
+    assert not os.path.exists(_lut_folder(captured.out))
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone again
+
+
+def test_demo_removes_its_lut_on_ctrl_c():
+    proc = subprocess.Popen([sys.executable, "-m", "mole_kernels", *SMALL_DEMO, "--repeats", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        for line in proc.stdout:
+            if "saved the LUT to" in line:
+                break
+        folder = _lut_folder(line)
+        assert os.path.isdir(folder)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "python -m mole_kernels demo: interrupted"
+    assert "Traceback" not in err
+    assert not os.path.exists(folder)
+
+
+def test_demo_saves_a_model_that_reparameterize_reads(tmp_path, capsys, keep_threads):
+    train = tmp_path / "train"
+    assert main([*SMALL_DEMO, "--repeats", "1", "--save-model", str(train), "--cpu", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"saved the train-form model to {train}" in out
+    assert "MoLE demo on cpu:" in out and "2 CPU thread(s)" in out
+    assert main(["reparameterize", "--from", str(train), "--to", str(tmp_path / "rep"), "--quiet"]) == 0
+    model = MoLEForCausalLM.from_pretrained(train)
+    rep = MoLEForCausalLM.from_pretrained(tmp_path / "rep")
+    assert not model.is_reparameterized and rep.is_reparameterized
+    assert rep.config.lut_shape == (97, 2, 3, 32)
+
+
+def test_saved_model_files_have_the_usual_permissions(tmp_path):
+    _tiny().save_pretrained(tmp_path / "m")
+    for name in ("config.json", "model.safetensors"):
+        assert os.stat(tmp_path / "m" / name).st_mode & 0o777 == _usual_mode(), name
+
+
+# ---------------------------------------------------------------- reparameterize ----------
 
 
 def test_reparameterize_command(tmp_path, capsys):
@@ -70,25 +179,120 @@ def test_reparameterize_command(tmp_path, capsys):
 
     with LookupTable.open(lut_file) as t:
         assert t.shape == m.config.lut_shape and t.dtype == torch.bfloat16
-        torch.testing.assert_close(t.tensor, rep.lut.tensor, rtol=0, atol=0)
+        torch.testing.assert_close(t.read(), rep.lut.read(), rtol=0, atol=0)
 
 
 def test_reparameterize_command_errors(tmp_path, capsys):
     assert main(["reparameterize", "--from", str(tmp_path / "missing"), "--to", str(tmp_path / "out")]) == 2
-    assert "not a directory" in capsys.readouterr().err
+    assert "is not a folder" in capsys.readouterr().err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("[1, 2]")
     assert main(["reparameterize", "--from", str(tmp_path / "bad"), "--to", str(tmp_path / "out")]) == 2
     assert "JSON object" in capsys.readouterr().err
     m = _tiny()
-    m.save_pretrained(tmp_path / "train")
-    assert main(["reparameterize", "--from", str(tmp_path / "train"), "--to", str(tmp_path / "o"), "--dtype",
-                 "int8"]) == 2
-    assert "--dtype" in capsys.readouterr().err
     m.reparameterize(progress=False).save_pretrained(tmp_path / "rep")
     assert main(["reparameterize", "--from", str(tmp_path / "rep"), "--to", str(tmp_path / "o")]) == 2
     assert "already re-parameterized" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+
+
+def _snapshot(folder):
+    return {p: (folder / p).read_bytes() for p in sorted(os.listdir(folder))}
+
+
+def test_reparameterize_never_writes_into_its_input(tmp_path, capsys):
+    train, out = tmp_path / "train", tmp_path / "out"
+    _tiny().save_pretrained(train)
+    before = _snapshot(train)
+    (tmp_path / "link").symlink_to(train)
+    (tmp_path / "weights-link").symlink_to(train / "model.safetensors")
+    os.link(train / "config.json", tmp_path / "hard-config")
+    cases = [
+        (["--to", str(train)], "is (or is inside) --from"),
+        (["--to", str(tmp_path / "link")], "is (or is inside) --from"),  # the same folder through a symlink
+        (["--to", str(train / "sub")], "is (or is inside) --from"),
+        (["--to", str(out), "--lut-file", str(train / "model.safetensors")], "is inside --from"),
+        (["--to", str(out), "--lut-file", str(tmp_path / "weights-link")], "is inside --from"),
+        (["--to", str(out), "--lut-file", str(tmp_path / "hard-config")], "is the same file as"),  # a hard link
+        (["--to", str(out), "--lut-file", str(train / "new.safetensors")], "is inside --from"),
+        (["--to", str(out), "--lut-file", str(out / "config.json")], "the output's own config.json"),
+        (["--to", str(out), "--lut-file", str(out / "model.safetensors")], "the output's own model.safetensors"),
+    ]
+    for extra, message in cases:
+        assert main(["reparameterize", "--from", str(train), "--quiet", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (extra, err)
+    assert _snapshot(train) == before and not out.exists()
+
+
+def test_reparameterize_output_paths_checked_first(tmp_path, capsys, monkeypatch):
+    train = tmp_path / "train"
+    _tiny().save_pretrained(train)
+    (tmp_path / "a-file").write_text("x")
+    # nothing may be loaded before the paths are known to be writable
+    monkeypatch.setattr(MoLEForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model first"))
+    cases = [
+        (["--to", str(tmp_path / "a-file")], "is a file, not a folder"),
+        (["--to", str(tmp_path / "no" / "such" / "out")], "does not exist"),
+        (["--to", "/proc/mole-out"], "cannot write into"),  # read-only even for root
+        (["--to", str(tmp_path / "o"), "--lut-file", str(tmp_path)], "is a folder"),
+        (["--to", str(tmp_path / "o"), "--lut-file", str(tmp_path / "nope" / "l.safetensors")], "does not exist"),
+    ]
+    for extra, message in cases:
+        assert main(["reparameterize", "--from", str(train), *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+
+
+# ---------------------------------------------------------------- quality -----------------
+
+
+def test_quality_command(tmp_path, capsys):
+    md = tmp_path / "quality.md"
+    assert main([*SMALL_QUALITY, "--markdown", str(md)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    # the default variants whose block does not divide D = 64 are skipped, saying so
+    for skipped in ("fp8-128", "nf4-128", "nf4-768"):
+        assert f"{skipped} skipped: block" in out
+    assert "| nf4 (block 64) |" in out and "| fp32 |" in out and "| int8 |" in out
+    assert "Columns:" in out and "greedy agreement" in out  # the explanations reach the terminal too
+    text = md.read_text()
+    assert f"- command: `{PROG} {' '.join(SMALL_QUALITY)} --markdown {md}`" in text
+    assert "| nf4 (block 64) |" in text and "Columns:" in text
+    assert os.stat(md).st_mode & 0o777 == _usual_mode()
+    assert os.listdir(tmp_path) == ["quality.md"]  # no temporary file left beside it
+
+
+def test_quality_records_the_command_as_run(tmp_path):
+    md = tmp_path / "q.md"
+    assert main([*SMALL_QUALITY, "--variants", "int8", "--quiet", "--markdown", str(md)],
+                prog="python -m mole_kernels") == 0
+    assert "- command: `python -m mole_kernels quality " in md.read_text()
+
+
+def test_quality_shows_progress(capsys):
+    pytest.importorskip("tqdm", reason="the progress bars are tqdm's (a dependency of the package)")
+    assert main([*SMALL_QUALITY, "--variants", "int8,nf4-64"]) == 0
+    assert "quality: LUT variants" in capsys.readouterr().err
+    assert main([*SMALL_QUALITY, "--variants", "int8", "--quiet"]) == 0
+    assert "quality: LUT variants" not in capsys.readouterr().err
+
+
+def test_quality_checks_arguments_before_building_a_model(tmp_path, capsys, monkeypatch):
+    import mole_kernels.model
+
+    monkeypatch.setattr(mole_kernels.model, "MoLEForCausalLM", lambda *a, **k: pytest.fail("built a model first"))
+    for extra, message in [(["--variants", "nf4-100"], "--variants 'nf4-100'"),
+                           (["--variants", "fp16-64"], "a float LUT has no block size"),
+                           (["--variants", "int9"], "unknown format"),
+                           (["--markdown", str(tmp_path)], "is a folder"),
+                           (["--hidden", "30"], "hidden_size")]:  # heads (4) do not divide it
+        assert main([*SMALL_QUALITY, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(f"{PROG} quality: error: ") and message in err and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------- info --------------------
 
 
 def test_info_in_process(capsys):
@@ -99,10 +303,164 @@ def test_info_in_process(capsys):
     assert "host" in facts["lut_tiers"] and ("device" in facts["lut_tiers"]) == torch.cuda.is_available()
 
 
-def test_python_dash_m_info():
-    # cwd: the tests folder, so `-m` finds the installed package, not the source tree's
-    here = os.path.dirname(os.path.abspath(__file__))
-    res = subprocess.run([sys.executable, "-m", "mole_kernels", "info"], capture_output=True, text=True, cwd=here,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert re.search(r"^torch\s+\S+", res.stdout, re.M) and "lut_tiers" in res.stdout
+def test_info_into_a_closed_pipe():
+    """`mole-kernels info | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "mole_kernels", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    proc.stdout.close()  # before the command writes anything (it imports torch first)
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert err == "" and proc.returncode == 0
+
+
+# ---------------------------------------------------------------- arguments and errors ----
+
+
+@pytest.mark.parametrize("args,message", [
+    (["demo", "--new-tokens", "0"], "argument --new-tokens: must be at least 2, got 0"),
+    (["demo", "--batch", "0"], "argument --batch: must be at least 1, got 0"),
+    (["demo", "--hidden", "-8"], "argument --hidden: must be at least 1, got -8"),
+    (["demo", "--vocab", "ten"], "argument --vocab: expected an integer, got 'ten'"),
+    (["demo", "--save-model", "/proc/mole-demo"], "--save-model '/proc/mole-demo': cannot write into '/proc'"),
+    (["quality", "--init-std", "nan"], "argument --init-std: must be a finite number > 0"),
+    (["quality", "--markdown", "/no/such/folder/q.md"], "its folder '/no/such/folder' does not exist"),
+    (["reparameterize", "--from", "x", "--to", "y", "--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
+    (["reparameterize", "--from", "x", "--to", "y", "--block-size", "64"], "--block-size needs --lut-format"),
+    (["reparameterize", "--to", "y"], "the following arguments are required: --from"),
+    (["nonsense"], "invalid choice: 'nonsense'"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, message):
+    res = _run(args)
+    assert res.returncode == 2, res
+    lines = res.stderr.splitlines()
+    prefix = "python -m mole_kernels" + ("" if args[0] == "nonsense" else f" {args[0]}")
+    assert len(lines) == 1 and lines[0].startswith(f"{prefix}: error: ") and message in lines[0], res.stderr
+    assert res.stdout == ""
+
+
+def test_dtype_names_are_one_list(capsys):
+    """Every message about a LUT dtype lists the same names, and each of them is accepted."""
+    with pytest.raises(SystemExit):
+        main(["reparameterize", "--from", "x", "--to", "y", "--dtype", "fp64"])
+    listed = re.search(r"choose from (.*)\)", capsys.readouterr().err).group(1)
+    assert re.findall(r"\w+", listed) == ["fp32", "fp16", "bf16"]
+    with pytest.raises(SystemExit):
+        main(["reparameterize", "--help"])
+    assert "{fp32,fp16,bf16}" in capsys.readouterr().out
+
+
+def _all_options():
+    parser = _parser(PROG)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in [(PROG, parser), *sub.choices.items()]:
+        for action in command._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                yield name, command, action
+
+
+def test_every_option_has_help_and_shows_its_default():
+    for name, command, action in _all_options():
+        assert action.help, f"{name} {action.option_strings}: no help text"
+        help_text = " ".join(command.format_help().split())
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            assert f"(default: {action.default})" in help_text, (name, action.option_strings)
+
+
+def _console_script(tmp_path, body):
+    """A stand-in for the installed `mole-kernels` script (the same name, so the same import path)."""
+    script = tmp_path / "mole-kernels"
+    script.write_text("import atexit, sys\n"
+                      "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
+                      + body)
+    return script
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["demo", "--help"], ["demo", "--batch", "0"],
+                                  ["quality", "--markdown", "/proc/x.md"]])
+def test_console_script_answers_without_torch(tmp_path, args):
+    script = _console_script(tmp_path, "from mole_kernels.cli import main\nsys.exit(main())\n")
+    res = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert res.returncode in (0, 2), res.stderr
+    assert "torch imported: False" in res.stderr
+    if args == ["--version"]:
+        assert res.stdout.strip() == f"{PROG} {mole_kernels.__version__}"
+
+
+def test_python_dash_m_help_without_torch():
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "mole_kernels", "--help"], capture_output=True,
+                         text=True, timeout=60, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert res.returncode == 0 and "usage: python -m mole_kernels" in res.stdout
+    imported = [line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")]
+    assert "mole_kernels.cli" in imported and not [m for m in imported if m.split(".")[0] == "torch"]
+
+
+def test_the_command_loads_the_api_on_first_use(tmp_path):
+    """Imported as the command, the package defers the API; using it still works."""
+    script = _console_script(tmp_path, "import mole_kernels\nprint('torch' in sys.modules)\n"
+                                       "print(mole_kernels.lut_gather.__module__, 'torch' in sys.modules)\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.stdout.split() == ["False", "mole_kernels.lut_gather", "True"], res.stderr
+
+
+def test_import_registers_the_ops_and_exports_the_api():
+    assert "torch" in sys.modules and hasattr(torch.ops.mole_kernels, "lut_gather")
+    public = {n for n in vars(_api) if not n.startswith("_")}
+    assert public == set(mole_kernels.__all__)
+    assert all(getattr(mole_kernels, n) is getattr(_api, n) for n in public)
+
+
+# ---------------------------------------------------------------- a broken install --------
+
+
+def _copy_package(dest):
+    """The package's Python files (no compiled extension) under dest/mole_kernels."""
+    os.makedirs(dest / "mole_kernels")
+    for name in os.listdir(PACKAGE):
+        if name.endswith(".py"):
+            with open(os.path.join(PACKAGE, name), "rb") as f:
+                (dest / "mole_kernels" / name).write_bytes(f.read())
+    return dest / "mole_kernels"
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
+def test_unbuilt_source_tree_gives_one_message(tmp_path):
+    """`python -m mole_kernels` (or `python -m pytest`) at the root of a clone that was never built."""
+    _copy_package(tmp_path)
+    (tmp_path / "setup.py").write_text("")
+    res = subprocess.run([sys.executable, "-m", "mole_kernels", "info"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path, env=_clean_env())
+    assert res.returncode == 1
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m mole_kernels info: error: mole_kernels._C is not built")
+    assert "build_ext --inplace" in lines[0] and "circular" not in lines[0]
+    res = subprocess.run([sys.executable, "-m", "mole_kernels", "--help"], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env=_clean_env())
+    assert res.returncode == 0  # help needs no extension
+
+
+def test_extension_built_for_another_torch_names_both(tmp_path):
+    pkg = _copy_package(tmp_path)
+    (pkg / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"not a shared library")
+    (pkg / "_build_info.json").write_text(json.dumps({"torch": "1.0.0+fake", "source": str(tmp_path / "gone")}))
+    res = subprocess.run([sys.executable, "-c", "import mole_kernels"], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env=_clean_env())
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: mole_kernels._C was built against torch 1.0.0+fake, but torch "
+                           f"{torch.__version__} is running")
+    assert f"{sys.executable} -m pip install --force-reinstall --no-deps <mole_kernels source folder>" in last
+    assert "circular" not in res.stderr
+
+
+def test_rebuild_command_names_the_recorded_source(tmp_path, monkeypatch):
+    (tmp_path / "setup.py").write_text("")
+    monkeypatch.setattr(_build_check, "PACKAGE_DIR", str(tmp_path / "site" / "mole_kernels"))
+    assert _build_check.rebuild_command(str(tmp_path)).endswith(f"--no-deps {tmp_path}")
+    warning = _build_check.mismatch_warning("1.0.0", "2.0.0")
+    assert "built against torch 1.0.0 but torch 2.0.0 is running" in warning

@@ -197,7 +197,7 @@ def test_inference_form_half_lut(dtype, tier):
     sd = {k: v.cpu() for k, v in m.state_dict().items()}
     # (1) Exact emulation: the float64 reference fed the *rounded* LUT is the same computation,
     # so only float32 arithmetic separates them: the fp32 bound applies.
-    lut64 = inf.lut.tensor.cpu().double()
+    lut64 = inf.lut.read().cpu().double()
     emul = official_reference(sd, m.config, ids.cpu(), expert_rows=lambda l, i: lut64[i, l])
     assert rel_err(got, emul) <= 1e-4
     # (2) Against the unrounded model. Rounding perturbs each LUT entry by at most u*|x| (u the

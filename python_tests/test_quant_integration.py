@@ -84,8 +84,8 @@ def test_prefetcher_holds_dequantized_rows(placement, path, fmt, block):
     lut = make_lut()
     t = LookupTable.from_tensor(lut, placement, device="cpu", format=fmt, block_size=block,
                                 staging_bytes=small_staging(quantize(lut[:1], fmt, block)))
-    deq = dequantize(t.tensor)
-    check_within_bound(t.tensor, lut.double())  # what the table holds, checked against the float input
+    deq = dequantize(t.read())
+    check_within_bound(t.read(), lut.double())  # what the table holds, checked against the float input
     pf = t.prefetcher(7)
     a, b = random_ids(29, (7,)), random_ids(29, (4,))
     ha, hb = pf.start(a, path=path), pf.start(b, path=path)
@@ -116,7 +116,7 @@ def test_save_open_round_trip(tmp_path, placement, fmt, block):
         t.save(path)
     with LookupTable.open(path, placement, device="cpu") as t:
         assert t.format == fmt and t.block_size == q.block_size and t.dtype == torch.float16
-        assert torch.equal(t.tensor.data, q.data)
+        assert torch.equal(t.read().data, q.data)
         meta = t.metadata
         assert meta["format_version"] == str(FORMAT_VERSION) == "2" and meta["hidden"] == "24"
         assert meta["mole_kernels.format"] == fmt and meta["mole_kernels.block_size"] == str(q.block_size)
@@ -220,7 +220,7 @@ def test_model_with_quantized_lut_equals_dequantized_float_lut(placement, fmt, b
     inf = m.reparameterize(placement=placement, dtype=torch.float32, lut_format=fmt, block_size=block, progress=False)
     assert inf.lut.quantized and inf.lut.placement == placement
     # The same model with the dequantized table as a float LUT: the gather returns the same rows.
-    ref = m._inference_form(LookupTable.from_tensor(dequantize(inf.lut.tensor), "host", device="cpu"))
+    ref = m._inference_form(LookupTable.from_tensor(dequantize(inf.lut.read()), "host", device="cpu"))
     ids = torch.randint(0, 61, (2, 7))
     got, want, train = inf(ids).logits, ref(ids).logits, m(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -294,16 +294,16 @@ def test_reparameterize_command_writes_quantized_lut_file(tmp_path, capsys):
     float_model = MoLEForCausalLM.from_pretrained(tmp_path / "rep")  # the folder keeps the float LUT
     q = MoLEForCausalLM.from_pretrained(tmp_path / "rep", lut_file=lut_file, placement="disk")
     assert q.lut.format == "nf4" and q.lut.block_size == 16
-    assert torch.equal(q.lut.tensor.data, quantize(float_model.lut.tensor, "nf4", 16).data)
+    assert torch.equal(q.lut.read().data, quantize(float_model.lut.read(), "nf4", 16).data)
     # Independently of quantize(): the file decodes to within nf4's stated bound of the float LUT,
     # and that LUT holds the train model's experts (a few tokens, evaluated here).
-    check_within_bound(q.lut.tensor, float_model.lut.tensor.double())
+    check_within_bound(q.lut.read(), float_model.lut.read().double())
     with torch.no_grad():
         for v in (0, 60):
             for l, layer in enumerate(m.model.layers):
                 x = layer.expert_layernorm(m.model.embed_tokens.weight[v])
                 want = torch.stack([e(x) for e in layer.experts])
-                torch.testing.assert_close(float_model.lut.tensor[v, l], want, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(float_model.lut.read()[v, l], want, rtol=1e-5, atol=1e-5)
     for argv, msg in [(["--lut-format", "nf4"], "--lut-format needs --lut-file"),
                       (["--block-size", "16"], "--block-size needs --lut-format"),
                       (["--lut-format", "nf4", "--block-size", "5", "--lut-file", str(lut_file)], "must divide D = 32")]:

@@ -2,19 +2,33 @@
 pytorch_model.bin (single or sharded), read and written with clear errors naming the file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from typing import Dict, List
 
 import torch
 from torch import nn
 
+from .._files import atomic_path, atomic_write
 from .config import MoLEConfig
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
 BIN_WEIGHTS = "pytorch_model.bin"
+_INDEX = ".index.json"
 LUT_KEY = "model.moe_table.weight"
+# Shard names as Hugging Face writes them (model-00001-of-00002.safetensors, ...).
+_HF_SHARD = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
+
+
+def _read_json(fpath: str, where: str, what: str):
+    try:
+        with open(fpath, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: {fpath} is not valid JSON {what} ({e})") from None
 
 
 def _read_config(path: str, where: str) -> MoLEConfig:
@@ -24,28 +38,34 @@ def _read_config(path: str, where: str) -> MoLEConfig:
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{where}: {path!r} has no {CONFIG_NAME}")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: {cfg_path} is not valid JSON ({e})") from None
-    return MoLEConfig.from_dict(d, source=f"{where}: {cfg_path}")
+    return MoLEConfig.from_dict(_read_json(cfg_path, where, "(a config)"), source=f"{where}: {cfg_path}")
+
+
+def _shard_names(ipath: str, where: str) -> List[str]:
+    """The shard file names a ``*.index.json`` lists: plain names in its folder, each a weight file."""
+    index = _read_json(ipath, where, "(a shard index)")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise ValueError(f"{where}: {ipath} is not a valid shard index (expected {{\"weight_map\": {{tensor name: "
+                         f"shard file name}}}})")
+    shards = sorted(set(weight_map.values()))
+    for name in shards:
+        # A shard outside the folder, or a file that is not weights, is not something to read (or delete).
+        if os.path.basename(name) != name or name in (".", "..") or not name.endswith((".safetensors", ".bin")):
+            raise ValueError(f"{where}: {ipath} lists shard {name!r}, which is not a .safetensors/.bin file name in "
+                             "its folder")
+    return shards
 
 
 def _weight_files(path: str, where: str) -> List[str]:
     """The weight files of a folder: single or sharded (``*.index.json``), safetensors preferred."""
-    for single, index in ((SAFE_WEIGHTS, SAFE_WEIGHTS + ".index.json"), (BIN_WEIGHTS, BIN_WEIGHTS + ".index.json")):
+    for single in (SAFE_WEIGHTS, BIN_WEIGHTS):
         if os.path.isfile(os.path.join(path, single)):
             return [os.path.join(path, single)]
-        ipath = os.path.join(path, index)
+        ipath = os.path.join(path, single + _INDEX)
         if os.path.isfile(ipath):
-            try:
-                with open(ipath, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{where}: {ipath} is not a valid shard index ({e!r})") from None
-            files = [os.path.join(path, s) for s in shards]
+            files = [os.path.join(path, s) for s in _shard_names(ipath, where)]
             for fpath in files:
                 if not os.path.isfile(fpath):
                     raise FileNotFoundError(f"{where}: shard {fpath} listed in {ipath} is missing")
@@ -65,20 +85,62 @@ def _load_state_dict(files: List[str], where: str) -> Dict[str, torch.Tensor]:
                 part = torch.load(fpath, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file: say which
             raise ValueError(f"{where}: cannot read weights from {fpath}: {e}") from e
-        if not isinstance(part, dict):
-            raise ValueError(f"{where}: {fpath} does not hold a state dict")
+        if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in part.items()):
+            raise ValueError(f"{where}: {fpath} does not hold a state dict (names -> tensors)")
+        twice = sorted(set(sd) & set(part))
+        if twice:
+            raise ValueError(f"{where}: {fpath} repeats tensor(s) of another shard, e.g. {twice[:4]}")
         sd.update(part)
     return sd
 
 
-def _save_state_dict(sd: Dict[str, torch.Tensor], path: str, safe: bool) -> None:
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    if safe:
-        from safetensors.torch import save_file
+def _stale_files(path: str, keep: str) -> List[str]:
+    """What a save of ``keep`` would leave behind in ``path`` for a loader to find: the other weight
+    file, every shard index and the shards they list or that are named like shards."""
+    names = {SAFE_WEIGHTS, BIN_WEIGHTS, SAFE_WEIGHTS + _INDEX, BIN_WEIGHTS + _INDEX}
+    for index in (SAFE_WEIGHTS + _INDEX, BIN_WEIGHTS + _INDEX):
+        ipath = os.path.join(path, index)
+        if os.path.isfile(ipath):
+            try:
+                names.update(_shard_names(ipath, "save_pretrained"))
+            except ValueError:
+                pass  # a broken index is removed; what it lists is not trusted
+    names.update(n for n in os.listdir(path) if _HF_SHARD.match(n))
+    names.discard(keep)
+    return sorted(n for n in names if os.path.isfile(os.path.join(path, n)) or os.path.islink(os.path.join(path, n)))
 
-        save_file(sd, os.path.join(path, SAFE_WEIGHTS), metadata={"format": "pt"})
-    else:
-        torch.save(sd, os.path.join(path, BIN_WEIGHTS))
+
+def save_checkpoint(path: str, sd: Dict[str, torch.Tensor], config: dict, safe: bool) -> None:
+    """Writes ``config.json`` and the weights (``model.safetensors`` or ``pytorch_model.bin``) into
+    the folder ``path``, replacing any earlier checkpoint there.
+
+    Every file is written whole or not at all (:mod:`mole_kernels._files`). The folder changes only
+    after the weights are fully written: then ``config.json`` is removed, every weight file, shard
+    index and shard of an earlier save that a loader could pick up instead is removed, the weights
+    are published and the new ``config.json`` is written last. A crash in that short window leaves a
+    folder without ``config.json`` (a loud error on load), never old weights read with a new config.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"save_pretrained: {path!r} exists and is not a directory")
+    os.makedirs(path, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    keep = SAFE_WEIGHTS if safe else BIN_WEIGHTS
+    for name in (keep, CONFIG_NAME):  # refused now: found when publishing, the old files would be gone
+        if os.path.isdir(os.path.join(path, name)):
+            raise ValueError(f"save_pretrained: {os.path.join(path, name)!r} is a directory")
+    with atomic_path(os.path.join(path, keep)) as tmp:
+        if safe:
+            from safetensors.torch import save_file
+
+            save_file(sd, tmp, metadata={"format": "pt"})
+        else:
+            torch.save(sd, tmp)
+        for name in [CONFIG_NAME] + _stale_files(path, keep):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(path, name))
+    with atomic_write(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
 
 
 def _is_expert_key(k: str) -> bool:

@@ -2,14 +2,15 @@
 KV cache, and the decode step captured in a CUDA graph."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoLEConfig
+from .config import MoLEConfig, _is_int
 from .layers import DecoderLayer, StaticKVCache, _attention_mask, _Backbone, _rope
 
 @dataclass
@@ -39,7 +40,7 @@ class _CausalLM(nn.Module):
         self.model = _Backbone(config, self._kind)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._init_weights(init_std)
-        self._graphs: Dict[tuple, "_GraphStep"] = {}
+        self._compiled_step = None  # _decode_step through torch.compile, made on first use
 
     def _init_weights(self, std: float):
         # As the official _init_weights: normal(0, std) for Linear and Embedding, norms at 1.
@@ -57,16 +58,16 @@ class _CausalLM(nn.Module):
 
     # -- the network ---------------------------------------------------------------------
 
-    def _ffn_context(self, input_ids: torch.Tensor, embeds: torch.Tensor, *, static: bool = False):
+    def _ffn_context(self, input_ids: torch.Tensor, embeds: torch.Tensor):
         return None
 
     def _ffn(self, l: int, layer: DecoderLayer, h: torch.Tensor, ctx) -> torch.Tensor:
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def _hidden(self, input_ids, position_ids, mask, cache=None, cache_idx=None, *, static=False):
+    def _hidden(self, input_ids, position_ids, mask, cache=None, cache_idx=None):
         x = self.model.embed_tokens(input_ids)
         cos, sin = _rope(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        ctx = self._ffn_context(input_ids, x, static=static)  # MoLE: the prefetch starts here, before layer 0
+        ctx = self._ffn_context(input_ids, x)  # MoLE: the step's rows start here, before layer 0
         h = x
         for l, layer in enumerate(self.model.layers):
             h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, mask, cache, l, cache_idx)
@@ -75,11 +76,12 @@ class _CausalLM(nn.Module):
 
     def _check_ids(self, input_ids, where: str) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{where}: input_ids must be an int32/int64 tensor [B, S]")
+            got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"{where}: input_ids must be an int32/int64 tensor [B, S], got {got}")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"{where}: input_ids must be [B, S] with S >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:  # an empty batch has nothing to run
+            raise ValueError(f"{where}: input_ids must be [B, S] with B >= 1 and S >= 1, got {tuple(input_ids.shape)}")
         if input_ids.device != self.device:
             raise ValueError(f"{where}: input_ids are on {input_ids.device} but the model is on {self.device}")
         if input_ids.numel():
@@ -99,7 +101,12 @@ class _CausalLM(nn.Module):
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"{where}: attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
-        m = attention_mask.to(self.device).bool()
+        m = attention_mask.to(self.device)
+        if m.dtype != torch.bool:  # 0.5 or 2 is not "token" or "padding"
+            if m.dtype.is_complex or not bool(((m == 0) | (m == 1)).all()):
+                raise ValueError(f"{where}: attention_mask must hold only 0 and 1 (or be bool), got a {m.dtype} "
+                                 "tensor with other values")
+            m = m.bool()
         if not bool(m.any(dim=1).all()):
             raise ValueError(f"{where}: attention_mask has a row with no real token")
         return m
@@ -133,12 +140,11 @@ class _CausalLM(nn.Module):
 
     # -- generation ----------------------------------------------------------------------
 
-    def _decode_step(self, cache: StaticKVCache, tok: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor,
-                     static: bool) -> torch.Tensor:
+    def _decode_step(self, cache: StaticKVCache, tok: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token per row: ``tok``/``pos`` ``[B]``, ``idx`` ``[1]`` the cache slot. Static shapes."""
         cache.valid.index_fill_(1, idx, True)
         attn = _attention_mask(idx, cache.valid, self.dtype)
-        h = self._hidden(tok[:, None], pos[:, None], attn, cache, idx, static=static)
+        h = self._hidden(tok[:, None], pos[:, None], attn, cache, idx)
         return self.lm_head(h[:, -1]).float()
 
     @torch.no_grad()
@@ -146,7 +152,7 @@ class _CausalLM(nn.Module):
                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
                  pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 cuda_graph: bool = False, return_logits: bool = False):
+                 cuda_graph: bool = False, compile_step: bool = False, return_logits: bool = False):
         """Autoregressive generation with a static KV cache.
 
         Args:
@@ -159,6 +165,9 @@ class _CausalLM(nn.Module):
                 slots of a stopped row hold ``pad_token_id``. Generation ends when every row stopped.
             pad_token_id: default ``config.pad_token_id``, else ``eos_token_id``, else 0.
             cuda_graph: capture the decode step in a CUDA graph and replay it (CUDA only).
+            compile_step: run the decode step through ``torch.compile`` (inductor; compiled once per
+                model and cache length, which takes seconds): it fuses the many tiny ops that
+                dominate a small model's step on a CPU (measured in bench/RESULTS.md).
             return_logits: return a :class:`GenerationOutput` with the per-step logits.
 
         Returns ``[B, S + n]`` token ids (or a :class:`GenerationOutput`).
@@ -166,14 +175,14 @@ class _CausalLM(nn.Module):
         name = f"{type(self).__name__}.generate"
         input_ids = self._check_ids(input_ids, name)
         mask = self._check_mask(attention_mask, input_ids, name)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"{name}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"{name}: temperature must be > 0 when sampling, got {temperature!r}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"{name}: top_p must be in (0, 1], got {top_p!r}")
+        _check_generate_args(name, self.config.vocab_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                             pad_token_id=pad_token_id, generator=generator, cuda_graph=cuda_graph,
+                             compile_step=compile_step, return_logits=return_logits)
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"{name}: cuda_graph=True needs the model on a CUDA device (it is on {self.device})")
+        if cuda_graph and compile_step:
+            raise ValueError(f"{name}: choose one of cuda_graph=True and compile_step=True")
         B, S = input_ids.shape
         if mask is not None:
             # Left padding: once a row's tokens start they continue to the end.
@@ -185,6 +194,7 @@ class _CausalLM(nn.Module):
         dev = self.device
 
         cache = StaticKVCache(self.config, B, S + max(max_new_tokens, 1), device=dev, dtype=self.dtype)
+        step = self._graph_step(cache, B) if cuda_graph else None  # before any work: it says if it cannot be
         valid = mask if mask is not None else torch.ones(B, S, dtype=torch.bool, device=dev)
         cache.valid[:, :S] = valid
         positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
@@ -197,7 +207,6 @@ class _CausalLM(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         pos = valid.long().sum(-1)  # the next token's position in each row
         idx = torch.tensor([S], device=dev)
-        step = self._graph_step(cache, B) if cuda_graph else None
         for i in range(max_new_tokens):
             if return_logits:
                 out_logits.append(logits)
@@ -212,8 +221,10 @@ class _CausalLM(nn.Module):
                 break
             if step is not None:
                 logits = step(tok, idx, pos)
+            elif compile_step:
+                logits = self._compiled_decode_step()(cache, tok, idx, pos)
             else:
-                logits = self._decode_step(cache, tok, idx, pos, static=False)
+                logits = self._decode_step(cache, tok, idx, pos)
             idx += 1
             pos += 1
         seq = torch.cat([input_ids] + [t[:, None] for t in out_tokens], dim=1)
@@ -224,6 +235,38 @@ class _CausalLM(nn.Module):
 
     def _graph_step(self, cache: StaticKVCache, B: int) -> "_GraphStep":
         return _GraphStep(self, cache, B)
+
+    def _compiled_decode_step(self):
+        """``_decode_step`` through torch.compile, made once per model (inductor caches the code)."""
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._decode_step, dynamic=False)
+        return self._compiled_step
+
+
+def _check_generate_args(name: str, vocab: int, *, max_new_tokens, do_sample, temperature, top_k, top_p,
+                         eos_token_id, pad_token_id, generator, cuda_graph, compile_step, return_logits) -> None:
+    """ValueError naming the argument for any of generate()'s options outside its domain (a bool is
+    not a count, NaN is not a temperature)."""
+    def is_real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for flag, v in (("do_sample", do_sample), ("cuda_graph", cuda_graph), ("compile_step", compile_step),
+                    ("return_logits", return_logits)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name}: {flag} must be a bool, got {v!r}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"{name}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not is_real(temperature) or (do_sample and not temperature > 0):
+        raise ValueError(f"{name}: temperature must be a finite number (> 0 when sampling), got {temperature!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise ValueError(f"{name}: top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not is_real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"{name}: top_p must be a number in (0, 1], got {top_p!r}")
+    for tok, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if v is not None and (not _is_int(v) or not 0 <= v < vocab):
+            raise ValueError(f"{name}: {tok} must be None or an int in [0, vocab_size={vocab}), got {v!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"{name}: generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def _choose(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
@@ -264,10 +307,10 @@ class _GraphStep:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                self.model._decode_step(self.cache, self.tok, self.idx, self.pos, static=True)
+                self.model._decode_step(self.cache, self.tok, self.idx, self.pos)
             torch.cuda.current_stream().wait_stream(s)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.out = self.model._decode_step(self.cache, self.tok, self.idx, self.pos, static=True)
+                self.out = self.model._decode_step(self.cache, self.tok, self.idx, self.pos)
         self.graph.replay()
         return self.out.clone()

@@ -11,17 +11,16 @@ The architecture follows the official MoLE code (github.com/JieShibo/MoLE,
 from __future__ import annotations
 
 import copy
-import json
 import os
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .._progress import progress_bar
 from ..quant import QuantizedLUT, canonical_format, dequantize, row_layout
-from .checkpoints import (CONFIG_NAME, LUT_KEY, _check_state_dict, _is_expert_key, _load_state_dict,
-                          _read_config, _save_state_dict, _weight_files)
+from .checkpoints import (LUT_KEY, _check_state_dict, _is_expert_key, _load_state_dict, _read_config,
+                          _weight_files, save_checkpoint)
 from .config import MoLEConfig, parse_dtype
 from .generation import _CausalLM
 from .layers import _acc_dtype
@@ -34,14 +33,16 @@ class MoLEForCausalLM(_CausalLM):
     - **inference form** (:meth:`reparameterize`, or :meth:`from_pretrained` of a
       re-parameterized folder): no experts; their outputs for every vocabulary entry are a
       ``[V, L, E, D]`` :class:`~mole_kernels.table.LookupTable` (:attr:`lut`) on the
-      ``"device"``, ``"host"`` or ``"disk"`` tier, read by a prefetcher and combined by
-      :func:`mole_kernels.mole_combine`. Inference only (no autograd through the LUT).
+      ``"device"``, ``"host"`` or ``"disk"`` tier. Each layer's expert term is one fused call
+      (:class:`~mole_kernels.table.reader.LayerReader`: router softmax, the token's E rows
+      read from wherever the table lives, their weighted sum, the residual and shared MLP
+      output added). Inference only (no autograd through the LUT).
     """
 
     def __init__(self, config: MoLEConfig, *, reparameterized: bool = False, init_std: float = 0.02):
         super().__init__(config, init_std=init_std, kind="mole_lut" if reparameterized else "mole")
         self.lut = None  # the LookupTable of the inference form
-        self._prefetchers: Dict[bool, object] = {}
+        self._reader = None  # how steps read self.lut (made on first use)
 
     @property
     def is_reparameterized(self) -> bool:
@@ -49,44 +50,41 @@ class MoLEForCausalLM(_CausalLM):
 
     # -- the expert term -----------------------------------------------------------------
 
-    def _ffn_context(self, input_ids, embeds, *, static=False):
+    def _ffn_context(self, input_ids, embeds):
         if not self.is_reparameterized:
             return embeds
-        if self.lut is None:
-            raise RuntimeError("MoLEForCausalLM: the inference form has no LUT; call set_lut(table) "
-                               "(or build it with reparameterize() / from_pretrained())")
-        if self.lut.device != self.device:
-            raise RuntimeError(f"MoLEForCausalLM: the LUT delivers rows to {self.lut.device} but the model is on "
-                               f"{self.device}; rebuild the table with device={self.device}")
-        ids = input_ids.reshape(-1)
-        # Under graph capture nothing may synchronise: strict=False counts bad ids instead of raising
-        # (ids were range-checked before generation began).
-        return self._prefetcher(ids.numel(), strict=not static).start(ids)
-
-    def _prefetcher(self, T: int, strict: bool):
-        pf = self._prefetchers.get(strict)
-        if pf is None or pf.max_tokens < T:
-            pf = self.lut.prefetcher(max(T, 1), strict=strict)
-            self._prefetchers[strict] = pf
-        return pf
+        if self._reader is None:
+            if self.lut is None:
+                raise RuntimeError("MoLEForCausalLM: the inference form has no LUT; call set_lut(table) "
+                                   "(or build it with reparameterize() / from_pretrained())")
+            if self.lut.device != self.device:
+                raise RuntimeError(f"MoLEForCausalLM: the LUT delivers rows to {self.lut.device} but the model is on "
+                                   f"{self.device}; rebuild the table with device={self.device}")
+            self._reader = self.lut.reader()
+        # Every layer's rows for this step's ids, started before layer 0 (prefetched on a GPU). Ids
+        # were range-checked where they entered (forward/generate): no step synchronises for them.
+        return self._reader.start(input_ids)
 
     def _ffn(self, l, layer, h, ctx):
         n = layer.post_attention_layernorm(h)
+        if self.is_reparameterized:  # one fused call: softmax, the token's E rows, their sum, both adds
+            # F.linear, not layer.router(n): the module call's hook machinery costs more than this
+            # D x E matmul itself at decode sizes.
+            return ctx.combine(l, F.linear(n, layer.router.weight), h, layer.mlp(n))
+        # The train form, as the official layer: softmax in float32, cast to the hidden dtype, weighted sum.
         logits = layer.router(n)
         shared = layer.mlp(n)
-        if not self.is_reparameterized:
-            # As the official layer: softmax in float32, cast to the hidden dtype, weighted sum.
-            p = F.softmax(logits, dim=-1, dtype=_acc_dtype(shared.dtype)).to(shared.dtype)
-            x = layer.expert_layernorm(ctx)
-            experts = torch.stack([e(x) for e in layer.experts], dim=2)  # [B, S, E, D]
-            return h + shared + (experts * p.unsqueeze(-1)).sum(dim=2)
-        from ..combine import mole_combine
+        p = F.softmax(logits, dim=-1, dtype=_acc_dtype(shared.dtype)).to(shared.dtype)
+        x = layer.expert_layernorm(ctx)
+        experts = torch.stack([e(x) for e in layer.experts], dim=2)  # [B, S, E, D]
+        return h + shared + (experts * p.unsqueeze(-1)).sum(dim=2)
 
-        B, S, D = h.shape
-        rows = ctx.layer(l)  # [T, E, D]: waits for this layer's rows only
-        out = mole_combine(logits.reshape(B * S, -1), rows, residual=h.reshape(B * S, D),
-                           shared=shared.reshape(B * S, D))
-        return out.view(B, S, D)
+    def _graph_step(self, cache, B):
+        if self.is_reparameterized and self.lut is not None and self.lut.placement == "disk":
+            raise ValueError("MoLEForCausalLM.generate: cuda_graph=True is not possible with the LUT on the disk tier "
+                             "(host threads read each step's rows once its ids are on the host); use placement='host' "
+                             "(pinned, read over PCIe inside the graph) or cuda_graph=False")
+        return super()._graph_step(cache, B)
 
     # -- re-parameterization -------------------------------------------------------------
 
@@ -180,7 +178,7 @@ class MoLEForCausalLM(_CausalLM):
             raise ValueError(f"set_lut: table must have shape [V, L, E, D] = {list(self.config.lut_shape)}, "
                              f"got {list(shape)}")
         self.lut = table
-        self._prefetchers = {}
+        self._reader = None
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -271,15 +269,21 @@ class MoLEForCausalLM(_CausalLM):
 
         The official layout has no quantized form: a quantized LUT is written dequantized (in
         ``lut_dtype``, default the dtype it was quantized from). To keep the quantized rows,
-        also ``self.lut.save(file)`` and load with ``from_pretrained(..., lut_file=file)``."""
+        also ``self.lut.save(file)`` and load with ``from_pretrained(..., lut_file=file)``.
+
+        Every file is written whole or not at all, and the weight files, shard indexes and shards
+        of an earlier save into ``path`` (in either format) are removed, so that
+        :meth:`from_pretrained` reads this model and nothing else (see
+        :func:`~mole_kernels.model.checkpoints.save_checkpoint`)."""
         path = os.fspath(path)
-        os.makedirs(path, exist_ok=True)
+        if not isinstance(safe_serialization, bool):
+            raise ValueError(f"save_pretrained: safe_serialization must be a bool, got {safe_serialization!r}")
         sd = dict(self.state_dict())
         if self.is_reparameterized:
             if self.lut is None:
                 raise RuntimeError("save_pretrained: the inference form has no LUT to save")
             V, L, E, D = self.config.lut_shape
-            lut = self.lut.tensor
+            lut = self.lut.read()
             if isinstance(lut, QuantizedLUT):
                 lut = dequantize(lut)
             lut_dtype = parse_dtype(lut_dtype, "save_pretrained: lut_dtype") or lut.dtype
@@ -288,9 +292,7 @@ class MoLEForCausalLM(_CausalLM):
         cfg.setdefault("architectures", ["MoleForCausalLM"])
         cfg.setdefault("model_type", "llama")  # the official config class is LlamaConfig
         cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")
-        with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-        _save_state_dict(sd, path, safe_serialization)
+        save_checkpoint(path, sd, cfg, safe_serialization)
 
 
 def _check_lut_format(lut_format: Optional[str], block_size, hidden: int, where: str) -> None:

@@ -1,6 +1,7 @@
 """Where a LUT lives and how its rows get to where they are used.
 
 - ``lookup_table.py``: :class:`LookupTable` (tiers, paths, gather, stats);
+- ``reader.py``: :class:`LayerReader`, how a model's steps read a table (one fused call per layer);
 - ``prefetch.py``: :class:`Prefetcher`, all layers' rows for the next ids fetched ahead of use;
 - ``file_format.py``: the table file (safetensors + metadata), validated on read, written atomically.
 
@@ -10,5 +11,6 @@ The C++ side (exact-size host memory, file reads, row copies, DMA) is
 from .file_format import FORMAT_VERSION
 from .lookup_table import LookupTable, TableStats, host_allocations
 from .prefetch import Prefetch, Prefetcher
+from .reader import LayerReader
 
-__all__ = ["LookupTable", "Prefetch", "Prefetcher", "TableStats", "host_allocations", "FORMAT_VERSION"]
+__all__ = ["LayerReader", "LookupTable", "Prefetch", "Prefetcher", "TableStats", "host_allocations", "FORMAT_VERSION"]

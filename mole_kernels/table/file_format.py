@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .._files import atomic_write
 from .._progress import progress_bar
 from ..quant import QuantizedLUT
 
@@ -43,27 +45,39 @@ class _FileInfo:
     nbytes: int
     metadata: Dict[str, str]
     quantized: bool = False
+    identity: Tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the file the header was read from
+    template: Optional[QuantizedLUT] = None  # quantized: format/dim/block/dtype over a meta payload
 
 
 def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
-    """Parses and validates a safetensors header; every problem is a ValueError naming the file."""
+    """Parses and validates a safetensors header; every problem is a ValueError naming the file.
+
+    Only a regular file is read (a FIFO or device is refused without blocking on it)."""
 
     def bad(msg):
         return ValueError(f"LookupTable.open: {path}: {msg}")
 
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise bad(f"{size} bytes is too short for a safetensors file (8-byte header length + JSON header)")
-            (n,) = struct.unpack("<Q", head)
-            if n < 2 or n > _MAX_HEADER or 8 + n > size:
-                raise bad(f"header length field says {n} bytes but the file has {size} bytes: not a safetensors "
-                          "file, or truncated")
-            raw = f.read(n)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise ValueError(f"LookupTable.open: cannot read {path}: {e}") from e
+        raise ValueError(f"LookupTable.open: cannot open {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise bad("not a regular file (a directory, FIFO, socket or device cannot hold a table)")
+        size = st.st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise bad(f"{size} bytes is too short for a safetensors file (8-byte header length + JSON header)")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > _MAX_HEADER or 8 + n > size:
+            raise bad(f"header length field says {n} bytes but the file has {size} bytes: not a safetensors "
+                      "file, or truncated")
+        raw = os.pread(fd, n, 8)
+    except OSError as e:
+        raise ValueError(f"LookupTable.open: cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -71,14 +85,21 @@ def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object: not a safetensors file")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise bad("__metadata__ must be a JSON object of strings to strings (the safetensors format)")
     if tensor not in header:
         raise bad(f"no tensor named {tensor!r} (tensors: {sorted(header)[:8]}); pass tensor= to pick one")
     entry = header[tensor]
-    try:
-        dtype_name, shape = entry["dtype"], [int(s) for s in entry["shape"]]
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise bad(f"tensor {tensor!r} entry {entry!r} lacks dtype/shape/data_offsets") from None
+    def ints(x, n=None):  # a JSON list of ints (not strings, floats or booleans), of length n if given
+        ok = isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+        return ok and (n is None or len(x) == n)
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or not ints(entry.get("shape")) \
+            or not ints(entry.get("data_offsets"), 2):
+        raise bad(f"tensor {tensor!r} entry {entry!r} needs dtype (a string), shape (a list of ints) and "
+                  "data_offsets (two ints)")
+    dtype_name, shape = entry["dtype"], list(entry["shape"])
+    begin, end = entry["data_offsets"]
     quantized = QuantizedLUT.is_quantized_metadata(meta)
     if quantized:
         if dtype_name != "U8":
@@ -95,16 +116,18 @@ def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
         dtype = _ST_DTYPES[dtype_name]
     if len(shape) == 3:
         shape = [shape[0], 1, shape[1], shape[2]]
+    if len(shape) == 4 and any(s > (1 << 62) for s in shape):
+        raise bad(f"tensor {tensor!r} has shape {shape}: too large to be a table")
     if len(shape) != 4 or min(shape) < 0:
         raise bad(f"tensor {tensor!r} has shape {shape}; a table is [V, L, E, D] or [V, E, D]")
     nbytes = math.prod(shape) * dtype.itemsize
     if end - begin != nbytes or begin < 0:
         raise bad(f"tensor {tensor!r} data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} "
                   f"in {dtype_name} needs {nbytes}")
-    try:  # the file must hold every tensor the header describes, not just ours
-        data_end = max(int(e["data_offsets"][1]) for e in header.values() if isinstance(e, dict) and "data_offsets" in e)
-    except (TypeError, ValueError, IndexError):
-        raise bad("a tensor entry has malformed data_offsets") from None
+    offsets = [e["data_offsets"] for e in header.values() if isinstance(e, dict) and "data_offsets" in e]
+    if not all(ints(o, 2) for o in offsets):
+        raise bad("a tensor entry has malformed data_offsets (two ints expected)")
+    data_end = max(o[1] for o in offsets)  # the file must hold every tensor the header describes, not just ours
     if size < 8 + n + data_end:
         raise bad(f"truncated: the header describes {8 + n + data_end} bytes but the file has {size}")
     # The metadata, when present, must agree with the tensor (a mismatch means a corrupt or foreign file).
@@ -119,9 +142,13 @@ def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
     if "dtype" in meta and meta["dtype"] != logical_dtype:
         raise bad(f"metadata says dtype={meta['dtype']} but tensor {tensor!r} is {dtype_name}"
                   + (f" quantized from {logical_dtype}" if quantized else ""))
-    if "format_version" in meta and int(meta["format_version"]) > FORMAT_VERSION:
-        raise bad(f"format_version {meta['format_version']} is newer than this mole_kernels ({FORMAT_VERSION})")
-    return _FileInfo(tuple(shape), dtype, 8 + n + begin, nbytes, dict(meta), quantized)
+    version = meta.get("format_version", "1")
+    if not version.isdigit():
+        raise bad(f"format_version {version!r} is not a number")
+    if int(version) > FORMAT_VERSION:
+        raise bad(f"format_version {version} is newer than this mole_kernels ({FORMAT_VERSION})")
+    return _FileInfo(tuple(shape), dtype, 8 + n + begin, nbytes, dict(meta), quantized, (st.st_dev, st.st_ino),
+                     q if quantized else None)
 
 
 def _quantized_on_meta(shape, meta: Dict[str, str], bad) -> QuantizedLUT:
@@ -160,36 +187,27 @@ def _metadata_of(lut) -> Dict[str, str]:
     return _metadata(lut.shape, lut.dtype, lut if isinstance(lut, QuantizedLUT) else None)
 
 
-def _check_quantized_rows(src: torch.Tensor, info: _FileInfo, path: str) -> Optional[QuantizedLUT]:
-    """A quantized file's table over its mapping, its first and last rows checked; None for a float file."""
-    if not info.quantized:
-        return None
+def _check_quantized_rows(sample: torch.Tensor, info: _FileInfo, path: str) -> None:
+    """Checks a quantized file's first and last tokens' rows (``sample``: their packed bytes)."""
+    q = info.template
     try:
-        return QuantizedLUT.from_metadata(src, info.metadata)
+        QuantizedLUT(sample, q.format, q.dim, q.block_size, q.dtype).check_sample()
     except ValueError as e:
         raise ValueError(f"LookupTable.open: {path}: quantized table: {e}") from None
 
 
-def _save_tensor(lut: torch.Tensor, path: str, metadata: Dict[str, str]) -> None:
-    """Streams ``lut`` into a safetensors file (written to path.tmp, then renamed: never half a file)."""
-    if lut.dim() == 3:
-        lut = lut.unsqueeze(1)
-    shape, dtype = tuple(lut.shape), lut.dtype
+def _write_table(path: str, shape, dtype: torch.dtype, metadata: Dict[str, str],
+                 read_tokens: Callable[[int, int], torch.Tensor]) -> None:
+    """Writes a table file whole or not at all (:func:`mole_kernels._files.atomic_write`: a unique
+    temporary file in the target's folder, never a fixed name, never through a symlink, the usual
+    permissions), filled chunk by chunk with ``read_tokens(a, b)`` (the stored rows of tokens
+    [a, b) as a CPU tensor): a big table is never copied whole."""
+    shape = tuple(shape) if len(shape) == 4 else (shape[0], 1, *shape[1:])
     nbytes = math.prod(shape) * dtype.itemsize
-    tmp = path + ".tmp"
-    bar = _progress(nbytes, f"saving {os.path.basename(path)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_header_bytes(shape, dtype, metadata))
-            step = max(1, _CHUNK // max(1, math.prod(shape[1:]) * dtype.itemsize))
-            for a in range(0, shape[0], step):
-                chunk = lut[a:a + step].detach().to("cpu").contiguous()
-                f.write(chunk.view(torch.uint8).numpy().data)
-                bar.update(chunk.numel() * dtype.itemsize)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        bar.close()
+    with _progress(nbytes, f"saving {os.path.basename(path)}") as bar, atomic_write(path) as f:
+        f.write(_header_bytes(shape, dtype, metadata))
+        step = max(1, _CHUNK // max(1, math.prod(shape[1:]) * dtype.itemsize))
+        for a in range(0, shape[0], step):
+            chunk = read_tokens(a, min(shape[0], a + step))
+            f.write(chunk.contiguous().view(torch.uint8).numpy().data)
+            bar.update(chunk.numel() * dtype.itemsize)

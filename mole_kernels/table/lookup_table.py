@@ -7,13 +7,16 @@ Tiers (``placement``):
   (pinned) when CUDA is available. Two paths to the GPU:
   ``"zero_copy"`` (the CUDA kernel reads the rows over PCIe in place; no synchronisation,
   best for small decode batches whose ids are on the GPU) and ``"dma"`` (ids on the host are
-  deduplicated, each unique row crosses PCIe once by async copy into a device buffer, then a
-  device-side gather expands them; best for large prefill batches). On a machine without
+  deduplicated, host threads gather the unique rows into pinned staging and one async copy per
+  chunk moves them to a device buffer, then a device-side gather expands them; best for large
+  prefill batches). On a machine without
   CUDA the host tier is ordinary memory and both paths run on the CPU (same results).
-- ``"disk"``: a safetensors file, memory-mapped; nothing is read up front (a file larger
-  than RAM works). Path ``"staged"``: host threads in the extension copy the unique rows
-  out of the mapping into a small pinned staging buffer (in chunks when they do not fit,
-  double-buffered so a chunk's DMA overlaps the next chunk's copy), then the device gather.
+- ``"disk"``: a safetensors file, kept open; nothing is read up front (a file larger than
+  RAM works). Path ``"staged"``: host threads in the extension read the unique rows with
+  ``pread`` (never through a memory mapping: a file truncated or rewritten by another process
+  after ``open`` is then a clear error, not a SIGBUS) into the result on a CPU, or into a small
+  pinned staging buffer on a GPU (in chunks when they do not fit, double-buffered so a chunk's
+  DMA overlaps the next chunk's read), then the device gather.
 
 ``path="auto"`` picks: device tier -> ``device``; host tier -> ``zero_copy`` when ids are on
 the GPU (moving them to the host would synchronise) or the batch has at most
@@ -27,29 +30,37 @@ the gather kernel dequantizes in registers. ``shape`` and ``dtype`` stay the log
 ``row_bytes``, :class:`TableStats`) are quantized bytes. A quantized file is the same
 safetensors layout with a ``U8`` tensor and metadata naming format, block size and dtype.
 
-The C++ side (exact-size allocation and its release, the file mapping, the row copy
-threads, the DMA submission) is ``torch.classes.mole_kernels.TableStore``
-(csrc/lookup_table.cpp); this module is a thin owner of it.
+Bad ids: ids on the host are checked there (an id outside ``[0, V)`` raises ``ValueError``
+naming the first one); ids on a GPU are not (that would synchronise): such an id reads zero
+rows and is counted in :attr:`LookupTable.faults`.
+
+Threads: one table may be used from several threads at once; calls on it are serialised by a
+lock (the GPU paths share pinned staging). A :class:`Prefetcher` or a reader belongs to one thread.
+
+The C++ side (exact-size allocation and its release, the open file, the row copy threads) is
+``torch.classes.mole_kernels.TableStore`` (csrc/lookup_table.cpp); this module is a thin owner of it.
 """
 from __future__ import annotations
 
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 
-from .._ops import ops
+from .._ops import ops, raise_on_bad_ids
 from ..lut_gather import lut_gather
 from ..quant import QuantizedLUT, canonical_format, quantize
-from .file_format import (_CHUNK, _ST_DTYPES, TENSOR_NAME, _check_quantized_rows, _metadata_of, _progress,
-                          _read_header, _save_tensor)
+from .file_format import (_CHUNK, _ST_DTYPES, TENSOR_NAME, _check_quantized_rows, _metadata, _metadata_of, _progress,
+                          _read_header, _write_table)
 
 if TYPE_CHECKING:
     from .prefetch import Prefetcher
+    from .reader import LayerReader
 
 PLACEMENTS = ("device", "host", "disk")
 _PATHS = {"device": ("device",), "host": ("zero_copy", "dma"), "disk": ("staged",)}
@@ -74,8 +85,8 @@ class TableStats:
 
     ``bytes_read`` counts table bytes read from each tier; ``bytes_h2d`` the bytes that crossed
     from host to device (zero-copy reads or DMA). ``seconds`` is host wall time per stage
-    (``dedupe``, ``host_copy``, ``dma``, ``gather``); on CUDA it is submission time unless the
-    stage synchronises.
+    (``dedupe``, ``host_copy`` (CPU), ``staged`` (GPU: host reads + async copies), ``gather``);
+    on CUDA it is submission time unless the stage synchronises.
     """
 
     calls: int = 0
@@ -115,10 +126,11 @@ def _store(kind: str, path: str = "", offset: int = 0, nbytes: int = 0, pin: boo
 
 
 class LookupTable:
-    """A ``[V, L, E, D]`` lookup table in VRAM, pinned host memory or a memory-mapped file.
+    """A ``[V, L, E, D]`` lookup table in VRAM, pinned host memory or a file.
 
     Build with :meth:`from_tensor` or :meth:`open`; read rows with :meth:`gather` /
-    :meth:`gather_combine` (results on :attr:`device`); :meth:`prefetcher` for decoding.
+    :meth:`gather_combine` (results on :attr:`device`); :meth:`reader` serves a model's steps
+    (one fused call per layer) and :meth:`prefetcher` fetches all layers' rows ahead of use.
     The table may be quantized (:attr:`format` is then ``"int8"``, ``"fp8_e4m3"`` or ``"nf4"``);
     results are then dequantized rows in :attr:`dtype`. See the module docstring for tiers and paths.
     """
@@ -126,25 +138,30 @@ class LookupTable:
     #: host tier, ``path="auto"``: batches of at most this many ids use zero-copy even when on the host.
     dma_min_tokens = 32
 
-    def __init__(self, *, lut: torch.Tensor, placement: str, device: torch.device, store=None,
-                 staging_bytes: int = 0, metadata: Optional[Dict[str, str]] = None, _token=None):
+    def __init__(self, *, stored_shape, stored_dtype: torch.dtype, quant: Optional[QuantizedLUT], placement: str,
+                 device: torch.device, lut=None, store=None, staging_bytes: int = 0,
+                 metadata: Optional[Dict[str, str]] = None, _token=None):
         if _token is not _PRIVATE:
             raise TypeError("use LookupTable.from_tensor(...) or LookupTable.open(...)")
-        self._lut = lut  # [V, L, E, D] view over the tier's storage, or a QuantizedLUT whose data is one
+        # lut: the table in memory (device/host tiers), a [V, L, E, D] tensor or a QuantizedLUT over
+        # the packed rows; None for the disk tier, whose rows are read from the file on demand.
+        self._lut = lut
         self._store = store
+        self._quant = quant  # quantized: format, dim, block size, dtype (its payload is not used)
+        self._stored_shape = tuple(stored_shape)  # as the tier holds it (quantized: [V, L, E, row_bytes])
+        self._stored_dtype = stored_dtype
         self.placement = placement
         self.device = device
-        self.shape = tuple(lut.shape)
-        self.dtype = lut.dtype
-        quant = isinstance(lut, QuantizedLUT)
-        self._format = lut.format if quant else None
-        self._block_size = lut.block_size if quant else None
-        self._token_bytes = lut.bytes_per_token if quant else math.prod(self.shape[1:]) * self.dtype.itemsize
+        self.shape = (*self._stored_shape[:3], quant.dim) if quant is not None else self._stored_shape
+        self.dtype = quant.dtype if quant is not None else stored_dtype
+        self._token_bytes = math.prod(self._stored_shape[1:]) * stored_dtype.itemsize
         self.metadata = dict(metadata or {})
         self.stats = TableStats()
         self._staging_bytes = staging_bytes
-        self._staging = None  # disk tier: pinned staging, two halves (created on first use)
-        self._staging_events = None
+        self._staging = None  # GPU staging: pinned, two halves (created on first use)
+        self._faults = None  # bad ids among ids that were on a GPU (created on first use)
+        self._lock = threading.RLock()
+        self._closed = False
 
     # ------------------------------------------------------------ construction ------------
 
@@ -160,7 +177,7 @@ class LookupTable:
             placement: ``"device"``, ``"host"`` or ``"disk"`` (for disk, ``lut`` is saved to
                 ``path``, or to an anonymous temporary file when ``path`` is None).
             device: where results land (default: the current CUDA device if any, else CPU).
-            staging_bytes: disk tier: size of the pinned staging buffer rows pass through.
+            staging_bytes: GPU dma/disk paths: size of the pinned staging buffer rows pass through.
             format, block_size: quantize a float ``lut`` first (:func:`mole_kernels.quantize`:
                 ``"int8"``, ``"fp8"``/``"fp8_e4m3"`` or ``"nf4"``). With a QuantizedLUT they may
                 only repeat its own format and block size.
@@ -178,6 +195,8 @@ class LookupTable:
             raise ValueError(f"LookupTable.from_tensor: lut must be [V, L, E, D] or [V, E, D], got {tuple(lut.shape)}")
         elif lut.dtype not in _ST_DTYPES.values():
             raise ValueError(f"LookupTable.from_tensor: lut must be float32, float16 or bfloat16, got {lut.dtype}")
+        elif lut.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"LookupTable.from_tensor: lut must be on the CPU or a CUDA device, got {lut.device}")
         elif format is not None:
             lut = quantize(lut, format, block_size)
         elif block_size is not None:
@@ -185,68 +204,75 @@ class LookupTable:
         placement, device = cls._check_placement(placement, device, "from_tensor")
         lut = _as_4d(lut)
         payload = _payload(lut)  # what the tier stores: the float tensor or the packed uint8 rows
+        _check_staging(staging_bytes, payload[0].numel() * payload.element_size() if len(payload) else 0, "from_tensor")
+        quant = lut if isinstance(lut, QuantizedLUT) else None
         meta = _metadata_of(lut)
         if placement == "disk":
-            if path is not None:
-                _save_tensor(payload, path, meta)
-                return cls.open(path, "disk", device, staging_bytes=staging_bytes)
-            fd, tmp = tempfile.mkstemp(suffix=".safetensors", prefix="mole_lut_")
-            os.close(fd)
+            target = path
+            if target is None:  # an anonymous file: unlinked once open (the open descriptor keeps it)
+                fd, target = tempfile.mkstemp(suffix=".safetensors", prefix="mole_lut_")
+                os.close(fd)
             try:
-                _save_tensor(payload, tmp, meta)
-                return cls.open(tmp, "disk", device, staging_bytes=staging_bytes)
+                _write_table(os.fspath(target), payload.shape, payload.dtype, meta,
+                             lambda a, b: payload[a:b].detach().to("cpu"))
+                return cls.open(target, "disk", device, staging_bytes=staging_bytes)
             finally:
-                os.unlink(tmp)  # the mapping keeps the data; nothing is left behind on disk
+                if path is None:
+                    os.unlink(target)
+        kw = dict(stored_shape=payload.shape, stored_dtype=payload.dtype, quant=quant, placement=placement,
+                  device=device, metadata=meta, _token=_PRIVATE)
         if placement == "device":
             data = payload.to(device, copy=True).contiguous()
-            return cls(lut=_like(lut, data), placement=placement, device=device, metadata=meta, _token=_PRIVATE)
+            return cls(lut=_like(quant, data), **kw)
         store, view = cls._host_store(payload.shape, payload.dtype, device)
-        bar = _progress(view.numel() * view.element_size(), "pinning LUT")
-        step = max(1, _CHUNK // max(1, view[0].numel() * view.element_size()))
-        for a in range(0, payload.shape[0], step):
-            view[a:a + step].copy_(payload[a:a + step])
-            bar.update(view[a:a + step].numel() * view.element_size())
-        bar.close()
-        return cls(lut=_like(lut, view), placement=placement, device=device, store=store, metadata=meta,
-                   _token=_PRIVATE)
+        _fill(view, lambda a, b, dst: dst.copy_(payload[a:b]), "pinning LUT")
+        return cls(lut=_like(quant, view), store=store, **kw)
 
     @classmethod
-    def open(cls, path: str, placement: str = "disk", device=None, *, tensor: str = TENSOR_NAME,
+    def open(cls, path, placement: str = "disk", device=None, *, tensor: str = TENSOR_NAME,
              staging_bytes: int = 64 << 20) -> "LookupTable":
         """Opens a safetensors table (header validated now: truncation, dtype, shape vs metadata).
 
-        ``placement="disk"`` maps the file and reads nothing up front; ``"host"``/``"device"``
+        ``placement="disk"`` keeps the file open and reads nothing up front; ``"host"``/``"device"``
         load it (in chunks, never a second full copy in memory). A quantized file (U8 tensor with
         ``mole_kernels.format`` metadata) is checked against its metadata now: row size from
         format/dim/block size, and the first and last tokens' rows (zero padding, finite scales).
+        Only a regular file is opened (a FIFO or device is refused, never waited on).
         """
         path = os.fspath(path)
         placement, device = cls._check_placement(placement, device, "open")
         info = _read_header(path, tensor)
-        mapped = _store("file", path, info.data_offset, info.nbytes)
+        _check_staging(staging_bytes, math.prod(info.shape[1:]) * info.dtype.itemsize, "open")
+        store = _store("file", path, info.data_offset, info.nbytes)
         try:
-            src = mapped.tensor().view(info.dtype).view(info.shape)
-            template = _check_quantized_rows(src, info, path)  # None for a float table
+            if tuple(store.identity()) != tuple(info.identity):
+                raise ValueError(f"LookupTable.open: {path} was replaced while it was being opened; open it again")
+            if info.quantized:
+                _check_quantized_rows(_first_and_last_tokens(store, info), info, path)
         except BaseException:
-            mapped.close()
+            store.close()
             raise
+        kw = dict(stored_shape=info.shape, stored_dtype=info.dtype, quant=info.template, placement=placement,
+                  device=device, metadata=info.metadata, _token=_PRIVATE)
         if placement == "disk":
-            return cls(lut=_like(template, src), placement="disk", device=device, store=mapped,
-                       staging_bytes=staging_bytes, metadata=info.metadata, _token=_PRIVATE)
-        if placement == "host":
-            store, view = cls._host_store(info.shape, info.dtype, device)
-        else:
-            store, view = None, torch.empty(info.shape, dtype=info.dtype, device=device)
-        bar = _progress(info.nbytes, f"loading {os.path.basename(path)}")
-        step = max(1, _CHUNK // max(1, src[0].numel() * src.element_size()))
-        for a in range(0, info.shape[0], step):
-            view[a:a + step].copy_(src[a:a + step])
-            bar.update(src[a:a + step].numel() * src.element_size())
-        bar.close()
-        del src
-        mapped.close()
-        return cls(lut=_like(template, view), placement=placement, device=device, store=store,
-                   metadata=info.metadata, _token=_PRIVATE)
+            return cls(store=store, staging_bytes=staging_bytes, **kw)
+        try:
+            token_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
+            if placement == "host":
+                host, view = cls._host_store(info.shape, info.dtype, device)
+                _fill(view, lambda a, b, dst: store.read(a * token_bytes, (b - a) * token_bytes, _bytes(dst)),
+                      f"loading {os.path.basename(path)}")
+                return cls(lut=_like(info.template, view), store=host, **kw)
+            view = torch.empty(info.shape, dtype=info.dtype, device=device)
+
+            def load(a, b, dst):
+                chunk = torch.empty((b - a, *info.shape[1:]), dtype=info.dtype)
+                store.read(a * token_bytes, (b - a) * token_bytes, _bytes(chunk))
+                dst.copy_(chunk)
+            _fill(view, load, f"loading {os.path.basename(path)}")
+            return cls(lut=_like(info.template, view), **kw)
+        finally:
+            store.close()
 
     @staticmethod
     def _check_placement(placement, device, where):
@@ -272,16 +298,16 @@ class LookupTable:
     @property
     def format(self) -> Optional[str]:
         """The quantization format (``"int8"``, ``"fp8_e4m3"``, ``"nf4"``), or None for a float table."""
-        return self._format
+        return self._quant.format if self._quant is not None else None
 
     @property
     def block_size(self) -> Optional[int]:
         """Values per quantization scale, or None for a float table."""
-        return self._block_size
+        return self._quant.block_size if self._quant is not None else None
 
     @property
     def quantized(self) -> bool:
-        return self._format is not None
+        return self._quant is not None
 
     @property
     def nbytes(self) -> int:
@@ -295,10 +321,16 @@ class LookupTable:
 
     @property
     def tensor(self):
-        """The table over the tier's storage (read-only for the disk tier): a ``[V, L, E, D]`` tensor,
-        or for a quantized table the :class:`~mole_kernels.QuantizedLUT` (``lut_gather`` and
-        ``dequantize`` take either)."""
+        """The table over the tier's memory: a ``[V, L, E, D]`` tensor, or for a quantized table the
+        :class:`~mole_kernels.QuantizedLUT` (``lut_gather`` and ``dequantize`` take either).
+
+        A disk table has none: its rows stay in the file and are read on demand (use
+        :meth:`gather`, :meth:`read`, or :meth:`open` with ``placement="host"``)."""
         self._check_open()
+        if self._lut is None:
+            raise ValueError("LookupTable.tensor: a disk table's rows stay in its file (they are read with pread, so "
+                             "a file changed by another process is an error, not a crash); use gather(), read(), "
+                             "or LookupTable.open(path, placement='host') to hold it in memory")
         return self._lut
 
     @property
@@ -307,7 +339,12 @@ class LookupTable:
 
     @property
     def closed(self) -> bool:
-        return self._lut is None
+        return self._closed
+
+    @property
+    def faults(self) -> int:
+        """Ids outside ``[0, V)`` seen among ids that were on a GPU (reading it synchronises)."""
+        return 0 if self._faults is None else int(self._faults.item())
 
     def paths(self) -> Tuple[str, ...]:
         """The paths gather can take for this table."""
@@ -318,7 +355,7 @@ class LookupTable:
             return f"LookupTable(closed, placement={self.placement!r})"
         V, L, E, D = self.shape
         pin = ", pinned" if self.pinned else ""
-        quant = f", format={self._format}, block_size={self._block_size}" if self.quantized else ""
+        quant = f", format={self.format}, block_size={self.block_size}" if self.quantized else ""
         return (f"LookupTable(placement={self.placement!r}{pin}, shape=[V={V}, L={L}, E={E}, D={D}], "
                 f"dtype={str(self.dtype).replace('torch.', '')}{quant}, bytes={_human(self.nbytes)}, "
                 f"row={_human(self.row_bytes)}, device={self.device})")
@@ -326,22 +363,48 @@ class LookupTable:
     def reset_stats(self) -> None:
         self.stats = TableStats()
 
+    # ------------------------------------------------------------ reading whole tokens ------
+
+    def read(self, start: int = 0, stop: Optional[int] = None):
+        """A CPU copy of tokens ``[start, stop)``'s rows: ``[n, L, E, D]`` (a quantized table: a
+        QuantizedLUT over their packed rows). Every tier; from the disk tier it reads the file."""
+        self._check_open()
+        V = self.shape[0]
+        stop = V if stop is None else stop
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, stop)) or not 0 <= start <= stop <= V:
+            raise ValueError(f"LookupTable.read: need ints 0 <= start <= stop <= {V}, got start={start!r}, "
+                             f"stop={stop!r}")
+        return _like(self._quant, self._read_stored(start, stop))
+
+    def _read_stored(self, a: int, b: int) -> torch.Tensor:
+        """Tokens [a, b) as stored, on the CPU (a copy)."""
+        if self._lut is not None:
+            return _payload(self._lut)[a:b].to("cpu", copy=True)
+        chunk = torch.empty((b - a, *self._stored_shape[1:]), dtype=self._stored_dtype)
+        with self._lock:
+            self._store.read(a * self.row_bytes, (b - a) * self.row_bytes, _bytes(chunk))
+        return chunk
+
     # ------------------------------------------------------------ saving / closing ----------
 
     def save(self, path) -> None:
         """Writes the table as safetensors: tensor ``"lut"`` [V, L, E, D] plus metadata (a quantized
         table: its packed uint8 rows ``[V, L, E, row_bytes]`` and metadata naming format, block size,
-        dtype and layout; :meth:`open` reads either)."""
+        dtype and layout; :meth:`open` reads either). The file appears whole or not at all, through
+        a unique temporary file in its folder (safe to save over the file this table was opened from)."""
         self._check_open()
-        _save_tensor(_payload(self._lut), os.fspath(path), {**self.metadata, **_metadata_of(self._lut)})
+        meta = {**self.metadata, **_metadata(self.shape, self.dtype, self._quant)}
+        _write_table(os.fspath(path), self._stored_shape, self._stored_dtype, meta, self._read_stored)
 
     def close(self) -> None:
-        """Releases the table's memory / mapping and staging now (views still held keep theirs alive)."""
-        if self._store is not None:
-            self._store.close()
-        if self._staging is not None:
-            self._staging.close()
-        self._lut = self._store = self._staging = self._staging_events = None
+        """Releases the table's memory / file and staging now (views still held keep theirs alive;
+        pinned memory is unregistered only once the GPU is idle)."""
+        with self._lock:
+            for store in (self._store, self._staging):
+                if store is not None:
+                    store.close()
+            self._lut = self._store = self._staging = None
+            self._closed = True
 
     def __enter__(self):
         return self
@@ -350,28 +413,29 @@ class LookupTable:
         self.close()
 
     def _check_open(self):
-        if self._lut is None:
+        if self._closed:
             raise RuntimeError("LookupTable: the table was closed")
 
     # ------------------------------------------------------------ reading rows --------------
 
     def gather(self, ids: torch.Tensor, *, layer: Optional[int] = None, path: str = "auto") -> torch.Tensor:
         """Rows ``[*, L, E, D]`` (or ``[*, E, D]`` for one ``layer``) for ``ids`` [*], on :attr:`device`."""
-        self._check_open()
-        ids = self._check_ids(ids, "gather")
-        layer = self._check_layer(layer, "gather", required=False)
-        path = self._choose_path(ids, path)
-        t0 = time.perf_counter()
-        if path in ("device", "zero_copy"):
-            out = lut_gather(self._lut, ids.to(self.device, non_blocking=True), layer=layer)
-            self._count_direct(ids.numel(), layer, path)
+        with self._lock:
+            self._check_open()
+            ids = self._check_ids(ids, "gather")
+            layer = self._check_layer(layer, "gather", required=False)
+            path = self._choose_path(ids, path)
+            t0 = time.perf_counter()
+            if path in ("device", "zero_copy"):
+                out = lut_gather(self._lut, self._to_device(ids, "gather"), layer=layer, faults=self._fault_counter())
+                self._count_direct(ids.numel(), layer, path)
+                self.stats.add_time("gather", t0)
+                return out
+            rows, inv = self._unique_rows(ids, layer)
+            t0 = time.perf_counter()
+            out = lut_gather(rows, inv)
             self.stats.add_time("gather", t0)
             return out
-        rows, inv = self._unique_rows(ids, layer, path)
-        t0 = time.perf_counter()
-        out = lut_gather(rows, inv)
-        self.stats.add_time("gather", t0)
-        return out
 
     def gather_combine(self, ids: torch.Tensor, weights: torch.Tensor, layer: Optional[int], *,
                        out: Optional[torch.Tensor] = None, accumulate: bool = False,
@@ -381,30 +445,39 @@ class LookupTable:
         ``out`` / ``accumulate`` as in :func:`mole_kernels.lut_gather`. ``weights`` ``[*, E]``
         are moved to :attr:`device` if they are elsewhere (they are small).
         """
-        self._check_open()
-        ids = self._check_ids(ids, "gather_combine")
-        layer = self._check_layer(layer, "gather_combine", required=True)
-        if not isinstance(weights, torch.Tensor):
-            raise ValueError(f"LookupTable.gather_combine: weights must be a tensor [*, E], got {type(weights).__name__}")
-        weights = weights.to(self.device, non_blocking=True)
-        path = self._choose_path(ids, path)
-        t0 = time.perf_counter()
-        if path in ("device", "zero_copy"):
-            res = lut_gather(self._lut, ids.to(self.device, non_blocking=True), weights, layer=layer, out=out,
-                             accumulate=accumulate)
-            self._count_direct(ids.numel(), layer, path)
-        else:
-            rows, inv = self._unique_rows(ids, layer, path)
+        with self._lock:
+            self._check_open()
+            ids = self._check_ids(ids, "gather_combine")
+            layer = self._check_layer(layer, "gather_combine", required=True)
+            if not isinstance(weights, torch.Tensor):
+                raise ValueError(f"LookupTable.gather_combine: weights must be a tensor [*, E], got "
+                                 f"{type(weights).__name__}")
+            weights = weights.to(self.device, non_blocking=True)
+            path = self._choose_path(ids, path)
             t0 = time.perf_counter()
-            res = lut_gather(rows, inv, weights, out=out, accumulate=accumulate)
-        self.stats.add_time("gather", t0)
-        return res
+            if path in ("device", "zero_copy"):
+                res = lut_gather(self._lut, self._to_device(ids, "gather_combine"), weights, layer=layer, out=out,
+                                 accumulate=accumulate, faults=self._fault_counter())
+                self._count_direct(ids.numel(), layer, path)
+            else:
+                rows, inv = self._unique_rows(ids, layer)
+                t0 = time.perf_counter()
+                res = lut_gather(rows, inv, weights, out=out, accumulate=accumulate)
+            self.stats.add_time("gather", t0)
+            return res
 
     def prefetcher(self, max_tokens: int, *, strict: bool = True) -> "Prefetcher":
         """A double-buffered prefetcher of all layers' rows for up to ``max_tokens`` ids."""
         from .prefetch import Prefetcher
 
         return Prefetcher(self, max_tokens, strict=strict)
+
+    def reader(self) -> "LayerReader":
+        """What a model's steps read through: every layer's rows for a step's ids, combined with the
+        router weights, residual and shared output in one fused call per layer."""
+        from .reader import LayerReader
+
+        return LayerReader(self)
 
     # ------------------------------------------------------------ internals -----------------
 
@@ -413,7 +486,25 @@ class LookupTable:
             raise ValueError(f"LookupTable.{where}: ids must be an int32/int64 tensor, got {type(ids).__name__}")
         if ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"LookupTable.{where}: ids must be int32 or int64, got {ids.dtype}")
+        if ids.device.type != "cpu" and ids.device != self.device:
+            raise ValueError(f"LookupTable.{where}: ids must be on the CPU or on the table's device {self.device}, "
+                             f"got {ids.device}")
         return ids
+
+    def _to_device(self, ids: torch.Tensor, where: str) -> torch.Tensor:
+        """ids on :attr:`device`; host ids bound for a GPU are checked on the host first (no sync later)."""
+        if ids.device == self.device:
+            return ids
+        raise_on_bad_ids(ids, self.shape[0], f"LookupTable.{where}")
+        return ids.to(self.device, non_blocking=True)
+
+    def _fault_counter(self) -> Optional[torch.Tensor]:
+        """Kernels on a GPU count bad ids here instead of raising (which would synchronise)."""
+        if self.device.type == "cpu":
+            return None  # the CPU kernels raise naming the id: nothing to synchronise with
+        if self._faults is None:
+            self._faults = torch.zeros(1, dtype=torch.int64, device=self.device)
+        return self._faults
 
     def _check_layer(self, layer, where, required):
         L = self.shape[1]
@@ -445,8 +536,7 @@ class LookupTable:
     def _segment(self, layer: Optional[int]):
         """(byte offset in a token's rows, bytes, shape of one token's piece as stored) of the rows a
         call needs. Quantized tables: pieces of packed rows ``(L, E, row_bytes)`` / ``(E, row_bytes)``."""
-        _, L, E, D = self.shape
-        last = self._lut.row_bytes if self.quantized else D
+        _, L, E, last = self._stored_shape
         seg = self.row_bytes // L if L else 0
         if layer is None:
             return 0, self.row_bytes, (L, E, last)
@@ -461,88 +551,93 @@ class LookupTable:
         if path == "zero_copy" and self.device.type == "cuda":
             s.bytes_h2d += moved
 
-    def _unique_rows(self, ids: torch.Tensor, layer: Optional[int], path: str, out: Optional[torch.Tensor] = None):
+    def _unique_rows(self, ids: torch.Tensor, layer: Optional[int], out: Optional[torch.Tensor] = None,
+                     strict: bool = True):
         """Dedupe ``ids`` on the host and bring each unique row to :attr:`device` once.
 
         Returns ``(rows [U, *piece], inverse ids [*] on device)``; ``lut_gather(rows, inverse)``
-        expands them (a quantized table's rows are a QuantizedLUT over the packed bytes). ``out``: a uint8 device buffer to reuse (at least U * segment bytes).
+        expands them (a quantized table's rows are a QuantizedLUT over the packed bytes). ``out``: a
+        uint8 buffer on :attr:`device` to reuse (at least U * segment bytes). An id outside
+        ``[0, V)`` raises naming the first one (``strict``), or gets inverse -1 (a gather in
+        counted-faults mode then reads zeros for it and counts it).
         """
-        s = self.stats
-        t0 = time.perf_counter()
-        V = self.shape[0]
-        host_ids = ids.reshape(-1).cpu()  # synchronises if ids are on the GPU: the price of dedupe
-        if host_ids.numel():
-            lo, hi = int(host_ids.min()), int(host_ids.max())
-            if lo < 0 or hi >= V:
-                bad = lo if lo < 0 else hi
-                pos = int((host_ids == bad).nonzero()[0])
-                raise ValueError(f"LookupTable: ids contains {bad} (at flat position {pos}), outside the table's "
-                                 f"vocabulary [0, {V})")
-        uniq, inv = torch.unique(host_ids, sorted=True, return_inverse=True)
-        U = uniq.numel()
-        seg_off, seg_bytes, piece = self._segment(layer)
-        t0 = s.add_time("dedupe", t0)
-        s.calls += 1
-        s.rows_requested += host_ids.numel()
-        s.unique_rows += U
-        s.bytes_read[self.placement] += U * seg_bytes
-        if out is None:
-            out = torch.empty(U * seg_bytes, dtype=torch.uint8, device=self.device)
-        elif out.numel() < U * seg_bytes:
-            raise ValueError(f"LookupTable: out buffer holds {out.numel()} bytes, needs {U * seg_bytes}")
-        dst = out[:U * seg_bytes]
-        cuda = self.device.type == "cuda"
-        if path == "dma":
-            if cuda:
-                s.dma_copies += self._store.dma_rows(uniq, self.row_bytes, seg_off, seg_bytes, dst)
-                s.bytes_h2d += U * seg_bytes
-                s.add_time("dma", t0)
-            else:
+        with self._lock:
+            s = self.stats
+            t0 = time.perf_counter()
+            host_ids = ids.cpu()  # synchronises if ids are on the GPU: the price of dedupe
+            uniq, inv = ops.dedupe_ids(host_ids, self.shape[0], strict)
+            U = uniq.numel()
+            seg_off, seg_bytes, piece = self._segment(layer)
+            t0 = s.add_time("dedupe", t0)
+            s.calls += 1
+            s.rows_requested += host_ids.numel()
+            s.unique_rows += U
+            s.bytes_read[self.placement] += U * seg_bytes
+            if out is None:
+                out = torch.empty(U * seg_bytes, dtype=torch.uint8, device=self.device)
+            elif out.numel() < U * seg_bytes:
+                raise ValueError(f"LookupTable: out buffer holds {out.numel()} bytes, needs {U * seg_bytes}")
+            dst = out[:U * seg_bytes]
+            if self.device.type == "cpu":  # straight into the result: memcpy (host) or pread (disk)
                 self._store.copy_rows(uniq, self.row_bytes, seg_off, seg_bytes, dst)
                 s.add_time("host_copy", t0)
-        else:
-            self._staged_copy(uniq, seg_off, seg_bytes, dst)
-        inv = inv.to(self.device, non_blocking=True).view(ids.shape)
-        if self.quantized:  # packed rows; the gather that expands them dequantizes
-            return _like(self._lut, dst.view(U, *piece)), inv
-        return dst.view(self.dtype).view(U, *piece), inv
+            else:
+                self._staged_copy(uniq, seg_off, seg_bytes, dst)
+            inv = inv.to(self.device, non_blocking=True)
+            return _like(self._quant, dst.view(self._stored_dtype).view(U, *piece)), inv
 
     def _staged_copy(self, uniq: torch.Tensor, seg_off: int, seg_bytes: int, dst: torch.Tensor):
-        """Disk tier: mapping -> staging (host threads) -> dst (DMA on CUDA), in chunks.
-
-        Two staging halves alternate so chunk k+1 is copied while chunk k's DMA runs; a half is
-        refilled only after the event of its previous DMA has completed.
-        """
+        """GPU dma/disk paths: table -> pinned staging (host threads: memcpy or pread) -> dst, in a few
+        large async copies pipelined in C++ (``TableStore.stage_rows``)."""
         s = self.stats
-        cuda = self.device.type == "cuda"
         if self._staging is None:
-            self._staging = _store("host", "", 0, self._staging_bytes, cuda)
-            self._staging_events = [torch.cuda.Event() for _ in range(2)] if cuda else [None, None]
-        half = self._staging_bytes // 2
-        rows_per_chunk = half // seg_bytes
-        if rows_per_chunk < 1:
-            raise ValueError(f"LookupTable: staging_bytes={self._staging_bytes} is too small: each half must hold "
-                             f"one row piece of {seg_bytes} bytes")
-        staging = self._staging.tensor()
-        U = uniq.numel()
-        for k, a in enumerate(range(0, U, rows_per_chunk)):
-            b = min(U, a + rows_per_chunk)
-            h = k % 2
-            buf = staging[h * half:h * half + (b - a) * seg_bytes]
-            t0 = time.perf_counter()
-            if cuda:
-                self._staging_events[h].synchronize()  # its previous DMA has finished reading this half
-            self._store.copy_rows(uniq[a:b], self.row_bytes, seg_off, seg_bytes, buf)
-            t0 = s.add_time("host_copy", t0)
-            dst[a * seg_bytes:b * seg_bytes].copy_(buf, non_blocking=True)
-            if cuda:
-                self._staging_events[h].record(torch.cuda.current_stream(self.device))
-                s.bytes_h2d += buf.numel()
-                s.dma_copies += 1
-            s.add_time("dma", t0)
+            self._staging = _store("host", "", 0, self._staging_bytes, True)
+        t0 = time.perf_counter()
+        s.dma_copies += self._store.stage_rows(uniq, self.row_bytes, seg_off, seg_bytes, self._staging, dst)
+        s.bytes_h2d += uniq.numel() * seg_bytes
+        s.add_time("staged", t0)
 
 
 _PRIVATE = object()
+
+
+def _check_staging(staging_bytes, row_bytes: int, where: str) -> int:
+    """Each half of the GPU staging buffer must hold one token's rows (what a step fetches per token)."""
+    if not isinstance(staging_bytes, int) or isinstance(staging_bytes, bool) or staging_bytes // 2 < max(1, row_bytes):
+        raise ValueError(f"LookupTable.{where}: staging_bytes must be an int of at least 2 x {row_bytes} bytes (two "
+                         f"halves, each holding one token's rows), got {staging_bytes!r}")
+    return staging_bytes
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view."""
+    return t.view(-1).view(torch.uint8)
+
+
+def _fill(view: torch.Tensor, fill_tokens, desc: str) -> None:
+    """Fills a [V, ...] tensor in chunks of tokens (``fill_tokens(a, b, view[a:b])``), with a progress bar
+    for large tables: a big table is never copied whole through a temporary."""
+    token_bytes = view[0].numel() * view.element_size() if view.shape[0] else 1
+    step = max(1, _CHUNK // max(1, token_bytes))
+    bar = _progress(view.numel() * view.element_size(), desc)
+    try:
+        for a in range(0, view.shape[0], step):
+            b = min(view.shape[0], a + step)
+            fill_tokens(a, b, view[a:b])
+            bar.update((b - a) * token_bytes)
+    finally:
+        bar.close()
+
+
+def _first_and_last_tokens(store, info) -> torch.Tensor:
+    """The stored rows of a file's first and last 16 tokens (what a quantized file is checked on)."""
+    V = info.shape[0]
+    ids = torch.tensor(sorted(set(range(min(V, 16))) | set(range(max(0, V - 16), V))), dtype=torch.int64)
+    token_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
+    rows = torch.empty((ids.numel(), *info.shape[1:]), dtype=info.dtype)
+    if ids.numel() and token_bytes:
+        store.copy_rows(ids, token_bytes, 0, token_bytes, _bytes(rows))
+    return rows
 
 
 def _as_4d(lut):
@@ -557,7 +652,7 @@ def _payload(lut) -> torch.Tensor:
     return lut.data if isinstance(lut, QuantizedLUT) else lut
 
 
-def _like(template, payload: torch.Tensor):
+def _like(template: Optional[QuantizedLUT], payload: torch.Tensor):
     """``payload`` as the same kind of table as ``template`` (a QuantizedLUT with its format, or as is)."""
     if isinstance(template, QuantizedLUT):
         return QuantizedLUT(payload, template.format, template.dim, template.block_size, template.dtype)

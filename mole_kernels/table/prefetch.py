@@ -2,12 +2,33 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from ..lut_gather import lut_gather
+from .._ops import raise_on_bad_ids
 from .lookup_table import LookupTable
+
+
+def layer_groups(L: int) -> List[Tuple[int, int]]:
+    """The layers each prefetch launch fills on a GPU: [0, 1), [1, 2), [2, 4), [4, 8), ... [., L).
+
+    One launch per layer costs a launch and an event each (24 per step at 410M); one launch for
+    every layer gives no per-layer readiness: layer 0 would wait for all L layers' rows. Groups
+    that double in size keep both small: log2(L) + 1 launches (6 at L = 24), and layer l waits at
+    most for rows of layers < 2l (+1), which arrive while layers before it compute (a token's rows
+    cross PCIe at ~50 GB/s, far faster than a layer consumes them at small batch). A kernel that
+    publishes per-layer flags the consumer spins on would need stream memory operations to stay
+    off the SMs and capturable; these events are plain, graph-capturable and testable.
+    """
+    groups, a = [], 0
+    while a < L:
+        b = min(L, a + max(1, a))  # as many layers as come before the group: 1, 1, 2, 4, 8, ...
+        groups.append((a, b))
+        a = b
+    return groups
+
 
 class Prefetch:
     """One started prefetch: :meth:`layer` returns its rows (valid until two later ``start`` calls)."""
@@ -23,43 +44,47 @@ class Prefetcher:
     """Issues all layers' rows for the next ids on a side stream into a reusable double buffer.
 
     ``start(ids)`` returns at once (on CUDA); ``layer(l)`` makes the current stream wait for
-    layer ``l``'s rows only and returns them, a ``[T, E, D]`` view (contiguous: the buffer is
-    layer-major ``[L, max_tokens, E, D]``; dequantized, in the table's dtype, for a quantized
-    table). Two buffers alternate, so the prefetch for step n+1
-    may be started while step n still reads its rows; a third ``start`` reuses the first
-    buffer (its :class:`Prefetch` handle then raises instead of returning overwritten rows).
-    Every ``start`` waits (on the GPU) for the work already queued on the current stream, so
-    ids produced there are ready and earlier readers of the reused buffer are done.
+    layer ``l``'s rows only and returns them, a ``[T, E, D]`` view of the token-major buffer
+    ``[max_tokens, L, E, D]`` (tokens strided; dequantized, in the table's dtype, for a
+    quantized table). On a GPU the rows arrive in :func:`layer_groups` launches, each with its
+    own event. Two buffers alternate, so the prefetch for step n+1 may be started while step n
+    still reads its rows; a third ``start`` reuses the first buffer (its :class:`Prefetch`
+    handle then raises instead of returning overwritten rows). Every ``start`` waits (on the
+    GPU) for the work already queued on the current stream, so ids produced there are ready and
+    earlier readers of the reused buffer are done.
 
-    Steady state allocates nothing for the device tier and the host tier's zero-copy path,
-    so a decode step can be captured in a CUDA graph with ``strict=False`` (out-of-range ids
-    then read zeros and are counted in :attr:`faults` instead of raising, which would
-    synchronise). The dma and disk paths dedupe on the host and synchronise.
-    On the CPU everything runs synchronously with the same API.
+    ``strict=True``: an id outside ``[0, V)`` raises ``ValueError`` naming the first one (ids on
+    a GPU are checked with one synchronisation). ``strict=False``: such an id reads zero rows and
+    is counted in :attr:`faults`, on every path, without synchronising. Steady state then
+    allocates nothing for the device tier and the host tier's zero-copy path, so a decode step
+    can be captured in a CUDA graph. The dma and disk paths dedupe ids on the host (a
+    synchronisation when they are on the GPU). On the CPU everything runs synchronously with the
+    same API.
     """
 
     def __init__(self, table: LookupTable, max_tokens: int, *, strict: bool = True):
         table._check_open()
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError(f"Prefetcher: max_tokens must be a positive int, got {max_tokens!r}")
+        if not isinstance(strict, bool):
+            raise ValueError(f"Prefetcher: strict must be a bool, got {strict!r}")
         V, L, E, D = table.shape
         dev = table.device
         self.table, self.max_tokens, self.strict = table, max_tokens, strict
         # The buffers hold dequantized rows in the table's dtype for a quantized table too: the
         # gather's rows form dequantizes while it writes them, so layer() and mole_combine are the
         # same for every table, and only quantized bytes cross PCIe / come off disk either way.
-        # The alternative (keep quantized rows here, dequantize inside mole_combine) would save
-        # device-buffer bandwidth; it was not measured because no GPU was available, so the
-        # simpler form stands until a benchmark says otherwise.
-        self._bufs = [torch.empty((L, max_tokens, E, D), dtype=table.dtype, device=dev) for _ in range(2)]
+        self._bufs = [torch.empty((max_tokens, L, E, D), dtype=table.dtype, device=dev) for _ in range(2)]
         self._ids = [torch.empty(max_tokens, dtype=torch.int64, device=dev) for _ in range(2)]
         self._unique = [None, None]  # dedupe paths: device buffer of unique rows, made on first use
         self._faults = torch.zeros(1, dtype=torch.int64, device=dev)
         self._scratch = torch.zeros(1, dtype=torch.int64, device=dev)
         self._cuda = dev.type == "cuda"
+        self._groups = layer_groups(L) if self._cuda else [(0, L)] if L else []
+        self._group_of = [g for g, (a, b) in enumerate(self._groups) for _ in range(a, b)]
         if self._cuda:
             self._stream = torch.cuda.Stream(dev)
-            self._ready = [[torch.cuda.Event() for _ in range(L)] for _ in range(2)]
+            self._ready = [[torch.cuda.Event() for _ in self._groups] for _ in range(2)]
         self._generation = [0, 0]
         self._current: Optional[Prefetch] = None
 
@@ -102,44 +127,37 @@ class Prefetcher:
 
     def _issue(self, slot: int, ids: torch.Tensor, T: int, path: str):
         t = self.table
-        V, L, E, D = t.shape
         idx = self._ids[slot][:T]
         if path in ("device", "zero_copy"):
             if self.strict and T:
-                self._check_range(ids, V)
+                raise_on_bad_ids(ids, t.shape[0], "Prefetcher.start")  # a synchronisation for ids on a GPU
             idx.copy_(ids, non_blocking=True)
             src = t._lut
             t._count_direct(T, None, path)
         else:
             if self._unique[slot] is None:
                 self._unique[slot] = torch.empty(self.max_tokens * t.row_bytes, dtype=torch.uint8, device=t.device)
-            src, inv = t._unique_rows(ids, None, path, out=self._unique[slot])  # validates the range itself
+            src, inv = t._unique_rows(ids, None, out=self._unique[slot], strict=self.strict)
             idx.copy_(inv, non_blocking=True)
+        if T == 0:
+            return
         t0 = time.perf_counter()
         buf = self._bufs[slot]
-        for l in range(L):
+        for g, (a, b) in enumerate(self._groups):
             # faults= keeps every launch free of synchronisation (the range was checked above if strict).
-            # Bad ids are counted once per start (layer 0); later layers count into scratch.
-            lut_gather(src, idx, layer=l, out=buf[l, :T], faults=self._faults if l == 0 else self._scratch)
+            # Bad ids are counted once per start (the first group); later groups count into scratch.
+            lut_gather(src, idx, layer=slice(a, b), out=buf[:T, a:b], faults=self._faults if g == 0 else self._scratch)
             if self._cuda:
-                self._ready[slot][l].record(self._stream)
+                self._ready[slot][g].record(self._stream)
         t.stats.add_time("gather", t0)
-
-    @staticmethod
-    def _check_range(ids: torch.Tensor, V: int):
-        bad = (ids < 0) | (ids >= V)
-        if bool(bad.any()):  # one synchronisation when ids are on the GPU (strict mode only)
-            pos = int(bad.nonzero()[0, 0])
-            raise ValueError(f"Prefetcher.start: ids contains {int(ids[pos])} (at flat position {pos}), outside the "
-                             f"table's vocabulary [0, {V})")
 
     def _layer(self, handle: Prefetch, l: int) -> torch.Tensor:
         if self._generation[handle.slot] != handle.generation:
             raise RuntimeError("Prefetch.layer: these rows were overwritten by a later start() (a Prefetcher keeps "
                                "the two most recent prefetches)")
         L = self.table.shape[1]
-        if not isinstance(l, int) or not 0 <= l < L:
+        if not isinstance(l, int) or isinstance(l, bool) or not 0 <= l < L:
             raise ValueError(f"Prefetcher.layer: l must be an int in [0, {L}), got {l!r}")
         if self._cuda:
-            torch.cuda.current_stream(self.table.device).wait_event(self._ready[handle.slot][l])
-        return self._bufs[handle.slot][l, :handle.num_tokens]
+            torch.cuda.current_stream(self.table.device).wait_event(self._ready[handle.slot][self._group_of[l]])
+        return self._bufs[handle.slot][:handle.num_tokens, l]

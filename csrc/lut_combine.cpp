@@ -1,0 +1,187 @@
+// lut_combine: one MoLE layer's lookup branch in one call, reading rows straight from the table.
+//
+//   out[t] = residual[t] + shared[t] + sum_e softmax(logits[t])_e * lut[ids[t], layer, e, :]
+//
+// It replaces softmax -> gather -> weighted sum -> two adds (five ops, three of them over [T, D])
+// with one pass that reads each table byte once. The softmax is float32 and max-subtracted; a
+// token whose logits are all -inf (or hold +inf/NaN) gets NaN weights, so its output row is NaN,
+// as mole_combine and torch.softmax give. This file holds the schemas, the checks and the CPU
+// implementation (the fused gathers of lut_gather_cpu.cpp / lut_gather_quant_cpu.cpp with the
+// residual and shared terms as addends). On CUDA the ops are implemented in Python
+// (mole_kernels/combine.py: a Triton kernel for float tables).
+#include <ATen/MemoryOverlap.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "lut_gather.h"
+#include "lut_gather_quant.h"
+
+namespace mole {
+namespace {
+
+// The float32 softmax weights [T, E] of logits [*, E] (any float dtype and strides).
+std::vector<float> softmax_weights(const at::Tensor& logits, int64_t T, int64_t E) {
+  const at::Tensor x = as_contiguous(logits, at::kFloat);  // [*, E] row-major: T rows of E
+  const float* src = x.const_data_ptr<float>();
+  std::vector<float> w(static_cast<size_t>(T * E));
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = src + t * E;
+    float* wt = w.data() + t * E;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t e = 0; e < E; ++e) m = std::max(m, xt[e]);
+    // All -inf: exp(-inf - -inf) = NaN; +inf: exp(inf - inf) = NaN; a NaN logit: a NaN sum.
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) sum += (wt[e] = std::exp(xt[e] - m));
+    const float inv = 1.f / sum;
+    for (int64_t e = 0; e < E; ++e) wt[e] *= inv;
+  }
+  return w;
+}
+
+// The result dtype when no `out` is given: residual's, else shared's, else `fallback`.
+at::ScalarType result_dtype(const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared,
+                            at::ScalarType fallback) {
+  // A non-float addend is refused by the checks, naming it: do not let it pick the result dtype.
+  for (const auto* t : {&residual, &shared}) {
+    if (t->has_value() && is_float_dtype((*t)->scalar_type())) return (*t)->scalar_type();
+  }
+  return fallback;
+}
+
+// Checks out/residual/shared against the plan ([*, D], float, on ids' device) and returns the
+// addends the kernels read: out's dtype, contiguous (a no-op in the usual case).
+std::pair<at::Tensor, at::Tensor> addends(const GatherPlan& p, const at::Tensor& lut, const at::Tensor& ids,
+                                          const at::Tensor& logits, const at::Tensor& out,
+                                          const std::optional<at::Tensor>& residual,
+                                          const std::optional<at::Tensor>& shared, const char* op) {
+  const at::IntArrayRef want(p.out_shape);
+  auto check = [&](const at::Tensor& t, const char* name) {
+    MOLE_CHECK_ARG(t.sizes() == want, op, ": ", name, " must have shape ids.shape + [D] = ", want, ", got ",
+                   t.sizes());
+    MOLE_CHECK_ARG(t.device() == ids.device(), op, ": ", name, " must be on ids' device (", ids.device(), "), got ",
+                   t.device());
+    MOLE_CHECK_ARG(is_float_dtype(t.scalar_type()), op, ": ", name, " must be float32, float16 or bfloat16, got ",
+                   t.scalar_type());
+  };
+  if (residual.has_value()) check(*residual, "residual");
+  if (shared.has_value()) check(*shared, "shared");
+  check(out, "out");
+  MOLE_CHECK_ARG(out.is_contiguous(), op, ": out must be contiguous");
+  at::assert_no_internal_overlap(out);
+  for (const at::Tensor* in : {&lut, &ids, &logits}) at::assert_no_overlap(out, *in);
+  // `out` may be the residual itself (an in-place update of the residual stream), never a part of it.
+  if (residual.has_value()) at::assert_no_partial_overlap(out, *residual);
+  if (shared.has_value()) at::assert_no_overlap(out, *shared);
+  auto term = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? as_contiguous(*t, out.scalar_type()) : at::Tensor();
+  };
+  return {term(residual), term(shared)};
+}
+
+void combine_cpu(const GatherPlan& p, const at::Tensor& out, const at::Tensor& lut, const at::Tensor& ids,
+                 const at::Tensor& logits, const std::optional<at::Tensor>& residual,
+                 const std::optional<at::Tensor>& shared, const std::optional<at::Tensor>& faults) {
+  const auto [res, sh] = addends(p, lut, ids, logits, out, residual, shared, "lut_combine");
+  check_faults(faults, ids, "lut_combine");
+  MOLE_CHECK_ARG(lut.device().is_cpu(), "lut_combine: a CUDA table needs ids on its device");
+  if (p.T == 0) return;
+  check_ids_cpu(ids, p.V, faults);
+  const std::vector<float> w = softmax_weights(logits, p.T, p.E);
+  fused_gather_cpu(p, lut, ids, w.data(), out, res, sh);
+}
+
+GatherPlan combine_plan(const at::Tensor& lut, const at::Tensor& ids, const at::Tensor& logits,
+                        std::optional<int64_t> layer) {
+  return plan_lut_gather(lut, ids, logits, {layer, std::nullopt}, "lut_combine", "logits");
+}
+
+void lut_combine_into_cpu(const at::Tensor& out, const at::Tensor& lut, const at::Tensor& ids,
+                          const at::Tensor& logits, std::optional<int64_t> layer,
+                          const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared,
+                          const std::optional<at::Tensor>& faults) {
+  combine_cpu(combine_plan(lut, ids, logits, layer), out, lut, ids, logits, residual, shared, faults);
+}
+
+at::Tensor lut_combine_cpu(const at::Tensor& lut, const at::Tensor& ids, const at::Tensor& logits,
+                           std::optional<int64_t> layer, const std::optional<at::Tensor>& residual,
+                           const std::optional<at::Tensor>& shared) {
+  const GatherPlan p = combine_plan(lut, ids, logits, layer);
+  at::Tensor out = at::empty(p.out_shape, ids.options().dtype(result_dtype(residual, shared, lut.scalar_type())));
+  combine_cpu(p, out, lut, ids, logits, residual, shared, std::nullopt);
+  return out;
+}
+
+void combine_quant_cpu(const QuantPlan& p, const at::Tensor& out, const at::Tensor& data, const at::Tensor& ids,
+                       const at::Tensor& logits, const std::optional<at::Tensor>& residual,
+                       const std::optional<at::Tensor>& shared, const std::optional<at::Tensor>& faults) {
+  GatherPlan shape;  // the addend checks need only the result shape
+  shape.out_shape = p.out_shape;
+  const auto [res, sh] = addends(shape, data, ids, logits, out, residual, shared, "lut_combine_quant");
+  check_faults(faults, ids, "lut_combine_quant");
+  MOLE_CHECK_ARG(data.device().is_cpu(), "lut_combine_quant: a CUDA table needs ids on its device");
+  if (p.T == 0) return;
+  check_ids_cpu(ids, p.V, faults);
+  const std::vector<float> w = softmax_weights(logits, p.T, p.E);
+  fused_gather_quant_cpu(p, data, ids, w.data(), out, res, sh);
+}
+
+QuantPlan combine_quant_plan(const at::Tensor& data, c10::string_view format, int64_t dim, int64_t block_size,
+                             const at::Tensor& ids, const at::Tensor& logits, std::optional<int64_t> layer) {
+  return plan_lut_gather_quant(data, format, dim, block_size, ids, logits, {layer, std::nullopt},
+                               "lut_combine_quant", "logits");
+}
+
+void lut_combine_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
+                                int64_t block_size, const at::Tensor& ids, const at::Tensor& logits,
+                                std::optional<int64_t> layer, const std::optional<at::Tensor>& residual,
+                                const std::optional<at::Tensor>& shared, const std::optional<at::Tensor>& faults) {
+  combine_quant_cpu(combine_quant_plan(data, format, dim, block_size, ids, logits, layer), out, data, ids, logits,
+                    residual, shared, faults);
+}
+
+at::Tensor lut_combine_quant_cpu(const at::Tensor& data, c10::string_view format, int64_t dim, int64_t block_size,
+                                 const at::Tensor& ids, const at::Tensor& logits, std::optional<int64_t> layer,
+                                 const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared,
+                                 std::optional<at::ScalarType> dtype) {
+  const QuantPlan p = combine_quant_plan(data, format, dim, block_size, ids, logits, layer);
+  const at::ScalarType out_dtype = result_dtype(residual, shared, dtype.value_or(at::kFloat));
+  MOLE_CHECK_ARG(is_float_dtype(out_dtype), "lut_combine_quant: dtype must be float32, float16 or bfloat16, got ",
+                 out_dtype);
+  at::Tensor out = at::empty(p.out_shape, ids.options().dtype(out_dtype));
+  combine_quant_cpu(p, out, data, ids, logits, residual, shared, std::nullopt);
+  return out;
+}
+
+}  // namespace
+}  // namespace mole
+
+TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
+  // residual + shared + sum_e softmax(logits)_e * lut[ids, layer, e, :]: [*, D] for ids [*], logits
+  // [*, E]. The result has residual's dtype (else shared's, else the table's); an id outside [0, V)
+  // raises naming it.
+  m.def(
+      "lut_combine(Tensor lut, Tensor ids, Tensor logits, int? layer=None, Tensor? residual=None, "
+      "Tensor? shared=None) -> Tensor");
+  // The same into `out` (contiguous; it may be `residual` itself). With `faults`, ids outside [0, V)
+  // add nothing and are counted into faults[0] without synchronising (CUDA-graph safe).
+  m.def(
+      "lut_combine_out(Tensor(a!) out, Tensor lut, Tensor ids, Tensor logits, int? layer=None, "
+      "Tensor? residual=None, Tensor? shared=None, Tensor(b!)? faults=None) -> ()");
+  // Quantized tables (see lut_gather_quant); `dtype` is the result dtype without residual/shared.
+  m.def(
+      "lut_combine_quant(Tensor data, str format, int dim, int block_size, Tensor ids, Tensor logits, "
+      "int? layer=None, Tensor? residual=None, Tensor? shared=None, ScalarType? dtype=None) -> Tensor");
+  m.def(
+      "lut_combine_quant_out(Tensor(a!) out, Tensor data, str format, int dim, int block_size, Tensor ids, "
+      "Tensor logits, int? layer=None, Tensor? residual=None, Tensor? shared=None, Tensor(b!)? faults=None) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(mole_kernels, CPU, m) {
+  m.impl("lut_combine", &mole::lut_combine_cpu);
+  m.impl("lut_combine_out", &mole::lut_combine_into_cpu);
+  m.impl("lut_combine_quant", &mole::lut_combine_quant_cpu);
+  m.impl("lut_combine_quant_out", &mole::lut_combine_quant_into_cpu);
+}

@@ -1,0 +1,223 @@
+"""The decode path: layer ranges in one gather, grouped prefetch launches, the per-step reader, and the
+invariants that keep a MoLE step at dense cost (one fused call per layer, ids checked on entry only)."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mole_kernels import (DenseForCausalLM, LayerReader, LookupTable, MoLEConfig, MoLEForCausalLM, dequantize,
+                          lut_gather, quantize)
+from mole_kernels.model.layers import StaticKVCache
+from mole_kernels.table.prefetch import layer_groups
+
+from conftest import HAS_CUDA, requires_cuda
+
+V, L, E, D = 40, 5, 3, 12
+
+
+def random_ids(n, V=V):
+    ids = torch.randint(0, V, (n,))
+    if n > 1:
+        ids[1] = ids[0]  # a repeated id
+    return ids
+
+
+# ------------------------------------------------------------------ layer ranges ----------------------
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_layer_range_into_a_strided_buffer(quantized):
+    lut = torch.randn(V, L, E, D).bfloat16()
+    table = quantize(lut, "int8") if quantized else lut
+    ref = (dequantize(table) if quantized else lut).to(torch.bfloat16)
+    ids = random_ids(6)
+    buf = torch.full((8, L, E, D), float("nan"), dtype=torch.bfloat16)  # [max_tokens, L, E, D]
+    got = lut_gather(table, ids, layer=slice(1, 4), out=buf[:6, 1:4])
+    assert got.shape == (6, 3, E, D) and torch.equal(buf[:6, 1:4], ref[ids, 1:4])
+    assert buf[:6, 0].isnan().all() and buf[:6, 4].isnan().all() and buf[6:].isnan().all()  # nothing else touched
+    assert torch.equal(lut_gather(table, ids, layer=slice(2, None)), ref[ids, 2:])  # functional, open end
+    assert torch.equal(lut_gather(table, ids, layer=slice(-1, None)), ref[ids, 4:])
+
+
+def test_layer_range_errors():
+    lut, ids = torch.randn(V, L, E, D), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="consecutive layers"):
+        lut_gather(lut, ids, layer=slice(0, 4, 2))
+    with pytest.raises(ValueError, match="consecutive layers"):
+        lut_gather(lut, ids, layer=slice(3, 3))
+    with pytest.raises(ValueError, match="rows form"):
+        lut_gather(lut, ids, torch.rand(2, E), layer=slice(0, 2))
+    with pytest.raises(ValueError, match="layer must be an int, a slice"):
+        lut_gather(lut, ids, layer=True)
+    buf = torch.empty(2, 2 * L, E, D)
+    with pytest.raises(ValueError, match="out must be contiguous, or a \\[T, ...\\] view"):
+        lut_gather(lut, ids, layer=slice(0, 2), out=buf[:, ::2][:, :2])  # layers strided: not a row block
+
+
+def test_layer_groups_double_and_cover_every_layer():
+    for n in range(1, 40):
+        groups = layer_groups(n)
+        assert [a for a, _ in groups] == [0] + [b for _, b in groups[:-1]] and groups[-1][1] == n
+        sizes = [b - a for a, b in groups]
+        assert all(s2 == 2 * s1 for s1, s2 in zip(sizes[1:-1], sizes[2:-1]))  # doubling (the last is cut at n)
+    assert layer_groups(24) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 24)]
+
+
+# ------------------------------------------------------------------ prefetcher: bad ids on every path --
+
+
+@pytest.mark.parametrize("placement,path", [("host", "zero_copy"), ("host", "dma"), ("disk", "staged")])
+def test_prefetcher_bad_ids_named_or_counted_on_every_path(placement, path):
+    lut = torch.randn(V, L, E, D)
+    t = LookupTable.from_tensor(lut, placement, device="cpu")
+    ids = torch.tensor([3, V + 7, 5, -2, 3])
+    with pytest.raises(ValueError, match=rf"ids contains {V + 7} \(at flat position 1\)"):  # the first, by position
+        t.prefetcher(8).start(ids, path=path)
+    pf = t.prefetcher(8, strict=False)  # counted, never raised, on the dedupe paths too
+    h = pf.start(ids, path=path)
+    assert pf.faults == 2
+    for l in range(L):
+        rows = h.layer(l)
+        assert torch.equal(rows[[0, 2, 4]], lut[ids[[0, 2, 4]], l]) and (rows[[1, 3]] == 0).all()
+
+
+# ------------------------------------------------------------------ the reader ---------------------------
+
+
+@pytest.mark.parametrize("placement,path", [("host", "direct"), ("disk", "staged")])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_reader_combines_every_layer(placement, path, quantized):
+    lut = torch.randn(V, L, E, D)
+    t = LookupTable.from_tensor(lut, placement, device="cpu", format="nf4" if quantized else None,
+                                block_size=4 if quantized else None)
+    ref = dequantize(t.read()).double() if quantized else lut.double()
+    reader = t.reader()
+    assert isinstance(reader, LayerReader) and reader._path(torch.tensor([1])) == path
+    ids = torch.stack([random_ids(3), random_ids(3)])  # [B, S]
+    step = reader.start(ids)
+    for l in range(L):
+        logits, h, shared = torch.randn(2, 3, E), torch.randn(2, 3, D), torch.randn(2, 3, D)
+        got = step.combine(l, logits, h, shared)
+        want = h.double() + shared.double() + (torch.softmax(logits.double(), -1)[..., None] * ref[ids, l]).sum(-2)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=rf"ids contains {V} \(at flat position 2\)"):  # CPU: named, not counted
+        reader.start(torch.tensor([[0, 1, V]])).combine(0, torch.randn(1, 3, E), torch.randn(1, 3, D),
+                                                        torch.randn(1, 3, D))
+
+
+# ------------------------------------------------------------------ the model's step ---------------------
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _models(placement="host", layers=3):
+    cfg = MoLEConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, num_experts=4)
+    torch.manual_seed(0)
+    mole = MoLEForCausalLM(cfg, reparameterized=True).eval()
+    mole.set_lut(LookupTable.from_tensor(torch.randn(cfg.lut_shape), placement, device="cpu"))
+    return cfg, mole, DenseForCausalLM.from_mole(mole).eval()
+
+
+def _step_ops(model, cfg):
+    cache = StaticKVCache(cfg, 2, 16, device="cpu", dtype=torch.float32)
+    cache.valid[:, :4] = True
+    tok, idx, pos = torch.tensor([3, 9]), torch.tensor([4]), torch.tensor([4, 4])
+    with torch.no_grad():
+        model._decode_step(cache, tok, idx, pos)  # warm-up: lazy buffers
+        with _OpCounter() as c:
+            model._decode_step(cache, tok, idx, pos)
+    return c.ops
+
+
+@pytest.mark.parametrize("placement", ["host", "disk"])
+def test_a_mole_step_is_the_dense_step_plus_router_and_one_fused_call_per_layer(placement):
+    """The invariant that keeps per-layer overhead from creeping back: a MoLE decode step dispatches
+    the dense step's ops plus, per layer, the router matmul and one mole_kernels op, minus the add
+    that op replaces; anything else is per step, never per layer (the disk tier reads the step's rows
+    once: the same few ops for 2 layers as for 5)."""
+    extra = []
+    for layers in (2, 5):
+        cfg, mole, dense = _models(placement, layers)
+        n = torch.randn(2, 1, cfg.hidden_size)
+        with torch.no_grad(), _OpCounter() as c:
+            mole.model.layers[0].router(n)
+        router = len(c.ops)
+        mole_ops, dense_ops = _step_ops(mole, cfg), _step_ops(dense, cfg)
+        assert mole_ops.count("mole_kernels.lut_combine") == layers
+        extra.append(len(mole_ops) - len(dense_ops) - layers * (router + 1 - 1))
+    assert extra[0] == extra[1], extra
+    if placement == "host":
+        assert extra[0] == 0, extra  # the table is read in place: nothing at all per step
+
+
+def test_bad_ids_are_refused_on_entry_before_any_kernel():
+    cfg, mole, _ = _models()
+    for call in (lambda: mole.generate(torch.tensor([[1, cfg.vocab_size]]), max_new_tokens=2),
+                 lambda: mole(torch.tensor([[-1, 2]]))):
+        with _OpCounter() as c, pytest.raises(ValueError, match="outside the vocabulary"):
+            call()
+        assert not [op for op in c.ops if op.startswith("mole_kernels")]
+
+
+@requires_cuda
+def test_cuda_graph_refused_up_front_on_the_disk_tier():
+    cfg, mole, _ = _models()
+    mole = mole.cuda()
+    mole.set_lut(LookupTable.from_tensor(torch.randn(cfg.lut_shape), "disk", device="cuda"))
+    with _OpCounter() as c, pytest.raises(ValueError, match="disk tier"):
+        mole.generate(torch.tensor([[1, 2]], device="cuda"), max_new_tokens=2, cuda_graph=True)
+    assert not [op for op in c.ops if op.startswith("mole_kernels")]  # said before any work
+
+
+@requires_cuda
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_cuda_decode_step_has_no_host_synchronisation(placement):
+    """A decode step on the device tier and on pinned host memory never waits for the GPU: run it
+    with synchronising calls turned into errors."""
+    cfg, mole, _ = _models()
+    mole = mole.cuda()
+    mole.set_lut(LookupTable.from_tensor(torch.randn(cfg.lut_shape), placement, device="cuda"))
+    cache = StaticKVCache(cfg, 2, 16, device="cuda", dtype=torch.float32)
+    cache.valid[:, :4] = True
+    tok, idx, pos = torch.tensor([3, 9], device="cuda"), torch.tensor([4], device="cuda"), torch.tensor([4, 4],
+                                                                                                        device="cuda")
+    with torch.no_grad():
+        mole._decode_step(cache, tok, idx, pos)  # warm-up: lazy buffers, Triton compiles
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            mole._decode_step(cache, tok, idx, pos)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only message")
+def test_cuda_graph_on_cpu_says_why():
+    _, mole, _ = _models()
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        mole.generate(torch.tensor([[1, 2]]), max_new_tokens=2, cuda_graph=True)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens():
+    """generate(compile_step=True): the decode step through torch.compile (our ops as custom ops with
+    fake kernels) gives the eager step's tokens and logits, on a table read in place and a staged one."""
+    cfg = MoLEConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, num_experts=3)
+    train = MoLEForCausalLM(cfg, init_std=0.1).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (2, 4))
+    for placement in ("host", "disk"):
+        inf = train.reparameterize(placement=placement, dtype=torch.float32, progress=False)
+        eager = inf.generate(prompt, max_new_tokens=5, return_logits=True)
+        compiled = inf.generate(prompt, max_new_tokens=5, return_logits=True, compile_step=True)
+        assert torch.equal(compiled.sequences, eager.sequences)
+        torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="compile_step must be a bool"):
+        inf.generate(prompt, max_new_tokens=2, compile_step=1)
