@@ -208,6 +208,22 @@ def sc_collectives(s):
     return out
 
 
+def sc_demo(s):
+    """``run_demo`` (what ``mole-kernels demo --tensor-parallel N`` runs) at tiny sizes; rank 0 prints."""
+    import argparse
+    import contextlib
+    import io
+
+    from mole_kernels.model.tensor_parallel import run_demo
+
+    args = argparse.Namespace(vocab=128, hidden=32, layers=2, experts=2, heads=4, batch=1, prompt_len=4, new_tokens=4,
+                              seed=0, cpu=True, threads=1, tensor_parallel=s.world)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = run_demo(args)
+    return dict(rc=rc, stdout=out.getvalue())
+
+
 def sc_peer_dies(s):
     """The last rank exits in the middle of a job; the others must fail at their next collective, fast."""
     tp = TPDenseForCausalLM.from_model(s.train)
@@ -218,7 +234,7 @@ def sc_peer_dies(s):
 
 SCENARIOS = {
     2: ["mole_host", "mole_disk_nf4", "dense", "shards", "wrong_rank", "mixed_tables", "other_world",
-        "indivisible", "other_prompts", "collectives", "peer_dies"],
+        "indivisible", "other_prompts", "collectives", "demo", "peer_dies"],
     4: ["mole_host", "shards", "wrong_rank", "indivisible"],
 }
 
@@ -396,6 +412,20 @@ def test_no_collective_beyond_the_dense_tp_models(jobs):
         assert counts["mole"]["c10d::allreduce_"] == 3 * L * 2
         others = {k: v for k, v in counts["mole"].items() if k != "c10d::allreduce_"}
         assert set(others) == {"c10d::allgather_"}, others  # generate's two argument/token checks only
+
+
+def test_demo_prints_the_table_on_rank_0_with_tokens_equal_to_one_process(jobs):
+    rows = _per_rank(jobs, 2, "demo")
+    assert [r["rc"] for r in rows] == [0, 0]
+    assert rows[1]["stdout"] == ""
+    lines = [ln for ln in rows[0]["stdout"].splitlines() if ln.startswith("TP 2: ")]
+    names = [ln[:50].strip() for ln in lines]
+    assert names == ["TP 2: MoLE, LUT on host", "TP 2: MoLE, LUT on disk", "TP 2: MoLE, LUT on host (bfloat16)",
+                     "TP 2: MoLE, LUT on host (fp8_e4m3, block 16)", "TP 2: MoLE, LUT on host (nf4, block 16)",
+                     "TP 2: dense baseline"]
+    assert all(ln.split()[-1] == "yes" for ln in lines), "\n".join(lines)
+    # per-rank LUT held: half of the float32 table [128, 2, 2, 32] (64 KiB) on each rank
+    assert "32.0 KiB / 32.0 KiB" in lines[0] and "32.0 KiB / 32.0 KiB" in lines[1]
 
 
 def test_a_rank_that_dies_makes_the_others_fail_fast(jobs):

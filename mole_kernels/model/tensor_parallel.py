@@ -732,3 +732,147 @@ class TPDenseForCausalLM(_TensorParallel, DenseForCausalLM):
             raise ValueError(f"{where}: model must be a single-process DenseForCausalLM or MoLEForCausalLM, got "
                              f"{type(model).__name__}")
         return cls._shard_of(model, group, device, where)
+
+
+# ---------------------------------------------------------------- the demo ---------------------------
+
+
+def run_demo(args) -> int:
+    """``torchrun --standalone --nproc-per-node N -m mole_kernels demo --tensor-parallel N``: the
+    single-process demo's table for the tensor-parallel model (every rank runs this; rank 0 prints).
+
+    ``args``: the demo's arguments (vocab, hidden, layers, experts, heads, batch, prompt_len,
+    new_tokens, seed, cpu, threads) and ``tensor_parallel`` (N, which must equal the number of
+    processes torchrun started). Rank 0 builds the seeded model, writes it as a checkpoint folder
+    and its LUT as N per-rank shard files (:func:`write_sharded_tables`); every rank then loads its
+    part (the shards on the host and disk tiers, and a single-process table file sliced into bf16,
+    int8 and nf4 tables) and generates. Each row is compared with the same LUT in one process.
+    """
+    from .. import host_allocations
+    from ..cli import _human, _timed_generate
+
+    N = args.tensor_parallel
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"demo --tensor-parallel {N}: launch it with torchrun: `torchrun --standalone "
+                         f"--nproc-per-node {N} -m mole_kernels demo --tensor-parallel {N}`")
+    owns_group = not dist.is_initialized()
+    group = init_tensor_parallel("gloo" if args.cpu else None)
+    try:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        if world != N:
+            raise ValueError(f"demo --tensor-parallel {N} was launched with {world} processes (torchrun "
+                             f"--nproc-per-node {N})")
+        on_gpu = torch.cuda.is_available() and not args.cpu
+        dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        torch.set_num_threads(args.threads or 1)  # 1 thread per rank on a CPU: N ranks share its cores
+        torch.manual_seed(args.seed)
+        cfg = MoLEConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=max(1, args.heads // 2), num_experts=args.experts)
+        check_tensor_parallel(cfg, world)
+        say = print if rank == 0 else (lambda *a, **k: None)
+        say(f"MoLE tensor-parallel demo: {world} ranks ({dist.get_backend(group)} on {dev.type}), "
+            f"V={cfg.vocab_size} L={cfg.num_hidden_layers} E={cfg.num_experts} D={cfg.hidden_size} "
+            f"FFN={cfg.intermediate_size} heads={cfg.num_attention_heads}/{cfg.num_key_value_heads}, batch "
+            f"{args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens (seed {args.seed}, random "
+            f"weights, {torch.get_num_threads()} CPU thread(s) per rank, {os.cpu_count()} CPUs)")
+        train = MoLEForCausalLM(cfg, init_std=0.1).to(dev).eval()
+        B, S, T = args.batch, args.prompt_len, args.new_tokens
+        prompt = torch.randint(0, cfg.vocab_size, (B, S), device=dev)
+        files = [None]
+        if rank == 0:  # the single-process files every rank loads its part of
+            tmp = tempfile.mkdtemp(prefix="mole_tp_demo_")
+            single = train.reparameterize(placement="host", dtype=torch.float32, device=dev, progress=False)
+            single.save_pretrained(os.path.join(tmp, "rep"))
+            single.lut.save(os.path.join(tmp, "lut.safetensors"))
+            shards = write_sharded_tables(single.lut, os.path.join(tmp, "lut.safetensors"), world)
+            files = [(tmp, shards)]
+            say(f"re-parameterized into a {list(cfg.lut_shape)} LUT ({_human(single.lut.nbytes)}), wrote {tmp}/rep "
+                f"(official layout) and {world} shard files {os.path.basename(shards[0])}, ... "
+                f"({_human(os.path.getsize(shards[0]))} each)")
+        dist.broadcast_object_list(files, src=0, group=group)
+        tmp, _ = files[0]
+        # lut_file: the single-process table, and the base name of its shards (lut.tp{r}-of-{N}.safetensors)
+        rep, lut_file = os.path.join(tmp, "rep"), os.path.join(tmp, "lut.safetensors")
+
+        rows, ref = [], [None]
+        with torch.no_grad():
+            if rank == 0:  # single-process references, timed alone (the other ranks wait)
+                ref_seq, t = _timed_generate(train, prompt, T, dev)
+                ref = [ref_seq.cpu()]
+                rows.append(dict(name="1 process: train form (experts computed)", t=t, moved=0, held=None, delta=0.0,
+                                 same=None))
+            dist.broadcast_object_list(ref, src=0, group=group)
+            ref_seq = ref[0].to(dev)
+            ref_logits = train(ref_seq).logits
+
+            def tp_row(name, make, dtype, fmt):
+                """One TP model, timed on every rank; rank 0 also times the same LUT in one process."""
+                single_seq = None
+                if rank == 0:
+                    one = train.reparameterize(placement="host", dtype=dtype, device=dev, progress=False,
+                                               lut_format=fmt, block_size=block(fmt))
+                    single_seq, t1 = _timed_generate(one, prompt, T, dev, reset=one.lut.reset_stats)
+                    rows.append(dict(name="1 process: " + name, t=t1, moved=sum(one.lut.stats.bytes_read.values()),
+                                     held=[one.lut.nbytes], delta=None, same=None))
+                    one.lut.close()
+                dist.barrier(group)
+                before = host_allocations()["bytes"]
+                tp = make()
+                held = host_allocations()["bytes"] - before if tp.lut.placement == "host" else tp.lut.nbytes
+                seq, t = _timed_generate(tp, prompt, T, dev, reset=tp.lut.reset_stats)
+                moved = sum(tp.lut.stats.bytes_read.values())
+                delta = (tp(ref_seq).logits - ref_logits).abs().max().item()
+                helds = _all_gather_object(held, group, world)
+                rows.append(dict(name=f"TP {world}: {name}", t=t, moved=moved, held=helds, delta=delta,
+                                 same=single_seq is not None and torch.equal(seq, single_seq)))
+                tp.lut.close()
+
+            def block(fmt):  # a block dividing D/N, so one process quantizes exactly as the ranks do
+                return None if fmt is None else default_block_size(canonical_format(fmt), cfg.hidden_size // world)
+
+            for tier in (["device"] if on_gpu else []) + ["host", "disk"]:
+                tp_row(f"MoLE, LUT on {tier}", lambda: TPMoLEForCausalLM.from_pretrained(
+                    rep, device=dev, placement=tier, lut_shards=lut_file), torch.float32, None)
+            for dtype, fmt in ((torch.bfloat16, None), (torch.float32, "fp8_e4m3"), (torch.float32, "nf4")):
+                label = f"({fmt}, block {block(fmt)})" if fmt else f"({str(dtype)[6:]})"
+                tp_row(f"MoLE, LUT on host {label}", lambda: TPMoLEForCausalLM.from_pretrained(
+                    rep, device=dev, placement="host", lut_file=lut_file, lut_dtype=dtype, lut_format=fmt,
+                    block_size=block(fmt)), dtype, fmt)
+            dense_seq = None
+            if rank == 0:
+                dense_seq, t = _timed_generate(DenseForCausalLM.from_mole(train), prompt, T, dev)
+                rows.append(dict(name="1 process: dense baseline", t=t, moved=0, held=None, delta=None, same=None))
+            dist.barrier(group)
+            seq, t = _timed_generate(TPDenseForCausalLM.from_model(train), prompt, T, dev)
+            rows.append(dict(name=f"TP {world}: dense baseline", t=t, moved=0, held=None, delta=None,
+                             same=dense_seq is not None and torch.equal(seq, dense_seq)))
+
+        head = (f"{'model':50s} {'tokens/s':>9s} {'ms/token':>9s} {'LUT bytes/token/rank':>21s} "
+                f"{'LUT held per rank':>26s} {'max|dlogits|':>13s} {'same tokens as 1 process':>25s}")
+        say("\n" + head + "\n" + "-" * len(head))
+        processed = B * (S + T - 1)
+        for r in rows:
+            held = "-" if r["held"] is None else " / ".join(_human(h) for h in r["held"])
+            same = "-" if r["same"] is None else ("yes" if r["same"] else "NO")
+            say(f"{r['name']:50s} {B * T / r['t']:9.1f} {1000 * r['t'] / T:9.2f} "
+                f"{_human(None if r['moved'] is None else r['moved'] / processed):>21s} {held:>26s} "
+                f"{'-' if r['delta'] is None else format(r['delta'], '.2e'):>13s} {same:>25s}")
+        say("\nTP rows: every rank generates; rank 0's time is shown (tokens/s and ms/token as in `mole-kernels demo`).\n"
+            "LUT held per rank: measured on each rank (rank 0 / rank 1 / ...): the exact-size host memory its table\n"
+            "allocated (host tier), or its shard file's table bytes (disk tier: read in place). LUT bytes/token/rank:\n"
+            "table bytes one rank read over the tokens processed. max|dlogits|: logits of the train form's greedy\n"
+            "continuation, TP model vs train form. Same tokens: the TP model's greedy tokens equal those of the same\n"
+            "LUT (dtype, format, block) in one process. Per layer, TP MoLE does the dense TP model's collectives\n"
+            "(one all-reduce after attention, one after the MLP) and no other. A quantized rank's rows hold D/N\n"
+            "values each, with their scales and padding to 16 bytes: a little more than 1/N of one process's rows.")
+        ok = all(r["same"] is not False for r in rows)
+        ok = _all_gather_object(ok, group, world)[0]  # rank 0 compared; every rank exits alike
+        if rank == 0:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        return 0 if ok else 1
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
