@@ -30,8 +30,7 @@ import torch.distributed as dist
 
 from mole_kernels import host_allocations
 from mole_kernels.model import DenseForCausalLM, MoLEConfig, MoLEForCausalLM
-from mole_kernels.model.tensor_parallel import (TPDenseForCausalLM, TPMoLEForCausalLM, shard_file,
-                                                write_sharded_tables)
+from mole_kernels.model.tensor_parallel import TPDenseForCausalLM, TPMoLEForCausalLM, shard_file, write_sharded_tables
 
 PG_TIMEOUT_S = 20
 JOB_TIMEOUT_S = 120
@@ -119,13 +118,14 @@ def sc_dense(s):
 
 def _write_files(s):
     """On rank 0: the shards (world size N, and 4 for another world size), a second write of them, a
-    single-process table file, and checkpoint folders of both forms. The other ranks wait."""
+    single-process table file, and checkpoint folders of both forms (and a .bin one). The other ranks wait."""
     if s.rank == 0:
         write_sharded_tables(s.single.lut, s.base, s.world)
         write_sharded_tables(s.single.lut, os.path.join(s.tmp, "again.safetensors"), s.world)
         write_sharded_tables(s.single.lut, os.path.join(s.tmp, "four.safetensors"), 4)
         s.single.lut.save(os.path.join(s.tmp, "single.safetensors"))
         s.single.save_pretrained(os.path.join(s.tmp, "rep"))
+        s.single.save_pretrained(os.path.join(s.tmp, "rep_bin"), safe_serialization=False)
         s.train.save_pretrained(os.path.join(s.tmp, "train"))
     dist.barrier()
 
@@ -136,6 +136,7 @@ def sc_shards(s):
     loads = {
         "lut_shards, disk": lambda: TPMoLEForCausalLM.from_pretrained(rep, lut_shards=s.base, placement="disk"),
         "moe_table.weight, host": lambda: TPMoLEForCausalLM.from_pretrained(rep),
+        "pytorch_model.bin folder": lambda: TPMoLEForCausalLM.from_pretrained(os.path.join(s.tmp, "rep_bin")),
         "single-process lut_file, disk": lambda: TPMoLEForCausalLM.from_pretrained(
             rep, lut_file=os.path.join(s.tmp, "single.safetensors"), placement="disk"),
         "train-form folder": lambda: TPMoLEForCausalLM.from_pretrained(os.path.join(s.tmp, "train")),
@@ -182,7 +183,7 @@ def sc_indivisible(s):
     out = {}
     for name, kw in INDIVISIBLE.items():
         model = MoLEForCausalLM(MoLEConfig(**kw)).eval()
-        out[name] = _error_of(lambda: TPMoLEForCausalLM.from_model(model))
+        out[name] = _error_of(lambda model=model: TPMoLEForCausalLM.from_model(model))
     return out
 
 
@@ -278,7 +279,11 @@ def _run_job(world, tmp):
     results = []
     for r in range(world):
         path = os.path.join(tmp, f"rank{r}.json")
-        results.append(json.load(open(path)) if os.path.exists(path) else {})
+        if os.path.exists(path):
+            with open(path) as f:
+                results.append(json.load(f))
+        else:
+            results.append({})
     return dict(results=results, hung=hung, exitcodes=[p.exitcode for p in procs],
                 seconds=time.perf_counter() - t0)
 
@@ -350,8 +355,8 @@ def test_dense_tp_matches_dense(jobs):
 def test_loading_from_folders_tables_and_shards(jobs, world):
     V, L, E, D = CFG["vocab_size"], CFG["num_hidden_layers"], CFG["num_experts"], CFG["hidden_size"]
     for r, loads in enumerate(_per_rank(jobs, world, "shards")):
-        assert set(loads) == {"lut_shards, disk", "moe_table.weight, host", "single-process lut_file, disk",
-                              "train-form folder"}
+        assert set(loads) == {"lut_shards, disk", "moe_table.weight, host", "pytorch_model.bin folder",
+                              "single-process lut_file, disk", "train-form folder"}
         for name, row in loads.items():
             assert row["shape"] == [V, L, E, D // world], name
             _check_close(row, f"rank {r}, {name}")

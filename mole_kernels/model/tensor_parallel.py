@@ -40,7 +40,7 @@ import hashlib
 import os
 import tempfile
 import uuid
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -63,8 +63,8 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
 
-__all__ = ["init_tensor_parallel", "check_tensor_parallel", "TPMoLEForCausalLM", "TPDenseForCausalLM",
-           "write_sharded_tables", "shard_file"]
+__all__ = ["TPDenseForCausalLM", "TPMoLEForCausalLM", "check_tensor_parallel", "init_tensor_parallel", "shard_file",
+           "write_sharded_tables"]
 
 
 # ---------------------------------------------------------------- the process group -----------------
@@ -190,7 +190,7 @@ class _TensorParallel:
     """What both tensor-parallel models share: local shards of the attention and MLP, loading a rank's
     slices, and ``generate`` run by every rank. Build with ``from_model`` / ``from_pretrained``."""
 
-    _base_kwargs: Dict[str, object] = {}
+    _base_kwargs: ClassVar[Dict[str, object]] = {}
 
     def __init__(self, config, *, _token=None):
         if _token is not _PRIVATE:
@@ -330,7 +330,7 @@ def _weights_digest(model) -> str:
 def shard_file(path, rank: int, world_size: int) -> str:
     """Rank ``rank``'s table file of ``world_size``: ``lut.safetensors`` -> ``lut.tp0-of-2.safetensors``."""
     path = os.fspath(path)
-    stem = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
+    stem = path.removesuffix(".safetensors")
     return f"{stem}.tp{rank}-of-{world_size}.safetensors"
 
 
@@ -545,7 +545,7 @@ class TPMoLEForCausalLM(_TensorParallel, MoLEForCausalLM):
     call them alike. :attr:`lut` is this rank's ``[V, L, E, D/N]`` table (columns :attr:`lut_columns`).
     """
 
-    _base_kwargs = {"reparameterized": True}
+    _base_kwargs: ClassVar[Dict[str, object]] = {"reparameterized": True}
 
     @property
     def lut_columns(self) -> slice:
@@ -832,11 +832,11 @@ def run_demo(args) -> int:
                 return None if fmt is None else default_block_size(canonical_format(fmt), cfg.hidden_size // world)
 
             for tier in (["device"] if on_gpu else []) + ["host", "disk"]:
-                tp_row(f"MoLE, LUT on {tier}", lambda: TPMoLEForCausalLM.from_pretrained(
+                tp_row(f"MoLE, LUT on {tier}", lambda tier=tier: TPMoLEForCausalLM.from_pretrained(
                     rep, device=dev, placement=tier, lut_shards=lut_file), torch.float32, None)
             for dtype, fmt in ((torch.bfloat16, None), (torch.float32, "fp8_e4m3"), (torch.float32, "nf4")):
                 label = f"({fmt}, block {block(fmt)})" if fmt else f"({str(dtype)[6:]})"
-                tp_row(f"MoLE, LUT on host {label}", lambda: TPMoLEForCausalLM.from_pretrained(
+                tp_row(f"MoLE, LUT on host {label}", lambda dtype=dtype, fmt=fmt: TPMoLEForCausalLM.from_pretrained(
                     rep, device=dev, placement="host", lut_file=lut_file, lut_dtype=dtype, lut_format=fmt,
                     block_size=block(fmt)), dtype, fmt)
             dense_seq = None
