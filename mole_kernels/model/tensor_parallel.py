@@ -39,6 +39,7 @@ import datetime
 import hashlib
 import os
 import tempfile
+import time
 import uuid
 from typing import Callable, ClassVar, Dict, List, Optional, Tuple
 
@@ -296,7 +297,10 @@ def _fingerprint(x) -> str:
     def feed(v):
         if isinstance(v, torch.Tensor):
             h.update(f"T{v.dtype}{tuple(v.shape)}{v.device.type}".encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            try:
+                h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            except (RuntimeError, TypeError) as e:  # e.g. a sparse tensor: generate refuses it alike on every rank
+                h.update(repr(e).encode())
         elif isinstance(v, torch.Generator):
             h.update(b"G" + v.get_state().numpy().tobytes())
         elif isinstance(v, dict):
@@ -516,9 +520,12 @@ class _Checkpoint:
         if not self.train_form:  # names and full shapes, checked before any rank slices them
             with torch.device("meta"):
                 full = MoLEForCausalLM(cfg, reparameterized=True)
-            shapes = {k: torch.empty(*_shape_dtype(v)[:1], dtype=_shape_dtype(v)[1], device="meta")
-                      for k, v in t.items() if k != LUT_KEY}
-            _check_state_dict(full, shapes, where, path)
+            metas = {}
+            for k, v in t.items():
+                if k != LUT_KEY:
+                    shape, dt = _shape_dtype(v)
+                    metas[k] = torch.empty(shape, dtype=dt, device="meta")
+            _check_state_dict(full, metas, where, path)
 
     def get(self, name: str):
         return self._t[name]
@@ -779,20 +786,27 @@ def run_demo(args) -> int:
         train = MoLEForCausalLM(cfg, init_std=0.1).to(dev).eval()
         B, S, T = args.batch, args.prompt_len, args.new_tokens
         prompt = torch.randint(0, cfg.vocab_size, (B, S), device=dev)
-        files = [None]
-        if rank == 0:  # the single-process files every rank loads its part of
+        lut32 = None  # rank 0: the single-process LUT, which every comparison row is made from
+
+        def write_files():  # rank 0: the single-process files every rank then loads its part of
+            nonlocal lut32
+            if rank != 0:
+                return None
             tmp = tempfile.mkdtemp(prefix="mole_tp_demo_")
             single = train.reparameterize(placement="host", dtype=torch.float32, device=dev, progress=False)
             single.save_pretrained(os.path.join(tmp, "rep"))
             single.lut.save(os.path.join(tmp, "lut.safetensors"))
             shards = write_sharded_tables(single.lut, os.path.join(tmp, "lut.safetensors"), world)
-            files = [(tmp, shards)]
+            lut32 = single.lut.read()
             say(f"re-parameterized into a {list(cfg.lut_shape)} LUT ({_human(single.lut.nbytes)}), wrote {tmp}/rep "
                 f"(official layout) and {world} shard files {os.path.basename(shards[0])}, ... "
                 f"({_human(os.path.getsize(shards[0]))} each)")
+            return tmp
+
+        files = [_on_every_rank(group, world, "demo", write_files)]
         dist.broadcast_object_list(files, src=0, group=group)
-        tmp, _ = files[0]
         # lut_file: the single-process table, and the base name of its shards (lut.tp{r}-of-{N}.safetensors)
+        tmp = files[0]
         rep, lut_file = os.path.join(tmp, "rep"), os.path.join(tmp, "lut.safetensors")
 
         rows, ref = [], [None]
@@ -806,16 +820,21 @@ def run_demo(args) -> int:
             ref_seq = ref[0].to(dev)
             ref_logits = train(ref_seq).logits
 
-            def tp_row(name, make, dtype, fmt):
-                """One TP model, timed on every rank; rank 0 also times the same LUT in one process."""
+            def block(fmt):  # a block dividing D/N, so one process quantizes exactly as the ranks do
+                return None if fmt is None else default_block_size(canonical_format(fmt), cfg.hidden_size // world)
+
+            def tp_row(tier, dtype, fmt, make):
+                """One TP model, timed on every rank; rank 0 first times the same LUT in one process."""
+                name = f"MoLE, LUT on {tier}" + (f" ({fmt}, block {block(fmt)})" if fmt else
+                                                 "" if dtype == torch.float32 else f" ({str(dtype)[6:]})")
                 single_seq = None
                 if rank == 0:
-                    one = train.reparameterize(placement="host", dtype=dtype, device=dev, progress=False,
-                                               lut_format=fmt, block_size=block(fmt))
-                    single_seq, t1 = _timed_generate(one, prompt, T, dev, reset=one.lut.reset_stats)
-                    rows.append(dict(name="1 process: " + name, t=t1, moved=sum(one.lut.stats.bytes_read.values()),
-                                     held=[one.lut.nbytes], delta=None, same=None))
-                    one.lut.close()
+                    table = LookupTable.from_tensor(lut32.to(dtype), tier, dev, format=fmt, block_size=block(fmt))
+                    single_seq, t1 = _timed_generate(train._inference_form(table), prompt, T, dev,
+                                                     reset=table.reset_stats)
+                    rows.append(dict(name="1 process: " + name, t=t1, moved=sum(table.stats.bytes_read.values()),
+                                     held=[table.nbytes], delta=None, same=None))
+                    table.close()
                 dist.barrier(group)
                 before = host_allocations()["bytes"]
                 tp = make()
@@ -828,17 +847,13 @@ def run_demo(args) -> int:
                                  same=single_seq is not None and torch.equal(seq, single_seq)))
                 tp.lut.close()
 
-            def block(fmt):  # a block dividing D/N, so one process quantizes exactly as the ranks do
-                return None if fmt is None else default_block_size(canonical_format(fmt), cfg.hidden_size // world)
-
-            for tier in (["device"] if on_gpu else []) + ["host", "disk"]:
-                tp_row(f"MoLE, LUT on {tier}", lambda tier=tier: TPMoLEForCausalLM.from_pretrained(
-                    rep, device=dev, placement=tier, lut_shards=lut_file), torch.float32, None)
+            for tier in (["device"] if on_gpu else []) + ["host", "disk"]:  # the shard files
+                tp_row(tier, torch.float32, None, lambda tier=tier: TPMoLEForCausalLM.from_pretrained(
+                    rep, device=dev, placement=tier, lut_shards=lut_file))
             for dtype, fmt in ((torch.bfloat16, None), (torch.float32, "fp8_e4m3"), (torch.float32, "nf4")):
-                label = f"({fmt}, block {block(fmt)})" if fmt else f"({str(dtype)[6:]})"
-                tp_row(f"MoLE, LUT on host {label}", lambda dtype=dtype, fmt=fmt: TPMoLEForCausalLM.from_pretrained(
+                tp_row("host", dtype, fmt, lambda dtype=dtype, fmt=fmt: TPMoLEForCausalLM.from_pretrained(
                     rep, device=dev, placement="host", lut_file=lut_file, lut_dtype=dtype, lut_format=fmt,
-                    block_size=block(fmt)), dtype, fmt)
+                    block_size=block(fmt)))  # each rank slices the single-process table
             dense_seq = None
             if rank == 0:
                 dense_seq, t = _timed_generate(DenseForCausalLM.from_mole(train), prompt, T, dev)
@@ -847,6 +862,18 @@ def run_demo(args) -> int:
             seq, t = _timed_generate(TPDenseForCausalLM.from_model(train), prompt, T, dev)
             rows.append(dict(name=f"TP {world}: dense baseline", t=t, moved=0, held=None, delta=None,
                              same=dense_seq is not None and torch.equal(seq, dense_seq)))
+
+        # What the TP rows pay per step for communication on this machine: 2L all-reduces of B x D values.
+        buf, times = torch.zeros(B, cfg.hidden_size, device=dev), []
+        for i in range(60):
+            dist.barrier(group)
+            t0 = time.perf_counter()
+            dist.all_reduce(buf, group=group)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i >= 10:
+                times.append(time.perf_counter() - t0)
+        allreduce_s = sorted(times)[len(times) // 2]
 
         head = (f"{'model':50s} {'tokens/s':>9s} {'ms/token':>9s} {'LUT bytes/token/rank':>21s} "
                 f"{'LUT held per rank':>26s} {'max|dlogits|':>13s} {'same tokens as 1 process':>25s}")
@@ -865,7 +892,9 @@ def run_demo(args) -> int:
             "continuation, TP model vs train form. Same tokens: the TP model's greedy tokens equal those of the same\n"
             "LUT (dtype, format, block) in one process. Per layer, TP MoLE does the dense TP model's collectives\n"
             "(one all-reduce after attention, one after the MLP) and no other. A quantized rank's rows hold D/N\n"
-            "values each, with their scales and padding to 16 bytes: a little more than 1/N of one process's rows.")
+            "values each, with their scales and padding to 16 bytes: a little more than 1/N of one process's rows.\n"
+            f"Communication here: one all-reduce of {B} x {cfg.hidden_size} values takes {1000 * allreduce_s:.3f} ms "
+            f"(median of 50); a decode step does {2 * cfg.num_hidden_layers} of them.")
         ok = all(r["same"] is not False for r in rows)
         ok = _all_gather_object(ok, group, world)[0]  # rank 0 compared; every rank exits alike
         if rank == 0:
