@@ -22,11 +22,20 @@ N ranks, rank r holds:
   matrices are small next to the LUT (160M: 2 x 77 MB in fp16 against a 3.7 GB table), and
   replicated logits let every rank choose the same token with no communication.
 
+Files: the LUT is token-major, so a rank's D/N columns are strided inside every row of a
+single-process table: no rank can read "its own region" of one file. :func:`write_sharded_tables`
+therefore writes one ``[V, L, E, D/N]`` file per rank, once (``mole-kernels reparameterize
+--tensor-parallel N``); a rank then reads one contiguous block of L*E*D/N values per token (1/N of
+the bytes), and the page cache holds its bytes only. Loading from a single-process table (the
+official ``model.moe_table.weight`` or a LookupTable file) works too: each rank reads whole rows,
+a bounded chunk of tokens at a time, and keeps its columns (every rank reads the whole file once).
+
 Why plain collectives and local ``nn.Linear`` shards, not ``torch.distributed.tensor.parallel``
 (DTensor): the MoLE term must enter the MLP's all-reduce, which ``RowwiseParallel`` performs inside
 down_proj; and DTensor's per-op dispatch costs more than a small decode step does (measured on
-this package's 2-core CPU machine: a ColwiseParallel + RowwiseParallel MLP at D=128 took 1.15 ms
-per call against 0.07 ms for the plain modules). Megatron and vLLM shard the same way.
+this package's 2-core CPU machine, 2 ranks: a ColwiseParallel + RowwiseParallel MLP at D=128 took
+1.15 ms per call; the plain modules' matmuls take 0.07 ms and an all-reduce of their output 0.1-0.35
+ms). Megatron and vLLM shard the same way.
 
 Every rank must make the same calls in the same order. Steps that can fail on one rank only
 (reading a file, a rank's arguments) are followed by an exchange of errors, so a failure on any
@@ -98,8 +107,11 @@ def _group_info(group, where: str):
     return group, dist.get_rank(group), dist.get_world_size(group)
 
 
-def check_tensor_parallel(config: MoLEConfig, world_size: int) -> None:
-    """ValueError naming the first size that ``world_size`` ranks cannot split evenly."""
+def check_tensor_parallel(config: MoLEConfig, world_size: int, *, lut_format: Optional[str] = None,
+                          block_size: Optional[int] = None) -> None:
+    """ValueError naming the first size that ``world_size`` ranks cannot split evenly, or a LUT
+    quantization (``lut_format``, ``block_size``) that a rank's D/N columns cannot take; cheap, so
+    a command checks it before any long computation."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"tensor parallel: the world size must be a positive int, got {world_size!r}")
     holds = {"hidden_size": "D/N columns of every LUT row", "num_attention_heads": "whole query heads",
@@ -109,6 +121,8 @@ def check_tensor_parallel(config: MoLEConfig, world_size: int) -> None:
         if v % world_size:
             raise ValueError(f"tensor parallel over {world_size} ranks: the world size must divide {name}={v} "
                              f"(each rank holds {what})")
+    n = config.hidden_size // world_size
+    _check_lut_format(lut_format, block_size, n, f"tensor parallel over {world_size} ranks (each rank's D/N = {n})")
 
 
 def _all_reduce(t: torch.Tensor, group, world: int) -> torch.Tensor:
@@ -446,7 +460,7 @@ def write_sharded_tables(source, path, world_size: int, *, dtype=None, lut_forma
     """
     where = "write_sharded_tables"
     if isinstance(source, MoLEForCausalLM):
-        check_tensor_parallel(source.config, world_size)
+        check_tensor_parallel(source.config, world_size, lut_format=lut_format, block_size=block_size)
     src = _lut_source(source, where)
     D = src[0][3]
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1 or D % world_size:
