@@ -218,7 +218,7 @@ def sc_demo(s):
     from mole_kernels.model.tensor_parallel import run_demo
 
     args = argparse.Namespace(vocab=128, hidden=32, layers=2, experts=2, heads=4, batch=1, prompt_len=4, new_tokens=4,
-                              seed=0, cpu=True, threads=1, tensor_parallel=s.world)
+                              repeats=1, seed=0, cpu=True, threads=1, save_model=None, tensor_parallel=s.world)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = run_demo(args)
@@ -423,14 +423,16 @@ def test_demo_prints_the_table_on_rank_0_with_tokens_equal_to_one_process(jobs):
     rows = _per_rank(jobs, 2, "demo")
     assert [r["rc"] for r in rows] == [0, 0]
     assert rows[1]["stdout"] == ""
-    lines = [ln for ln in rows[0]["stdout"].splitlines() if ln.startswith("TP 2: ")]
-    names = [ln[:50].strip() for ln in lines]
-    assert names == ["TP 2: MoLE, LUT on host", "TP 2: MoLE, LUT on disk", "TP 2: MoLE, LUT on host (bfloat16)",
-                     "TP 2: MoLE, LUT on host (fp8_e4m3, block 16)", "TP 2: MoLE, LUT on host (nf4, block 16)",
-                     "TP 2: dense baseline"]
-    assert all(ln.split()[-1] == "yes" for ln in lines), "\n".join(lines)
-    # per-rank LUT held: half of the float32 table [128, 2, 2, 32] (64 KiB) on each rank
-    assert "32.0 KiB / 32.0 KiB" in lines[0] and "32.0 KiB / 32.0 KiB" in lines[1]
+    lines = rows[0]["stdout"].splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("per rank"))
+    per_rank = lines[at + 2:lines.index("", at)]
+    assert [ln[:40].strip() for ln in per_rank] == [
+        "MoLE, LUT on host", "MoLE, LUT on disk", "MoLE, LUT on host (bfloat16)", "MoLE, LUT on host (fp8_e4m3, block 16)",
+        "MoLE, LUT on host (nf4, block 16)", "dense baseline"]
+    assert all(ln.split()[-1] == "yes" for ln in per_rank), "\n".join(per_rank)
+    # LUT held on each rank: half of the float32 table [128, 2, 2, 32] (64 KiB)
+    assert "32.0 KiB / 32.0 KiB" in per_rank[0] and "32.0 KiB / 32.0 KiB" in per_rank[1]
+    assert any(ln.startswith("MoLE, LUT on host (nf4, block 16)") for ln in lines[:at])  # the demo's own table
 
 
 def test_a_rank_that_dies_makes_the_others_fail_fast(jobs):

@@ -757,25 +757,45 @@ class TPDenseForCausalLM(_TensorParallel, DenseForCausalLM):
 
 # ---------------------------------------------------------------- the demo ---------------------------
 
+_DEMO_LEGEND = """\
+Columns as in `mole-kernels demo` (medians over {repeats} interleaved runs, each {batch} x {new} tokens after a
+{prompt}-token prompt), for the {world}-rank tensor-parallel models: rank 0's times (every rank generates);
+'vs dense' over the tensor-parallel dense baseline (the train form, the reference of max|dlogit|, runs in one
+process); LUT/token: bytes one rank read; VRAM/RAM: the table one rank holds (the exact-size memory it
+allocated, measured; a disk table's file is not counted). Per layer, TP MoLE does the dense TP model's
+collectives (one all-reduce after attention, one after the MLP) and no other; here one all-reduce of
+{batch} x {hidden} values takes {allreduce} (median of 50) and a decode step does {per_step} of them.
+Per rank: each rank's LUT bytes as measured on it (disk: its shard file's table), next to the same LUT
+(dtype, format, block) in one process, and whether the greedy tokens equal that single-process model's. A quantized rank's rows hold D/N
+values with their scales and 16-byte padding: a little more than 1/N of one process's rows."""
+
 
 def run_demo(args) -> int:
     """``torchrun --standalone --nproc-per-node N -m mole_kernels demo --tensor-parallel N``: the
-    single-process demo's table for the tensor-parallel model (every rank runs this; rank 0 prints).
+    single-process demo's table for the tensor-parallel models (every rank runs this; rank 0 prints).
 
-    ``args``: the demo's arguments (vocab, hidden, layers, experts, heads, batch, prompt_len,
-    new_tokens, seed, cpu, threads) and ``tensor_parallel`` (N, which must equal the number of
-    processes torchrun started). Rank 0 builds the seeded model, writes it as a checkpoint folder
-    and its LUT as N per-rank shard files (:func:`write_sharded_tables`); every rank then loads its
-    part (the shards on the host and disk tiers, and a single-process table file sliced into bf16,
-    int8 and nf4 tables) and generates. Each row is compared with the same LUT in one process.
+    ``args``: the demo's arguments (``mole-kernels demo``: sizes, batch, prompt_len, new_tokens,
+    repeats, seed, cpu, threads, save_model) and ``tensor_parallel`` (N, the number of processes
+    torchrun started). Rank 0 builds the seeded model, writes it as a checkpoint folder and its LUT
+    as N per-rank shard files (:func:`write_sharded_tables`); every rank then loads its part (the
+    shards on each tier, and the single-process table sliced into bf16, fp8 and nf4 tables) and
+    generates. Rank 0 also runs the same LUTs in one process, interleaved with the TP runs.
+    Returns 0 when every TP model's greedy tokens equal the single-process model's, else 1.
     """
+    import contextlib
+    import random
+    import shutil
+    import statistics
+
     from .. import host_allocations
-    from ..cli import _human, _timed_generate
+    from .._demo import _Entry, _print_table, demo_config, zipf_prompt
+    from ..cli import _human
 
     N = args.tensor_parallel
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
         raise ValueError(f"demo --tensor-parallel {N}: launch it with torchrun: `torchrun --standalone "
                          f"--nproc-per-node {N} -m mole_kernels demo --tensor-parallel {N}`")
+    cfg = demo_config(args)
     owns_group = not dist.is_initialized()
     group = init_tensor_parallel("gloo" if args.cpu else None)
     try:
@@ -783,138 +803,136 @@ def run_demo(args) -> int:
         if world != N:
             raise ValueError(f"demo --tensor-parallel {N} was launched with {world} processes (torchrun "
                              f"--nproc-per-node {N})")
+        check_tensor_parallel(cfg, world)
         on_gpu = torch.cuda.is_available() and not args.cpu
         dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        torch.set_num_threads(args.threads or 1)  # 1 thread per rank on a CPU: N ranks share its cores
-        torch.manual_seed(args.seed)
-        cfg = MoLEConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=max(1, args.heads // 2), num_experts=args.experts)
-        check_tensor_parallel(cfg, world)
+        torch.set_num_threads(args.threads or 1)  # 1 thread per rank on a CPU: the ranks share its cores
+        B, S, T, R = args.batch, args.prompt_len, args.new_tokens, args.repeats
         say = print if rank == 0 else (lambda *a, **k: None)
         say(f"MoLE tensor-parallel demo: {world} ranks ({dist.get_backend(group)} on {dev.type}), "
             f"V={cfg.vocab_size} L={cfg.num_hidden_layers} E={cfg.num_experts} D={cfg.hidden_size} "
-            f"FFN={cfg.intermediate_size} heads={cfg.num_attention_heads}/{cfg.num_key_value_heads}, batch "
-            f"{args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens (seed {args.seed}, random "
-            f"weights, {torch.get_num_threads()} CPU thread(s) per rank, {os.cpu_count()} CPUs)")
+            f"FFN={cfg.intermediate_size} heads={cfg.num_attention_heads}/{cfg.num_key_value_heads}, batch {B}, "
+            f"prompt {S}, {T} new tokens, {R} runs per model (seed {args.seed}, random weights, "
+            f"{torch.get_num_threads()} CPU thread(s) per rank, {os.cpu_count()} CPUs)")
+        torch.manual_seed(args.seed)
         train = MoLEForCausalLM(cfg, init_std=0.1).to(dev).eval()
-        B, S, T = args.batch, args.prompt_len, args.new_tokens
-        prompt = torch.randint(0, cfg.vocab_size, (B, S), device=dev)
-        lut32 = None  # rank 0: the single-process LUT, which every comparison row is made from
+        prompt = zipf_prompt(cfg.vocab_size, (B, S), dev)  # the same on every rank (same seed)
+        lut32 = None  # rank 0: the single-process LUT every comparison is made from
 
-        def write_files():  # rank 0: the single-process files every rank then loads its part of
+        def write_files():  # rank 0: the single-process files every rank loads its part of
             nonlocal lut32
             if rank != 0:
                 return None
+            if args.save_model:
+                train.save_pretrained(args.save_model)
             tmp = tempfile.mkdtemp(prefix="mole_tp_demo_")
             single = train.reparameterize(placement="host", dtype=torch.float32, device=dev, progress=False)
             single.save_pretrained(os.path.join(tmp, "rep"))
             single.lut.save(os.path.join(tmp, "lut.safetensors"))
             shards = write_sharded_tables(single.lut, os.path.join(tmp, "lut.safetensors"), world)
             lut32 = single.lut.read()
-            say(f"re-parameterized into a {list(cfg.lut_shape)} LUT ({_human(single.lut.nbytes)}), wrote {tmp}/rep "
-                f"(official layout) and {world} shard files {os.path.basename(shards[0])}, ... "
-                f"({_human(os.path.getsize(shards[0]))} each)")
+            say(f"re-parameterized into a {list(cfg.lut_shape)} float32 LUT ({_human(single.lut.nbytes)}); wrote "
+                f"{tmp}/rep (official layout) and {world} per-rank tables {os.path.basename(shards[0])}, ... "
+                f"({_human(os.path.getsize(shards[0]))} each; removed when the demo ends)")
             return tmp
 
         files = [_on_every_rank(group, world, "demo", write_files)]
         dist.broadcast_object_list(files, src=0, group=group)
-        # lut_file: the single-process table, and the base name of its shards (lut.tp{r}-of-{N}.safetensors)
         tmp = files[0]
+        # lut_file: the single-process table, and the base name of its shards (lut.tp{r}-of-{N}.safetensors)
         rep, lut_file = os.path.join(tmp, "rep"), os.path.join(tmp, "lut.safetensors")
+        try:
+            with contextlib.ExitStack() as tables, torch.no_grad():
+                def block(fmt):  # a block dividing D/N: one process quantizes exactly as the ranks do
+                    return None if fmt is None else default_block_size(canonical_format(fmt), cfg.hidden_size // world)
 
-        rows, ref = [], [None]
-        with torch.no_grad():
-            if rank == 0:  # single-process references, timed alone (the other ranks wait)
-                ref_seq, t = _timed_generate(train, prompt, T, dev)
-                ref = [ref_seq.cpu()]
-                rows.append(dict(name="1 process: train form (experts computed)", t=t, moved=0, held=None, delta=0.0,
-                                 same=None))
-            dist.broadcast_object_list(ref, src=0, group=group)
-            ref_seq = ref[0].to(dev)
-            ref_logits = train(ref_seq).logits
+                # Every rank lists every row (the same random run order everywhere); None: not run on this
+                # rank (the single-process rows run on rank 0 alone).
+                tp_rows, one_rows, helds = [], [], []
+                one_inf = None
 
-            def block(fmt):  # a block dividing D/N, so one process quantizes exactly as the ranks do
-                return None if fmt is None else default_block_size(canonical_format(fmt), cfg.hidden_size // world)
+                def add(tier, dtype, fmt, make):
+                    nonlocal one_inf
+                    name = f"MoLE, LUT on {tier}" + (f" ({fmt}, block {block(fmt)})" if fmt else
+                                                     "" if dtype == torch.float32 else f" ({str(dtype)[6:]})")
+                    before = host_allocations()["bytes"]
+                    tp = make()
+                    tables.callback(tp.lut.close)
+                    held = host_allocations()["bytes"] - before if tier == "host" else tp.lut.nbytes
+                    tp_rows.append(_Entry(name, tp, table=tp.lut, vram=held if tier == "device" else 0,
+                                          ram=held if tier == "host" else 0))
+                    helds.append(_all_gather_object(held, group, world))
+                    one = None
+                    if rank == 0:
+                        table = tables.enter_context(LookupTable.from_tensor(
+                            lut32.to(dtype), tier, dev, format=fmt, block_size=block(fmt)))
+                        one_inf = one_inf or train._inference_form(table)
+                        one = _Entry(name, one_inf, table=table)
+                    one_rows.append(one)
 
-            def tp_row(tier, dtype, fmt, make):
-                """One TP model, timed on every rank; rank 0 first times the same LUT in one process."""
-                name = f"MoLE, LUT on {tier}" + (f" ({fmt}, block {block(fmt)})" if fmt else
-                                                 "" if dtype == torch.float32 else f" ({str(dtype)[6:]})")
-                single_seq = None
-                if rank == 0:
-                    table = LookupTable.from_tensor(lut32.to(dtype), tier, dev, format=fmt, block_size=block(fmt))
-                    single_seq, t1 = _timed_generate(train._inference_form(table), prompt, T, dev,
-                                                     reset=table.reset_stats)
-                    rows.append(dict(name="1 process: " + name, t=t1, moved=sum(table.stats.bytes_read.values()),
-                                     held=[table.nbytes], delta=None, same=None))
-                    table.close()
-                dist.barrier(group)
-                before = host_allocations()["bytes"]
-                tp = make()
-                held = host_allocations()["bytes"] - before if tp.lut.placement == "host" else tp.lut.nbytes
-                seq, t = _timed_generate(tp, prompt, T, dev, reset=tp.lut.reset_stats)
-                moved = sum(tp.lut.stats.bytes_read.values())
-                delta = (tp(ref_seq).logits - ref_logits).abs().max().item()
-                helds = _all_gather_object(held, group, world)
-                rows.append(dict(name=f"TP {world}: {name}", t=t, moved=moved, held=helds, delta=delta,
-                                 same=single_seq is not None and torch.equal(seq, single_seq)))
-                tp.lut.close()
+                for tier in (["device"] if on_gpu else []) + ["host", "disk"]:  # this rank's shard file
+                    add(tier, torch.float32, None, lambda tier=tier: TPMoLEForCausalLM.from_pretrained(
+                        rep, device=dev, placement=tier, lut_shards=lut_file))
+                for dtype, fmt in ((torch.bfloat16, None), (torch.float32, "fp8_e4m3"), (torch.float32, "nf4")):
+                    add("host", dtype, fmt, lambda dtype=dtype, fmt=fmt: TPMoLEForCausalLM.from_pretrained(
+                        rep, device=dev, placement="host", lut_file=lut_file, lut_dtype=dtype, lut_format=fmt,
+                        block_size=block(fmt)))  # each rank slices the single-process table
+                tp_rows.append(_Entry("dense baseline", TPDenseForCausalLM.from_model(train)))
+                one_rows.append(_Entry("dense baseline", DenseForCausalLM.from_mole(train)) if rank == 0 else None)
+                train_row = _Entry("train form (experts computed)", train) if rank == 0 else None
+                runs = [train_row] + tp_rows + one_rows
 
-            for tier in (["device"] if on_gpu else []) + ["host", "disk"]:  # the shard files
-                tp_row(tier, torch.float32, None, lambda tier=tier: TPMoLEForCausalLM.from_pretrained(
-                    rep, device=dev, placement=tier, lut_shards=lut_file))
-            for dtype, fmt in ((torch.bfloat16, None), (torch.float32, "fp8_e4m3"), (torch.float32, "nf4")):
-                tp_row("host", dtype, fmt, lambda dtype=dtype, fmt=fmt: TPMoLEForCausalLM.from_pretrained(
-                    rep, device=dev, placement="host", lut_file=lut_file, lut_dtype=dtype, lut_format=fmt,
-                    block_size=block(fmt)))  # each rank slices the single-process table
-            dense_seq = None
+                ref = [train.generate(prompt, max_new_tokens=T).cpu() if rank == 0 else None]
+                dist.broadcast_object_list(ref, src=0, group=group)
+                ref_seq = ref[0].to(dev)
+                ref_logits = train(ref_seq).logits
+                first = {}  # row -> its first run's tokens
+                for e in runs:
+                    if e is not None:
+                        e.warm_up(prompt)
+                order = random.Random(args.seed)  # a new order each round, the same on every rank
+                for r in range(R):
+                    for i in (range(len(runs)) if r == 0 else order.sample(range(len(runs)), len(runs))):
+                        if runs[i] is not None:
+                            seq = runs[i].timed(prompt, T, dev, count_bytes=r == 0)
+                            first.setdefault(i, seq)
+                for i, e in enumerate(tp_rows, start=1):  # collective: every rank, in the same order
+                    e.same = torch.equal(first[i], ref_seq)
+                    if e.table is not None:
+                        e.delta = (e.model(ref_seq).logits - ref_logits).abs().max().item()
+                same = [one is not None and torch.equal(first[i + 1], first[i + 1 + len(tp_rows)])
+                        for i, one in enumerate(one_rows)]
+
+                # What the TP rows pay per step for communication here: 2L all-reduces of B x D values.
+                buf, times = torch.zeros(B, cfg.hidden_size, device=dev), []
+                for i in range(60):
+                    dist.barrier(group)
+                    t0 = time.perf_counter()
+                    dist.all_reduce(buf, group=group)
+                    if on_gpu:
+                        torch.cuda.synchronize(dev)
+                    if i >= 10:
+                        times.append(time.perf_counter() - t0)
             if rank == 0:
-                dense_seq, t = _timed_generate(DenseForCausalLM.from_mole(train), prompt, T, dev)
-                rows.append(dict(name="1 process: dense baseline", t=t, moved=0, held=None, delta=None, same=None))
-            dist.barrier(group)
-            seq, t = _timed_generate(TPDenseForCausalLM.from_model(train), prompt, T, dev)
-            rows.append(dict(name=f"TP {world}: dense baseline", t=t, moved=0, held=None, delta=None,
-                             same=dense_seq is not None and torch.equal(seq, dense_seq)))
-
-        # What the TP rows pay per step for communication on this machine: 2L all-reduces of B x D values.
-        buf, times = torch.zeros(B, cfg.hidden_size, device=dev), []
-        for i in range(60):
-            dist.barrier(group)
-            t0 = time.perf_counter()
-            dist.all_reduce(buf, group=group)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            if i >= 10:
-                times.append(time.perf_counter() - t0)
-        allreduce_s = sorted(times)[len(times) // 2]
-
-        head = (f"{'model':50s} {'tokens/s':>9s} {'ms/token':>9s} {'LUT bytes/token/rank':>21s} "
-                f"{'LUT held per rank':>26s} {'max|dlogits|':>13s} {'same tokens as 1 process':>25s}")
-        say("\n" + head + "\n" + "-" * len(head))
-        processed = B * (S + T - 1)
-        for r in rows:
-            held = "-" if r["held"] is None else " / ".join(_human(h) for h in r["held"])
-            same = "-" if r["same"] is None else ("yes" if r["same"] else "NO")
-            say(f"{r['name']:50s} {B * T / r['t']:9.1f} {1000 * r['t'] / T:9.2f} "
-                f"{_human(None if r['moved'] is None else r['moved'] / processed):>21s} {held:>26s} "
-                f"{'-' if r['delta'] is None else format(r['delta'], '.2e'):>13s} {same:>25s}")
-        say("\nTP rows: every rank generates; rank 0's time is shown (tokens/s and ms/token as in `mole-kernels demo`).\n"
-            "LUT held per rank: measured on each rank (rank 0 / rank 1 / ...): the exact-size host memory its table\n"
-            "allocated (host tier), or its shard file's table bytes (disk tier: read in place). LUT bytes/token/rank:\n"
-            "table bytes one rank read over the tokens processed. max|dlogits|: logits of the train form's greedy\n"
-            "continuation, TP model vs train form. Same tokens: the TP model's greedy tokens equal those of the same\n"
-            "LUT (dtype, format, block) in one process. Per layer, TP MoLE does the dense TP model's collectives\n"
-            "(one all-reduce after attention, one after the MLP) and no other. A quantized rank's rows hold D/N\n"
-            "values each, with their scales and padding to 16 bytes: a little more than 1/N of one process's rows.\n"
-            f"Communication here: one all-reduce of {B} x {cfg.hidden_size} values takes {1000 * allreduce_s:.3f} ms "
-            f"(median of 50); a decode step does {2 * cfg.num_hidden_layers} of them.")
-        ok = all(r["same"] is not False for r in rows)
-        ok = _all_gather_object(ok, group, world)[0]  # rank 0 compared; every rank exits alike
-        if rank == 0:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+                shown = [train_row] + tp_rows
+                _print_table(shown, {e.name: statistics.median(e.times) for e in shown}, B, S, T)
+                head = (f"{'per rank':40s} {'ms/token: 1 process':>20s} {f'TP {world}':>8s} "
+                        f"{'LUT held: rank 0 / rank 1 / ...':>34s} {'1 process':>10s} {'same tokens as 1 process':>25s}")
+                print(head + "\n" + "-" * len(head))
+                for i, one in enumerate(one_rows):
+                    lut = "-" if i >= len(helds) else " / ".join(_human(h) for h in helds[i])
+                    held_one = "-" if one.table is None else _human(one.table.nbytes)
+                    print(f"{one.name:40s} {1000 * statistics.median(one.times) / T:20.2f} "
+                          f"{1000 * statistics.median(tp_rows[i].times) / T:8.2f} {lut:>34s} {held_one:>10s} "
+                          f"{'yes' if same[i] else 'NO':>25s}")
+                print()
+                print(_DEMO_LEGEND.format(repeats=R, batch=B, new=T, prompt=S, world=world, hidden=cfg.hidden_size,
+                                          allreduce=f"{1000 * sorted(times)[len(times) // 2]:.3f} ms",
+                                          per_step=2 * cfg.num_hidden_layers))
+            ok = _all_gather_object(all(same), group, world)[0]  # rank 0 compared; every rank exits alike
+        finally:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
         return 0 if ok else 1
     finally:
         if owns_group:
