@@ -44,6 +44,7 @@ created with a timeout (:func:`init_tensor_parallel`) as the last resort.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import os
@@ -83,7 +84,8 @@ __all__ = ["TPDenseForCausalLM", "TPMoLEForCausalLM", "check_tensor_parallel", "
 def init_tensor_parallel(backend: Optional[str] = None, *, timeout_s: float = DEFAULT_TIMEOUT_S):
     """The default process group of a ``torchrun`` launch, created here (with ``timeout_s`` on every
     collective) unless it exists. ``backend``: default NCCL when CUDA is available (each rank on
-    ``cuda:LOCAL_RANK``), else gloo."""
+    ``cuda:LOCAL_RANK``), else gloo. A group created here is destroyed when the process exits
+    (left to the interpreter's teardown, a gloo group can abort the process as it ends)."""
     if not dist.is_available():
         raise RuntimeError("tensor parallel: this torch build has no torch.distributed")
     if not dist.is_initialized():
@@ -96,14 +98,21 @@ def init_tensor_parallel(backend: Optional[str] = None, *, timeout_s: float = DE
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        atexit.register(_destroy_group)
     return dist.group.WORLD
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _group_info(group, where: str):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{where}: torch.distributed is not initialised; launch with torchrun and call "
                            "init_tensor_parallel() (or dist.init_process_group) first")
-    group = group if group is not None else dist.group.WORLD
+    # None (the default group) stays None: a model holding no reference to the default group lets
+    # destroy_process_group() release it (one kept alive until interpreter teardown can abort the process).
     return group, dist.get_rank(group), dist.get_world_size(group)
 
 
