@@ -17,12 +17,12 @@ bandwidth in the same session and the fraction of it reached.
 Ratios = eager mean / mole_combine mean per shape (same `group`).
 
 `test_lut_combine` times one layer's whole lookup branch read straight from the table
-(`lut_combine`, one call) against the same work done unfused (`lut_gather` rows, then
-`mole_combine`: the rows written and read again) and against the official eager chain
-(`lut[ids, l]`, softmax, weighted sum, adds). The table is [8192, 4, E, D] in bf16, layer 1;
-on a GPU it sits in VRAM ("lut_combine": the goal is >= 85 % of the HBM copy bandwidth
-measured by bench_limits' d2d) and in pinned host memory read in place ("lut_combine-pinned":
-judged against bench_limits' zero-copy-read). `bytes` counts the row bytes read plus logits,
+(`mole-lut_combine`, one call) against the same work done unfused (`unfused-gather+combine`:
+`lut_gather` rows, then `mole_combine`; the rows written and read again) and against the
+official eager chain (`eager-lookup`: `lut[ids, l]`, softmax, weighted sum, adds). The table is
+[8192, 4, E, D] in bf16, layer 1; on a GPU it sits in VRAM (`mole-lut_combine`: the goal is
+>= 85 % of the device copy bandwidth) and in pinned host memory read in place
+(`mole-lut_combine-pinned`: judged against bench_limits' zero-copy-read). `bytes` counts the row bytes read plus logits,
 residual, shared and out.
 """
 import itertools
@@ -125,7 +125,9 @@ def _device_name():
 
 # ---------------------------------------------------------------- lut_combine ----------------------------
 LUT_VOCAB, LUT_LAYERS = (256, 2) if SMOKE else (8192, 4)
-LUT_PROVIDERS = ["lut_combine", "gather+mole_combine", "eager-lookup"] + (["lut_combine-pinned"] if HAS_CUDA else [])
+# ours ("mole-*") vs the unfused path through our own two ops and the official eager chain
+LUT_PROVIDERS = ["mole-lut_combine", "unfused-gather+combine", "eager-lookup"] + (
+    ["mole-lut_combine-pinned"] if HAS_CUDA else [])
 LUT_SHAPES = [(1, 1024, 4), (32, 1024, 4)] if SMOKE else [
     (T, D, E) for T, D, E in itertools.product([1, 32, 1024, 8192], [768, 1024], [4, 16])
     if T * E * D * 2 <= MAX_ROWS_BYTES]
@@ -152,10 +154,10 @@ def test_lut_combine(benchmark, copy_bandwidth, provider, T, D, E):
     out = torch.empty(T, D, device=DEVICE, dtype=dtype)
     rows = torch.empty(T, E, D, device=DEVICE, dtype=dtype)
 
-    if provider.startswith("lut_combine"):
+    if provider.startswith("mole-lut_combine"):
         def fn():
             return lut_combine(lut, ids, logits, layer=1, residual=residual, shared=shared, out=out)
-    elif provider == "gather+mole_combine":
+    elif provider == "unfused-gather+combine":
         def fn():
             lut_gather(lut, ids, layer=1, out=rows)
             return mole_combine(logits, rows, residual, shared, out=out)

@@ -34,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_VOCAB = 50304
 RESULTS_DIR = os.path.join(HERE, "results")
 OURS = "mole"
+DECODE_OP = "decode-vs-dense"  # bench_decode.py: one row per (shape, batch), providers interleaved inside
 # Suites whose every provider is ours (tiers/paths of LookupTable), and suites whose baseline is
 # not named as a peer but as our own reference format (quant: bf16 is the reference).
 ALL_OURS_OPS = ("table-gather",)
@@ -41,14 +42,15 @@ REFERENCE_PROVIDERS = {"bf16"}
 # GPU-only providers per op, listed as "not measured" when no GPU run is given. Keep in step with
 # the suites (a missing name only costs a line in the report).
 GPU_PROVIDERS = {
-    "limits": ["h2d-pinned", "d2d"],
+    "limits": ["h2d-pinned", "d2d", "zero-copy-read"],
     "lut_gather-fused": ["mole-cuda-device", "mole-cuda-zero_copy", "torch-eager-cuda-device"],  # fbgemm: CPU only
     "lut_gather-rows": ["mole-cuda-device", "mole-cuda-zero_copy", "official-cuda"],
     "table-gather": ["device-device", "host-zero_copy", "host-dma", "disk-staged"],
     "e2e-decode": ["dense", "mole-device", "mole-host", "mole-disk", "moe-offload", "dense-graph",
                    "mole-device-graph", "mole-host-graph"],
     "e2e-prefill": ["dense", "mole-device", "mole-host", "mole-disk", "moe-offload"],
-    "combine": ["mole_combine (Triton)", "eager"],
+    "combine": ["mole_combine (Triton)", "eager", "mole-lut_combine (VRAM)", "mole-lut_combine-pinned"],
+    DECODE_OP: ["dense", "mole-device", "mole-host", "dense-graph", "mole-device-graph", "mole-host-graph"],
 }
 
 
@@ -222,6 +224,81 @@ CPU_NOTES = {
         "73 ms in one run). Below 32 MiB the freed block is reused. A decoder does not pay it: the "
         "prefetcher gathers into buffers it keeps."),
 }
+
+
+# ---------------------------------------------------------------- decode vs dense, goals ---------
+def decode_table(benches):
+    """bench_decode.py rows: per shape and batch, each provider's median ms/token and its ratio."""
+    out = ["| shape | provider | ms/token | vs dense | rounds |", "| --- | --- | ---: | ---: | ---: |"]
+    for b in sorted(benches, key=lambda b: sort_key_shape(info_of(b)["shape"])):
+        info = info_of(b)
+        first = True
+        for p, ms in info["ms_per_token"].items():
+            name = f"**{p}**" if p.startswith(OURS) else p
+            out.append(f"| {info['shape'] if first else ''} | {name} | {ms:.3f} | {info['vs_dense'][p]:.3f}x | "
+                       f"{info['rounds'] if first else ''} |")
+            first = False
+        extra = {k: v for k, v in info["vs_dense"].items() if "/" in k}
+        if extra:
+            out.append(f"| | {', '.join(extra)} | | {', '.join(f'{v:.3f}x' for v in extra.values())} | |")
+    return "\n".join(out)
+
+
+# The "decode at dense speed" goals: (what, bound, how to read it off a run). Each reader returns the
+# measured value or None when the run has no such row (a CPU run has no GPU goals, and the reverse).
+def _decode_ratio(data, shape, key):
+    for b in data["benchmarks"]:
+        info = info_of(b)
+        if op_of(b) == DECODE_OP and info.get("shape") == shape:
+            return info["vs_dense"].get(key)
+    return None
+
+
+def _best_fraction(data, op, provider, limit, min_T=0, bytes_key="bytes"):
+    """The best GB/s of `provider` rows of `op` (tokens >= min_T) over the run's `limit` bandwidth."""
+    lim = limits_of(data).get(limit)
+    fracs = [info_of(b)[bytes_key] / b["stats"]["median"] / lim for b in data["benchmarks"]
+             if lim and op_of(b) == op and provider_of(b) == provider and info_of(b).get(bytes_key)
+             and int(re.search(r"T(\d+)", info_of(b)["shape"]).group(1)) >= min_T]
+    return max(fracs, default=None)
+
+
+def _combine_fraction(data):
+    """bench_combine's lut_combine on a VRAM table: bytes moved over the device copy's (read + write)."""
+    fr = [info_of(b)["fraction_of_copy_bw"] for b in data["benchmarks"] if op_of(b) == "combine"
+          and provider_of(b) == "mole-lut_combine" and device_of(b, True) == "cuda"
+          and info_of(b).get("fraction_of_copy_bw")]
+    return max(fr, default=None)
+
+
+GOALS = [
+    ("CPU decode, MoLE (LUT on host) / dense, demo shape", "<=", 1.05, lambda d: _decode_ratio(d, "demo-B1", "mole-host")),
+    ("CPU decode, MoLE (host) / dense, 160M-4E", "<=", 1.02, lambda d: _decode_ratio(d, "160M-4E-B1", "mole-host")),
+    ("CPU decode, MoLE (host) / dense, 410M-4E", "<=", 1.02, lambda d: _decode_ratio(d, "410M-4E-B1", "mole-host")),
+    ("CPU decode, disk / host (page cache warm), demo shape", "<=", 1.02, lambda d: _decode_ratio(d, "demo-B1", "disk/host")),
+    ("CPU decode, disk / host, 160M-4E", "<=", 1.02, lambda d: _decode_ratio(d, "160M-4E-B1", "disk/host")),
+    ("CPU decode, disk / host, 410M-4E", "<=", 1.02, lambda d: _decode_ratio(d, "410M-4E-B1", "disk/host")),
+    ("GPU decode (graph), pinned host / VRAM, 410M-4E batch 1", "<=", 1.01,
+     lambda d: _decode_ratio(d, "410M-4E-B1", "host/device-graph")),
+    ("GPU decode (graph), pinned host / VRAM, 410M-4E batch 32", "<=", 1.03,
+     lambda d: _decode_ratio(d, "410M-4E-B32", "host/device-graph")),
+    ("GPU zero-copy row fetch / zero-copy-read limit", ">=", 0.90,
+     lambda d: _best_fraction(d, "lut_gather-rows", "mole-cuda-zero_copy", "zero-copy-read")),
+    ("GPU DMA path (>= 64 unique rows) / h2d-pinned limit", ">=", 0.90,
+     lambda d: _best_fraction(d, "table-gather", "host-dma", "h2d-pinned", min_T=64, bytes_key="unique_bytes")),
+    ("GPU device-tier lut_combine / HBM copy bandwidth", ">=", 0.85, _combine_fraction),
+]
+
+
+def goal_lines(data):
+    """(what, measured, bound text, 'met' / 'NOT met') for every goal this run measured."""
+    rows = []
+    for what, cmp, bound, read in GOALS:
+        value = read(data)
+        if value is not None:
+            met = value <= bound if cmp == "<=" else value >= bound
+            rows.append((what, value, f"{cmp} {bound:g}", "met" if met else "NOT met"))
+    return rows
 
 
 def op_table(rows):
@@ -444,11 +521,19 @@ def section(data, plot_dir, out_dir):
     notes = scaling_notes(data)
     if notes:
         parts += ["Scaled down on this machine:", ""] + [f"- {n}" for n in notes] + [""]
+    goals = goal_lines(data)
+    if goals:
+        parts += ["### Goals: decode at dense speed", "", "| goal | measured | bound | |", "| --- | ---: | --- | --- |"]
+        parts += [f"| {w} | {v:.3f} | {b} | {m} |" for w, v, b, m in goals] + [""]
     by_op = defaultdict(list)
     for b in data["benchmarks"]:
         if info_of(b).get("provider") != "limit":
             by_op[op_of(b)].append(b)
     for op in sorted(by_op):
+        if op == DECODE_OP:
+            parts += [f"### {op} (bench_decode.py: providers interleaved in each round, medians)", "",
+                      decode_table(by_op[op]), ""]
+            continue
         parts += [f"### {op}", "", op_table(group_rows(by_op[op], has_gpu, limits)), ""]
         if not has_gpu and op in CPU_NOTES:
             parts += [CPU_NOTES[op], ""]
@@ -508,9 +593,11 @@ def summary(runs):
                      f"{'best baseline':24s} {'median':>9s} {'vs-ours':>7s}")
         for lim, bps in sorted(limits_of(data).items()):
             lines.append(f"{'limits':18s} {lim:24s} {'':24s} {'':>9s} {bps / 1e9:8.1f}")
+        for what, value, bound, met in goal_lines(data):
+            lines.append(f"goal: {what}: {value:.3f} ({bound}) {met}")
         by_op = defaultdict(list)
         for b in data["benchmarks"]:
-            if info_of(b).get("provider") != "limit":
+            if info_of(b).get("provider") != "limit" and op_of(b) != DECODE_OP:
                 by_op[op_of(b)].append(b)
         for op in sorted(by_op):
             rows = [r for r in group_rows(by_op[op], has_gpu, {}) if r["device"] == dev]

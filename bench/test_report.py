@@ -105,3 +105,34 @@ def test_figures_plain_ticks_bars_for_one_size_scaled_titles(tmp_path, monkeypat
     labels = [t.get_text() for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True) if t.get_text()]
     assert labels and all(re.fullmatch(r"[0-9.]+ (ms|us|s)", t) for t in labels), labels
     assert {t.get_text() for t in ax.get_xticklabels() if t.get_text()} >= {"1", "8", "32"}
+
+
+def test_decode_table_and_goals(tmp_path):
+    """bench_decode's interleaved rows get their own table, and every goal the run measured is listed
+    with its value, bound and verdict (GPU goals from a GPU run's rows and limits)."""
+    decode = _bench("decode-vs-dense", "demo-B1", "interleaved", 0.1, 0, rounds=9,
+                    ms_per_token={"dense": 1.0, "mole-host": 1.03, "mole-disk": 1.05},
+                    vs_dense={"dense": 1.0, "mole-host": 1.03, "mole-disk": 1.05, "disk/host": 1.019})
+    decode["fullname"] = "bench/bench_decode.py::test_decode_vs_dense[demo-B1]"
+    data = {"machine_info": {"node": "box", "cpu": {"brand_raw": "Some CPU", "count": 2}},
+            "commit_info": {"id": "x"}, "datetime": "2026-01-01T00:00:00", "benchmarks": [decode]}
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "RESULTS.md"
+    report.render([str(path)], str(out), None)
+    text = out.read_text()
+    assert "| demo-B1 | dense | 1.000 | 1.000x | 9 |" in text and "|  | **mole-host** | 1.030 | 1.030x |  |" in text
+    assert "| CPU decode, MoLE (LUT on host) / dense, demo shape | 1.030 | <= 1.05 | met |" in text
+    assert "| CPU decode, disk / host (page cache warm), demo shape | 1.019 | <= 1.02 | met |" in text
+    assert "160M-4E" not in text.split("### Goals")[1].split("###")[0]  # not measured: not listed
+
+    gpu = [_bench("zero-copy-read", "512MiB", "limit", 0.01, 400_000_000, device="cuda", gpu="H200"),
+           _bench("h2d-pinned", "512MiB", "limit", 0.01, 500_000_000, device="cuda", gpu="H200"),
+           _bench("lut_gather-rows", "410M-4E-T256", "mole-cuda-zero_copy", 0.01, 380_000_000, device="cuda"),
+           _bench("table-gather", "410M-4E-T256", "host-dma", 0.01, 600_000_000, device="cuda",
+                  unique_bytes=400_000_000),
+           _bench("table-gather", "410M-4E-T16", "host-dma", 0.01, 600_000_000, device="cuda",
+                  unique_bytes=490_000_000)]  # fewer than 64 rows: not counted
+    goals = dict((w, (round(v, 3), m)) for w, v, _, m in report.goal_lines({"benchmarks": gpu}))
+    assert goals["GPU zero-copy row fetch / zero-copy-read limit"] == (0.95, "met")
+    assert goals["GPU DMA path (>= 64 unique rows) / h2d-pinned limit"] == (0.8, "NOT met")

@@ -81,16 +81,30 @@ std::pair<at::Tensor, at::Tensor> addends(const GatherPlan& p, const at::Tensor&
   return {term(residual), term(shared)};
 }
 
+// What both table formats share around their fused CPU gather `fused(w, residual, shared)`: checks,
+// the id check (or fault count), the float32 softmax weights. `shape` carries the result shape.
+template <typename Fused>
+void combine_cpu(const GatherPlan& shape, int64_t V, int64_t E, const at::Tensor& out, const at::Tensor& table,
+                 const at::Tensor& ids, const at::Tensor& logits, const std::optional<at::Tensor>& residual,
+                 const std::optional<at::Tensor>& shared, const std::optional<at::Tensor>& faults, const char* op,
+                 Fused fused) {
+  const auto [res, sh] = addends(shape, table, ids, logits, out, residual, shared, op);
+  check_faults(faults, ids, op);
+  MOLE_CHECK_ARG(table.device().is_cpu(), op, ": a CUDA table needs ids on its device");
+  const int64_t T = ids.numel();
+  if (T == 0) return;
+  check_ids_cpu(ids, V, faults);
+  const std::vector<float> w = softmax_weights(logits, T, E);
+  fused(w.data(), res, sh);
+}
+
 void combine_cpu(const GatherPlan& p, const at::Tensor& out, const at::Tensor& lut, const at::Tensor& ids,
                  const at::Tensor& logits, const std::optional<at::Tensor>& residual,
                  const std::optional<at::Tensor>& shared, const std::optional<at::Tensor>& faults) {
-  const auto [res, sh] = addends(p, lut, ids, logits, out, residual, shared, "lut_combine");
-  check_faults(faults, ids, "lut_combine");
-  MOLE_CHECK_ARG(lut.device().is_cpu(), "lut_combine: a CUDA table needs ids on its device");
-  if (p.T == 0) return;
-  check_ids_cpu(ids, p.V, faults);
-  const std::vector<float> w = softmax_weights(logits, p.T, p.E);
-  fused_gather_cpu(p, lut, ids, w.data(), out, res, sh);
+  combine_cpu(p, p.V, p.E, out, lut, ids, logits, residual, shared, faults, "lut_combine",
+              [&](const float* w, const at::Tensor& res, const at::Tensor& sh) {
+                fused_gather_cpu(p, lut, ids, w, out, res, sh);
+              });
 }
 
 GatherPlan combine_plan(const at::Tensor& lut, const at::Tensor& ids, const at::Tensor& logits,
@@ -117,15 +131,12 @@ at::Tensor lut_combine_cpu(const at::Tensor& lut, const at::Tensor& ids, const a
 void combine_quant_cpu(const QuantPlan& p, const at::Tensor& out, const at::Tensor& data, const at::Tensor& ids,
                        const at::Tensor& logits, const std::optional<at::Tensor>& residual,
                        const std::optional<at::Tensor>& shared, const std::optional<at::Tensor>& faults) {
-  GatherPlan shape;  // the addend checks need only the result shape
+  GatherPlan shape;
   shape.out_shape = p.out_shape;
-  const auto [res, sh] = addends(shape, data, ids, logits, out, residual, shared, "lut_combine_quant");
-  check_faults(faults, ids, "lut_combine_quant");
-  MOLE_CHECK_ARG(data.device().is_cpu(), "lut_combine_quant: a CUDA table needs ids on its device");
-  if (p.T == 0) return;
-  check_ids_cpu(ids, p.V, faults);
-  const std::vector<float> w = softmax_weights(logits, p.T, p.E);
-  fused_gather_quant_cpu(p, data, ids, w.data(), out, res, sh);
+  combine_cpu(shape, p.V, p.E, out, data, ids, logits, residual, shared, faults, "lut_combine_quant",
+              [&](const float* w, const at::Tensor& res, const at::Tensor& sh) {
+                fused_gather_quant_cpu(p, data, ids, w, out, res, sh);
+              });
 }
 
 QuantPlan combine_quant_plan(const at::Tensor& data, c10::string_view format, int64_t dim, int64_t block_size,

@@ -114,6 +114,10 @@ def check_output_folder(path: str, option: str) -> str:
 def cmd_demo(args) -> int:
     if args.save_model:
         check_output_folder(args.save_model, "--save-model")
+    if args.tensor_parallel is not None:  # every torchrun rank runs this; rank 0 prints
+        from .model.tensor_parallel import run_demo as run_tensor_parallel_demo
+
+        return run_tensor_parallel_demo(args)
     from ._demo import demo_config, run_demo
 
     cfg = demo_config(args)  # a bad combination of sizes fails here, before any work
@@ -157,6 +161,9 @@ def cmd_reparameterize(args) -> int:
     if args.lut_format is not None and not args.lut_file:
         raise UsageError("--lut-format needs --lut-file: the official layout has no quantized form, so the "
                          "quantized LUT is written there (the folder keeps the float LUT)")
+    if args.tensor_parallel is not None and not args.lut_file:
+        raise UsageError("--tensor-parallel needs --lut-file: the base name of the per-rank tables "
+                         "(FILE.tp{r}-of-{N}.safetensors)")
     _check_reparameterize_paths(args)
     from .model import MoLEForCausalLM
 
@@ -164,7 +171,12 @@ def cmd_reparameterize(args) -> int:
     model = MoLEForCausalLM.from_pretrained(args.src)
     if model.is_reparameterized:
         raise UsageError(f"--from {args.src!r} is already re-parameterized (it holds model.moe_table.weight)")
-    if args.lut_format is not None:  # a block size that does not fit the model fails before the long computation
+    if args.tensor_parallel is not None:  # sizes N ranks cannot split, or a block D/N cannot take: before computing
+        from .model.tensor_parallel import check_tensor_parallel
+
+        check_tensor_parallel(model.config, args.tensor_parallel, lut_format=args.lut_format,
+                              block_size=args.block_size)
+    elif args.lut_format is not None:  # a block size that does not fit the model fails before the long computation
         _check_block(args.lut_format, args.block_size, model.config.hidden_size, "--lut-format/--block-size")
     t0 = time.perf_counter()
     inf = model.reparameterize(placement="host", dtype=dtype, device="cpu", chunk_size=args.chunk_size,
@@ -172,7 +184,15 @@ def cmd_reparameterize(args) -> int:
     inf.save_pretrained(args.dst)
     V, L, E, D = inf.config.lut_shape
     note = ""
-    if args.lut_format is not None:
+    if args.tensor_parallel is not None:
+        from .model.tensor_parallel import write_sharded_tables
+
+        paths = write_sharded_tables(inf.lut, args.lut_file, args.tensor_parallel, lut_format=args.lut_format,
+                                     block_size=args.block_size)
+        note = (f"; {len(paths)} per-rank tables {paths[0]}, ... ({_human(os.path.getsize(paths[0]))} each"
+                + (f", {args.lut_format}" if args.lut_format else "") + f"), for TPMoLEForCausalLM.from_pretrained("
+                f"{args.dst!r}, lut_shards={args.lut_file!r}) on {len(paths)} ranks")
+    elif args.lut_format is not None:
         from .table import LookupTable
 
         with LookupTable.from_tensor(inf.lut.read(), "host", device="cpu", format=args.lut_format,
@@ -488,6 +508,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     d.add_argument("--save-model", metavar="DIR", default=None,
                    help="also save the train-form model (config.json + model.safetensors) into DIR: the input "
                         "of `mole-kernels reparameterize --from DIR`")
+    d.add_argument("--tensor-parallel", type=POSITIVE, default=None, metavar="N",
+                   help="run the models tensor-parallel over N processes, launched by torchrun: `torchrun --standalone "
+                        "--nproc-per-node N -m mole_kernels demo --tensor-parallel N` (rank 0 prints the table, each "
+                        "rank's LUT bytes and whether the greedy tokens equal the single-process model's)")
     d.set_defaults(func=cmd_demo)
 
     r = command("reparameterize", "turn a train-form checkpoint folder into the re-parameterized form",
@@ -510,6 +534,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     r.add_argument("--block-size", type=POSITIVE, default=None,
                    help="values per scale for --lut-format (must divide the hidden size; default: fp8 128, nf4 64, "
                         "or the hidden size where those do not divide it; int8 is always per row)")
+    r.add_argument("--tensor-parallel", type=POSITIVE, default=None, metavar="N",
+                   help="also write the LUT as N per-rank tables for tensor-parallel loading, --lut-file naming them "
+                        "(FILE.tp{r}-of-{N}.safetensors: columns [r*D/N, (r+1)*D/N) of every row; quantized per rank "
+                        "with --lut-format, whose --block-size must divide D/N)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_reparameterize)
 

@@ -207,7 +207,7 @@ def test_in_place_on_the_residual(backend):
 def test_out_overlap_and_bad_arguments_are_errors():
     V, L, E, D = 10, 2, 3, 8
     lut, ids, logits = torch.randn(V, L, E, D), torch.tensor([1, 2]), torch.randn(2, E)
-    residual, shared = torch.randn(2, D), torch.randn(2, D)
+    shared = torch.randn(2, D)
     big = torch.randn(4, D)
     with pytest.raises(RuntimeError, match="overlap|single memory location"):
         lut_combine(lut, ids, logits, layer=0, residual=big[:2], out=big[1:3])  # partial overlap

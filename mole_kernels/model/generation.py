@@ -193,7 +193,7 @@ class _CausalLM(nn.Module):
         pad = pad if pad is not None else (eos if eos is not None else 0)
         dev = self.device
 
-        cache = StaticKVCache(self.config, B, S + max(max_new_tokens, 1), device=dev, dtype=self.dtype)
+        cache = self._new_cache(B, S + max(max_new_tokens, 1))
         step = self._graph_step(cache, B) if cuda_graph else None  # before any work: it says if it cannot be
         valid = mask if mask is not None else torch.ones(B, S, dtype=torch.bool, device=dev)
         cache.valid[:, :S] = valid
@@ -232,6 +232,12 @@ class _CausalLM(nn.Module):
             lg = torch.stack(out_logits, 1) if out_logits else logits.new_zeros(B, 0, logits.shape[-1])
             return GenerationOutput(sequences=seq, logits=lg)
         return seq
+
+    def _new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        """The KV cache of a generation: as many K/V heads as the attention modules compute (a
+        tensor-parallel rank computes only its own heads)."""
+        kv_heads = self.model.layers[0].self_attn.num_kv_heads
+        return StaticKVCache(self.config, batch, max_len, device=self.device, dtype=self.dtype, num_kv_heads=kv_heads)
 
     def _graph_step(self, cache: StaticKVCache, B: int) -> "_GraphStep":
         return _GraphStep(self, cache, B)

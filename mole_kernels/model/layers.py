@@ -65,8 +65,10 @@ class StaticKVCache:
     Zero-initialised: unwritten slots are masked out, and 0 * weight never makes a NaN.
     """
 
-    def __init__(self, cfg: MoLEConfig, batch: int, max_len: int, *, device, dtype):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    def __init__(self, cfg: MoLEConfig, batch: int, max_len: int, *, device, dtype, num_kv_heads: Optional[int] = None):
+        # num_kv_heads: the heads this process computes (a tensor-parallel rank holds Hkv / N); default all.
+        heads = cfg.num_key_value_heads if num_kv_heads is None else num_kv_heads
+        shape = (cfg.num_hidden_layers, batch, heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
