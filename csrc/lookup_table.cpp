@@ -30,9 +30,12 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "common.h"
+#include "direct_calls.h"
 
 #ifdef MOLE_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -209,18 +212,121 @@ at::Tensor checked_ids(const at::Tensor& ids, int64_t rows, const char* what) {
 
 }  // namespace
 
+// The row copy behind TableStore.copy_rows: from host bytes (memcpy) or a file (pread), `total`
+// bytes of table, into a CPU buffer.
+void copy_segments(const at::Tensor& host, const std::shared_ptr<File>& file, int64_t total, const at::Tensor& ids,
+                   int64_t row_bytes, int64_t seg_offset, int64_t seg_bytes, const at::Tensor& dst) {
+    MOLE_CHECK_ARG(row_bytes > 0 && total % row_bytes == 0, "TableStore.copy_rows: row_bytes (", row_bytes,
+                   ") must divide the table's ", total, " bytes");
+    MOLE_CHECK_ARG(seg_offset >= 0 && seg_bytes > 0 &&
+                       checked_add(seg_offset, seg_bytes, "TableStore.copy_rows: segment end") <= row_bytes,
+                   "TableStore.copy_rows: segment [", seg_offset, ", +", seg_bytes, ") is not inside a row of ",
+                   row_bytes, " bytes");
+    const at::Tensor flat = checked_ids(ids, total / row_bytes, "TableStore.copy_rows");
+    const int64_t n = flat.numel();
+    const int64_t need = checked_mul(n, seg_bytes, "TableStore.copy_rows: bytes to copy");
+    MOLE_CHECK_ARG(dst.device().is_cpu() && dst.is_contiguous() && static_cast<int64_t>(dst.nbytes()) >= need,
+                   "TableStore.copy_rows: dst must be a contiguous CPU tensor of at least ", need, " bytes, got ",
+                   dst.nbytes(), " bytes on ", dst.device());
+    if (n == 0) return;
+    char* out = static_cast<char*>(dst.data_ptr());
+    const int64_t* id = flat.const_data_ptr<int64_t>();
+    // ~256 KB per task: enough to amortise scheduling, small enough to spread a decode batch.
+    const int64_t grain = std::max<int64_t>(1, (256 << 10) / seg_bytes);
+    if (file) {
+      file->check_unchanged();
+      at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) file->read_exact(out + i * seg_bytes, id[i] * row_bytes + seg_offset, seg_bytes);
+      });
+      file->check_unchanged();  // a rewrite while we read would have mixed old and new rows
+      return;
+    }
+    const char* src = static_cast<const char*>(host.const_data_ptr());
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) std::memcpy(out + i * seg_bytes, src + id[i] * row_bytes + seg_offset, seg_bytes);
+    });
+}
+
+// Handles that name an open table file for direct calls from the Python module (csrc/module.cpp): a
+// decode step then reads its rows without a TorchScript method call, which costs ~30 us inside a
+// decode loop (its code is cold by then) against a few us for the read itself. A handle never
+// names another file: numbers are not reused, and a closed file's handle finds nothing.
+std::mutex g_handles_mu;
+std::unordered_map<int64_t, std::weak_ptr<File>> g_handles;
+int64_t g_next_handle = 0;
+
+// (sorted unique ids in [0, V), inverse) for CPU ids of any shape: ids[i] == uniq[inverse[i]].
+// An id outside [0, V) raises naming the first one (strict), or gets inverse -1 (a gather in
+// counted-faults mode then reads zeros for it and counts it).
+std::tuple<at::Tensor, at::Tensor> dedupe_ids(const at::Tensor& ids, int64_t V, bool strict) {
+  MOLE_CHECK_ARG(ids.device().is_cpu(), "dedupe_ids: ids must be on the CPU, got ", ids.device());
+  MOLE_CHECK_ARG(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+                 "dedupe_ids: ids must be int32 or int64, got ", ids.scalar_type());
+  const at::Tensor flat = ids.to(at::kLong).contiguous().view(-1);
+  const int64_t n = flat.numel();
+  const int64_t* p = flat.const_data_ptr<int64_t>();
+  at::Tensor inverse = at::empty(ids.sizes(), flat.options());
+  int64_t* inv = inverse.data_ptr<int64_t>();
+  std::vector<std::pair<int64_t, int64_t>> order;  // (id, position) of the valid ids
+  order.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] >= 0 && p[i] < V) {
+      order.emplace_back(p[i], i);
+    } else {
+      MOLE_CHECK_ARG(!strict, "LookupTable: ids contains ", p[i], " (at flat position ", i,
+                     "), outside the table's vocabulary [0, ", V, ")");
+      inv[i] = -1;
+    }
+  }
+  std::sort(order.begin(), order.end());
+  std::vector<int64_t> uniq;
+  for (const auto& [id, pos] : order) {
+    if (uniq.empty() || uniq.back() != id) uniq.push_back(id);
+    inv[pos] = static_cast<int64_t>(uniq.size()) - 1;
+  }
+  at::Tensor u = at::empty({static_cast<int64_t>(uniq.size())}, flat.options());
+  std::copy(uniq.begin(), uniq.end(), u.data_ptr<int64_t>());
+  return {u, inverse};
+}
+
+// dedupe_ids, then copy_segments of the unique rows: (inverse, number of unique rows).
+std::tuple<at::Tensor, int64_t> read_unique_rows(const at::Tensor& host, const std::shared_ptr<File>& file, int64_t total,
+                                                 const at::Tensor& ids, int64_t row_bytes, int64_t seg_offset,
+                                                 int64_t seg_bytes, bool strict, const at::Tensor& dst) {
+  MOLE_CHECK_ARG(row_bytes > 0, "TableStore.read_unique: row_bytes must be > 0, got ", row_bytes);
+  auto [uniq, inverse] = dedupe_ids(ids, total / row_bytes, strict);
+  copy_segments(host, file, total, uniq, row_bytes, seg_offset, seg_bytes, dst);
+  return {inverse, uniq.numel()};
+}
+
+std::tuple<at::Tensor, int64_t> read_unique_file(int64_t handle, const at::Tensor& ids, int64_t row_bytes,
+                                                 int64_t seg_offset, int64_t seg_bytes, bool strict,
+                                                 const at::Tensor& dst) {
+  std::shared_ptr<File> file;
+  {
+    const std::lock_guard<std::mutex> lock(g_handles_mu);
+    const auto it = g_handles.find(handle);
+    if (it != g_handles.end()) file = it->second.lock();
+  }
+  TORCH_CHECK(file != nullptr, "TableStore: the table was closed");
+  return read_unique_rows(at::Tensor(), file, file->nbytes, ids, row_bytes, seg_offset, seg_bytes, strict, dst);
+}
+
 struct TableStore : torch::CustomClassHolder {
   std::string kind_;
   at::Tensor bytes_;             // "host": uint8 [nbytes]; undefined once closed
   std::shared_ptr<File> file_;   // "file": the open file; null once closed
   bool pinned_ = false;
+  int64_t handle_ = -1;          // "file": its handle for direct calls, once asked for
 #ifdef MOLE_WITH_CUDA
-  cudaEvent_t half_done_[2] = {nullptr, nullptr};  // as a staging store: the last copy out of each half
-  ~TableStore() override {
-    for (cudaEvent_t e : half_done_) {
-      if (e != nullptr) (void)cudaEventDestroy(e), (void)cudaGetLastError();
+  struct HalfEvents {            // as a staging store: the last copy out of each half
+    cudaEvent_t e[2] = {nullptr, nullptr};
+    ~HalfEvents() {
+      for (cudaEvent_t x : e) {
+        if (x != nullptr) (void)cudaEventDestroy(x), (void)cudaGetLastError();
+      }
     }
-  }
+  } half_done_;
 #endif
 
   // kind "host": allocate nbytes (pinned if `pin`); kind "file": bytes [offset, offset+nbytes) of path.
@@ -262,44 +368,19 @@ struct TableStore : torch::CustomClassHolder {
   void close() {
     bytes_ = at::Tensor();
     file_.reset();
+    if (handle_ >= 0) {
+      const std::lock_guard<std::mutex> lock(g_handles_mu);
+      g_handles.erase(handle_);
+    }
   }
+  ~TableStore() override { close(); }
 
   // dst[i*seg_bytes : (i+1)*seg_bytes] = row ids[i], bytes [seg_offset, seg_offset+seg_bytes).
   void copy_rows(const at::Tensor& ids, int64_t row_bytes, int64_t seg_offset, int64_t seg_bytes,
                  const at::Tensor& dst) const {
     check_open();
-    const at::Tensor host = bytes_;              // held for the whole copy: close() from another
-    const std::shared_ptr<File> file = file_;    // thread cannot pull the bytes from under it
-    const int64_t total = nbytes();
-    MOLE_CHECK_ARG(row_bytes > 0 && total % row_bytes == 0, "TableStore.copy_rows: row_bytes (", row_bytes,
-                   ") must divide the table's ", total, " bytes");
-    MOLE_CHECK_ARG(seg_offset >= 0 && seg_bytes > 0 &&
-                       checked_add(seg_offset, seg_bytes, "TableStore.copy_rows: segment end") <= row_bytes,
-                   "TableStore.copy_rows: segment [", seg_offset, ", +", seg_bytes, ") is not inside a row of ",
-                   row_bytes, " bytes");
-    const at::Tensor flat = checked_ids(ids, total / row_bytes, "TableStore.copy_rows");
-    const int64_t n = flat.numel();
-    const int64_t need = checked_mul(n, seg_bytes, "TableStore.copy_rows: bytes to copy");
-    MOLE_CHECK_ARG(dst.device().is_cpu() && dst.is_contiguous() && static_cast<int64_t>(dst.nbytes()) >= need,
-                   "TableStore.copy_rows: dst must be a contiguous CPU tensor of at least ", need, " bytes, got ",
-                   dst.nbytes(), " bytes on ", dst.device());
-    if (n == 0) return;
-    char* out = static_cast<char*>(dst.data_ptr());
-    const int64_t* id = flat.const_data_ptr<int64_t>();
-    // ~256 KB per task: enough to amortise scheduling, small enough to spread a decode batch.
-    const int64_t grain = std::max<int64_t>(1, (256 << 10) / seg_bytes);
-    if (file) {
-      file->check_unchanged();
-      at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) file->read_exact(out + i * seg_bytes, id[i] * row_bytes + seg_offset, seg_bytes);
-      });
-      file->check_unchanged();  // a rewrite while we read would have mixed old and new rows
-      return;
-    }
-    const char* src = static_cast<const char*>(host.const_data_ptr());
-    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) std::memcpy(out + i * seg_bytes, src + id[i] * row_bytes + seg_offset, seg_bytes);
-    });
+    // bytes_ and file_ are copied: close() from another thread cannot pull them from under the copy
+    copy_segments(bytes_, file_, nbytes(), ids, row_bytes, seg_offset, seg_bytes, dst);
   }
 
   // dst (a CUDA buffer) = the rows' segments, as copy_rows lays them out, through `staging` (a pinned
@@ -324,7 +405,7 @@ struct TableStore : torch::CustomClassHolder {
     if (n == 0) return 0;
     const c10::cuda::CUDAGuard guard(dst.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    for (cudaEvent_t& e : staging->half_done_) {
+    for (cudaEvent_t& e : staging->half_done_.e) {
       if (e == nullptr) C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     }
     const int64_t rows = std::max<int64_t>(1, std::min(half / seg_bytes, (n + 3) / 4));
@@ -334,18 +415,39 @@ struct TableStore : torch::CustomClassHolder {
     for (int64_t a = 0; a < n; a += rows, ++copies) {
       const int64_t b = std::min(n, a + rows);
       const int h = static_cast<int>(copies % 2);
-      C10_CUDA_CHECK(cudaEventSynchronize(staging->half_done_[h]));  // its previous copy has read this half
+      C10_CUDA_CHECK(cudaEventSynchronize(staging->half_done_.e[h]));  // its previous copy has read this half
       const at::Tensor buf = staging->tensor().narrow(0, h * half, (b - a) * seg_bytes);
       copy_rows(flat.narrow(0, a, b - a), row_bytes, seg_offset, seg_bytes, buf);
       C10_CUDA_CHECK(cudaMemcpyAsync(out + a * seg_bytes, stage + h * half, (b - a) * seg_bytes,
                                      cudaMemcpyHostToDevice, stream));
-      C10_CUDA_CHECK(cudaEventRecord(staging->half_done_[h], stream));
+      C10_CUDA_CHECK(cudaEventRecord(staging->half_done_.e[h], stream));
     }
     return copies;
 #else
     (void)ids, (void)row_bytes, (void)seg_offset, (void)seg_bytes, (void)staging, (void)dst;
     TORCH_CHECK(false, "TableStore.stage_rows: mole_kernels was built without CUDA");
 #endif
+  }
+
+  // A step's rows on the CPU in one call: dedupe `ids` (as dedupe_ids), copy the unique rows'
+  // segments into dst (as copy_rows); returns (inverse, number of unique rows). A decode step pays
+  // one crossing into C++ for its rows, not one per stage.
+  std::tuple<at::Tensor, int64_t> read_unique(const at::Tensor& ids, int64_t row_bytes, int64_t seg_offset,
+                                              int64_t seg_bytes, bool strict, const at::Tensor& dst) const {
+    check_open();
+    return read_unique_rows(bytes_, file_, nbytes(), ids, row_bytes, seg_offset, seg_bytes, strict, dst);
+  }
+
+  // A handle for read_unique_file (a file store), valid until the store is closed.
+  int64_t handle() {
+    check_open();
+    TORCH_CHECK(kind_ == "file", "TableStore: handle() is for file stores");
+    if (handle_ < 0) {
+      const std::lock_guard<std::mutex> lock(g_handles_mu);
+      handle_ = g_next_handle++;
+      g_handles[handle_] = file_;
+    }
+    return handle_;
   }
 
   // dst[0:n] = table bytes [start, start + n): loading a file, in chunks, into another tier.
@@ -370,40 +472,6 @@ struct TableStore : torch::CustomClassHolder {
 // [live blocks, live bytes] of exact-size host allocations (pinned or not).
 std::vector<int64_t> host_allocations() { return {g_live_blocks.load(), g_live_bytes.load()}; }
 
-// (sorted unique ids in [0, V), inverse) for CPU ids of any shape: ids[i] == uniq[inverse[i]].
-// An id outside [0, V) raises naming the first one (strict), or gets inverse -1 (a gather in
-// counted-faults mode then reads zeros for it and counts it).
-std::tuple<at::Tensor, at::Tensor> dedupe_ids(const at::Tensor& ids, int64_t V, bool strict) {
-  MOLE_CHECK_ARG(ids.device().is_cpu(), "dedupe_ids: ids must be on the CPU, got ", ids.device());
-  MOLE_CHECK_ARG(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
-                 "dedupe_ids: ids must be int32 or int64, got ", ids.scalar_type());
-  const at::Tensor flat = ids.to(at::kLong).contiguous().view(-1);
-  const int64_t n = flat.numel();
-  const int64_t* p = flat.const_data_ptr<int64_t>();
-  at::Tensor inverse = at::empty(ids.sizes(), flat.options());
-  int64_t* inv = inverse.data_ptr<int64_t>();
-  std::vector<std::pair<int64_t, int64_t>> order;  // (id, position) of the valid ids
-  order.reserve(n);
-  for (int64_t i = 0; i < n; ++i) {
-    if (p[i] >= 0 && p[i] < V) {
-      order.emplace_back(p[i], i);
-    } else {
-      MOLE_CHECK_ARG(!strict, "LookupTable: ids contains ", p[i], " (at flat position ", i,
-                     "), outside the table's vocabulary [0, ", V, ")");
-      inv[i] = -1;
-    }
-  }
-  std::sort(order.begin(), order.end());
-  std::vector<int64_t> uniq;
-  for (const auto& [id, pos] : order) {
-    if (uniq.empty() || uniq.back() != id) uniq.push_back(id);
-    inv[pos] = static_cast<int64_t>(uniq.size()) - 1;
-  }
-  at::Tensor u = at::empty({static_cast<int64_t>(uniq.size())}, flat.options());
-  std::copy(uniq.begin(), uniq.end(), u.data_ptr<int64_t>());
-  return {u, inverse};
-}
-
 }  // namespace mole
 
 TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
@@ -417,6 +485,8 @@ TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
       .def("identity", &mole::TableStore::identity)
       .def("close", &mole::TableStore::close)
       .def("copy_rows", &mole::TableStore::copy_rows)
+      .def("read_unique", &mole::TableStore::read_unique)
+      .def("handle", &mole::TableStore::handle)
       .def("stage_rows", &mole::TableStore::stage_rows)
       .def("read", &mole::TableStore::read);
   m.def("host_allocations() -> int[]", &mole::host_allocations);

@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "direct_calls.h"
 #include "lut_gather.h"
 #include "lut_gather_quant.h"
 
@@ -112,6 +113,8 @@ GatherPlan combine_plan(const at::Tensor& lut, const at::Tensor& ids, const at::
   return plan_lut_gather(lut, ids, logits, {layer, std::nullopt}, "lut_combine", "logits");
 }
 
+}  // namespace
+
 void lut_combine_into_cpu(const at::Tensor& out, const at::Tensor& lut, const at::Tensor& ids,
                           const at::Tensor& logits, std::optional<int64_t> layer,
                           const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared,
@@ -127,6 +130,8 @@ at::Tensor lut_combine_cpu(const at::Tensor& lut, const at::Tensor& ids, const a
   combine_cpu(p, out, lut, ids, logits, residual, shared, std::nullopt);
   return out;
 }
+
+namespace {
 
 void combine_quant_cpu(const QuantPlan& p, const at::Tensor& out, const at::Tensor& data, const at::Tensor& ids,
                        const at::Tensor& logits, const std::optional<at::Tensor>& residual,
@@ -144,6 +149,8 @@ QuantPlan combine_quant_plan(const at::Tensor& data, c10::string_view format, in
   return plan_lut_gather_quant(data, format, dim, block_size, ids, logits, {layer, std::nullopt},
                                "lut_combine_quant", "logits");
 }
+
+}  // namespace
 
 void lut_combine_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
                                 int64_t block_size, const at::Tensor& ids, const at::Tensor& logits,
@@ -166,7 +173,6 @@ at::Tensor lut_combine_quant_cpu(const at::Tensor& data, c10::string_view format
   return out;
 }
 
-}  // namespace
 }  // namespace mole
 
 TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {

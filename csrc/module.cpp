@@ -1,9 +1,98 @@
-// The Python module `mole_kernels._C`. It holds no functions: importing it loads
-// this library, whose static initialisers register the torch ops
-// (torch.ops.mole_kernels.*). Kept free of pybind11 so it compiles in seconds.
-#include <Python.h>
+// The Python module `mole_kernels._C`. Importing it loads this library, whose static initialisers
+// register the torch ops (torch.ops.mole_kernels.*). It also holds three direct calls for the CPU
+// decode path, past the dispatcher (csrc/direct_calls.h says why; the ops stay the public way).
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include "direct_calls.h"
+
+namespace {
+
+const at::Tensor& tensor_arg(PyObject* o, const char* name) {
+  TORCH_CHECK_TYPE(THPVariable_Check(o), name, " must be a tensor");
+  return THPVariable_Unpack(o);
+}
+
+std::optional<at::Tensor> optional_tensor_arg(PyObject* o, const char* name) {
+  if (o == Py_None) return std::nullopt;
+  return tensor_arg(o, name);
+}
+
+int64_t int_arg(PyObject* o, const char* name) {
+  TORCH_CHECK_TYPE(PyLong_Check(o) && !PyBool_Check(o), name, " must be an int");
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) throw python_error();
+  return v;
+}
+
+std::optional<int64_t> optional_int_arg(PyObject* o, const char* name) {
+  if (o == Py_None) return std::nullopt;
+  return int_arg(o, name);
+}
+
+void check_count(Py_ssize_t n, Py_ssize_t want, const char* signature) {
+  TORCH_CHECK_TYPE(n == want, "mole_kernels._C.", signature, " takes ", want, " positional arguments, got ", n);
+}
+
+// _lut_combine(lut, ids, logits, layer, residual, shared) -> Tensor
+PyObject* lut_combine(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_count(n, 6, "_lut_combine(lut, ids, logits, layer, residual, shared)");
+  return THPVariable_Wrap(mole::lut_combine_cpu(
+      tensor_arg(args[0], "lut"), tensor_arg(args[1], "ids"), tensor_arg(args[2], "logits"),
+      optional_int_arg(args[3], "layer"), optional_tensor_arg(args[4], "residual"),
+      optional_tensor_arg(args[5], "shared")));
+  END_HANDLE_TH_ERRORS
+}
+
+// _lut_combine_quant(data, format, dim, block_size, ids, logits, layer, residual, shared) -> Tensor
+PyObject* lut_combine_quant(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_count(n, 9, "_lut_combine_quant(data, format, dim, block_size, ids, logits, layer, residual, shared)");
+  TORCH_CHECK_TYPE(PyUnicode_Check(args[1]), "format must be a str");
+  Py_ssize_t len = 0;
+  const char* format = PyUnicode_AsUTF8AndSize(args[1], &len);
+  if (format == nullptr) throw python_error();
+  return THPVariable_Wrap(mole::lut_combine_quant_cpu(
+      tensor_arg(args[0], "data"), c10::string_view(format, static_cast<size_t>(len)), int_arg(args[2], "dim"),
+      int_arg(args[3], "block_size"), tensor_arg(args[4], "ids"), tensor_arg(args[5], "logits"),
+      optional_int_arg(args[6], "layer"), optional_tensor_arg(args[7], "residual"),
+      optional_tensor_arg(args[8], "shared"), std::nullopt));
+  END_HANDLE_TH_ERRORS
+}
+
+// _read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst) -> (inverse, unique rows)
+PyObject* read_unique_file(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_count(n, 7, "_read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst)");
+  TORCH_CHECK_TYPE(PyBool_Check(args[5]), "strict must be a bool");
+  const at::Tensor& ids = tensor_arg(args[1], "ids");
+  const at::Tensor& dst = tensor_arg(args[6], "dst");
+  const int64_t handle = int_arg(args[0], "handle"), row_bytes = int_arg(args[2], "row_bytes");
+  const int64_t seg_offset = int_arg(args[3], "seg_offset"), seg_bytes = int_arg(args[4], "seg_bytes");
+  std::tuple<at::Tensor, int64_t> result;
+  {
+    pybind11::gil_scoped_release no_gil;  // file reads: let other Python threads run meanwhile
+    result = mole::read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, args[5] == Py_True, dst);
+  }
+  PyObject* inverse = THPVariable_Wrap(std::get<0>(result));
+  if (inverse == nullptr) return nullptr;
+  return Py_BuildValue("(NL)", inverse, static_cast<long long>(std::get<1>(result)));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"_lut_combine", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lut_combine)), METH_FASTCALL,
+     "torch.ops.mole_kernels.lut_combine on CPU tensors, called directly (the decode path)"},
+    {"_lut_combine_quant", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lut_combine_quant)),
+     METH_FASTCALL, "torch.ops.mole_kernels.lut_combine_quant on CPU tensors, called directly (the decode path)"},
+    {"_read_unique_file", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(read_unique_file)),
+     METH_FASTCALL, "TableStore.read_unique on the file named by a TableStore.handle(), called directly"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }

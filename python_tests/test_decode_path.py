@@ -83,7 +83,7 @@ def test_prefetcher_bad_ids_named_or_counted_on_every_path(placement, path):
 # ------------------------------------------------------------------ the reader ---------------------------
 
 
-@pytest.mark.parametrize("placement,path", [("host", "direct"), ("disk", "staged")])
+@pytest.mark.parametrize("placement,path", [("host", "cpu"), ("disk", "staged-cpu")])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_reader_combines_every_layer(placement, path, quantized):
     lut = torch.randn(V, L, E, D)
@@ -221,3 +221,39 @@ def test_compiled_decode_step_gives_the_eager_tokens():
         torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="compile_step must be a bool"):
         inf.generate(prompt, max_new_tokens=2, compile_step=1)
+
+
+def test_direct_calls_equal_the_ops_and_check_their_arguments():
+    """The CPU decode path calls the ops' functions directly (mole_kernels._C): same results as
+    torch.ops, one-line errors on bad arguments, and a closed table's file is never read."""
+    from mole_kernels import _C
+
+    ops = torch.ops.mole_kernels
+    lut, ids, logits = torch.randn(V, L, E, D), torch.tensor([[3, 9]]), torch.randn(1, 2, E)
+    h, shared = torch.randn(1, 2, D).bfloat16(), torch.randn(1, 2, D).bfloat16()
+    assert torch.equal(_C._lut_combine(lut, ids, logits, 2, h, shared), ops.lut_combine(lut, ids, logits, 2, h, shared))
+    lut3 = lut[:, 0].contiguous()  # [V, E, D]: no layer
+    assert torch.equal(_C._lut_combine(lut3, ids, logits, None, None, None),
+                       ops.lut_combine(lut3, ids, logits, None, None, None))
+    q = quantize(lut, "nf4", 4)
+    assert torch.equal(_C._lut_combine_quant(q.data, q.format, q.dim, q.block_size, ids, logits, 1, h, shared),
+                       ops.lut_combine_quant(q.data, q.format, q.dim, q.block_size, ids, logits, 1, h, shared, None))
+    with pytest.raises(ValueError, match=r"ids contains 40 \(at flat position 1\)"):
+        _C._lut_combine(lut, torch.tensor([[3, V]]), logits, 2, h, shared)
+    with pytest.raises(TypeError, match="takes 6 positional arguments"):
+        _C._lut_combine(lut, ids, logits, 2, h)
+    with pytest.raises(TypeError, match="layer must be an int"):
+        _C._lut_combine(lut, ids, logits, True, h, shared)
+    with pytest.raises(TypeError, match="logits must be a tensor"):
+        _C._lut_combine(lut, ids, [1.0], 2, h, shared)
+
+    t = LookupTable.from_tensor(lut, "disk", device="cpu")
+    row = t.row_bytes
+    dst = torch.empty(4 * row, dtype=torch.uint8)
+    inverse, unique = _C._read_unique_file(t._store.handle(), torch.tensor([[7, 2, 7]]), row, 0, row, True, dst)
+    assert unique == 2 and inverse.tolist() == [[1, 0, 1]]
+    assert torch.equal(dst[:2 * row].view(torch.float32).view(2, L, E, D), lut[[2, 7]])
+    handle = t._store.handle()
+    t.close()
+    with pytest.raises(RuntimeError, match="the table was closed"):
+        _C._read_unique_file(handle, torch.tensor([1]), row, 0, row, True, dst)

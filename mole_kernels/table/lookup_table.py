@@ -85,8 +85,9 @@ class TableStats:
 
     ``bytes_read`` counts table bytes read from each tier; ``bytes_h2d`` the bytes that crossed
     from host to device (zero-copy reads or DMA). ``seconds`` is host wall time per stage
-    (``dedupe``, ``host_copy`` (CPU), ``staged`` (GPU: host reads + async copies), ``gather``);
-    on CUDA it is submission time unless the stage synchronises.
+    (``read``: dedupe and bringing the unique rows over, by memcpy, pread or staged DMA;
+    ``gather``: the kernel that reads or expands them); on CUDA it is submission time unless the
+    stage synchronises.
     """
 
     calls: int = 0
@@ -557,34 +558,33 @@ class LookupTable:
 
         Returns ``(rows [U, *piece], inverse ids [*] on device)``; ``lut_gather(rows, inverse)``
         expands them (a quantized table's rows are a QuantizedLUT over the packed bytes). ``out``: a
-        uint8 buffer on :attr:`device` to reuse (at least U * segment bytes). An id outside
+        uint8 buffer on :attr:`device` to reuse (at least ``ids.numel()`` segments). An id outside
         ``[0, V)`` raises naming the first one (``strict``), or gets inverse -1 (a gather in
         counted-faults mode then reads zeros for it and counts it).
         """
+        seg_off, seg_bytes, piece = self._segment(layer)
+        host_ids = ids.cpu()  # synchronises if ids are on the GPU: the price of dedupe
+        T = host_ids.numel()
+        if out is None:
+            out = torch.empty(T * seg_bytes, dtype=torch.uint8, device=self.device)
+        elif out.numel() < T * seg_bytes:
+            raise ValueError(f"LookupTable: out buffer holds {out.numel()} bytes, needs {T * seg_bytes}")
         with self._lock:
-            s = self.stats
             t0 = time.perf_counter()
-            host_ids = ids.cpu()  # synchronises if ids are on the GPU: the price of dedupe
-            uniq, inv = ops.dedupe_ids(host_ids, self.shape[0], strict)
-            U = uniq.numel()
-            seg_off, seg_bytes, piece = self._segment(layer)
-            t0 = s.add_time("dedupe", t0)
+            if self.device.type == "cpu":  # one call: dedupe, then memcpy (host) or pread (disk) into `out`
+                inv, U = self._store.read_unique(host_ids, self.row_bytes, seg_off, seg_bytes, strict, out)
+            else:
+                uniq, inv = ops.dedupe_ids(host_ids, self.shape[0], strict)
+                U = uniq.numel()
+                self._staged_copy(uniq, seg_off, seg_bytes, out)
+                inv = inv.to(self.device, non_blocking=True)
+            s = self.stats
+            s.add_time("read", t0)
             s.calls += 1
-            s.rows_requested += host_ids.numel()
+            s.rows_requested += T
             s.unique_rows += U
             s.bytes_read[self.placement] += U * seg_bytes
-            if out is None:
-                out = torch.empty(U * seg_bytes, dtype=torch.uint8, device=self.device)
-            elif out.numel() < U * seg_bytes:
-                raise ValueError(f"LookupTable: out buffer holds {out.numel()} bytes, needs {U * seg_bytes}")
-            dst = out[:U * seg_bytes]
-            if self.device.type == "cpu":  # straight into the result: memcpy (host) or pread (disk)
-                self._store.copy_rows(uniq, self.row_bytes, seg_off, seg_bytes, dst)
-                s.add_time("host_copy", t0)
-            else:
-                self._staged_copy(uniq, seg_off, seg_bytes, dst)
-            inv = inv.to(self.device, non_blocking=True)
-            return _like(self._quant, dst.view(self._stored_dtype).view(U, *piece)), inv
+        return _like(self._quant, out[:U * seg_bytes].view(self._stored_dtype).view(U, *piece)), inv
 
     def _staged_copy(self, uniq: torch.Tensor, seg_off: int, seg_bytes: int, dst: torch.Tensor):
         """GPU dma/disk paths: table -> pinned staging (host threads: memcpy or pread) -> dst, in a few
@@ -592,10 +592,8 @@ class LookupTable:
         s = self.stats
         if self._staging is None:
             self._staging = _store("host", "", 0, self._staging_bytes, True)
-        t0 = time.perf_counter()
         s.dma_copies += self._store.stage_rows(uniq, self.row_bytes, seg_off, seg_bytes, self._staging, dst)
         s.bytes_h2d += uniq.numel() * seg_bytes
-        s.add_time("staged", t0)
 
 
 _PRIVATE = object()

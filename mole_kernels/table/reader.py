@@ -5,15 +5,15 @@ A step starts with its ids (``start(ids)``, before layer 0) and then, in each la
 ``step.combine(l, logits, residual, shared)``: one call, no other per-layer work. How the rows
 get there is decided once per step, in :meth:`LayerReader._path`:
 
-- ``direct``: :func:`mole_kernels.lut_combine` reads each token's rows straight from the table,
-  each byte once: any table in RAM on a CPU (the C++ kernel), the device tier on a GPU, and the
-  host tier on a GPU for batches too large to prefetch (zero-copy over PCIe).
+- ``direct`` (``cpu`` on a CPU): :func:`mole_kernels.lut_combine` reads each token's rows
+  straight from the table, each byte once: any table in RAM on a CPU (the C++ kernel), the device
+  tier on a GPU, and the host tier on a GPU for batches too large to prefetch (zero-copy over PCIe).
 - ``prefetch``: host tier on a GPU with ids on the GPU (decoding): a :class:`Prefetcher` starts
   every layer's rows on a side stream at ``start``, so PCIe latency hides behind attention;
   each layer waits for its own rows only, then :func:`mole_kernels.mole_combine`.
-- ``staged``: the unique rows of the step are read once (the disk tier with ``pread``; the
-  host tier's DMA path for large batches of host ids) into a buffer on the device, then
-  ``direct`` over that buffer with the ids' positions in it.
+- ``staged`` (``staged-cpu`` on a CPU): the unique rows of the step are read once (the disk
+  tier with ``pread``; the host tier's DMA path for large batches of host ids) into a buffer on
+  the device, then ``direct`` over that buffer with the ids' positions in it.
 
 Ids are checked where they enter the model (on the host); kernels on a GPU then run in
 counted-faults mode (:attr:`LayerReader.faults`), so no step synchronises except where the
@@ -27,8 +27,9 @@ from typing import Optional
 
 import torch
 
+from .. import _C
 from .._ops import ops
-from ..combine import mole_combine
+from ..combine import _direct_call_ok, mole_combine
 from ..quant import QuantizedLUT
 from .lookup_table import LookupTable
 from .prefetch import Prefetcher
@@ -46,6 +47,8 @@ class LayerReader:
         self.table = table
         self._prefetcher: Optional[Prefetcher] = None
         self._staged: Optional[torch.Tensor] = None  # unique rows of a staged step (bytes, on the device)
+        self._staged_table = None  # CPU: the staging bytes as a table of rows (float or QuantizedLUT)
+        self._file = None  # CPU, disk tier: the table file's handle for direct reads
         self._faults = torch.zeros(1, dtype=torch.int64, device=table.device)
 
     @property
@@ -64,28 +67,64 @@ class LayerReader:
         """Begins a step for ``ids`` (any shape, on the table's device); returns what its layers combine with."""
         t = self.table
         path = self._path(ids)
+        if path == "cpu":  # the usual CPU step: the table in RAM, read in place
+            self._count(ids.numel(), ids.numel())
+            return _Direct(t._lut, ids, None)
+        if path == "staged-cpu":  # a file on a CPU: the step's unique rows read once, with one C++ call
+            return _Direct(*self._read_rows_cpu(ids), None)
         if path == "prefetch":
             T = ids.numel()
             if self._prefetcher is None or self._prefetcher.max_tokens < T:
                 self._prefetcher = Prefetcher(t, max(T, 1), strict=False)
             return _Prefetched(self._prefetcher.start(ids, path="zero_copy"))
-        if path == "staged":
+        if path == "staged":  # a GPU: a bad id becomes -1 (counted by the kernel, no synchronisation)
             need = ids.numel() * t.row_bytes
             if self._staged is None or self._staged.numel() < need:
                 self._staged = torch.empty(max(need, t.row_bytes), dtype=torch.uint8, device=t.device)
-            # On a GPU a bad id becomes -1 (counted by the kernel); on a CPU it raises naming it.
-            rows, inverse = t._unique_rows(ids, None, out=self._staged, strict=t.device.type == "cpu")
+            rows, inverse = t._unique_rows(ids, None, out=self._staged, strict=False)
             return _Direct(rows, inverse.view(ids.shape), self._faults)
-        if not torch.compiler.is_compiling():  # counters are Python state: a compiled step would recompile on them
-            t._count_direct(ids.numel(), None, "zero_copy" if t.placement == "host" else "device")
+        self._count(ids.numel(), ids.numel())
         return _Direct(t._lut, t._to_device(ids, "reader"), self._faults)
+
+    def _read_rows_cpu(self, ids: torch.Tensor):
+        """(staging as a table of rows, each id's row in it) for a step on a CPU. The staging keeps its
+        typed view between steps, so a step costs the read itself and nothing per layer."""
+        t = self.table
+        T = ids.numel()
+        if self._staged_table is None or self._staged_table.shape[0] < T:
+            tokens = max(T, 16)
+            self._staged = torch.empty(tokens * t.row_bytes, dtype=torch.uint8)
+            rows = self._staged.view(t._stored_dtype).view(tokens, *t._stored_shape[1:])
+            self._staged_table = rows if t._quant is None else QuantizedLUT(
+                rows, t._quant.format, t._quant.dim, t._quant.block_size, t._quant.dtype)
+        if self._file is None:
+            self._file = t._store.handle()
+        with t._lock:  # the read itself is thread-safe; the lock keeps the counters exact
+            # One direct call into C++ (csrc/direct_calls.h says why not a TorchScript method); an id
+            # outside [0, V) raises here, naming the first one.
+            inverse, unique = _C._read_unique_file(self._file, ids, t.row_bytes, 0, t.row_bytes, True, self._staged)
+            self._count(T, unique)
+        return self._staged_table, inverse
+
+    def _count(self, rows: int, read: int):
+        """The table's counters for a step that reads `read` tokens' rows for `rows` ids."""
+        if torch.compiler.is_compiling():  # Python state: a compiled step would recompile on every change
+            return
+        s = self.table.stats
+        s.calls += 1
+        s.rows_requested += rows
+        s.bytes_read[self.table.placement] += read * self.table.row_bytes
+        if self.table.placement == "host" and self.table.device.type == "cuda":
+            s.bytes_h2d += read * self.table.row_bytes
 
     def _path(self, ids: torch.Tensor) -> str:
         """The one place that decides how a step's rows are read (see the module docstring)."""
         t = self.table
+        if t.device.type == "cpu":
+            return "staged-cpu" if t.placement == "disk" else "cpu"
         if t.placement == "disk":
             return "staged"
-        if t.device.type == "cpu" or t.placement == "device":
+        if t.placement == "device":
             return "direct"
         if ids.is_cuda:
             return "prefetch" if ids.numel() <= self.prefetch_tokens else "direct"
@@ -97,16 +136,19 @@ class _Direct:
 
     __slots__ = ("_combine",)
 
-    def __init__(self, table, ids: torch.Tensor, faults: torch.Tensor):
+    def __init__(self, table, ids: torch.Tensor, faults: Optional[torch.Tensor]):
         if isinstance(table, QuantizedLUT):
             head, op = (table.data, table.format, table.dim, table.block_size, ids), "lut_combine_quant"
         else:
             head, op = (table, ids), "lut_combine"
-        if ids.device.type == "cpu":
-            # The functional op: one call, its result is the layer's output (a bad id raises naming it).
-            self._combine = partial(getattr(ops, op), *head)
-        else:
+        if ids.device.type != "cpu":
             self._combine = partial(_combine_counting_faults, getattr(ops, op + "_out"), head, faults)
+        elif not torch.is_grad_enabled() and _direct_call_ok(head[0], ids):
+            # Eager inference on plain tensors: the op's own CPU function, called directly (a bad id
+            # raises naming it). torch.compile, dispatch modes and autograd take the op below.
+            self._combine = partial(getattr(_C, "_" + op), *head)
+        else:
+            self._combine = partial(getattr(ops, op), *head)
 
     def combine(self, l: int, logits: torch.Tensor, residual: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         """``residual + shared + sum_e softmax(logits)_e * rows[l, e]`` (``[*, D]`` like residual)."""

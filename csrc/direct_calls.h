@@ -1,0 +1,34 @@
+// The C++ functions the Python module calls directly (csrc/module.cpp), past the dispatcher.
+//
+// Why: a decode step on a CPU calls lut_combine once per layer and reads its disk rows once per
+// step. Through torch.ops (or a TorchScript method) each such call costs ~25-30 us inside a decode
+// loop, whose other work evicts that call path from the caches, against ~6 us for a native torch
+// op: at small shapes that alone made MoLE 10 % slower than dense. The functions here are the ones
+// the ops run on a CPU, so results are identical; mole_kernels/table/reader.py uses them when no
+// torch.compile, dispatch mode or autograd would need to see the op.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+namespace mole {
+
+// torch.ops.mole_kernels.lut_combine / lut_combine_quant on CPU tensors (csrc/lut_combine.cpp).
+at::Tensor lut_combine_cpu(const at::Tensor& lut, const at::Tensor& ids, const at::Tensor& logits,
+                           std::optional<int64_t> layer, const std::optional<at::Tensor>& residual,
+                           const std::optional<at::Tensor>& shared);
+at::Tensor lut_combine_quant_cpu(const at::Tensor& data, c10::string_view format, int64_t dim, int64_t block_size,
+                                 const at::Tensor& ids, const at::Tensor& logits, std::optional<int64_t> layer,
+                                 const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared,
+                                 std::optional<at::ScalarType> dtype);
+
+// TableStore.read_unique on the file store named by `handle` (TableStore.handle(), csrc/lookup_table.cpp).
+std::tuple<at::Tensor, int64_t> read_unique_file(int64_t handle, const at::Tensor& ids, int64_t row_bytes,
+                                                 int64_t seg_offset, int64_t seg_bytes, bool strict,
+                                                 const at::Tensor& dst);
+
+}  // namespace mole
