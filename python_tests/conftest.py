@@ -114,6 +114,14 @@ def pytest_collection_finish(session):
         skipped = any(m.args and m.args[0] is True for m in item.iter_markers("skipif"))
         if mark is not None and not skipped and not item.get_closest_marker("skip"):
             _start_child(mark)
+    # A test module may define start_in_background(items): called once with its collected items,
+    # so that slow subprocesses (README blocks) run while this process runs the other tests.
+    by_module = {}
+    for item in session.items:
+        by_module.setdefault(item.module, []).append(item)
+    for module, items in by_module.items():
+        if hasattr(module, "start_in_background"):
+            module.start_in_background(items)
 
 
 def pytest_sessionfinish(session):

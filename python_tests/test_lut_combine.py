@@ -8,9 +8,6 @@ Backends (the `backend` parameter):
 - "cuda":      the CUDA implementation (Triton on a VRAM or pinned table), skipped without a GPU.
 """
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ import mole_kernels.combine as combine_mod
 from mole_kernels import QuantizedLUT, dequantize, lut_combine, quantize
 from mole_kernels.combine import MAX_EXPERTS
 
-from conftest import HAS_CUDA, TOLERANCES
+from conftest import HAS_CUDA, TOLERANCES, assert_child_ran, child_result
 
 INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -260,20 +257,16 @@ def test_e_limit_is_shared_with_mole_combine():
     assert MAX_EXPERTS == 4096
 
 
-def test_triton_interpreter_subprocess():
-    if combine_mod.triton is None:
-        pytest.skip("needs triton (not installed): the interpreter cases cannot run")
-    if INTERPRETER_CHILD:
-        pytest.skip("this is the child")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "interpret",
-           "-W", "ignore::RuntimeWarning"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"interpreter run failed:\n{tail}"
-    counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", proc.stdout))
-    # Every interpreter case of this file ran: 96 float64 comparisons, the faults, edge-logit and
-    # strided cases; the quantized and out= cases skip by design there.
-    assert counts.get("passed") == len(CASES) * len(DTYPES) * 4 + 3, tail
-    assert not counts.get("failed") and not counts.get("error"), tail
+# The interpreter cases of this file, run in a TRITON_INTERPRET=1 child started right after collection
+# (conftest.child_run): the float64 comparisons on every case, dtype and addend set, the fault
+# counter, the edge logits and the strided operands. (The quantized and out= cases use the C++
+# kernel, not Triton: they have no interpreter form.)
+_INTERPRETED = "test_matches_float64 or test_bad_ids_counted or test_softmax_edge or test_strided_operands"
+
+
+@pytest.mark.skipif(combine_mod.triton is None, reason="needs triton (not installed): the interpreter cases cannot run")
+@pytest.mark.skipif(INTERPRETER_CHILD, reason="this is the child")
+@pytest.mark.child_run(args=[__file__, "-k", f"interpret and ({_INTERPRETED})", "-W", "ignore::RuntimeWarning"],
+                       env={"TRITON_INTERPRET": "1"})
+def test_triton_interpreter_subprocess(request):
+    assert_child_ran(child_result(request), len(CASES) * len(DTYPES) * 4 + 3)

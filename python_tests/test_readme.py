@@ -6,11 +6,14 @@ nothing another block made and cannot write into the checkout. Blocks whose firs
 the package and run this very suite: CI (`.ci/run`) runs them in a fresh environment instead,
 and the tests below check that .ci/run names exactly those blocks.
 """
+import atexit
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -39,33 +42,61 @@ def _block_id(block):
     return f"{block[0]}-line{block[1]}"
 
 
-@pytest.fixture(scope="module")
-def command_path(tmp_path_factory):
+def _command_path():
     """PATH with a `mole-kernels` command: the installed one, or one running this Python's package."""
     if shutil.which("mole-kernels"):
         return os.environ["PATH"]
-    bin_dir = tmp_path_factory.mktemp("bin")
-    shim = bin_dir / "mole-kernels"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m mole_kernels "$@"\n')
-    shim.chmod(0o755)
+    bin_dir = tempfile.mkdtemp(prefix="mole_readme_bin_")
+    atexit.register(shutil.rmtree, bin_dir, True)
+    shim = os.path.join(bin_dir, "mole-kernels")
+    with open(shim, "w") as f:
+        f.write(f'#!/bin/sh\nexec "{sys.executable}" -m mole_kernels "$@"\n')
+    os.chmod(shim, 0o755)
     return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 
 
+def _run_block(block, command_path):
+    """Runs one block in a fresh empty folder: (completed process, what it left in that folder)."""
+    lang, line, code = block
+    cmd = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
+    root = tempfile.mkdtemp(prefix="mole_readme_")
+    cwd, tmp = os.path.join(root, "cwd"), os.path.join(root, "tmp")  # temporary files a block makes land in tmp
+    os.mkdir(cwd)
+    os.mkdir(tmp)
+    try:
+        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, PATH=command_path, TMPDIR=tmp))
+        return res, os.listdir(cwd)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+_started = {}  # block id -> the future of its run
+
+
+def start_in_background(items):
+    """Called by conftest after collection: the blocks run one at a time on a worker thread while
+    this process runs the other test files (each block is mostly a fresh `import torch`)."""
+    blocks = [item.callspec.params["block"] for item in items
+              if hasattr(item, "callspec") and "block" in item.callspec.params]
+    runnable = [b for b in blocks if b[2].splitlines()[0] != GPU_MARK or torch.cuda.is_available()]
+    if runnable:
+        worker, path = ThreadPoolExecutor(max_workers=1), _command_path()
+        _started.update({_block_id(b): worker.submit(_run_block, b, path) for b in runnable})
+        worker.shutdown(wait=False)
+
+
 @pytest.mark.parametrize("block", runnable_blocks(), ids=_block_id)
-def test_readme_block_runs(block, tmp_path, command_path):
+def test_readme_block_runs(block):
     lang, line, code = block
     if code.splitlines()[0] == GPU_MARK and not torch.cuda.is_available():
         pytest.skip(f"README.md line {line} needs a CUDA GPU (none visible)")
-    cmd = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
-    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"  # temporary files a block makes land in tmp
-    cwd.mkdir()
-    tmp.mkdir()
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PATH=command_path, TMPDIR=str(tmp)))
+    future = _started.pop(_block_id(block), None)
+    res, left = future.result() if future is not None else _run_block(block, _command_path())
     assert res.returncode == 0, f"README.md line {line} failed:\n{res.stdout}\n{res.stderr}"
     assert res.stdout.strip(), f"README.md line {line} printed nothing: a reader cannot tell that it worked"
     assert "Traceback" not in res.stderr, res.stderr
-    assert not os.listdir(cwd), f"README.md line {line} left files in the current folder"
+    assert not left, f"README.md line {line} left files in the current folder: {left}"
 
 
 def test_setup_blocks_are_the_ones_ci_runs():
