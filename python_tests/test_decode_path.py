@@ -72,6 +72,8 @@ def test_prefetcher_bad_ids_named_or_counted_on_every_path(placement, path):
     ids = torch.tensor([3, V + 7, 5, -2, 3])
     with pytest.raises(ValueError, match=rf"ids contains {V + 7} \(at flat position 1\)"):  # the first, by position
         t.prefetcher(8).start(ids, path=path)
+    with pytest.raises(ValueError, match=rf"ids contains {V + 7} \(at flat position 1\)"):  # not the smallest (-2)
+        t.gather(ids, path=path)
     pf = t.prefetcher(8, strict=False)  # counted, never raised, on the dedupe paths too
     h = pf.start(ids, path=path)
     assert pf.faults == 2

@@ -531,10 +531,11 @@ SPIN_CYCLES = 400_000_000
 @pytest.mark.parametrize("placement", ["device", "host"])
 def test_cuda_prefetcher_layer_waits_only_for_its_own_rows(placement, monkeypatch):
     """Layer 0 is readable while the prefetch stream is still busy before layer L-1, and every layer's
-    rows are right. A spin kernel is queued on the prefetch stream before the last layer's gather
-    (by wrapping the gather the Prefetcher calls; adapt `delayed` if it issues its gathers in
-    another way): a layer(l) that waited for all layers would stall until the spin ends, one that
-    waited for nothing would read the buffer's previous rows."""
+    rows are right. A spin kernel is queued on the prefetch stream before the gather of the last
+    layer group (layers [4, 6) of L = 6: the Prefetcher fills groups [0, 1), [1, 2), [2, 4), [4, 6)
+    with one gather each, `layer=slice(a, b)`; adapt `delayed` if it issues its gathers another
+    way): a layer(l) that waited for all layers would stall until the spin ends, one that waited
+    for nothing would read the buffer's previous rows."""
     import mole_kernels.table.prefetch as prefetch_mod
 
     V, L, E, D = 97, 6, 4, 256
@@ -547,8 +548,11 @@ def test_cuda_prefetcher_layer_waits_only_for_its_own_rows(placement, monkeypatc
     torch.cuda.synchronize()
     real, last_done, fired = prefetch_mod.lut_gather, torch.cuda.Event(), []
 
+    assert prefetch_mod.layer_groups(L)[-1] == (4, L) and prefetch_mod.layer_groups(L)[0] == (0, 1)
+
     def delayed(*args, **kwargs):
-        last = kwargs.get("layer") == L - 1
+        layers = kwargs.get("layer")
+        last = isinstance(layers, slice) and layers.stop == L
         if last:
             torch.cuda._sleep(SPIN_CYCLES)  # on the current stream: the prefetch stream
             fired.append(torch.cuda.current_stream())

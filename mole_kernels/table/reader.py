@@ -57,12 +57,6 @@ class LayerReader:
         pf = self._prefetcher.faults if self._prefetcher is not None else 0
         return int(self._faults.item()) + pf
 
-    @property
-    def static(self) -> bool:
-        """Whether every step can run inside a CUDA graph (no host synchronisation, no allocation):
-        not for the disk tier, whose rows are read by host threads once the ids are on the host."""
-        return self.table.placement != "disk"
-
     def start(self, ids: torch.Tensor) -> "_Direct | _Prefetched":
         """Begins a step for ``ids`` (any shape, on the table's device); returns what its layers combine with."""
         t = self.table
