@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 import mole_kernels as mk
 import mole_kernels.combine as combine_mod
-from mole_kernels.quant import quantized_lut_gather
 
 from conftest import FLOAT_DTYPES, TOLERANCES
 

@@ -1,7 +1,6 @@
 """Quantized tables (int8, fp8 e4m3, nf4): round-trip bounds, layout, errors, and the gather
 against a float64 reference of the dequantized table on every device and form."""
 import itertools
-import math
 import os
 
 import pytest

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mole_kernels import dequantize, quantize
-from mole_kernels.table import LookupTable, Prefetcher, host_allocations
+from mole_kernels.table import LookupTable, host_allocations
 
 from conftest import FLOAT_DTYPES, TOLERANCES, requires_cuda
 
