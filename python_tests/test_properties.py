@@ -83,7 +83,7 @@ def table_cases(draw, quantized: bool):
 @st.composite
 def gather_calls(draw, quantized: bool):
     table, ref, gen = draw(table_cases(quantized))
-    V, E, D = ref.shape[0], ref.shape[-2], ref.shape[-1]
+    V, E = ref.shape[0], ref.shape[-2]
     L = ref.shape[1] if ref.dim() == 4 else 1
     lead = tuple(draw(st.lists(st.integers(0, 4), max_size=2)))
     ids = torch.randint(0, max(V, 1), lead, generator=gen)
