@@ -143,7 +143,7 @@ def test_decode_vs_dense(benchmark, threads, shape, B):
         provider="interleaved", op="decode-vs-dense", shape=f"{shape}-B{B}", B=B, layers=cfg.num_hidden_layers,
         vocab=cfg.vocab_size, context=CONTEXT, steps=STEPS, rounds=ROUNDS, threads=threads,
         lut_dtype=str(lut_dtype)[6:], model_dtype=str(models["dense"].dtype)[6:],
-        scaled_from=None if shape == "demo" or cfg.vocab_size == 50304 else "V=50304",
+        scaled_from=None if shape == "demo" or cfg.vocab_size == 50304 else f"L={L},V=50304",
         ms_per_token={p: round(v, 4) for p, v in ms.items()}, vs_dense={p: round(v, 4) for p, v in ratios.items()},
     )
     for m in models.values():

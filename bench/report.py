@@ -358,6 +358,8 @@ def scale_note(info):
     """How a benchmark's shape differs from the paper's, in a few words (None: it does not)."""
     if info.get("scaled_from"):
         return f"scaled: L={info.get('layers')}, V={info.get('vocab')} (paper {info['scaled_from']})"
+    if str(info.get("shape", "")).startswith("demo"):
+        return None  # the demo's own small model, not one of the paper's
     if info.get("vocab") and info.get("vocab") != PAPER_VOCAB and info.get("op"):
         return f"scaled: V={info['vocab']} (paper {PAPER_VOCAB:,})"
     return None
