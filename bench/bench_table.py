@@ -81,7 +81,7 @@ def table_for(name, lut, placement, device, fmt):
             d = tempfile.mkdtemp(prefix="mole_bench_")
             path = os.path.join(d, f"{name}.safetensors")
             _TABLES[key] = LookupTable.from_tensor(lut, "disk", device, path=path, **quant)
-            os.unlink(path)  # the mapping keeps the data
+            os.unlink(path)  # the open file keeps the data
             os.rmdir(d)
         else:
             _TABLES[key] = LookupTable.from_tensor(lut, placement, device, **quant)

@@ -130,7 +130,7 @@ const Fp8Table& fp8_table() {
 }
 
 inline float load_scale(const uint8_t* row, const QuantLayout& q, int64_t b) {
-  float s;  // memcpy: a memory-mapped table need not be 4-byte aligned
+  float s;  // memcpy: a table's rows (a staging buffer, a view) need not be 4-byte aligned
   std::memcpy(&s, row + q.scale_offset + 4 * b, sizeof(float));
   return s;
 }

@@ -37,7 +37,7 @@ tokens after a {prompt}-token prompt.
               token. Decode reads one row per sequence and step. Quantized tables read packed
               rows with their scales. MoE: the expert weights its router picked, copied per token.
   VRAM/RAM    what the table (MoE: the offloaded experts) holds on the GPU / in host memory; the
-              disk tier's file is memory-mapped (page cache, not counted)
+              disk tier's file is read on demand (page cache, not counted)
   max|dlogit| largest |logit difference| from the train form on its own greedy continuation
               (fp32 tables: rounding only); '*': the greedy tokens differed
 The MoE baseline is a different random model with MoLE's activated parameters."""

@@ -525,7 +525,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                    help="LUT dtype (fp16: as the official code stores it)")
     r.add_argument("--chunk-size", type=POSITIVE, default=4096, help="vocabulary entries per step")
     r.add_argument("--lut-file", default=None, metavar="FILE",
-                   help="also write the LUT as a standalone memory-mappable LookupTable safetensors file (required "
+                   help="also write the LUT as a standalone LookupTable safetensors file, openable on any tier (required "
                         "with --lut-format); load it with MoLEForCausalLM.from_pretrained(TO, lut_file=FILE)")
     r.add_argument("--lut-format", default=None, choices=["int8", "fp8", "fp8_e4m3", "nf4"],
                    help="quantize the LUT written to --lut-file (int8: per-row scale; fp8 e4m3 / nf4: per-block "

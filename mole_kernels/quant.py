@@ -236,7 +236,7 @@ class QuantizedLUT:
         return q
 
     def check_sample(self, tokens: int = 16) -> None:
-        """Cheap consistency check of the first and last ``tokens`` tokens' rows (a memory-mapped file
+        """Cheap consistency check of the first and last ``tokens`` tokens' rows (a table in a file
         is not read in full): padding bytes are zero and scales are finite and >= 0. ValueError if not."""
         payload, off, row_bytes = row_layout(self.format, self.dim, self.block_size)
         end = off + 4 * (self.dim // self.block_size)

@@ -137,7 +137,7 @@ class MoLEForCausalLM(_CausalLM):
 
         Args:
             placement: ``"device"`` (VRAM), ``"host"`` (pinned RAM when CUDA is present) or
-                ``"disk"`` (a memory-mapped safetensors file: ``path``, or an anonymous temp file).
+                ``"disk"`` (a safetensors file read on demand: ``path``, or an anonymous temp file).
             dtype: the LUT's dtype (float32/float16/bfloat16; default the model's dtype). For a
                 quantized LUT: the dtype it is quantized from and its rows are dequantized to.
             device: where rows (and so the model's compute) land; default the model's device.
@@ -199,7 +199,7 @@ class MoLEForCausalLM(_CausalLM):
         ``mole-kernels reparameterize --lut-file``; float or quantized) to use as the LUT instead
         of ``model.moe_table.weight``, which the folder then need not hold (the official layout
         has no quantized form, so a quantized LUT travels in such a file). It is opened on
-        ``placement`` as it is (disk: mapped in place); ``lut_format``/``block_size``, if given,
+        ``placement`` as it is (disk: read from the file on demand); ``lut_format``/``block_size``, if given,
         must match it, and ``lut_dtype``/``lut_path`` do not apply.
 
         ``dtype`` casts the other weights (default: as stored); ``device`` is where the model runs.
