@@ -118,7 +118,12 @@ def test_demo_removes_its_lut_when_terminated(capsys, monkeypatch, keep_threads)
 
 
 def test_demo_removes_its_lut_on_ctrl_c():
-    proc = subprocess.Popen([sys.executable, "-m", "mole_kernels", *SMALL_DEMO, "--repeats", "100000"],
+    # The child sets Python's own SIGINT handler first: a process started in the background by a
+    # non-interactive shell (`cmd &`, as CI runners may do) inherits SIGINT *ignored*, and so would
+    # its children; Ctrl-C at a terminal always arrives with the handler in place.
+    child = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv = ['mole_kernels'] + sys.argv[1:]; runpy.run_module('mole_kernels', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", child, *SMALL_DEMO, "--repeats", "100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     try:
