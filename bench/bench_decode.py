@@ -1,14 +1,16 @@
 """MoLE decode against dense decode, interleaved in one process: the "decode at dense speed" goal.
 
-One benchmark per (shape, batch): each round times a few decode steps (device-synchronised) of
-every provider in turn, so machine noise hits all of them alike; the medians over the rounds and
-their ratios to the dense baseline go to `extra_info["ms_per_token"]` / `["vs_dense"]`
-(bench/report.py prints them). The benchmark's own time is one whole round (all providers).
+One benchmark per (shape, batch, eager or compiled): each round runs every provider in turn for
+as many decode steps as `generate` runs for the demo's 32 tokens (device-synchronised), so machine
+noise hits all of them alike and each provider's code is as warm as in a real generation; the
+medians over the rounds and their ratios to the dense baseline go to `extra_info["ms_per_token"]`
+/ `["vs_dense"]` (bench/report.py prints them). The benchmark's own time is one whole round.
 
 Providers:
 - CPU: `dense`, `mole-host` (LUT in RAM, read in place by the fused C++ op), `mole-disk` (LUT in a
-  file the page cache holds: the step's rows are read with pread), and at the demo shape the same
-  three through torch.compile (`*-compiled`: `generate(compile_step=True)`'s step).
+  file the page cache holds: the step's rows are read with pread); at the demo shape also the same
+  three through torch.compile (`*-compiled`: `generate(compile_step=True)`'s step), in a benchmark
+  of their own (compiled code in the same rounds would evict the eager providers' caches).
 - GPU: `dense`, `mole-device` (LUT in VRAM), `mole-host` (pinned host memory: rows prefetched over
   PCIe at the start of the step), eager and captured in a CUDA graph (`*-graph`); the goal there
   is host / device <= 1.01 at batch 1 and <= 1.03 at batch 32 (410M-4E), both in graphs.
@@ -39,20 +41,22 @@ SHAPES = {
     "410M-4E": (4096, 24, 1024, 4096, 16, 16, 4, torch.bfloat16),
 }
 if SMOKE:
-    CASES, ROUNDS, STEPS, CONTEXT = [("demo", 1)], 1, 2, 8
+    CASES, ROUNDS, STEPS, CONTEXT = [("demo", 1, "eager")], 1, 2, 8
 elif HAS_CUDA:  # the goal's shape first; a short GPU loan (GPU_QUICK) measures only it
-    CASES = [("410M-4E", 1), ("410M-4E", 32)] + ([] if GPU_QUICK else [("160M-4E", 1), ("160M-4E", 32), ("demo", 1)])
+    CASES = [("410M-4E", 1, "eager"), ("410M-4E", 32, "eager")] + (
+        [] if GPU_QUICK else [("160M-4E", 1, "eager"), ("160M-4E", 32, "eager"), ("demo", 1, "eager")])
     ROUNDS, STEPS, CONTEXT = (9 if GPU_QUICK else 15), 16, 512
-else:
-    CASES, ROUNDS, STEPS, CONTEXT = [("demo", 1), ("160M-4E", 1), ("410M-4E", 1)], 9, 8, 64
+else:  # STEPS: the decode steps of the demo's 32-token generation
+    CASES = [("demo", 1, "eager"), ("demo", 1, "compiled"), ("160M-4E", 1, "eager"), ("410M-4E", 1, "eager")]
+    ROUNDS, STEPS, CONTEXT = 15, 31, 64
 CPU_THREADS = int(os.environ.get("MOLE_BENCH_E2E_THREADS", "1"))
 
 
-def _providers(shape):
+def _providers(mode):
     if HAS_CUDA:
         return ["dense", "mole-device", "mole-host", "dense-graph", "mole-device-graph", "mole-host-graph"]
     base = ["dense", "mole-host", "mole-disk"]
-    return base + [p + "-compiled" for p in base] if shape == "demo" and not SMOKE else base
+    return [p + "-compiled" for p in base] if mode == "compiled" else base
 
 
 def _models(shape):
@@ -111,12 +115,12 @@ def threads():
     torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("shape,B", CASES, ids=[f"{s}-B{b}" for s, b in CASES])
-def test_decode_vs_dense(benchmark, threads, shape, B):
+@pytest.mark.parametrize("shape,B,mode", CASES, ids=[f"{s}-B{b}-{m}" for s, b, m in CASES])
+def test_decode_vs_dense(benchmark, threads, shape, B, mode):
     cfg, models = _models(shape)
     ids = zipf_ids(cfg.vocab_size, B, batches=STEPS, seed=B).to(DEV)
     runs = {}
-    for p in _providers(shape):
+    for p in _providers(mode):
         base = p.removesuffix("-graph").removesuffix("-compiled")
         runs[p] = _stepper(cfg, models[base], p, B, ids)
         runs[p]()  # warm-up: lazy buffers, graph capture, compilation
@@ -130,17 +134,18 @@ def test_decode_vs_dense(benchmark, threads, shape, B):
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0 if SMOKE else 1)
     ms = {p: statistics.median(v) for p, v in times.items()}
-    ratios = {p: ms[p] / ms["dense-graph" if p.endswith("-graph") else "dense-compiled" if p.endswith("-compiled")
-                             else "dense"] for p in ms}
+    suffix = "-compiled" if mode == "compiled" else ""
+    ratios = {p: ms[p] / ms["dense-graph" if p.endswith("-graph") else "dense" + suffix] for p in ms}
     if HAS_CUDA:
-        for suffix in ("", "-graph"):
-            ratios["host/device" + suffix] = ms["mole-host" + suffix] / ms["mole-device" + suffix]
+        for graph in ("", "-graph"):
+            ratios["host/device" + graph] = ms["mole-host" + graph] / ms["mole-device" + graph]
     else:
-        ratios["disk/host"] = ms["mole-disk"] / ms["mole-host"]
+        ratios["disk/host" + suffix] = ms["mole-disk" + suffix] / ms["mole-host" + suffix]
     V, L, D, F, H, Hkv, E, lut_dtype = SHAPES[shape]
     benchmark.group = "decode-vs-dense"
     benchmark.extra_info.update(
-        provider="interleaved", op="decode-vs-dense", shape=f"{shape}-B{B}", B=B, layers=cfg.num_hidden_layers,
+        provider="interleaved", op="decode-vs-dense", shape=f"{shape}-B{B}" + ("-compiled" if mode == "compiled" else ""),
+        B=B, layers=cfg.num_hidden_layers,
         vocab=cfg.vocab_size, context=CONTEXT, steps=STEPS, rounds=ROUNDS, threads=threads,
         lut_dtype=str(lut_dtype)[6:], model_dtype=str(models["dense"].dtype)[6:],
         scaled_from=None if shape == "demo" or cfg.vocab_size == 50304 else f"L={L},V=50304",

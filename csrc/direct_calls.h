@@ -17,7 +17,9 @@
 
 namespace mole {
 
-// torch.ops.mole_kernels.lut_combine / lut_combine_quant on CPU tensors (csrc/lut_combine.cpp).
+// torch.ops.mole_kernels.lut_combine / lut_combine_quant on CPU tensors (csrc/lut_combine.cpp). The
+// module's bindings also take the router weight, then computing the logits with router_logits below:
+// the model's router matmul without a second call from Python.
 at::Tensor lut_combine_cpu(const at::Tensor& lut, const at::Tensor& ids, const at::Tensor& logits,
                            std::optional<int64_t> layer, const std::optional<at::Tensor>& residual,
                            const std::optional<at::Tensor>& shared);
@@ -25,6 +27,10 @@ at::Tensor lut_combine_quant_cpu(const at::Tensor& data, c10::string_view format
                                  const at::Tensor& ids, const at::Tensor& logits, std::optional<int64_t> layer,
                                  const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared,
                                  std::optional<at::ScalarType> dtype);
+
+// linear(x, weight) for the router (x [*, D], weight [E, D]): a hand loop for decode-sized inputs, whose
+// cost a GEMM library's fixed overhead would dwarf; at::linear beyond (csrc/lut_combine.cpp).
+at::Tensor router_logits(const at::Tensor& x, const at::Tensor& weight);
 
 // TableStore.read_unique on the file store named by `handle` (TableStore.handle(), csrc/lookup_table.cpp).
 std::tuple<at::Tensor, int64_t> read_unique_file(int64_t handle, const at::Tensor& ids, int64_t row_bytes,

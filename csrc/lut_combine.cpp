@@ -115,6 +115,36 @@ GatherPlan combine_plan(const at::Tensor& lut, const at::Tensor& ids, const at::
 
 }  // namespace
 
+at::Tensor router_logits(const at::Tensor& x, const at::Tensor& weight) {
+  // Below this many multiply-adds a GEMM library's fixed cost (~15 us inside a decode loop, where its
+  // code is cold) dwarfs the work itself: E x D per token, 512 at the demo's shape.
+  constexpr int64_t kHandLoop = 1 << 16;
+  MOLE_CHECK_ARG(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), "router: weight must be [E, D] "
+                 "with D = x's last size (", x.size(-1), "), got ", weight.sizes());
+  const int64_t E = weight.size(0), D = weight.size(1), T = D ? x.numel() / D : 0;
+  if (T * E * D > kHandLoop || !x.device().is_cpu() || x.scalar_type() != weight.scalar_type() ||
+      !is_float_dtype(x.scalar_type())) {
+    return at::linear(x, weight);
+  }
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = E;
+  at::Tensor out = at::empty(shape, x.options());
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  MOLE_DISPATCH_FLOATING_TYPES(x.scalar_type(), "router_logits", [&] {
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t e = 0; e < E; ++e) {
+        float acc = 0.f;
+        for (int64_t d = 0; d < D; ++d) acc += static_cast<float>(xp[t * D + d]) * static_cast<float>(wp[e * D + d]);
+        op[t * E + e] = static_cast<scalar_t>(acc);  // rounded to x's dtype, as linear's result is
+      }
+    }
+  });
+  return out;
+}
+
 void lut_combine_into_cpu(const at::Tensor& out, const at::Tensor& lut, const at::Tensor& ids,
                           const at::Tensor& logits, std::optional<int64_t> layer,
                           const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared,

@@ -226,28 +226,39 @@ def test_compiled_decode_step_gives_the_eager_tokens():
 
 
 def test_direct_calls_equal_the_ops_and_check_their_arguments():
-    """The CPU decode path calls the ops' functions directly (mole_kernels._C): same results as
-    torch.ops, one-line errors on bad arguments, and a closed table's file is never read."""
+    """The CPU decode path calls the ops' functions directly (mole_kernels._C), the router matmul in
+    the same call: same results as torch.ops (and F.linear) up to float32 summation order, one-line
+    errors on bad arguments, and a closed table's file is never read."""
     from mole_kernels import _C
 
     ops = torch.ops.mole_kernels
     lut, ids, logits = torch.randn(V, L, E, D), torch.tensor([[3, 9]]), torch.randn(1, 2, E)
     h, shared = torch.randn(1, 2, D).bfloat16(), torch.randn(1, 2, D).bfloat16()
-    assert torch.equal(_C._lut_combine(lut, ids, logits, 2, h, shared), ops.lut_combine(lut, ids, logits, 2, h, shared))
+    assert torch.equal(_C._lut_combine(lut, ids, 2, logits, h, shared, None), ops.lut_combine(lut, ids, logits, 2, h, shared))
     lut3 = lut[:, 0].contiguous()  # [V, E, D]: no layer
-    assert torch.equal(_C._lut_combine(lut3, ids, logits, None, None, None),
+    assert torch.equal(_C._lut_combine(lut3, ids, None, logits, None, None, None),
                        ops.lut_combine(lut3, ids, logits, None, None, None))
+    x, w = torch.randn(1, 2, 48), torch.randn(E, 48)  # the router's input and weight
+    for dtype in (torch.float32, torch.bfloat16):
+        routed = _C._lut_combine(lut, ids, 1, x.to(dtype), h, shared, w.to(dtype))
+        want = ops.lut_combine(lut, ids, torch.nn.functional.linear(x.to(dtype), w.to(dtype)), 1, h, shared)
+        torch.testing.assert_close(routed, want, atol=2e-2, rtol=2e-2)  # logits rounded to dtype, as linear's
+    big = torch.randn(1, 2000, 48), torch.randint(0, V, (1, 2000))  # beyond the hand loop: at::linear
+    torch.testing.assert_close(_C._lut_combine(lut, big[1], 0, big[0], None, None, w),
+                               ops.lut_combine(lut, big[1], torch.nn.functional.linear(big[0], w), 0, None, None))
     q = quantize(lut, "nf4", 4)
-    assert torch.equal(_C._lut_combine_quant(q.data, q.format, q.dim, q.block_size, ids, logits, 1, h, shared),
+    assert torch.equal(_C._lut_combine_quant(q.data, q.format, q.dim, q.block_size, ids, 1, logits, h, shared, None),
                        ops.lut_combine_quant(q.data, q.format, q.dim, q.block_size, ids, logits, 1, h, shared, None))
     with pytest.raises(ValueError, match=r"ids contains 40 \(at flat position 1\)"):
-        _C._lut_combine(lut, torch.tensor([[3, V]]), logits, 2, h, shared)
-    with pytest.raises(TypeError, match="takes 6 positional arguments"):
-        _C._lut_combine(lut, ids, logits, 2, h)
+        _C._lut_combine(lut, torch.tensor([[3, V]]), 2, logits, h, shared, None)
+    with pytest.raises(ValueError, match=r"router: weight must be \[E, D\]"):
+        _C._lut_combine(lut, ids, 2, x, h, shared, torch.randn(E, 47))
+    with pytest.raises(TypeError, match="takes 7 positional arguments"):
+        _C._lut_combine(lut, ids, 2, logits, h)
     with pytest.raises(TypeError, match="layer must be an int"):
-        _C._lut_combine(lut, ids, logits, True, h, shared)
+        _C._lut_combine(lut, ids, True, logits, h, shared, None)
     with pytest.raises(TypeError, match="logits must be a tensor"):
-        _C._lut_combine(lut, ids, [1.0], 2, h, shared)
+        _C._lut_combine(lut, ids, 2, [1.0], h, shared, None)
 
     t = LookupTable.from_tensor(lut, "disk", device="cpu")
     row = t.row_bytes

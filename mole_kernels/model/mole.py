@@ -67,10 +67,10 @@ class MoLEForCausalLM(_CausalLM):
 
     def _ffn(self, l, layer, h, ctx):
         n = layer.post_attention_layernorm(h)
-        if self.is_reparameterized:  # one fused call: softmax, the token's E rows, their sum, both adds
-            # F.linear, not layer.router(n): the module call's hook machinery costs more than this
-            # D x E matmul itself at decode sizes.
-            return ctx.combine(l, F.linear(n, layer.router.weight), h, layer.mlp(n))
+        if self.is_reparameterized:
+            # One fused call: the router matmul (the D x E weight, not the module: its hook machinery
+            # costs more than the matmul at decode sizes), softmax, the token's E rows, their sum, both adds.
+            return ctx.combine(l, n, h, layer.mlp(n), layer.router.weight)
         # The train form, as the official layer: softmax in float32, cast to the hidden dtype, weighted sum.
         logits = layer.router(n)
         shared = layer.mlp(n)

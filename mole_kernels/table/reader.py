@@ -2,8 +2,10 @@
 
 A step starts with its ids (``start(ids)``, before layer 0) and then, in each layer, asks for
 ``residual + shared + sum_e softmax(router logits)_e * LUT[ids, layer, e, :]`` with
-``step.combine(l, logits, residual, shared)``: one call, no other per-layer work. How the rows
-get there is decided once per step, in :meth:`LayerReader._path`:
+``step.combine(l, logits, residual, shared)``, or ``step.combine(l, x, residual, shared, W)`` with
+the logits ``linear(x, W)`` computed in the same call: one call, no other per-layer work (on a
+CPU, ``step.combine`` is the C++ function itself). How the rows get there is decided once per
+step, in :meth:`LayerReader._path`:
 
 - ``direct`` (``cpu`` on a CPU): :func:`mole_kernels.lut_combine` reads each token's rows
   straight from the table, each byte once: any table in RAM on a CPU (the C++ kernel), the device
@@ -26,10 +28,11 @@ from functools import partial
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import _C
 from .._ops import ops
-from ..combine import _direct_call_ok, mole_combine
+from ..combine import mole_combine
 from ..quant import QuantizedLUT
 from .lookup_table import LookupTable
 from .prefetch import Prefetcher
@@ -45,6 +48,10 @@ class LayerReader:
     def __init__(self, table: LookupTable):
         table._check_open()
         self.table = table
+        # The usual CPU step (the "cpu" path) is kept to a handful of Python operations: at the demo's
+        # shape a few microseconds per step are a percent of the step.
+        self._in_ram = table.device.type == "cpu" and table.placement != "disk"
+        self._direct = _direct_fn(table._lut) if self._in_ram else None  # (C++ function, the table's arguments)
         self._prefetcher: Optional[Prefetcher] = None
         self._staged: Optional[torch.Tensor] = None  # unique rows of a staged step (bytes, on the device)
         self._staged_table = None  # CPU: the staging bytes as a table of rows (float or QuantizedLUT)
@@ -60,12 +67,16 @@ class LayerReader:
     def start(self, ids: torch.Tensor) -> "_Direct | _Prefetched":
         """Begins a step for ``ids`` (any shape, on the table's device); returns what its layers combine with."""
         t = self.table
+        if self._in_ram and _plain_eager(ids):  # the usual CPU step, first: the table in RAM, read in place
+            s, n = t.stats, ids.numel()
+            s.calls += 1
+            s.rows_requested += n
+            s.bytes_read[t.placement] += n * t._token_bytes
+            fn, head = self._direct
+            return _Direct(partial(fn, *head, ids))
         path = self._path(ids)
-        if path == "cpu":  # the usual CPU step: the table in RAM, read in place
-            self._count(ids.numel(), ids.numel())
-            return _Direct(t._lut, ids, None)
         if path == "staged-cpu":  # a file on a CPU: the step's unique rows read once, with one C++ call
-            return _Direct(*self._read_rows_cpu(ids), None)
+            return _Direct.over(*self._read_rows_cpu(ids), None)
         if path == "prefetch":
             T = ids.numel()
             if self._prefetcher is None or self._prefetcher.max_tokens < T:
@@ -76,9 +87,9 @@ class LayerReader:
             if self._staged is None or self._staged.numel() < need:
                 self._staged = torch.empty(max(need, t.row_bytes), dtype=torch.uint8, device=t.device)
             rows, inverse = t._unique_rows(ids, None, out=self._staged, strict=False)
-            return _Direct(rows, inverse.view(ids.shape), self._faults)
+            return _Direct.over(rows, inverse.view(ids.shape), self._faults)
         self._count(ids.numel(), ids.numel())
-        return _Direct(t._lut, t._to_device(ids, "reader"), self._faults)
+        return _Direct.over(t._lut, t._to_device(ids, "reader"), self._faults)
 
     def _read_rows_cpu(self, ids: torch.Tensor):
         """(staging as a table of rows, each id's row in it) for a step on a CPU. The staging keeps its
@@ -126,27 +137,52 @@ class LayerReader:
 
 
 class _Direct:
-    """A step whose layers read rows straight from ``table`` (a table, or a step's unique rows) at ``ids``."""
+    """A step whose layers read rows straight from a table (the table, or a step's unique rows) at ids.
 
-    __slots__ = ("_combine",)
+    ``combine(l, x, residual, shared, router_weight=None)``: ``residual + shared + sum_e
+    softmax(logits)_e * rows[l, e]`` (``[*, D]`` like residual), the logits ``x`` or, with a router
+    weight, ``linear(x, router_weight)``. In eager CPU inference it is the C++ function itself.
+    """
 
-    def __init__(self, table, ids: torch.Tensor, faults: Optional[torch.Tensor]):
+    __slots__ = ("combine",)
+
+    def __init__(self, combine):
+        self.combine = combine
+
+    @classmethod
+    def over(cls, table, ids: torch.Tensor, faults: Optional[torch.Tensor]) -> "_Direct":
+        if ids.device.type == "cpu" and _plain_eager(ids):
+            # Eager inference on plain tensors: the op's own CPU function, called directly, the router
+            # matmul in the same call (a bad id raises naming it).
+            fn, head = _direct_fn(table)
+            return cls(partial(fn, *head, ids))
+        # torch.compile, dispatch modes, autograd and GPUs take the op, which they can see.
         if isinstance(table, QuantizedLUT):
             head, op = (table.data, table.format, table.dim, table.block_size, ids), "lut_combine_quant"
         else:
             head, op = (table, ids), "lut_combine"
         if ids.device.type != "cpu":
-            self._combine = partial(_combine_counting_faults, getattr(ops, op + "_out"), head, faults)
-        elif not torch.is_grad_enabled() and _direct_call_ok(head[0], ids):
-            # Eager inference on plain tensors: the op's own CPU function, called directly (a bad id
-            # raises naming it). torch.compile, dispatch modes and autograd take the op below.
-            self._combine = partial(getattr(_C, "_" + op), *head)
-        else:
-            self._combine = partial(getattr(ops, op), *head)
+            return cls(partial(_op_combine, partial(_combine_counting_faults, getattr(ops, op + "_out"), head, faults)))
+        return cls(partial(_op_combine, partial(getattr(ops, op), *head)))
 
-    def combine(self, l: int, logits: torch.Tensor, residual: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-        """``residual + shared + sum_e softmax(logits)_e * rows[l, e]`` (``[*, D]`` like residual)."""
-        return self._combine(logits, l, residual, shared)
+
+def _direct_fn(table):
+    """(the C++ function of mole_kernels._C, the table's leading arguments) for a CPU table."""
+    if isinstance(table, QuantizedLUT):
+        return _C._lut_combine_quant, (table.data, table.format, table.dim, table.block_size)
+    return _C._lut_combine, (table,)
+
+
+def _plain_eager(ids: torch.Tensor) -> bool:
+    """Whether nothing needs to see the op: eager (no torch.compile, dispatch mode or functorch
+    transform), no autograd, plain ids (the tables are plain tensors that never require grad)."""
+    return (not torch.is_grad_enabled() and type(ids) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active())
+
+
+def _op_combine(op, l, x, residual, shared, router_weight=None):
+    """``op(logits, l, residual, shared)``, the logits computed from ``x`` when a router weight is given."""
+    return op(x if router_weight is None else F.linear(x, router_weight), l, residual, shared)
 
 
 def _combine_counting_faults(op_out, head, faults, logits, l, residual, shared):
@@ -163,7 +199,9 @@ class _Prefetched:
     def __init__(self, handle):
         self._handle, self._T = handle, handle.num_tokens
 
-    def combine(self, l: int, logits: torch.Tensor, residual: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    def combine(self, l: int, x: torch.Tensor, residual: torch.Tensor, shared: torch.Tensor,
+                router_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        logits = x if router_weight is None else F.linear(x, router_weight)
         D = residual.shape[-1]
         out = mole_combine(logits.reshape(self._T, -1), self._handle.layer(l), residual.reshape(self._T, D),
                            shared.reshape(self._T, D))
