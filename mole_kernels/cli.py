@@ -195,9 +195,10 @@ def cmd_reparameterize(args) -> int:
     elif args.lut_format is not None:
         from .table import LookupTable
 
-        with LookupTable.from_tensor(inf.lut.read(), "host", device="cpu", format=args.lut_format,
-                                     block_size=args.block_size) as q:
-            q.save(args.lut_file)
+        # Quantized chunk by chunk straight into the file: never a second copy of the table in RAM.
+        with LookupTable.build(inf.lut.shape, inf.lut.dtype, lambda a, b, out: out.copy_(inf.lut.read(a, b)), "disk",
+                               "cpu", path=args.lut_file, format=args.lut_format, block_size=args.block_size,
+                               desc="quantizing LUT", progress=not args.quiet) as q:
             note = (f"; quantized LUT ({q.format}, block {q.block_size}) = {_human(q.nbytes)} "
                     f"({_human(q.row_bytes)} per token) in {args.lut_file}")
     elif args.lut_file:

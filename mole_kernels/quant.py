@@ -325,7 +325,7 @@ def _decode(rows: torch.Tensor, fmt: str, dim: int, block: int) -> torch.Tensor:
 
 
 def quantize(lut: torch.Tensor, format: str, block_size: Optional[int] = None, *,
-             progress: Optional[bool] = None) -> QuantizedLUT:
+             progress: Optional[bool] = None, first_token: int = 0) -> QuantizedLUT:
     """Quantizes a float table ``[V, L, E, D]`` (or ``[V, E, D]``) into a :class:`QuantizedLUT`.
 
     Args:
@@ -334,6 +334,8 @@ def quantize(lut: torch.Tensor, format: str, block_size: Optional[int] = None, *
         block_size: values per scale; must divide D. Default: :func:`default_block_size`
             (int8: D; fp8: 128; nf4: 64; D itself where those do not divide it).
         progress: show a tqdm bar (if tqdm is installed). Default: only for tables over 2^28 values.
+        first_token: ``lut`` is a chunk of a larger table starting at this token (only error
+            messages use it: a non-finite value is named by its index in the whole table).
 
     The error bounds per format are in this module's docstring. Non-finite values are refused.
     """
@@ -361,7 +363,8 @@ def quantize(lut: torch.Tensor, format: str, block_size: Optional[int] = None, *
             x = lut[v0:v0 + chunk].float()
             if not torch.isfinite(x).all():
                 bad = (~torch.isfinite(x)).nonzero()[0]
-                raise ValueError(f"quantize: lut has a non-finite value at index {(v0 + bad[0].item(), *bad[1:].tolist())}")
+                raise ValueError(f"quantize: lut has a non-finite value at index "
+                                 f"{(first_token + v0 + bad[0].item(), *bad[1:].tolist())}")
             codes, scales = _encode(x, fmt, block)
             rows = data[v0:v0 + chunk]
             rows[..., :codes.shape[-1]] = codes

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from .._progress import progress_bar
 from ..quant import QuantizedLUT, canonical_format, dequantize, row_layout
-from .checkpoints import (LUT_KEY, _check_state_dict, _is_expert_key, _load_state_dict, _read_config,
-                          _weight_files, save_checkpoint)
+from .checkpoints import (LUT_KEY, StreamedTensor, _check_state_dict, _is_expert_key, _load_state_dict, _read_config,
+                          _weight_files, locate_tensor, save_checkpoint, tensor_names)
 from .config import MoLEConfig, parse_dtype
 from .generation import _CausalLM
 from .layers import _acc_dtype
@@ -91,43 +91,59 @@ class MoLEForCausalLM(_CausalLM):
     @torch.no_grad()
     def compute_lut(self, *, dtype=None, chunk_size: int = 4096, device=None, progress: bool = True,
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Every expert of every layer on every vocabulary entry: a ``[V, L, E, D]`` CPU tensor.
+        """Every expert of every layer on every vocabulary entry: a ``[V, L, E, D]`` tensor.
 
         ``LUT[v, l, e] = experts[l][e](expert_layernorm[l](embed_tokens.weight[v]))``, computed in
         the model's dtype (as the train form computes it) ``chunk_size`` entries at a time on
-        ``device`` (default: the GPU when there is one, else the model's device), then rounded
-        to ``dtype`` (default: the model's dtype). ``out``: a ``[V, L, E, D]`` tensor to fill.
+        ``device`` (default: the GPU when there is one, else the model's device; the experts are
+        copied there once when the model is elsewhere), then rounded to ``dtype`` (default: the
+        model's dtype). ``out``: a ``[V, L, E, D]`` tensor (any device) to fill; default a new CPU tensor.
+        This holds the whole table: :meth:`reparameterize` writes it straight into its tier instead.
         """
-        if self.is_reparameterized:
-            raise RuntimeError("compute_lut: this model is already the inference form (it has no experts)")
-        cfg = self.config
         dtype = parse_dtype(dtype, "compute_lut: dtype") or self.dtype
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"compute_lut: chunk_size must be a positive int, got {chunk_size!r}")
-        if device is None:
-            device = torch.device("cuda") if torch.cuda.is_available() else self.device
-        device = torch.device(device)
-        V, L, E, D = cfg.lut_shape
+        fill = self._lut_rows(chunk_size, device, "compute_lut")
+        V, L, E, D = self.config.lut_shape
         if out is None:
             out = torch.empty((V, L, E, D), dtype=dtype)
         elif tuple(out.shape) != (V, L, E, D):
             raise ValueError(f"compute_lut: out must have shape {(V, L, E, D)}, got {tuple(out.shape)}")
-        bar = progress_bar(V * L, "reparameterizing", enabled=progress, unit="row")
-        try:
-            for l, layer in enumerate(self.model.layers):
-                # One layer's experts at a time on the compute device (a big model need not fit there).
-                norm = copy.deepcopy(layer.expert_layernorm).to(device)
-                experts = copy.deepcopy(layer.experts).to(device)
-                for a in range(0, V, chunk_size):
-                    b = min(V, a + chunk_size)
-                    x = norm(self.model.embed_tokens.weight[a:b].to(device))
-                    res = torch.stack([e(x) for e in experts], dim=1)  # [n, E, D]
-                    out[a:b, l].copy_(res.to(out.dtype), non_blocking=False)
-                    bar.update(b - a)
-                del norm, experts
-        finally:
-            bar.close()
+        with progress_bar(V * L, "reparameterizing", enabled=progress, unit="row") as bar:
+            fill(0, V, out, bar)
         return out
+
+    def _lut_rows(self, chunk_size: int, device, where: str):
+        """``fill(a, b, out, bar)``: writes the LUT rows of tokens [a, b) into ``out`` ``[b - a, L, E, D]``
+        (any dtype and device), computing ``chunk_size`` tokens of one layer at a time on ``device``."""
+        if self.is_reparameterized:
+            raise RuntimeError(f"{where}: this model is already the inference form (it has no experts)")
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
+        if device is None:
+            device = torch.device("cuda") if torch.cuda.is_available() else self.device
+        device = torch.device(device)
+        on_device = {}  # layer -> (its expert_layernorm, its experts) on `device`, copied once if elsewhere
+
+        def layer_on_device(l, layer):
+            if l not in on_device:
+                mods = (layer.expert_layernorm, layer.experts)
+                if any(p.device != device for m in mods for p in m.parameters()):
+                    mods = tuple(copy.deepcopy(m).to(device) for m in mods)  # .to() on the model's own would move it
+                on_device[l] = mods
+            return on_device[l]
+
+        embed = self.model.embed_tokens.weight
+
+        @torch.no_grad()
+        def fill(a, b, out, bar):
+            for l, layer in enumerate(self.model.layers):
+                norm, experts = layer_on_device(l, layer)
+                for s in range(a, b, chunk_size):
+                    e = min(b, s + chunk_size)
+                    x = norm(embed[s:e].to(device))
+                    out[s - a:e - a, l].copy_(torch.stack([ex(x) for ex in experts], dim=1))  # [n, E, D]
+                    bar.update(e - s)
+
+        return fill
 
     @torch.no_grad()
     def reparameterize(self, *, placement: str = "host", dtype=None, device=None, path: Optional[str] = None,
@@ -146,18 +162,23 @@ class MoLEForCausalLM(_CausalLM):
                 ``"nf4"``; see :func:`mole_kernels.quantize`): every tier then holds and moves the
                 quantized rows only, and the gather dequantizes them. None (default): a float LUT.
 
+        Memory: the rows are computed straight into the tier (:meth:`LookupTable.build`): the host
+        and device tiers hold the table once, plus one chunk when quantizing; the disk tier streams
+        chunks (a 32nd of the table within [4, 64] MiB) to the file and holds no table in RAM.
         The returned model shares every other weight with this one (no copy).
         """
         dtype = parse_dtype(dtype, "reparameterize: dtype") or self.dtype
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"reparameterize: dtype must be float32, float16 or bfloat16, got {dtype}")
         _check_lut_format(lut_format, block_size, self.config.hidden_size, "reparameterize")
-        lut = self.compute_lut(dtype=dtype, chunk_size=chunk_size, progress=progress)
+        fill = self._lut_rows(chunk_size, None, "reparameterize")
         from ..table import LookupTable
 
-        table = LookupTable.from_tensor(lut, placement, device=device if device is not None else self.device,
-                                        path=path, format=lut_format, block_size=block_size)
-        del lut
+        V, L = self.config.lut_shape[:2]
+        with progress_bar(V * L, "reparameterizing", enabled=progress, unit="row") as bar:
+            table = LookupTable.build(self.config.lut_shape, dtype, lambda a, b, out: fill(a, b, out, bar), placement,
+                                      device=device if device is not None else self.device, path=path,
+                                      format=lut_format, block_size=block_size, progress=False)
         return self._inference_form(table)
 
     def _inference_form(self, table) -> "MoLEForCausalLM":
@@ -191,16 +212,31 @@ class MoLEForCausalLM(_CausalLM):
         The folder holds ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``
         (or their sharded ``*.index.json`` forms). With ``model.layers.{i}.experts.*`` it is
         the train form; with ``model.moe_table.weight`` ``[V, L*E*D]`` the re-parameterized
-        form, whose LUT goes to ``placement`` (as in :meth:`reparameterize`; ``lut_path`` for
-        the disk tier's file) in ``lut_dtype`` (default: as stored), quantized on the way when
-        ``lut_format`` (and optionally ``block_size``) is given.
+        form, whose LUT goes to ``placement`` (as in :meth:`reparameterize`) in ``lut_dtype``
+        (default: as stored), quantized on the way when ``lut_format`` (and optionally
+        ``block_size``) is given.
+
+        Memory (the LUT is the big part: 10-50 GB at the paper's sizes):
+
+        - ``placement="disk"`` with no conversion serves ``model.moe_table.weight`` **in place**
+          from its weight file (its ``[V, L*E*D]`` bytes are the ``[V, L, E, D]`` table): nothing
+          of the table is read up front or held in RAM, no second file is written, and opening
+          takes the same time whatever the table's size. A conversion (``lut_dtype`` other than
+          stored, ``lut_format``) or ``lut_path`` writes a new table file (``lut_path``, else an
+          anonymous temporary file) chunk by chunk.
+        - ``"host"``/``"device"``: the table is read once, chunk by chunk, into its final memory
+          (pinned when CUDA is present): one copy of the LUT, plus a chunk when converting.
+        - Chunks are a 32nd of the table within [4, 64] MiB. The other weights are read into RAM.
+        - In place means the file is read with ``pread``: safetensors always; ``pytorch_model.bin``
+          when the LUT is a contiguous tensor in torch's zip format (torch >= 1.6 saves); an
+          older ``.bin`` is loaded whole first.
 
         ``lut_file``: a :class:`~mole_kernels.table.LookupTable` file (``LookupTable.save``, or
         ``mole-kernels reparameterize --lut-file``; float or quantized) to use as the LUT instead
         of ``model.moe_table.weight``, which the folder then need not hold (the official layout
         has no quantized form, so a quantized LUT travels in such a file). It is opened on
-        ``placement`` as it is (disk: read from the file on demand); ``lut_format``/``block_size``, if given,
-        must match it, and ``lut_dtype``/``lut_path`` do not apply.
+        ``placement`` as it is (disk: read from the file on demand, nothing loaded); ``lut_format``/
+        ``block_size``, if given, must match it, and ``lut_dtype``/``lut_path`` do not apply.
 
         ``dtype`` casts the other weights (default: as stored); ``device`` is where the model runs.
         """
@@ -211,12 +247,11 @@ class MoLEForCausalLM(_CausalLM):
             raise ValueError(f"{where}: lut_dtype/lut_path apply to model.moe_table.weight, not to lut_file "
                              "(a LookupTable file is used as stored)")
         _check_lut_format(lut_format, block_size, cfg.hidden_size, where)
-        sd = _load_state_dict(_weight_files(path, where), where)
-        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # older HF saves it
-        dtype = parse_dtype(dtype, f"{where}: dtype")
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        has_experts = any(_is_expert_key(k) for k in sd)
-        has_lut = LUT_KEY in sd or lut_file is not None
+        lut_dtype = parse_dtype(lut_dtype, f"{where}: lut_dtype")
+        files = _weight_files(path, where)
+        names = tensor_names(files, where)  # reads headers only: the LUT's bytes stay in the file
+        has_experts = any(_is_expert_key(k) for k in names)
+        has_lut = LUT_KEY in names or lut_file is not None
         if has_experts and has_lut:
             raise ValueError(f"{where}: {path!r} holds experts but " + (f"lut_file={lut_file!r} was given" if
                              lut_file is not None else f"also {LUT_KEY}") + "; expected one form")
@@ -226,9 +261,10 @@ class MoLEForCausalLM(_CausalLM):
         if has_experts and lut_format is not None:
             raise ValueError(f"{where}: lut_format applies to a re-parameterized folder; {path!r} is the train form "
                              "(call reparameterize(lut_format=...) on the loaded model)")
-        lut = sd.pop(LUT_KEY, None)
-        if lut_file is not None:
-            lut = None  # the file replaces it (never read twice)
+        sd = _load_state_dict(files, where, skip=frozenset({LUT_KEY}))
+        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # older HF saves it
+        dtype = parse_dtype(dtype, f"{where}: dtype")
+        device = torch.device(device) if device is not None else torch.device("cpu")
         if cfg.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         with torch.device("meta"):
@@ -253,14 +289,8 @@ class MoLEForCausalLM(_CausalLM):
                 table.close()
                 raise
         elif has_lut:
-            V, L, E, D = cfg.lut_shape
-            if tuple(lut.shape) not in ((V, L * E * D), (V, L, E, D)):
-                raise ValueError(f"{where}: {LUT_KEY} has shape {list(lut.shape)}, expected [V, L*E*D] = "
-                                 f"[{V}, {L * E * D}] for this config")
-            lut = lut.reshape(V, L, E, D)
-            lut_dtype = parse_dtype(lut_dtype, f"{where}: lut_dtype") or lut.dtype
-            model.set_lut(LookupTable.from_tensor(lut.to(lut_dtype), placement, device=device, path=lut_path,
-                                                  format=lut_format, block_size=block_size))
+            model.set_lut(_official_lut(files, names, cfg, placement, device, lut_dtype, lut_path, lut_format,
+                                        block_size, where))
         return model
 
     def save_pretrained(self, path, *, lut_dtype=None, safe_serialization: bool = True) -> None:
@@ -271,6 +301,8 @@ class MoLEForCausalLM(_CausalLM):
         ``lut_dtype``, default the dtype it was quantized from). To keep the quantized rows,
         also ``self.lut.save(file)`` and load with ``from_pretrained(..., lut_file=file)``.
 
+        The LUT is streamed from its tier chunk by chunk (``model.safetensors``: no copy of it in
+        RAM; ``pytorch_model.bin`` needs it whole, as ``torch.save`` does).
         Every file is written whole or not at all, and the weight files, shard indexes and shards
         of an earlier save into ``path`` (in either format) are removed, so that
         :meth:`from_pretrained` reads this model and nothing else (see
@@ -279,20 +311,25 @@ class MoLEForCausalLM(_CausalLM):
         if not isinstance(safe_serialization, bool):
             raise ValueError(f"save_pretrained: safe_serialization must be a bool, got {safe_serialization!r}")
         sd = dict(self.state_dict())
+        streamed = {}
         if self.is_reparameterized:
             if self.lut is None:
                 raise RuntimeError("save_pretrained: the inference form has no LUT to save")
             V, L, E, D = self.config.lut_shape
-            lut = self.lut.read()
-            if isinstance(lut, QuantizedLUT):
-                lut = dequantize(lut)
-            lut_dtype = parse_dtype(lut_dtype, "save_pretrained: lut_dtype") or lut.dtype
-            sd[LUT_KEY] = lut.reshape(V, L * E * D).to("cpu", lut_dtype)
+            lut_dtype = parse_dtype(lut_dtype, "save_pretrained: lut_dtype") or self.lut.dtype
+            table = self.lut
+
+            def rows(a, b):  # tokens [a, b) as the official [n, L*E*D] rows, read from the table's tier
+                chunk = table.read(a, b)
+                chunk = dequantize(chunk) if isinstance(chunk, QuantizedLUT) else chunk
+                return chunk.reshape(b - a, L * E * D).to("cpu", lut_dtype)
+
+            streamed[LUT_KEY] = StreamedTensor((V, L * E * D), lut_dtype, rows)
         cfg = self.config.to_dict()
         cfg.setdefault("architectures", ["MoleForCausalLM"])
         cfg.setdefault("model_type", "llama")  # the official config class is LlamaConfig
         cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")
-        save_checkpoint(path, sd, cfg, safe_serialization)
+        save_checkpoint(path, sd, cfg, safe_serialization, streamed)
 
 
 def _check_lut_format(lut_format: Optional[str], block_size, hidden: int, where: str) -> None:
@@ -307,3 +344,40 @@ def _check_lut_format(lut_format: Optional[str], block_size, hidden: int, where:
             row_layout(fmt, hidden, block_size)
     except ValueError as e:
         raise ValueError(f"{where}: lut_format={lut_format!r}, block_size={block_size!r}: {e}") from None
+
+
+def _official_lut(files, names, cfg: MoLEConfig, placement: str, device, lut_dtype, lut_path, lut_format, block_size,
+                  where: str):
+    """The LookupTable of a checkpoint's ``model.moe_table.weight`` (``[V, L*E*D]`` or ``[V, L, E, D]``):
+    served in place or read once into its tier, or converted chunk by chunk (see from_pretrained)."""
+    from ..table import LookupTable
+
+    V, L, E, D = shape = cfg.lut_shape
+    loc = locate_tensor(files, LUT_KEY, where)
+    if loc is None:  # not readable in place (an old-format .bin): loaded whole, then built from memory
+        lut = _load_state_dict([names[LUT_KEY]], where, skip=frozenset(set(names) - {LUT_KEY}))[LUT_KEY]
+        stored_shape, stored_dtype = tuple(lut.shape), lut.dtype
+    else:
+        stored_shape, stored_dtype = tuple(loc.shape), loc.dtype
+    if stored_shape not in ((V, L * E * D), (V, L, E, D)):
+        raise ValueError(f"{where}: {LUT_KEY} has shape {list(stored_shape)}, expected [V, L*E*D] = "
+                         f"[{V}, {L * E * D}] for this config")
+    if stored_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{where}: {LUT_KEY} is {stored_dtype}; a LUT must be float32, float16 or bfloat16")
+    lut_dtype = lut_dtype or stored_dtype
+    if loc is None:
+        lut = lut.reshape(shape)
+        return LookupTable.build(shape, lut_dtype, lambda a, b, out: out.copy_(lut[a:b]), placement, device,
+                                 path=lut_path, format=lut_format, block_size=block_size)
+
+    def opened(placement, device):
+        if loc.file.endswith(".safetensors"):
+            return LookupTable.open(loc.file, placement, device, tensor=LUT_KEY, shape=shape)
+        return LookupTable._open_at(loc.file, loc.offset, shape, stored_dtype, placement, device)
+
+    if lut_dtype == stored_dtype and lut_format is None and lut_path is None:
+        return opened(placement, device)  # disk: served in place; host/device: read once into the tier
+    with opened("disk", "cpu") as src:  # converted (or copied to lut_path) chunk by chunk
+        return LookupTable.build(shape, lut_dtype, lambda a, b, out: out.copy_(src.read(a, b)), placement, device,
+                                 path=lut_path, format=lut_format, block_size=block_size,
+                                 desc=f"converting {LUT_KEY}")

@@ -445,10 +445,10 @@ class _RankSlice:
             finally:
                 if path is None:
                     os.unlink(target)  # the open table keeps its descriptor
-        payload = self.rows(0, self.shape[0])
-        q = self.template
-        lut = payload if q is None else QuantizedLUT(payload, q.format, q.dim, q.block_size, q.dtype)
-        table = LookupTable.from_tensor(lut, placement, device)
+        # Rows go straight into the tier's memory, a chunk at a time (the table is never held twice).
+        table = LookupTable._build_stored(self.stored_shape, self.stored_dtype, self.template, placement, device,
+                                          path=None, staging_bytes=64 << 20, desc=None,
+                                          fill_stored=lambda a, b, dst: dst.copy_(self.rows(a, b)))
         table.metadata.update(_tp_metadata(self.rank, self.world, self.hidden, ""))
         return table
 

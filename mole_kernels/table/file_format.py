@@ -28,13 +28,23 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _ST_NAMES[torch.uint8] = "U8"  # written for quantized tables only
 _HEADER_ALIGN = 4096  # the data starts on a page boundary (safetensors allows header padding)
 _MAX_HEADER = 100 << 20  # the safetensors limit
-_CHUNK = 256 << 20  # bytes per step when filling or saving a table
+# Bytes per step when a table is filled, converted, saved or loaded: a 32nd of the table, within
+# [4 MiB, 64 MiB]. What a step holds besides the table is a chunk (a few, converting): bounded, and
+# small against the table, while a step stays long enough for its per-call costs not to show.
+_CHUNK_MIN, _CHUNK_MAX = 4 << 20, 64 << 20
 _PROGRESS_MIN = 1 << 30  # show a progress bar for tables at least this large
 
 
-def _progress(total: int, desc: str):
-    """A bar over bytes, shown only for tables of at least ``_PROGRESS_MIN`` bytes."""
-    return progress_bar(total, desc, enabled=total >= _PROGRESS_MIN, unit="B", unit_scale=True)
+def _chunk_rows(token_bytes: int, total_bytes: int) -> int:
+    """Tokens per step over a table of ``total_bytes`` with ``token_bytes`` per token (see _CHUNK_MIN)."""
+    chunk = min(_CHUNK_MAX, max(_CHUNK_MIN, total_bytes // 32))
+    return max(1, chunk // max(1, token_bytes))
+
+
+def _progress(total: int, desc: Optional[str]):
+    """A bar over bytes, shown only for tables of at least ``_PROGRESS_MIN`` bytes (never when ``desc`` is None)."""
+    return progress_bar(total, desc or "", enabled=desc is not None and total >= _PROGRESS_MIN, unit="B",
+                        unit_scale=True)
 
 
 @dataclass
@@ -49,9 +59,11 @@ class _FileInfo:
     template: Optional[QuantizedLUT] = None  # quantized: format/dim/block/dtype over a meta payload
 
 
-def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
+def _read_header(path: str, tensor: str = TENSOR_NAME, as_shape=None) -> _FileInfo:
     """Parses and validates a safetensors header; every problem is a ValueError naming the file.
 
+    ``as_shape``: the ``[V, L, E, D]`` to read a float tensor stored under another shape as (same
+    V and element count: an official checkpoint's ``[V, L*E*D]`` LUT is byte for byte the table).
     Only a regular file is read (a FIFO or device is refused without blocking on it)."""
 
     def bad(msg):
@@ -114,6 +126,12 @@ def _read_header(path: str, tensor: str = TENSOR_NAME) -> _FileInfo:
                   "(or U8 with quantization metadata)")
     else:
         dtype = _ST_DTYPES[dtype_name]
+    if as_shape is not None:
+        as_shape = [int(x) for x in as_shape]
+        if quantized or len(shape) < 1 or shape[0] != as_shape[0] or math.prod(shape) != math.prod(as_shape):
+            raise bad(f"tensor {tensor!r} has shape {shape} ({dtype_name}); expected the [V, L, E, D] = {as_shape} "
+                      f"table or [V, L*E*D] = {[as_shape[0], math.prod(as_shape[1:])]}")
+        shape = as_shape
     if len(shape) == 3:
         shape = [shape[0], 1, shape[1], shape[2]]
     if len(shape) == 4 and any(s > (1 << 62) for s in shape):
@@ -197,16 +215,18 @@ def _check_quantized_rows(sample: torch.Tensor, info: _FileInfo, path: str) -> N
 
 
 def _write_table(path: str, shape, dtype: torch.dtype, metadata: Dict[str, str],
-                 read_tokens: Callable[[int, int], torch.Tensor]) -> None:
+                 read_tokens: Callable[[int, int], torch.Tensor], step: Optional[int] = None,
+                 progress: bool = True) -> None:
     """Writes a table file whole or not at all (:func:`mole_kernels._files.atomic_write`: a unique
     temporary file in the target's folder, never a fixed name, never through a symlink, the usual
     permissions), filled chunk by chunk with ``read_tokens(a, b)`` (the stored rows of tokens
-    [a, b) as a CPU tensor): a big table is never copied whole."""
+    [a, b) as a CPU tensor; ``step`` tokens at a time, default :func:`_chunk_rows`): a table is
+    never copied whole."""
     shape = tuple(shape) if len(shape) == 4 else (shape[0], 1, *shape[1:])
     nbytes = math.prod(shape) * dtype.itemsize
-    with _progress(nbytes, f"saving {os.path.basename(path)}") as bar, atomic_write(path) as f:
+    with _progress(nbytes, f"saving {os.path.basename(path)}" if progress else None) as bar, atomic_write(path) as f:
         f.write(_header_bytes(shape, dtype, metadata))
-        step = max(1, _CHUNK // max(1, math.prod(shape[1:]) * dtype.itemsize))
+        step = step or _chunk_rows(math.prod(shape[1:]) * dtype.itemsize, nbytes)
         for a in range(0, shape[0], step):
             chunk = read_tokens(a, min(shape[0], a + step))
             f.write(chunk.contiguous().view(torch.uint8).numpy().data)

@@ -54,9 +54,9 @@ import torch
 
 from .._ops import ops, raise_on_bad_ids
 from ..lut_gather import lut_gather
-from ..quant import QuantizedLUT, canonical_format, quantize
-from .file_format import (_CHUNK, _ST_DTYPES, TENSOR_NAME, _check_quantized_rows, _metadata, _metadata_of, _progress,
-                          _read_header, _write_table)
+from ..quant import QuantizedLUT, canonical_format, default_block_size, quantize, row_layout
+from .file_format import (_ST_DTYPES, TENSOR_NAME, _check_quantized_rows, _chunk_rows, _FileInfo, _metadata,
+                          _progress, _read_header, _write_table)
 
 if TYPE_CHECKING:
     from .prefetch import Prefetcher
@@ -198,39 +198,107 @@ class LookupTable:
             raise ValueError(f"LookupTable.from_tensor: lut must be float32, float16 or bfloat16, got {lut.dtype}")
         elif lut.device.type not in ("cpu", "cuda"):
             raise ValueError(f"LookupTable.from_tensor: lut must be on the CPU or a CUDA device, got {lut.device}")
-        elif format is not None:
-            lut = quantize(lut, format, block_size)
-        elif block_size is not None:
+        elif format is None and block_size is not None:
             raise ValueError("LookupTable.from_tensor: block_size needs format= (a float table has no blocks)")
         placement, device = cls._check_placement(placement, device, "from_tensor")
         lut = _as_4d(lut)
-        payload = _payload(lut)  # what the tier stores: the float tensor or the packed uint8 rows
-        _check_staging(staging_bytes, payload[0].numel() * payload.element_size() if len(payload) else 0, "from_tensor")
-        quant = lut if isinstance(lut, QuantizedLUT) else None
-        meta = _metadata_of(lut)
+        if isinstance(lut, QuantizedLUT):  # its packed rows are stored as they are
+            payload = lut.data
+            return cls._build_stored(payload.shape, payload.dtype, lut, placement, device, path=path,
+                                     staging_bytes=staging_bytes, desc="copying LUT",
+                                     fill_stored=lambda a, b, dst: dst.copy_(payload[a:b]))
+        return cls.build(lut.shape, lut.dtype, lambda a, b, dst: dst.copy_(lut[a:b]), placement, device, path=path,
+                         format=format, block_size=block_size, staging_bytes=staging_bytes, desc="copying LUT")
+
+    @classmethod
+    def build(cls, shape, dtype, fill, placement: str = "host", device=None, *, path: Optional[str] = None,
+              format: Optional[str] = None, block_size: Optional[int] = None, staging_bytes: int = 64 << 20,
+              desc: str = "building LUT", progress: bool = True) -> "LookupTable":
+        """A ``[V, L, E, D]`` table of float ``dtype`` whose rows ``fill`` writes chunk by chunk,
+        straight into the tier: the table is never held twice.
+
+        ``fill(a, b, out)`` writes the rows of tokens ``[a, b)`` into ``out``, a ``[b - a, L, E, D]``
+        tensor of ``dtype``: on the host and device tiers a slice of the table's own memory; on the
+        disk tier, or when ``format`` quantizes, a CPU chunk that is then quantized and/or appended
+        to the file. Chunks are a 32nd of the table within [4, 64] MiB, so besides the table (host,
+        device) or nothing (disk) a build holds a few chunks. Calls go in token order.
+        ``placement``, ``device``, ``path``, ``format``, ``block_size``, ``staging_bytes``: as in
+        :meth:`from_tensor`. ``progress``: a bar named ``desc`` for tables of 1 GiB or more.
+        """
+        shape = tuple(shape)
+        if len(shape) != 4 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
+            raise ValueError(f"LookupTable.build: shape must be [V, L, E, D] (four ints >= 0), got {shape!r}")
+        if dtype not in _ST_DTYPES.values():
+            raise ValueError(f"LookupTable.build: dtype must be float32, float16 or bfloat16, got {dtype}")
+        if format is None:
+            if block_size is not None:
+                raise ValueError("LookupTable.build: block_size needs format= (a float table has no blocks)")
+            return cls._build_stored(shape, dtype, None, placement, device, path=path, staging_bytes=staging_bytes,
+                                     desc=desc if progress else None, fill_stored=fill)
+        fmt = canonical_format(format)
+        block = default_block_size(fmt, shape[3]) if block_size is None else block_size
+        row_bytes = row_layout(fmt, shape[3], block)[2]
+        quant = QuantizedLUT(torch.empty((*shape[:3], row_bytes), dtype=torch.uint8, device="meta"), fmt, shape[3],
+                             block, dtype)
+        chunk = None  # the float CPU chunk rows are quantized from, allocated once
+
+        def quantized_rows(a, b, dst):
+            nonlocal chunk
+            if chunk is None:
+                chunk = torch.empty((b - a, *shape[1:]), dtype=dtype)
+            fill(a, b, chunk[:b - a])
+            dst.copy_(quantize(chunk[:b - a], fmt, block, progress=False, first_token=a).data)
+
+        # quantize() holds a few float32 temporaries per value: chunks are sized on those.
+        return cls._build_stored(quant.data.shape, torch.uint8, quant, placement, device, path=path,
+                                 staging_bytes=staging_bytes, desc=desc if progress else None,
+                                 fill_stored=quantized_rows, chunk_token_bytes=math.prod(shape[1:]) * 4 * 4)
+
+    @classmethod
+    def _build_stored(cls, stored_shape, stored_dtype, quant: Optional[QuantizedLUT], placement: str, device, *,
+                      path, staging_bytes: int, desc: Optional[str], fill_stored,
+                      chunk_token_bytes: int = 0) -> "LookupTable":
+        """:meth:`build` over the rows as the tier stores them: ``fill_stored(a, b, dst)`` writes tokens
+        [a, b)'s stored rows into ``dst`` (the tier's memory, or a CPU chunk bound for the file).
+        ``chunk_token_bytes``: what ``fill_stored`` holds per token when more than a stored token.
+        ``desc``: the progress bar's name (None: no bar)."""
+        placement, device = cls._check_placement(placement, device, "build")
+        stored_shape = tuple(stored_shape)
+        token_bytes = math.prod(stored_shape[1:]) * stored_dtype.itemsize
+        _check_staging(staging_bytes, token_bytes, "build")
+        step = _chunk_rows(max(token_bytes, chunk_token_bytes), stored_shape[0] * max(token_bytes, chunk_token_bytes))
+        meta = _metadata((*stored_shape[:3], quant.dim) if quant is not None else stored_shape,
+                         quant.dtype if quant is not None else stored_dtype, quant)
         if placement == "disk":
             target = path
             if target is None:  # an anonymous file: unlinked once open (the open descriptor keeps it)
                 fd, target = tempfile.mkstemp(suffix=".safetensors", prefix="mole_lut_")
                 os.close(fd)
+
+            buf = torch.empty((min(step, stored_shape[0]), *stored_shape[1:]), dtype=stored_dtype)  # reused: one chunk
+
+            def stored_chunk(a, b):
+                fill_stored(a, b, buf[:b - a])
+                return buf[:b - a]
+
             try:
-                _write_table(os.fspath(target), payload.shape, payload.dtype, meta,
-                             lambda a, b: payload[a:b].detach().to("cpu"))
+                _write_table(os.fspath(target), stored_shape, stored_dtype, meta, stored_chunk, step=step,
+                             progress=desc is not None)
                 return cls.open(target, "disk", device, staging_bytes=staging_bytes)
             finally:
                 if path is None:
                     os.unlink(target)
-        kw = dict(stored_shape=payload.shape, stored_dtype=payload.dtype, quant=quant, placement=placement,
+        kw = dict(stored_shape=stored_shape, stored_dtype=stored_dtype, quant=quant, placement=placement,
                   device=device, metadata=meta, _token=_PRIVATE)
         if placement == "device":
-            data = payload.to(device, copy=True).contiguous()
-            return cls(lut=_like(quant, data), **kw)
-        store, view = cls._host_store(payload.shape, payload.dtype, device)
-        _fill(view, lambda a, b, dst: dst.copy_(payload[a:b]), "pinning LUT")
+            store, view = None, torch.empty(stored_shape, dtype=stored_dtype, device=device)
+        else:
+            store, view = cls._host_store(stored_shape, stored_dtype, device)
+        _fill(view, fill_stored, desc, step)
         return cls(lut=_like(quant, view), store=store, **kw)
 
     @classmethod
-    def open(cls, path, placement: str = "disk", device=None, *, tensor: str = TENSOR_NAME,
+    def open(cls, path, placement: str = "disk", device=None, *, tensor: str = TENSOR_NAME, shape=None,
              staging_bytes: int = 64 << 20) -> "LookupTable":
         """Opens a safetensors table (header validated now: truncation, dtype, shape vs metadata).
 
@@ -239,10 +307,28 @@ class LookupTable:
         ``mole_kernels.format`` metadata) is checked against its metadata now: row size from
         format/dim/block size, and the first and last tokens' rows (zero padding, finite scales).
         Only a regular file is opened (a FIFO or device is refused, never waited on).
+
+        ``tensor`` and ``shape`` open a float tensor of any safetensors file as the ``[V, L, E, D]``
+        table ``shape`` (same V and element count): e.g. an official checkpoint's
+        ``model.moe_table.weight`` ``[V, L*E*D]``, which is the table byte for byte, so the disk
+        tier serves that file in place and the host tier reads it once into its own memory.
         """
         path = os.fspath(path)
         placement, device = cls._check_placement(placement, device, "open")
-        info = _read_header(path, tensor)
+        return cls._open_info(path, _read_header(path, tensor, shape), placement, device, staging_bytes)
+
+    @classmethod
+    def _open_at(cls, path: str, offset: int, shape, dtype: torch.dtype, placement: str, device) -> "LookupTable":
+        """A float ``[V, L, E, D]`` table whose bytes lie at ``offset`` in a file of another format
+        (e.g. a tensor's record inside a ``pytorch_model.bin``), opened as :meth:`open` opens one."""
+        placement, device = cls._check_placement(placement, device, "open")
+        st = os.stat(path)
+        nbytes = math.prod(shape) * dtype.itemsize
+        info = _FileInfo(tuple(shape), dtype, offset, nbytes, {}, identity=(st.st_dev, st.st_ino))
+        return cls._open_info(path, info, placement, device, 64 << 20)
+
+    @classmethod
+    def _open_info(cls, path: str, info: _FileInfo, placement: str, device, staging_bytes: int) -> "LookupTable":
         _check_staging(staging_bytes, math.prod(info.shape[1:]) * info.dtype.itemsize, "open")
         store = _store("file", path, info.data_offset, info.nbytes)
         try:
@@ -612,19 +698,18 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1).view(torch.uint8)
 
 
-def _fill(view: torch.Tensor, fill_tokens, desc: str) -> None:
-    """Fills a [V, ...] tensor in chunks of tokens (``fill_tokens(a, b, view[a:b])``), with a progress bar
-    for large tables: a big table is never copied whole through a temporary."""
+def _fill(view: torch.Tensor, fill_tokens, desc: str, step: Optional[int] = None) -> None:
+    """Fills a [V, ...] tensor in chunks of ``step`` tokens (``fill_tokens(a, b, view[a:b])``; default
+    :func:`_chunk_rows`), with a progress bar for large tables: a table is never copied whole
+    through a temporary."""
     token_bytes = view[0].numel() * view.element_size() if view.shape[0] else 1
-    step = max(1, _CHUNK // max(1, token_bytes))
-    bar = _progress(view.numel() * view.element_size(), desc)
-    try:
+    total = view.numel() * view.element_size()
+    step = step or _chunk_rows(token_bytes, total)
+    with _progress(total, desc) as bar:
         for a in range(0, view.shape[0], step):
             b = min(view.shape[0], a + step)
             fill_tokens(a, b, view[a:b])
             bar.update((b - a) * token_bytes)
-    finally:
-        bar.close()
 
 
 def _first_and_last_tokens(store, info) -> torch.Tensor:
