@@ -1,10 +1,13 @@
 """The checkpoint-file layer under from_pretrained/save_pretrained: tensors located in place in
 safetensors and torch .bin files (checked against torch.load / safetensors / the bytes at the
-location), and loads that skip a tensor without reading it."""
+location), loads that skip a tensor without reading it, and the streaming safetensors writer."""
 import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
+import textwrap
 import zipfile
 
 import pytest
@@ -13,7 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mole_kernels.model.checkpoints import TensorLocation, _load_state_dict, _weight_files, locate_tensor, tensor_names
+from mole_kernels.model import checkpoints as ck
+from mole_kernels.model.checkpoints import (StreamedTensor, TensorLocation, _load_state_dict, _weight_files,
+                                            locate_tensor, save_checkpoint, tensor_names)
+from mole_kernels.table.file_format import _read_header
 
 W = "test"
 
@@ -264,3 +270,130 @@ def test_bin_load_skips_and_copies_out_of_the_mapping(tmp_path):
     for v in got.values():
         ptr = v.untyped_storage().data_ptr()
         assert not any(a <= ptr < b for a, b in maps)
+
+
+# ------------------------------------------------------------------ streaming save ------------
+
+def rows_of(t: torch.Tensor, calls=None):
+    def read_rows(a, b):
+        if calls is not None:
+            calls.append((a, b))
+        return t[a:b].clone()
+    return read_rows
+
+
+def test_streamed_safetensors_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setattr(ck, "_STREAM_CHUNK", 3 * 8 * 2)  # 3 rows of the [V, 8] fp16 tensor per call
+    lut = torch.randn(11, 8).half()
+    big = torch.randn(5, 2, 3, 4).bfloat16()
+    streamed_src = {"model.moe_table.weight": lut, "z_vec": torch.randn(7), "a_empty": torch.zeros(0, 5),
+                    "table3": torch.randn(6, 2, 4), "table4": big}
+    calls = []
+    streamed = {k: StreamedTensor(tuple(v.shape), v.dtype, rows_of(v, calls if k == "model.moe_table.weight"
+                                                                 else None)) for k, v in streamed_src.items()}
+    sd = {"zeta": torch.randn(3, 3), "alpha": torch.randn(2).half(), "ids": torch.arange(4), "one": torch.tensor(1.5),
+          "mask": torch.tensor([True, False]), "t": torch.randn(3, 4).t(), "bf": torch.randn(3).bfloat16()}
+    save_checkpoint(str(tmp_path), sd, {"x": 1}, True, streamed)
+    f = str(tmp_path / "model.safetensors")
+    assert calls == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    want = {**sd, **streamed_src}
+    got = load_file(f)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    with safe_open(f, "pt") as h:
+        assert h.metadata() == {"format": "pt"}
+        for k in h.keys():
+            assert torch.equal(h.get_tensor(k), want[k])
+    raw = open(f, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert n % 8 == 0
+    header = json.loads(raw[8:8 + n])
+    spans = sorted(e["data_offsets"] for k, e in header.items() if k != "__metadata__")
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert 8 + n + spans[-1][1] == len(raw)
+    loc = locate_tensor([f], "model.moe_table.weight", W)
+    assert torch.equal(pread_tensor(loc), lut)
+    # the table reader takes the [V, E, D] and [V, L, E, D] forms ([V, L*E*D] it refuses by design)
+    for k in ("table3", "table4"):
+        info = _read_header(f, tensor=k)
+        v = streamed_src[k]
+        assert info.data_offset == loc.offset - header["model.moe_table.weight"]["data_offsets"][0] + \
+            header[k]["data_offsets"][0]
+        assert info.nbytes == v.numel() * v.element_size() and info.dtype == v.dtype
+    assert json.loads((tmp_path / "config.json").read_text()) == {"x": 1}
+
+
+def test_streamed_bin_is_materialized(tmp_path):
+    lut = torch.randn(6, 4).bfloat16()
+    calls = []
+    save_checkpoint(str(tmp_path), {"w": torch.randn(2)}, {}, False,
+                    {"lut": StreamedTensor((6, 4), torch.bfloat16, rows_of(lut, calls))})
+    got = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    assert calls == [(0, 6)] and torch.equal(got["lut"], lut) and got.keys() == {"w", "lut"}
+
+
+def test_streamed_save_replaces_the_folder_and_checks_the_rows(tmp_path):
+    torch.save({"old": torch.randn(2)}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    (tmp_path / "config.json").write_text("{}")
+    bad = StreamedTensor((4, 3), torch.float16, lambda a, b: torch.zeros(b - a, 3))  # wrong dtype
+    with pytest.raises(ValueError, match=r"streamed tensor 'lut': read_rows\(0, 4\)"):
+        save_checkpoint(str(tmp_path), {"w": torch.randn(2)}, {"new": 1}, True, {"lut": bad})
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model-00001-of-00002.safetensors", "pytorch_model.bin"]
+    with pytest.raises(ValueError, match="both whole and streamed"):
+        save_checkpoint(str(tmp_path), {"lut": torch.randn(2)}, {}, True,
+                        {"lut": StreamedTensor((1,), torch.float32, lambda a, b: torch.zeros(b - a))})
+    good = StreamedTensor((4, 3), torch.float16, lambda a, b: torch.ones(b - a, 3, dtype=torch.float16))
+    save_checkpoint(str(tmp_path), {"w": torch.randn(2)}, {"new": 1}, True, {"lut": good})
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["lut"], torch.ones(4, 3, dtype=torch.float16))
+
+
+# ------------------------------------------------------------------ memory -------------------
+
+def test_streaming_save_and_skipping_load_stay_small(tmp_path):
+    """64 MiB tensors: written streamed, or skipped on load, raise the peak RSS by under 24 MiB
+    (and loading one does raise it: the measure sees it)."""
+    lut = torch.randn(1024, 16384)  # 64 MiB fp32
+    save_file({"lut": lut, "w": torch.randn(8)}, tmp_path / "model.safetensors")
+    torch.save({"lut": lut, "w": torch.randn(8)}, tmp_path / "pytorch_model.bin")
+    del lut
+    code = f"""
+        import torch
+        from mole_kernels.model.checkpoints import StreamedTensor, _load_state_dict, save_checkpoint
+
+        def status(key):
+            return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) << 10
+
+        def peak_rise(fn):
+            open("/proc/self/clear_refs", "w").write("5")
+            before = status("VmHWM")
+            out = fn()
+            return (status("VmHWM") - before) >> 20, out
+
+        rows = lambda a, b: torch.full((b - a, 16384), float(a))
+        lut = StreamedTensor((1024, 16384), torch.float32, rows)
+        save_checkpoint({str(tmp_path / 'warm')!r}, {{}}, {{}}, True, {{"lut": StreamedTensor((8, 16384), torch.float32, rows)}})
+        print("save", peak_rise(lambda: save_checkpoint({str(tmp_path / 'out')!r}, {{"w": torch.randn(4)}}, {{}}, True,
+                                                        {{"lut": lut}}))[0])
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            f = {str(tmp_path)!r} + "/" + name
+            rise, sd = peak_rise(lambda: _load_state_dict([f], "t", skip=frozenset({{"lut"}})))
+            assert set(sd) == {{"w"}}
+            print("skip", rise)
+            rise, sd = peak_rise(lambda: _load_state_dict([f], "t"))
+            print("full", rise)
+    """
+    # A fixed malloc mmap threshold: glibc's dynamic one keeps up to ~2 freed chunks on the heap
+    # after the first is freed (bounded allocator slack, not memory the writer holds).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = [line.split() for line in proc.stdout.splitlines()]
+    assert [k for k, _ in got] == ["save", "skip", "full", "skip", "full"], proc.stdout
+    for k, mib in got:
+        assert (int(mib) < 24) if k != "full" else (int(mib) >= 60), proc.stdout
+    lut = load_file(tmp_path / "out" / "model.safetensors")["lut"]  # 256-row (16 MiB) chunks, each filled with its start
+    assert torch.equal(lut[:, 0], torch.arange(1024).div(256, rounding_mode="floor").float() * 256)

@@ -15,7 +15,7 @@ import stat
 import struct
 import zipfile
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -419,9 +419,75 @@ def _stale_files(path: str, keep: str) -> List[str]:
     return sorted(n for n in names if os.path.isfile(os.path.join(path, n)) or os.path.islink(os.path.join(path, n)))
 
 
-def save_checkpoint(path: str, sd: Dict[str, torch.Tensor], config: dict, safe: bool) -> None:
+@dataclass(frozen=True)
+class StreamedTensor:
+    """A tensor written chunk by chunk (a LUT too big to hold twice): ``read_rows(a, b)`` gives rows
+    [a, b) of dim 0 as a CPU tensor of ``dtype``, shape ``(b - a, *shape[1:])``."""
+
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    read_rows: Callable[[int, int], torch.Tensor]
+
+
+_STREAM_CHUNK = 16 << 20  # bytes of rows per read_rows call
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor without copying it (a uint8 view: bf16 has no numpy dtype)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
+def _rows(name: str, s: StreamedTensor, a: int, b: int) -> torch.Tensor:
+    chunk = s.read_rows(a, b)
+    want = (b - a, *s.shape[1:])
+    if not isinstance(chunk, torch.Tensor) or tuple(chunk.shape) != want or chunk.dtype != s.dtype:
+        got = f"{tuple(chunk.shape)} {chunk.dtype}" if isinstance(chunk, torch.Tensor) else type(chunk).__name__
+        raise ValueError(f"save_pretrained: streamed tensor {name!r}: read_rows({a}, {b}) gave {got}, expected "
+                         f"{want} {s.dtype}")
+    return chunk.to("cpu")
+
+
+def _write_safetensors(fpath: str, sd: Dict[str, torch.Tensor], streamed: Dict[str, StreamedTensor]) -> None:
+    """Writes a safetensors file tensor by tensor, the streamed ones in chunks of rows (~16 MiB):
+    no tensor is copied whole, nor the state dict (``safetensors.torch.save_file`` copies both).
+
+    As safetensors writes it: tensors by falling item size, then name (each aligned to its item
+    size), data in that order without gaps, the header padded with spaces to a multiple of 8."""
+    meta = {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
+    meta.update({k: (tuple(s.shape), s.dtype) for k, s in streamed.items()})
+    bad = sorted(k for k, (_, dtype) in meta.items() if dtype not in _ST_NAMES)
+    if bad:
+        raise ValueError(f"save_pretrained: safetensors cannot hold tensor(s) {bad[:4]} of dtype "
+                         f"{meta[bad[0]][1]}")
+    order = sorted(meta, key=lambda k: (-meta[k][1].itemsize, k))
+    header: Dict[str, object] = {"__metadata__": {"format": "pt"}}
+    end = 0
+    for k in order:
+        shape, dtype = meta[k]
+        begin, end = end, end + math.prod(shape) * dtype.itemsize
+        header[k] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(fpath, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for k in order:
+            if k not in streamed:
+                f.write(_raw(sd[k].detach().to("cpu")))
+                continue
+            s = streamed[k]
+            step = max(1, _STREAM_CHUNK // max(1, math.prod(s.shape[1:]) * s.dtype.itemsize))
+            for a in range(0, s.shape[0], step):
+                f.write(_raw(_rows(k, s, a, min(s.shape[0], a + step))))
+
+
+def save_checkpoint(path: str, sd: Dict[str, torch.Tensor], config: dict, safe: bool,
+                    streamed: Optional[Dict[str, StreamedTensor]] = None) -> None:
     """Writes ``config.json`` and the weights (``model.safetensors`` or ``pytorch_model.bin``) into
     the folder ``path``, replacing any earlier checkpoint there.
+
+    ``streamed``: more tensors, read a chunk of rows at a time (:class:`StreamedTensor`). In
+    safetensors the extra memory is one chunk; ``torch.save`` needs whole tensors, so for
+    ``pytorch_model.bin`` each is read whole (materialized) first.
 
     Every file is written whole or not at all (:mod:`mole_kernels._files`). The folder changes only
     after the weights are fully written: then ``config.json`` is removed, every weight file, shard
@@ -429,21 +495,24 @@ def save_checkpoint(path: str, sd: Dict[str, torch.Tensor], config: dict, safe: 
     are published and the new ``config.json`` is written last. A crash in that short window leaves a
     folder without ``config.json`` (a loud error on load), never old weights read with a new config.
     """
+    streamed = dict(streamed or {})
+    both = sorted(set(sd) & set(streamed))
+    if both:
+        raise ValueError(f"save_pretrained: tensor(s) {both[:4]} given both whole and streamed")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"save_pretrained: {path!r} exists and is not a directory")
     os.makedirs(path, exist_ok=True)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     keep = SAFE_WEIGHTS if safe else BIN_WEIGHTS
     for name in (keep, CONFIG_NAME):  # refused now: found when publishing, the old files would be gone
         if os.path.isdir(os.path.join(path, name)):
             raise ValueError(f"save_pretrained: {os.path.join(path, name)!r} is a directory")
     with atomic_path(os.path.join(path, keep)) as tmp:
         if safe:
-            from safetensors.torch import save_file
-
-            save_file(sd, tmp, metadata={"format": "pt"})
+            _write_safetensors(tmp, sd, streamed)
         else:
-            torch.save(sd, tmp)
+            whole = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+            whole.update({k: _rows(k, s, 0, s.shape[0]) for k, s in streamed.items()})
+            torch.save(whole, tmp)
         for name in [CONFIG_NAME] + _stale_files(path, keep):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(path, name))
