@@ -391,12 +391,12 @@ def test_save_pretrained_failure_leaves_the_old_checkpoint(tmp_path, monkeypatch
     old.save_pretrained(tmp_path)
     before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
 
-    def interrupted(sd, name, metadata=None):
+    def interrupted(name, sd, streamed):
         with open(name, "wb") as f:
             f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("safetensors.torch.save_file", interrupted)
+    monkeypatch.setattr("mole_kernels.model.checkpoints._write_safetensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _tiny(2).save_pretrained(tmp_path, safe_serialization=True)
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before  # no temp file left
