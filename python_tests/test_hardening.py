@@ -7,6 +7,7 @@ fails the test instead of killing the run."""
 import json
 import math
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -447,7 +448,7 @@ def test_malformed_safetensors_header_names_the_file(header, tmp_path):
     _tiny(1).save_pretrained(tmp_path)
     path = tmp_path / "model.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
-    with pytest.raises(ValueError, match=f"cannot read weights from {path}"):
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: .*(JSON|needs dtype|__metadata__)"):
         MoLEForCausalLM.from_pretrained(tmp_path)
 
 

@@ -11,7 +11,6 @@ import math
 import os
 import pickle
 import re
-import stat
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from .._files import atomic_path, atomic_write
+from ..table.file_format import is_ints, safetensors_header
 from .config import MoLEConfig
 
 CONFIG_NAME = "config.json"
@@ -91,7 +91,6 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _LUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # a LUT is float: only these are located
-_MAX_HEADER = 100 << 20  # the safetensors limit
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -109,12 +108,6 @@ class TensorLocation:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _is_ints(x, n=None) -> bool:
-    """A JSON list of ints (not floats or booleans), of length ``n`` if given."""
-    return (isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
-            and (n is None or len(x) == n))
-
-
 def _safetensors_header(fpath: str, where: str) -> Tuple[Dict[str, dict], int]:
     """(tensor entries, absolute offset of the data) of a safetensors file, validated against the
     file (every entry's size matches its shape and lies inside the file); a problem is a ValueError
@@ -123,37 +116,10 @@ def _safetensors_header(fpath: str, where: str) -> Tuple[Dict[str, dict], int]:
     def bad(msg):
         return ValueError(f"{where}: {fpath}: {msg}")
 
-    try:
-        fd = os.open(fpath, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise ValueError(f"{where}: cannot open {fpath}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise bad("not a regular file")
-        head = os.pread(fd, 8, 0)
-        if len(head) < 8:
-            raise bad(f"{st.st_size} bytes is too short for a safetensors file (8-byte header length + JSON header)")
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > _MAX_HEADER or 8 + n > st.st_size:
-            raise bad(f"header length field says {n} bytes but the file has {st.st_size} bytes: not a safetensors "
-                      "file, or truncated")
-        raw = os.pread(fd, n, 8)
-    except OSError as e:
-        raise ValueError(f"{where}: cannot read {fpath}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"the header is not valid JSON ({e}): not a safetensors file") from None
-    if not isinstance(header, dict):
-        raise bad("the header is not a JSON object: not a safetensors file")
-    header.pop("__metadata__", None)
-    data_start = 8 + n
+    header, _, data_start, st = safetensors_header(fpath, where)
     for name, e in header.items():
-        if not isinstance(e, dict) or not isinstance(e.get("dtype"), str) or not _is_ints(e.get("shape")) \
-                or not _is_ints(e.get("data_offsets"), 2):
+        if not isinstance(e, dict) or not isinstance(e.get("dtype"), str) or not is_ints(e.get("shape")) \
+                or not is_ints(e.get("data_offsets"), 2):
             raise bad(f"tensor {name!r} entry {e!r} needs dtype (a string), shape (a list of ints) and "
                       "data_offsets (two ints)")
         (begin, end), shape = e["data_offsets"], e["shape"]
@@ -377,21 +343,41 @@ def locate_tensor(files: List[str], name: str, where: str) -> Optional[TensorLoc
     return found[0] if found else None
 
 
+def _read_safetensors(fpath: str, where: str, skip: FrozenSet[str]) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file but ``skip``, each read with ``pread`` into a new tensor."""
+    header, data_start = _safetensors_header(fpath, where)
+    part = {}
+    with open(fpath, "rb", buffering=0) as f:
+        for name, e in header.items():
+            if name in skip:
+                continue
+            dtype = _ST_DTYPES.get(e["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name!r} has dtype {e['dtype']}, which a MoLE checkpoint does not use")
+            t = torch.empty(e["shape"], dtype=dtype)
+            view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+            offset = data_start + e["data_offsets"][0]
+            while len(view):
+                n = os.preadv(f.fileno(), [view], offset)
+                if n == 0:
+                    raise ValueError(f"the file ends inside tensor {name!r}: truncated while being read")
+                view, offset = view[n:], offset + n
+            part[name] = t
+    return part
+
+
 def _load_state_dict(files: List[str], where: str, skip: FrozenSet[str] = frozenset()) -> Dict[str, torch.Tensor]:
     """Every tensor of the weight files but those named in ``skip``, whose data is never read.
 
-    The kept tensors are in memory of their own: safetensors hands out tensors mapped from the file,
-    and a ``.bin`` is mapped to pick them; both are copied (a ``.bin``'s storages shared as in the
-    file), so nothing returned is backed by a mapping of a file that another process might truncate
-    (a SIGBUS on the next read)."""
+    The kept tensors are in memory of their own: safetensors tensors are read with ``pread`` into
+    new tensors (once: no mapping, no copy), a ``.bin`` is mapped to pick them and they are copied
+    (storages shared as in the file), so nothing returned is backed by a mapping of a file that
+    another process might truncate (a SIGBUS on the next read)."""
     sd: Dict[str, torch.Tensor] = {}
     for fpath in files:
         try:
             if fpath.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                with safe_open(fpath, framework="pt", device="cpu") as h:
-                    part = {k: h.get_tensor(k).clone() for k in h.keys() if k not in skip}
+                part = _read_safetensors(fpath, where, skip)
             else:
                 part = _load_bin(fpath)
                 if isinstance(part, dict):

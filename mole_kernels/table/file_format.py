@@ -69,45 +69,13 @@ def _read_header(path: str, tensor: str = TENSOR_NAME, as_shape=None) -> _FileIn
     def bad(msg):
         return ValueError(f"LookupTable.open: {path}: {msg}")
 
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise ValueError(f"LookupTable.open: cannot open {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise bad("not a regular file (a directory, FIFO, socket or device cannot hold a table)")
-        size = st.st_size
-        head = os.pread(fd, 8, 0)
-        if len(head) < 8:
-            raise bad(f"{size} bytes is too short for a safetensors file (8-byte header length + JSON header)")
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > _MAX_HEADER or 8 + n > size:
-            raise bad(f"header length field says {n} bytes but the file has {size} bytes: not a safetensors "
-                      "file, or truncated")
-        raw = os.pread(fd, n, 8)
-    except OSError as e:
-        raise ValueError(f"LookupTable.open: cannot read {path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"the header is not valid JSON ({e}): not a safetensors file") from None
-    if not isinstance(header, dict):
-        raise bad("the header is not a JSON object: not a safetensors file")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise bad("__metadata__ must be a JSON object of strings to strings (the safetensors format)")
+    header, meta, data_start, st = safetensors_header(path, "LookupTable.open")
+    size, n = st.st_size, data_start - 8
     if tensor not in header:
         raise bad(f"no tensor named {tensor!r} (tensors: {sorted(header)[:8]}); pass tensor= to pick one")
     entry = header[tensor]
-    def ints(x, n=None):  # a JSON list of ints (not strings, floats or booleans), of length n if given
-        ok = isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
-        return ok and (n is None or len(x) == n)
-
-    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or not ints(entry.get("shape")) \
-            or not ints(entry.get("data_offsets"), 2):
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or not is_ints(entry.get("shape")) \
+            or not is_ints(entry.get("data_offsets"), 2):
         raise bad(f"tensor {tensor!r} entry {entry!r} needs dtype (a string), shape (a list of ints) and "
                   "data_offsets (two ints)")
     dtype_name, shape = entry["dtype"], list(entry["shape"])
@@ -143,7 +111,7 @@ def _read_header(path: str, tensor: str = TENSOR_NAME, as_shape=None) -> _FileIn
         raise bad(f"tensor {tensor!r} data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} "
                   f"in {dtype_name} needs {nbytes}")
     offsets = [e["data_offsets"] for e in header.values() if isinstance(e, dict) and "data_offsets" in e]
-    if not all(ints(o, 2) for o in offsets):
+    if not all(is_ints(o, 2) for o in offsets):
         raise bad("a tensor entry has malformed data_offsets (two ints expected)")
     data_end = max(o[1] for o in offsets)  # the file must hold every tensor the header describes, not just ours
     if size < 8 + n + data_end:
@@ -167,6 +135,53 @@ def _read_header(path: str, tensor: str = TENSOR_NAME, as_shape=None) -> _FileIn
         raise bad(f"format_version {version} is newer than this mole_kernels ({FORMAT_VERSION})")
     return _FileInfo(tuple(shape), dtype, 8 + n + begin, nbytes, dict(meta), quantized, (st.st_dev, st.st_ino),
                      q if quantized else None)
+
+
+def is_ints(x, n=None) -> bool:
+    """A JSON list of ints (not strings, floats or booleans), of length ``n`` if given."""
+    return (isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+            and (n is None or len(x) == n))
+
+
+def safetensors_header(path: str, where: str):
+    """``(tensor entries, metadata, absolute offset of the data, os.stat_result)`` of a safetensors
+    file, reading its header only. A problem (not a regular file (a FIFO or device is refused
+    without blocking on it), short, a length field past the end, not a JSON object, metadata not
+    strings to strings) is a ValueError naming ``where`` and the file; the entries are not checked."""
+
+    def bad(msg):
+        return ValueError(f"{where}: {path}: {msg}")
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ValueError(f"{where}: cannot open {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise bad("not a regular file (a directory, FIFO, socket or device cannot hold a table)")
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise bad(f"{st.st_size} bytes is too short for a safetensors file (8-byte header length + JSON header)")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > _MAX_HEADER or 8 + n > st.st_size:
+            raise bad(f"header length field says {n} bytes but the file has {st.st_size} bytes: not a safetensors "
+                      "file, or truncated")
+        raw = os.pread(fd, n, 8)
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the header is not valid JSON ({e}): not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object: not a safetensors file")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise bad("__metadata__ must be a JSON object of strings to strings (the safetensors format)")
+    return header, meta, 8 + n, st
 
 
 def _quantized_on_meta(shape, meta: Dict[str, str], bad) -> QuantizedLUT:

@@ -266,7 +266,7 @@ class LookupTable:
         stored_shape = tuple(stored_shape)
         token_bytes = math.prod(stored_shape[1:]) * stored_dtype.itemsize
         _check_staging(staging_bytes, token_bytes, "build")
-        step = _chunk_rows(max(token_bytes, chunk_token_bytes), stored_shape[0] * max(token_bytes, chunk_token_bytes))
+        step = _chunk_rows(max(token_bytes, chunk_token_bytes), stored_shape[0] * token_bytes)
         meta = _metadata((*stored_shape[:3], quant.dim) if quant is not None else stored_shape,
                          quant.dtype if quant is not None else stored_dtype, quant)
         if placement == "disk":
