@@ -35,6 +35,7 @@ PAPER_VOCAB = 50304
 RESULTS_DIR = os.path.join(HERE, "results")
 OURS = "mole"
 DECODE_OP = "decode-vs-dense"  # bench_decode.py: one row per (shape, batch), providers interleaved inside
+MEMORY_OP = "memory-peak"  # bench_memory.py: extra peak RSS per (case, tier) as a multiple of the LUT
 # Suites whose every provider is ours (tiers/paths of LookupTable), and suites whose baseline is
 # not named as a peer but as our own reference format (quant: bf16 is the reference).
 ALL_OURS_OPS = ("table-gather",)
@@ -271,6 +272,36 @@ def _combine_fraction(data):
     return max(fr, default=None)
 
 
+def memory_table(benches):
+    """bench_memory.py rows: per case and tier, the extra peak RSS over the LUT; then the open time."""
+    mib = 1 << 20
+    out = ["| case | tier | LUT | extra peak RSS | / LUT | goal | call |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = sorted(benches, key=lambda b: (provider_of(b) == "open-time", provider_of(b), info_of(b).get("shape", "")))
+    for b in rows:
+        info = info_of(b)
+        if provider_of(b) == "open-time":
+            out.append(f"| open-time ({info['lut_bytes_small'] / mib:.0f} -> {info['lut_bytes'] / mib:.0f} MiB LUT) | "
+                       f"disk | | {fmt_time(info['seconds_small'])} -> {fmt_time(info['seconds_big'])} | "
+                       f"{info['ratio']:.2f}x | <= {info['goal']:g} | |")
+            continue
+        out.append(f"| {provider_of(b)} | {info['shape']} | {info['lut_bytes'] / mib:.1f} MiB | "
+                   f"{info['extra_peak_bytes'] / mib:.1f} MiB | {info['ratio']:.3f}x | <= {info['goal']:g} | "
+                   f"{fmt_time(info['seconds'])} |")
+    return "\n".join(out)
+
+
+def _memory_worst(data, tier):
+    """The worst extra-peak-RSS / LUT ratio of bench_memory's load/reparameterize rows on `tier`."""
+    return max((info_of(b)["ratio"] for b in data["benchmarks"] if op_of(b) == MEMORY_OP
+                and provider_of(b) != "open-time" and info_of(b).get("shape") == tier), default=None)
+
+
+def _memory_open_time(data):
+    return next((info_of(b)["ratio"] for b in data["benchmarks"] if op_of(b) == MEMORY_OP
+                 and provider_of(b) == "open-time"), None)
+
+
 GOALS = [
     ("CPU decode, MoLE (LUT on host) / dense, demo shape", "<=", 1.05, lambda d: _decode_ratio(d, "demo-B1", "mole-host")),
     ("CPU decode, MoLE (host) / dense, 160M-4E", "<=", 1.02, lambda d: _decode_ratio(d, "160M-4E-B1", "mole-host")),
@@ -287,6 +318,13 @@ GOALS = [
     ("GPU DMA path (>= 64 unique rows) / h2d-pinned limit", ">=", 0.90,
      lambda d: _best_fraction(d, "table-gather", "host-dma", "h2d-pinned", min_T=64, bytes_key="unique_bytes")),
     ("GPU device-tier lut_combine / HBM copy bandwidth", ">=", 0.85, _combine_fraction),
+    # issue 15: extra peak RSS of from_pretrained (official folders, LookupTable files) and reparameterize
+    ("Load/reparameterize extra peak RSS / LUT, disk tier (worst case)", "<=", 0.25,
+     lambda d: _memory_worst(d, "disk")),
+    ("Load/reparameterize extra peak RSS / LUT, host tier (worst case)", "<=", 1.15,
+     lambda d: _memory_worst(d, "host")),
+    # the same weights, 8x the LUT: an open that reads only headers takes the same time (1.0 + noise)
+    ("Disk-tier open of an official folder, time at 8x the LUT / time at 1x", "<=", 1.5, _memory_open_time),
 ]
 
 
@@ -525,7 +563,7 @@ def section(data, plot_dir, out_dir):
         parts += ["Scaled down on this machine:", ""] + [f"- {n}" for n in notes] + [""]
     goals = goal_lines(data)
     if goals:
-        parts += ["### Goals: decode at dense speed", "", "| goal | measured | bound | |", "| --- | ---: | --- | --- |"]
+        parts += ["### Goals: decode at dense speed, memory of loading", "", "| goal | measured | bound | |", "| --- | ---: | --- | --- |"]
         parts += [f"| {w} | {v:.3f} | {b} | {m} |" for w, v, b, m in goals] + [""]
     by_op = defaultdict(list)
     for b in data["benchmarks"]:
@@ -535,6 +573,10 @@ def section(data, plot_dir, out_dir):
         if op == DECODE_OP:
             parts += [f"### {op} (bench_decode.py: providers interleaved in each round, medians)", "",
                       decode_table(by_op[op]), ""]
+            continue
+        if op == MEMORY_OP:
+            parts += [f"### {op} (bench_memory.py: extra peak RSS over the process before the call, each call "
+                      "in a fresh process)", "", memory_table(by_op[op]), ""]
             continue
         parts += [f"### {op}", "", op_table(group_rows(by_op[op], has_gpu, limits)), ""]
         if not has_gpu and op in CPU_NOTES:
@@ -599,7 +641,7 @@ def summary(runs):
             lines.append(f"goal: {what}: {value:.3f} ({bound}) {met}")
         by_op = defaultdict(list)
         for b in data["benchmarks"]:
-            if info_of(b).get("provider") != "limit" and op_of(b) != DECODE_OP:
+            if info_of(b).get("provider") != "limit" and op_of(b) not in (DECODE_OP, MEMORY_OP):
                 by_op[op_of(b)].append(b)
         for op in sorted(by_op):
             rows = [r for r in group_rows(by_op[op], has_gpu, {}) if r["device"] == dev]

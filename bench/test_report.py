@@ -136,3 +136,32 @@ def test_decode_table_and_goals(tmp_path):
     goals = dict((w, (round(v, 3), m)) for w, v, _, m in report.goal_lines({"benchmarks": gpu}))
     assert goals["GPU zero-copy row fetch / zero-copy-read limit"] == (0.95, "met")
     assert goals["GPU DMA path (>= 64 unique rows) / h2d-pinned limit"] == (0.8, "NOT met")
+
+
+def test_memory_table_and_goals(tmp_path):
+    """bench_memory's rows get their own table (extra peak RSS / LUT per case and tier, the open
+    time) and the issue-15 goals: the worst ratio per tier, and the open-time ratio."""
+    mib = 1 << 20
+
+    def mem(case, tier, extra, lut=400 * mib, seconds=0.5):
+        b = _bench("memory-peak", tier, case, 1.0, 0, lut_bytes=lut, extra_peak_bytes=extra, ratio=extra / lut,
+                   seconds=seconds, goal=0.25 if tier == "disk" else 1.15)
+        b["fullname"] = f"bench/bench_memory.py::test_memory_peak[{case}-{tier}]"
+        return b
+
+    open_time = _bench("memory-peak", "disk", "open-time", 1.0, 0, ratio=1.2, seconds_small=0.04,
+                       seconds_big=0.048, lut_bytes_small=64 * mib, lut_bytes=512 * mib, goal=1.5)
+    data = _run_data(mem("from_pretrained-single", "host", 420 * mib), mem("from_pretrained-single", "disk", 8 * mib),
+                     mem("reparameterize", "disk", 160 * mib), mem("reparameterize", "host", 440 * mib), open_time)
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "RESULTS.md"
+    report.render([str(path)], str(out), None)
+    text = out.read_text()
+    assert "| from_pretrained-single | disk | 400.0 MiB | 8.0 MiB | 0.020x | <= 0.25 | 500 ms |" in text
+    assert "| reparameterize | host | 400.0 MiB | 440.0 MiB | 1.100x | <= 1.15 | 500 ms |" in text
+    assert "| open-time (64 -> 512 MiB LUT) | disk | | 40 ms -> 48 ms | 1.20x | <= 1.5 | |" in text
+    assert "| Load/reparameterize extra peak RSS / LUT, disk tier (worst case) | 0.400 | <= 0.25 | NOT met |" in text
+    assert "| Load/reparameterize extra peak RSS / LUT, host tier (worst case) | 1.100 | <= 1.15 | met |" in text
+    assert "| Disk-tier open of an official folder, time at 8x the LUT / time at 1x | 1.200 | <= 1.5 | met |" in text
+    assert "memory-peak" not in report.summary(report.pool([dict(data, _path=str(path))])).split("goal:")[0]
