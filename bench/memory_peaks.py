@@ -24,11 +24,12 @@ Synthetic checkpoints (``build``; in a child process too, the LUT made once in f
 straight to each file): hidden 128, 8 layers, 4 experts, so a LUT row is 8 KiB and ``size`` MiB of
 LUT is V = 128 * size tokens; ``single/`` (config.json + model.safetensors with
 ``model.moe_table.weight`` [V, L*E*D]), ``sharded/`` (the LUT alone in its own shard, the rest in
-another, ``model.safetensors.index.json``), ``nolut/`` (the folder without the LUT) with
+another, ``model.safetensors.index.json``), ``bin/`` (``pytorch_model.bin``, torch's zip format),
+``nolut/`` (the folder without the LUT) with
 ``lut-float.safetensors`` and ``lut-int8.safetensors`` (``LookupTable.save`` files).
 
 Cases (each x placement host and disk): ``from_pretrained-single``, ``from_pretrained-sharded``,
-``from_pretrained-lut_file-float``, ``from_pretrained-lut_file-int8``, ``reparameterize`` (train
+``from_pretrained-bin``, ``from_pretrained-lut_file-float``, ``from_pretrained-lut_file-int8``, ``reparameterize`` (train
 form -> inference form, LUT fp16); and ``open-time``: ``from_pretrained(single, placement="disk")``
 timed at two LUT sizes that differ only in the number of experts (so every other weight is the
 same), the best of several interleaved calls each, ``ratio = t_big / t_small`` (goal: close to 1).
@@ -49,8 +50,8 @@ import time
 from typing import Optional
 
 HERE = os.path.abspath(__file__)
-CASES = ("from_pretrained-single", "from_pretrained-sharded", "from_pretrained-lut_file-float",
-         "from_pretrained-lut_file-int8", "reparameterize")
+CASES = ("from_pretrained-single", "from_pretrained-sharded", "from_pretrained-bin",
+         "from_pretrained-lut_file-float", "from_pretrained-lut_file-int8", "reparameterize")
 PLACEMENTS = ("host", "disk")
 GOALS = {"disk": 0.25, "host": 1.15}  # issue 15: extra peak RSS / LUT bytes
 OPEN_TIME_GOAL = 1.5  # t(512 MiB) / t(64 MiB); see bench_memory.py for why 1.5
@@ -133,6 +134,11 @@ def _build(out: str, kw: dict, what: str, seed: int = 0) -> None:
         index = {"metadata": {"total_size": total},
                  "weight_map": dict({k: shards[0] for k in sd}, **{LUT_KEY: shards[1]})}
         folder("sharded", {shards[0]: sd, shards[1]: {LUT_KEY: lut}, "model.safetensors.index.json": index})
+    if "bin" in what:  # pytorch_model.bin in torch's zip format
+        os.makedirs(os.path.join(out, "bin"), exist_ok=True)
+        torch.save(dict(sd, **{LUT_KEY: lut}), os.path.join(out, "bin", "pytorch_model.bin"))
+        with open(os.path.join(out, "bin", "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
     if "nolut" in what:
         folder("nolut", {"model.safetensors": sd})
     if "lut-float" in what:
@@ -144,7 +150,7 @@ def _build(out: str, kw: dict, what: str, seed: int = 0) -> None:
         f.write(str(sum(v.numel() * v.element_size() for v in sd.values())))
 
 
-ALL_FILES = "single,sharded,nolut,lut-float,lut-int8"
+ALL_FILES = "single,sharded,bin,nolut,lut-float,lut-int8"
 
 
 def _env(tmpdir: str) -> dict:
@@ -307,6 +313,7 @@ def _child_measure(case: str, placement: str, files: str, kw: dict, scratch: str
             return model.reparameterize(placement=placement, dtype=torch.float16, path=path, progress=False)
     else:
         source = {"from_pretrained-single": ("single", None), "from_pretrained-sharded": ("sharded", None),
+                  "from_pretrained-bin": ("bin", None),
                   "from_pretrained-lut_file-float": ("nolut", "lut-float.safetensors"),
                   "from_pretrained-lut_file-int8": ("nolut", "lut-int8.safetensors")}[case]
         folder = os.path.join(files, source[0])
