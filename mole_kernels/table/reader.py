@@ -52,6 +52,7 @@ class LayerReader:
         # shape a few microseconds per step are a percent of the step.
         self._in_ram = table.device.type == "cpu" and table.placement != "disk"
         self._direct = _direct_fn(table._lut) if self._in_ram else None  # (C++ function, the table's arguments)
+        self._file_cpu = table.device.type == "cpu" and table.placement == "disk"
         self._prefetcher: Optional[Prefetcher] = None
         self._staged: Optional[torch.Tensor] = None  # unique rows of a staged step (bytes, on the device)
         self._staged_table = None  # CPU: the staging bytes as a table of rows (float or QuantizedLUT)
@@ -74,6 +75,10 @@ class LayerReader:
             s.bytes_read[t.placement] += n * t._token_bytes
             fn, head = self._direct
             return _Direct(partial(fn, *head, ids))
+        if self._file_cpu and _plain_eager(ids):  # the same over the step's unique rows, read with one call
+            inverse = self._read_rows_cpu(ids)[1]
+            fn, head = self._direct
+            return _Direct(partial(fn, *head, inverse))
         path = self._path(ids)
         if path == "staged-cpu":  # a file on a CPU: the step's unique rows read once, with one C++ call
             return _Direct.over(*self._read_rows_cpu(ids), None)
@@ -102,6 +107,7 @@ class LayerReader:
             rows = self._staged.view(t._stored_dtype).view(tokens, *t._stored_shape[1:])
             self._staged_table = rows if t._quant is None else QuantizedLUT(
                 rows, t._quant.format, t._quant.dim, t._quant.block_size, t._quant.dtype)
+            self._direct = _direct_fn(self._staged_table)
         if self._file is None:
             self._file = t._store.handle()
         with t._lock:  # the read itself is thread-safe; the lock keeps the counters exact
