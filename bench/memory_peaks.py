@@ -7,7 +7,9 @@ official folder on the disk tier independent of the LUT's size.
 
 How one measurement runs (``measure``): a child process (``python memory_peaks.py --child ...``)
 imports torch and mole_kernels and prepares everything that is "before the call" (the folder is
-already on disk; for ``reparameterize`` the train-form model is constructed), then ``gc.collect()``,
+already on disk; for ``reparameterize`` the train-form model is constructed and the same call run
+once on an 8-token model, so that torch's kernels have mapped their code and workspaces, 15-25 MiB
+on first use whatever the table's size), then ``gc.collect()``,
 ``malloc_trim(0)`` (memory freed earlier goes back to the kernel, so the call cannot hide its own
 allocations in pages the process already held), writes ``5`` to ``/proc/self/clear_refs`` (resets
 VmHWM to the current RSS), reads VmRSS as the baseline, runs the call, reads VmHWM while the result
@@ -308,6 +310,11 @@ def _child_measure(case: str, placement: str, files: str, kw: dict, scratch: str
         torch.manual_seed(0)
         model = MoLEForCausalLM(cfg)  # the train form: built before the call
         path = os.path.join(scratch, f"reparam-{os.getpid()}.safetensors") if placement == "disk" else None
+        # The same call on a tiny model first: torch's kernels (linear, GELU, norm) map their code and
+        # workspaces on first use, 15-25 MiB whatever the table's size; that is not the table's memory.
+        tiny = MoLEForCausalLM(MoLEConfig(**dict(kw, vocab_size=8)))
+        tiny.reparameterize(placement=placement, dtype=torch.float16, progress=False).lut.close()
+        del tiny
 
         def call():
             return model.reparameterize(placement=placement, dtype=torch.float16, path=path, progress=False)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import mole_kernels
 from mole_kernels.model import checkpoints as ck
 from mole_kernels.model.checkpoints import (StreamedTensor, TensorLocation, _load_state_dict, _weight_files,
                                             locate_tensor, save_checkpoint, tensor_names)
@@ -374,9 +375,11 @@ def test_streaming_save_and_skipping_load_stay_small(tmp_path):
     """
     # A fixed malloc mmap threshold: glibc's dynamic one keeps up to ~2 freed chunks on the heap
     # after the first is freed (bounded allocator slack, not memory the writer holds).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    # The child imports the mole_kernels this process imported (not a source tree in the current folder).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(mole_kernels.__file__)))}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
-                          env=env)
+                          env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = [line.split() for line in proc.stdout.splitlines()]
     assert [k for k, _ in got] == ["save", "skip", "full", "skip", "full"], proc.stdout
