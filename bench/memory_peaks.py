@@ -7,9 +7,10 @@ official folder on the disk tier independent of the LUT's size.
 
 How one measurement runs (``measure``): a child process (``python memory_peaks.py --child ...``)
 imports torch and mole_kernels and prepares everything that is "before the call" (the folder is
-already on disk; for ``reparameterize`` the train-form model is constructed and the same call run
-once on an 8-token model, so that torch's kernels have mapped their code and workspaces, 15-25 MiB
-on first use whatever the table's size), then ``gc.collect()``,
+already on disk; for ``reparameterize`` the train-form model is constructed), runs the same call
+once on a tiny table (1 MiB checkpoints; an 8-token model) so that torch's kernels and the readers
+have mapped their code and workspaces (10-25 MiB on first use whatever the table's size: not the
+table's memory), then ``gc.collect()``,
 ``malloc_trim(0)`` (memory freed earlier goes back to the kernel, so the call cannot hide its own
 allocations in pages the process already held), writes ``5`` to ``/proc/self/clear_refs`` (resets
 VmHWM to the current RSS), reads VmRSS as the baseline, runs the call, reads VmHWM while the result
@@ -215,6 +216,9 @@ class _Waiting:
             self.proc.communicate()
 
 
+WARM_MIB = 1  # the tiny checkpoints every measurement first runs its call on (see _child_measure)
+
+
 def _files_dir(tmpdir, size_mib):
     return os.path.join(tmpdir, f"mole-{size_mib}MiB")
 
@@ -226,7 +230,7 @@ def _open_dir(tmpdir, size_mib):
 def _build_jobs(tmpdir, sizes=(), open_sizes=()):
     """Build jobs for what is not yet under tmpdir (each folder is built once and reused)."""
     jobs = []
-    for size in sizes:
+    for size in sorted(set(sizes) | ({WARM_MIB} if sizes else set())):
         out = _files_dir(tmpdir, size)
         if not os.path.exists(os.path.join(out, "done")):
             jobs.append(["build", out, config_kwargs(size), ALL_FILES])
@@ -298,7 +302,7 @@ def _peak_of(call):
         upper_bound=not reset and after["VmHWM"] <= before["VmHWM"])
 
 
-def _child_measure(case: str, placement: str, files: str, kw: dict, scratch: str) -> dict:
+def _child_measure(case: str, placement: str, files: str, kw: dict, scratch: str, warm_files: str) -> dict:
     import safetensors.torch  # noqa: F401 - an import is not the call's memory
     import torch
 
@@ -310,25 +314,28 @@ def _child_measure(case: str, placement: str, files: str, kw: dict, scratch: str
         torch.manual_seed(0)
         model = MoLEForCausalLM(cfg)  # the train form: built before the call
         path = os.path.join(scratch, f"reparam-{os.getpid()}.safetensors") if placement == "disk" else None
-        # The same call on a tiny model first: torch's kernels (linear, GELU, norm) map their code and
-        # workspaces on first use, 15-25 MiB whatever the table's size; that is not the table's memory.
-        tiny = MoLEForCausalLM(MoLEConfig(**dict(kw, vocab_size=8)))
-        tiny.reparameterize(placement=placement, dtype=torch.float16, progress=False).lut.close()
-        del tiny
+        warm = MoLEForCausalLM(MoLEConfig(**dict(kw, vocab_size=8)))
 
-        def call():
+        def call(model=model, path=path):
             return model.reparameterize(placement=placement, dtype=torch.float16, path=path, progress=False)
+
+        def warm_up():
+            call(warm, None).lut.close()
     else:
         source = {"from_pretrained-single": ("single", None), "from_pretrained-sharded": ("sharded", None),
                   "from_pretrained-bin": ("bin", None),
                   "from_pretrained-lut_file-float": ("nolut", "lut-float.safetensors"),
                   "from_pretrained-lut_file-int8": ("nolut", "lut-int8.safetensors")}[case]
-        folder = os.path.join(files, source[0])
-        lut_file = os.path.join(files, source[1]) if source[1] else None
+        def call(files=files):
+            return MoLEForCausalLM.from_pretrained(os.path.join(files, source[0]), placement=placement,
+                                                   lut_file=os.path.join(files, source[1]) if source[1] else None)
 
-        def call():
-            return MoLEForCausalLM.from_pretrained(folder, placement=placement, lut_file=lut_file)
+        def warm_up():
+            call(warm_files).lut.close()
 
+    # The same call on a 1 MiB table first: torch's kernels and the readers map their code and
+    # workspaces on first use (10-25 MiB whatever the table's size), which is not the table's memory.
+    warm_up()
     out, seconds, m = _peak_of(call)
     lut_bytes = out.lut.nbytes
     assert out.lut.placement == placement, (out.lut.placement, placement)
@@ -425,7 +432,8 @@ def _job(case, size, tmpdir, placement):
         raise ValueError(f"measure: case must be one of {CASES + ('open-time',)}, got {case!r}")
     if placement not in PLACEMENTS:
         raise ValueError(f"measure: placement must be one of {PLACEMENTS}, got {placement!r}")
-    return ["measure", case, placement, _files_dir(tmpdir, size), config_kwargs(size), os.path.join(tmpdir, "scratch")]
+    return ["measure", case, placement, _files_dir(tmpdir, size), config_kwargs(size), os.path.join(tmpdir, "scratch"),
+            _files_dir(tmpdir, WARM_MIB)]
 
 
 def measure_many(requests, tmpdir: str, *, lookahead: int = 2, timeout: float = 900) -> list:
