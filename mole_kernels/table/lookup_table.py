@@ -477,8 +477,10 @@ class LookupTable:
     def save(self, path) -> None:
         """Writes the table as safetensors: tensor ``"lut"`` [V, L, E, D] plus metadata (a quantized
         table: its packed uint8 rows ``[V, L, E, row_bytes]`` and metadata naming format, block size,
-        dtype and layout; :meth:`open` reads either). The file appears whole or not at all, through
-        a unique temporary file in its folder (safe to save over the file this table was opened from)."""
+        dtype and layout; :meth:`open` reads either). Rows are written chunk by chunk from the tier (a
+        32nd of the table within [4, 64] MiB at a time: never a copy of the table in RAM). The file
+        appears whole or not at all, through a unique temporary file in its folder (safe to save over
+        the file this table was opened from)."""
         self._check_open()
         meta = {**self.metadata, **_metadata(self.shape, self.dtype, self._quant)}
         _write_table(os.fspath(path), self._stored_shape, self._stored_dtype, meta, self._read_stored)
