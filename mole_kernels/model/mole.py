@@ -51,26 +51,29 @@ class MoLEForCausalLM(_CausalLM):
     # -- the expert term -----------------------------------------------------------------
 
     def _ffn_context(self, input_ids, embeds):
-        if not self.is_reparameterized:
+        if self._kind != "mole_lut":  # the train form: its experts read the embeddings
             return embeds
-        if self._reader is None:
-            if self.lut is None:
-                raise RuntimeError("MoLEForCausalLM: the inference form has no LUT; call set_lut(table) "
-                                   "(or build it with reparameterize() / from_pretrained())")
-            if self.lut.device != self.device:
-                raise RuntimeError(f"MoLEForCausalLM: the LUT delivers rows to {self.lut.device} but the model is on "
-                                   f"{self.device}; rebuild the table with device={self.device}")
-            self._reader = self.lut.reader()
         # Every layer's rows for this step's ids, started before layer 0 (prefetched on a GPU). Ids
         # were range-checked where they entered (forward/generate): no step synchronises for them.
-        return self._reader.start(input_ids)
+        # The context is each layer's one call itself (the decode loop runs it L times per token).
+        return (self._reader or self._new_reader()).start(input_ids).combine
+
+    def _new_reader(self):
+        if self.lut is None:
+            raise RuntimeError("MoLEForCausalLM: the inference form has no LUT; call set_lut(table) "
+                               "(or build it with reparameterize() / from_pretrained())")
+        if self.lut.device != self.device:
+            raise RuntimeError(f"MoLEForCausalLM: the LUT delivers rows to {self.lut.device} but the model is on "
+                               f"{self.device}; rebuild the table with device={self.device}")
+        self._reader = self.lut.reader()
+        return self._reader
 
     def _ffn(self, l, layer, h, ctx):
         n = layer.post_attention_layernorm(h)
-        if self.is_reparameterized:
+        if self._kind == "mole_lut":
             # One fused call: the router matmul (the D x E weight, not the module: its hook machinery
             # costs more than the matmul at decode sizes), softmax, the token's E rows, their sum, both adds.
-            return ctx.combine(l, n, h, layer.mlp(n), layer.router.weight)
+            return ctx(l, n, h, layer.mlp(n), layer.router.weight)
         # The train form, as the official layer: softmax in float32, cast to the hidden dtype, weighted sum.
         logits = layer.router(n)
         shared = layer.mlp(n)

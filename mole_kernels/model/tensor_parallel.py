@@ -594,7 +594,7 @@ class TPMoLEForCausalLM(_TensorParallel, MoLEForCausalLM):
         # Columns D_r also get this rank's weighted LUT slice and the residual's slice (every column from one
         # rank only), in one fused call; the all-reduce the MLP needs anyway then yields
         # h + mlp(n) + sum_e p_e * LUT[id, l, e, :] on every rank: no collective of its own.
-        y[..., c] = ctx.combine(l, n, y[..., c], h[..., c], layer.router.weight)  # as MoLE's _ffn
+        y[..., c] = ctx(l, n, y[..., c], h[..., c], layer.router.weight)  # as MoLE's _ffn
         group, _, world = self._tp
         return _all_reduce(y, group, world)
 
