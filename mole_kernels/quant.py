@@ -257,6 +257,17 @@ class QuantizedLUT:
                 f"device={self.device}{', pinned' if self.data.device.type == 'cpu' and self.is_pinned() else ''})")
 
 
+def quantized_layout(shape, format: str, block_size: Optional[int], dtype: torch.dtype) -> QuantizedLUT:
+    """The :class:`QuantizedLUT` a float table of ``shape`` ``[..., D]`` in ``dtype`` quantizes to,
+    over a meta payload (no memory): canonical format, default block size, row bytes. What a tier
+    that is filled chunk by chunk allocates and names before any row exists."""
+    fmt = canonical_format(format)
+    D = shape[-1]
+    block = default_block_size(fmt, D) if block_size is None else block_size
+    payload = torch.empty((*shape[:-1], row_layout(fmt, D, block)[2]), dtype=torch.uint8, device="meta")
+    return QuantizedLUT(payload, fmt, D, block, dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # quantize / dequantize (vectorised torch, in chunks of tokens so temporaries stay small)
 

@@ -58,7 +58,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import QuantizedLUT, canonical_format, default_block_size, quantize, row_layout
+from ..quant import canonical_format, default_block_size, quantize, quantized_layout
 from ..table import LookupTable
 from ..table.file_format import _metadata, _write_table
 from .baselines import DenseForCausalLM
@@ -408,11 +408,8 @@ class _RankSlice:
         self.template = None  # quantized: format, dim, block over a meta payload
         self.stored_shape, self.stored_dtype = self.shape, self.dtype
         if fmt is not None:
-            fmt = canonical_format(fmt)
-            block = default_block_size(fmt, n) if block is None else block
-            payload = torch.empty((V, L, E, row_layout(fmt, n, block)[2]), dtype=torch.uint8, device="meta")
-            self.template = QuantizedLUT(payload, fmt, n, block, self.dtype)
-            self.stored_shape, self.stored_dtype = tuple(payload.shape), torch.uint8
+            self.template = quantized_layout(self.shape, fmt, block, self.dtype)
+            self.stored_shape, self.stored_dtype = tuple(self.template.data.shape), torch.uint8
         # Source rows are whole (token-major: a rank's columns are strided in every row), read in bounded chunks.
         self._step = max(1, _SOURCE_CHUNK // max(1, L * E * D * src_dtype.itemsize))
 

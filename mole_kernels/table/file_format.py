@@ -70,7 +70,7 @@ def _read_header(path: str, tensor: str = TENSOR_NAME, as_shape=None) -> _FileIn
         return ValueError(f"LookupTable.open: {path}: {msg}")
 
     header, meta, data_start, st = safetensors_header(path, "LookupTable.open")
-    size, n = st.st_size, data_start - 8
+    size = st.st_size
     if tensor not in header:
         raise bad(f"no tensor named {tensor!r} (tensors: {sorted(header)[:8]}); pass tensor= to pick one")
     entry = header[tensor]
@@ -114,8 +114,8 @@ def _read_header(path: str, tensor: str = TENSOR_NAME, as_shape=None) -> _FileIn
     if not all(is_ints(o, 2) for o in offsets):
         raise bad("a tensor entry has malformed data_offsets (two ints expected)")
     data_end = max(o[1] for o in offsets)  # the file must hold every tensor the header describes, not just ours
-    if size < 8 + n + data_end:
-        raise bad(f"truncated: the header describes {8 + n + data_end} bytes but the file has {size}")
+    if size < data_start + data_end:
+        raise bad(f"truncated: the header describes {data_start + data_end} bytes but the file has {size}")
     # The metadata, when present, must agree with the tensor (a mismatch means a corrupt or foreign file).
     logical, logical_dtype = list(shape), str(dtype).replace("torch.", "")
     if quantized:
@@ -133,7 +133,7 @@ def _read_header(path: str, tensor: str = TENSOR_NAME, as_shape=None) -> _FileIn
         raise bad(f"format_version {version!r} is not a number")
     if int(version) > FORMAT_VERSION:
         raise bad(f"format_version {version} is newer than this mole_kernels ({FORMAT_VERSION})")
-    return _FileInfo(tuple(shape), dtype, 8 + n + begin, nbytes, dict(meta), quantized, (st.st_dev, st.st_ino),
+    return _FileInfo(tuple(shape), dtype, data_start + begin, nbytes, dict(meta), quantized, (st.st_dev, st.st_ino),
                      q if quantized else None)
 
 
@@ -213,11 +213,6 @@ def _metadata(shape, dtype, quantized: Optional[QuantizedLUT] = None) -> Dict[st
     if quantized is not None:
         meta.update(quantized.metadata())
     return meta
-
-
-def _metadata_of(lut) -> Dict[str, str]:
-    """:func:`_metadata` of a 4-D table (tensor or QuantizedLUT)."""
-    return _metadata(lut.shape, lut.dtype, lut if isinstance(lut, QuantizedLUT) else None)
 
 
 def _check_quantized_rows(sample: torch.Tensor, info: _FileInfo, path: str) -> None:

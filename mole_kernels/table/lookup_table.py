@@ -54,7 +54,7 @@ import torch
 
 from .._ops import ops, raise_on_bad_ids
 from ..lut_gather import lut_gather
-from ..quant import QuantizedLUT, canonical_format, default_block_size, quantize, row_layout
+from ..quant import QuantizedLUT, canonical_format, quantize, quantized_layout
 from .file_format import (_ST_DTYPES, TENSOR_NAME, _check_quantized_rows, _chunk_rows, _FileInfo, _metadata,
                           _progress, _read_header, _write_table)
 
@@ -235,11 +235,7 @@ class LookupTable:
                 raise ValueError("LookupTable.build: block_size needs format= (a float table has no blocks)")
             return cls._build_stored(shape, dtype, None, placement, device, path=path, staging_bytes=staging_bytes,
                                      desc=desc if progress else None, fill_stored=fill)
-        fmt = canonical_format(format)
-        block = default_block_size(fmt, shape[3]) if block_size is None else block_size
-        row_bytes = row_layout(fmt, shape[3], block)[2]
-        quant = QuantizedLUT(torch.empty((*shape[:3], row_bytes), dtype=torch.uint8, device="meta"), fmt, shape[3],
-                             block, dtype)
+        quant = quantized_layout(shape, format, block_size, dtype)
         chunk = None  # the float CPU chunk rows are quantized from, allocated once
 
         def quantized_rows(a, b, dst):
@@ -247,7 +243,7 @@ class LookupTable:
             if chunk is None:
                 chunk = torch.empty((b - a, *shape[1:]), dtype=dtype)
             fill(a, b, chunk[:b - a])
-            dst.copy_(quantize(chunk[:b - a], fmt, block, progress=False, first_token=a).data)
+            dst.copy_(quantize(chunk[:b - a], quant.format, quant.block_size, progress=False, first_token=a).data)
 
         # quantize() holds a few float32 temporaries per value: chunks are sized on those.
         return cls._build_stored(quant.data.shape, torch.uint8, quant, placement, device, path=path,
