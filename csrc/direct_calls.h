@@ -4,8 +4,9 @@
 // step. Through torch.ops (or a TorchScript method) each such call costs ~25-30 us inside a decode
 // loop, whose other work evicts that call path from the caches, against ~6 us for a native torch
 // op: at small shapes that alone made MoLE 10 % slower than dense. The functions here are the ones
-// the ops run on a CPU, so results are identical; mole_kernels/table/reader.py uses them when no
-// torch.compile, dispatch mode or autograd would need to see the op.
+// the ops run on a CPU (the decode step's usual case by a lean path of the same arithmetic, equal up
+// to float32 rounding); mole_kernels/table/reader.py uses them when no torch.compile, dispatch mode
+// or autograd would need to see the op (_C._plain_eager and torch.compiler.is_compiling say so).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,6 +28,12 @@ at::Tensor lut_combine_quant_cpu(const at::Tensor& data, c10::string_view format
                                  const at::Tensor& ids, const at::Tensor& logits, std::optional<int64_t> layer,
                                  const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared,
                                  std::optional<at::ScalarType> dtype);
+
+// The model's layer call: lut_combine_cpu with the logits linear(x, router_weight) (x itself without
+// a router weight); a decode step's usual case runs a lean path (csrc/lut_combine.cpp says why).
+at::Tensor lut_combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, std::optional<int64_t> layer,
+                                const at::Tensor& x, const std::optional<at::Tensor>& router_weight,
+                                const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared);
 
 // linear(x, weight) for the router (x [*, D], weight [E, D]): a hand loop for decode-sized inputs, whose
 // cost a GEMM library's fixed overhead would dwarf; at::linear beyond (csrc/lut_combine.cpp).

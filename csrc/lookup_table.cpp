@@ -16,6 +16,7 @@
 // them to a device buffer through a pinned staging store in a few large async copies, pipelined:
 // host threads fill one half of the staging while the other half's copy runs. dedupe_ids turns a
 // batch's ids into its sorted unique ids and each id's position among them, so a row is read once.
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -201,7 +202,7 @@ at::Tensor checked_ids(const at::Tensor& ids, int64_t rows, const char* what) {
   MOLE_CHECK_ARG(ids.device().is_cpu(), what, ": ids must be on the CPU, got ", ids.device());
   MOLE_CHECK_ARG(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, what,
                  ": ids must be int32 or int64, got ", ids.scalar_type());
-  at::Tensor flat = ids.to(at::kLong).contiguous().view(-1);
+  at::Tensor flat = as_contiguous(ids, at::kLong);  // read by numel and pointer: no dispatched view
   const int64_t* p = flat.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < flat.numel(); ++i) {
     MOLE_CHECK_ARG(p[i] >= 0 && p[i] < rows, what, ": ids contains ", p[i], " (at flat position ", i,
@@ -262,10 +263,11 @@ std::tuple<at::Tensor, at::Tensor> dedupe_ids(const at::Tensor& ids, int64_t V, 
   MOLE_CHECK_ARG(ids.device().is_cpu(), "dedupe_ids: ids must be on the CPU, got ", ids.device());
   MOLE_CHECK_ARG(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
                  "dedupe_ids: ids must be int32 or int64, got ", ids.scalar_type());
-  const at::Tensor flat = ids.to(at::kLong).contiguous().view(-1);
+  const at::Tensor flat = as_contiguous(ids, at::kLong);  // read by numel and pointer: no dispatched view
   const int64_t n = flat.numel();
   const int64_t* p = flat.const_data_ptr<int64_t>();
-  at::Tensor inverse = at::empty(ids.sizes(), flat.options());
+  // Allocated undispatched: a decode step on a disk table calls this once per step, with its code cold.
+  at::Tensor inverse = at::detail::empty_cpu(ids.sizes(), at::kLong);
   int64_t* inv = inverse.data_ptr<int64_t>();
   std::vector<std::pair<int64_t, int64_t>> order;  // (id, position) of the valid ids
   order.reserve(n);
@@ -284,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> dedupe_ids(const at::Tensor& ids, int64_t V, 
     if (uniq.empty() || uniq.back() != id) uniq.push_back(id);
     inv[pos] = static_cast<int64_t>(uniq.size()) - 1;
   }
-  at::Tensor u = at::empty({static_cast<int64_t>(uniq.size())}, flat.options());
+  at::Tensor u = at::detail::empty_cpu({static_cast<int64_t>(uniq.size())}, at::kLong);
   std::copy(uniq.begin(), uniq.end(), u.data_ptr<int64_t>());
   return {u, inverse};
 }

@@ -9,6 +9,7 @@
 // implementation (the fused gathers of lut_gather_cpu.cpp / lut_gather_quant_cpu.cpp with the
 // residual and shared terms as addends). On CUDA the ops are implemented in Python
 // (mole_kernels/combine.py: a Triton kernel for float tables).
+#include <ATen/EmptyTensor.h>
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
@@ -23,23 +24,40 @@
 namespace mole {
 namespace {
 
+// softmax over one token's E logits, float32, max-subtracted (`w` may be `x` itself).
+inline void softmax_row(const float* x, float* w, int64_t E) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t e = 0; e < E; ++e) m = std::max(m, x[e]);
+  // All -inf: exp(-inf - -inf) = NaN; +inf: exp(inf - inf) = NaN; a NaN logit: a NaN sum.
+  float sum = 0.f;
+  for (int64_t e = 0; e < E; ++e) sum += (w[e] = std::exp(x[e] - m));
+  const float inv = 1.f / sum;
+  for (int64_t e = 0; e < E; ++e) w[e] *= inv;
+}
+
 // The float32 softmax weights [T, E] of logits [*, E] (any float dtype and strides).
 std::vector<float> softmax_weights(const at::Tensor& logits, int64_t T, int64_t E) {
   const at::Tensor x = as_contiguous(logits, at::kFloat);  // [*, E] row-major: T rows of E
   const float* src = x.const_data_ptr<float>();
   std::vector<float> w(static_cast<size_t>(T * E));
-  for (int64_t t = 0; t < T; ++t) {
-    const float* xt = src + t * E;
-    float* wt = w.data() + t * E;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t e = 0; e < E; ++e) m = std::max(m, xt[e]);
-    // All -inf: exp(-inf - -inf) = NaN; +inf: exp(inf - inf) = NaN; a NaN logit: a NaN sum.
-    float sum = 0.f;
-    for (int64_t e = 0; e < E; ++e) sum += (wt[e] = std::exp(xt[e] - m));
-    const float inv = 1.f / sum;
-    for (int64_t e = 0; e < E; ++e) wt[e] *= inv;
-  }
+  for (int64_t t = 0; t < T; ++t) softmax_row(src + t * E, w.data() + t * E, E);
   return w;
+}
+
+// One router logit, x . w over D, accumulated in float32 and rounded to the inputs' dtype
+// (as linear's result is). router_logits and the decode step share it, so their logits are equal.
+template <typename scalar_t>
+inline scalar_t router_dot(const scalar_t* x, const scalar_t* w, int64_t D) {
+  constexpr int kLanes = 16;  // independent partial sums: the loop vectorises, no add waits on the last one
+  float lane[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lane[j] += static_cast<float>(x[d + j]) * static_cast<float>(w[d + j]);
+  }
+  float acc = 0.f;
+  for (; d < D; ++d) acc += static_cast<float>(x[d]) * static_cast<float>(w[d]);
+  for (int j = 0; j < kLanes; ++j) acc += lane[j];
+  return static_cast<scalar_t>(acc);
 }
 
 // The result dtype when no `out` is given: residual's, else shared's, else `fallback`.
@@ -113,16 +131,119 @@ GatherPlan combine_plan(const at::Tensor& lut, const at::Tensor& ids, const at::
   return plan_lut_gather(lut, ids, logits, {layer, std::nullopt}, "lut_combine", "logits");
 }
 
+// Below this many multiply-adds a GEMM library's fixed cost (~15 us inside a decode loop, where its
+// code is cold) dwarfs the router matmul itself: E x D per token, 512 at the demo's shape.
+constexpr int64_t kHandLoop = 1 << 16;
+
+// A decode step's T x E softmax weights (and its T ids) live on the stack up to this many.
+constexpr int64_t kStepWeights = 256;
+
+// out = res + sh + sum_e w[e] * rows[e, :] for one token (rows: its E rows of D), summed in float32.
+// The decode step's own loop, kept small and in one place on purpose: between two layers the step
+// streams megabytes of weights through the caches, so every call finds its code and data evicted
+// and pays for each cache line it touches; the general fused kernel's dispatch layers, thread pool
+// entry and SIMD variants cost more that way than the E x D multiply-adds themselves.
+template <typename lut_t, typename out_t>
+void step_row(const lut_t* rows, int64_t E, int64_t D, const float* w, const out_t* res, const out_t* sh,
+              out_t* out) {
+  constexpr int64_t kTile = 256;  // a float32 accumulator tile on the stack; the loops vectorise
+  float acc[kTile];
+  for (int64_t c = 0; c < D; c += kTile) {
+    const int64_t m = std::min(kTile, D - c);
+    for (int64_t j = 0; j < m; ++j) acc[j] = static_cast<float>(res[c + j]) + static_cast<float>(sh[c + j]);
+    for (int64_t e = 0; e < E; ++e) {
+      const lut_t* row = rows + e * D + c;
+      for (int64_t j = 0; j < m; ++j) acc[j] += w[e] * static_cast<float>(row[j]);
+    }
+    for (int64_t j = 0; j < m; ++j) out[c + j] = static_cast<out_t>(acc[j]);
+  }
+}
+
+// Whether `t` is a contiguous CPU tensor of `dtype` and shape ids.shape + [last].
+bool is_step_operand(const at::Tensor& t, const at::Tensor& ids, int64_t last, at::ScalarType dtype) {
+  if (t.layout() != at::kStrided || !t.device().is_cpu() || t.scalar_type() != dtype || !t.is_contiguous() ||
+      t.dim() != ids.dim() + 1 || t.size(-1) != last) {
+    return false;
+  }
+  for (int64_t i = 0; i < ids.dim(); ++i) {
+    if (t.size(i) != ids.size(i)) return false;
+  }
+  return true;
+}
+
+// A decode step's layer, the usual case only: a contiguous [V, L, E, D] CPU table, a layer, at most a
+// few contiguous ids all in [0, V), contiguous residual / shared of ids.shape + [D], a router weight
+// [E, K] and its input x of ids.shape + [K]. It computes what router_logits + lut_combine_cpu compute
+// (the same logits and softmax; the sum in step_row, equal up to float32 rounding) with a few
+// comparisons for checks and no allocation but its result: inside a decode loop, where every line
+// runs cold, the general path's checks, dispatched allocations and temporaries cost more than the
+// layer's whole lookup. Returns an undefined tensor for any other call, which the general path then
+// runs or refuses, naming what is wrong.
+at::Tensor combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, std::optional<int64_t> layer,
+                            const at::Tensor& x, const at::Tensor& router_weight,
+                            const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared) {
+  if (lut.layout() != at::kStrided || !lut.device().is_cpu() || lut.dim() != 4 || !lut.is_contiguous() ||
+      !is_float_dtype(lut.scalar_type()) || !layer.has_value() || *layer < 0 || *layer >= lut.size(1) ||
+      ids.layout() != at::kStrided || !ids.device().is_cpu() || !ids.is_contiguous() ||
+      (ids.scalar_type() != at::kLong && ids.scalar_type() != at::kInt) || !residual.has_value() ||
+      !shared.has_value()) {
+    return at::Tensor();
+  }
+  const int64_t V = lut.size(0), L = lut.size(1), E = lut.size(2), D = lut.size(3), T = ids.numel();
+  const at::ScalarType dtype = residual->scalar_type();
+  const int64_t K = router_weight.dim() == 2 ? router_weight.size(1) : -1;  // the router's input size
+  if (T == 0 || E == 0 || D == 0 || T * E > kStepWeights || T * E * K > kHandLoop || !is_float_dtype(dtype) ||
+      router_weight.layout() != at::kStrided || !router_weight.device().is_cpu() || K < 1 ||
+      router_weight.size(0) != E || !router_weight.is_contiguous() ||
+      !is_step_operand(x, ids, K, router_weight.scalar_type()) || !is_float_dtype(x.scalar_type()) ||
+      !is_step_operand(*residual, ids, D, dtype) || !is_step_operand(*shared, ids, D, dtype)) {
+    return at::Tensor();
+  }
+  // The ids, as int64 offsets into the table (all in range, or the general path takes the call).
+  int64_t row[kStepWeights];
+  bool in_range = true;
+  MOLE_DISPATCH_ID_TYPES(ids.scalar_type(), "lut_combine", [&] {
+    const scalar_t* id = ids.const_data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      row[t] = static_cast<int64_t>(id[t]);
+      in_range &= row[t] >= 0 && row[t] < V;
+    }
+  });
+  if (!in_range) return at::Tensor();  // the general path raises, naming the id
+
+  float w[kStepWeights];
+  MOLE_DISPATCH_FLOATING_TYPES(x.scalar_type(), "router_logits", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = router_weight.const_data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t e = 0; e < E; ++e) w[t * E + e] = static_cast<float>(router_dot(xp + t * K, wp + e * K, K));
+    }
+  });
+  for (int64_t t = 0; t < T; ++t) softmax_row(w + t * E, w + t * E, E);
+  at::Tensor out = at::detail::empty_cpu(residual->sizes(), dtype);  // the op's own allocator, undispatched
+  const int64_t token = L * E * D, first = *layer * E * D;
+  MOLE_DISPATCH_FLOATING_TYPES(lut.scalar_type(), "lut_combine", [&] {
+    using lut_t = scalar_t;
+    const lut_t* table = lut.const_data_ptr<lut_t>();
+    MOLE_DISPATCH_FLOATING_TYPES(dtype, "lut_combine", [&] {
+      const scalar_t* res = residual->const_data_ptr<scalar_t>();
+      const scalar_t* sh = shared->const_data_ptr<scalar_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
+      for (int64_t t = 0; t < T; ++t) {
+        step_row(table + row[t] * token + first, E, D, w + t * E, res + t * D, sh + t * D, o + t * D);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 at::Tensor router_logits(const at::Tensor& x, const at::Tensor& weight) {
-  // Below this many multiply-adds a GEMM library's fixed cost (~15 us inside a decode loop, where its
-  // code is cold) dwarfs the work itself: E x D per token, 512 at the demo's shape.
-  constexpr int64_t kHandLoop = 1 << 16;
   MOLE_CHECK_ARG(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), "router: weight must be [E, D] "
                  "with D = x's last size (", x.size(-1), "), got ", weight.sizes());
   const int64_t E = weight.size(0), D = weight.size(1), T = D ? x.numel() / D : 0;
-  if (T * E * D > kHandLoop || !x.device().is_cpu() || x.scalar_type() != weight.scalar_type() ||
+  if (D == 0 || T * E * D > kHandLoop || !x.device().is_cpu() || x.scalar_type() != weight.scalar_type() ||
       !is_float_dtype(x.scalar_type())) {
     return at::linear(x, weight);
   }
@@ -135,11 +256,7 @@ at::Tensor router_logits(const at::Tensor& x, const at::Tensor& weight) {
     const scalar_t* wp = wc.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     for (int64_t t = 0; t < T; ++t) {
-      for (int64_t e = 0; e < E; ++e) {
-        float acc = 0.f;
-        for (int64_t d = 0; d < D; ++d) acc += static_cast<float>(xp[t * D + d]) * static_cast<float>(wp[e * D + d]);
-        op[t * E + e] = static_cast<scalar_t>(acc);  // rounded to x's dtype, as linear's result is
-      }
+      for (int64_t e = 0; e < E; ++e) op[t * E + e] = router_dot(xp + t * D, wp + e * D, D);
     }
   });
   return out;
@@ -159,6 +276,14 @@ at::Tensor lut_combine_cpu(const at::Tensor& lut, const at::Tensor& ids, const a
   at::Tensor out = at::empty(p.out_shape, ids.options().dtype(result_dtype(residual, shared, lut.scalar_type())));
   combine_cpu(p, out, lut, ids, logits, residual, shared, std::nullopt);
   return out;
+}
+
+at::Tensor lut_combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, std::optional<int64_t> layer,
+                                const at::Tensor& x, const std::optional<at::Tensor>& router_weight,
+                                const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared) {
+  if (!router_weight.has_value()) return lut_combine_cpu(lut, ids, x, layer, residual, shared);
+  at::Tensor out = combine_step_cpu(lut, ids, layer, x, *router_weight, residual, shared);
+  return out.defined() ? out : lut_combine_cpu(lut, ids, router_logits(x, *router_weight), layer, residual, shared);
 }
 
 namespace {

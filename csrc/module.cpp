@@ -1,6 +1,10 @@
 // The Python module `mole_kernels._C`. Importing it loads this library, whose static initialisers
 // register the torch ops (torch.ops.mole_kernels.*). It also holds three direct calls for the CPU
-// decode path, past the dispatcher (csrc/direct_calls.h says why; the ops stay the public way).
+// decode path, past the dispatcher (csrc/direct_calls.h says why; the ops stay the public way), and
+// the check that says when they may run.
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -49,10 +53,10 @@ at::Tensor logits_arg(PyObject* x, PyObject* router_weight) {
 PyObject* lut_combine(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_count(n, 7, "_lut_combine(lut, ids, layer, logits_or_x, residual, shared, router_weight)");
-  return THPVariable_Wrap(mole::lut_combine_cpu(
-      tensor_arg(args[0], "lut"), tensor_arg(args[1], "ids"), logits_arg(args[3], args[6]),
-      optional_int_arg(args[2], "layer"), optional_tensor_arg(args[4], "residual"),
-      optional_tensor_arg(args[5], "shared")));
+  return THPVariable_Wrap(mole::lut_combine_step_cpu(
+      tensor_arg(args[0], "lut"), tensor_arg(args[1], "ids"), optional_int_arg(args[2], "layer"),
+      tensor_arg(args[3], args[6] == Py_None ? "logits" : "x"), optional_tensor_arg(args[6], "router_weight"),
+      optional_tensor_arg(args[4], "residual"), optional_tensor_arg(args[5], "shared")));
   END_HANDLE_TH_ERRORS
 }
 
@@ -93,6 +97,20 @@ PyObject* read_unique_file(PyObject*, PyObject* const* args, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
+// _plain_eager(ids) -> bool: whether nothing needs to see an op called with `ids`, so that the direct
+// calls above may run instead: grad mode off, ids a plain tensor, no Python dispatch mode, no functorch
+// transform (torch.compile is asked in Python, where dynamo answers it). One call, not four from Python:
+// a decode step asks it first thing, when all of this code is cold.
+PyObject* plain_eager(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_count(n, 1, "_plain_eager(ids)");
+  const bool plain = !at::GradMode::is_enabled() && THPVariable_CheckExact(args[0]) &&
+                     c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
+                     !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+  return PyBool_FromLong(plain);
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"_lut_combine", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lut_combine)), METH_FASTCALL,
      "torch.ops.mole_kernels.lut_combine on CPU tensors, called directly (the decode path)"},
@@ -100,6 +118,8 @@ PyMethodDef methods[] = {
      METH_FASTCALL, "torch.ops.mole_kernels.lut_combine_quant on CPU tensors, called directly (the decode path)"},
     {"_read_unique_file", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(read_unique_file)),
      METH_FASTCALL, "TableStore.read_unique on the file named by a TableStore.handle(), called directly"},
+    {"_plain_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_eager)), METH_FASTCALL,
+     "whether a call with these ids may skip the dispatcher (eager, no grad, no dispatch mode or transform)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

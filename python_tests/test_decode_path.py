@@ -98,12 +98,11 @@ def test_reader_combines_every_layer(placement, path, quantized):
     step = reader.start(ids)
     for l in range(L):
         logits, h, shared = torch.randn(2, 3, E), torch.randn(2, 3, D), torch.randn(2, 3, D)
-        got = step.combine(l, logits, h, shared)
+        got = step(l, logits, h, shared)
         want = h.double() + shared.double() + (torch.softmax(logits.double(), -1)[..., None] * ref[ids, l]).sum(-2)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=rf"ids contains {V} \(at flat position 2\)"):  # CPU: named, not counted
-        reader.start(torch.tensor([[0, 1, V]])).combine(0, torch.randn(1, 3, E), torch.randn(1, 3, D),
-                                                        torch.randn(1, 3, D))
+        reader.start(torch.tensor([[0, 1, V]]))(0, torch.randn(1, 3, E), torch.randn(1, 3, D), torch.randn(1, 3, D))
 
 
 # ------------------------------------------------------------------ the model's step ---------------------
@@ -270,3 +269,82 @@ def test_direct_calls_equal_the_ops_and_check_their_arguments():
     t.close()
     with pytest.raises(RuntimeError, match="the table was closed"):
         _C._read_unique_file(handle, torch.tensor([1]), row, 0, row, True, dst)
+
+
+def _step_reference(lut, ids, layer, x, w, residual, shared):
+    """float64 of residual + shared + sum_e softmax(linear(x, w))_e * lut[ids, layer, e], the logits
+    rounded to x's dtype first (as linear's result and the decode step's are)."""
+    logits = (x.double() @ w.double().T).to(x.dtype).double()
+    p = torch.softmax(logits, -1)
+    return residual.double() + shared.double() + (p[..., None] * lut.double()[ids, layer]).sum(-2)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lut_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_decode_step_call_matches_float64(lut_dtype, act_dtype, id_dtype):
+    """_C._lut_combine with a router weight, as a decode step calls it: its lean path (a few contiguous
+    ids and operands) and every case it leaves to the general path (too many ids, a strided operand,
+    mixed addend dtypes, a [V, E, D] table) against float64; odd sizes, E = 1, repeated ids."""
+    from mole_kernels import _C
+
+    tol = dict(atol=1e-5, rtol=1e-5) if act_dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for V_, L_, E_, D_, K in [(40, 5, 3, 12, 12), (33, 2, 1, 37, 29), (17, 3, 5, 300, 7)]:
+        lut = torch.randn(V_, L_, E_, D_).to(lut_dtype)
+        w = torch.randn(E_, K).to(act_dtype)
+        for shape in [(1, 1), (2, 3), ()]:  # decode steps of 1 and 6 tokens, and a 0-d id
+            ids = torch.randint(0, V_, shape, dtype=id_dtype)
+            if ids.numel() > 1:
+                ids.view(-1)[1] = ids.view(-1)[0]  # a repeated id
+            x = torch.randn(*shape, K).to(act_dtype)
+            residual, shared = torch.randn(*shape, D_).to(act_dtype), torch.randn(*shape, D_).to(act_dtype)
+            layer = L_ - 1
+            got = _C._lut_combine(lut, ids, layer, x, residual, shared, w)
+            assert got.dtype == act_dtype and got.shape == residual.shape
+            torch.testing.assert_close(got.double(), _step_reference(lut, ids, layer, x, w, residual, shared), **tol)
+    # What the lean path leaves to the general one gives the same sums.
+    lut, w = torch.randn(V, L, E, D).to(lut_dtype), torch.randn(E, 48).to(act_dtype)
+    ids = random_ids(100).to(id_dtype).view(1, 100)  # 100 x E weights: more than the lean path's stack holds
+    x = torch.randn(1, 100, 48).to(act_dtype)
+    h, shared = torch.randn(1, 100, D).to(act_dtype), torch.randn(1, 100, D).to(act_dtype)
+    torch.testing.assert_close(_C._lut_combine(lut, ids, 2, x, h, shared, w).double(),
+                               _step_reference(lut, ids, 2, x, w, h, shared), **tol)
+    ids, x = ids[:, :3], torch.randn(1, 48, 3).to(act_dtype).transpose(1, 2)  # a strided x
+    h, shared = h[:, :3].contiguous(), shared[:, :3].contiguous()
+    torch.testing.assert_close(_C._lut_combine(lut, ids, 0, x, h, shared, w).double(),
+                               _step_reference(lut, ids, 0, x, w, h, shared), **tol)
+    x = x.contiguous()
+    got = _C._lut_combine(lut, ids, 1, x, h, shared.float(), w)  # addends of two dtypes: residual's wins
+    assert got.dtype == act_dtype
+    torch.testing.assert_close(got.double(), _step_reference(lut, ids, 1, x, w, h, shared.float()), **tol)
+    lut3 = lut[:, 0].contiguous()  # [V, E, D]: no layer
+    torch.testing.assert_close(_C._lut_combine(lut3, ids, None, x, h, shared, w).double(),
+                               _step_reference(lut3[:, None], ids, 0, x, w, h, shared), **tol)
+    # A bad id is named, whichever path would have run.
+    for bad in (torch.tensor([[3, V]]), torch.tensor([[-1]])):
+        with pytest.raises(ValueError, match=r"ids contains -?\d+ \(at flat position \d\)"):
+            _C._lut_combine(lut, bad.to(id_dtype), 2, x[:, :bad.numel()], h[:, :bad.numel()],
+                            shared[:, :bad.numel()], w)
+
+
+def test_direct_calls_run_only_where_nothing_needs_to_see_the_op():
+    """_C._plain_eager: the check before every direct call (grad mode, tensor subclass, Python dispatch
+    mode, functorch transform)."""
+    from mole_kernels import _C
+
+    ids = torch.tensor([1, 2])
+    assert not _C._plain_eager(ids)  # grad mode on: autograd must see the op
+    with torch.no_grad():
+        assert _C._plain_eager(ids)
+
+        class Sub(torch.Tensor):
+            pass
+
+        assert not _C._plain_eager(ids.as_subclass(Sub))
+        with _OpCounter():
+            assert not _C._plain_eager(ids)
+        seen = []
+        torch.vmap(lambda y: seen.append(_C._plain_eager(y)) or y)(torch.ones(3, 2))
+        assert seen == [False]
+        with pytest.raises(TypeError, match="takes 1 positional arguments"):
+            _C._plain_eager()

@@ -56,7 +56,7 @@ class MoLEForCausalLM(_CausalLM):
         # Every layer's rows for this step's ids, started before layer 0 (prefetched on a GPU). Ids
         # were range-checked where they entered (forward/generate): no step synchronises for them.
         # The context is each layer's one call itself (the decode loop runs it L times per token).
-        return (self._reader or self._new_reader()).start(input_ids).combine
+        return (self._reader or self._new_reader()).start(input_ids)
 
     def _new_reader(self):
         if self.lut is None:
@@ -73,7 +73,10 @@ class MoLEForCausalLM(_CausalLM):
         if self._kind == "mole_lut":
             # One fused call: the router matmul (the D x E weight, not the module: its hook machinery
             # costs more than the matmul at decode sizes), softmax, the token's E rows, their sum, both adds.
-            return ctx(l, n, h, layer.mlp(n), layer.router.weight)
+            # The weight is read from the module's dicts: `layer.router.weight` runs nn.Module.__getattr__
+            # twice, Python code that costs ~0.4 % of a demo-sized decode step (bench/RESULTS.md).
+            w = layer._modules["router"]._parameters.get("weight")
+            return ctx(l, n, h, layer.mlp(n), layer.router.weight if w is None else w)  # None: parametrized
         # The train form, as the official layer: softmax in float32, cast to the hidden dtype, weighted sum.
         logits = layer.router(n)
         shared = layer.mlp(n)

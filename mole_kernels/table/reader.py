@@ -1,10 +1,10 @@
 """`LayerReader`: how a model's steps read a LookupTable, one fused call per layer.
 
-A step starts with its ids (``start(ids)``, before layer 0) and then, in each layer, asks for
-``residual + shared + sum_e softmax(router logits)_e * LUT[ids, layer, e, :]`` with
-``step.combine(l, logits, residual, shared)``, or ``step.combine(l, x, residual, shared, W)`` with
-the logits ``linear(x, W)`` computed in the same call: one call, no other per-layer work (on a
-CPU, ``step.combine`` is the C++ function itself). How the rows get there is decided once per
+A step starts with its ids (``combine = start(ids)``, before layer 0) and then, in each layer, asks
+for ``residual + shared + sum_e softmax(router logits)_e * LUT[ids, layer, e, :]`` with
+``combine(l, logits, residual, shared)``, or ``combine(l, x, residual, shared, W)`` with the logits
+``linear(x, W)`` computed in the same call: one call, no other per-layer work (on a CPU, ``combine``
+is the C++ function itself). How the rows get there is decided once per
 step, in :meth:`LayerReader._path`:
 
 - ``direct`` (``cpu`` on a CPU): :func:`mole_kernels.lut_combine` reads each token's rows
@@ -25,7 +25,7 @@ belongs to one thread.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +53,13 @@ class LayerReader:
         self._in_ram = table.device.type == "cpu" and table.placement != "disk"
         self._direct = _direct_fn(table._lut) if self._in_ram else None  # (C++ function, the table's arguments)
         self._file_cpu = table.device.type == "cpu" and table.placement == "disk"
+        # What the counters of every step need, looked up once (the table's tier never changes).
+        self._placement, self._row_bytes = table.placement, table.row_bytes
+        self._h2d = table.placement == "host" and table.device.type == "cuda"
         self._prefetcher: Optional[Prefetcher] = None
         self._staged: Optional[torch.Tensor] = None  # unique rows of a staged step (bytes, on the device)
         self._staged_table = None  # CPU: the staging bytes as a table of rows (float or QuantizedLUT)
+        self._staged_tokens = 0  # ... holding this many tokens' rows
         self._file = None  # CPU, disk tier: the table file's handle for direct reads
         self._faults = torch.zeros(1, dtype=torch.int64, device=table.device)
 
@@ -65,55 +69,58 @@ class LayerReader:
         pf = self._prefetcher.faults if self._prefetcher is not None else 0
         return int(self._faults.item()) + pf
 
-    def start(self, ids: torch.Tensor) -> "_Direct | _Prefetched":
-        """Begins a step for ``ids`` (any shape, on the table's device); returns what its layers combine with."""
-        t = self.table
+    def start(self, ids: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """Begins a step for ``ids`` (any shape, on the table's device); returns its layers' call,
+        ``combine(l, x, residual, shared, router_weight=None)`` (see the module docstring)."""
         if self._in_ram and _plain_eager(ids):  # the usual CPU step, first: the table in RAM, read in place
-            s, n = t.stats, ids.numel()
+            s, n = self.table.stats, ids.numel()
             s.calls += 1
             s.rows_requested += n
-            s.bytes_read[t.placement] += n * t._token_bytes
+            s.bytes_read[self._placement] += n * self._row_bytes
             fn, head = self._direct
-            return _Direct(partial(fn, *head, ids))
+            return partial(fn, *head, ids)
         if self._file_cpu and _plain_eager(ids):  # the same over the step's unique rows, read with one call
             inverse = self._read_rows_cpu(ids)[1]
             fn, head = self._direct
-            return _Direct(partial(fn, *head, inverse))
+            return partial(fn, *head, inverse)
+        t = self.table
         path = self._path(ids)
         if path == "staged-cpu":  # a file on a CPU: the step's unique rows read once, with one C++ call
-            return _Direct.over(*self._read_rows_cpu(ids), None)
+            return _direct_combine(*self._read_rows_cpu(ids), None)
         if path == "prefetch":
             T = ids.numel()
             if self._prefetcher is None or self._prefetcher.max_tokens < T:
                 self._prefetcher = Prefetcher(t, max(T, 1), strict=False)
-            return _Prefetched(self._prefetcher.start(ids, path="zero_copy"))
+            return _Prefetched(self._prefetcher.start(ids, path="zero_copy")).combine
         if path == "staged":  # a GPU: a bad id becomes -1 (counted by the kernel, no synchronisation)
             need = ids.numel() * t.row_bytes
             if self._staged is None or self._staged.numel() < need:
                 self._staged = torch.empty(max(need, t.row_bytes), dtype=torch.uint8, device=t.device)
             rows, inverse = t._unique_rows(ids, None, out=self._staged, strict=False)
-            return _Direct.over(rows, inverse.view(ids.shape), self._faults)
+            return _direct_combine(rows, inverse.view(ids.shape), self._faults)
         self._count(ids.numel(), ids.numel())
-        return _Direct.over(t._lut, t._to_device(ids, "reader"), self._faults)
+        return _direct_combine(t._lut, t._to_device(ids, "reader"), self._faults)
 
     def _read_rows_cpu(self, ids: torch.Tensor):
         """(staging as a table of rows, each id's row in it) for a step on a CPU. The staging keeps its
         typed view between steps, so a step costs the read itself and nothing per layer."""
         t = self.table
         T = ids.numel()
-        if self._staged_table is None or self._staged_table.shape[0] < T:
+        if self._staged_tokens < T:
             tokens = max(T, 16)
             self._staged = torch.empty(tokens * t.row_bytes, dtype=torch.uint8)
             rows = self._staged.view(t._stored_dtype).view(tokens, *t._stored_shape[1:])
             self._staged_table = rows if t._quant is None else QuantizedLUT(
                 rows, t._quant.format, t._quant.dim, t._quant.block_size, t._quant.dtype)
+            self._staged_tokens = tokens
             self._direct = _direct_fn(self._staged_table)
         if self._file is None:
             self._file = t._store.handle()
+        row = self._row_bytes
         with t._lock:  # the read itself is thread-safe; the lock keeps the counters exact
             # One direct call into C++ (csrc/direct_calls.h says why not a TorchScript method); an id
             # outside [0, V) raises here, naming the first one.
-            inverse, unique = _C._read_unique_file(self._file, ids, t.row_bytes, 0, t.row_bytes, True, self._staged)
+            inverse, unique = _C._read_unique_file(self._file, ids, row, 0, row, True, self._staged)
             self._count(T, unique)
         return self._staged_table, inverse
 
@@ -124,9 +131,9 @@ class LayerReader:
         s = self.table.stats
         s.calls += 1
         s.rows_requested += rows
-        s.bytes_read[self.table.placement] += read * self.table.row_bytes
-        if self.table.placement == "host" and self.table.device.type == "cuda":
-            s.bytes_h2d += read * self.table.row_bytes
+        s.bytes_read[self._placement] += read * self._row_bytes
+        if self._h2d:
+            s.bytes_h2d += read * self._row_bytes
 
     def _path(self, ids: torch.Tensor) -> str:
         """The one place that decides how a step's rows are read (see the module docstring)."""
@@ -142,34 +149,24 @@ class LayerReader:
         return "staged" if ids.numel() > t.dma_min_tokens else "direct"
 
 
-class _Direct:
-    """A step whose layers read rows straight from a table (the table, or a step's unique rows) at ids.
-
-    ``combine(l, x, residual, shared, router_weight=None)``: ``residual + shared + sum_e
+def _direct_combine(table, ids: torch.Tensor, faults: Optional[torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The layers' call of a step that reads rows straight from a table (the table, or a step's unique
+    rows) at ids: ``combine(l, x, residual, shared, router_weight=None)`` = ``residual + shared + sum_e
     softmax(logits)_e * rows[l, e]`` (``[*, D]`` like residual), the logits ``x`` or, with a router
-    weight, ``linear(x, router_weight)``. In eager CPU inference it is the C++ function itself.
-    """
-
-    __slots__ = ("combine",)
-
-    def __init__(self, combine):
-        self.combine = combine
-
-    @classmethod
-    def over(cls, table, ids: torch.Tensor, faults: Optional[torch.Tensor]) -> "_Direct":
-        if ids.device.type == "cpu" and _plain_eager(ids):
-            # Eager inference on plain tensors: the op's own CPU function, called directly, the router
-            # matmul in the same call (a bad id raises naming it).
-            fn, head = _direct_fn(table)
-            return cls(partial(fn, *head, ids))
-        # torch.compile, dispatch modes, autograd and GPUs take the op, which they can see.
-        if isinstance(table, QuantizedLUT):
-            head, op = (table.data, table.format, table.dim, table.block_size, ids), "lut_combine_quant"
-        else:
-            head, op = (table, ids), "lut_combine"
-        if ids.device.type != "cpu":
-            return cls(partial(_op_combine, partial(_combine_counting_faults, getattr(ops, op + "_out"), head, faults)))
-        return cls(partial(_op_combine, partial(getattr(ops, op), *head)))
+    weight, ``linear(x, router_weight)``."""
+    if ids.device.type == "cpu" and _plain_eager(ids):
+        # Eager inference on plain tensors: the op's own CPU function, called directly, the router
+        # matmul in the same call (a bad id raises naming it).
+        fn, head = _direct_fn(table)
+        return partial(fn, *head, ids)
+    # torch.compile, dispatch modes, autograd and GPUs take the op, which they can see.
+    if isinstance(table, QuantizedLUT):
+        head, op = (table.data, table.format, table.dim, table.block_size, ids), "lut_combine_quant"
+    else:
+        head, op = (table, ids), "lut_combine"
+    if ids.device.type != "cpu":
+        return partial(_op_combine, partial(_combine_counting_faults, getattr(ops, op + "_out"), head, faults))
+    return partial(_op_combine, partial(getattr(ops, op), *head))
 
 
 def _direct_fn(table):
@@ -181,9 +178,9 @@ def _direct_fn(table):
 
 def _plain_eager(ids: torch.Tensor) -> bool:
     """Whether nothing needs to see the op: eager (no torch.compile, dispatch mode or functorch
-    transform), no autograd, plain ids (the tables are plain tensors that never require grad)."""
-    return (not torch.is_grad_enabled() and type(ids) is torch.Tensor and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active())
+    transform), no autograd, plain ids (the tables are plain tensors that never require grad).
+    torch.compile is asked first, in Python, where dynamo answers it; the rest in one C++ call."""
+    return not torch.compiler.is_compiling() and _C._plain_eager(ids)
 
 
 def _op_combine(op, l, x, residual, shared, router_weight=None):
