@@ -167,6 +167,7 @@ struct File {
       const ssize_t got = ::pread(fd, dst + done, static_cast<size_t>(n - done), offset + at + done);
       if (got < 0 && errno == EINTR) continue;
       TORCH_CHECK(got >= 0, "LookupTable: reading ", path, " failed: ", std::strerror(errno));
+      if (got == 0) check_unchanged();  // cut short: say that the file changed, with its sizes
       TORCH_CHECK(got > 0, "LookupTable: ", path, " ended at byte ", offset + at + done, " but the table needs ",
                   offset + nbytes, " bytes: the file was truncated after it was opened; open it again");
       done += got;
@@ -235,11 +236,12 @@ void copy_segments(const at::Tensor& host, const std::shared_ptr<File>& file, in
     // ~256 KB per task: enough to amortise scheduling, small enough to spread a decode batch.
     const int64_t grain = std::max<int64_t>(1, (256 << 10) / seg_bytes);
     if (file) {
-      file->check_unchanged();
       at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) file->read_exact(out + i * seg_bytes, id[i] * row_bytes + seg_offset, seg_bytes);
       });
-      file->check_unchanged();  // a rewrite while we read would have mixed old and new rows
+      // After the reads, against the file as opened: a change before or during them shows (a rewrite
+      // while we read would have mixed old and new rows). One fstat per call: a decode step makes one.
+      file->check_unchanged();
       return;
     }
     const char* src = static_cast<const char*>(host.const_data_ptr());

@@ -80,7 +80,7 @@ class LayerReader:
             fn, head = self._direct
             return partial(fn, *head, ids)
         if self._file_cpu and _plain_eager(ids):  # the same over the step's unique rows, read with one call
-            inverse = self._read_rows_cpu(ids)[1]
+            inverse = self._read_rows_cpu(ids, eager=True)[1]
             fn, head = self._direct
             return partial(fn, *head, inverse)
         t = self.table
@@ -101,9 +101,10 @@ class LayerReader:
         self._count(ids.numel(), ids.numel())
         return _direct_combine(t._lut, t._to_device(ids, "reader"), self._faults)
 
-    def _read_rows_cpu(self, ids: torch.Tensor):
+    def _read_rows_cpu(self, ids: torch.Tensor, eager: bool = False):
         """(staging as a table of rows, each id's row in it) for a step on a CPU. The staging keeps its
-        typed view between steps, so a step costs the read itself and nothing per layer."""
+        typed view between steps, so a step costs the read itself and nothing per layer. ``eager``:
+        known not to be traced by torch.compile (see _count)."""
         t = self.table
         T = ids.numel()
         if self._staged_tokens < T:
@@ -121,12 +122,12 @@ class LayerReader:
             # One direct call into C++ (csrc/direct_calls.h says why not a TorchScript method); an id
             # outside [0, V) raises here, naming the first one.
             inverse, unique = _C._read_unique_file(self._file, ids, row, 0, row, True, self._staged)
-            self._count(T, unique)
+            self._count(T, unique, eager)
         return self._staged_table, inverse
 
-    def _count(self, rows: int, read: int):
+    def _count(self, rows: int, read: int, eager: bool = False):
         """The table's counters for a step that reads `read` tokens' rows for `rows` ids."""
-        if torch.compiler.is_compiling():  # Python state: a compiled step would recompile on every change
+        if not eager and torch.compiler.is_compiling():  # Python state: a compiled step would recompile on every change
             return
         s = self.table.stats
         s.calls += 1
