@@ -320,6 +320,9 @@ def test_the_decode_step_call_matches_float64(lut_dtype, act_dtype, id_dtype):
     lut3 = lut[:, 0].contiguous()  # [V, E, D]: no layer
     torch.testing.assert_close(_C._lut_combine(lut3, ids, None, x, h, shared, w).double(),
                                _step_reference(lut3[:, None], ids, 0, x, w, h, shared), **tol)
+    # A router with no input features gives zero logits (uniform weights), never uninitialised memory.
+    got = _C._lut_combine(lut, ids, 1, torch.randn(1, 3, 0).to(act_dtype), h, shared, torch.randn(E, 0).to(act_dtype))
+    torch.testing.assert_close(got.double(), h.double() + shared.double() + lut.double()[ids, 1].mean(-2), **tol)
     # A bad id is named, whichever path would have run.
     for bad in (torch.tensor([[3, V]]), torch.tensor([[-1]])):
         with pytest.raises(ValueError, match=r"ids contains -?\d+ \(at flat position \d\)"):
