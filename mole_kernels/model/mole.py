@@ -74,7 +74,7 @@ class MoLEForCausalLM(_CausalLM):
             # One fused call: the router matmul (the D x E weight, not the module: its hook machinery
             # costs more than the matmul at decode sizes), softmax, the token's E rows, their sum, both adds.
             # The weight is read from the module's dicts: `layer.router.weight` runs nn.Module.__getattr__
-            # twice, Python code that costs ~0.4 % of a demo-sized decode step (bench/RESULTS.md).
+            # twice, Python code that cost ~0.4 % of a demo-sized decode step (measured in generate).
             w = layer._modules["router"]._parameters.get("weight")
             return ctx(l, n, h, layer.mlp(n), layer.router.weight if w is None else w)  # None: parametrized
         # The train form, as the official layer: softmax in float32, cast to the hidden dtype, weighted sum.
