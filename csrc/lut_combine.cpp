@@ -138,27 +138,6 @@ constexpr int64_t kHandLoop = 1 << 16;
 // A decode step's T x E softmax weights (and its T ids) live on the stack up to this many.
 constexpr int64_t kStepWeights = 256;
 
-// out = res + sh + sum_e w[e] * rows[e, :] for one token (rows: its E rows of D), summed in float32.
-// The decode step's own loop, kept small and in one place on purpose: between two layers the step
-// streams megabytes of weights through the caches, so every call finds its code and data evicted
-// and pays for each cache line it touches; the general fused kernel's dispatch layers, thread pool
-// entry and SIMD variants cost more that way than the E x D multiply-adds themselves.
-template <typename lut_t, typename out_t>
-void step_row(const lut_t* rows, int64_t E, int64_t D, const float* w, const out_t* res, const out_t* sh,
-              out_t* out) {
-  constexpr int64_t kTile = 256;  // a float32 accumulator tile on the stack; the loops vectorise
-  float acc[kTile];
-  for (int64_t c = 0; c < D; c += kTile) {
-    const int64_t m = std::min(kTile, D - c);
-    for (int64_t j = 0; j < m; ++j) acc[j] = static_cast<float>(res[c + j]) + static_cast<float>(sh[c + j]);
-    for (int64_t e = 0; e < E; ++e) {
-      const lut_t* row = rows + e * D + c;
-      for (int64_t j = 0; j < m; ++j) acc[j] += w[e] * static_cast<float>(row[j]);
-    }
-    for (int64_t j = 0; j < m; ++j) out[c + j] = static_cast<out_t>(acc[j]);
-  }
-}
-
 // Whether `t` is a contiguous CPU tensor of `dtype` and shape ids.shape + [last].
 bool is_step_operand(const at::Tensor& t, const at::Tensor& ids, int64_t last, at::ScalarType dtype) {
   if (t.layout() != at::kStrided || !t.device().is_cpu() || t.scalar_type() != dtype || !t.is_contiguous() ||
@@ -174,11 +153,13 @@ bool is_step_operand(const at::Tensor& t, const at::Tensor& ids, int64_t last, a
 // A decode step's layer, the usual case only: a contiguous [V, L, E, D] CPU table, a layer, at most a
 // few contiguous ids all in [0, V), contiguous residual / shared of ids.shape + [D], a router weight
 // [E, K] and its input x of ids.shape + [K]. It computes what router_logits + lut_combine_cpu compute
-// (the same logits and softmax; the sum in step_row, equal up to float32 rounding) with a few
-// comparisons for checks and no allocation but its result: inside a decode loop, where every line
-// runs cold, the general path's checks, dispatched allocations and temporaries cost more than the
-// layer's whole lookup. Returns an undefined tensor for any other call, which the general path then
-// runs or refuses, naming what is wrong.
+// (the same logits and softmax; the sum by the scalar fused span, equal up to float32 rounding) with
+// a few comparisons for checks and no allocation but its result. Why: between two layers a decode
+// step streams megabytes of weights through the caches, so every call finds its code and data evicted
+// and pays for each cache line it touches; the general path's checks, dispatched allocations and
+// temporaries, and the general fused kernel's dispatch layers, thread-pool entry and SIMD variants,
+// cost more that way than the layer's whole lookup. Returns an undefined tensor for any other call,
+// which the general path then runs or refuses, naming what is wrong.
 at::Tensor combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, std::optional<int64_t> layer,
                             const at::Tensor& x, const at::Tensor& router_weight,
                             const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared) {
@@ -230,7 +211,7 @@ at::Tensor combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, std::o
       const scalar_t* sh = shared->const_data_ptr<scalar_t>();
       scalar_t* o = out.data_ptr<scalar_t>();
       for (int64_t t = 0; t < T; ++t) {
-        step_row(table + row[t] * token + first, E, D, w + t * E, res + t * D, sh + t * D, o + t * D);
+        fused_span_scalar(table + row[t] * token + first, D, E, w + t * E, o + t * D, D, res + t * D, sh + t * D);
       }
     });
   });

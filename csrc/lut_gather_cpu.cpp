@@ -23,28 +23,6 @@
 namespace mole {
 namespace {
 
-// ---- scalar path: any CPU, and the tail of every row -----------------------------------
-
-// dst[j] = add0[j] + add1[j] + sum_e w[e] * row_e[j] for j < n (add0/add1 may be null; add0 may be dst).
-template <typename lut_t, typename out_t>
-void fused_span_scalar(const lut_t* base, int64_t D, int64_t E, const float* w, out_t* dst, int64_t n,
-                       const out_t* add0, const out_t* add1) {
-  // Expert-outer over an L1 tile, so the compiler can vectorise the inner loops.
-  constexpr int64_t kTile = 256;
-  float acc[kTile];
-  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
-    const int64_t m = std::min(kTile, n - t0);
-    for (int64_t j = 0; j < m; ++j) {
-      acc[j] = (add0 ? static_cast<float>(add0[t0 + j]) : 0.f) + (add1 ? static_cast<float>(add1[t0 + j]) : 0.f);
-    }
-    for (int64_t e = 0; e < E; ++e) {
-      const lut_t* row = base + e * D + t0;
-      for (int64_t j = 0; j < m; ++j) acc[j] += w[e] * static_cast<float>(row[j]);
-    }
-    for (int64_t j = 0; j < m; ++j) dst[t0 + j] = static_cast<out_t>(acc[j]);  // round to nearest even
-  }
-}
-
 // Prefetches `bytes` from `p` into L2 (the next item's row, while this one is summed).
 inline void prefetch_l2(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 2);

@@ -73,10 +73,8 @@ class LayerReader:
         """Begins a step for ``ids`` (any shape, on the table's device); returns its layers' call,
         ``combine(l, x, residual, shared, router_weight=None)`` (see the module docstring)."""
         if self._in_ram and _plain_eager(ids):  # the usual CPU step, first: the table in RAM, read in place
-            s, n = self.table.stats, ids.numel()
-            s.calls += 1
-            s.rows_requested += n
-            s.bytes_read[self._placement] += n * self._row_bytes
+            n = ids.numel()
+            self._count(n, n, eager=True)
             fn, head = self._direct
             return partial(fn, *head, ids)
         if self._file_cpu and _plain_eager(ids):  # the same over the step's unique rows, read with one call
