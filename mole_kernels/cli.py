@@ -89,10 +89,22 @@ def _check_parent(path: str, option: str) -> str:
     return path
 
 
+def _check_replaceable(path: str, option: str) -> None:
+    """An output file's name must be free or hold a regular file: a FIFO or device (/dev/null) is
+    never replaced (nor written through), and an empty path is not a path."""
+    from ._files import check_replaceable
+
+    try:
+        check_replaceable(path, option)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def check_output_file(path: str, option: str) -> str:
     """A file the command will create or replace."""
     if os.path.isdir(path):
         raise UsageError(f"{option} {path!r} is a folder; give a file name")
+    _check_replaceable(path, option)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UsageError(f"{option} {path!r} is read-only")
     return _check_parent(path, option)
@@ -100,9 +112,13 @@ def check_output_file(path: str, option: str) -> str:
 
 def check_output_folder(path: str, option: str) -> str:
     """A folder the command will create (or whose model files it will replace)."""
+    if not path:
+        raise UsageError(f"{option}: the output path is empty")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{option} {path!r} is a file, not a folder")
     if os.path.isdir(path):
+        for name in MODEL_FILES:
+            _check_replaceable(os.path.join(path, name), option)
         _check_writable_folder(path, f"{option} {path!r}")
         return path
     return _check_parent(path, option)
@@ -111,9 +127,28 @@ def check_output_folder(path: str, option: str) -> str:
 # ---------------------------------------------------------------- demo --------------------
 
 
+def check_model_memory(args, copies: int) -> None:
+    """UsageError when the model the size options describe cannot fit this machine's memory:
+    ``copies`` float32 copies of its LUT, twice its weights (the command's baselines), the logits
+    and KV cache of its tokens: a lower bound, checked before anything is built."""
+    V, D, L, E = args.vocab, args.hidden, args.layers, args.experts
+    F = getattr(args, "ffn", None) or 4 * D
+    weights = 2 * V * D + L * (3 * D * D + 2 * D * F * (1 + E) + D * E)
+    tokens = args.batch * (getattr(args, "prompt_len", 0) + getattr(args, "new_tokens", 0) + getattr(args, "seq_len", 0))
+    need = 4 * (2 * weights + copies * V * L * E * D + tokens * (V + 2 * L * D))  # + logits and KV cache
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform says
+        return
+    if need > have:
+        raise UsageError(f"--vocab {V} --hidden {D} --layers {L} --experts {E}: the model needs at least "
+                         f"{_human(need)} of memory, this machine has {_human(have)}")
+
+
 def cmd_demo(args) -> int:
-    if args.save_model:
+    if args.save_model is not None:
         check_output_folder(args.save_model, "--save-model")
+    check_model_memory(args, copies=4)
     if args.tensor_parallel is not None:  # every torchrun rank runs this; rank 0 prints
         from .model.tensor_parallel import run_demo as run_tensor_parallel_demo
 
@@ -131,6 +166,9 @@ def _check_reparameterize_paths(args) -> None:
     """Nothing is written into the input folder, and the LUT file is none of the output's own files.
     Checked before the output folders are probed (a probe file must not land in the input either)."""
     src, dst = args.src, args.dst
+    for option, value in (("--from", src), ("--to", dst), ("--lut-file", args.lut_file)):
+        if value == "":
+            raise UsageError(f"{option}: the path is empty")
     if not os.path.isdir(src):
         raise UsageError(f"--from {src!r} is not a folder (expected a train-form model folder with config.json)")
     if _same_path(src, dst) or _inside(dst, src):
@@ -347,8 +385,9 @@ def cmd_quality(args) -> int:
     import datetime
     import platform
 
-    if args.markdown:
+    if args.markdown is not None:
         check_output_file(args.markdown, "--markdown")
+    check_model_memory(args, copies=3)
     variants, notes = quality_variants(args.variants, args.hidden)
     import torch
 
@@ -377,7 +416,7 @@ def cmd_quality(args) -> int:
             "Every quantized LUT is the bf16 LUT quantized; every row compares with the model using the bf16 LUT.")
     table = _quality_table(rows)
     print(f"\n{desc}\n\n{table}\n\n{QUALITY_NOTES}\n({took:.1f} s)")
-    if args.markdown:
+    if args.markdown is not None:
         from ._files import atomic_write
 
         with atomic_write(args.markdown, "w", encoding="utf-8") as f:
@@ -465,7 +504,22 @@ def _positive_float(text):
     return value
 
 
-POSITIVE = _int_at_least(1)
+def _int_in(low, high):
+    """An int in [low, high] (sizes and thread counts are bounded: beyond, torch would abort)."""
+    at_least = _int_at_least(low)
+
+    def parse(text):
+        value = at_least(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+
+    parse.__name__ = f"int in [{low}, {high}]"
+    return parse
+
+
+POSITIVE = _int_in(1, 2 ** 31 - 1)  # sizes: token ids and counts are int32-addressable
+THREADS = _int_in(1, 4 * (os.cpu_count() or 1))
 
 
 def _model_options(p, *, vocab, hidden, layers, experts, heads, ffn=None):
@@ -477,7 +531,7 @@ def _model_options(p, *, vocab, hidden, layers, experts, heads, ffn=None):
     p.add_argument("--experts", type=POSITIVE, default=experts, help="routed experts per layer E")
     p.add_argument("--heads", type=POSITIVE, default=heads,
                    help="attention heads (key/value heads: half as many); must divide --hidden")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random weights and tokens")
+    p.add_argument("--seed", type=_int_in(0, 2 ** 63 - 1), default=0, help="seed of the random weights and tokens")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -499,11 +553,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     _model_options(d, vocab=2048, hidden=128, layers=4, experts=4, heads=4)
     d.add_argument("--batch", type=POSITIVE, default=1, help="sequences generated at once")
     d.add_argument("--prompt-len", type=POSITIVE, default=16, help="prompt tokens per sequence")
-    d.add_argument("--new-tokens", type=_int_at_least(2), default=32,
+    d.add_argument("--new-tokens", type=_int_in(2, 2 ** 31 - 1), default=32,
                    help="tokens generated per sequence (at least 2: one from the prefill, one decode step)")
     d.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs per model (interleaved; medians shown)")
     d.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
-    d.add_argument("--threads", type=POSITIVE, default=None,
+    d.add_argument("--threads", type=THREADS, default=None,
                    help="CPU threads (default: 1 on the CPU, where one thread is fastest for a model this small; "
                         "torch's default when a GPU runs the model)")
     d.add_argument("--save-model", metavar="DIR", default=None,

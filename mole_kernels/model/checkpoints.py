@@ -2,14 +2,10 @@
 pytorch_model.bin (single or sharded), read and written with clear errors naming the file."""
 from __future__ import annotations
 
-import collections
-import contextlib
-import copy
 import io
 import json
 import math
 import os
-import pickle
 import re
 import struct
 import zipfile
@@ -19,8 +15,8 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .._files import atomic_path, atomic_write
-from ..table.file_format import is_ints, safetensors_header
+from .._files import FolderUpdate, check_replaceable, folder_file
+from ..table.file_format import _chunk_rows, parse_json, safetensors_header
 from .config import MoLEConfig
 
 CONFIG_NAME = "config.json"
@@ -34,18 +30,25 @@ _HF_SHARD = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
 
 def _read_json(fpath: str, where: str, what: str):
     try:
-        with open(fpath, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: {fpath} is not valid JSON {what} ({e})") from None
+        with open(fpath, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read {fpath}: {e.strerror}") from None
+    return parse_json(raw, f"{where}: {fpath} is not valid JSON {what}")
+
+
+def _file(path: str, name: str) -> Optional[str]:
+    """Where ``name`` of the folder ``path`` is read from (None: absent): through the journal of a
+    save that was committed but interrupted (:func:`mole_kernels._files.folder_file`)."""
+    return folder_file(path, name)
 
 
 def _read_config(path: str, where: str) -> MoLEConfig:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{where}: {path!r} is not a directory (expected a Hugging Face-format folder "
                                 f"with {CONFIG_NAME} and {SAFE_WEIGHTS} or {BIN_WEIGHTS})")
-    cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
+    cfg_path = _file(path, CONFIG_NAME)
+    if cfg_path is None:
         raise FileNotFoundError(f"{where}: {path!r} has no {CONFIG_NAME}")
     return MoLEConfig.from_dict(_read_json(cfg_path, where, "(a config)"), source=f"{where}: {cfg_path}")
 
@@ -70,28 +73,30 @@ def _shard_names(ipath: str, where: str) -> List[str]:
 def _weight_files(path: str, where: str) -> List[str]:
     """The weight files of a folder: single or sharded (``*.index.json``), safetensors preferred."""
     for single in (SAFE_WEIGHTS, BIN_WEIGHTS):
-        if os.path.isfile(os.path.join(path, single)):
-            return [os.path.join(path, single)]
-        ipath = os.path.join(path, single + _INDEX)
-        if os.path.isfile(ipath):
-            files = [os.path.join(path, s) for s in _shard_names(ipath, where)]
-            for fpath in files:
-                if not os.path.isfile(fpath):
-                    raise FileNotFoundError(f"{where}: shard {fpath} listed in {ipath} is missing")
+        fpath = _file(path, single)
+        if fpath is not None:
+            return [fpath]
+        ipath = _file(path, single + _INDEX)
+        if ipath is not None:
+            files = []
+            for s in _shard_names(ipath, where):
+                fpath = _file(path, s)
+                if fpath is None:
+                    raise FileNotFoundError(f"{where}: shard {os.path.join(path, s)} listed in {ipath} is missing")
+                files.append(fpath)
             return files
     raise FileNotFoundError(f"{where}: {path!r} has no {SAFE_WEIGHTS} or {BIN_WEIGHTS} (nor a sharded index)")
 
 
 # -- reading tensors in place ------------------------------------------------------------
 
-# safetensors dtype names and item sizes (sub-byte types are not sized here: never located or written).
+# safetensors dtype names (other dtypes the format knows are read by no MoLE checkpoint).
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-_LUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # a LUT is float: only these are located
-_ZIP_MAGIC = b"PK\x03\x04"
+_LUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # a LUT is float: only these are served in place
 
 
 @dataclass(frozen=True)
@@ -108,123 +113,173 @@ class TensorLocation:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _safetensors_header(fpath: str, where: str) -> Tuple[Dict[str, dict], int]:
-    """(tensor entries, absolute offset of the data) of a safetensors file, validated against the
-    file (every entry's size matches its shape and lies inside the file); a problem is a ValueError
-    naming the file. Reads the header only; a FIFO or device is refused without blocking on it."""
-
-    def bad(msg):
-        return ValueError(f"{where}: {fpath}: {msg}")
-
-    header, _, data_start, st = safetensors_header(fpath, where)
-    for name, e in header.items():
-        if not isinstance(e, dict) or not isinstance(e.get("dtype"), str) or not is_ints(e.get("shape")) \
-                or not is_ints(e.get("data_offsets"), 2):
-            raise bad(f"tensor {name!r} entry {e!r} needs dtype (a string), shape (a list of ints) and "
-                      "data_offsets (two ints)")
-        (begin, end), shape = e["data_offsets"], e["shape"]
-        if min(shape, default=0) < 0 or not 0 <= begin <= end or data_start + end > st.st_size:
-            raise bad(f"tensor {name!r} has shape {shape} and data_offsets [{begin}, {end}], outside the file's "
-                      f"{st.st_size - data_start} data bytes: corrupt or truncated")
-        dtype = _ST_DTYPES.get(e["dtype"])
-        if dtype is not None and end - begin != math.prod(shape) * dtype.itemsize:
-            raise bad(f"tensor {name!r} data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} in "
-                      f"{e['dtype']} needs {math.prod(shape) * dtype.itemsize}")
-    return header, data_start
+def _pread_into(fd: int, t: torch.Tensor, offset: int, what: str) -> None:
+    """Fills the contiguous CPU tensor ``t`` with the file's bytes at ``offset``."""
+    view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise ValueError(f"the file ends inside {what}: truncated while being read")
+        view, offset = view[n:], offset + n
 
 
-class _NotLocatable(Exception):
-    """A .bin file's pickle holds something the record parser does not read (never executed)."""
+class _SafetensorsFile:
+    """One safetensors weight file, its header read and validated once (as the library does)."""
+
+    def __init__(self, fpath: str, where: str):
+        self.path = fpath
+        header, _, data_start, _ = safetensors_header(fpath, where)
+        self.entries = header
+        self.shapes = {k: (tuple(e["shape"]), _ST_DTYPES.get(e["dtype"])) for k, e in header.items()}
+        self._start = data_start
+
+    def locate(self, name: str) -> Optional[TensorLocation]:
+        shape, dtype = self.shapes[name]
+        if dtype not in _LUT_DTYPES:
+            return None
+        return TensorLocation(self.path, self._start + self.entries[name]["data_offsets"][0], dtype, shape)
+
+    def load(self, names) -> Dict[str, torch.Tensor]:
+        """The tensors ``names``, each read with ``pread`` into a new tensor."""
+        out = {}
+        with open(self.path, "rb", buffering=0) as f:
+            for name in names:
+                shape, dtype = self.shapes[name]
+                if dtype is None:
+                    raise ValueError(f"tensor {name!r} has dtype {self.entries[name]['dtype']}, which a MoLE "
+                                     "checkpoint does not use")
+                t = torch.empty(shape, dtype=dtype)
+                _pread_into(f.fileno(), t, self._start + self.entries[name]["data_offsets"][0], f"tensor {name!r}")
+                out[name] = t
+        return out
 
 
 @dataclass(frozen=True)
-class _StorageType:
+class _BinTensor:
+    """A tensor of a ``.bin`` as torch would build it, without its data: a view of storage ``key``."""
+
+    key: str
     dtype: torch.dtype
-
-
-@dataclass(frozen=True)
-class _Storage:
-    key: str  # the zip record is <prefix>/data/<key>
-    dtype: torch.dtype
-
-
-@dataclass(frozen=True)
-class _TensorRecord:
-    storage: _Storage
-    offset: int  # in elements
     shape: Tuple[int, ...]
     stride: Tuple[int, ...]
+    offset: int  # in elements
 
 
-def _tensor_record(storage, storage_offset, size, stride, *_):
-    """Stands in for ``torch._utils._rebuild_tensor_v2``: where the tensor is, not the tensor."""
-    def ints(x):
-        return isinstance(x, tuple) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)
+def _bin_structure(fpath: str):
+    """``(tensors, storages, records)`` of a ``torch.save`` zip file, reading no tensor data:
+    ``tensors`` name -> :class:`_BinTensor`, ``storages`` key -> (dtype, nbytes, dtypes it was
+    referenced with) for each storage with data (torch makes an empty one anew per reference), ``records`` key -> absolute offset of the storage's bytes, for the
+    storages whose bytes are provably what ``torch.load(weights_only=True)`` reads.
 
-    if not isinstance(storage, _Storage) or not ints((storage_offset,)) or not ints(size) or not ints(stride) \
-            or len(size) != len(stride):
-        raise _NotLocatable("a tensor record of an unknown form")
-    return _TensorRecord(storage, storage_offset, size, stride)
+    The pickle runs through torch's own weights-only unpickler, with torch's rules for storages
+    (one storage per key, cached under the first reference's dtype, as ``torch.load`` does) on the
+    ``meta`` device: what torch would build (dtype, shape, strides, storage offset, storage
+    identity, a later ``BUILD``/``set_`` included) is read off the result, nothing is computed
+    here. A record's bytes count only when torch's zip reader (miniz) and Python's ``zipfile``
+    agree on where they are, it is stored uncompressed with exactly the storage's size, its name
+    is unique and the byte order is little-endian. None when the file is not such a zip or anything
+    in it is not understood (the caller then loads it with ``torch.load``, the authority)."""
+    import warnings
+
+    from torch import _weights_only_unpickler
+
+    try:
+        reader = torch._C.PyTorchFileReader(fpath)
+        records = set(reader.get_all_records())
+        if "data.pkl" not in records or "constants.pkl" in records:
+            return None
+        little = not reader.has_record("byteorder") or reader.get_record("byteorder") == b"little"
+        pkl = reader.get_record("data.pkl")
+    except Exception:
+        return None
+    storages: Dict[str, list] = {}  # key -> [typed storage, dtype, nbytes, dtypes seen]
+    issued: Dict[int, str] = {}  # the storages this load made (their C pointer) -> key
+
+    def persistent_load(pid):  # as torch.serialization._load's, on the meta device
+        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] not in ("storage", b"storage"):
+            raise _NotUnderstood("a persistent id")
+        storage_type, key, _, numel = pid[1:]
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        if key in storages:
+            storages[key][3].add(dtype)
+            return storages[key][0]
+        nbytes = numel * torch._utils._element_size(dtype)
+        if not isinstance(key, str) or not reader.has_record(f"data/{key}"):
+            raise _NotUnderstood(f"storage {key!r}")
+        untyped = torch.UntypedStorage(nbytes, device="meta")
+        typed = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        issued[untyped._cdata] = key
+        if nbytes:  # torch caches a storage that has data; an empty one is made per reference
+            storages[key] = [typed, dtype, nbytes, {dtype}]
+        return typed
+
+    unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(pkl), encoding="utf-8")
+    unpickler.persistent_load = persistent_load
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = unpickler.load()
+    except Exception:
+        return None
+    finally:
+        getattr(torch._utils, "_sparse_tensors_to_validate", []).clear()  # torch's list: nothing of this parse stays
+    if not isinstance(obj, dict):
+        return None
+    tensors = {}
+    for name, t in obj.items():
+        if not isinstance(name, str) or type(t) not in (torch.Tensor, nn.Parameter) or t.layout != torch.strided \
+                or t.device.type != "meta":
+            return None
+        key = issued.get(t.untyped_storage()._cdata)
+        if key is None:
+            return None
+        tensors[name] = _BinTensor(key, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+    storages = {k: (v[1], v[2], frozenset(v[3])) for k, v in storages.items()}
+    return tensors, storages, (_bin_records(fpath, reader, storages) if little else {})
 
 
-def _parameter(data, *_):
-    """Stands in for ``torch._utils._rebuild_parameter[_with_state]``: a parameter is where its data is."""
-    if not isinstance(data, _TensorRecord):
-        raise _NotLocatable("a parameter of an unknown form")
-    return data
+class _NotUnderstood(Exception):
+    """A part of a ``.bin`` pickle this reader does not mirror (never executed)."""
 
 
-_BIN_STORAGES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-                 "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                 "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                 "BoolStorage": torch.bool}
-
-
-class _RecordUnpickler(pickle.Unpickler):
-    """Reads a ``torch.save`` pickle into names -> :class:`_TensorRecord` without building a tensor:
-    the few globals a state dict uses map to inert stand-ins, any other global is refused (never
-    imported, never called)."""
-
-    _GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict,
-                ("torch._utils", "_rebuild_tensor_v2"): _tensor_record,
-                ("torch._utils", "_rebuild_parameter"): _parameter,
-                ("torch._utils", "_rebuild_parameter_with_state"): _parameter,
-                **{("torch", n): _StorageType(d) for n, d in _BIN_STORAGES.items()}}
-
-    def find_class(self, module, name):
-        try:
-            return self._GLOBALS[(module, name)]
-        except KeyError:
-            raise _NotLocatable(f"global {module}.{name}") from None
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
-            raise _NotLocatable("a storage of an unknown form")
-        return _Storage(pid[2], pid[1].dtype)
-
-
-def _bin_records(fpath: str) -> Optional[Tuple[Dict[str, _TensorRecord], Dict[str, zipfile.ZipInfo]]]:
-    """(names -> tensor records, storage key -> its zip entry) of a ``torch.save`` zip file, reading
-    no tensor data; None when it is not one this parser reads (a legacy file, a big-endian save, a
-    pickle with any other global or form, not a dict of tensors, a broken zip)."""
+def _bin_records(fpath: str, reader, storages) -> Dict[str, int]:
+    """key -> absolute offset of the storage's bytes, for the records torch's zip reader and
+    ``zipfile`` both place at that offset, stored uncompressed with exactly the storage's size
+    under a name no other entry has (see :func:`_bin_structure`)."""
     try:
         with zipfile.ZipFile(fpath) as z:
-            pkls = [i for i in z.infolist() if re.fullmatch(r"[^/]+/data\.pkl", i.filename)]
-            if len(pkls) != 1:
-                return None
-            prefix = pkls[0].filename[:-len("data.pkl")]
-            if prefix + "byteorder" in z.NameToInfo and z.read(prefix + "byteorder") != b"little":
-                return None
-            obj = _RecordUnpickler(io.BytesIO(z.read(pkls[0]))).load()
-            entries = {i.filename[len(prefix + "data/"):]: i for i in z.infolist()
-                       if i.filename.startswith(prefix + "data/")}
-    except Exception:  # a foreign or broken file, whatever the parser tripped on: not located, never run
-        return None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, _TensorRecord)
-                                            for k, v in obj.items()):
-        return None
-    return dict(obj), entries
+            infos = z.infolist()
+        names = [i.filename for i in infos]
+        if len(set(names)) != len(names) or not infos:
+            return {}
+        prefix = names[0].split("/", 1)[0] + "/"  # torch's archive name: the first entry's folder
+        by_name = {i.filename: i for i in infos}
+        out = {}
+        with open(fpath, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for key, (dtype, nbytes, _) in storages.items():
+                info = by_name.get(f"{prefix}data/{key}")
+                if info is None or info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1 \
+                        or info.file_size != nbytes or info.compress_size != nbytes:
+                    continue
+                local = os.pread(f.fileno(), 30, info.header_offset)
+                if len(local) != 30 or local[:4] != b"PK\x03\x04" or struct.unpack("<H", local[8:10])[0] != 0:
+                    continue
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                data = info.header_offset + 30 + name_len + extra_len
+                if data != reader.get_record_offset(f"data/{key}") or data + nbytes > size:
+                    continue
+                out[key] = data
+        return out
+    except Exception:
+        return {}
+
+
+def _view_extent(t: _BinTensor) -> int:
+    """Elements of the storage the view reaches (from its start)."""
+    if 0 in t.shape:
+        return 0
+    return t.offset + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride))
 
 
 def _row_major(shape: Tuple[int, ...], stride: Tuple[int, ...]) -> bool:
@@ -236,40 +291,68 @@ def _row_major(shape: Tuple[int, ...], stride: Tuple[int, ...]) -> bool:
     return True
 
 
-def _locate_bin_record(fpath: str, rec: _TensorRecord, entry: Optional[zipfile.ZipInfo]) -> Optional[TensorLocation]:
-    """The location of a ``.bin`` tensor record: its storage's zip entry must be stored uncompressed
-    (``torch.save`` never compresses) and hold the tensor, which must be a float row-major one."""
-    dtype = rec.storage.dtype
-    if entry is None or entry.compress_type != zipfile.ZIP_STORED or entry.flag_bits & 1 \
-            or dtype not in _LUT_DTYPES or (math.prod(rec.shape) and not _row_major(rec.shape, rec.stride)):
-        return None
-    begin = rec.offset * dtype.itemsize
-    if begin + math.prod(rec.shape) * dtype.itemsize > entry.file_size:
-        return None
-    try:
-        with open(fpath, "rb") as f:
-            local = os.pread(f.fileno(), 30, entry.header_offset)
-            size = os.fstat(f.fileno()).st_size
-    except OSError:
-        return None
-    if len(local) != 30 or local[:4] != _ZIP_MAGIC:
-        return None
-    name_len, extra_len = struct.unpack("<HH", local[26:30])
-    data = entry.header_offset + 30 + name_len + extra_len  # the record's bytes follow its local header
-    if data + entry.file_size > size:
-        return None
-    return TensorLocation(fpath, data + begin, dtype, tuple(rec.shape))
+class _BinFile:
+    """One ``pytorch_model.bin`` (``torch.save``), its pickle read once. Tensors whose storages'
+    bytes are provably torch's (:func:`_bin_structure`) are read with ``pread`` (storages shared as
+    torch shares them); anything else in the file is loaded by ``torch.load(weights_only=True)``
+    itself, whole, once."""
 
+    def __init__(self, fpath: str, where: str):
+        self.path, self._where = fpath, where
+        self._loaded: Optional[Dict[str, torch.Tensor]] = None
+        structure = _bin_structure(fpath)
+        if structure is None:
+            self._tensors, self._storages, self._records = {}, {}, {}
+            self._torch_load()
+            self.shapes = {k: (tuple(v.shape), v.dtype) for k, v in self._loaded.items()}
+        else:
+            self._tensors, self._storages, self._records = structure
+            self.shapes = {k: (t.shape, t.dtype) for k, t in self._tensors.items()}
 
-def _is_zip(fpath: str) -> bool:
-    """Whether a ``.bin`` is in ``torch.save``'s zip format (since torch 1.6), as torch tells it."""
-    with open(fpath, "rb") as f:
-        return f.read(4) == _ZIP_MAGIC
+    def _torch_load(self) -> Dict[str, torch.Tensor]:
+        if self._loaded is None:
+            try:  # never mmap=True: a mapped load takes a compressed record's bytes as its data
+                part = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception as e:  # a truncated or foreign file: say which
+                raise ValueError(f"{self._where}: cannot read weights from {self.path}: {e}") from e
+            _check_part(self.path, part, set(), self._where)
+            self._loaded = part
+        return self._loaded
 
+    def _readable(self, t: _BinTensor) -> bool:
+        """Whether ``t``'s bytes can be read from its record: the record is proven, the view lies in it."""
+        if t.key not in self._storages:  # an empty storage (torch makes one per reference): no bytes
+            return _view_extent(t) == 0
+        dtype, nbytes, _ = self._storages[t.key]
+        return t.key in self._records and _view_extent(t) * dtype.itemsize <= nbytes
 
-def _load_bin(fpath: str) -> dict:
-    """``torch.load`` of a ``.bin``, memory-mapped when it is a zip file: no tensor data is read until touched."""
-    return torch.load(fpath, map_location="cpu", weights_only=True, mmap=_is_zip(fpath))
+    def locate(self, name: str) -> Optional[TensorLocation]:
+        t = self._tensors.get(name)
+        if t is None or t.dtype not in _LUT_DTYPES or t.key not in self._records or not self._readable(t) \
+                or len(self._storages[t.key][2]) != 1 or not _row_major(t.shape, t.stride):
+            return None  # (an empty tensor has no record: loaded, it costs nothing)
+        return TensorLocation(self.path, self._records[t.key] + t.offset * t.dtype.itemsize, t.dtype, t.shape)
+
+    def load(self, names) -> Dict[str, torch.Tensor]:
+        names = list(names)
+        if self._loaded is not None or not all(self._readable(self._tensors[n]) for n in names):
+            loaded = self._torch_load()
+            return {n: loaded[n] for n in names}
+        out, storages = {}, {}
+        with open(self.path, "rb", buffering=0) as f:
+            for name in names:
+                t = self._tensors[name]
+                if t.key not in self._storages:
+                    out[name] = torch.empty_strided(t.shape, t.stride, dtype=t.dtype)
+                    continue
+                if t.key not in storages:
+                    dtype, nbytes, _ = self._storages[t.key]
+                    raw = torch.empty(nbytes, dtype=torch.uint8)
+                    _pread_into(f.fileno(), raw, self._records[t.key], f"tensor {name!r}")
+                    storages[t.key] = raw.untyped_storage()
+                v = torch.empty(0, dtype=t.dtype).set_(storages[t.key], t.offset, t.shape, t.stride)
+                out[name] = v
+        return out
 
 
 def _check_part(fpath: str, part, seen: set, where: str) -> None:
@@ -282,111 +365,45 @@ def _check_part(fpath: str, part, seen: set, where: str) -> None:
         raise ValueError(f"{where}: {fpath} repeats tensor(s) of another shard, e.g. {twice[:4]}")
 
 
-def tensor_names(files: List[str], where: str) -> Dict[str, str]:
-    """name -> the file holding it, for every tensor of a checkpoint's weight files, reading no tensor data.
+class WeightFiles:
+    """A checkpoint's weight files, each header (safetensors) or pickle (``.bin``) read once:
+    :attr:`shapes` (name -> (shape, dtype)) and :attr:`holder` (name -> file) without reading any
+    tensor data, :meth:`locate` (where a float tensor's bytes lie, to serve it in place) and
+    :meth:`load`. Every problem is a ValueError naming the file; a tensor in two files is one too."""
 
-    safetensors: from the header. ``.bin``: from the pickle (:class:`_RecordUnpickler`), or else
-    through ``torch.load(weights_only=True)``, memory-mapped (a legacy non-zip ``.bin`` is read whole).
-    A file that cannot be read, or a tensor in two files, is a ValueError naming the file."""
-    out: Dict[str, str] = {}
-    for fpath in files:
-        if fpath.endswith(".safetensors"):
-            part = _safetensors_header(fpath, where)[0]
-        else:
-            records = _bin_records(fpath)
+    def __init__(self, files: List[str], where: str):
+        self.where = where
+        self.files = [(_SafetensorsFile if f.endswith(".safetensors") else _BinFile)(f, where) for f in files]
+        self.shapes: Dict[str, Tuple[Tuple[int, ...], Optional[torch.dtype]]] = {}
+        self.holder: Dict[str, object] = {}
+        for wf in self.files:
+            twice = sorted(set(self.holder) & set(wf.shapes))
+            if twice:
+                raise ValueError(f"{where}: {wf.path} repeats tensor(s) of another shard ({self.holder[twice[0]].path}),"
+                                 f" e.g. {twice[:4]}")
+            self.shapes.update(wf.shapes)
+            self.holder.update(dict.fromkeys(wf.shapes, wf))
+
+    def locate(self, name: str) -> Optional[TensorLocation]:
+        """Where tensor ``name``'s bytes lie, when it can be served in place: float32/16/bf16,
+        row-major contiguous, in a safetensors file or a ``.bin`` record proven to hold exactly
+        what torch reads (else None: load it)."""
+        wf = self.holder.get(name)
+        return None if wf is None else wf.locate(name)
+
+    def load(self, skip: FrozenSet[str] = frozenset()) -> Dict[str, torch.Tensor]:
+        """Every tensor but those named in ``skip``, whose data is never read (unless torch must
+        load their ``.bin`` whole), each in memory of its own (no file mapping: a file truncated
+        later cannot SIGBUS them)."""
+        sd = {}
+        for wf in self.files:
             try:
-                part = records[0] if records is not None else _load_bin(fpath)
-            except Exception as e:  # a truncated or foreign file: say which
-                raise ValueError(f"{where}: cannot read weights from {fpath}: {e}") from e
-            if records is None:
-                _check_part(fpath, part, set(), where)
-        twice = sorted(set(out) & set(part))
-        if twice:
-            raise ValueError(f"{where}: {fpath} repeats tensor(s) of another shard, e.g. {twice[:4]}")
-        out.update(dict.fromkeys(part, fpath))
-    return out
-
-
-def locate_tensor(files: List[str], name: str, where: str) -> Optional[TensorLocation]:
-    """Where tensor ``name``'s bytes lie in the weight files, reading no tensor data.
-
-    None when it cannot be read in place, and then the caller loads it: the tensor is absent, or
-    not F32/F16/BF16 (a LUT is float), or in a ``.bin`` that is not plainly readable (a legacy
-    non-zip file, a pickle with any global beyond a state dict's tensors, parameters and typed
-    storages: never executed), or not row-major contiguous there (a transposed view), or its
-    record is compressed or too short. A ``.bin`` whose pickle cannot be read leaves it unknown
-    whether it holds ``name``: None as well. A safetensors header problem, or ``name`` in two
-    files, is a ValueError naming the file."""
-    found: List[TensorLocation] = []
-    holders: List[str] = []
-    for fpath in files:
-        if fpath.endswith(".safetensors"):
-            header, data_start = _safetensors_header(fpath, where)
-            if name in header:
-                holders.append(fpath)
-                e = header[name]
-                dtype = _ST_DTYPES.get(e["dtype"])
-                if dtype in _LUT_DTYPES:
-                    found.append(TensorLocation(fpath, data_start + e["data_offsets"][0], dtype, tuple(e["shape"])))
-        else:
-            records = _bin_records(fpath)
-            if records is None:
-                return None
-            if name in records[0]:
-                holders.append(fpath)
-                rec = records[0][name]
-                loc = _locate_bin_record(fpath, rec, records[1].get(rec.storage.key))
-                if loc is not None:
-                    found.append(loc)
-    if len(holders) > 1:
-        raise ValueError(f"{where}: {holders[1]} repeats tensor {name!r} of another shard ({holders[0]})")
-    return found[0] if found else None
-
-
-def _read_safetensors(fpath: str, where: str, skip: FrozenSet[str]) -> Dict[str, torch.Tensor]:
-    """The tensors of a safetensors file but ``skip``, each read with ``pread`` into a new tensor."""
-    header, data_start = _safetensors_header(fpath, where)
-    part = {}
-    with open(fpath, "rb", buffering=0) as f:
-        for name, e in header.items():
-            if name in skip:
-                continue
-            dtype = _ST_DTYPES.get(e["dtype"])
-            if dtype is None:
-                raise ValueError(f"tensor {name!r} has dtype {e['dtype']}, which a MoLE checkpoint does not use")
-            t = torch.empty(e["shape"], dtype=dtype)
-            view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-            offset = data_start + e["data_offsets"][0]
-            while len(view):
-                n = os.preadv(f.fileno(), [view], offset)
-                if n == 0:
-                    raise ValueError(f"the file ends inside tensor {name!r}: truncated while being read")
-                view, offset = view[n:], offset + n
-            part[name] = t
-    return part
-
-
-def _load_state_dict(files: List[str], where: str, skip: FrozenSet[str] = frozenset()) -> Dict[str, torch.Tensor]:
-    """Every tensor of the weight files but those named in ``skip``, whose data is never read.
-
-    The kept tensors are in memory of their own: safetensors tensors are read with ``pread`` into
-    new tensors (once: no mapping, no copy), a ``.bin`` is mapped to pick them and they are copied
-    (storages shared as in the file), so nothing returned is backed by a mapping of a file that
-    another process might truncate (a SIGBUS on the next read)."""
-    sd: Dict[str, torch.Tensor] = {}
-    for fpath in files:
-        try:
-            if fpath.endswith(".safetensors"):
-                part = _read_safetensors(fpath, where, skip)
-            else:
-                part = _load_bin(fpath)
-                if isinstance(part, dict):
-                    part = copy.deepcopy({k: v for k, v in part.items() if k not in skip})
-        except Exception as e:  # a truncated or foreign file: say which
-            raise ValueError(f"{where}: cannot read weights from {fpath}: {e}") from e
-        _check_part(fpath, part, set(sd), where)
-        sd.update(part)
-    return sd
+                sd.update(wf.load([k for k in wf.shapes if k not in skip]))
+            except ValueError as e:
+                if str(e).startswith(f"{self.where}:"):
+                    raise
+                raise ValueError(f"{self.where}: cannot read weights from {wf.path}: {e}") from e
+        return sd
 
 
 def _stale_files(path: str, keep: str) -> List[str]:
@@ -415,9 +432,6 @@ class StreamedTensor:
     read_rows: Callable[[int, int], torch.Tensor]
 
 
-_STREAM_CHUNK = 16 << 20  # bytes of rows per read_rows call
-
-
 def _raw(t: torch.Tensor) -> memoryview:
     """The bytes of a CPU tensor without copying it (a uint8 view: bf16 has no numpy dtype)."""
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
@@ -434,8 +448,9 @@ def _rows(name: str, s: StreamedTensor, a: int, b: int) -> torch.Tensor:
 
 
 def _write_safetensors(fpath: str, sd: Dict[str, torch.Tensor], streamed: Dict[str, StreamedTensor]) -> None:
-    """Writes a safetensors file tensor by tensor, the streamed ones in chunks of rows (~16 MiB):
-    no tensor is copied whole, nor the state dict (``safetensors.torch.save_file`` copies both).
+    """Writes a safetensors file tensor by tensor, the streamed ones in chunks of rows (the
+    package's one chunk policy, :func:`mole_kernels.table.file_format._chunk_rows`): no tensor is
+    copied whole, nor the state dict (``safetensors.torch.save_file`` copies both).
 
     As safetensors writes it: tensors by falling item size, then name (each aligned to its item
     size), data in that order without gaps, the header padded with spaces to a multiple of 8."""
@@ -461,9 +476,24 @@ def _write_safetensors(fpath: str, sd: Dict[str, torch.Tensor], streamed: Dict[s
                 f.write(_raw(sd[k].detach().to("cpu")))
                 continue
             s = streamed[k]
-            step = max(1, _STREAM_CHUNK // max(1, math.prod(s.shape[1:]) * s.dtype.itemsize))
+            row = math.prod(s.shape[1:]) * s.dtype.itemsize
+            step = _chunk_rows(row, s.shape[0] * row)
             for a in range(0, s.shape[0], step):
                 f.write(_raw(_rows(k, s, a, min(s.shape[0], a + step))))
+
+
+def check_output_folder(path: str, where: str) -> None:
+    """ValueError unless ``path`` can become a checkpoint folder: absent (its parent a folder) or a
+    folder whose ``config.json`` and weight file names are free or regular files. Checked before
+    any work."""
+    check = f"{where}: {path!r}"
+    if not path:
+        raise ValueError(f"{where}: the output folder path is empty")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{check} exists and is not a directory")
+    if os.path.isdir(path):
+        for name in (SAFE_WEIGHTS, BIN_WEIGHTS, CONFIG_NAME):
+            check_replaceable(os.path.join(path, name), where)
 
 
 def save_checkpoint(path: str, sd: Dict[str, torch.Tensor], config: dict, safe: bool,
@@ -475,35 +505,34 @@ def save_checkpoint(path: str, sd: Dict[str, torch.Tensor], config: dict, safe: 
     safetensors the extra memory is one chunk; ``torch.save`` needs whole tensors, so for
     ``pytorch_model.bin`` each is read whole (materialized) first.
 
-    Every file is written whole or not at all (:mod:`mole_kernels._files`). The folder changes only
-    after the weights are fully written: then ``config.json`` is removed, every weight file, shard
-    index and shard of an earlier save that a loader could pick up instead is removed, the weights
-    are published and the new ``config.json`` is written last. A crash in that short window leaves a
-    folder without ``config.json`` (a loud error on load), never old weights read with a new config.
+    The folder's content changes in one commit (:class:`mole_kernels._files.FolderUpdate`): the
+    weights and ``config.json`` are written and fsynced under temporary names, a journal commits
+    them, they are renamed into place, and only then are the files of an earlier save that a
+    loader could pick up instead (the other format, shard indexes and shards) removed. An
+    interruption at any instant (Ctrl-C, SIGTERM, SIGKILL, power loss) leaves the old model or
+    the new one for :meth:`from_pretrained`, and the temporary files of a killed save are removed
+    by the next save into the folder.
     """
     streamed = dict(streamed or {})
     both = sorted(set(sd) & set(streamed))
     if both:
         raise ValueError(f"save_pretrained: tensor(s) {both[:4]} given both whole and streamed")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"save_pretrained: {path!r} exists and is not a directory")
+    path = os.fspath(path)
+    check_output_folder(path, "save_pretrained")
     os.makedirs(path, exist_ok=True)
     keep = SAFE_WEIGHTS if safe else BIN_WEIGHTS
-    for name in (keep, CONFIG_NAME):  # refused now: found when publishing, the old files would be gone
-        if os.path.isdir(os.path.join(path, name)):
-            raise ValueError(f"save_pretrained: {os.path.join(path, name)!r} is a directory")
-    with atomic_path(os.path.join(path, keep)) as tmp:
+    with FolderUpdate(path, "save_pretrained") as update:
+        tmp = update.temp_for(keep)
         if safe:
             _write_safetensors(tmp, sd, streamed)
         else:
             whole = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
             whole.update({k: _rows(k, s, 0, s.shape[0]) for k, s in streamed.items()})
             torch.save(whole, tmp)
-        for name in [CONFIG_NAME] + _stale_files(path, keep):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(path, name))
-    with atomic_write(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+        with open(update.temp_for(CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        for name in _stale_files(path, keep):
+            update.remove(name)
 
 
 def _is_expert_key(k: str) -> bool:
@@ -527,3 +556,35 @@ def _check_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], where: str,
                              f"{list(shape)}")
         if not sd[k].is_floating_point():
             raise ValueError(f"{where}: {path!r}: tensor {k} has dtype {sd[k].dtype}, expected a float type")
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"^model\.layers\.\d+\.experts\.(\d+)\.")
+
+
+def check_counts(cfg: MoLEConfig, shapes: Dict[str, Tuple[Tuple[int, ...], object]], where: str, path: str) -> None:
+    """Checks ``config.json``'s sizes against the weight files' headers before a model is built:
+    the layer and expert indices the tensor names hold are exactly ``range(num_hidden_layers)`` and
+    ``range(num_experts)`` (train form), and the embedding and LUT shapes match. After this, the
+    model the config describes has no more modules than the files have tensors: building it costs
+    what reading the files does (a config claiming a million layers cannot spend minutes first)."""
+    def bad(msg):
+        return ValueError(f"{where}: {path!r} does not match its config.json: {msg}")
+
+    layers = {int(m.group(1)) for k in shapes for m in [_LAYER.match(k)] if m}
+    if layers != set(range(cfg.num_hidden_layers)):
+        raise bad(f"num_hidden_layers={cfg.num_hidden_layers} but the weights hold layers "
+                  f"{_ranges(layers) or 'none'}")
+    experts = {int(m.group(1)) for k in shapes for m in [_EXPERT.match(k)] if m}
+    if experts and experts != set(range(cfg.num_experts)):
+        raise bad(f"num_experts={cfg.num_experts} but the weights hold experts {_ranges(experts)}")
+    V, L, E, D = cfg.lut_shape
+    want = {"model.embed_tokens.weight": [(V, D)], LUT_KEY: [(V, L * E * D), (V, L, E, D)]}
+    for name, shapes_ok in want.items():
+        if name in shapes and tuple(shapes[name][0]) not in shapes_ok:
+            raise bad(f"{name} has shape {list(shapes[name][0])}, the config needs {list(shapes_ok[0])}")
+
+
+def _ranges(ints) -> str:
+    s = sorted(ints)
+    return f"{s[0]}..{s[-1]} ({len(s)} indices)" if s else ""

@@ -42,7 +42,11 @@ def _check_positive_int(name: str, v) -> None:
 
 
 def _check_real(name: str, v, lo: float, hi: float, why: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and lo <= v <= hi):
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and lo <= v <= hi
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
         raise ValueError(f"MoLEConfig: {name} must be a finite number in [{lo:.3g}, {hi:.3g}], got {v!r} ({why})")
 
 

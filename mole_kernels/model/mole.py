@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from .._progress import progress_bar
 from ..quant import QuantizedLUT, canonical_format, dequantize, row_layout
-from .checkpoints import (LUT_KEY, StreamedTensor, _check_state_dict, _is_expert_key, _load_state_dict, _read_config,
-                          _weight_files, locate_tensor, save_checkpoint, tensor_names)
+from .checkpoints import (LUT_KEY, StreamedTensor, WeightFiles, _check_state_dict, _is_expert_key, _read_config,
+                          _weight_files, check_counts, save_checkpoint)
 from .config import MoLEConfig, parse_dtype
 from .generation import _CausalLM
 from .layers import _acc_dtype
@@ -254,8 +254,8 @@ class MoLEForCausalLM(_CausalLM):
                              "(a LookupTable file is used as stored)")
         _check_lut_format(lut_format, block_size, cfg.hidden_size, where)
         lut_dtype = parse_dtype(lut_dtype, f"{where}: lut_dtype")
-        files = _weight_files(path, where)
-        names = tensor_names(files, where)  # reads headers only: the LUT's bytes stay in the file
+        weights = WeightFiles(_weight_files(path, where), where)  # headers/pickles, read once: no tensor data
+        names = weights.shapes
         has_experts = any(_is_expert_key(k) for k in names)
         has_lut = LUT_KEY in names or lut_file is not None
         if has_experts and has_lut:
@@ -267,7 +267,8 @@ class MoLEForCausalLM(_CausalLM):
         if has_experts and lut_format is not None:
             raise ValueError(f"{where}: lut_format applies to a re-parameterized folder; {path!r} is the train form "
                              "(call reparameterize(lut_format=...) on the loaded model)")
-        sd = _load_state_dict(files, where, skip=frozenset({LUT_KEY}))
+        check_counts(cfg, names, where, path)  # before a model of the config's size is built
+        sd = weights.load(skip=frozenset({LUT_KEY}))
         sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # older HF saves it
         dtype = parse_dtype(dtype, f"{where}: dtype")
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -295,7 +296,7 @@ class MoLEForCausalLM(_CausalLM):
                 table.close()
                 raise
         elif has_lut:
-            model.set_lut(_official_lut(files, names, cfg, placement, device, lut_dtype, lut_path, lut_format,
+            model.set_lut(_official_lut(weights, cfg, placement, device, lut_dtype, lut_path, lut_format,
                                         block_size, where))
         return model
 
@@ -352,27 +353,23 @@ def _check_lut_format(lut_format: Optional[str], block_size, hidden: int, where:
         raise ValueError(f"{where}: lut_format={lut_format!r}, block_size={block_size!r}: {e}") from None
 
 
-def _official_lut(files, names, cfg: MoLEConfig, placement: str, device, lut_dtype, lut_path, lut_format, block_size,
-                  where: str):
+def _official_lut(weights: WeightFiles, cfg: MoLEConfig, placement: str, device, lut_dtype, lut_path, lut_format,
+                  block_size, where: str):
     """The LookupTable of a checkpoint's ``model.moe_table.weight`` (``[V, L*E*D]`` or ``[V, L, E, D]``):
     served in place or read once into its tier, or converted chunk by chunk (see from_pretrained)."""
     from ..table import LookupTable
 
     V, L, E, D = shape = cfg.lut_shape
-    loc = locate_tensor(files, LUT_KEY, where)
-    if loc is None:  # not readable in place (an old-format .bin): loaded whole, then built from memory
-        lut = _load_state_dict([names[LUT_KEY]], where, skip=frozenset(set(names) - {LUT_KEY}))[LUT_KEY]
-        stored_shape, stored_dtype = tuple(lut.shape), lut.dtype
-    else:
-        stored_shape, stored_dtype = tuple(loc.shape), loc.dtype
+    loc = weights.locate(LUT_KEY)
+    stored_shape, stored_dtype = weights.shapes[LUT_KEY]
     if stored_shape not in ((V, L * E * D), (V, L, E, D)):
         raise ValueError(f"{where}: {LUT_KEY} has shape {list(stored_shape)}, expected [V, L*E*D] = "
                          f"[{V}, {L * E * D}] for this config")
     if stored_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"{where}: {LUT_KEY} is {stored_dtype}; a LUT must be float32, float16 or bfloat16")
     lut_dtype = lut_dtype or stored_dtype
-    if loc is None:
-        lut = lut.reshape(shape)
+    if loc is None:  # not servable in place (an old-format or compressed .bin, a strided view): as torch loads it
+        lut = weights.load(skip=frozenset(set(weights.shapes) - {LUT_KEY}))[LUT_KEY].reshape(shape)
         return LookupTable.build(shape, lut_dtype, lambda a, b, out: out.copy_(lut[a:b]), placement, device,
                                  path=lut_path, format=lut_format, block_size=block_size)
 

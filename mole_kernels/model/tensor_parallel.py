@@ -60,16 +60,15 @@ from torch import nn
 
 from ..quant import canonical_format, default_block_size, quantize, quantized_layout
 from ..table import LookupTable
-from ..table.file_format import _metadata, _write_table
+from ..table.file_format import _chunk_rows, _metadata, _write_table
 from .baselines import DenseForCausalLM
-from .checkpoints import LUT_KEY, _check_state_dict, _is_expert_key, _read_config, _weight_files
+from .checkpoints import LUT_KEY, WeightFiles, _check_state_dict, _is_expert_key, _read_config, _weight_files, check_counts
 from .config import MoLEConfig, parse_dtype
 from .generation import GenerationOutput
 from .mole import MoLEForCausalLM, _check_lut_format
 
 DEFAULT_TIMEOUT_S = 300.0
 _META = "mole_kernels.tp_"  # shard file metadata: rank, world_size, columns, hidden, table
-_SOURCE_CHUNK = 64 << 20  # bytes of source rows read per step when a rank takes its columns
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
@@ -411,7 +410,8 @@ class _RankSlice:
             self.template = quantized_layout(self.shape, fmt, block, self.dtype)
             self.stored_shape, self.stored_dtype = tuple(self.template.data.shape), torch.uint8
         # Source rows are whole (token-major: a rank's columns are strided in every row), read in bounded chunks.
-        self._step = max(1, _SOURCE_CHUNK // max(1, L * E * D * src_dtype.itemsize))
+        row = L * E * D * src_dtype.itemsize
+        self._step = _chunk_rows(row, V * row)
 
     def rows(self, a: int, b: int) -> torch.Tensor:
         """The stored rows of tokens [a, b) (float, or the packed uint8 rows of a quantized table)."""
@@ -515,36 +515,41 @@ def _shape_dtype(t) -> Tuple[Tuple[int, ...], torch.dtype]:
 
 class _Checkpoint:
     """A checkpoint folder (official layout): config and tensors read on demand, a safetensors tensor
-    a slice at a time (a rank reads its rows or columns only), a ``.bin`` file mapped."""
+    a slice at a time (a rank reads its rows or columns only); a ``.bin`` read as torch reads it
+    (:class:`~mole_kernels.model.checkpoints.WeightFiles`), its LUT served from the file when it
+    lies there as torch would read it."""
 
     def __init__(self, path: str, where: str):
         self.config = cfg = _read_config(path, where)
         t = {}
+        self._lut_loc = None
         for f in _weight_files(path, where):
-            try:
-                if f.endswith(".safetensors"):
-                    from safetensors import safe_open
+            if f.endswith(".safetensors"):
+                from safetensors import safe_open
 
-                    h = safe_open(f, framework="pt", device="cpu")
-                    t.update({k: h.get_slice(k) for k in h.keys()})
-                else:
-                    t.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-            except Exception as e:  # a truncated or foreign file: say which
-                raise ValueError(f"{where}: cannot read weights from {f}: {e}") from e
+                WeightFiles([f], where)  # the header, validated as the library does (errors name the file)
+                h = safe_open(f, framework="pt", device="cpu")
+                t.update({k: h.get_slice(k) for k in h.keys()})
+            else:
+                weights = WeightFiles([f], where)
+                self._lut_loc = self._lut_loc or weights.locate(LUT_KEY)
+                t.update(weights.load(skip=frozenset({LUT_KEY}) if self._lut_loc is not None else frozenset()))
         t = {k: v for k, v in t.items() if not k.endswith("rotary_emb.inv_freq")}  # older HF saves it
         if cfg.tie_word_embeddings and "lm_head.weight" not in t and "model.embed_tokens.weight" in t:
             t["lm_head.weight"] = t["model.embed_tokens.weight"]
         self._t = t
-        self.train_form = any(_is_expert_key(k) for k in t)
-        self.has_lut = LUT_KEY in t
+        names = set(t) | ({LUT_KEY} if self._lut_loc is not None else set())
+        self.train_form = any(_is_expert_key(k) for k in names)
+        self.has_lut = LUT_KEY in names
+        shapes = {k: _shape_dtype(v) for k, v in t.items()}
+        if self._lut_loc is not None:
+            shapes[LUT_KEY] = (self._lut_loc.shape, self._lut_loc.dtype)
+        check_counts(cfg, shapes, where, path)  # before a model of the config's size is built
         if not self.train_form:  # names and full shapes, checked before any rank slices them
             with torch.device("meta"):
                 full = MoLEForCausalLM(cfg, reparameterized=True)
-            metas = {}
-            for k, v in t.items():
-                if k != LUT_KEY:
-                    shape, dt = _shape_dtype(v)
-                    metas[k] = torch.empty(shape, dtype=dt, device="meta")
+            metas = {k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in shapes.items()
+                     if k != LUT_KEY}
             _check_state_dict(full, metas, where, path)
 
     def get(self, name: str):
@@ -552,6 +557,13 @@ class _Checkpoint:
 
     def lut_source(self, where: str) -> _Source:
         V, L, E, D = self.config.lut_shape
+        if self._lut_loc is not None:  # read from the .bin's record in place, rows at a time
+            loc = self._lut_loc
+            if loc.shape not in ((V, L * E * D), (V, L, E, D)):
+                raise ValueError(f"{where}: {LUT_KEY} is {list(loc.shape)} {loc.dtype}, expected a float "
+                                 f"[V, L*E*D] = [{V}, {L * E * D}] for this config")
+            table = LookupTable._open_at(loc.file, loc.offset, (V, L, E, D), loc.dtype, "disk", "cpu")
+            return (V, L, E, D), loc.dtype, table.read
         t = self._t[LUT_KEY]
         shape, dtype = _shape_dtype(t)
         if shape not in ((V, L * E * D), (V, L, E, D)) or not dtype.is_floating_point:

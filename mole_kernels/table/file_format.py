@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .._files import atomic_write
+from .._files import atomic_write, check_replaceable
 from .._progress import progress_bar
 from ..quant import QuantizedLUT
 
@@ -143,11 +143,37 @@ def is_ints(x, n=None) -> bool:
             and (n is None or len(x) == n))
 
 
+# Bits per element of every dtype the safetensors library knows (its header may name any of them).
+_ST_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+            "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+            "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+_U64 = (1 << 64) - 1
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw, what: str):
+    """``json.loads`` whose every failure (bad syntax or UTF-8, NaN, nesting too deep, an integer
+    too long to convert) is a ValueError starting with ``what`` (the file, and the field if known)."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError(f"{what}: nested too deeply to be read") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, int digits limit, NaN
+        raise ValueError(f"{what}: not valid JSON ({e})") from None
+
+
 def safetensors_header(path: str, where: str):
     """``(tensor entries, metadata, absolute offset of the data, os.stat_result)`` of a safetensors
-    file, reading its header only. A problem (not a regular file (a FIFO or device is refused
-    without blocking on it), short, a length field past the end, not a JSON object, metadata not
-    strings to strings) is a ValueError naming ``where`` and the file; the entries are not checked."""
+    file, reading its header only, accepting exactly what the safetensors library accepts: every
+    entry has a known dtype, a shape and two data offsets (non-negative 64-bit ints) whose span
+    holds exactly the shape's bytes, the spans in offset order tile the data from 0 to the file's
+    end without gap or overlap (a duplicated name: the last entry counts, as in the library), and
+    the library itself opens the file. A problem (also: not a regular file (a FIFO or device is
+    refused without blocking on it), short, a length field past the end, not a JSON object,
+    metadata not strings to strings) is a ValueError naming ``where`` and the file."""
 
     def bad(msg):
         return ValueError(f"{where}: {path}: {msg}")
@@ -173,14 +199,52 @@ def safetensors_header(path: str, where: str):
     finally:
         os.close(fd)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise bad(f"the header is not valid JSON ({e}): not a safetensors file") from None
+    header = parse_json(text, f"{where}: {path}: the header")
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object: not a safetensors file")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise bad("__metadata__ must be a JSON object of strings to strings (the safetensors format)")
+    spans = []
+    for name, e in header.items():
+        if not isinstance(e, dict) or not isinstance(e.get("dtype"), str) or not is_ints(e.get("shape")) \
+                or not is_ints(e.get("data_offsets"), 2):
+            raise bad(f"tensor {name!r} entry {e!r} needs dtype (a string), shape (a list of ints) and "
+                      "data_offsets (two ints)")
+        (begin, end), shape = e["data_offsets"], e["shape"]
+        if not all(0 <= v <= _U64 for v in (begin, end, *shape)):
+            raise bad(f"tensor {name!r}: shape {shape} and data_offsets [{begin}, {end}] must be 64-bit "
+                      "non-negative ints")
+        bits = _ST_BITS.get(e["dtype"])
+        if bits is None:
+            raise bad(f"tensor {name!r} has dtype {e['dtype']!r}, not a safetensors dtype")
+        nbits = math.prod(shape) * bits
+        if nbits % 8 or nbits // 8 > _U64 or end - begin != nbits // 8:
+            raise bad(f"tensor {name!r} data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} "
+                      f"in {e['dtype']} needs {nbits / 8:g}")
+        spans.append((begin, end, name))
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            raise bad(f"tensor {name!r} data_offsets start at {begin}, expected {covered}: tensors must tile the "
+                      "data without gap or overlap")
+        covered = end
+    if 8 + n + covered != st.st_size:
+        raise bad(f"the tensors cover {covered} data bytes but the file holds {st.st_size - 8 - n}: truncated, or "
+                  "bytes appended")
+    try:  # the library is the authority on the format: what it refuses is refused here too
+        from safetensors import safe_open
+    except ImportError:  # pragma: no cover (a dependency)
+        safe_open = None
+    if safe_open is not None:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as e:
+            raise bad(f"the safetensors library refuses it ({e})") from None
     return header, meta, 8 + n, st
 
 
@@ -232,6 +296,7 @@ def _write_table(path: str, shape, dtype: torch.dtype, metadata: Dict[str, str],
     permissions), filled chunk by chunk with ``read_tokens(a, b)`` (the stored rows of tokens
     [a, b) as a CPU tensor; ``step`` tokens at a time, default :func:`_chunk_rows`): a table is
     never copied whole."""
+    check_replaceable(path, "saving a table")  # a FIFO or device (/dev/null) is never replaced by a file
     shape = tuple(shape) if len(shape) == 4 else (shape[0], 1, *shape[1:])
     nbytes = math.prod(shape) * dtype.itemsize
     with _progress(nbytes, f"saving {os.path.basename(path)}" if progress else None) as bar, atomic_write(path) as f:
