@@ -173,7 +173,7 @@ def test_bin_locations_match_torch_load(tmp_path, dtype):
     reader = torch._C.PyTorchFileReader(f)
     for k, v in ref.items():
         loc = locate_tensor([f], k, W)
-        if not v.is_floating_point() or not v.is_contiguous():
+        if not v.is_floating_point() or not v.is_contiguous() or v.numel() == 0:  # (an empty storage has no record)
             assert loc is None, k
             continue
         assert loc is not None, k
@@ -394,5 +394,8 @@ def test_streaming_save_and_skipping_load_stay_small(tmp_path):
     assert [k for k, _ in got] == ["save", "skip", "full", "skip", "full"], proc.stdout
     for k, mib in got:
         assert (int(mib) < 24) if k != "full" else (int(mib) >= 60), proc.stdout
-    lut = load_file(tmp_path / "out" / "model.safetensors")["lut"]  # 256-row (16 MiB) chunks, each filled with its start
-    assert torch.equal(lut[:, 0], torch.arange(1024).div(256, rounding_mode="floor").float() * 256)
+    from mole_kernels.table.file_format import _chunk_rows
+
+    step = _chunk_rows(16384 * 4, 1024 * 16384 * 4)  # the package's chunk policy: 64 rows (4 MiB) here
+    lut = load_file(tmp_path / "out" / "model.safetensors")["lut"]  # chunks, each filled with its start
+    assert torch.equal(lut[:, 0], torch.arange(1024).div(step, rounding_mode="floor").float() * step)

@@ -163,6 +163,8 @@ class _BinTensor:
     shape: Tuple[int, ...]
     stride: Tuple[int, ...]
     offset: int  # in elements
+    parameter: bool  # an nn.Parameter (torch rebuilds one)
+    requires_grad: bool
 
 
 def _bin_structure(fpath: str):
@@ -233,7 +235,8 @@ def _bin_structure(fpath: str):
         key = issued.get(t.untyped_storage()._cdata)
         if key is None:
             return None
-        tensors[name] = _BinTensor(key, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+        tensors[name] = _BinTensor(key, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset(),
+                                   type(t) is nn.Parameter, t.requires_grad)
     storages = {k: (v[1], v[2], frozenset(v[3])) for k, v in storages.items()}
     return tensors, storages, (_bin_records(fpath, reader, storages) if little else {})
 
@@ -343,15 +346,15 @@ class _BinFile:
             for name in names:
                 t = self._tensors[name]
                 if t.key not in self._storages:
-                    out[name] = torch.empty_strided(t.shape, t.stride, dtype=t.dtype)
-                    continue
-                if t.key not in storages:
-                    dtype, nbytes, _ = self._storages[t.key]
-                    raw = torch.empty(nbytes, dtype=torch.uint8)
-                    _pread_into(f.fileno(), raw, self._records[t.key], f"tensor {name!r}")
-                    storages[t.key] = raw.untyped_storage()
-                v = torch.empty(0, dtype=t.dtype).set_(storages[t.key], t.offset, t.shape, t.stride)
-                out[name] = v
+                    v = torch.empty_strided(t.shape, t.stride, dtype=t.dtype)
+                else:
+                    if t.key not in storages:
+                        dtype, nbytes, _ = self._storages[t.key]
+                        raw = torch.empty(nbytes, dtype=torch.uint8)
+                        _pread_into(f.fileno(), raw, self._records[t.key], f"tensor {name!r}")
+                        storages[t.key] = raw.untyped_storage()
+                    v = torch.empty(0, dtype=t.dtype).set_(storages[t.key], t.offset, t.shape, t.stride)
+                out[name] = nn.Parameter(v, t.requires_grad) if t.parameter else v.requires_grad_(t.requires_grad)
         return out
 
 

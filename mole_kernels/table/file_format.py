@@ -150,15 +150,11 @@ _ST_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F
 _U64 = (1 << 64) - 1
 
 
-def _no_constant(name):
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_json(raw, what: str):
-    """``json.loads`` whose every failure (bad syntax or UTF-8, NaN, nesting too deep, an integer
-    too long to convert) is a ValueError starting with ``what`` (the file, and the field if known)."""
+    """``json.loads`` whose every failure (bad syntax or UTF-8, nesting too deep, an integer too
+    long to convert) is a ValueError starting with ``what`` (the file, and the field if known)."""
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        return json.loads(raw)
     except RecursionError:
         raise ValueError(f"{what}: nested too deeply to be read") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, int digits limit, NaN
