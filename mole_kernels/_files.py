@@ -43,11 +43,18 @@ import secrets
 import stat
 from typing import IO, Dict, Iterator, List, Optional
 
-__all__ = ["FolderUpdate", "atomic_path", "atomic_write", "check_replaceable", "folder_file"]
+__all__ = ["FolderUpdate", "atomic_path", "atomic_write", "check_replaceable", "folder_file", "target_name"]
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _TEMP = re.compile(r"^\.(.+)\.[0-9a-f]{12}\.tmp$")  # .<target name>.<random>.tmp
 JOURNAL = ".mole-update.json"
+
+
+def target_name(path) -> str:
+    """The file name ``path`` stands for: its own, or, for a temporary file of this module, its target's."""
+    name = os.path.basename(os.fspath(path))
+    m = _TEMP.match(name)
+    return m.group(1) if m else name
 
 
 def check_replaceable(path, where: str) -> None:
@@ -267,10 +274,14 @@ class FolderUpdate:
         self._remove: List[str] = []
         self._lock = None
         self._committed = False
+        self._journal: Optional[Dict[str, object]] = None  # what _commit publishes
 
     def __enter__(self) -> "FolderUpdate":
         self._lock = os.open(self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock: updates of one folder are then the caller's to serialise
+            pass
         j = _read_journal(self.folder)
         if j is not None:  # an earlier update was committed, then killed: finish it first
             _finish(self.folder, j)
@@ -295,6 +306,7 @@ class FolderUpdate:
             _fsync_name(tmp, stat.S_IMODE(os.fstat(fd).st_mode))
         j = {"files": {n: os.path.basename(t) for n, (_, t) in self._temps.items()},
              "remove": [n for n in self._remove if n not in self._temps]}
+        self._journal = j
         with atomic_write(os.path.join(self.folder, JOURNAL), "w", encoding="utf-8") as f:
             json.dump(j, f)  # the commit point: from here on the new set is the folder's content
         self._committed = True
@@ -305,9 +317,13 @@ class FolderUpdate:
             if exc_type is None:
                 self._commit()
         finally:
+            # Interrupted right after the journal was renamed into place, the update is committed
+            # although the flag was not set yet: its files must stay.
+            committed = self._committed or (self._journal is not None and
+                                            _read_journal(self.folder) == self._journal)
             for fd, tmp in self._temps.values():
                 os.close(fd)
-                if not self._committed:
+                if not committed:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(tmp)
             os.close(self._lock)

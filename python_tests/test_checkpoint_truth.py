@@ -464,7 +464,7 @@ def test_killed_save_pretrained_always_leaves_a_loadable_model(tmp_path):
     rng = random.Random(0)
     took = max(_timed(lambda: models[1].save_pretrained(folder, safe_serialization=False)) for _ in range(2))
     current = 1
-    trials = 0
+    trials, outcomes = 0, {False: 0, True: 0}
     deadline = time.monotonic() + 10
     while trials < 40 and time.monotonic() < deadline:
         new = rng.choice([i for i in range(3) if i != current])
@@ -474,8 +474,10 @@ def test_killed_save_pretrained_always_leaves_a_loadable_model(tmp_path):
         head = _fingerprint(folder)
         loaded = [i for i in (current, new) if torch.equal(head, heads[i])]
         assert loaded, f"trial {trials}: the folder holds neither the old nor the new model"
+        outcomes[loaded[0] == new] += 1
         current = loaded[0]
         trials += 1
+    print(f"{trials} killed saves: {outcomes[False]} left the old model, {outcomes[True]} the new one")
     assert trials >= 10
     models[2].save_pretrained(folder)  # a finished save removes what the killed ones left
     assert _leftovers(folder) == [] and torch.equal(_fingerprint(folder), heads[2])
@@ -583,3 +585,66 @@ def test_config_json_errors_name_the_file(tmp_path):
         cfg.write_text(c)
         with pytest.raises(ValueError, match=f"{cfg}.*rms_norm_eps"):
             MoLEForCausalLM.from_pretrained(folder)
+
+
+def test_a_save_killed_after_its_commit_reads_as_the_new_model(tmp_path, monkeypatch):
+    from mole_kernels import _files
+
+    folder = tmp_path / "m"
+    old, new = _model(0), _model(1)
+    old.save_pretrained(folder, safe_serialization=False)
+    real_finish = _files._finish
+
+    def killed(*args):
+        raise KeyboardInterrupt  # as if the process died right after the journal was published
+
+    monkeypatch.setattr(_files, "_finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(folder)  # the other format: the old .bin is stale once committed
+    monkeypatch.setattr(_files, "_finish", real_finish)
+    names = os.listdir(folder)
+    assert _files.JOURNAL in names and "pytorch_model.bin" in names and "model.safetensors" not in names
+    assert torch.equal(_fingerprint(folder), new.lm_head.weight)  # read through the journal
+    old.save_pretrained(folder)  # the next save finishes the journal first, then commits its own
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    assert torch.equal(_fingerprint(folder), old.lm_head.weight)
+
+
+def test_temporaries_of_dead_writers_are_removed_by_the_next_write(tmp_path):
+    from mole_kernels._files import atomic_write
+
+    target = tmp_path / "lut.safetensors"
+    dead = tmp_path / ".lut.safetensors.0123456789ab.tmp"
+    dead.write_bytes(b"x" * 1000)
+    live = tmp_path / ".lut.safetensors.ba9876543210.tmp"
+    live.write_bytes(b"y")
+    other = tmp_path / ".notes.txt.0123456789ab.tmp"  # another target's: not this write's to judge
+    other.write_bytes(b"z")
+    import fcntl
+
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a writer that is still running holds its temporary file
+    try:
+        with atomic_write(target) as f:
+            f.write(b"new")
+        assert target.read_bytes() == b"new" and not dead.exists() and live.exists() and other.exists()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_tensor_parallel_reader_reads_the_bin_lut_as_torch(tmp_path, compress):
+    from mole_kernels.model.tensor_parallel import _Checkpoint
+
+    inf, sd = tiny_inference_sd(lut_dtype=torch.bfloat16)
+    folder = folder_with(tmp_path, "m", inf)
+    torch.save(sd, tmp_path / "plain.bin")
+    if compress:
+        rezip(tmp_path / "plain.bin", folder / "pytorch_model.bin")
+    else:
+        os.replace(tmp_path / "plain.bin", folder / "pytorch_model.bin")
+    want = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    ckpt = _Checkpoint(str(folder), W)
+    shape, dtype, read = ckpt.lut_source(W)
+    assert dtype == torch.bfloat16 and raw(read(0, shape[0]).reshape(want[LUT_KEY].shape)) == raw(want[LUT_KEY])
+    assert raw(ckpt.get("lm_head.weight")) == raw(want["lm_head.weight"])

@@ -15,7 +15,7 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .._files import FolderUpdate, check_replaceable, folder_file
+from .._files import FolderUpdate, check_replaceable, folder_file, target_name
 from ..table.file_format import _chunk_rows, parse_json, safetensors_header
 from .config import MoLEConfig
 
@@ -107,6 +107,7 @@ class TensorLocation:
     offset: int  # absolute byte offset of the tensor's first element in the file
     dtype: torch.dtype
     shape: Tuple[int, ...]  # the data is contiguous row-major: nbytes = prod(shape) * itemsize
+    identity: Tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the file when it was parsed: a replaced file is refused
 
     @property
     def nbytes(self) -> int:
@@ -128,8 +129,8 @@ class _SafetensorsFile:
 
     def __init__(self, fpath: str, where: str):
         self.path = fpath
-        header, _, data_start, _ = safetensors_header(fpath, where)
-        self.entries = header
+        header, _, data_start, st = safetensors_header(fpath, where)
+        self.entries, self.identity = header, (st.st_dev, st.st_ino)
         self.shapes = {k: (tuple(e["shape"]), _ST_DTYPES.get(e["dtype"])) for k, e in header.items()}
         self._start = data_start
 
@@ -137,7 +138,8 @@ class _SafetensorsFile:
         shape, dtype = self.shapes[name]
         if dtype not in _LUT_DTYPES:
             return None
-        return TensorLocation(self.path, self._start + self.entries[name]["data_offsets"][0], dtype, shape)
+        return TensorLocation(self.path, self._start + self.entries[name]["data_offsets"][0], dtype, shape,
+                              self.identity)
 
     def load(self, names) -> Dict[str, torch.Tensor]:
         """The tensors ``names``, each read with ``pread`` into a new tensor."""
@@ -303,6 +305,11 @@ class _BinFile:
     def __init__(self, fpath: str, where: str):
         self.path, self._where = fpath, where
         self._loaded: Optional[Dict[str, torch.Tensor]] = None
+        try:
+            st = os.stat(fpath)
+        except OSError as e:
+            raise ValueError(f"{where}: cannot read weights from {fpath}: {e.strerror}") from None
+        self.identity = (st.st_dev, st.st_ino)
         structure = _bin_structure(fpath)
         if structure is None:
             self._tensors, self._storages, self._records = {}, {}, {}
@@ -334,7 +341,8 @@ class _BinFile:
         if t is None or t.dtype not in _LUT_DTYPES or t.key not in self._records or not self._readable(t) \
                 or len(self._storages[t.key][2]) != 1 or not _row_major(t.shape, t.stride):
             return None  # (an empty tensor has no record: loaded, it costs nothing)
-        return TensorLocation(self.path, self._records[t.key] + t.offset * t.dtype.itemsize, t.dtype, t.shape)
+        return TensorLocation(self.path, self._records[t.key] + t.offset * t.dtype.itemsize, t.dtype, t.shape,
+                              self.identity)
 
     def load(self, names) -> Dict[str, torch.Tensor]:
         names = list(names)
@@ -358,6 +366,12 @@ class _BinFile:
         return out
 
 
+def is_safetensors(fpath: str) -> bool:
+    """Whether a weight file is safetensors (by its name; a file still under the temporary name of
+    an interrupted save, read through its journal, by its target's)."""
+    return target_name(fpath).endswith(".safetensors")
+
+
 def _check_part(fpath: str, part, seen: set, where: str) -> None:
     """``part`` (what ``fpath`` holds) is a state dict with no tensor named in ``seen`` (the other shards')."""
     if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -376,7 +390,7 @@ class WeightFiles:
 
     def __init__(self, files: List[str], where: str):
         self.where = where
-        self.files = [(_SafetensorsFile if f.endswith(".safetensors") else _BinFile)(f, where) for f in files]
+        self.files = [(_SafetensorsFile if is_safetensors(f) else _BinFile)(f, where) for f in files]
         self.shapes: Dict[str, Tuple[Tuple[int, ...], Optional[torch.dtype]]] = {}
         self.holder: Dict[str, object] = {}
         for wf in self.files:

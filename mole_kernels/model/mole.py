@@ -373,10 +373,8 @@ def _official_lut(weights: WeightFiles, cfg: MoLEConfig, placement: str, device,
         return LookupTable.build(shape, lut_dtype, lambda a, b, out: out.copy_(lut[a:b]), placement, device,
                                  path=lut_path, format=lut_format, block_size=block_size)
 
-    def opened(placement, device):
-        if loc.file.endswith(".safetensors"):
-            return LookupTable.open(loc.file, placement, device, tensor=LUT_KEY, shape=shape)
-        return LookupTable._open_at(loc.file, loc.offset, shape, stored_dtype, placement, device)
+    def opened(placement, device):  # at the location the header (or pickle) gave: the file is not parsed again
+        return LookupTable._open_at(loc.file, loc.offset, shape, stored_dtype, placement, device, loc.identity)
 
     if lut_dtype == stored_dtype and lut_format is None and lut_path is None:
         return opened(placement, device)  # disk: served in place; host/device: read once into the tier

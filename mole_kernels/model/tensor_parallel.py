@@ -62,7 +62,8 @@ from ..quant import canonical_format, default_block_size, quantize, quantized_la
 from ..table import LookupTable
 from ..table.file_format import _chunk_rows, _metadata, _write_table
 from .baselines import DenseForCausalLM
-from .checkpoints import LUT_KEY, WeightFiles, _check_state_dict, _is_expert_key, _read_config, _weight_files, check_counts
+from .checkpoints import (LUT_KEY, WeightFiles, _check_state_dict, _is_expert_key, _read_config, _weight_files,
+                          check_counts, is_safetensors)
 from .config import MoLEConfig, parse_dtype
 from .generation import GenerationOutput
 from .mole import MoLEForCausalLM, _check_lut_format
@@ -524,7 +525,7 @@ class _Checkpoint:
         t = {}
         self._lut_loc = None
         for f in _weight_files(path, where):
-            if f.endswith(".safetensors"):
+            if is_safetensors(f):
                 from safetensors import safe_open
 
                 WeightFiles([f], where)  # the header, validated as the library does (errors name the file)
@@ -562,7 +563,7 @@ class _Checkpoint:
             if loc.shape not in ((V, L * E * D), (V, L, E, D)):
                 raise ValueError(f"{where}: {LUT_KEY} is {list(loc.shape)} {loc.dtype}, expected a float "
                                  f"[V, L*E*D] = [{V}, {L * E * D}] for this config")
-            table = LookupTable._open_at(loc.file, loc.offset, (V, L, E, D), loc.dtype, "disk", "cpu")
+            table = LookupTable._open_at(loc.file, loc.offset, (V, L, E, D), loc.dtype, "disk", "cpu", loc.identity)
             return (V, L, E, D), loc.dtype, table.read
         t = self._t[LUT_KEY]
         shape, dtype = _shape_dtype(t)

@@ -129,8 +129,8 @@ def _read_header(path: str, tensor: str = TENSOR_NAME, as_shape=None) -> _FileIn
         raise bad(f"metadata says dtype={meta['dtype']} but tensor {tensor!r} is {dtype_name}"
                   + (f" quantized from {logical_dtype}" if quantized else ""))
     version = meta.get("format_version", "1")
-    if not version.isdigit():
-        raise bad(f"format_version {version!r} is not a number")
+    if not version.isdigit() or len(version) > 9:
+        raise bad(f"format_version {version[:20]!r} is not a version number")
     if int(version) > FORMAT_VERSION:
         raise bad(f"format_version {version} is newer than this mole_kernels ({FORMAT_VERSION})")
     return _FileInfo(tuple(shape), dtype, data_start + begin, nbytes, dict(meta), quantized, (st.st_dev, st.st_ino),

@@ -314,13 +314,18 @@ class LookupTable:
         return cls._open_info(path, _read_header(path, tensor, shape), placement, device, staging_bytes)
 
     @classmethod
-    def _open_at(cls, path: str, offset: int, shape, dtype: torch.dtype, placement: str, device) -> "LookupTable":
+    def _open_at(cls, path: str, offset: int, shape, dtype: torch.dtype, placement: str, device,
+                 identity: Optional[Tuple[int, int]] = None) -> "LookupTable":
         """A float ``[V, L, E, D]`` table whose bytes lie at ``offset`` in a file of another format
-        (e.g. a tensor's record inside a ``pytorch_model.bin``), opened as :meth:`open` opens one."""
+        (e.g. a tensor's record inside a ``pytorch_model.bin``), opened as :meth:`open` opens one.
+        ``identity``: the file's (st_dev, st_ino) when ``offset`` was read from it (a file replaced
+        since is refused)."""
         placement, device = cls._check_placement(placement, device, "open")
-        st = os.stat(path)
+        if identity is None:
+            st = os.stat(path)
+            identity = (st.st_dev, st.st_ino)
         nbytes = math.prod(shape) * dtype.itemsize
-        info = _FileInfo(tuple(shape), dtype, offset, nbytes, {}, identity=(st.st_dev, st.st_ino))
+        info = _FileInfo(tuple(shape), dtype, offset, nbytes, {}, identity=tuple(identity))
         return cls._open_info(path, info, placement, device, 64 << 20)
 
     @classmethod
