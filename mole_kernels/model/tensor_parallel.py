@@ -58,6 +58,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .._files import check_replaceable
 from ..quant import canonical_format, default_block_size, quantize, quantized_layout
 from ..table import LookupTable
 from ..table.file_format import _chunk_rows, _metadata, _write_table
@@ -478,6 +479,8 @@ def write_sharded_tables(source, path, world_size: int, *, dtype=None, lut_forma
     _check_lut_format(lut_format, block_size, D // world_size, f"{where} (each rank's D/N = {D // world_size})")
     table_id = uuid.uuid4().hex
     paths = [shard_file(path, r, world_size) for r in range(world_size)]
+    for p in paths:  # every output checked before the first is written (a FIFO or device is never replaced)
+        check_replaceable(p, where)
     for r, p in enumerate(paths):
         _RankSlice(src, r, world_size, dtype, lut_format, block_size).write(p, table_id)
     return paths

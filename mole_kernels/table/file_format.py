@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass
@@ -69,15 +70,10 @@ def _read_header(path: str, tensor: str = TENSOR_NAME, as_shape=None) -> _FileIn
     def bad(msg):
         return ValueError(f"LookupTable.open: {path}: {msg}")
 
-    header, meta, data_start, st = safetensors_header(path, "LookupTable.open")
-    size = st.st_size
+    header, meta, data_start, st = safetensors_header(path, "LookupTable.open")  # entries and spans validated
     if tensor not in header:
         raise bad(f"no tensor named {tensor!r} (tensors: {sorted(header)[:8]}); pass tensor= to pick one")
     entry = header[tensor]
-    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or not is_ints(entry.get("shape")) \
-            or not is_ints(entry.get("data_offsets"), 2):
-        raise bad(f"tensor {tensor!r} entry {entry!r} needs dtype (a string), shape (a list of ints) and "
-                  "data_offsets (two ints)")
     dtype_name, shape = entry["dtype"], list(entry["shape"])
     begin, end = entry["data_offsets"]
     quantized = QuantizedLUT.is_quantized_metadata(meta)
@@ -110,12 +106,6 @@ def _read_header(path: str, tensor: str = TENSOR_NAME, as_shape=None) -> _FileIn
     if end - begin != nbytes or begin < 0:
         raise bad(f"tensor {tensor!r} data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} "
                   f"in {dtype_name} needs {nbytes}")
-    offsets = [e["data_offsets"] for e in header.values() if isinstance(e, dict) and "data_offsets" in e]
-    if not all(is_ints(o, 2) for o in offsets):
-        raise bad("a tensor entry has malformed data_offsets (two ints expected)")
-    data_end = max(o[1] for o in offsets)  # the file must hold every tensor the header describes, not just ours
-    if size < data_start + data_end:
-        raise bad(f"truncated: the header describes {data_start + data_end} bytes but the file has {size}")
     # The metadata, when present, must agree with the tensor (a mismatch means a corrupt or foreign file).
     logical, logical_dtype = list(shape), str(dtype).replace("torch.", "")
     if quantized:
@@ -157,17 +147,84 @@ def parse_json(raw, what: str):
         return json.loads(raw)
     except RecursionError:
         raise ValueError(f"{what}: nested too deeply to be read") from None
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, int digits limit, NaN
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, int digits limit
         raise ValueError(f"{what}: not valid JSON ({e})") from None
+
+
+class _Negative(int):
+    """An integer written with a minus sign (``-0`` included): never a size or an offset."""
+
+
+class _Object(dict):
+    """A JSON object that remembers which keys it held more than once."""
+
+    def __init__(self, pairs):
+        super().__init__(pairs)
+        self.repeated = {k for k, _ in pairs} if len(self) < len(pairs) else set()
+        if self.repeated:
+            seen = set()
+            self.repeated = {k for k, _ in pairs if k in seen or seen.add(k)}
+
+
+def _strict_number(text: str):
+    value = float(text)
+    if math.isinf(value):  # beyond float64 (the library's JSON reader refuses such numbers)
+        raise ValueError(f"number {text[:20]}... out of range")
+    return value
+
+
+def _strict_int(text: str):
+    _strict_number(text)
+    return _Negative(int(text)) if text.startswith("-") else int(text)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_MAX_DEPTH = 127  # the safetensors library's JSON reader stops at 128 nested arrays/objects
+
+
+def _safetensors_json(text: str, bad):
+    """The header as the safetensors library's (serde) JSON reader reads it: nesting at most 127
+    deep, no NaN/Infinity, no number beyond float64, strings valid Unicode (no lone surrogate);
+    objects keep which keys they repeated (:class:`_Object`), minus-signed ints are :class:`_Negative`."""
+    depth = 0
+    for c in re.findall(r"[\[\]{}]", _JSON_STRING.sub("", text)):
+        depth += 1 if c in "[{" else -1
+        if depth > _MAX_DEPTH:
+            raise bad(f"the header nests deeper than {_MAX_DEPTH} levels")
+    try:
+        header = json.loads(text, object_pairs_hook=_Object, parse_int=_strict_int, parse_float=_strict_number,
+                            parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as e:
+        raise bad(f"the header is not valid JSON ({e}): not a safetensors file") from None
+    stack = [header]
+    while stack:  # every string must be valid UTF-8 (a lone surrogate escape is not)
+        x = stack.pop()
+        items = list(x.items()) if isinstance(x, dict) else list(enumerate(x)) if isinstance(x, list) else []
+        for k, v in items:
+            for t in (k, v):
+                if isinstance(t, str):
+                    try:
+                        t.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise bad(f"the header holds an invalid string {t[:20]!r}") from None
+            if isinstance(v, (dict, list)):
+                stack.append(v)
+    return header
 
 
 def safetensors_header(path: str, where: str):
     """``(tensor entries, metadata, absolute offset of the data, os.stat_result)`` of a safetensors
-    file, reading its header only, accepting exactly what the safetensors library accepts: every
-    entry has a known dtype, a shape and two data offsets (non-negative 64-bit ints) whose span
-    holds exactly the shape's bytes, the spans in offset order tile the data from 0 to the file's
-    end without gap or overlap (a duplicated name: the last entry counts, as in the library), and
-    the library itself opens the file. A problem (also: not a regular file (a FIFO or device is
+    file, reading its header only, accepting exactly what the safetensors library accepts (its
+    rules, checked here without mapping the file: the library maps it whole, which a table larger
+    than the address space allows cannot be): JSON as its reader reads it (:func:`_safetensors_json`),
+    every entry with a known dtype, a shape and two data offsets (non-negative 64-bit ints, a field
+    named once) whose span holds exactly the shape's bytes, the spans in offset order tiling the
+    data from 0 to the file's end without gap or overlap (a tensor named twice: the last entry
+    counts, as in the library). A problem (also: not a regular file (a FIFO or device is
     refused without blocking on it), short, a length field past the end, not a JSON object,
     metadata not strings to strings) is a ValueError naming ``where`` and the file."""
 
@@ -198,10 +255,13 @@ def safetensors_header(path: str, where: str):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise bad(f"the header is not valid JSON ({e}): not a safetensors file") from None
-    header = parse_json(text, f"{where}: {path}: the header")
+    header = _safetensors_json(text, bad)
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object: not a safetensors file")
-    meta = header.pop("__metadata__", None) or {}
+    if "__metadata__" in header.repeated:
+        raise bad("__metadata__ appears twice")
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise bad("__metadata__ must be a JSON object of strings to strings (the safetensors format)")
     spans = []
@@ -210,8 +270,10 @@ def safetensors_header(path: str, where: str):
                 or not is_ints(e.get("data_offsets"), 2):
             raise bad(f"tensor {name!r} entry {e!r} needs dtype (a string), shape (a list of ints) and "
                       "data_offsets (two ints)")
+        if e.repeated & {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r} entry names {sorted(e.repeated)} twice")
         (begin, end), shape = e["data_offsets"], e["shape"]
-        if not all(0 <= v <= _U64 for v in (begin, end, *shape)):
+        if not all(0 <= v <= _U64 and not isinstance(v, _Negative) for v in (begin, end, *shape)):
             raise bad(f"tensor {name!r}: shape {shape} and data_offsets [{begin}, {end}] must be 64-bit "
                       "non-negative ints")
         bits = _ST_BITS.get(e["dtype"])
@@ -231,16 +293,6 @@ def safetensors_header(path: str, where: str):
     if 8 + n + covered != st.st_size:
         raise bad(f"the tensors cover {covered} data bytes but the file holds {st.st_size - 8 - n}: truncated, or "
                   "bytes appended")
-    try:  # the library is the authority on the format: what it refuses is refused here too
-        from safetensors import safe_open
-    except ImportError:  # pragma: no cover (a dependency)
-        safe_open = None
-    if safe_open is not None:
-        try:
-            with safe_open(path, framework="pt"):
-                pass
-        except Exception as e:
-            raise bad(f"the safetensors library refuses it ({e})") from None
     return header, meta, 8 + n, st
 
 
