@@ -214,6 +214,10 @@ def cmd_reparameterize(args) -> int:
 
         check_tensor_parallel(model.config, args.tensor_parallel, lut_format=args.lut_format,
                               block_size=args.block_size)
+        from .model.tensor_parallel import shard_file
+
+        for r in range(args.tensor_parallel):  # the per-rank files' names, before the long computation
+            check_output_file(shard_file(args.lut_file, r, args.tensor_parallel), "--lut-file")
     elif args.lut_format is not None:  # a block size that does not fit the model fails before the long computation
         _check_block(args.lut_format, args.block_size, model.config.hidden_size, "--lut-format/--block-size")
     t0 = time.perf_counter()

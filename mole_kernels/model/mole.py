@@ -234,8 +234,13 @@ class MoLEForCausalLM(_CausalLM):
           (pinned when CUDA is present): one copy of the LUT, plus a chunk when converting.
         - Chunks are a 32nd of the table within [4, 64] MiB. The other weights are read into RAM.
         - In place means the file is read with ``pread``: safetensors always; ``pytorch_model.bin``
-          when the LUT is a contiguous tensor in torch's zip format (torch >= 1.6 saves); an
-          older ``.bin`` is loaded whole first.
+          when the LUT is a contiguous tensor whose zip record provably holds what
+          ``torch.load(weights_only=True)`` reads (stored uncompressed, one dtype per storage, a
+          unique name: :class:`~mole_kernels.model.checkpoints.WeightFiles`); any other ``.bin``
+          (pre-1.6, compressed, crafted) is loaded whole by ``torch.load`` first. Either way the
+          weights are what torch (or the safetensors library) reads from the files.
+        - Each weight file's header or pickle is read once, and ``config.json``'s sizes are checked
+          against the files' tensor names and shapes before any model is built.
 
         ``lut_file``: a :class:`~mole_kernels.table.LookupTable` file (``LookupTable.save``, or
         ``mole-kernels reparameterize --lut-file``; float or quantized) to use as the LUT instead
@@ -310,9 +315,12 @@ class MoLEForCausalLM(_CausalLM):
 
         The LUT is streamed from its tier chunk by chunk (``model.safetensors``: no copy of it in
         RAM; ``pytorch_model.bin`` needs it whole, as ``torch.save`` does).
-        Every file is written whole or not at all, and the weight files, shard indexes and shards
-        of an earlier save into ``path`` (in either format) are removed, so that
-        :meth:`from_pretrained` reads this model and nothing else (see
+        The folder changes in one commit: an interruption at any instant (Ctrl-C, SIGTERM,
+        SIGKILL) leaves the old model or this one for :meth:`from_pretrained`; the weight files,
+        shard indexes and shards of an earlier save (in either format) are removed once this
+        model is in place, so that :meth:`from_pretrained` reads this model and nothing else. A
+        ``path`` that is a file, or whose ``config.json``/weight file names hold a FIFO, device or
+        folder, is refused before anything is written (see
         :func:`~mole_kernels.model.checkpoints.save_checkpoint`)."""
         path = os.fspath(path)
         if not isinstance(safe_serialization, bool):

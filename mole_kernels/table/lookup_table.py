@@ -481,7 +481,8 @@ class LookupTable:
         dtype and layout; :meth:`open` reads either). Rows are written chunk by chunk from the tier (a
         32nd of the table within [4, 64] MiB at a time: never a copy of the table in RAM). The file
         appears whole or not at all, through a unique temporary file in its folder (safe to save over
-        the file this table was opened from)."""
+        the file this table was opened from). A ``path`` that is not a regular file (a FIFO, a
+        device such as ``/dev/null``, a folder) is refused before anything is written."""
         self._check_open()
         meta = {**self.metadata, **_metadata(self.shape, self.dtype, self._quant)}
         _write_table(os.fspath(path), self._stored_shape, self._stored_dtype, meta, self._read_stored)
