@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mole_kernels
-from mole_kernels.model import checkpoints as ck
 from mole_kernels.model.checkpoints import StreamedTensor, TensorLocation, WeightFiles, _weight_files, save_checkpoint
 from mole_kernels.table.file_format import _read_header
 
