@@ -3,7 +3,11 @@
 One command, on this CPU machine (runs the whole suite, then renders; a few minutes):
 
     python bench/report.py --run                 # -> bench/results/cpu.json, bench/RESULTS.md, bench/plots/
-    python bench/report.py --run --smoke         # the same at smoke sizes (seconds; numbers meaningless)
+    python bench/report.py --run --smoke         # the same at smoke sizes (seconds; numbers meaningless),
+                                                 # -> bench/results/cpu-smoke.json, RESULTS-smoke.md, plots-smoke/
+
+The suite benchmarks the mole_kernels that Python imports outside the clone (after `pip install .`,
+the installed one), else this clone's in-place build; it says which before it starts.
     python bench/report.py                       # re-render from bench/results/*.json only
 
 Other JSON files (e.g. the GPU run that bench/gpu_check.sh writes; put it at
@@ -672,6 +676,24 @@ def merge(paths, dest):
     return dest
 
 
+def package_under_test():
+    """(folder holding the mole_kernels package to benchmark, whether it is the clone's source tree).
+
+    The package this Python imports from outside the clone: after `pip install .`, the installed
+    one. Only when there is none, the source tree of this clone (built in place with
+    `python setup.py build_ext --inplace`). The clone's root never comes first by accident: the
+    suite runs with bench/ as its working folder, where `import mole_kernels` would otherwise find
+    the uncompiled source folder and fail."""
+    import importlib.machinery
+
+    root = os.path.dirname(HERE)
+    outside = [p for p in sys.path if p and os.path.abspath(p) not in (root, HERE)]
+    spec = importlib.machinery.PathFinder.find_spec("mole_kernels", outside)
+    if spec is not None and spec.submodule_search_locations:
+        return os.path.dirname(list(spec.submodule_search_locations)[0]), False
+    return root, True
+
+
 def run_suite(smoke, extra):
     """Runs the whole suite with this Python and writes bench/results/cpu.json (or cpu-smoke.json)."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
@@ -679,10 +701,24 @@ def run_suite(smoke, extra):
     env = dict(os.environ)
     if smoke:
         env["MOLE_BENCH_SMOKE"] = "1"
+    folder, source_tree = package_under_test()
+    if source_tree:
+        env["PYTHONPATH"] = os.pathsep.join([folder] + [p for p in [env.get("PYTHONPATH")] if p])
+    # One import first, in the suite's own environment: a package that cannot load says why in one
+    # message (not built, built against another torch), instead of an error per benchmark file.
+    probe = subprocess.run([sys.executable, "-c", "import mole_kernels; print(mole_kernels.__file__)"],
+                           env=env, cwd=HERE, capture_output=True, text=True)
+    if probe.returncode:
+        why = (probe.stderr.strip().splitlines() or ["(no message)"])[-1]
+        hint = ("install it (`pip install .` from the clone's root) or build it in place "
+                "(`python setup.py build_ext --inplace`)" if source_tree else "reinstall it")
+        sys.exit(f"cannot benchmark: mole_kernels from {folder} does not import: {why}\n{hint}")
+    print(f"benchmarking {os.path.dirname(probe.stdout.strip())}"
+          + (" (this clone's in-place build)" if source_tree else ""), flush=True)
     cmd = [sys.executable, "-m", "pytest", HERE, "-q", "-p", "no:cacheprovider", f"--benchmark-json={dest}",
            "--benchmark-columns=median,rounds"] + extra
     print("+", " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, env=env, cwd=os.path.dirname(HERE))
+    rc = subprocess.call(cmd, env=env, cwd=HERE)
     if rc not in (0, 1) or not os.path.exists(dest):  # 1: some benchmark failed; render what ran
         sys.exit(f"the benchmark run failed (exit {rc}); nothing to render")
     return dest
@@ -705,12 +741,21 @@ def main(argv=None):
     ap.add_argument("--run", action="store_true", help="run the suite first (this machine) into bench/results/")
     ap.add_argument("--smoke", action="store_true", help="with --run: smoke sizes (MOLE_BENCH_SMOKE=1)")
     ap.add_argument("--pytest-args", default="", help="with --run: extra pytest arguments (one string)")
-    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
-    ap.add_argument("--plots", default=os.path.join(HERE, "plots"), help="folder for PNG figures ('' for none)")
+    ap.add_argument("--out", default=None,
+                    help="markdown file to write (default: bench/RESULTS.md; with --run --smoke "
+                         "bench/results/RESULTS-smoke.md, so smoke numbers never replace the measured ones)")
+    ap.add_argument("--plots", default=None,
+                    help="folder for PNG figures, '' for none (default: bench/plots; with --run --smoke "
+                         "bench/results/plots-smoke)")
     ap.add_argument("--preamble", default=None, help="markdown file placed above the generated sections")
     ap.add_argument("--summary", action="store_true", help="print one line per group (ours vs best baseline)")
     ap.add_argument("--merge-to", default=None, help="write the inputs as one JSON file and stop")
     args = ap.parse_args(argv)
+    smoke_run = args.run and args.smoke
+    if args.out is None:
+        args.out = os.path.join(RESULTS_DIR, "RESULTS-smoke.md") if smoke_run else os.path.join(HERE, "RESULTS.md")
+    if args.plots is None:
+        args.plots = os.path.join(RESULTS_DIR, "plots-smoke") if smoke_run else os.path.join(HERE, "plots")
     paths = list(args.json)
     if args.run:
         fresh = run_suite(args.smoke, args.pytest_args.split())
