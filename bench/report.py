@@ -27,6 +27,7 @@ VRAM rows). Without a GPU run, the GPU providers of each op are listed as not me
 `--summary` prints one line per group (ours vs the best baseline); gpu_check.sh shows it last.
 """
 import argparse
+import glob
 import json
 import os
 import re
@@ -715,7 +716,8 @@ def run_suite(smoke, extra):
         sys.exit(f"cannot benchmark: mole_kernels from {folder} does not import: {why}\n{hint}")
     print(f"benchmarking {os.path.dirname(probe.stdout.strip())}"
           + (" (this clone's in-place build)" if source_tree else ""), flush=True)
-    cmd = [sys.executable, "-m", "pytest", HERE, "-q", "-p", "no:cacheprovider", f"--benchmark-json={dest}",
+    suites = sorted(glob.glob(os.path.join(HERE, "bench_*.py")))  # not test_report.py: it runs this
+    cmd = [sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider", f"--benchmark-json={dest}",
            "--benchmark-columns=median,rounds"] + extra
     print("+", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env, cwd=HERE)
