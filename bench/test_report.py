@@ -201,3 +201,13 @@ def test_run_smoke_benchmarks_the_package_python_imports(tmp_path, where, subset
     files = {b["fullname"].split("::")[0] for b in smoke["benchmarks"]}
     suites = glob.glob(os.path.join(report.HERE, "bench_*.py"))
     assert len(files) == (1 if subset else len(suites)), files  # every suite ran (a missing one: an import failed)
+
+
+def test_a_crowded_figure_is_split_by_table_format():
+    many = {f"{p}{f} [cpu]": [(1, 1.0)] for p in ("host-zero_copy", "host-dedup", "disk-staged")
+            for f in ("", "-int8", "-nf4")}
+    figures = dict(report._by_format({"160M-4E": many}))
+    assert sorted(figures) == ["160M-4E-bf16", "160M-4E-int8", "160M-4E-nf4"]
+    assert all(len(series) == 3 for series in figures.values())
+    few = {k: v for k, v in many.items() if "disk" in k}  # three series: one figure
+    assert dict(report._by_format({"160M-4E": few})) == {"160M-4E": few}
