@@ -27,11 +27,11 @@ tokens after a {prompt}-token prompt.
   tokens/s    generated tokens of the whole batch per second
   vs dense    ms/token over the dense baseline's (1.00x: as fast as the dense model). A MoLE step
               is the dense step plus, per layer, a router (D x E), a softmax over E, an E-row
-              weighted sum and the prefetch's bookkeeping: {extra}
-              (host tier), a visible share of a step this small (D={hidden}); bench/RESULTS.md
+              weighted sum and the prefetch's bookkeeping; with the LUT on host here that costs
+              {extra} (D={hidden}: a small step, where it shows most); bench/RESULTS.md
               (e2e-decode) compares them at the paper's sizes. '~': this model's min-max range
-              overlaps the dense model's, so the difference is within the run-to-run spread
-              (a ratio below 1.00x then is noise, not a MoLE model faster than the dense one).
+              overlaps the dense model's, so the difference is within the run-to-run spread (a
+              ratio below 1.00x then is noise, not a MoLE model faster than the dense one).
   LUT/token   table bytes read per token, in the prompt's prefill and per decode step. A token's
               rows are L*E*D values ({row} in float32 here). The prompt's ids follow a Zipf law,
               as text does, so some repeat: the host tier (zero-copy) reads a row for every
@@ -189,7 +189,7 @@ def run_demo(args, cfg: MoLEConfig) -> int:
 def format_label(fmt: str, block_size: int) -> str:
     """How the README names a quantized table: int8 has one scale per row of D values, the others a
     scale per block."""
-    return "int8, a scale per row" if fmt == "int8" else f"{fmt}, block {block_size}"
+    return "int8, per-row scale" if fmt == "int8" else f"{fmt}, block {block_size}"
 
 
 def within_spread(a: "_Entry", b: "_Entry") -> bool:
@@ -201,8 +201,8 @@ def extra_cost(mole: "_Entry", dense: "_Entry", new_tokens: int, layers: int) ->
     """What a MoLE step costs beyond the dense step, per layer and token, or that it is within the noise."""
     extra = (statistics.median(mole.times) - statistics.median(dense.times)) / new_tokens / layers
     if extra <= 0 or within_spread(mole, dense):
-        return "within the run-to-run spread here,\n              too small to measure at this size with these --repeats"
-    return f"about {extra * 1e6:.0f} us per layer and\n              token here"
+        return "less than the run-to-run spread shows"
+    return f"about {extra * 1e6:.0f} us per layer and token"
 
 
 def _print_table(entries, medians, B, S, N, dense_entry=None):
