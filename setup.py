@@ -50,7 +50,7 @@ BUILD_INFO = "_build_info.json"  # read by mole_kernels/_build_check.py when the
 HEARTBEAT_S = 30
 # What one object usually costs, in CPU time, measured on a 2-core VM (tools/measure_setup.sh; the
 # README's "What it costs"): said when the build starts, so that a long wait reads as work, not a hang.
-TYPICAL_CPU_S = {"c++": "20-60 s", "cuda": "1-2 min per GPU architecture"}
+TYPICAL_CPU_S = {"c++": "10-30 s", "cuda": "20-60 s per GPU architecture"}
 
 
 def _log_streams():
@@ -220,7 +220,7 @@ def build_ext_class(cpp_extension, torch_version, notes):
                     todo = [os.path.basename(src) for src, obj in objects.items() if not written(obj)]
                     if todo:
                         log(f"{_elapsed(t0)}: {len(sources) - len(todo)} of {len(sources)} objects compiled; "
-                            f"still compiling {', '.join(todo)}")
+                            f"to go ({jobs} at a time): {', '.join(todo)}")
                     else:
                         log(f"{_elapsed(t0)}: all {len(sources)} objects compiled; linking mole_kernels/_C")
 
