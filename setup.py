@@ -57,12 +57,23 @@ def _log_streams():
     """Where build lines go: stderr always (pip keeps it: shown with -v, in CI logs through -v, and
     when the build fails), and the terminal too when stderr is captured (pip without -v hides it)."""
     streams = [sys.stderr]
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() and not _pip_shows_output():
         try:
             streams.append(open("/dev/tty", "w"))
         except OSError:  # no controlling terminal (CI, a service): stderr only
             pass
     return streams
+
+
+def _pip_shows_output():
+    """Whether the pip that runs this build was given -v (it then prints our stderr itself, and a
+    copy on the terminal would show every line twice). pip runs a backend as its direct child."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+    except OSError:  # not Linux, or no such process: assume pip hides the output
+        return False
+    return any(a == "--verbose" or (a.startswith("-") and not a.startswith("--") and "v" in a) for a in args)
 
 
 _LOG = _log_streams()
