@@ -66,10 +66,12 @@ def _torch_requirements(say=False):
     found = target_torch()
     if found is None:
         return [TORCH_REQUIREMENT]
-    version, folder = found
+    _, folder = found
     sys.path.append(folder)
     if say:
-        log(f"building against the installed torch {version} ({folder}); no torch is downloaded")
+        # The version itself is said once, by the compile step (torch.__version__, e.g. 2.14.1+cu130;
+        # the package metadata read here may say 2.14.1).
+        log(f"building against the torch already installed in this environment ({folder}); nothing is downloaded")
     return []
 
 

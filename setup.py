@@ -7,8 +7,9 @@ toolkit. CMakeLists.txt builds the very same csrc/ files (globbed by the same
 rule, so there is no second list) for C++ tooling: compile_commands.json,
 clangd, sanitizers.
 
-CUDA is compiled when torch is a CUDA build and a toolkit is found; otherwise
-the CPU kernels alone are built and one line says why CUDA was skipped.
+CUDA is compiled when torch is a CUDA build, a toolkit is found and there are GPU
+architectures to compile for (TORCH_CUDA_ARCH_LIST, else the visible GPUs');
+otherwise the CPU kernels alone are built and one line says why CUDA was skipped.
 
 Which torch the extension is compiled against: torch's C++ ABI changes with every
 release, so the extension only loads under the torch it was compiled with.
@@ -23,14 +24,16 @@ to run it. Each build records its torch version next to the extension
 rebuilds it (mole_kernels/_build_check.py), instead of a bare loader error.
 
 pip shows a build's output only with -v: the few progress lines below (what is
-compiled, a heartbeat every 30 s, the total time) go to the terminal directly
-when stderr is captured, so a five-minute CUDA build shows that it is alive.
+compiled and what an object usually costs, a heartbeat every 30 s naming the
+objects still compiling, the total time) go to stderr, which pip keeps (shown with
+-v and when the build fails; each line also ticks pip's "still running..." in a
+log), and to the terminal as well when there is one, so a long build shows that
+it is alive.
 """
 import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -39,33 +42,49 @@ import warnings
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Recent architectures built when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible;
-# those nvcc does not know are dropped, the newest also gets PTX for future GPUs.
-DEFAULT_ARCHS = ["8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]
-
 
 # torch warns at import when numpy is missing; the build does not use numpy (a runtime dependency
 # that pip installs after the build), so pip would only show an alarming line.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 BUILD_INFO = "_build_info.json"  # read by mole_kernels/_build_check.py when the extension cannot load
 HEARTBEAT_S = 30
+# What one object usually costs, in CPU time, measured on a 2-core VM (tools/measure_setup.sh; the
+# README's "What it costs"): said when the build starts, so that a long wait reads as work, not a hang.
+TYPICAL_CPU_S = {"c++": "10-30 s", "cuda": "20-60 s per GPU architecture"}
 
 
-def _log_stream():
-    """stderr, or the terminal when stderr is captured (pip hides a build's output unless -v)."""
-    if not sys.stderr.isatty():
+def _log_streams():
+    """Where build lines go: stderr always (pip keeps it: shown with -v, in CI logs through -v, and
+    when the build fails), and the terminal too when stderr is captured (pip without -v hides it)."""
+    streams = [sys.stderr]
+    if not sys.stderr.isatty() and not _pip_shows_output():
         try:
-            return open("/dev/tty", "w")
-        except OSError:  # no controlling terminal (CI, a service): stderr it is
+            streams.append(open("/dev/tty", "w"))
+        except OSError:  # no controlling terminal (CI, a service): stderr only
             pass
-    return sys.stderr
+    return streams
 
 
-_LOG = _log_stream()
+def _pip_shows_output():
+    """Whether the pip that runs this build was given -v (it then prints our stderr itself, and a
+    copy on the terminal would show every line twice). pip runs a backend as its direct child."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+    except OSError:  # not Linux, or no such process: assume pip hides the output
+        return False
+    return any(a == "--verbose" or (a.startswith("-") and not a.startswith("--") and "v" in a) for a in args)
+
+
+_LOG = _log_streams()
 
 
 def log(msg):
-    print(f"mole_kernels build: {msg}", file=_LOG, flush=True)
+    for stream in _LOG:
+        try:
+            print(f"mole_kernels build: {msg}", file=stream, flush=True)
+        except OSError:  # a terminal that went away must not fail the build
+            pass
 
 
 def _elapsed(t0):
@@ -78,8 +97,8 @@ def is_toolkit(path):
         os.path.join(path, "include", "cuda_runtime.h"))
 
 
-def find_cuda_home():
-    """The real CUDA toolkit root, or None.
+def find_cuda_home(notes):
+    """The real CUDA toolkit root, or None (``notes``: lines for the build log).
 
     torch guesses dirname(dirname(which nvcc)); a wrapper script such as
     /usr/local/bin/nvcc makes that /usr/local, which has no CUDA headers or
@@ -89,7 +108,8 @@ def find_cuda_home():
         if os.environ.get(var):
             if is_toolkit(os.environ[var]):
                 return os.environ[var]
-            log(f"{var}={os.environ[var]} is not a CUDA toolkit (no bin/nvcc or include/cuda_runtime.h); searching")
+            notes.append(f"{var}={os.environ[var]} is not a CUDA toolkit (no bin/nvcc or include/cuda_runtime.h); "
+                         "searching")
     candidates = []
     nvcc = shutil.which("nvcc")
     if nvcc:
@@ -98,52 +118,49 @@ def find_cuda_home():
     return next((c for c in candidates if is_toolkit(c)), None)
 
 
-def nvcc_archs(cuda_home):
-    try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
-                             capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return {f"{int(a[8:]) // 10}.{int(a[8:]) % 10}" for a in out.split() if a.startswith("compute_")}
+def cuda_plan(torch, notes):
+    """(cuda_home, arch list, None) when CUDA should be built, else (None, None, reason).
 
-
-def choose_arch_list(torch, cuda_home):
-    """Honour TORCH_CUDA_ARCH_LIST; else the visible GPUs; else a recent default list."""
-    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        return os.environ["TORCH_CUDA_ARCH_LIST"]
-    if torch.cuda.is_available():
-        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-        return ";".join(f"{a}.{b}" for a, b in caps)
-    known = nvcc_archs(cuda_home)
-    archs = [a for a in DEFAULT_ARCHS if known is None or a in known]
-    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
-
-
-def cuda_plan(torch):
-    """(cuda_home, None) when CUDA should be built, else (None, reason)."""
+    The architectures: TORCH_CUDA_ARCH_LIST, else the visible GPUs'. With neither, no CUDA: a
+    machine with no GPU gets the CPU kernels in a fraction of the time (compiling for GPUs it
+    does not have cost a CPU-only user 4x the build); building for another machine (a container
+    image, a cluster's build node) names its GPUs' architectures in TORCH_CUDA_ARCH_LIST."""
     if os.environ.get("MOLE_KERNELS_NO_CUDA") == "1":
-        return None, "MOLE_KERNELS_NO_CUDA=1"
+        return None, None, "MOLE_KERNELS_NO_CUDA=1"
     if torch.version.cuda is None:
-        return None, f"torch {torch.__version__} is not a CUDA build"
-    cuda_home = find_cuda_home()
+        return None, None, f"torch {torch.__version__} is not a CUDA build"
+    cuda_home = find_cuda_home(notes)
     if cuda_home is None:
-        return None, "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
-    return cuda_home, None
+        return None, None, "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs and torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        archs = ";".join(f"{a}.{b}" for a, b in caps)
+    if not archs:
+        return None, None, ("no GPU is visible and TORCH_CUDA_ARCH_LIST is not set (to compile the CUDA kernels "
+                            "for another machine's GPUs, set it: e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0')")
+    return cuda_home, archs, None
 
 
 def make_extension():
+    """(the extension, torch's cpp_extension module, lines for the build log)."""
     import torch
 
-    cuda_home, why_not = cuda_plan(torch)
+    notes = []
+    cuda_home, archs, why_not = cuda_plan(torch, notes)
     if cuda_home:
         # Must be set before cpp_extension is imported: it resolves CUDA_HOME at import time.
         os.environ["CUDA_HOME"] = cuda_home
-        os.environ["TORCH_CUDA_ARCH_LIST"] = choose_arch_list(torch, cuda_home)
-    from torch.utils import cpp_extension
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    # Without CUDA, cpp_extension's import would still guess a CUDA_HOME and warn about it
+    # ("No CUDA runtime is found, using CUDA_HOME=..."): a line about a toolkit this build does not use.
+    with _quiet_logger("torch.utils.cpp_extension", quiet=not cuda_home):
+        from torch.utils import cpp_extension
 
     sources = sorted(glob.glob("csrc/*.cpp"))
     # No -std flag: cpp_extension picks the standard this torch needs (C++17 up to 2.9, C++20 after).
-    cxx = ["-O3", "-fvisibility=hidden", f'-DMOLE_TORCH_VERSION="{torch.__version__}"']
+    # -g0: Python's own CFLAGS ask for debug info, which would double the objects' size and the link time.
+    cxx = ["-O3", "-g0", "-fvisibility=hidden", f'-DMOLE_TORCH_VERSION="{torch.__version__}"']
     # at::parallel_for is inlined into our code: without -fopenmp it silently runs on one
     # thread. The soname (libgomp.so.1) resolves to the copy torch already loaded.
     link = []
@@ -152,45 +169,78 @@ def make_extension():
         link.append("-fopenmp")
     if cuda_home:
         sources += sorted(glob.glob("csrc/*.cu"))
-        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-        log(f"building CPU + CUDA kernels (CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={archs})")
+        notes.append(f"CPU + CUDA kernels (CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={archs})")
         defines = ["-DMOLE_WITH_CUDA", f'-DMOLE_CUDA_ARCHS="{archs}"']
         return cpp_extension.CUDAExtension(
             "mole_kernels._C", sources,
             extra_compile_args={"cxx": cxx + defines,
                                 "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines},
             extra_link_args=link,
-        ), cpp_extension
-    log(f"CUDA skipped: {why_not}; building the CPU kernels only")
+        ), cpp_extension, notes
+    notes.append(f"CPU kernels only; CUDA skipped: {why_not}")
     # pip hides build output unless -v: build_info() (and `mole-kernels info`) tells the reason too.
     cxx.append(f'-DMOLE_CUDA_SKIPPED="{why_not}"')
     return cpp_extension.CppExtension("mole_kernels._C", sources, extra_compile_args={"cxx": cxx},
-                                      extra_link_args=link), cpp_extension
+                                      extra_link_args=link), cpp_extension, notes
 
 
-def build_ext_class(cpp_extension, torch_version):
+class _quiet_logger:
+    """Raises a logger's level to ERROR inside the block (when ``quiet``)."""
+
+    def __init__(self, name, quiet=True):
+        import logging
+
+        self.logger, self.quiet, self.level = logging.getLogger(name), quiet, None
+
+    def __enter__(self):
+        if self.quiet:
+            import logging
+
+            self.level = self.logger.level
+            self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        if self.quiet:
+            self.logger.setLevel(self.level)
+
+
+def build_ext_class(cpp_extension, torch_version, notes):
     """torch's BuildExtension, plus progress lines and the build record next to the extension."""
 
     class BuildExt(cpp_extension.BuildExtension):
         def build_extensions(self):
+            # Said here, not where the extension is described: pip runs setup.py once per hook
+            # (metadata, then the wheel), and only this step compiles.
+            for note in notes:
+                log(note)
             sources = [src for ext in self.extensions for src in ext.sources]
-            cuda = sum(src.endswith(".cu") for src in sources)
-            log(f"compiling {len(sources)} sources ({cuda} CUDA) against torch {torch_version}"
-                + (f" for CUDA archs {os.environ['TORCH_CUDA_ARCH_LIST']}" if cuda else ""))
+            cuda = [src for src in sources if src.endswith(".cu")]
+            jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+            log(f"compiling {len(sources)} objects ({len(sources) - len(cuda)} C++"
+                + (f", {len(cuda)} CUDA for archs {os.environ['TORCH_CUDA_ARCH_LIST']}" if cuda else "")
+                + f") against torch {torch_version}, {jobs} at a time. Typical CPU time per object on a 2-core VM: "
+                + f"C++ {TYPICAL_CPU_S['c++']}" + (f", CUDA {TYPICAL_CPU_S['cuda']}" if cuda else ""))
             t0, start, done = time.monotonic(), time.time(), threading.Event()
+            objects = {src: os.path.join(self.build_temp, os.path.splitext(src)[0] + ".o") for src in sources}
 
-            def heartbeat():  # ninja prints nothing while nvcc works for minutes: say the build is alive
+            def written(obj):
+                return os.path.exists(obj) and os.path.getmtime(obj) >= start
+
+            def heartbeat():  # the compilers print nothing for minutes: say the build is alive, and on what
                 while not done.wait(HEARTBEAT_S):
-                    written = sum(os.path.getmtime(p) >= start
-                                  for p in glob.glob(os.path.join(self.build_temp, "**", "*.o"), recursive=True))
-                    log(f"still compiling: {written} of {len(sources)} objects written, {_elapsed(t0)} elapsed")
+                    todo = [os.path.basename(src) for src, obj in objects.items() if not written(obj)]
+                    if todo:
+                        log(f"{_elapsed(t0)}: {len(sources) - len(todo)} of {len(sources)} objects compiled; "
+                            f"to go ({jobs} at a time): {', '.join(todo)}")
+                    else:
+                        log(f"{_elapsed(t0)}: all {len(sources)} objects compiled; linking mole_kernels/_C")
 
             threading.Thread(target=heartbeat, daemon=True).start()
             try:
                 super().build_extensions()
             finally:
                 done.set()
-            log(f"compiled in {_elapsed(t0)}")
+            log(f"compiled and linked in {_elapsed(t0)}")
 
         def build_extension(self, ext):
             super().build_extension(ext)
@@ -213,8 +263,8 @@ def build_ext_class(cpp_extension, torch_version):
 def main():
     import torch
 
-    ext, cpp_extension = make_extension()
-    setup(ext_modules=[ext], cmdclass={"build_ext": build_ext_class(cpp_extension, torch.__version__)})
+    ext, cpp_extension, notes = make_extension()
+    setup(ext_modules=[ext], cmdclass={"build_ext": build_ext_class(cpp_extension, torch.__version__, notes)})
 
 
 if __name__ == "__main__":

@@ -103,9 +103,11 @@ def test_table_gather(benchmark, lut, limits, device, placement, path, fmt, T):
     row = table.row_bytes
     benchmark.group = f"table-{name}-T{T}"
     suffix = "" if fmt == "bf16" else f"-{fmt}"
-    benchmark.name = f"{placement}-{path}{suffix}-{name}-T{T}" + ("-cuda" if device == "cuda" else "")
+    # path="dma" on a CPU copies the deduplicated rows with host threads: no DMA engine is involved
+    shown = "dedup" if device == "cpu" and path == "dma" else path
+    benchmark.name = f"{placement}-{shown}{suffix}-{name}-T{T}" + ("-cuda" if device == "cuda" else "")
     benchmark.extra_info.update(
-        provider=f"{placement}-{path}{suffix}", op="table-gather", shape=f"{name}-T{T}", dtype="bfloat16",
+        provider=f"{placement}-{shown}{suffix}", path=path, op="table-gather", shape=f"{name}-T{T}", dtype="bfloat16",
         format=fmt, device=device,
         vocab=VOCAB, bytes=T * row, unique_bytes=int(unique * row), row_bytes=row, **limits,
     )

@@ -19,6 +19,8 @@ import subprocess
 import pytest
 import torch
 
+import mole_kernels
+
 SMOKE = os.environ.get("MOLE_BENCH_SMOKE") == "1"
 GPU_QUICK = os.environ.get("MOLE_BENCH_GPU_QUICK") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -113,6 +115,7 @@ ENV_INFO = {
     "gpu": torch.cuda.get_device_name() if HAS_CUDA else None,
     "cpu_threads": torch.get_num_threads(),
     "smoke": SMOKE,
+    "package": os.path.dirname(os.path.abspath(mole_kernels.__file__)),  # which mole_kernels was measured
 }
 
 

@@ -3,7 +3,11 @@
 One command, on this CPU machine (runs the whole suite, then renders; a few minutes):
 
     python bench/report.py --run                 # -> bench/results/cpu.json, bench/RESULTS.md, bench/plots/
-    python bench/report.py --run --smoke         # the same at smoke sizes (seconds; numbers meaningless)
+    python bench/report.py --run --smoke         # the same at smoke sizes (seconds; numbers meaningless),
+                                                 # -> bench/results/cpu-smoke.json, RESULTS-smoke.md, plots-smoke/
+
+The suite benchmarks the mole_kernels that Python imports outside the clone (after `pip install .`,
+the installed one), else this clone's in-place build; it says which before it starts.
     python bench/report.py                       # re-render from bench/results/*.json only
 
 Other JSON files (e.g. the GPU run that bench/gpu_check.sh writes; put it at
@@ -14,8 +18,8 @@ bench/results/gpu.json) are rendered next to the CPU run:
 
 Files from the same machine (node + GPU) are pooled into one section headed by the machine,
 date, torch/CUDA versions and git commit; every figure carries the same line. Rows are grouped
-op x shape; each provider's median is shown with its ratio to ours (the fastest of our providers
-on the same device and group: above 1x ours is faster; ours = names starting with "mole", every
+op x shape; each provider's median is shown with its time ratio to ours (the fastest of our providers
+on the same device and group: above 1x ours is faster, below 1x slower; ours = names starting with "mole", every
 LookupTable path in table-gather, the quantized formats against bf16), its GB/s (from
 extra_info["bytes"]) and the fraction of the relevant machine limit measured in the same run
 (bench_limits.py: host-copy for CPU rows, h2d-pinned for rows whose bytes cross PCIe, d2d for
@@ -23,6 +27,7 @@ VRAM rows). Without a GPU run, the GPU providers of each op are listed as not me
 `--summary` prints one line per group (ours vs the best baseline); gpu_check.sh shows it last.
 """
 import argparse
+import glob
 import json
 import os
 import re
@@ -174,7 +179,7 @@ def sort_key_shape(shape):
 
 
 def group_rows(benches, has_gpu, limits):
-    """Rows of one op: (shape, provider, device, median, vs ours, GB/s, of limit)."""
+    """Rows of one op: (shape, provider, device, median, time vs ours, GB/s, of limit)."""
     by_group = defaultdict(list)
     for b in benches:
         by_group[b.get("group") or b["name"]].append(b)
@@ -340,7 +345,7 @@ def goal_lines(data):
 
 
 def op_table(rows):
-    out = ["| shape | provider | device | median | vs ours | GB/s | of limit |",
+    out = ["| shape | provider | device | median | time vs ours | GB/s | of limit |",
            "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     last = None
     for r in rows:
@@ -386,6 +391,24 @@ def _series(data, has_gpu, value, ours_labels):
             ours_labels.add(label)
         out[op_of(b)][family_of(info)][label].append((int(m.group(1)), v))
     return out
+
+
+QUANT_FORMATS = ("int8", "fp8", "fp8_e4m3", "nf4")
+MAX_SERIES = 6  # more lines than this on one figure cannot be told apart
+
+
+def _by_format(families):
+    """(family, providers) per figure: a family with more than MAX_SERIES series whose providers
+    differ in table format (names ending in -int8, -nf4, ...) gets a figure per format."""
+    for family, providers in families.items():
+        formats = defaultdict(dict)
+        for label, pts in providers.items():
+            fmt = next((f for f in QUANT_FORMATS if label.split(" [")[0].endswith("-" + f)), "bf16")
+            formats[fmt][label] = pts
+        if len(providers) <= MAX_SERIES or len(formats) == 1:
+            yield family, providers
+        else:
+            yield from ((f"{family}-{fmt}", subset) for fmt, subset in formats.items())
 
 
 def family_of(info):
@@ -483,7 +506,7 @@ def plots(data, plot_dir, tag):
     written = []
 
     def title(op, family, what):
-        note = notes.get((op, family))
+        note = notes.get((op, re.sub(r"-(bf16|%s)$" % "|".join(QUANT_FORMATS), "", family)))
         return f"{op} {family}: {what} ({tag})" + (f"\n{note}" if note else "")
 
     def save(fig, ax, name, legend=True):
@@ -498,7 +521,7 @@ def plots(data, plot_dir, tag):
     ours = set()  # ours solid (blue bars), baselines dashed (grey bars)
     latency = _series(data, has_gpu, lambda b: b["stats"]["median"] * 1e3, ours)
     for op, families in sorted(latency.items()):
-        for family, providers in sorted(families.items()):
+        for family, providers in sorted(_by_format(families)):
             sizes = {t for pts in providers.values() for t, _ in pts}
             unit = "batch (decode tokens per step)" if op == "e2e-decode" else "tokens per call"
             if len(sizes) == 1:
@@ -515,7 +538,7 @@ def plots(data, plot_dir, tag):
     bandwidth = _series(data, has_gpu, lambda b: info_of(b)["bytes"] / b["stats"]["median"] / 1e9
                         if info_of(b).get("bytes") and not op_of(b).startswith("e2e") else None, ours)
     for op, families in sorted(bandwidth.items()):
-        for family, providers in sorted(families.items()):
+        for family, providers in sorted(_by_format(families)):
             fig, ax = _figure(plt, title(op, family, "GB/s of rows read"), "rows (tokens) per call", "GB/s", line)
             _log_axes(ax, "GB/s")
             _lines(ax, providers, ours)
@@ -596,8 +619,9 @@ PREAMBLE = """\
 Generated by `bench/report.py` from pytest-benchmark JSON — do not edit by hand; regenerate with
 `python bench/report.py --run` (CPU) and add a GPU run's JSON from `bench/gpu_check.sh`.
 
-How to read: **vs ours** = provider median / the median of our fastest provider (names starting
-with `mole`, in bold) on the same device in the same group, so above 1x ours is faster. GB/s counts the
+How to read: **time vs ours** = provider median / the median of our fastest provider (names starting
+with `mole`, in bold) on the same device in the same group: a time ratio, so 2.00x means the provider
+takes twice our time (ours is faster) and 0.50x half of it (ours is slower). GB/s counts the
 table (or expert) bytes a call must move (`bytes` in the JSON); *of limit* divides it by the
 machine's own ceiling measured in the same run (host-copy counts the bytes a copy reads, and
 a copy also writes as many, so a gather that mostly reads can pass 100%; so can Zipf ids, whose
@@ -634,7 +658,7 @@ def summary(runs):
         dev = "cuda" if has_gpu else "cpu"
         lines.append(f"== {stamp(data)}")
         lines.append(f"{'op':18s} {'shape':24s} {'ours':24s} {'median':>9s} {'GB/s':>8s}   "
-                     f"{'best baseline':24s} {'median':>9s} {'vs-ours':>7s}")
+                     f"{'best baseline':24s} {'median':>9s} {'time/ours':>9s}")
         for lim, bps in sorted(limits_of(data).items()):
             lines.append(f"{'limits':18s} {lim:24s} {'':24s} {'':>9s} {bps / 1e9:8.1f}")
         for what, value, bound, met in goal_lines(data):
@@ -659,7 +683,7 @@ def summary(runs):
                     f"{op[:18]:18s} {(o or bb)['shape'][:24]:24s} {(o['provider'] if o else '-')[:24]:24s} "
                     f"{fmt_time(o['median']) if o else '-':>9s} {gbs:>8s}   "
                     f"{(bb['provider'] if bb else '-')[:24]:24s} {fmt_time(bb['median']) if bb else '-':>9s} "
-                    f"{ratio:>7s}")
+                    f"{ratio:>9s}")
     return "\n".join(lines)
 
 
@@ -672,6 +696,24 @@ def merge(paths, dest):
     return dest
 
 
+def package_under_test():
+    """(folder holding the mole_kernels package to benchmark, whether it is the clone's source tree).
+
+    The package this Python imports from outside the clone: after `pip install .`, the installed
+    one. Only when there is none, the source tree of this clone (built in place with
+    `python setup.py build_ext --inplace`). The clone's root never comes first by accident: the
+    suite runs with bench/ as its working folder, where `import mole_kernels` would otherwise find
+    the uncompiled source folder and fail."""
+    import importlib.machinery
+
+    root = os.path.dirname(HERE)
+    outside = [p for p in sys.path if p and os.path.abspath(p) not in (root, HERE)]
+    spec = importlib.machinery.PathFinder.find_spec("mole_kernels", outside)
+    if spec is not None and spec.submodule_search_locations:
+        return os.path.dirname(list(spec.submodule_search_locations)[0]), False
+    return root, True
+
+
 def run_suite(smoke, extra):
     """Runs the whole suite with this Python and writes bench/results/cpu.json (or cpu-smoke.json)."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
@@ -679,10 +721,25 @@ def run_suite(smoke, extra):
     env = dict(os.environ)
     if smoke:
         env["MOLE_BENCH_SMOKE"] = "1"
-    cmd = [sys.executable, "-m", "pytest", HERE, "-q", "-p", "no:cacheprovider", f"--benchmark-json={dest}",
+    folder, source_tree = package_under_test()
+    if source_tree:
+        env["PYTHONPATH"] = os.pathsep.join([folder] + [p for p in [env.get("PYTHONPATH")] if p])
+    # One import first, in the suite's own environment: a package that cannot load says why in one
+    # message (not built, built against another torch), instead of an error per benchmark file.
+    probe = subprocess.run([sys.executable, "-c", "import mole_kernels; print(mole_kernels.__file__)"],
+                           env=env, cwd=HERE, capture_output=True, text=True)
+    if probe.returncode:
+        why = (probe.stderr.strip().splitlines() or ["(no message)"])[-1]
+        hint = ("install it (`pip install .` from the clone's root) or build it in place "
+                "(`python setup.py build_ext --inplace`)" if source_tree else "reinstall it")
+        sys.exit(f"cannot benchmark: mole_kernels from {folder} does not import: {why}\n{hint}")
+    print(f"benchmarking {os.path.dirname(probe.stdout.strip())}"
+          + (" (this clone's in-place build)" if source_tree else ""), flush=True)
+    suites = sorted(glob.glob(os.path.join(HERE, "bench_*.py")))  # not test_report.py: it runs this
+    cmd = [sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider", f"--benchmark-json={dest}",
            "--benchmark-columns=median,rounds"] + extra
     print("+", " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, env=env, cwd=os.path.dirname(HERE))
+    rc = subprocess.call(cmd, env=env, cwd=HERE)
     if rc not in (0, 1) or not os.path.exists(dest):  # 1: some benchmark failed; render what ran
         sys.exit(f"the benchmark run failed (exit {rc}); nothing to render")
     return dest
@@ -705,12 +762,21 @@ def main(argv=None):
     ap.add_argument("--run", action="store_true", help="run the suite first (this machine) into bench/results/")
     ap.add_argument("--smoke", action="store_true", help="with --run: smoke sizes (MOLE_BENCH_SMOKE=1)")
     ap.add_argument("--pytest-args", default="", help="with --run: extra pytest arguments (one string)")
-    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
-    ap.add_argument("--plots", default=os.path.join(HERE, "plots"), help="folder for PNG figures ('' for none)")
+    ap.add_argument("--out", default=None,
+                    help="markdown file to write (default: bench/RESULTS.md; with --run --smoke "
+                         "bench/results/RESULTS-smoke.md, so smoke numbers never replace the measured ones)")
+    ap.add_argument("--plots", default=None,
+                    help="folder for PNG figures, '' for none (default: bench/plots; with --run --smoke "
+                         "bench/results/plots-smoke)")
     ap.add_argument("--preamble", default=None, help="markdown file placed above the generated sections")
     ap.add_argument("--summary", action="store_true", help="print one line per group (ours vs best baseline)")
     ap.add_argument("--merge-to", default=None, help="write the inputs as one JSON file and stop")
     args = ap.parse_args(argv)
+    smoke_run = args.run and args.smoke
+    if args.out is None:
+        args.out = os.path.join(RESULTS_DIR, "RESULTS-smoke.md") if smoke_run else os.path.join(HERE, "RESULTS.md")
+    if args.plots is None:
+        args.plots = os.path.join(RESULTS_DIR, "plots-smoke") if smoke_run else os.path.join(HERE, "plots")
     paths = list(args.json)
     if args.run:
         fresh = run_suite(args.smoke, args.pytest_args.split())

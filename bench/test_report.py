@@ -165,3 +165,49 @@ def test_memory_table_and_goals(tmp_path):
     assert "| Load/reparameterize extra peak RSS / LUT, host tier (worst case) | 1.100 | <= 1.15 | met |" in text
     assert "| Disk-tier open of an official folder, time at 8x the LUT / time at 1x | 1.200 | <= 1.5 | met |" in text
     assert "memory-peak" not in report.summary(report.pool([dict(data, _path=str(path))])).split("goal:")[0]
+
+
+# From the root the whole smoke run (the README's command); from elsewhere one suite: the same code
+# decides what is imported, and a second full run would double the time this test takes.
+@pytest.mark.parametrize("where, subset", [("clone root", []), ("elsewhere", ["--pytest-args", "-k limits"])])
+def test_run_smoke_benchmarks_the_package_python_imports(tmp_path, where, subset):
+    """`python bench/report.py --run --smoke` as the README gives it, from the clone's root and from
+    another folder: it runs the suites against the mole_kernels that Python imports outside the clone
+    (after `pip install .`: the installed package; in development: the in-place build), never the
+    uncompiled source folder the clone's root would put first on sys.path."""
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    import mole_kernels
+
+    root = os.path.dirname(report.HERE)
+    folder, source_tree = report.package_under_test()
+    if not source_tree:  # installed (CI: .ci/run does `pip install .`): the very package these tests import
+        assert folder == os.path.dirname(os.path.dirname(os.path.abspath(mole_kernels.__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MOLE_BENCH_SMOKE")}  # as a user runs it
+    out = tmp_path / "RESULTS.md"
+    res = subprocess.run([sys.executable, os.path.join(report.HERE, "report.py"), "--run", "--smoke",
+                          "--out", str(out), "--plots", "", *subset],
+                         cwd=root if where == "clone root" else tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"benchmarking {os.path.join(folder, 'mole_kernels')}" in res.stdout
+    assert "SMOKE sizes" in out.read_text()
+    smoke = report.load(os.path.join(report.RESULTS_DIR, "cpu-smoke.json"))
+    measured = {report.info_of(b).get("package") for b in smoke["benchmarks"]}
+    assert measured == {os.path.join(folder, "mole_kernels")}, measured
+    files = {b["fullname"].split("::")[0] for b in smoke["benchmarks"]}
+    suites = glob.glob(os.path.join(report.HERE, "bench_*.py"))
+    assert len(files) == (1 if subset else len(suites)), files  # every suite ran (a missing one: an import failed)
+
+
+def test_a_crowded_figure_is_split_by_table_format():
+    many = {f"{p}{f} [cpu]": [(1, 1.0)] for p in ("host-zero_copy", "host-dedup", "disk-staged")
+            for f in ("", "-int8", "-nf4")}
+    figures = dict(report._by_format({"160M-4E": many}))
+    assert sorted(figures) == ["160M-4E-bf16", "160M-4E-int8", "160M-4E-nf4"]
+    assert all(len(series) == 3 for series in figures.values())
+    few = {k: v for k, v in many.items() if "disk" in k}  # three series: one figure
+    assert dict(report._by_format({"160M-4E": few})) == {"160M-4E": few}

@@ -25,6 +25,8 @@ import threading
 import time
 from typing import List, Optional
 
+from ._format import human_bytes as _human
+
 PROG = "mole-kernels"
 # The float LUT dtypes, by the names every option and message uses.
 LUT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -35,15 +37,6 @@ MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "model.s
 
 class UsageError(Exception):
     """A user error: printed as one line, exit status 2."""
-
-
-def _human(n: Optional[float]) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def _torch_dtype(name: str):
@@ -150,7 +143,7 @@ def cmd_demo(args) -> int:
         check_output_folder(args.save_model, "--save-model")
     check_model_memory(args, copies=4)
     if args.tensor_parallel is not None:  # every torchrun rank runs this; rank 0 prints
-        from .model.tensor_parallel import run_demo as run_tensor_parallel_demo
+        from ._demo_tp import run_tensor_parallel_demo
 
         return run_tensor_parallel_demo(args)
     from ._demo import demo_config, run_demo
@@ -472,7 +465,20 @@ def cmd_info(args) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line (argparse would print the usage first)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}{_suggestion(message)}\n")
+
+
+def _suggestion(message: str) -> str:
+    """" (did you mean 'demo'?)" for a mistyped command or choice (argparse suggests only from Python 3.14 on)."""
+    import difflib
+    import re
+
+    m = re.search(r"invalid choice: '?(.*?)'? \(choose from (.*)\)", message)
+    if m is None or "did you mean" in message:
+        return ""
+    choices = [c.strip().strip("'\"") for c in m.group(2).split(",")]
+    close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -564,6 +570,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     d.add_argument("--threads", type=THREADS, default=None,
                    help="CPU threads (default: 1 on the CPU, where one thread is fastest for a model this small; "
                         "torch's default when a GPU runs the model)")
+    d.add_argument("--quiet", action="store_true",
+                   help="no progress bars (bars are drawn only when stderr is a terminal in any case)")
     d.add_argument("--save-model", metavar="DIR", default=None,
                    help="also save the train-form model (config.json + model.safetensors) into DIR: the input "
                         "of `mole-kernels reparameterize --from DIR`")

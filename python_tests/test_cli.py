@@ -75,7 +75,7 @@ def test_demo_prints_every_tier_and_baseline(capsys, keep_threads):
     bf16 = next(l for l in out.splitlines() if "(bfloat16)" in l)
     assert 1e-6 < float(bf16.split()[-1]) < 1.0
     # quantized host tables: logits move more than bf16's, bytes per token shrink (D = 32: one scale per row)
-    int8 = next(l for l in out.splitlines() if l.startswith("MoLE, LUT on host (int8, block 32)"))
+    int8 = next(l for l in out.splitlines() if l.startswith("MoLE, LUT on host (int8, per-row scale)"))
     nf4 = next(l for l in out.splitlines() if l.startswith("MoLE, LUT on host (nf4, block 32)"))
     fp32 = next(l for l in out.splitlines() if l.startswith("MoLE, LUT on host "))
     deltas = [float(l.replace(" *", "").split()[-1]) for l in (bf16, int8, nf4)]
@@ -89,6 +89,9 @@ def test_demo_prints_every_tier_and_baseline(capsys, keep_threads):
     assert per_token(fp32) == [row, row]  # every prompt token and every decode step reads its row
     assert per_token(nf4)[1] < per_token(int8)[1] < per_token(fp32)[1] / 2  # 32 and 48 vs 128 bytes a row
     assert not os.path.exists(_lut_folder(out))  # the temporary LUT is gone
+    # the extra cost of a MoLE step is a positive figure or said to be within the noise, never negative
+    extra = re.search(r"that costs\s+(about (\d+) us|less than the run-to-run spread)", out)
+    assert extra and (extra.group(2) is None or int(extra.group(2)) > 0), out
 
 
 def test_demo_removes_its_lut_when_it_fails(capsys, monkeypatch, keep_threads):
@@ -268,6 +271,31 @@ def test_quality_command(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["quality.md"]  # no temporary file left beside it
 
 
+def test_vs_dense_marks_differences_within_the_spread():
+    from mole_kernels._demo import _Entry, extra_cost, within_spread
+
+    dense, same, slower = _Entry("dense baseline", None), _Entry("a", None), _Entry("b", None)
+    dense.times, same.times, slower.times = [1.0, 1.2, 1.4], [0.9, 1.1, 1.3], [2.0, 2.1, 2.2]
+    assert within_spread(same, dense) and not within_spread(slower, dense)
+    # a median below the dense model's within the spread is noise, not a negative cost
+    assert "less than the run-to-run spread" in extra_cost(same, dense, new_tokens=10, layers=2)
+    assert "about 45000 us per layer" in extra_cost(slower, dense, new_tokens=10, layers=2)
+
+
+def test_a_mistyped_command_gets_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as e:
+        _parser(PROG).parse_args(["dmeo"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{PROG}: error: ") and "did you mean 'demo'?" in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):
+        _parser(PROG).parse_args(["reparameterize", "--from", "a", "--to", "b", "--dtype", "bf61"])
+    assert "did you mean 'bf16'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parser(PROG).parse_args(["zzzzzz"])
+    assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess
+
+
 def test_quality_records_the_command_as_run(tmp_path):
     md = tmp_path / "q.md"
     assert main([*SMALL_QUALITY, "--variants", "int8", "--quiet", "--markdown", str(md)],
@@ -275,8 +303,11 @@ def test_quality_records_the_command_as_run(tmp_path):
     assert "- command: `python -m mole_kernels quality " in md.read_text()
 
 
-def test_quality_shows_progress(capsys):
+def test_quality_shows_progress(capsys, monkeypatch):
     pytest.importorskip("tqdm", reason="the progress bars are tqdm's (a dependency of the package)")
+    assert main([*SMALL_QUALITY, "--variants", "int8,nf4-64"]) == 0
+    assert "quality: LUT variants" not in capsys.readouterr().err  # stderr is no terminal here: no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main([*SMALL_QUALITY, "--variants", "int8,nf4-64"]) == 0
     assert "quality: LUT variants" in capsys.readouterr().err
     assert main([*SMALL_QUALITY, "--variants", "int8", "--quiet"]) == 0
@@ -347,7 +378,7 @@ def test_dtype_names_are_one_list(capsys):
     """Every message about a LUT dtype lists the same names, and each of them is accepted."""
     with pytest.raises(SystemExit):
         main(["reparameterize", "--from", "x", "--to", "y", "--dtype", "fp64"])
-    listed = re.search(r"choose from (.*)\)", capsys.readouterr().err).group(1)
+    listed = re.search(r"choose from ([^)]*)\)", capsys.readouterr().err).group(1)
     assert re.findall(r"\w+", listed) == ["fp32", "fp16", "bf16"]
     with pytest.raises(SystemExit):
         main(["reparameterize", "--help"])

@@ -215,7 +215,7 @@ def sc_demo(s):
     import contextlib
     import io
 
-    from mole_kernels.model.tensor_parallel import run_demo
+    from mole_kernels._demo_tp import run_tensor_parallel_demo as run_demo
 
     args = argparse.Namespace(vocab=128, hidden=32, layers=2, experts=2, heads=4, batch=1, prompt_len=4, new_tokens=4,
                               repeats=1, seed=0, cpu=True, threads=1, save_model=None, tensor_parallel=s.world)

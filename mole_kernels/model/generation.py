@@ -2,7 +2,10 @@
 KV cache, and the decode step captured in a CUDA graph."""
 from __future__ import annotations
 
+import importlib
+import logging
 import math
+import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -245,6 +248,7 @@ class _CausalLM(nn.Module):
     def _compiled_decode_step(self):
         """``_decode_step`` through torch.compile, made once per model (inductor caches the code)."""
         if self._compiled_step is None:
+            import_cpp_extension_quietly()
             self._compiled_step = torch.compile(self._decode_step, dynamic=False)
         return self._compiled_step
 
@@ -320,3 +324,18 @@ class _GraphStep:
                 self.out = self.model._decode_step(self.cache, self.tok, self.idx, self.pos)
         self.graph.replay()
         return self.out.clone()
+
+
+def import_cpp_extension_quietly() -> None:
+    """Imports torch.utils.cpp_extension (inductor does, when it first compiles) without the line its
+    import logs on a machine with a CUDA toolkit but no GPU, "No CUDA runtime is found, using
+    CUDA_HOME=...": a warning about a toolkit that a CPU step never uses."""
+    if "torch.utils.cpp_extension" in sys.modules or torch.cuda.is_available():
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        importlib.import_module("torch.utils.cpp_extension")
+    finally:
+        logger.setLevel(level)

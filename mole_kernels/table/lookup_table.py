@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -57,10 +57,8 @@ from ..lut_gather import lut_gather
 from ..quant import QuantizedLUT, canonical_format, quantize, quantized_layout
 from .file_format import (_ST_DTYPES, TENSOR_NAME, _check_quantized_rows, _chunk_rows, _FileInfo, _metadata,
                           _progress, _read_header, _write_table)
-
-if TYPE_CHECKING:
-    from .prefetch import Prefetcher
-    from .reader import LayerReader
+from .prefetch import Prefetcher
+from .reader import LayerReader
 
 PLACEMENTS = ("device", "host", "disk")
 _PATHS = {"device": ("device",), "host": ("zero_copy", "dma"), "disk": ("staged",)}
@@ -559,15 +557,11 @@ class LookupTable:
 
     def prefetcher(self, max_tokens: int, *, strict: bool = True) -> "Prefetcher":
         """A double-buffered prefetcher of all layers' rows for up to ``max_tokens`` ids."""
-        from .prefetch import Prefetcher
-
         return Prefetcher(self, max_tokens, strict=strict)
 
     def reader(self) -> "LayerReader":
         """What a model's steps read through: every layer's rows for a step's ids, combined with the
         router weights, residual and shared output in one fused call per layer."""
-        from .reader import LayerReader
-
         return LayerReader(self)
 
     # ------------------------------------------------------------ internals -----------------

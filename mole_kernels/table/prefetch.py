@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import time
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 
 from ..lut_gather import lut_gather
 from .._ops import raise_on_bad_ids
-from .lookup_table import LookupTable
+
+if TYPE_CHECKING:  # the table creates its prefetchers (LookupTable.prefetcher); a prefetcher only calls its methods
+    from .lookup_table import LookupTable
 
 
 def layer_groups(L: int) -> List[Tuple[int, int]]:

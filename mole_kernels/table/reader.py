@@ -25,7 +25,7 @@ belongs to one thread.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,10 @@ from .. import _C
 from .._ops import ops
 from ..combine import mole_combine
 from ..quant import QuantizedLUT
-from .lookup_table import LookupTable
 from .prefetch import Prefetcher
+
+if TYPE_CHECKING:  # the table creates its readers (LookupTable.reader); a reader only calls its methods
+    from .lookup_table import LookupTable
 
 
 class LayerReader:
