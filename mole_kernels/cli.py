@@ -450,7 +450,8 @@ def cmd_generate(args) -> int:
           f"{args.max_new_tokens} new tokens at most", file=sys.stderr, flush=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()
-    out = model.generate(**enc, streamer=TextStreamer(tokenizer), pad_token_id=pad, **options)
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True)  # as the text a pipeline returns
+    out = model.generate(**enc, streamer=streamer, pad_token_id=pad, **options)
     took = time.perf_counter() - t0
     new = out.shape[1] - enc["input_ids"].shape[1]
     print(f"{new} tokens in {took:.2f} s ({new / took:.1f} tokens/s)", file=sys.stderr)
