@@ -4,10 +4,11 @@
 Both providers are `mole_kernels.integrations.hf.MoleForCausalLM` wrapping a core model with the
 same weights: `dense` (DenseForCausalLM.from_mole: no router, no LUT term), `mole-host` (the LUT in
 RAM) and `mole-disk` (the LUT in a file, page cache warm). Each round runs every provider in turn
-(interleaved, the order rotating), each twice: greedy `generate` of NEW tokens and of 1 token after
-the same PROMPT-token prompt; the decode time per token is their difference / (NEW - 1) (the prefill
-cancels), the whole time / NEW is reported too. Medians over the rounds; ratios to `dense` of the
-same round set. Shapes as bench_decode.py (`demo`: the demo's model, fp32 LUT; `160M-4E`: the
+(interleaved, the order rotating): greedy `generate` of NEW tokens after the same PROMPT-token
+prompt, a stopping criterion stamping the time at every token; the decode time per token is the
+median step interval of the run (a preemption by the shared machine moves one interval, not the
+run), the whole time / NEW is reported too. Medians over the rounds; ratios to `dense` of the
+same rounds. Shapes as bench_decode.py (`demo`: the demo's model, fp32 LUT; `160M-4E`: the
 paper's layers and widths, vocabulary scaled to 4,096, bf16 LUT), float32 weights, one thread.
 
     python bench/bench_hf_generate.py            # the table (markdown), as bench/RESULTS.md shows it
@@ -29,6 +30,7 @@ transformers = pytest.importorskip("transformers", reason="needs transformers (p
                                                           "'transformers>=5.16.1,<5.20')")
 from mole_kernels import DenseForCausalLM, LookupTable, MoLEConfig, MoLEForCausalLM  # noqa: E402
 from mole_kernels.integrations.hf import MoleForCausalLM  # noqa: E402
+from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 # name -> (V, L, D, FFN, heads, kv heads, E, LUT dtype)
 SHAPES = {"demo": (2048, 4, 128, 512, 4, 2, 4, torch.float32),
@@ -37,7 +39,7 @@ PROVIDERS = ("dense", "mole-host", "mole-disk")
 if SMOKE:
     CASES, ROUNDS, PROMPT, NEW = [("demo", 1)], 1, 4, 3
 else:
-    CASES, ROUNDS, PROMPT, NEW = [("demo", 1), ("demo", 8), ("160M-4E", 1), ("160M-4E", 8)], 9, 16, 32
+    CASES, ROUNDS, PROMPT, NEW = [("demo", 1), ("demo", 8), ("160M-4E", 1), ("160M-4E", 8)], 11, 16, 32
 
 
 def models(shape, tmpdir):
@@ -57,30 +59,48 @@ def models(shape, tmpdir):
     return cfg, out
 
 
+class _StepClock(StoppingCriteria):
+    """Stamps the time each time generate checks its stopping criteria: once per generated token, so
+    consecutive stamps are one whole decode step (the model's forward and transformers' loop around it)."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def measure(shape, B, rounds=ROUNDS, prompt=PROMPT, new=NEW):
-    """{provider: (decode ms/token, whole ms/token)} medians, and the ratios to dense."""
+    """{provider: (decode ms/token, whole ms/token)} medians over the rounds, and the ratios to dense.
+
+    A round runs every provider's greedy generate once (the order rotating). Decode ms/token of a
+    run: the median of its NEW - 1 step intervals (so a moment when the shared machine preempts us
+    moves one interval, not the run); whole: the run's time / NEW (its prefill included)."""
     with tempfile.TemporaryDirectory(prefix="mole_hf_bench_") as tmp:
         cfg, ms = models(shape, tmp)
         g = torch.Generator().manual_seed(B)
         ids = torch.randint(0, cfg.vocab_size, (B, prompt), generator=g)
         mask = torch.ones_like(ids)
 
-        def gen(model, n):
+        def gen(model):
+            clock = _StepClock()
             t0 = time.perf_counter()
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0)
-            return time.perf_counter() - t0
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]))
+            steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+            return statistics.median(steps) * 1e3, (time.perf_counter() - t0) / new * 1e3
 
         for m in ms.values():  # warm-up: lazy buffers, first-call costs
-            gen(m, new)
+            gen(m)
         decode = {p: [] for p in PROVIDERS}
         whole = {p: [] for p in PROVIDERS}
         order = list(PROVIDERS)
         for _ in range(rounds):
             for p in order:
-                t_new, t_one = gen(ms[p], new), gen(ms[p], 1)
-                decode[p].append((t_new - t_one) / (new - 1) * 1e3)
-                whole[p].append(t_new / new * 1e3)
+                d, w = gen(ms[p])
+                decode[p].append(d)
+                whole[p].append(w)
             order.append(order.pop(0))
         for m in ms.values():
             if m.lut is not None:
@@ -127,8 +147,9 @@ def main():
              f"`python bench/bench_hf_generate.py` on {platform.node() or 'unknown'} ({os.cpu_count()} CPUs), "
              f"commit {commit}, transformers {transformers.__version__}, torch {torch.__version__}, 1 thread; "
              f"greedy `generate` of {NEW} tokens after a {PROMPT}-token prompt, {ROUNDS} interleaved rounds "
-             f"(medians). Decode ms/token = (time of the {NEW}-token generate - time of the 1-token generate) / "
-             f"{NEW - 1}: the prefill cancels. Ratios: provider / dense in the same rounds (goal: MoLE <= 1.05x).", "",
+             "(medians). Decode ms/token: a run's median interval between consecutive tokens (timed by a "
+             "stopping criterion: the model's step and transformers' loop around it); whole: a run's time / tokens, "
+             "prefill included. Ratios: provider / dense in the same rounds (goal: MoLE <= 1.05x).", "",
              "| shape | B | provider | decode ms/token | vs dense (decode) | vs dense (whole generate) |",
              "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
