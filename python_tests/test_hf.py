@@ -285,6 +285,23 @@ def test_forward_continues_its_cache_and_grows_it(folders):
         model(ids[:, :3], attention_mask=torch.ones(2, 4))
 
 
+def test_cache_crop_and_assisted_generation(folders, tokenizer):
+    """crop() forgets tokens (what assisted decoding does with rejected drafts): feeding them again gives
+    the logits of a fresh pass; assisted greedy decoding (the model drafting for itself) equals greedy."""
+    model = _load(folders, "host")
+    ids = torch.randint(0, CFG["vocab_size"], (1, 10))
+    full = model(ids).logits
+    out = model(ids, use_cache=True)
+    out.past_key_values.crop(6)
+    assert out.past_key_values.get_seq_length() == 6
+    again = model(ids[:, 6:], past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(again, full[:, 6:], rtol=1e-4, atol=1e-4)
+    enc = _prompts(tokenizer, ["The quick brown fox"])
+    greedy = model.generate(**enc, max_new_tokens=10, do_sample=False)
+    assisted = model.generate(**enc, max_new_tokens=10, do_sample=False, assistant_model=_load(folders, "disk"))
+    assert torch.equal(assisted, greedy)
+
+
 def test_pipeline_text_generation(folders, tokenizer):
     model = _load(folders, "disk")
     gen = pipeline("text-generation", model=model, tokenizer=tokenizer)

@@ -83,9 +83,13 @@ class MoleKVCache(Cache):
     def __init__(self, core: _CausalLM, batch_size: int, max_len: int = 0):
         super().__init__(layers=[])
         self._core = core
-        self.batch_size_ = batch_size
+        self._batch = batch_size
         self.length = 0
         self.static: Optional[StaticKVCache] = core._new_cache(batch_size, max_len) if max_len else None
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch
 
     @property
     def max_len(self) -> int:
@@ -95,14 +99,15 @@ class MoleKVCache(Cache):
         return self._core.config.num_hidden_layers
 
     def __repr__(self):
-        return f"MoleKVCache(batch={self.batch_size_}, length={self.length}, slots={self.max_len})"
+        return f"MoleKVCache(batch={self._batch}, length={self.length}, slots={self.max_len})"
 
     def reserve(self, n: int) -> StaticKVCache:
         """The buffers, with room for ``n`` tokens: made for exactly ``n`` (a first forward attends over
         the same keys as the core's forward: the same bits), grown by a block at least later."""
         if n > self.max_len:
             old = self.static
-            self.static = self._core._new_cache(self.batch_size_, n if old is None else max(n, old.max_len + _CACHE_BLOCK))
+            size = n if old is None else max(n, old.max_len + _CACHE_BLOCK)
+            self.static = self._core._new_cache(self._batch, size)
             if old is not None:
                 m = self.length
                 self.static.k[:, :, :, :m] = old.k[:, :, :, :m]
@@ -123,25 +128,28 @@ class MoleKVCache(Cache):
         if self.static is not None:
             self.static.valid.zero_()
 
-    def crop(self, max_length: int):
-        """Keeps the first ``max_length`` tokens (negative: drops ``-max_length``), as ``DynamicCache.crop``."""
-        keep = self.length + max_length if max_length < 0 else min(max_length, self.length)
+    def crop(self, tokens_to_remove: int):
+        """Forgets the last ``-tokens_to_remove`` tokens (0 or less, as transformers 5.x calls it); a
+        positive value (older releases) is the number of tokens to keep."""
+        n = tokens_to_remove
+        keep = max(self.length + n, 0) if n <= 0 else min(n, self.length)
         if self.static is not None:
-            self.static.valid[:, max(keep, 0):] = False
-        self.length = max(keep, 0)
+            self.static.valid[:, keep:] = False
+        self.length = keep
 
     def batch_select_indices(self, indices: torch.Tensor):
         if self.static is not None:
             s = self.static
             indices = indices.to(s.valid.device)
-            s.k, s.v, s.valid = s.k.index_select(1, indices), s.v.index_select(1, indices), s.valid.index_select(0, indices)
-        self.batch_size_ = int(indices.numel())
+            s.k, s.v = s.k.index_select(1, indices), s.v.index_select(1, indices)
+            s.valid = s.valid.index_select(0, indices)
+        self._batch = int(indices.numel())
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         self.batch_select_indices(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int):
-        idx = torch.arange(self.batch_size_).repeat_interleave(repeats)
+        idx = torch.arange(self._batch).repeat_interleave(repeats)
         self.batch_select_indices(idx)
 
 
@@ -232,7 +240,7 @@ class MoleForCausalLM(MolePreTrainedModel, GenerationMixin):
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
             raise ValueError(f"{where}: {path!r} is not a local folder (MoLE models load from a folder with "
-                             "config.json and weights; download one first, e.g. with huggingface_hub.snapshot_download)")
+                             "config.json and weights; download one first, e.g. huggingface_hub.snapshot_download)")
         if config is not None and not isinstance(config, MoleConfig) and \
                 ARCHITECTURE not in (getattr(config, "architectures", None) or []):
             raise ValueError(f"{where}: config is a {type(config).__name__} that is not a MoLE config")
@@ -304,8 +312,8 @@ class MoleForCausalLM(MolePreTrainedModel, GenerationMixin):
         if kv is None and use_cache:
             kv = MoleKVCache(core, B)
         past = 0 if kv is None else kv.length
-        if kv is not None and kv.batch_size_ != B:
-            raise ValueError(f"{where}: input_ids has batch {B} but the cache holds {kv.batch_size_} sequences")
+        if kv is not None and kv.batch_size != B:
+            raise ValueError(f"{where}: input_ids has batch {B} but the cache holds {kv.batch_size} sequences")
         mask = _check_mask(attention_mask, B, past + S, core.device, where)
         if position_ids is None:
             if mask is not None:
