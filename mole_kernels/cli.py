@@ -420,7 +420,8 @@ def cmd_generate(args) -> int:
     if not any(os.path.isfile(os.path.join(tok_dir, n)) for n in TOKENIZER_FILES):
         raise UsageError(f"{'--tokenizer' if args.tokenizer else '--model'} {tok_dir!r} has no tokenizer (none of "
                          f"{', '.join(TOKENIZER_FILES[:2])}, ...): pass --tokenizer DIR naming a folder that has one "
-                         "(`mole-kernels demo --save-model DIR` writes one; tokenizer.save_pretrained(DIR) saves yours)")
+                         "(`mole-kernels demo --save-model DIR` writes one; tokenizer.save_pretrained(DIR) saves "
+                         "yours)")
     if not args.prompt:
         raise UsageError("--prompt is empty: give the text to continue")
     sampling = args.temperature is not None or args.top_p is not None or args.top_k is not None
