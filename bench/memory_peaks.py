@@ -33,7 +33,9 @@ another, ``model.safetensors.index.json``), ``bin/`` (``pytorch_model.bin``, tor
 
 Cases (each x placement host and disk): ``from_pretrained-single``, ``from_pretrained-sharded``,
 ``from_pretrained-bin``, ``from_pretrained-lut_file-float``, ``from_pretrained-lut_file-int8``, ``reparameterize`` (train
-form -> inference form, LUT fp16); and ``open-time``: ``from_pretrained(single, placement="disk")``
+form -> inference form, LUT fp16); ``from_pretrained-transformers`` (``AutoModelForCausalLM`` through
+``mole_kernels.integrations.hf`` on the single-file folder as a "mole" folder; needs transformers, so not in
+CASES: ``--cases from_pretrained-transformers``); and ``open-time``: ``from_pretrained(single, placement="disk")``
 timed at two LUT sizes that differ only in the number of experts (so every other weight is the
 same), the best of several interleaved calls each, ``ratio = t_big / t_small`` (goal: close to 1).
 
@@ -56,6 +58,8 @@ HERE = os.path.abspath(__file__)
 CASES = ("from_pretrained-single", "from_pretrained-sharded", "from_pretrained-bin",
          "from_pretrained-lut_file-float", "from_pretrained-lut_file-int8", "reparameterize")
 PLACEMENTS = ("host", "disk")
+# transformers' AutoModelForCausalLM.from_pretrained through mole_kernels.integrations.hf (issue 21): same goals.
+HF_CASE = "from_pretrained-transformers"
 GOALS = {"disk": 0.25, "host": 1.15}  # issue 15: extra peak RSS / LUT bytes
 OPEN_TIME_GOAL = 1.5  # t(512 MiB) / t(64 MiB); see bench_memory.py for why 1.5
 OPEN_TIME_SIZES = (64, 512)  # MiB
@@ -302,6 +306,23 @@ def _peak_of(call):
         upper_bound=not reset and after["VmHWM"] <= before["VmHWM"])
 
 
+def _as_mole_folder(src: str) -> str:
+    """``src`` (official layout, "model_type": "llama") as a folder this package would write ("mole"),
+    next to it: config.json rewritten, the weight file hard-linked (no copy). Made before the call."""
+    dst = src + "-mole"
+    if not os.path.isdir(dst):
+        os.makedirs(dst)
+        with open(os.path.join(src, "config.json")) as f:
+            config = dict(json.load(f), model_type="mole")
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(config, f)
+        try:
+            os.link(os.path.join(src, "model.safetensors"), os.path.join(dst, "model.safetensors"))
+        except OSError:
+            shutil.copyfile(os.path.join(src, "model.safetensors"), os.path.join(dst, "model.safetensors"))
+    return dst
+
+
 def _child_measure(case: str, placement: str, files: str, kw: dict, scratch: str, warm_files: str) -> dict:
     import safetensors.torch  # noqa: F401 - an import is not the call's memory
     import torch
@@ -321,6 +342,16 @@ def _child_measure(case: str, placement: str, files: str, kw: dict, scratch: str
 
         def warm_up():
             call(warm, None).lut.close()
+    elif case == HF_CASE:  # the transformers integration's Auto path, on the single-file folder
+        import mole_kernels.integrations.hf  # noqa: F401 - registers "mole"; an import is not the call's memory
+        from transformers import AutoModelForCausalLM
+
+        def call(files=files):
+            return AutoModelForCausalLM.from_pretrained(_as_mole_folder(os.path.join(files, "single")),
+                                                        lut_placement=placement)
+
+        def warm_up():
+            call(warm_files).lut.close()
     else:
         source = {"from_pretrained-single": ("single", None), "from_pretrained-sharded": ("sharded", None),
                   "from_pretrained-bin": ("bin", None),
@@ -348,7 +379,7 @@ def _child_measure(case: str, placement: str, files: str, kw: dict, scratch: str
     if case == "reparameterize" and placement == "disk" and os.path.exists(path):
         os.unlink(path)
     return dict(m, case=case, placement=placement, lut_bytes=lut_bytes, ratio=m["extra_peak_bytes"] / lut_bytes,
-                seconds=seconds, other_bytes=other_bytes, lut_shape=list(out.config.lut_shape),
+                seconds=seconds, other_bytes=other_bytes, lut_shape=list(out.lut.shape),
                 goal=GOALS[placement], pid=os.getpid())
 
 
@@ -428,8 +459,8 @@ def _job(case, size, tmpdir, placement):
         small, big = size or OPEN_TIME_SIZES
         return ["open-time", os.path.join(_open_dir(tmpdir, small), "single"),
                 os.path.join(_open_dir(tmpdir, big), "single"), 5]
-    if case not in CASES:
-        raise ValueError(f"measure: case must be one of {CASES + ('open-time',)}, got {case!r}")
+    if case not in CASES + (HF_CASE,):
+        raise ValueError(f"measure: case must be one of {CASES + (HF_CASE, 'open-time')}, got {case!r}")
     if placement not in PLACEMENTS:
         raise ValueError(f"measure: placement must be one of {PLACEMENTS}, got {placement!r}")
     return ["measure", case, placement, _files_dir(tmpdir, size), config_kwargs(size), os.path.join(tmpdir, "scratch"),

@@ -645,6 +645,12 @@ def render(paths, out, plot_dir, preamble=None):
     if not any(g for _, g in texts):
         doc += ["**GPU: not measured** — no GPU run in these files (run `bench/gpu_check.sh` on a GPU machine).", ""]
     doc += [t for t, _ in texts]
+    # Sections that scripts run on their own write as markdown (dated inside; bench_hf_generate.py).
+    results = os.path.join(HERE, "results")
+    for name in sorted(os.listdir(results)) if os.path.isdir(results) else ():
+        if name.endswith(".md"):
+            with open(os.path.join(results, name)) as f:
+                doc += [f.read().rstrip(), ""]
     with open(out, "w") as f:
         f.write("\n".join(doc).rstrip() + "\n")
     return runs

@@ -116,8 +116,12 @@ def run_demo(args, cfg: MoLEConfig) -> int:
     train = MoLEForCausalLM(cfg, init_std=0.1).to(dev).eval()
     if args.save_model:
         train.save_pretrained(args.save_model)
+        from ._tokenizer import save_tokenizer
+
         print(f"saved the train-form model to {args.save_model} (input for `mole-kernels reparameterize "
               f"--from {args.save_model} --to OUT`)")
+        # Text in, text out with nothing downloaded: `mole-kernels generate --model DIR --prompt ...`.
+        print(f"tokenizer: {save_tokenizer(args.save_model, cfg.vocab_size)}")
     t0 = time.perf_counter()
     inf = train.reparameterize(placement="host", dtype=torch.float32, device=dev, progress=not args.quiet)
     row = _human(inf.lut.row_bytes)

@@ -1,9 +1,10 @@
-"""The ``mole-kernels`` command: ``demo``, ``reparameterize``, ``quality``, ``info``.
+"""The ``mole-kernels`` command: ``demo``, ``reparameterize``, ``quality``, ``generate``, ``info``.
 
     mole-kernels demo [--save-model DIR]                # no download, no arguments needed
     mole-kernels reparameterize --from TRAIN_DIR --to REP_DIR [--dtype bf16]
                                 [--lut-format nf4 --block-size 64 --lut-file LUT.safetensors]
     mole-kernels quality [--markdown FILE]              # quantized LUTs vs the bf16 LUT
+    mole-kernels generate --model DIR --prompt TEXT     # text in, text out (transformers)
     mole-kernels info                                   # build and device facts
 
 This module imports neither torch nor the extension when it is loaded: `--help`, `--version`
@@ -217,6 +218,7 @@ def cmd_reparameterize(args) -> int:
     inf = model.reparameterize(placement="host", dtype=dtype, device="cpu", chunk_size=args.chunk_size,
                                progress=not args.quiet)
     inf.save_pretrained(args.dst)
+    _copy_tokenizer(args.src, args.dst)
     V, L, E, D = inf.config.lut_shape
     note = ""
     if args.tensor_parallel is not None:
@@ -428,6 +430,113 @@ def cmd_quality(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- generate ----------------
+
+# The files a Hugging Face tokenizer folder holds (any one of them makes AutoTokenizer try).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt")
+HF_PIN = "transformers>=5.16.1,<5.20"
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+    """A converted folder keeps the tokenizer of the folder it came from (text in, text out still works)."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+def cmd_generate(args) -> int:
+    """Text in, text out through transformers: the folder's tokenizer, MoleForCausalLM.generate with a
+    TextStreamer (tokens reach the terminal as they are made), the LUT on the tier asked for."""
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UsageError(f"--model {args.model!r} is not a model folder (it has no config.json)")
+    tok_dir = args.tokenizer or args.model
+    if not any(os.path.isfile(os.path.join(tok_dir, n)) for n in TOKENIZER_FILES):
+        raise UsageError(f"{'--tokenizer' if args.tokenizer else '--model'} {tok_dir!r} has no tokenizer (none of "
+                         f"{', '.join(TOKENIZER_FILES[:2])}, ...): pass --tokenizer DIR naming a folder that has one "
+                         "(`mole-kernels demo --save-model DIR` writes one; tokenizer.save_pretrained(DIR) saves "
+                         "yours)")
+    if not args.prompt:
+        raise UsageError("--prompt is empty: give the text to continue")
+    sampling = args.temperature is not None or args.top_p is not None or args.top_k is not None
+    if args.temperature == 0 and (args.top_p is not None or args.top_k is not None):
+        raise UsageError("--temperature 0 is greedy decoding; --top-p/--top-k need a temperature > 0")
+    try:
+        import torch
+        from transformers import AutoTokenizer, TextStreamer
+
+        from .integrations.hf import MoleForCausalLM
+    except ImportError as e:
+        raise ImportError(f"{e}; `mole-kernels generate` needs transformers and tokenizers: "
+                          f"pip install '{HF_PIN}' tokenizers") from None
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    model = MoleForCausalLM.from_pretrained(args.model, lut_placement=args.placement, lut_file=args.lut_file,
+                                            device=device)
+    enc = tokenizer(args.prompt, return_tensors="pt").to(device)
+    if enc["input_ids"].shape[1] == 0:
+        raise UsageError(f"--prompt {args.prompt!r} encodes to no tokens")
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling and args.temperature != 0)
+    if options["do_sample"]:
+        options.update(temperature=args.temperature or 1.0, top_p=args.top_p or 1.0, top_k=args.top_k or 0)
+        torch.manual_seed(args.seed)
+    tier = model.lut.placement if model.lut is not None else "none (train form: experts computed)"
+    print(f"{args.model}: LUT tier {tier}, {'sampling' if options['do_sample'] else 'greedy'}, "
+          f"{args.max_new_tokens} new tokens at most", file=sys.stderr, flush=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t0 = time.perf_counter()
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True)  # as the text a pipeline returns
+    out = model.generate(**enc, streamer=streamer, pad_token_id=pad, **options)
+    took = time.perf_counter() - t0
+    new = out.shape[1] - enc["input_ids"].shape[1]
+    print(f"{new} tokens in {took:.2f} s ({new / took:.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+def _generate_parser(command) -> None:
+    g = command("generate", "text in, text out: continue a prompt with a model folder through transformers",
+                "Loads a model folder (train form or re-parameterized; ours or the official layout) with its "
+                "tokenizer through transformers (MoleForCausalLM, mole_kernels.integrations.hf) and streams the "
+                f"continuation of --prompt to stdout as it is generated. Needs {HF_PIN} and tokenizers. Greedy "
+                "unless --temperature, --top-p or --top-k is given.")
+    g.add_argument("--model", required=True, metavar="DIR", help="model folder (config.json + weights)")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: --model)")
+    g.add_argument("--placement", default=None, choices=["device", "host", "disk"],
+                   help="the LUT's tier (default: host for a re-parameterized folder; a train-form folder is "
+                        "re-parameterized into the tier given, or else runs its experts)")
+    g.add_argument("--lut-file", default=None, metavar="FILE",
+                   help="a LookupTable file to use as the LUT (e.g. a quantized one from `reparameterize --lut-file`)")
+    g.add_argument("--max-new-tokens", type=_int_at_least(0), default=32, help="tokens to generate at most")
+    g.add_argument("--temperature", type=_non_negative_float, default=None,
+                   help="sample with this temperature (0: greedy)")
+    g.add_argument("--top-p", type=_probability, default=None, help="sample from the smallest set of tokens with "
+                                                                    "this much probability")
+    g.add_argument("--top-k", type=POSITIVE, default=None, help="sample from the K most likely tokens")
+    g.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the sampler")
+    g.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    g.set_defaults(func=cmd_generate)
+
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _probability(text):
+    value = _non_negative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 # ---------------------------------------------------------------- info --------------------
 
 
@@ -548,7 +657,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     from . import __version__
 
     p = _Parser(prog=prog, description="Mixture-of-Lookup-Experts inference kernels: a demo, checkpoint "
-                                       "conversion, LUT quantization quality and build facts.", formatter_class=_Help)
+                                       "conversion, LUT quantization quality, text generation and build facts.",
+                formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
@@ -624,6 +734,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                    help="also write the table (with date, machine, command) to this file")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quality)
+
+    _generate_parser(command)
 
     i = command("info", "build and device facts", "What the extension was built with and what this machine has.")
     i.add_argument("--json", action="store_true", help="one JSON object instead of aligned lines")

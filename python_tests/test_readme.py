@@ -119,7 +119,7 @@ def test_test_tools_match_the_test_extra():
         extra = re.search(r"^test = \[(.*?)\]", f.read(), re.M).group(1)
     listed = re.findall(r'"([^"]+)"', extra)
     command = next(b[2] for b in readme_blocks() if b[2].startswith(SETUP_TAGS[1]))
-    installed = re.search(r"pip install ([^&]+)&&", command).group(1).split()
+    installed = [w.strip("'\"") for w in re.search(r"pip install ([^&]+)&&", command).group(1).split()]
     assert sorted(installed) == sorted(listed)
 
 

@@ -210,7 +210,7 @@ class MoLEForCausalLM(_CausalLM):
     # -- checkpoints ---------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, placement: str = "host", lut_dtype=None,
+    def from_pretrained(cls, path, *, dtype=None, device=None, placement: Optional[str] = None, lut_dtype=None,
                         lut_path: Optional[str] = None, lut_format: Optional[str] = None,
                         block_size: Optional[int] = None, lut_file: Optional[str] = None) -> "MoLEForCausalLM":
         """Loads a Hugging Face-format folder in the official MoLE layout (nothing is downloaded).
@@ -218,9 +218,14 @@ class MoLEForCausalLM(_CausalLM):
         The folder holds ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``
         (or their sharded ``*.index.json`` forms). With ``model.layers.{i}.experts.*`` it is
         the train form; with ``model.moe_table.weight`` ``[V, L*E*D]`` the re-parameterized
-        form, whose LUT goes to ``placement`` (as in :meth:`reparameterize`) in ``lut_dtype``
-        (default: as stored), quantized on the way when ``lut_format`` (and optionally
+        form, whose LUT goes to ``placement`` (as in :meth:`reparameterize`; default ``"host"``) in
+        ``lut_dtype`` (default: as stored), quantized on the way when ``lut_format`` (and optionally
         ``block_size``) is given.
+
+        A train-form folder loads as the train form (experts computed) unless ``placement`` is given:
+        then it is re-parameterized into that tier (:meth:`reparameterize`, with a progress bar; the
+        LUT in ``lut_dtype``, default the model's dtype, quantized when ``lut_format`` is given,
+        the disk tier's file at ``lut_path``), so the call returns the inference form it asked for.
 
         Memory (the LUT is the big part: 10-50 GB at the paper's sizes):
 
@@ -269,9 +274,13 @@ class MoLEForCausalLM(_CausalLM):
         if not has_experts and not has_lut:
             raise ValueError(f"{where}: {path!r} holds neither expert weights (model.layers.{{i}}.experts.{{e}}.*) "
                              f"nor {LUT_KEY}: not a MoLE checkpoint (a LUT kept elsewhere: pass lut_file=)")
-        if has_experts and lut_format is not None:
-            raise ValueError(f"{where}: lut_format applies to a re-parameterized folder; {path!r} is the train form "
-                             "(call reparameterize(lut_format=...) on the loaded model)")
+        if has_experts and placement is None and (lut_format, block_size, lut_dtype, lut_path) != (None,) * 4:
+            raise ValueError(f"{where}: lut_format/block_size/lut_dtype/lut_path describe a LUT, but {path!r} is the "
+                             "train form; pass placement= to re-parameterize it into that tier while loading")
+        from ..table.lookup_table import PLACEMENTS
+
+        if placement is not None and placement not in PLACEMENTS:  # before any weight is read
+            raise ValueError(f"{where}: placement must be None (not given) or one of {PLACEMENTS}, got {placement!r}")
         check_counts(cfg, names, where, path)  # before a model of the config's size is built
         sd = weights.load(skip=frozenset({LUT_KEY}))
         sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # older HF saves it
@@ -288,7 +297,7 @@ class MoLEForCausalLM(_CausalLM):
         from ..table import LookupTable
 
         if lut_file is not None:
-            table = LookupTable.open(lut_file, placement, device=device)
+            table = LookupTable.open(lut_file, placement or "host", device=device)
             try:
                 if lut_format is not None and canonical_format(lut_format) != table.format:
                     raise ValueError(f"{where}: lut_format={lut_format!r} but {lut_file!r} holds a "
@@ -301,8 +310,11 @@ class MoLEForCausalLM(_CausalLM):
                 table.close()
                 raise
         elif has_lut:
-            model.set_lut(_official_lut(weights, cfg, placement, device, lut_dtype, lut_path, lut_format,
+            model.set_lut(_official_lut(weights, cfg, placement or "host", device, lut_dtype, lut_path, lut_format,
                                         block_size, where))
+        elif placement is not None:  # the train form, asked for on a tier: re-parameterized into it
+            return model.reparameterize(placement=placement, dtype=lut_dtype, device=device, path=lut_path,
+                                        lut_format=lut_format, block_size=block_size)
         return model
 
     def save_pretrained(self, path, *, lut_dtype=None, safe_serialization: bool = True) -> None:
@@ -341,8 +353,10 @@ class MoLEForCausalLM(_CausalLM):
 
             streamed[LUT_KEY] = StreamedTensor((V, L * E * D), lut_dtype, rows)
         cfg = self.config.to_dict()
-        cfg.setdefault("architectures", ["MoleForCausalLM"])
-        cfg.setdefault("model_type", "llama")  # the official config class is LlamaConfig
+        # "mole", not the official "llama": transformers then loads the folder as MoLE (with
+        # mole_kernels.integrations.hf imported) or refuses it, never as Llama with random MLPs.
+        cfg.update(model_type="mole", architectures=["MoleForCausalLM"])
+        cfg.pop("auto_map", None)  # an official folder's remote-code pointers: that code is not copied here
         cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")
         save_checkpoint(path, sd, cfg, safe_serialization, streamed)
 
