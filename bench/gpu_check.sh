@@ -14,10 +14,13 @@
 # case it was running. $OUT also gets gpu_check.log (everything printed) and, per benchmark stage
 # that completed, its pytest-benchmark JSON (bench/report.py renders those into bench/RESULTS.md).
 #
-# The build budget: ninja with MAX_JOBS = the core count compiles the 8 translation units (6 C++,
-# 2 CUDA for sm_90 only) in parallel, so its wall time is the slowest unit plus the link. Measured on
-# the 2-core development machine under load (bench/RESULTS.md, "gpu_check build"), the slowest unit
-# (a .cu) takes well under the 130 s given here on one core of a 16-core host.
+# The build budget (130 s): ninja with MAX_JOBS = the core count compiles the 8 translation units (6
+# C++, 2 CUDA, sm_90 only) side by side, so the build's wall time is its slowest unit plus the link
+# and setup.py's start. CPU time (user + sys, which load does not inflate) of the slowest units,
+# measured on the development machine's cores: csrc/lut_gather_quant_cuda.cu 46 s, BUILD_EST_2.
+# On 16 cores the 8 units run at once: ~50 s, plus ~10 s of link and start => ~60 s; 130 s leaves
+# twice that for a slower host. (Wall times on the shared 2-core machine, 4-10 min, say nothing:
+# other builds held 15-35 runnable jobs there.)
 set -uo pipefail
 
 DRY=0
@@ -56,6 +59,8 @@ budget_sum() {
 
 if [[ $DRY -eq 1 ]]; then
   echo "gpu_check.sh plan (dry run: nothing is built or measured); deadline ${TOTAL} s, MAX_JOBS=$NPROC here"
+  echo "build estimate: the slowest of 8 units in parallel (lut_gather_quant_cuda.cu, 46 s of CPU measured) + link"
+  echo "and start (~10 s) ~= 60 s on 16 cores; budget 130 s (see this script's header)"
   printf '%-12s %6s  %s\n' stage budget "what"
   for row in "${STAGES[@]}"; do
     IFS='|' read -r name secs what <<< "$row"
