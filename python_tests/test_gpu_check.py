@@ -65,3 +65,20 @@ def test_a_finished_case_survives_a_killed_run(tmp_path):
     assert len(rows) == 1, r.stdout + r.stderr
     assert rows[0]["name"] == "test_host_copy" and rows[0]["extra_info"]["op"] == "host-copy"
     assert rows[0]["stats"]["median"] > 0
+
+
+def test_stages_run_through_their_time_boxes_and_write_json_lines(tmp_path):
+    """The real (not dry) machinery, on stages that run anywhere: each stage in its own time box, results
+    appended as JSON lines, the summary last. Without a GPU the probes say so instead of measuring."""
+    env = dict(os.environ, GPU_CHECK_ONLY="probes report", OUT=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [row["probe"] for row in rows] == ["exposed-prefetch-wait", "host-register", "pcie-link"]
+    import torch
+
+    if not torch.cuda.is_available():
+        assert all("needs a CUDA device" in row["skipped"] for row in rows)
+    assert "=== probes (budget 35 s" in r.stdout and "3 results" in r.stdout and "all stages passed" in r.stdout
+    assert (tmp_path / "gpu_check.log").exists()
