@@ -22,7 +22,7 @@ Ratios = eager mean / mole_combine mean per shape (same `group`).
 official eager chain (`eager-lookup`: `lut[ids, l]`, softmax, weighted sum, adds). The table is
 [8192, 4, E, D] in bf16, layer 1; on a GPU it sits in VRAM (`mole-lut_combine`: the goal is
 >= 85 % of the device copy bandwidth) and in pinned host memory read in place
-(`mole-lut_combine-pinned`: judged against bench_limits' zero-copy-read). `bytes` counts the row bytes read plus logits,
+(`mole-lut_combine-pinned`: judged against bench_limits' zero-copy-sm-read). `bytes` counts the row bytes read plus logits,
 residual, shared and out.
 """
 import itertools

@@ -63,6 +63,40 @@ def _providers(mode):
     return [p + "-compiled" for p in base] if mode == "compiled" else base
 
 
+_BUILT = {}  # shape -> (cfg, models): the latest shape's, kept for its next case (cases come grouped by shape)
+
+
+def _close_built():
+    for _, models in _BUILT.values():
+        for m in models.values():
+            if getattr(m, "lut", None) is not None:
+                m.lut.close()
+    _BUILT.clear()
+
+
+@pytest.fixture(scope="module")
+def built():
+    """``built(shape)`` -> (cfg, models): consecutive cases of one shape (B = 1 and 32) share its models,
+    so a 9.9 GB table is built once; a new shape closes the previous one's tables first."""
+    def get(shape):
+        if shape not in _BUILT:
+            _close_built()
+            _BUILT[shape] = _models(shape)
+        return _BUILT[shape]
+    yield get
+    _close_built()
+
+
+def _gpu_rows(dtype):
+    """``fill(a, b, dst)`` for LookupTable.build: rows drawn on the GPU, seeded by their first token (the
+    same values on every tier), copied into the tier's memory chunk by chunk. A 9.9 GB table fills in
+    about a second this way; a CPU ``uniform_`` takes minutes."""
+    def fill(a, b, dst):
+        g = torch.Generator(device=DEV).manual_seed(a)
+        dst.copy_(torch.empty(dst.shape, dtype=dtype, device=DEV).uniform_(-0.02, 0.02, generator=g))
+    return fill
+
+
 def _models(shape):
     V, L, D, F, H, Hkv, E, lut_dtype = SHAPES[shape]
     V = 50304 if HAS_CUDA and shape != "demo" else V
@@ -73,13 +107,14 @@ def _models(shape):
     with torch.device(DEV):
         mole = MoLEForCausalLM(cfg, reparameterized=True).to(dtype).eval()
     dense = DenseForCausalLM.from_mole(mole).eval()
-    lut = torch.empty(cfg.lut_shape, dtype=lut_dtype).uniform_(-0.02, 0.02)
+    lut = None if HAS_CUDA else torch.empty(cfg.lut_shape, dtype=lut_dtype).uniform_(-0.02, 0.02)
     tiers = ["device", "host"] if HAS_CUDA else ["host", "disk"]
     models = {"dense": dense}
     for tier in tiers:
         m = MoLEForCausalLM(cfg, reparameterized=True)
         m.load_state_dict(mole.state_dict(), strict=True, assign=True)  # shares the weights
-        m.set_lut(LookupTable.from_tensor(lut, tier, DEV))
+        m.set_lut(LookupTable.build(tuple(cfg.lut_shape), lut_dtype, _gpu_rows(lut_dtype), tier, DEV) if HAS_CUDA
+                  else LookupTable.from_tensor(lut, tier, DEV))
         models["mole-" + tier] = m.eval()
     return cfg, models
 
@@ -120,8 +155,8 @@ def threads():
 
 
 @pytest.mark.parametrize("shape,B,mode", CASES, ids=[f"{s}-B{b}-{m}" for s, b, m in CASES])
-def test_decode_vs_dense(benchmark, threads, shape, B, mode):
-    cfg, models = _models(shape)
+def test_decode_vs_dense(benchmark, threads, built, shape, B, mode):
+    cfg, models = built(shape)
     ids = zipf_ids(cfg.vocab_size, B, batches=STEPS, seed=B).to(DEV)
     runs = {}
     for p in _providers(mode):
@@ -158,6 +193,3 @@ def test_decode_vs_dense(benchmark, threads, shape, B, mode):
         scaled_from=None if shape == "demo" or cfg.vocab_size == 50304 else f"L={L},V=50304",
         ms_per_token={p: round(v, 4) for p, v in ms.items()}, vs_dense={p: round(v, 4) for p, v in ratios.items()},
     )
-    for m in models.values():
-        if getattr(m, "lut", None) is not None:
-            m.lut.close()

@@ -13,6 +13,7 @@ An autouse fixture adds `commit`, `torch`, `cuda`, `gpu`, `cpu_threads`, `smoke`
 every benchmark's extra_info, so each row of the JSON says what it ran on and how busy the
 machine was (bench/report.py prints them on every table and figure).
 """
+import json
 import os
 import subprocess
 
@@ -119,9 +120,33 @@ ENV_INFO = {
 }
 
 
+# MOLE_BENCH_JSONL=path: each benchmark appends one JSON line there as soon as it finishes (pytest-benchmark
+# writes its --benchmark-json only at the end of the session, so a run killed by a time box would lose
+# every finished case; bench/gpu_check.sh relies on this).
+JSONL = os.environ.get("MOLE_BENCH_JSONL")
+
+
+def _append_jsonl(request, benchmark) -> None:
+    stats = getattr(benchmark, "stats", None)
+    row = {"name": request.node.name, "fullname": request.node.nodeid, "group": benchmark.group,
+           "extra_info": benchmark.extra_info}
+    if stats is not None:
+        s = stats.stats
+        row["stats"] = {"median": s.median, "min": s.min, "mean": s.mean, "rounds": s.rounds}
+    with open(JSONL, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+
+
 @pytest.fixture(autouse=True)
 def _record_environment(request):
-    """Stamps every benchmark with the versions and devices it ran on (tests set the rest)."""
-    if "benchmark" in request.fixturenames:
-        # load1: the 1-minute load average as the test starts (other work on the machine shows here)
-        request.getfixturevalue("benchmark").extra_info.update(ENV_INFO, load1=round(os.getloadavg()[0], 2))
+    """Stamps every benchmark with the versions and devices it ran on (tests set the rest); with
+    MOLE_BENCH_JSONL, writes its result as one JSON line as soon as it finishes."""
+    if "benchmark" not in request.fixturenames:
+        yield
+        return
+    benchmark = request.getfixturevalue("benchmark")
+    # load1: the 1-minute load average as the test starts (other work on the machine shows here)
+    benchmark.extra_info.update(ENV_INFO, load1=round(os.getloadavg()[0], 2))
+    yield
+    if JSONL:
+        _append_jsonl(request, benchmark)

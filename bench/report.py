@@ -48,7 +48,7 @@ REFERENCE_PROVIDERS = {"bf16"}
 # GPU-only providers per op, listed as "not measured" when no GPU run is given. Keep in step with
 # the suites (a missing name only costs a line in the report).
 GPU_PROVIDERS = {
-    "limits": ["h2d-pinned", "d2d", "zero-copy-read"],
+    "limits": ["h2d-pinned", "d2d", "dma-from-alias", "zero-copy-sm-read"],
     "lut_gather-fused": ["mole-cuda-device", "mole-cuda-zero_copy", "torch-eager-cuda-device"],  # fbgemm: CPU only
     "lut_gather-rows": ["mole-cuda-device", "mole-cuda-zero_copy", "official-cuda"],
     "table-gather": ["device-device", "host-zero_copy", "host-dma", "disk-staged"],
@@ -260,6 +260,13 @@ def _decode_ratio(data, shape, key):
     return None
 
 
+def _median_ratio(data, op, shape, provider, baseline):
+    """median(provider) / median(baseline) among `op` rows of `shape` (one run: same machine, same process)."""
+    med = {provider_of(b): b["stats"]["median"] for b in data["benchmarks"]
+           if op_of(b) == op and info_of(b).get("shape") == shape}
+    return med[provider] / med[baseline] if provider in med and baseline in med else None
+
+
 def _best_fraction(data, op, provider, limit, min_T=0, bytes_key="bytes"):
     """The best GB/s of `provider` rows of `op` (tokens >= min_T) over the run's `limit` bandwidth."""
     lim = limits_of(data).get(limit)
@@ -318,8 +325,16 @@ GOALS = [
      lambda d: _decode_ratio(d, "410M-4E-B1", "host/device-graph")),
     ("GPU decode (graph), pinned host / VRAM, 410M-4E batch 32", "<=", 1.03,
      lambda d: _decode_ratio(d, "410M-4E-B32", "host/device-graph")),
-    ("GPU zero-copy row fetch / zero-copy-read limit", ">=", 0.90,
-     lambda d: _best_fraction(d, "lut_gather-rows", "mole-cuda-zero_copy", "zero-copy-read")),
+    ("GPU decode (eager), pinned host / VRAM, 410M-4E batch 1", "<=", 1.01,
+     lambda d: _decode_ratio(d, "410M-4E-B1", "host/device")),
+    ("GPU decode (eager), pinned host / VRAM, 410M-4E batch 32", "<=", 1.03,
+     lambda d: _decode_ratio(d, "410M-4E-B32", "host/device")),
+    ("GPU decode (eager), MoLE (host) / dense, 410M-4E batch 1", "<=", 1.10,
+     lambda d: _decode_ratio(d, "410M-4E-B1", "mole-host")),
+    ("GPU prefill 8 x 512, pinned host / VRAM, 410M-4E", "<=", 1.15,
+     lambda d: _median_ratio(d, "e2e-prefill", "410M-4E-S512-T4096", "mole-host", "mole-device")),
+    ("GPU zero-copy row fetch / SM-load zero-copy limit", ">=", 0.90,
+     lambda d: _best_fraction(d, "lut_gather-rows", "mole-cuda-zero_copy", "zero-copy-sm-read")),
     ("GPU DMA path (>= 64 unique rows) / h2d-pinned limit", ">=", 0.90,
      lambda d: _best_fraction(d, "table-gather", "host-dma", "h2d-pinned", min_T=64, bytes_key="unique_bytes")),
     ("GPU device-tier lut_combine / HBM copy bandwidth", ">=", 0.85, _combine_fraction),

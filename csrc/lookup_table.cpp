@@ -40,6 +40,7 @@
 
 #ifdef MOLE_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -86,14 +87,18 @@ void release(Block* b) {
 #ifdef MOLE_WITH_CUDA
   if (b->registered) {
     // A kernel or copy may still read this memory (an eager launch, or a CUDA graph replay, which no
-    // event recorded at capture time would cover): wait until every device is idle, then unregister.
+    // event recorded at capture time would cover): wait until every device that could be reading it
+    // is idle, then unregister. Only devices with a primary context can have work queued; touching
+    // any other would create a context there (~0.5 GB of device memory) for nothing, so they are
+    // skipped, and the current device is restored without creating one (MaybeSetDevice).
     // Errors are ignored: at interpreter exit the CUDA runtime may already be unloading.
     int count = 0, current = 0;
     if (cudaGetDeviceCount(&count) == cudaSuccess && cudaGetDevice(&current) == cudaSuccess) {
       for (int d = 0; d < count; ++d) {
+        if (!c10::cuda::hasPrimaryContext(static_cast<c10::DeviceIndex>(d))) continue;
         if (cudaSetDevice(d) == cudaSuccess) (void)cudaDeviceSynchronize();
       }
-      (void)cudaSetDevice(current);
+      (void)c10::cuda::MaybeSetDevice(static_cast<c10::DeviceIndex>(current));
     }
     (void)cudaHostUnregister(b->map);
     (void)cudaGetLastError();
@@ -409,6 +414,14 @@ struct TableStore : torch::CustomClassHolder {
     if (n == 0) return 0;
     const c10::cuda::CUDAGuard guard(dst.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    // Under CUDA-graph capture the copies below would be captured but the host threads' gather into
+    // the staging would not: every replay would copy whatever the staging held last. Refused.
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
+    TORCH_CHECK(capturing == cudaStreamCaptureStatusNone,
+                "TableStore.stage_rows: cannot run while the stream is being captured into a CUDA graph (rows are "
+                "gathered by host threads, which a replay would not repeat); capture a zero-copy or device-tier "
+                "read instead (LookupTable path 'zero_copy' or a Prefetcher)");
     for (cudaEvent_t& e : staging->half_done_.e) {
       if (e == nullptr) C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     }

@@ -22,10 +22,12 @@ plain torch):
   forbids that); NaN is loud, never mistaken for a real output, and identical
   on every backend. ``+inf``/NaN logits make the row NaN too.
 """
+import functools
 import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ._ops import build_info, check_fake_devices, ops, raise_on_bad_ids
 from .quant import QuantizedLUT
@@ -144,21 +146,28 @@ _DECODE_T = 64
 _DECODE_MIN_PROGRAMS = 256  # ~2 per SM on an H100/H200
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: that is a JIT callable, whose host-side call costs more than this whole launcher.
+    return -(-a // b)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of the shape, asked once per launch
 def _combine_config(T: int, E: int, D: int) -> dict:
     block_e = _next_pow2(E)
     block_d = min(_next_pow2(D), 1024)
     if T <= _DECODE_T:
-        while block_d > 128 and T * triton.cdiv(D, block_d) < _DECODE_MIN_PROGRAMS:
+        while block_d > 128 and T * _cdiv(D, block_d) < _DECODE_MIN_PROGRAMS:
             block_d //= 2
     e_chunk = min(block_e, max(1, 4096 // block_d))
     num_warps = 8 if e_chunk * block_d >= 4096 else 4
     return dict(BLOCK_E=block_e, E_CHUNK=e_chunk, BLOCK_D=block_d, num_warps=num_warps)
 
 
+@functools.lru_cache(maxsize=1024)
 def _softmax_config(T: int, E: int) -> dict:
     block_e = _next_pow2(E)
     block_t = max(1, min(_next_pow2(max(T, 1)), 4096 // block_e))
@@ -168,43 +177,61 @@ def _softmax_config(T: int, E: int) -> dict:
 # ---------------------------------------------------------------------------
 # Launchers: inputs already validated and flattened to 2-D/3-D.
 # ---------------------------------------------------------------------------
-def _launch(kernel, interpret: bool):
-    # wrap_triton makes the launch traceable by torch.compile (it is a no-op in
-    # eager); interpreted kernels and torch < 2.6 launch directly.
-    if interpret or not hasattr(torch.library, "wrap_triton"):
-        return kernel
-    return torch.library.wrap_triton(kernel)
+def _traced(t: torch.Tensor) -> bool:
+    """Whether something traces this launch and must see it as a graph node: torch.compile (dynamo),
+    make_fx / export or another dispatch mode, fake or functional tensors."""
+    return (type(t) is not torch.Tensor or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() > 0)
 
 
-def _router_softmax_triton(x2: torch.Tensor, y2: torch.Tensor, interpret: bool) -> None:
+_WRAP = getattr(torch.library, "wrap_triton", None)  # torch >= 2.6
+
+
+def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` on ``like``'s device and its current stream.
+
+    Eager calls on plain tensors launch the JIT function itself. ``torch.library.wrap_triton`` is
+    not free in eager (torch >= 2.6): each call goes through a higher-order-op dispatch (~20x a raw
+    launch on the host, issue 23) and leaves a kernel side-table entry that is never freed, so it is
+    used only where something traces the launch (:func:`_traced`); torch's own ``triton_op`` turns it
+    off in eager for the same reason. Triton launches on the *current* device: a tensor on another
+    GPU gets a device guard (else the kernel reads another device's addresses, off the caller's stream).
+    """
+    if _WRAP is not None and _traced(like):
+        kernel = _WRAP(kernel)
+    dev = like.device
+    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
+def _router_softmax_triton(x2: torch.Tensor, y2: torch.Tensor) -> None:
     T, E = x2.shape
     if T == 0:
         return
     cfg = _softmax_config(T, E)
-    kernel = _launch(_router_softmax_kernel, interpret)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]),)
-    kernel[grid](x2, y2, T, E, x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1), **cfg)
+    grid = (_cdiv(T, cfg["BLOCK_T"]),)
+    _launch(_router_softmax_kernel, grid, y2, x2, y2, T, E, x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+            **cfg)
 
 
-def _mole_combine_triton(logits2, rows3, res2, sh2, out2, interpret: bool, ids=None, faults=None) -> None:
+def _mole_combine_triton(logits2, rows3, res2, sh2, out2, ids=None, faults=None) -> None:
     """rows3: [T, E, D] rows, or with ``ids`` [T] a table [V, E, D] read at row ids[t]."""
     T, (_, E, D) = logits2.shape[0], rows3.shape
     if T == 0 or D == 0:
         return
     cfg = _combine_config(T, E, D)
-    kernel = _launch(_mole_combine_kernel, interpret)
     # Absent operands: a valid pointer (never read: HAS_*, GATHER, COUNT_FAULTS are constexprs).
     res = res2 if res2 is not None else out2
     sh = sh2 if sh2 is not None else out2
-    grid = (T, triton.cdiv(D, cfg["BLOCK_D"]))
-    kernel[grid](
+    grid = (T, _cdiv(D, cfg["BLOCK_D"]))
+    # One stride() per tensor (a tuple), not one call per dim: this runs once per layer per token step.
+    _launch(
+        _mole_combine_kernel, grid, out2,
         logits2, rows3, res, sh, out2, ids if ids is not None else out2, faults if faults is not None else out2,
-        E, D, rows3.shape[0],
-        logits2.stride(0), logits2.stride(1),
-        rows3.stride(0), rows3.stride(1), rows3.stride(2),
-        res.stride(0), res.stride(1),
-        sh.stride(0), sh.stride(1),
-        out2.stride(0), out2.stride(1),
+        E, D, rows3.shape[0], *logits2.stride(), *rows3.stride(), *res.stride(), *sh.stride(), *out2.stride(),
         HAS_RES=res2 is not None, HAS_SH=sh2 is not None, GATHER=ids is not None, COUNT_FAULTS=faults is not None,
         **cfg,
     )
@@ -413,7 +440,7 @@ def _combine_impl(logits, rows, residual, shared, out) -> None:
     if backend == "torch":
         _mole_combine_torch(logits2, rows3, res2, sh2, out2)
     else:
-        _mole_combine_triton(logits2, rows3, res2, sh2, out2, interpret=backend == "interpret")
+        _mole_combine_triton(logits2, rows3, res2, sh2, out2)
 
 
 def _softmax_impl(logits, out) -> None:
@@ -424,7 +451,7 @@ def _softmax_impl(logits, out) -> None:
     if backend == "torch":
         _router_softmax_torch(x2, y2)
     else:
-        _router_softmax_triton(x2, y2, interpret=backend == "interpret")
+        _router_softmax_triton(x2, y2)
 
 
 def _direct_call_ok(*tensors) -> bool:
@@ -573,8 +600,41 @@ def _lut_combine_out_cuda(out, lut, ids, logits, layer=None, residual=None, shar
             ops.lut_gather_out(acc, table, ids, w, layer, True, f)
         return _combine_by_gather(gather, ids, logits, residual, shared, out, faults)
     rows = table[:, layer] if table.dim() == 4 else table  # [V, E, D], token stride L*E*D
-    _mole_combine_triton(_flat2(logits), rows, _flat2(residual), _flat2(shared), out.view(-1, D), interpret=False,
+    _mole_combine_triton(_flat2(logits), rows, _flat2(residual), _flat2(shared), out.view(-1, D),
                          ids=ids.reshape(-1), faults=faults)
+
+
+def _lut_combine_step_cuda(layers, ids: torch.Tensor, faults: torch.Tensor):
+    """The layer call of an eager GPU step whose rows are read in place from a float table:
+    ``combine(l, x, residual, shared, router_weight=None)`` = ``lut_combine(table, ids, logits, layer=l,
+    residual=, shared=, faults=)`` with the logits ``x`` or ``linear(x, router_weight)``.
+
+    ``layers``: the table's ``[V, E, D]`` view of each layer on ids' device (VRAM, or a pinned table's
+    device alias), made once per table by its reader, so a layer call costs no ``device_view`` (a probe
+    allocation, a ``cudaPointerGetAttributes``, a ``from_blob``), no dispatcher and no per-step
+    slicing: only the checks a model's own tensors can fail, the launch, and its output. Ids out of
+    range read zeros and count into ``faults`` (no synchronisation). Callers make sure the step is
+    eager on plain tensors (a traced step takes the op, which torch.compile can see).
+    """
+    flat = ids.reshape(-1)
+    T, L = flat.numel(), len(layers)
+    V, E, D = layers[0].shape if L else (0, 0, 0)
+    lead = tuple(ids.shape)
+
+    def combine(l: int, x: torch.Tensor, residual: torch.Tensor, shared: torch.Tensor,
+                router_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not 0 <= l < L:
+            _fail("lut_combine", f"layer must be in [0, {L}), got {l!r}")
+        logits = x if router_weight is None else F.linear(x, router_weight)
+        if logits.numel() != T * E or residual.shape != shared.shape or residual.numel() != T * D:
+            _fail("lut_combine", f"a step of ids {lead} needs logits {lead + (E,)} and residual/shared {lead + (D,)}, "
+                                 f"got {tuple(logits.shape)}, {tuple(residual.shape)}, {tuple(shared.shape)}")
+        out = torch.empty_like(residual, memory_format=torch.contiguous_format)
+        _mole_combine_triton(logits.reshape(T, E), layers[l], residual.reshape(T, D), shared.reshape(T, D),
+                             out.view(T, D), ids=flat, faults=faults)
+        return out
+
+    return combine
 
 
 def _flat2(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

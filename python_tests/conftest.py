@@ -51,6 +51,23 @@ def _seed():
 def pytest_configure(config):
     config.addinivalue_line("markers", "child_run(args, env={}): the test checks a child pytest run of ARGS with "
                                        "ENV, started right after collection (see conftest.child_result)")
+    config.addinivalue_line("markers", "gpu: the case needs a CUDA device (added at collection: `pytest -m gpu` "
+                                       "runs exactly the GPU cases, as bench/gpu_check.sh does)")
+
+
+def _needs_gpu(item) -> bool:
+    """A case that skips without CUDA: marked requires_cuda / cuda_param (a skipif naming a CUDA device),
+    or parametrized with a GPU backend or device ("cuda", "zero_copy")."""
+    if any("CUDA device" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(isinstance(v, str) and v in ("cuda", "zero_copy") for v in params.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _needs_gpu(item):
+            item.add_marker(pytest.mark.gpu)
 
 
 class _Child:

@@ -82,6 +82,70 @@ def test_prefetcher_bad_ids_named_or_counted_on_every_path(placement, path):
         assert torch.equal(rows[[0, 2, 4]], lut[ids[[0, 2, 4]], l]) and (rows[[1, 3]] == 0).all()
 
 
+@pytest.mark.parametrize("path", ["zero_copy", "dma"])
+def test_prefetcher_every_layer_count_from_1_to_25(path, monkeypatch):
+    """Every L in [1, 25]: the prefetch launches are exactly layer_groups(L) (the group boundaries the
+    GPU's per-group events wait on, launched on a CPU too), every layer's rows are right in a
+    NaN-poisoned buffer, and with strict=False each bad id is counted exactly once per start."""
+    import mole_kernels.table.prefetch as prefetch_mod
+
+    launched = []
+    real = prefetch_mod.lut_gather
+
+    def spy(src, idx, **kw):
+        launched.append((kw["layer"].start, kw["layer"].stop))
+        return real(src, idx, **kw)
+
+    monkeypatch.setattr(prefetch_mod, "lut_gather", spy)
+    Vs, Es, Ds, T = 23, 2, 5, 9
+    for nl in range(1, 26):
+        lut = torch.randn(Vs, nl, Es, Ds)
+        table = LookupTable.from_tensor(lut, "host", device="cpu")
+        pf = table.prefetcher(T, strict=False)
+        counted = 0
+        for start in range(3):  # three starts: both buffers, then the first again; counts accumulate
+            ids = torch.randint(0, Vs, (T,))
+            ids[1] = ids[0]  # a repeated id
+            bad_at = torch.randperm(T)[:start + 1]  # 1, 2, 3 bad ids, at random positions
+            ids[bad_at] = torch.tensor([-1, Vs, Vs + 100, -7])[torch.randint(0, 4, (start + 1,))]
+            for buf in pf._bufs:
+                buf.fill_(float("nan"))
+            launched.clear()
+            handle = pf.start(ids, path=path)
+            assert launched == layer_groups(nl), (nl, launched)
+            counted += start + 1
+            assert pf.faults == counted, (nl, start, pf.faults, counted)
+            ok = (ids >= 0) & (ids < Vs)
+            for l in range(nl):
+                rows = handle.layer(l)
+                assert torch.equal(rows[ok], lut[ids[ok], l]), (nl, l)
+                assert (rows[~ok] == 0).all(), (nl, l)
+        table.close()
+
+
+def test_reader_bulk_step_reads_unique_rows_once_and_counts_bad_ids():
+    """The host tier's many-token step (ids on the GPU there; the same code on a CPU here): unique rows
+    prefetched once, each layer combined at the tokens' positions among them, bad ids counted once."""
+    lut = torch.randn(V, L, E, D)
+    t = LookupTable.from_tensor(lut, "host", device="cpu")
+    reader = t.reader()
+    ids = torch.randint(0, 6, (3, 50))  # 150 tokens over at most 6 distinct ids
+    ids[0, 3], ids[2, 7] = V, -4
+    ok = (ids >= 0) & (ids < V)
+    step = reader._start_bulk(ids)
+    assert reader._prefetcher.max_tokens <= 7  # the unique ids (<= 6, plus the stand-in for bad ones)
+    assert t.stats.bytes_read["host"] <= 7 * t.row_bytes  # each unique row read once, not once per token
+    ref = torch.where(ok, ids, 0)
+    for l in range(L):
+        logits, h, shared = torch.randn(3, 50, E), torch.randn(3, 50, D), torch.randn(3, 50, D)
+        got = step(l, logits, h, shared)
+        rows = lut.double()[ref, l] * ok[..., None, None]
+        want = h.double() + shared.double() + (torch.softmax(logits.double(), -1)[..., None] * rows).sum(-2)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert reader.faults == 2  # once per bad token and step, not once per layer
+    t.close()
+
+
 # ------------------------------------------------------------------ the reader ---------------------------
 
 
@@ -240,6 +304,42 @@ def test_compiling_the_step_says_nothing_about_a_cuda_toolkit_on_a_cpu():
     if "No CUDA runtime is found" not in runs[0].stderr:
         pytest.skip("torch finds no CUDA toolkit on this machine: it has nothing to warn about")
     assert "No CUDA runtime is found" not in runs[1].stderr, runs[1].stderr
+
+
+@requires_cuda
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_cuda_compiled_decode_step_gives_the_eager_tokens(placement):
+    """compile_step=True on a GPU: the host tier's step starts a Prefetcher (Python state, a side stream,
+    events) inside the compiled function; the tokens and logits must be the eager step's."""
+    cfg, mole, _ = _models()
+    mole = mole.cuda()
+    mole.set_lut(LookupTable.from_tensor(torch.randn(cfg.lut_shape), placement, device="cuda"))
+    prompt = torch.randint(0, cfg.vocab_size, (2, 4), device="cuda")
+    eager = mole.generate(prompt, max_new_tokens=5, return_logits=True)
+    compiled = mole.generate(prompt, max_new_tokens=5, return_logits=True, compile_step=True)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (fewer visible)")
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_cuda_second_device_is_guarded(placement):
+    """A table serving cuda:1 while cuda:0 is current: registration, the Triton launch and the step all
+    run on cuda:1 (without a guard the kernel would read cuda:1's addresses on cuda:0)."""
+    cfg, mole, _ = _models()
+    lut = torch.randn(cfg.lut_shape)
+    with torch.cuda.device(0):
+        table = LookupTable.from_tensor(lut, placement, device="cuda:1")
+        reader = table.reader()
+        ids = torch.tensor([[3, 9, 3]], device="cuda:1")
+        x, h, sh = (torch.randn(1, 3, cfg.num_experts, device="cuda:1"), torch.randn(1, 3, cfg.hidden_size,
+                    device="cuda:1"), torch.randn(1, 3, cfg.hidden_size, device="cuda:1"))
+        got = reader.start(ids)(1, x, h, sh)
+        assert torch.cuda.current_device() == 0
+    want = h.double().cpu() + sh.double().cpu() + (torch.softmax(x.double().cpu(), -1)[..., None]
+                                                   * lut.double()[ids.cpu(), 1]).sum(-2)
+    torch.testing.assert_close(got.double().cpu(), want, atol=1e-5, rtol=1e-5)
+    table.close()
 
 
 def test_direct_calls_equal_the_ops_and_check_their_arguments():

@@ -60,7 +60,7 @@ def run(backend, lut, ids, logits, layer, residual=None, shared=None, out=None, 
         out = torch.full((T, D), float("nan"), dtype=(residual if residual is not None else lut).dtype)
         table = lut if lut.dim() == 3 else lut[:, layer]
         flat = combine_mod._flat2
-        combine_mod._mole_combine_triton(flat(logits), table, flat(residual), flat(shared), out, interpret=True,
+        combine_mod._mole_combine_triton(flat(logits), table, flat(residual), flat(shared), out,
                                          ids=ids.reshape(-1), faults=faults)
         return out.view(*ids.shape, D)
     if out is None:

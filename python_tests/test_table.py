@@ -678,3 +678,23 @@ def test_cuda_open_every_placement(tmp_path, placement):
         assert t.placement == placement and t.device.type == "cuda"
         ids = random_ids(33, (40,))
         assert torch.equal(t.gather(ids).cpu(), lut[ids])
+
+
+@requires_cuda
+def test_cuda_stage_rows_refused_under_graph_capture():
+    """The DMA path's rows are gathered by host threads into pinned staging: a graph replay would copy
+    stale staging, so capturing it is refused with a message that says so (issue 23)."""
+    t = LookupTable.from_tensor(torch.randn(64, 2, 2, 8), "host", device="cuda")
+    ids = torch.arange(64)
+    t.gather(ids, path="dma")  # warm: staging made, kernels loaded
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError) as err:
+        with torch.cuda.graph(g):
+            t.gather(ids, path="dma")
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__context__
+    assert any("CUDA graph" in m and "stage_rows" in m for m in chain), chain
+    t.close()

@@ -120,7 +120,12 @@ def _default_device(device) -> torch.device:
     return device
 
 
-def _store(kind: str, path: str = "", offset: int = 0, nbytes: int = 0, pin: bool = False):
+def _store(kind: str, path: str = "", offset: int = 0, nbytes: int = 0, pin: bool = False, device=None):
+    """A TableStore; a pinned one is registered with CUDA under ``device`` (the device the table serves:
+    registration works in the current device's context, which must not be another GPU's)."""
+    if pin and device is not None and device.type == "cuda":
+        with torch.cuda.device(device):
+            return torch.classes.mole_kernels.TableStore(kind, path, offset, nbytes, pin)
     return torch.classes.mole_kernels.TableStore(kind, path, offset, nbytes, pin)
 
 
@@ -376,7 +381,7 @@ class LookupTable:
     def _host_store(shape, dtype, device):
         nbytes = math.prod(shape) * dtype.itemsize
         # Pin only when the rows will go to a GPU: pinning needs CUDA and costs locked memory.
-        store = _store("host", "", 0, nbytes, device.type == "cuda")
+        store = _store("host", "", 0, nbytes, device.type == "cuda", device)
         return store, store.tensor().view(dtype).view(shape)
 
     # ------------------------------------------------------------ properties ---------------
@@ -675,7 +680,7 @@ class LookupTable:
         large async copies pipelined in C++ (``TableStore.stage_rows``)."""
         s = self.stats
         if self._staging is None:
-            self._staging = _store("host", "", 0, self._staging_bytes, True)
+            self._staging = _store("host", "", 0, self._staging_bytes, True, self.device)
         s.dma_copies += self._store.stage_rows(uniq, self.row_bytes, seg_off, seg_bytes, self._staging, dst)
         s.bytes_h2d += uniq.numel() * seg_bytes
 

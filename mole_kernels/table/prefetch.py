@@ -39,7 +39,17 @@ class Prefetch:
         self._owner, self.slot, self.generation, self.num_tokens = owner, slot, generation, num_tokens
 
     def layer(self, l: int) -> torch.Tensor:
-        return self._owner._layer(self, l)
+        """Layer ``l``'s rows ``[T, E, D]`` (the current stream waits for them only)."""
+        owner = self._owner
+        owner._wait(self, l)
+        view = owner._layer_views[self.slot][l]  # [max_tokens, E, D], made once: no slicing per call at full size
+        return view if self.num_tokens == owner.max_tokens else view[:self.num_tokens]
+
+    def rows(self, l: int) -> torch.Tensor:
+        """The whole ``[T, L, E, D]`` buffer, once the current stream has waited for layer ``l``'s rows
+        (contiguous: a table that kernels read at a layer)."""
+        self._owner._wait(self, l)
+        return self._owner._bufs[self.slot][:self.num_tokens]
 
 
 class Prefetcher:
@@ -77,15 +87,20 @@ class Prefetcher:
         # gather's rows form dequantizes while it writes them, so layer() and mole_combine are the
         # same for every table, and only quantized bytes cross PCIe / come off disk either way.
         self._bufs = [torch.empty((max_tokens, L, E, D), dtype=table.dtype, device=dev) for _ in range(2)]
+        self._layer_views = [[buf[:, l] for l in range(L)] for buf in self._bufs]
+        self._L = L
         self._ids = [torch.empty(max_tokens, dtype=torch.int64, device=dev) for _ in range(2)]
         self._unique = [None, None]  # dedupe paths: device buffer of unique rows, made on first use
         self._faults = torch.zeros(1, dtype=torch.int64, device=dev)
         self._scratch = torch.zeros(1, dtype=torch.int64, device=dev)
         self._cuda = dev.type == "cuda"
-        self._groups = layer_groups(L) if self._cuda else [(0, L)] if L else []
+        # The same launches on every device, so the group boundaries are exercised on a CPU too.
+        self._groups = layer_groups(L)
         self._group_of = [g for g, (a, b) in enumerate(self._groups) for _ in range(a, b)]
         if self._cuda:
-            self._stream = torch.cuda.Stream(dev)
+            # High priority: the row reads are small and latency-bound; behind a queue of compute
+            # kernels at default priority they would arrive late. (Lower numbers are higher.)
+            self._stream = torch.cuda.Stream(dev, priority=torch.cuda.Stream.priority_range()[1])
             self._ready = [[torch.cuda.Event() for _ in self._groups] for _ in range(2)]
         self._generation = [0, 0]
         self._current: Optional[Prefetch] = None
@@ -125,7 +140,7 @@ class Prefetcher:
         """Rows ``[T, E, D]`` of layer ``l`` for the ids of the latest :meth:`start`."""
         if self._current is None:
             raise RuntimeError("Prefetcher.layer: call start(ids) first")
-        return self._layer(self._current, l)
+        return self._current.layer(l)
 
     def _issue(self, slot: int, ids: torch.Tensor, T: int, path: str):
         t = self.table
@@ -153,13 +168,13 @@ class Prefetcher:
                 self._ready[slot][g].record(self._stream)
         t.stats.add_time("gather", t0)
 
-    def _layer(self, handle: Prefetch, l: int) -> torch.Tensor:
+    def _wait(self, handle: Prefetch, l: int) -> None:
+        """Checks that ``handle``'s rows are still there and ``l`` a layer; the current stream then waits for
+        layer ``l``'s group (one call per layer of a decode step: kept to a few operations)."""
         if self._generation[handle.slot] != handle.generation:
             raise RuntimeError("Prefetch.layer: these rows were overwritten by a later start() (a Prefetcher keeps "
                                "the two most recent prefetches)")
-        L = self.table.shape[1]
-        if not isinstance(l, int) or isinstance(l, bool) or not 0 <= l < L:
-            raise ValueError(f"Prefetcher.layer: l must be an int in [0, {L}), got {l!r}")
+        if type(l) is not int or not 0 <= l < self._L:  # type(): a bool is no layer
+            raise ValueError(f"Prefetcher.layer: l must be an int in [0, {self._L}), got {l!r}")
         if self._cuda:
             torch.cuda.current_stream(self.table.device).wait_event(self._ready[handle.slot][self._group_of[l]])
-        return self._bufs[handle.slot][:handle.num_tokens, l]

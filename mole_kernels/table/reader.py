@@ -9,10 +9,15 @@ step, in :meth:`LayerReader._path`:
 
 - ``direct`` (``cpu`` on a CPU): :func:`mole_kernels.lut_combine` reads each token's rows
   straight from the table, each byte once: any table in RAM on a CPU (the C++ kernel), the device
-  tier on a GPU, and the host tier on a GPU for batches too large to prefetch (zero-copy over PCIe).
+  tier on a GPU, and the host tier on a GPU for small batches of host ids (zero-copy over PCIe).
+  An eager GPU step over a float table calls the Triton launch per layer with nothing else
+  (``combine._lut_combine_step_cuda``: no dispatcher, no device_view per call).
 - ``prefetch``: host tier on a GPU with ids on the GPU (decoding): a :class:`Prefetcher` starts
   every layer's rows on a side stream at ``start``, so PCIe latency hides behind attention;
   each layer waits for its own rows only, then :func:`mole_kernels.mole_combine`.
+- ``bulk``: the same for steps of more than :attr:`LayerReader.prefetch_tokens` ids on the GPU
+  (prefill): ids deduplicated on the GPU, each unique row prefetched once, each layer combined at
+  the tokens' positions among them (:meth:`LayerReader._start_bulk`).
 - ``staged`` (``staged-cpu`` on a CPU): the unique rows of the step are read once (the disk
   tier with ``pread``; the host tier's DMA path for large batches of host ids) into a buffer on
   the device, then ``direct`` over that buffer with the ids' positions in it.
@@ -32,7 +37,8 @@ import torch.nn.functional as F
 
 from .. import _C
 from .._ops import ops
-from ..combine import mole_combine
+from .. import combine as _combine
+from ..combine import _lut_combine_step_cuda, _mole_combine_triton, mole_combine, triton
 from ..quant import QuantizedLUT
 from .prefetch import Prefetcher
 
@@ -44,7 +50,7 @@ class LayerReader:
     """Serves a model's steps from one :class:`LookupTable` (see the module docstring)."""
 
     #: host tier on a GPU, ids on the GPU: steps of at most this many tokens are prefetched into VRAM
-    #: (two buffers of this many tokens' rows); larger ones read the table in place.
+    #: as they are; larger ones (prefill) prefetch their unique rows only (the ``bulk`` path).
     prefetch_tokens = 256
 
     def __init__(self, table: LookupTable):
@@ -64,6 +70,8 @@ class LayerReader:
         self._staged_tokens = 0  # ... holding this many tokens' rows
         self._file = None  # CPU, disk tier: the table file's handle for direct reads
         self._faults = torch.zeros(1, dtype=torch.int64, device=table.device)
+        self._layers = None  # GPU, float table read in place: its [V, E, D] device view per layer (made once)
+        self._scratch = None  # GPU bulk steps: where their already-counted bad ids are counted again
 
     @property
     def faults(self) -> int:
@@ -88,10 +96,9 @@ class LayerReader:
         if path == "staged-cpu":  # a file on a CPU: the step's unique rows read once, with one C++ call
             return _direct_combine(*self._read_rows_cpu(ids), None)
         if path == "prefetch":
-            T = ids.numel()
-            if self._prefetcher is None or self._prefetcher.max_tokens < T:
-                self._prefetcher = Prefetcher(t, max(T, 1), strict=False)
-            return _Prefetched(self._prefetcher.start(ids, path="zero_copy")).combine
+            return _Prefetched(self._prefetch(ids.numel()).start(ids, path="zero_copy")).combine
+        if path == "bulk":
+            return self._start_bulk(ids)
         if path == "staged":  # a GPU: a bad id becomes -1 (counted by the kernel, no synchronisation)
             need = ids.numel() * t.row_bytes
             if self._staged is None or self._staged.numel() < need:
@@ -99,7 +106,44 @@ class LayerReader:
             rows, inverse = t._unique_rows(ids, None, out=self._staged, strict=False)
             return _direct_combine(rows, inverse.view(ids.shape), self._faults)
         self._count(ids.numel(), ids.numel())
-        return _direct_combine(t._lut, t._to_device(ids, "reader"), self._faults)
+        ids = t._to_device(ids, "reader")
+        if t.device.type == "cuda" and triton is not None and t._quant is None and _plain_eager(ids):
+            # Eager GPU step over a float table read in place: the launch itself, per layer (see
+            # _lut_combine_step_cuda); the table's per-layer device views are made once per reader.
+            if self._layers is None:
+                alias = ops.device_view(t._lut, t.device)  # VRAM as is; the pinned table's device alias
+                self._layers = [alias[:, l] for l in range(t.shape[1])]
+            return _lut_combine_step_cuda(self._layers, ids, self._faults)
+        return _direct_combine(t._lut, ids, self._faults)
+
+    def _prefetch(self, tokens: int) -> Prefetcher:
+        """The reader's prefetcher, for at least ``tokens`` tokens (one buffer pair, grown on demand)."""
+        if self._prefetcher is None or self._prefetcher.max_tokens < tokens:
+            self._prefetcher = Prefetcher(self.table, max(tokens, 1), strict=False)
+        return self._prefetcher
+
+    def _start_bulk(self, ids: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """Host tier, many ids on the GPU (prefill): each unique row crosses PCIe once, in bulk.
+
+        The ids are deduplicated on the GPU (``torch.unique``: one synchronisation for the count, a
+        few microseconds against milliseconds of prefill), the prefetcher reads the unique rows into
+        VRAM on its side stream (layer groups with their own events, so the first layers compute
+        while later rows arrive), and each layer combines at the tokens' positions among them. A
+        batch of 8 x 512 Zipf-distributed tokens holds far fewer unique ids than tokens, and no row
+        crosses PCIe in the layer loop (the direct path would read every token's rows in every layer).
+        An id outside ``[0, V)`` is counted once in :attr:`faults` and reads zero rows.
+        """
+        t = self.table
+        flat = ids.reshape(-1)
+        bad = (flat < 0) | (flat >= t.shape[0])
+        self._faults += bad.sum()  # exact, once per token, without synchronising
+        uniq, inverse = torch.unique(torch.where(bad, 0, flat), return_inverse=True)
+        inverse = torch.where(bad, -1, inverse)  # reads zeros; counted into scratch, not again into faults
+        if self._scratch is None:
+            self._scratch = torch.zeros(1, dtype=torch.int64, device=t.device)
+        # The prefetcher counts the rows it reads (each unique row once) into the table's stats.
+        handle = self._prefetch(uniq.numel()).start(uniq, path="zero_copy")
+        return _Prefetched(handle, inverse.view(ids.shape), self._scratch).combine
 
     def _read_rows_cpu(self, ids: torch.Tensor, eager: bool = False):
         """(staging as a table of rows, each id's row in it) for a step on a CPU. The staging keeps its
@@ -146,7 +190,7 @@ class LayerReader:
         if t.placement == "device":
             return "direct"
         if ids.is_cuda:
-            return "prefetch" if ids.numel() <= self.prefetch_tokens else "direct"
+            return "prefetch" if ids.numel() <= self.prefetch_tokens else "bulk"
         return "staged" if ids.numel() > t.dma_min_tokens else "direct"
 
 
@@ -196,17 +240,37 @@ def _combine_counting_faults(op_out, head, faults, logits, l, residual, shared):
 
 
 class _Prefetched:
-    """A step whose rows were prefetched into VRAM: each layer waits for its own rows, then mole_combine."""
+    """A step whose rows were prefetched into VRAM: each layer waits for its own rows, then combines
+    them: token t's rows are row t of the prefetch, or with ``positions`` (a bulk step over unique
+    rows) row ``positions[t]``, read by the combine kernel at that position."""
 
-    __slots__ = ("_handle", "_T")
+    __slots__ = ("_handle", "_T", "_positions", "_faults")
 
-    def __init__(self, handle):
-        self._handle, self._T = handle, handle.num_tokens
+    def __init__(self, handle, positions: Optional[torch.Tensor] = None, faults: Optional[torch.Tensor] = None):
+        self._handle, self._positions, self._faults = handle, positions, faults
+        self._T = handle.num_tokens if positions is None else positions.numel()
 
     def combine(self, l: int, x: torch.Tensor, residual: torch.Tensor, shared: torch.Tensor,
                 router_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         logits = x if router_weight is None else F.linear(x, router_weight)
         D = residual.shape[-1]
-        out = mole_combine(logits.reshape(self._T, -1), self._handle.layer(l), residual.reshape(self._T, D),
-                           shared.reshape(self._T, D))
-        return out.view(residual.shape)
+        if self._positions is None:
+            T = self._T
+            rows = self._handle.layer(l)  # [T, E, D]: the current stream waits for this layer's rows only
+            if _combine._backend(rows) == "triton" and _plain_eager(logits):
+                # Eager decode: the launch and its output, nothing else (the rows are the prefetcher's own
+                # buffer; the model's tensors get the checks they can fail).
+                E = rows.shape[1]
+                if logits.numel() != T * E or residual.shape != shared.shape or residual.numel() != T * D:
+                    raise ValueError(f"LayerReader: a step of {T} tokens needs logits [.., {E}] and residual/shared "
+                                     f"[.., {D}], got {tuple(logits.shape)}, {tuple(residual.shape)}, "
+                                     f"{tuple(shared.shape)}")
+                out = torch.empty_like(residual, memory_format=torch.contiguous_format)
+                _mole_combine_triton(logits.reshape(T, E), rows, residual.reshape(T, D), shared.reshape(T, D),
+                                     out.view(T, D))
+                return out
+            out = mole_combine(logits.reshape(T, -1), rows, residual.reshape(T, D), shared.reshape(T, D))
+            return out.view(residual.shape)
+        out = torch.empty_like(residual, memory_format=torch.contiguous_format)
+        ops.lut_combine_out(out, self._handle.rows(l), self._positions, logits, l, residual, shared, self._faults)
+        return out

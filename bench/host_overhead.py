@@ -1,0 +1,208 @@
+"""Host time of one eager MoLE layer call on the CUDA path, measured on any machine (no GPU needed).
+
+A decode step at batch 1 is latency-bound: every microsecond of Python per layer call is paid
+L times per token (24 at 410M). This measures what a layer call costs on the host *up to the
+kernel launch*, through the same Python code a GPU runs: :func:`stubbed_cuda_launch` makes the
+Triton backend take CPU tensors (``combine._backend`` answers ``"triton"``), installs a Triton
+driver that reports device 0 / stream 0 / sm_90, and replaces the compiled kernel by one whose
+``run`` only counts launches. Everything before the launch is real: our checks and bookkeeping,
+Triton's argument binding, specialisation and kernel-cache lookup.
+
+Providers (one process, interleaved, medians of --reps repetitions of --calls calls each):
+
+- ``raw-launch`` (the baseline): ``kernel[grid](...)`` of the combine kernel, nothing else —
+  Triton's own launch path; no layer call can be cheaper.
+- ``wrapped-launch``: the same through ``torch.library.wrap_triton`` (what every eager launch paid
+  before issue 23: a higher-order-op dispatch and a never-freed kernel side-table entry per call).
+- ``layer-direct``: a step's layer call for a table read in place (device tier, or the host tier's
+  device alias): ``combine(l, x, residual, shared, router_weight)`` as the model makes it.
+- ``layer-prefetched``: the host tier's decode layer call over a real :class:`Prefetcher`'s rows (a
+  CPU one: its per-layer CUDA event wait, ``current_stream().wait_event``, is the one thing left out).
+
+    python bench/host_overhead.py [--calls 1000] [--reps 7] [--json out.jsonl]
+
+Goal (issue 23): <= 20 us per layer call; retained memory is tested in
+python_tests/test_host_overhead.py (0 bytes over 1,000 calls, tracemalloc).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+class _FakeDriver:
+    """What Triton's JITFunction.run asks the driver before a launch, answered without a GPU."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+
+        self._target = GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self._target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+class _CountingKernel:
+    """A compiled kernel stand-in: ``run`` is the launch, which it counts and skips."""
+
+    def __init__(self, counter):
+        self.function, self.packed_metadata, self._counter = None, None, counter
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        self._counter["launches"] += 1
+
+
+@contextlib.contextmanager
+def stubbed_cuda_launch():
+    """Runs the CUDA path's Python with CPU tensors up to the launch; yields ``{"launches": n}``."""
+    import triton
+    from triton.runtime import driver as triton_driver
+    from triton.runtime import jit
+
+    from mole_kernels import combine
+
+    counter = {"launches": 0}
+    kernel = _CountingKernel(counter)
+
+    def fake_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        self.device_caches[device][0][key] = kernel  # cached: later calls find it as a real launch would
+        return kernel
+
+    saved = (triton_driver._active, jit.JITFunction._do_compile, combine._backend)
+    caches = {k: dict(k.device_caches) for k in (combine._mole_combine_kernel, combine._router_softmax_kernel)}
+    triton_driver._active = _FakeDriver()
+    jit.JITFunction._do_compile = fake_compile
+    combine._backend = lambda t: "triton"
+    try:
+        yield counter
+    finally:
+        triton_driver._active, jit.JITFunction._do_compile, combine._backend = saved
+        for k, cache in caches.items():  # forget the stand-in kernels
+            k.device_caches.clear()
+            k.device_caches.update(cache)
+    del triton
+
+
+def layer_calls(T: int = 1, E: int = 4, D: int = 1024, L: int = 24, V: int = 512, dtype=torch.bfloat16):
+    """{provider: (one layer call, launches it makes)} over CPU tensors at a decode shape (410M-4E, B=T).
+    Call them under ``torch.no_grad()``, as a model's steps run (with grad mode on the eager fast paths
+    step aside for the op, which autograd can see)."""
+    from mole_kernels import combine
+    from mole_kernels import LookupTable
+    from mole_kernels.table.reader import _Prefetched
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(V, L, E, D, generator=g).to(dtype)
+    ids = torch.randint(0, V, (T,), generator=g)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    residual = torch.randn(T, D, generator=g).to(dtype)
+    shared = torch.randn(T, D, generator=g).to(dtype)
+    router = torch.randn(E, D, generator=g).to(dtype)
+    faults = torch.zeros(1, dtype=torch.int64)
+    prefetch = LookupTable.from_tensor(table, "host", device="cpu").prefetcher(T, strict=False).start(ids)
+    logits = torch.randn(T, E, generator=g).to(dtype)
+    out = torch.empty(T, D, dtype=dtype)
+    layer = L // 2
+
+    cfg = combine._combine_config(T, E, D)
+    grid = (T, -(-D // cfg["BLOCK_D"]))
+    kern = combine._mole_combine_kernel
+    args = (logits, table[:, layer], residual, shared, out, ids, faults, E, D, V,
+            logits.stride(0), logits.stride(1), table.stride(0), table.stride(2), table.stride(3),
+            residual.stride(0), residual.stride(1), shared.stride(0), shared.stride(1), out.stride(0), out.stride(1))
+    kw = dict(HAS_RES=True, HAS_SH=True, GATHER=True, COUNT_FAULTS=True, **cfg)
+
+    def raw():
+        kern[grid](*args, **kw)
+
+    def wrapped():
+        torch.library.wrap_triton(kern)[grid](*args, **kw)
+
+    direct = combine._lut_combine_step_cuda([table[:, l] for l in range(L)], ids, faults)
+    prefetched = _Prefetched(prefetch).combine
+    return {
+        "raw-launch": (raw, 1),
+        "wrapped-launch": (wrapped, 1),
+        "layer-direct": (lambda: direct(layer, x, residual, shared, router), 1),
+        "layer-prefetched": (lambda: prefetched(layer, x, residual, shared, router), 1),
+    }
+
+
+def measure(calls: int = 1000, reps: int = 7, providers=None, log=None, clock=time.perf_counter) -> dict:
+    """{provider: median us per call}; providers interleaved within each repetition. ``clock``:
+    ``time.perf_counter`` (wall) or ``time.thread_time`` (this thread's CPU time: on a machine loaded by
+    others, wall time also counts the time other processes held the core)."""
+    with stubbed_cuda_launch() as counter, torch.no_grad():  # as generate() runs its steps
+        cases = layer_calls()
+        names = providers or list(cases)
+        times = {n: [] for n in names}
+        for n in names:  # warm: the first launch "compiles" (caches the stand-in)
+            for _ in range(20):
+                cases[n][0]()
+        for rep in range(reps):
+            for n in names:
+                fn, launches = cases[n]
+                before = counter["launches"]
+                t0 = clock()
+                for _ in range(calls):
+                    fn()
+                dt = clock() - t0
+                if counter["launches"] - before != launches * calls:
+                    raise RuntimeError(f"{n}: {counter['launches'] - before} launches for {calls} calls, expected "
+                                       f"{launches * calls} (the path did not reach the kernel launch)")
+                times[n].append(dt / calls * 1e6)
+            if log:
+                log(rep)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--calls", type=int, default=1000, help="calls per repetition (default 1000)")
+    p.add_argument("--reps", type=int, default=7, help="repetitions, interleaved across providers (default 7)")
+    p.add_argument("--json", help="append one JSON line per provider to this file")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    load = os.getloadavg()
+    print(f"host time per call up to the launch (CPU, launch stubbed), median of {a.reps} x {a.calls}, "
+          f"providers interleaved; load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    rows = []
+    for clock_name, clock in (("wall", time.perf_counter), ("thread CPU", time.thread_time)):
+        med = measure(a.calls, a.reps, clock=clock)
+        base = med["raw-launch"]
+        print(f" {clock_name} time:")
+        for n, us in med.items():
+            print(f"  {n:18s} {us:8.2f} us   x{us / base:5.2f} raw-launch")
+            rows.append({"bench": "host_overhead", "clock": clock_name, "provider": n, "us_per_call": us,
+                         "ratio_vs_raw_launch": us / base, "load1": load[0]})
+        goal = max(med["layer-direct"], med["layer-prefetched"])
+        print(f"  goal <= 20 us per eager layer call ({clock_name}): {'met' if goal <= 20 else 'NOT met'} "
+              f"({goal:.2f} us)")
+    if a.json:
+        with open(a.json, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())
