@@ -97,7 +97,8 @@ def rezip(src, dst, compress=zipfile.ZIP_DEFLATED):
 
 
 def raw(t):
-    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    # A fresh row-major copy: .contiguous() keeps a 1-element tensor's odd stride, which view() then refuses.
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t).view(-1).view(torch.uint8).numpy().tobytes()
 
 
 # ------------------------------------------------------------------ a tiny model ----------------
