@@ -331,18 +331,21 @@ def test_lut_quality_rows():
 # ---- the shared progress bar ------------------------------------------------------------------
 
 def test_progress_bar_without_and_with_tqdm(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars are drawn only on a terminal
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import fails
     bar = progress_bar(10, "x")
     with bar:
         bar.update(3)
     assert type(bar).__name__ == "_NullBar"
-    monkeypatch.undo()
+    monkeypatch.delitem(sys.modules, "tqdm")
     pytest.importorskip("tqdm")
     bar = progress_bar(10, "x")
     bar.update(10)
     bar.close()
     assert bar.n == 10
     assert type(progress_bar(10, "x", enabled=False)).__name__ == "_NullBar"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # a log, a pipe: no bar
+    assert type(progress_bar(10, "x")).__name__ == "_NullBar"
 
 
 # ---- CUDA -------------------------------------------------------------------------------------
