@@ -33,9 +33,9 @@ if str(ROOT) not in sys.path:
 from mole_kernels._progress import progress_bar  # noqa: E402
 from mole_kernels.model import MoLEConfig, MoLEForCausalLM  # noqa: E402
 
-# Sized for a loaded, shared 2-core machine: 300 steps of 8 x 64 tokens on one thread (~10 minutes; on
+# Sized for a loaded, shared 2-core machine: 1500 steps of 8 x 64 tokens on one thread (~15 minutes; on
 # an oversubscribed machine two OpenMP threads ran 17x slower than one).
-RECIPE = dict(vocab=4096, hidden=128, layers=4, experts=4, heads=4, ffn=256, seq=64, batch=8, steps=300,
+RECIPE = dict(vocab=4096, hidden=128, layers=4, experts=4, heads=4, ffn=256, seq=64, batch=8, steps=1500,
               lr=5e-3, warmup=30, seed=0, max_train_mb=8, val_every=20, version=1)
 
 

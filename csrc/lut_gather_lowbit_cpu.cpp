@@ -13,6 +13,8 @@
 #include "lut_gather_quant.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// GCC 12 flags the intrinsics headers' own `__m512i __Y = __Y;` idiom (as in lut_gather_quant_cpu.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #define MOLE_LBX86 1
 #define MOLE_LBAVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))

@@ -307,6 +307,15 @@ def tiny_model():
     return MoLEForCausalLM(cfg, init_std=0.3).eval()
 
 
+def greedy_text(m, n=4, length=16):
+    """The model's own greedy continuations: any change to its LUT makes this text less likely."""
+    text = torch.randint(0, 64, (n, 1))
+    with torch.no_grad():
+        for _ in range(length - 1):
+            text = torch.cat([text, m(text).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return text
+
+
 def test_perplexity_equals_exp_of_the_loss():
     from mole_kernels.quality import perplexity
 
@@ -320,10 +329,7 @@ def test_format_costs_and_gate():
     from mole_kernels.quality import QualityError, check_format, format_costs
 
     m = tiny_model()
-    text = torch.randint(0, 64, (4, 1))
-    with torch.no_grad():  # the model's own greedy text: any change to its LUT makes that text less likely
-        for _ in range(15):
-            text = torch.cat([text, m(text).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    text = greedy_text(m)
     rows = format_costs(m, text, ["int8", "q1/32"])
     assert [r["name"] for r in rows] == ["bfloat16", "int8/32", "q1/32"]
     assert rows[1]["bits"] == 8 * (32 + 16) / 32 and rows[2]["bits"] == 8 * (4 + 2) / 32
@@ -385,3 +391,27 @@ def test_triton_interpreter_subprocess(request):
     pytest.importorskip("triton")
     result = child_result(request)
     assert_child_ran(result, count_cases(module_tests(globals(), lambda fn: fn.__name__.startswith("test_interpreted"))))
+
+
+def test_reparameterize_refuses_unmeasured_low_bit_formats():
+    from mole_kernels.quality import QualityError
+
+    m = tiny_model()
+    text = greedy_text(m)
+    with pytest.raises(ValueError, match="below 4 bits.*max_cost"):
+        m.reparameterize(lut_format="q2", progress=False)
+    with pytest.raises(ValueError, match="both max_cost= and quality_text="):
+        m.reparameterize(lut_format="q2", max_cost=0.01, progress=False)
+    inf = m.reparameterize(lut_format="q2", block_size=16, check_quality=False, progress=False)
+    assert inf.lut.format == "q2" and inf.lut.block_size == 16
+    ids = torch.randint(0, 64, (2, 5))
+    assert torch.isfinite(inf(ids).logits).all()
+    from mole_kernels.quality import format_costs
+
+    cost = format_costs(m, text, ["q2/16"])[1]["cost"]
+    gated = m.reparameterize(lut_format="q2", block_size=16, max_cost=cost * 1.01, quality_text=text,
+                             progress=False)
+    assert gated.lut.format == "q2" and cost > 0
+    with pytest.raises(QualityError, match="q2/16"):
+        m.reparameterize(lut_format="q2", block_size=16, max_cost=cost / 2, quality_text=text, progress=False)
+    assert m.reparameterize(lut_format="nf4", progress=False).lut.format == "nf4"  # 4 bits and up: no gate needed
