@@ -469,9 +469,11 @@ def quantize(lut: torch.Tensor, format: str, block_size: Optional[int] = None, *
 
     Args:
         lut: float32/float16/bfloat16 table, any device (the result is on the same device).
-        format: ``"int8"`` (per-row scale), ``"fp8_e4m3"``/``"fp8"`` (per-block scale) or ``"nf4"``.
+        format: ``"int8"`` (per-row scale), ``"fp8_e4m3"``/``"fp8"`` (per-block scale), ``"nf4"``, or
+            below 4 bits ``"q3"``, ``"q2"``, ``"q1"`` (float16 scales chosen to minimise each block's
+            squared error; see the module docstring and :mod:`mole_kernels.quality` for their cost).
         block_size: values per scale; must divide D. Default: :func:`default_block_size`
-            (int8: D; fp8: 128; nf4: 64; D itself where those do not divide it).
+            (int8: D; fp8: 128; nf4: 64; q3: 128; q2, q1: 64; D itself where those do not divide it).
         progress: show a tqdm bar (if tqdm is installed). Default: only for tables over 2^28 values.
         first_token: ``lut`` is a chunk of a larger table starting at this token (only error
             messages use it: a non-finite value is named by its index in the whole table).
