@@ -179,6 +179,18 @@ def test_fused_accumulates_and_non_contiguous_inputs(fmt):
 
 
 @pytest.mark.parametrize("fmt", LOW)
+def test_lut_combine_reads_lowbit_tables(fmt):
+    """The decode path's one call per layer (softmax, gather, residual and shared adds) on a low-bit table."""
+    q = lowbit_table(fmt, (33, 3, 4, 72), 24)
+    ids = torch.randint(0, 33, (6,))
+    logits, res, sh = torch.randn(6, 4), torch.randn(6, 72), torch.randn(6, 72)
+    got = mole_kernels.lut_combine(q, ids, logits, layer=2, residual=res, shared=sh)
+    p = torch.softmax(logits.double(), -1)
+    want = res.double() + sh.double() + (p[..., None] * ref_decode(q)[ids, 2]).sum(-2)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", LOW)
 def test_empty_ids_and_bad_ids(fmt):
     q = lowbit_table(fmt, (6, 2, 16), 16)
     assert quantized_lut_gather(q, torch.empty(0, dtype=torch.int64)).shape == (0, 2, 16)
