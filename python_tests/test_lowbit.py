@@ -13,7 +13,7 @@ import mole_kernels
 from mole_kernels.mixed import (MixedLUT, dequantize_mixed, load_mixed, mixed_lut_gather, quantize_mixed, save_mixed,
                                 token_counts)
 from mole_kernels.quant import LOWBIT, QuantizedLUT, dequantize, quantize, quantized_lut_gather, row_layout
-from conftest import assert_child_ran, child_result, count_cases, module_tests
+from conftest import assert_child_ran, child_result, count_cases, module_tests, requires_cuda
 
 LOW = tuple(LOWBIT)
 # (shape [V, L, E, D] or [V, E, D], block): odd D, one block per row, E = 1, blocks not multiples of 16.
@@ -198,12 +198,14 @@ def test_empty_ids_and_bad_ids(fmt):
         quantized_lut_gather(q, torch.tensor([0, 6]))
 
 
-def test_lowbit_on_cuda_is_refused_clearly():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA (the refusal is checked where a CUDA device exists)")
+@requires_cuda
+@pytest.mark.parametrize("pinned", [False, True])
+def test_lowbit_on_cuda_is_refused_clearly(pinned):
+    """No CUDA kernel for the low-bit formats yet: a VRAM or pinned (zero-copy) table is refused, naming why."""
     q = lowbit_table("q2", (6, 2, 16), 16)
+    q = q.pin_memory() if pinned else q.to("cuda")
     with pytest.raises((ValueError, RuntimeError), match="CPU kernel only"):
-        quantized_lut_gather(q.to("cuda"), torch.tensor([0, 1], device="cuda"))
+        quantized_lut_gather(q, torch.tensor([0, 1], device="cuda"))
 
 
 @pytest.mark.parametrize("placement", ["host", "disk"])
