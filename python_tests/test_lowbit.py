@@ -105,6 +105,33 @@ def test_scale_overflow_is_refused():
 
 
 @pytest.mark.parametrize("fmt", LOW)
+@pytest.mark.parametrize("magnitude", [torch.finfo(torch.float32).max, 7e4, 6e4, 1e-8, 1e-40, 3e-44])
+def test_extreme_tables_are_refused_or_stay_finite(fmt, magnitude):
+    """Blocks past float16's range are refused; tiny blocks decode to finite values (zeros below 2^-24)."""
+    x = (torch.rand(3, 2, 2, 32, dtype=torch.float64) * 2 - 1) * magnitude
+    x[..., 0], x[..., 17] = magnitude, -magnitude
+    x = x.float()
+    if fmt == "q1" and magnitude == 7e4:  # q1's scale is the mean magnitude (~3.6e4): it fits float16
+        pass
+    elif magnitude > 6.6e4:
+        with pytest.raises(ValueError, match="float16"):
+            quantize(x, fmt, 16)
+        return
+    q = quantize(x, fmt, 16)
+    deq = dequantize(q, torch.float32)
+    ids = torch.tensor([0, 2, 1])
+    rows = quantized_lut_gather(q, ids, dtype=torch.float32)
+    fused = quantized_lut_gather(q, ids, torch.full((3, 2), 0.5), layer=1, dtype=torch.float32)
+    for t in (deq, rows, fused):
+        assert torch.isfinite(t).all()
+    assert torch.equal(rows.double(), ref_decode(q)[ids])
+    if magnitude < 2 ** -25:
+        assert (deq == 0).all()
+    else:  # the error stays within the block's magnitude
+        assert ((deq - x).abs() <= 1.01 * magnitude).all()
+
+
+@pytest.mark.parametrize("fmt", LOW)
 def test_metadata_round_trip_and_corruption(fmt, tmp_path):
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open
