@@ -21,7 +21,7 @@ from conftest import MODEL_SHAPES, SMOKE, Rotation, pick, run, zipf_ids
 
 SHAPE = "160M-4E"
 QUANT_VOCAB = 256 if SMOKE else 2048
-PROVIDERS = pick(["bf16", "int8", "fp8_e4m3-128", "nf4-64", "nf4-768"], ["bf16", "nf4-64"])
+PROVIDERS = pick(["bf16", "int8", "fp8_e4m3-128", "nf4-64", "nf4-768", "q3-128", "q2-64", "q1-64"], ["bf16", "nf4-64", "q2-64"])
 TOKENS = pick([1, 256, 4096], [16])
 FORMS = pick(["fused", "rows"], ["fused"])
 ID_SETS = 1 if SMOKE else 8

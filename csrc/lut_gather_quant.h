@@ -22,7 +22,9 @@
 
 namespace mole {
 
-enum class QFormat : int { kInt8 = 0, kFp8E4M3 = 1, kNf4 = 2 };
+// kQ3 / kQ2 / kQ1: the low-bit codebook formats (dense codes, float16 scales; lut_gather_lowbit.h).
+enum class QFormat : int { kInt8 = 0, kFp8E4M3 = 1, kNf4 = 2, kQ3 = 3, kQ2 = 4, kQ1 = 5 };
+inline bool is_lowbit(QFormat f) { return f == QFormat::kQ3 || f == QFormat::kQ2 || f == QFormat::kQ1; }
 
 // The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023; as in bitsandbytes), times absmax.
 constexpr float kNf4Levels[16] = {
@@ -37,9 +39,9 @@ struct QuantLayout {
   int64_t D = 0;              // values per row
   int64_t block = 0;          // values per scale (int8: D)
   int64_t nblocks = 0;        // scales per row
-  int64_t payload_bytes = 0;  // D, or ceil(D / 2) for nf4
-  int64_t scale_offset = 0;   // byte offset of the float32 scales in the row
-  int64_t row_bytes = 0;      // row stride, a multiple of 16
+  int64_t payload_bytes = 0;  // D, or ceil(D / 2) for nf4, ceil(D * bits / 8) for the low-bit formats
+  int64_t scale_offset = 0;   // byte offset of the scales in the row (float32; float16 for low-bit formats)
+  int64_t row_bytes = 0;      // row stride, a multiple of 16 (low-bit formats: of 2)
   int64_t codes_per_byte() const { return fmt == QFormat::kNf4 ? 2 : 1; }
 };
 

@@ -15,6 +15,7 @@
 #include <sstream>
 #include <string>
 
+#include "lut_gather_lowbit.h"
 #include "lut_gather_quant.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -49,8 +50,11 @@ QuantLayout make_quant_layout(c10::string_view format, int64_t dim, int64_t bloc
     q.fmt = QFormat::kFp8E4M3;
   } else if (name == "nf4") {
     q.fmt = QFormat::kNf4;
+  } else if (name == "q3" || name == "q2" || name == "q1") {
+    q.fmt = name == "q3" ? QFormat::kQ3 : name == "q2" ? QFormat::kQ2 : QFormat::kQ1;
   } else {
-    MOLE_CHECK_ARG(false, "lut_gather_quant: unknown format '", name, "' (expected 'int8', 'fp8_e4m3' or 'nf4')");
+    MOLE_CHECK_ARG(false, "lut_gather_quant: unknown format '", name,
+                   "' (expected 'int8', 'fp8_e4m3', 'nf4', 'q3', 'q2' or 'q1')");
   }
   MOLE_CHECK_ARG(dim >= 1, "lut_gather_quant: dim (values per row, D) must be >= 1, got ", dim);
   MOLE_CHECK_ARG(block_size >= 1 && dim % block_size == 0, "lut_gather_quant: block_size must divide dim (D = ",
@@ -61,8 +65,15 @@ QuantLayout make_quant_layout(c10::string_view format, int64_t dim, int64_t bloc
   q.D = dim;
   q.block = block_size;
   q.nblocks = dim / block_size;
-  q.payload_bytes = q.fmt == QFormat::kNf4 ? dim / 2 + dim % 2 : dim;
   const char* what = "lut_gather_quant: the row size for this dim and block_size";
+  if (is_lowbit(q.fmt)) {  // dense codes, float16 scales, rows padded to 2 bytes only (lut_gather_lowbit.h)
+    const int64_t bits = q.fmt == QFormat::kQ3 ? 3 : q.fmt == QFormat::kQ2 ? 2 : 1;
+    q.payload_bytes = round_up(checked_mul(dim, bits, what), 8, what) / 8;
+    q.scale_offset = round_up(q.payload_bytes, 2, what);
+    q.row_bytes = checked_add(q.scale_offset, checked_mul(2, q.nblocks, what), what);
+    return q;
+  }
+  q.payload_bytes = q.fmt == QFormat::kNf4 ? dim / 2 + dim % 2 : dim;
   q.scale_offset = round_up(q.payload_bytes, 4, what);
   q.row_bytes = round_up(checked_add(q.scale_offset, checked_mul(4, q.nblocks, what), what), 16, what);
   return q;
@@ -81,6 +92,9 @@ QuantPlan plan_lut_gather_quant(const at::Tensor& data, c10::string_view format,
                  " and block_size=", block_size, " needs ", p.q.row_bytes,
                  " bytes per row (do the format metadata and the payload disagree?)");
   const GatherPlan g = plan_table(data, "data", ids, weights, layers, dim, op, what);
+  MOLE_CHECK_ARG(!is_lowbit(p.q.fmt) || (data.device().is_cpu() && ids.device().is_cpu()), op, ": format '",
+                 std::string(format.data(), format.size()),
+                 "' has a CPU kernel only in this version; keep the table and ids on the CPU");
   p.T = g.T;
   p.V = g.V;
   p.L = g.L;
@@ -226,6 +240,7 @@ void span_avx512_any(const QuantLayout& q, const uint8_t* row, int64_t c0, int64
     case QFormat::kInt8: return span_avx512<QFormat::kInt8, ACC>(q, row, c0, n, w, dst);
     case QFormat::kFp8E4M3: return span_avx512<QFormat::kFp8E4M3, ACC>(q, row, c0, n, w, dst);
     case QFormat::kNf4: return span_avx512<QFormat::kNf4, ACC>(q, row, c0, n, w, dst);
+    default: return;  // the low-bit formats never come here (dequant_span)
   }
 }
 
@@ -282,6 +297,9 @@ bool use_avx512() {
 // Columns [c0, c0 + n) of one row: dst = deq (ACC = false) or dst += w * deq (ACC = true).
 template <bool ACC>
 void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
+  if (is_lowbit(q.fmt)) {  // lut_gather_lowbit_cpu.cpp
+    return ACC ? lowbit_span_acc(q, row, c0, n, w, dst, use_avx512()) : lowbit_span_set(q, row, c0, n, dst, use_avx512());
+  }
 #if MOLE_QX86
   if (use_avx512()) return span_avx512_any<ACC>(q, row, c0, n, w, dst);
 #endif

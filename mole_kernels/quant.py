@@ -1,4 +1,4 @@
-"""Quantized lookup tables: int8, fp8 (e4m3) and nf4 rows, dequantized inside the gather.
+"""Quantized lookup tables: int8, fp8 (e4m3), nf4 and 3/2/1-bit rows, dequantized inside the gather.
 
 A :class:`QuantizedLUT` is one uint8 tensor ``data`` of shape ``[V, L, E, row_bytes]`` (or
 ``[V, E, row_bytes]``) plus four facts (format, dim, block size, the original dtype). It keeps
@@ -21,7 +21,22 @@ Formats and their round-trip error bounds (per element ``x`` of a finite table; 
 - ``nf4``: 4-bit NormalFloat levels times the block's absmax ``s``;
   ``|x - deq| <= 0.1519 * s`` (half the widest gap between levels, -1 to -0.696).
 
-``s`` is the stored float32 scale. For int8 and fp8 it is the quotient above rounded to the nearest
+Low-bit codebook formats (``q3``, ``q2``, ``q1``: 3, 2 and 1 bits per value) pack their codes densely
+and keep float16 scales, with no padding beyond 2-byte alignment of the scales::
+
+    [ ceil(D * bits / 8) bytes: value j in bits [bits*j, bits*j + bits) of the little-endian bit stream ]
+    [ pad to 2 ][ D // block_size float16 scales ]
+
+A value decodes to ``s * LEVELS[code]`` with symmetric levels fitted to a normal distribution
+(Lloyd-Max; no zero level: a zero wastes a code at these widths) normalised to a top level of 1:
+``q3`` 8 levels, ``q2`` 4 levels, ``q1`` the sign (+-1). The scale of each block is chosen at encode
+time to minimise the block's squared error (a grid of fractions of the block's absmax refined by
+least-squares steps; for ``q1`` the exact optimum, the mean of ``|x|``), then rounded to float16, and the
+codes are re-chosen for the rounded scale. So the error of a value is not bounded by half a step:
+the top of a block may be clipped when that lowers the block's total error. Blocks whose scale rounds
+below float16's smallest subnormal (2^-24) decode to zero; values whose scale overflows float16 are refused.
+
+``s`` is the stored float32 scale (int8, fp8, nf4). For int8 and fp8 it is the quotient above rounded to the nearest
 float32, except that a subnormal quotient (a block below ~1e-36) is rounded *up* (at least to the
 smallest subnormal), so that its few significant bits never clip a value; and it is at most the
 largest float32 whose product with the top code (127, 448) is finite, so dequantizing a table of
@@ -40,7 +55,15 @@ from ._progress import progress_bar
 
 __all__ = ["FORMATS", "QuantizedLUT", "quantize", "dequantize", "quantized_lut_gather"]
 
-FORMATS = ("int8", "fp8_e4m3", "nf4")
+# Low-bit codebook formats: name -> (bits per value, levels ascending (top = 1), default block size).
+# The same numbers as kQ3Levels / kQ2Levels in csrc/lut_gather_lowbit.h.
+LOWBIT = {
+    "q3": (3, (-1.0, -0.6245400309562683, -0.3513011038303375, -0.11389870941638947,
+               0.11389870941638947, 0.3513011038303375, 0.6245400309562683, 1.0), 128),
+    "q2": (2, (-1.0, -0.29978814721107483, 0.29978814721107483, 1.0), 64),
+    "q1": (1, (-1.0, 1.0), 64),
+}
+FORMATS = ("int8", "fp8_e4m3", "nf4") + tuple(LOWBIT)
 _ALIASES = {"fp8": "fp8_e4m3"}
 _FP8 = getattr(torch, "float8_e4m3fn", None)
 _FP8_MAX = 448.0
@@ -53,7 +76,8 @@ NF4_LEVELS = (
 )
 # Relative error bounds stated above (tests check them).
 ERROR_BOUNDS = {"int8": "s/2, s = max|row|/127", "fp8_e4m3": "|x|/16 + s/1024, s = max|block|/448",
-                "nf4": "0.1519*s, s = max|block|"}
+                "nf4": "0.1519*s, s = max|block|",
+                **{k: "no per-value bound: float16 scales minimise each block's squared error" for k in LOWBIT}}
 _META_PREFIX = "mole_kernels."
 LAYOUT_VERSION = "rows-v1"
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -68,10 +92,10 @@ def canonical_format(format: str) -> str:
 
 
 def default_block_size(format: str, dim: int) -> int:
-    """int8: the row (dim). fp8: 128 when it divides dim, else dim. nf4: 64 when it divides dim, else dim."""
+    """int8: the row (dim). fp8: 128, nf4: 64, q3: 128, q2 and q1: 64 when that divides dim, else dim."""
     name = canonical_format(format)
     _check_dim(dim)
-    preferred = {"int8": dim, "fp8_e4m3": 128, "nf4": 64}[name]
+    preferred = LOWBIT[name][2] if name in LOWBIT else {"int8": dim, "fp8_e4m3": 128, "nf4": 64}[name]
     return preferred if dim % preferred == 0 else dim
 
 
@@ -93,10 +117,26 @@ def row_layout(format: str, dim: int, block_size: int) -> Tuple[int, int, int]:
     if name == "int8" and block_size != dim:
         raise ValueError(f"quantize: int8 has one scale per row, so block_size must be None or D = {dim}, "
                          f"got {block_size}")
+    if name in LOWBIT:  # dense codes, float16 scales, no row padding (see the module docstring)
+        payload = -(-dim * LOWBIT[name][0] // 8)
+        scale_offset = payload + payload % 2
+        return payload, scale_offset, scale_offset + 2 * (dim // block_size)
     payload = (dim + 1) // 2 if name == "nf4" else dim
     scale_offset = -(-payload // 4) * 4
     row_bytes = -(-(scale_offset + 4 * (dim // block_size)) // 16) * 16
     return payload, scale_offset, row_bytes
+
+
+def scale_dtype(format: str) -> torch.dtype:
+    """The dtype of a format's stored scales: float16 for the low-bit formats, else float32."""
+    return torch.float16 if canonical_format(format) in LOWBIT else torch.float32
+
+
+def bits_per_value(format: str, dim: int, block_size: Optional[int] = None) -> float:
+    """Stored bits per table value, every scale and padding byte counted (one row / D)."""
+    name = canonical_format(format)
+    block = default_block_size(name, dim) if block_size is None else block_size
+    return 8.0 * row_layout(name, dim, block)[2] / dim
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,11 +226,14 @@ class QuantizedLUT:
     def is_pinned(self) -> bool:
         return self.data.is_pinned()
 
+    @property
+    def bits_per_value(self) -> float:
+        """Stored bits per value, scales and padding included."""
+        return 8.0 * self.row_bytes / self.dim
+
     def scales(self) -> torch.Tensor:
-        """The float32 scales ``[V, L, E, D // block_size]`` (a copy; for inspection and tests)."""
-        _, off, _ = row_layout(self.format, self.dim, self.block_size)
-        nb = self.dim // self.block_size
-        return self.data[..., off:off + 4 * nb].contiguous().view(torch.float32)
+        """The scales ``[V, L, E, D // block_size]`` as float32 (a copy; for inspection and tests)."""
+        return _scales(self.data, self.format, self.dim, self.block_size)
 
     # ---- files (safetensors: one uint8 tensor + string metadata) ----
     def metadata(self) -> Dict[str, str]:
@@ -239,12 +282,15 @@ class QuantizedLUT:
         """Cheap consistency check of the first and last ``tokens`` tokens' rows (a table in a file
         is not read in full): padding bytes are zero and scales are finite and >= 0. ValueError if not."""
         payload, off, row_bytes = row_layout(self.format, self.dim, self.block_size)
-        end = off + 4 * (self.dim // self.block_size)
+        end = off + scale_dtype(self.format).itemsize * (self.dim // self.block_size)
         V = self.vocab_size
         idx = sorted(set(range(min(V, tokens))) | set(range(max(0, V - tokens), V)))
         rows = self.data[idx].cpu()
-        s = rows[..., off:end].contiguous().view(torch.float32)
-        if (rows[..., payload:off] != 0).any() or (rows[..., end:] != 0).any():
+        s = _scales(rows, self.format, self.dim, self.block_size)
+        unused = 0  # low-bit formats: the bits after the last code in the last payload byte are zero too
+        if self.format in LOWBIT and (self.dim * LOWBIT[self.format][0]) % 8:
+            unused = (rows[..., payload - 1] >> ((self.dim * LOWBIT[self.format][0]) % 8)) != 0
+        if (rows[..., payload:off] != 0).any() or (rows[..., end:] != 0).any() or bool(torch.as_tensor(unused).any()):
             raise ValueError(f"QuantizedLUT: padding bytes of {self!r} are not zero: the payload was not "
                              "written with this format/dim/block_size (metadata and payload disagree)")
         if not (torch.isfinite(s).all() and (s >= 0).all()):
@@ -297,9 +343,88 @@ def _scale(amax: torch.Tensor, top_code: float, fmt: str) -> torch.Tensor:
     return torch.where(s < torch.finfo(torch.float32).tiny, up, s).clamp_(max=_MAX_SCALE[fmt])
 
 
+def _scales(rows: torch.Tensor, fmt: str, dim: int, block: int) -> torch.Tensor:
+    """The scales of uint8 rows ``[..., row_bytes]`` as float32 ``[..., dim // block]``."""
+    _, off, _ = row_layout(fmt, dim, block)
+    sd = scale_dtype(fmt)
+    return rows[..., off:off + sd.itemsize * (dim // block)].contiguous().view(sd).float()
+
+
+# The scale search of the low-bit formats: fractions of the block's absmax tried as the scale (the
+# top level is 1), then least-squares refinements s = <x, c> / <c, c> for the chosen codes c.
+_SCALE_GRID = tuple(0.30 + 0.025 * i for i in range(29))  # 0.30 .. 1.00
+_REFINE_STEPS = 2
+
+
+def _nearest(xn: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level (ascending ``levels``) for each value of ``xn`` (int64)."""
+    return torch.bucketize(xn, (levels[1:] + levels[:-1]) / 2)
+
+
+def _fit_lowbit(xb: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The float32 scale ``[..., nb, 1]`` minimising ``sum (x - s * levels[nearest(x / s)])^2`` per block
+    of ``xb`` ``[..., nb, block]`` (over a grid plus refinements; exact for two levels)."""
+    ax = xb.abs()
+    if len(levels) == 2:  # sign: the optimum is the mean magnitude
+        return ax.mean(-1, keepdim=True)
+    amax = ax.amax(-1, keepdim=True)
+    safe = torch.where(amax > 0, amax, 1.0)
+
+    def err_of(s):
+        c = levels[_nearest(xb / s, levels)]
+        return ((xb - s * c) ** 2).sum(-1, keepdim=True), c
+
+    best_s, best_err = amax, err_of(safe)[0]
+    for f in _SCALE_GRID:
+        s = safe * f
+        err = err_of(s)[0]
+        better = err < best_err
+        best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
+    for _ in range(_REFINE_STEPS):
+        c = levels[_nearest(xb / torch.where(best_s > 0, best_s, 1.0), levels)]
+        s = ((xb * c).sum(-1, keepdim=True) / (c * c).sum(-1, keepdim=True)).clamp_(min=0)
+        err = err_of(torch.where(s > 0, s, 1.0))[0]
+        better = (err < best_err) & (s > 0)
+        best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
+    return torch.where(amax > 0, best_s, 0.0)
+
+
+def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[..., D]`` (< 2^bits) -> the little-endian bit stream ``[..., ceil(D * bits / 8)]`` uint8."""
+    D = codes.shape[-1]
+    g = torch.nn.functional.pad(codes.to(torch.int32), (0, -D % 8)).unflatten(-1, (-1, 8))
+    word = sum(g[..., k] << (bits * k) for k in range(8))  # 8 codes = `bits` whole bytes
+    out = torch.stack([(word >> (8 * i)) & 255 for i in range(bits)], -1).flatten(-2).to(torch.uint8)
+    return out[..., :-(-D * bits // 8)]
+
+
+def _unpack_bits(payload: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The inverse of :func:`_pack_bits`: int64 codes ``[..., dim]``."""
+    n = payload.shape[-1]
+    b = torch.nn.functional.pad(payload.to(torch.int64), (0, -n % bits)).unflatten(-1, (-1, bits))
+    word = sum(b[..., i] << (8 * i) for i in range(bits))
+    codes = torch.stack([(word >> (bits * k)) & ((1 << bits) - 1) for k in range(8)], -1).flatten(-2)
+    return codes[..., :dim]
+
+
+def _encode_lowbit(x: torch.Tensor, fmt: str, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    bits, levels, _ = LOWBIT[fmt]
+    levels = torch.tensor(levels, dtype=torch.float32, device=x.device)
+    xb = x.unflatten(-1, (x.shape[-1] // block, block))
+    s = _fit_lowbit(xb, levels).to(torch.float16)
+    if torch.isinf(s).any():
+        raise ValueError(f"quantize: format {fmt!r} stores float16 scales, and a block's scale exceeds float16's "
+                         f"range (|values| up to {x.abs().max().item():.4g}); use int8/fp8/nf4 for this table")
+    s32 = s.float()
+    codes = _nearest(torch.where(s32 > 0, xb / s32, 0.0), levels).flatten(-2)
+    return _pack_bits(codes, bits), s.squeeze(-1)
+
+
 def _encode(x: torch.Tensor, fmt: str, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float32 [..., D] -> (codes uint8 [..., payload_bytes], scales float32 [..., D // block])."""
+    """float32 [..., D] -> (codes uint8 [..., payload_bytes], scales [..., D // block] in scale_dtype(fmt))."""
     D = x.shape[-1]
+    if fmt in LOWBIT:
+        return _encode_lowbit(x, fmt, block)
     xb = x.unflatten(-1, (D // block, block))
     amax = xb.abs().amax(-1, keepdim=True)
     if fmt == "int8":
@@ -322,9 +447,12 @@ def _decode(rows: torch.Tensor, fmt: str, dim: int, block: int) -> torch.Tensor:
     """uint8 rows [..., row_bytes] -> float32 [..., dim]: scale * code, one float32 rounding (as the kernels)."""
     payload, off, _ = row_layout(fmt, dim, block)
     nb = dim // block
-    s = rows[..., off:off + 4 * nb].contiguous().view(torch.float32)
+    s = _scales(rows, fmt, dim, block)
     p = rows[..., :payload]
-    if fmt == "int8":
+    if fmt in LOWBIT:
+        bits, levels, _ = LOWBIT[fmt]
+        x = torch.tensor(levels, dtype=torch.float32, device=rows.device)[_unpack_bits(p, bits, dim)]
+    elif fmt == "int8":
         x = p.view(torch.int8).float()
     elif fmt == "fp8_e4m3":
         x = p.view(_FP8).float()
@@ -341,9 +469,11 @@ def quantize(lut: torch.Tensor, format: str, block_size: Optional[int] = None, *
 
     Args:
         lut: float32/float16/bfloat16 table, any device (the result is on the same device).
-        format: ``"int8"`` (per-row scale), ``"fp8_e4m3"``/``"fp8"`` (per-block scale) or ``"nf4"``.
+        format: ``"int8"`` (per-row scale), ``"fp8_e4m3"``/``"fp8"`` (per-block scale), ``"nf4"``, or
+            below 4 bits ``"q3"``, ``"q2"``, ``"q1"`` (float16 scales chosen to minimise each block's
+            squared error; see the module docstring and :mod:`mole_kernels.quality` for their cost).
         block_size: values per scale; must divide D. Default: :func:`default_block_size`
-            (int8: D; fp8: 128; nf4: 64; D itself where those do not divide it).
+            (int8: D; fp8: 128; nf4: 64; q3: 128; q2, q1: 64; D itself where those do not divide it).
         progress: show a tqdm bar (if tqdm is installed). Default: only for tables over 2^28 values.
         first_token: ``lut`` is a chunk of a larger table starting at this token (only error
             messages use it: a non-finite value is named by its index in the whole table).
@@ -364,7 +494,7 @@ def quantize(lut: torch.Tensor, format: str, block_size: Optional[int] = None, *
     V = lut.shape[0]
     data = torch.zeros(*lut.shape[:-1], row_bytes, dtype=torch.uint8, device=lut.device)
     per_token = max(1, math.prod(lut.shape[1:]))
-    chunk = max(1, _CHUNK_ELEMENTS // per_token)
+    chunk = max(1, (_CHUNK_ELEMENTS // (8 if fmt in LOWBIT else 1)) // per_token)  # the scale search: more temporaries
     if lut.numel() == 0:  # nothing to encode (V = 0 or E = 0)
         return QuantizedLUT(data, fmt, D, block, lut.dtype)
     show = lut.numel() > (1 << 28) if progress is None else progress
@@ -379,7 +509,7 @@ def quantize(lut: torch.Tensor, format: str, block_size: Optional[int] = None, *
             codes, scales = _encode(x, fmt, block)
             rows = data[v0:v0 + chunk]
             rows[..., :codes.shape[-1]] = codes
-            rows[..., off:off + 4 * scales.shape[-1]] = scales.contiguous().view(torch.uint8)
+            rows[..., off:off + scales.element_size() * scales.shape[-1]] = scales.contiguous().view(torch.uint8)
             bar.update(x.shape[0])
     finally:
         bar.close()

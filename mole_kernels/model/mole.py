@@ -154,7 +154,8 @@ class MoLEForCausalLM(_CausalLM):
     @torch.no_grad()
     def reparameterize(self, *, placement: str = "host", dtype=None, device=None, path: Optional[str] = None,
                        chunk_size: int = 4096, progress: bool = True, lut_format: Optional[str] = None,
-                       block_size: Optional[int] = None) -> "MoLEForCausalLM":
+                       block_size: Optional[int] = None, max_cost: Optional[float] = None,
+                       quality_text: Optional[torch.Tensor] = None, check_quality: bool = True) -> "MoLEForCausalLM":
         """The inference form of this (train-form) model, its LUT on ``placement``.
 
         Args:
@@ -165,8 +166,13 @@ class MoLEForCausalLM(_CausalLM):
             device: where rows (and so the model's compute) land; default the model's device.
             chunk_size, progress: see :meth:`compute_lut` (a tqdm bar on stderr when importable).
             lut_format, block_size: store the LUT quantized (``"int8"``, ``"fp8"``/``"fp8_e4m3"``,
-                ``"nf4"``; see :func:`mole_kernels.quantize`): every tier then holds and moves the
-                quantized rows only, and the gather dequantizes them. None (default): a float LUT.
+                ``"nf4"``, and below 4 bits ``"q3"``, ``"q2"``, ``"q1"``; see :func:`mole_kernels.quantize`):
+                every tier then holds and moves the quantized rows only, and the gather dequantizes
+                them. None (default): a float LUT.
+            max_cost, quality_text: the quality gate (:mod:`mole_kernels.quality`): the format's
+                perplexity cost on ``quality_text`` (token ids ``[N, S]``) vs the bf16 LUT must be at
+                most ``max_cost`` (a fraction: 0.005 = +0.5 %), else :class:`~mole_kernels.quality.QualityError`.
+                Formats below 4 bits are refused without the gate unless ``check_quality=False``.
 
         Memory: the rows are computed straight into the tier (:meth:`LookupTable.build`): the host
         and device tiers hold the table once, plus one chunk when quantizing; the disk tier streams
@@ -177,6 +183,7 @@ class MoLEForCausalLM(_CausalLM):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"reparameterize: dtype must be float32, float16 or bfloat16, got {dtype}")
         _check_lut_format(lut_format, block_size, self.config.hidden_size, "reparameterize")
+        self._quality_gate(lut_format, block_size, max_cost, quality_text, check_quality, progress)
         fill = self._lut_rows(chunk_size, None, "reparameterize")
         from ..table import LookupTable
 
@@ -186,6 +193,21 @@ class MoLEForCausalLM(_CausalLM):
                                       device=device if device is not None else self.device, path=path,
                                       format=lut_format, block_size=block_size, progress=False)
         return self._inference_form(table)
+
+    def _quality_gate(self, lut_format, block_size, max_cost, quality_text, check_quality, progress) -> None:
+        from ..quality import check_format, is_low_bit
+
+        fmt = None if lut_format is None else canonical_format(lut_format)
+        if (max_cost is None) != (quality_text is None):
+            raise ValueError("reparameterize: the quality gate needs both max_cost= and quality_text= (token ids [N, S])")
+        if max_cost is not None:
+            if fmt is None:
+                raise ValueError("reparameterize: max_cost= applies to a quantized LUT; name its lut_format")
+            check_format(self, fmt, block_size, quality_text, max_cost, progress=progress)
+        elif check_quality and is_low_bit(fmt):
+            raise ValueError(f"reparameterize: lut_format={fmt!r} is below 4 bits per value, where quality depends on the "
+                             "model; pass max_cost= and quality_text= (the gate measures its perplexity cost on your "
+                             "text), or check_quality=False to use it unmeasured")
 
     def _inference_form(self, table) -> "MoLEForCausalLM":
         with torch.device("meta"):

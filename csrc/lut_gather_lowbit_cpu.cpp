@@ -1,0 +1,155 @@
+// The CPU dequantization of the low-bit formats (q3, q2, q1; layout in lut_gather_lowbit.h).
+//
+// lut_gather_quant_cpu.cpp owns the gather (threads, tiles, prefetch, output dtypes) and hands every
+// row span of a low-bit table to lowbit_span_set / lowbit_span_acc. AVX-512 decodes 16 values per
+// step: their codes are 16 * bits bits starting on a byte boundary, broadcast to 16 lanes, shifted
+// per lane, masked and looked up in the levels with one permute. A scalar path serves other CPUs,
+// the tails and spans that do not start on a 16-value boundary.
+#include <c10/util/Half.h>
+
+#include <cstring>
+
+#include "lut_gather_lowbit.h"
+#include "lut_gather_quant.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// GCC 12 flags the intrinsics headers' own `__m512i __Y = __Y;` idiom (as in lut_gather_quant_cpu.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#define MOLE_LBX86 1
+#define MOLE_LBAVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#else
+#define MOLE_LBX86 0
+#endif
+
+namespace mole {
+
+namespace {
+
+inline float lowbit_scale(const uint8_t* row, const QuantLayout& q, int64_t b) {
+  uint16_t h;  // memcpy: rows are only 2-byte aligned (and a staging buffer need not be)
+  std::memcpy(&h, row + q.scale_offset + 2 * b, sizeof(h));
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+template <int BITS>
+inline uint32_t code_at(const uint8_t* row, int64_t j) {
+  const int64_t bit = j * BITS;
+  // The byte after the last code byte is still inside the row (the scales follow), so reading two
+  // bytes is in bounds; a code spans at most two bytes.
+  const uint32_t two = row[bit >> 3] | (BITS == 3 ? uint32_t(row[(bit >> 3) + 1]) << 8 : 0u);
+  return (two >> (bit & 7)) & ((1u << BITS) - 1);
+}
+
+template <int BITS>
+constexpr const float* levels() {
+  return BITS == 3 ? kQ3Levels : BITS == 2 ? kQ2Levels : kQ1Levels;
+}
+
+template <int BITS, bool ACC>
+void segment_scalar(const uint8_t* row, int64_t j0, int64_t n, float s, float* dst) {
+  const float* lv = levels<BITS>();
+  for (int64_t k = 0; k < n; ++k) {
+    const float x = lv[code_at<BITS>(row, j0 + k)];
+    if (ACC) dst[k] += s * x;
+    else dst[k] = s * x;
+  }
+}
+
+#if MOLE_LBX86
+// 16 codes starting at value j (j % 16 == 0, so at byte j * BITS / 8) as lane indices.
+template <int BITS>
+MOLE_LBAVX512 inline __m512i codes16(const uint8_t* row, int64_t j) {
+  const uint8_t* p = row + j * BITS / 8;
+  if constexpr (BITS == 3) {
+    // 48 bits: two 24-bit halves of 8 codes each. Reading 8 bytes stays in the row: 16 codes end at
+    // least 2 bytes (the scales) before its end.
+    uint64_t w;
+    std::memcpy(&w, p, sizeof(w));
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(int(w & 0xffffff))),
+                                         _mm256_set1_epi32(int((w >> 24) & 0xffffff)), 1);
+    const __m512i sh = _mm512_set_epi32(21, 18, 15, 12, 9, 6, 3, 0, 21, 18, 15, 12, 9, 6, 3, 0);
+    return _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi32(7));
+  } else if constexpr (BITS == 2) {
+    uint32_t w;
+    std::memcpy(&w, p, sizeof(w));
+    const __m512i sh = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(w)), sh), _mm512_set1_epi32(3));
+  } else {
+    uint16_t w;
+    std::memcpy(&w, p, sizeof(w));
+    const __m512i sh = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(w)), sh), _mm512_set1_epi32(1));
+  }
+}
+
+template <int BITS, bool ACC>
+MOLE_LBAVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w,
+                               float* dst) {
+  const __m512 lv = _mm512_loadu_ps(levels<BITS>());
+  float* out = dst - c0;
+  int64_t j = c0;
+  const int64_t end = c0 + n;
+  while (j < end) {
+    const int64_t b = j / q.block;
+    const int64_t stop = std::min(end, (b + 1) * q.block);
+    const float s = ACC ? w * lowbit_scale(row, q, b) : lowbit_scale(row, q, b);
+    const int64_t head = std::min(stop, (j + 15) / 16 * 16);  // vectors start on a 16-value boundary
+    segment_scalar<BITS, ACC>(row, j, head - j, s, out + j);
+    j = head;
+    const __m512 vs = _mm512_set1_ps(s);
+    for (; j + 16 <= stop; j += 16) {
+      const __m512 x = _mm512_permutexvar_ps(codes16<BITS>(row, j), lv);
+      if (ACC) _mm512_storeu_ps(out + j, _mm512_fmadd_ps(vs, x, _mm512_loadu_ps(out + j)));
+      else _mm512_storeu_ps(out + j, _mm512_mul_ps(vs, x));
+    }
+    segment_scalar<BITS, ACC>(row, j, stop - j, s, out + j);
+    j = stop;
+  }
+}
+#endif
+
+template <int BITS, bool ACC>
+void span_scalar(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
+  int64_t j = c0;
+  const int64_t end = c0 + n;
+  while (j < end) {
+    const int64_t b = j / q.block;
+    const int64_t stop = std::min(end, (b + 1) * q.block);
+    const float s = ACC ? w * lowbit_scale(row, q, b) : lowbit_scale(row, q, b);
+    segment_scalar<BITS, ACC>(row, j, stop - j, s, dst + (j - c0));
+    j = stop;
+  }
+}
+
+template <int BITS, bool ACC>
+void span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst, bool avx512) {
+#if MOLE_LBX86
+  if (avx512) return span_avx512<BITS, ACC>(q, row, c0, n, w, dst);
+#endif
+  (void)avx512;
+  span_scalar<BITS, ACC>(q, row, c0, n, w, dst);
+}
+
+template <bool ACC>
+void span_any(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst, bool avx512) {
+  switch (q.fmt) {
+    case QFormat::kQ3: return span<3, ACC>(q, row, c0, n, w, dst, avx512);
+    case QFormat::kQ2: return span<2, ACC>(q, row, c0, n, w, dst, avx512);
+    case QFormat::kQ1: return span<1, ACC>(q, row, c0, n, w, dst, avx512);
+    default: MOLE_CHECK_ARG(false, "lut_gather_quant: not a low-bit format: ", static_cast<int>(q.fmt));
+  }
+}
+
+}  // namespace
+
+void lowbit_span_set(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float* dst, bool avx512) {
+  span_any<false>(q, row, c0, n, 1.f, dst, avx512);
+}
+
+void lowbit_span_acc(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst,
+                     bool avx512) {
+  span_any<true>(q, row, c0, n, w, dst, avx512);
+}
+
+}  // namespace mole

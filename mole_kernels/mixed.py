@@ -1,0 +1,278 @@
+"""Mixed precision by token frequency: a table whose rows use different formats by token id.
+
+Almost all of a low-bit table's quality loss comes from the rows of the most frequent tokens (they
+are read at most positions), so a :class:`MixedLUT` keeps the rows of the ``n`` most frequent ids
+in a wide format (e.g. nf4 or int8) and the rest in a narrow one (e.g. q2 or q1). Its parts are
+ordinary tables (:class:`~mole_kernels.QuantizedLUT` or float tensors ``[n_k, L, E, D]``) keyed
+by **rank**: ``rank[id]`` is the id's position in the frequency order (0: most frequent), part
+``k`` holds ranks ``[starts[k], starts[k] + n_k)`` in rank order. So the format of a row follows
+from its id by one lookup and two comparisons; each part's gather runs its own format's
+branch-free inner loop.
+
+    m = quantize_mixed(lut, counts, [("nf4", 512), ("q1", None)])   # None: all remaining ids
+    rows = mixed_lut_gather(m, ids)                 # == dequantize_mixed(m)[ids]
+    save_mixed("lut.safetensors", m); m2 = load_mixed("lut.safetensors")
+
+Frequencies: any per-id count ``[V]`` (e.g. :func:`token_counts` of a tokenized corpus); ties
+keep id order.
+"""
+import json
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .quant import QuantizedLUT, canonical_format, dequantize, quantize, quantized_lut_gather
+
+__all__ = ["MixedLUT", "token_counts", "quantize_mixed", "dequantize_mixed", "mixed_lut_gather", "save_mixed",
+           "load_mixed"]
+
+_FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_META = "mole_kernels.mixed"
+_VERSION = "mixed-v1"
+
+Part = Union[QuantizedLUT, torch.Tensor]
+
+
+def _rows_of(part: Part) -> int:
+    return part.vocab_size if isinstance(part, QuantizedLUT) else part.shape[0]
+
+
+def _shape_of(part: Part) -> Tuple[int, ...]:
+    return tuple(part.shape[1:])
+
+
+def _bytes_of(part: Part) -> int:
+    return part.nbytes if isinstance(part, QuantizedLUT) else part.numel() * part.element_size()
+
+
+@dataclass(frozen=True, eq=False)
+class MixedLUT:
+    """Parts keyed by frequency rank (see the module docstring).
+
+    ``rank``: int32 ``[V]``, a permutation of ``[0, V)``. ``parts``: tables whose first dimensions
+    add up to V, all with the same trailing shape ``[L, E, D]`` (or ``[E, D]``).
+    """
+
+    rank: torch.Tensor
+    parts: Tuple[Part, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "parts", tuple(self.parts))
+        r = self.rank
+        if not isinstance(r, torch.Tensor) or r.dtype != torch.int32 or r.dim() != 1:
+            raise ValueError(f"MixedLUT: rank must be a 1-D int32 tensor [V], got "
+                             f"{getattr(r, 'dtype', type(r))} {tuple(getattr(r, 'shape', ()))}")
+        if not self.parts:
+            raise ValueError("MixedLUT: parts must hold at least one table")
+        for k, p in enumerate(self.parts):
+            if isinstance(p, torch.Tensor):
+                if p.dtype not in _FLOAT.values() or p.dim() not in (3, 4):
+                    raise ValueError(f"MixedLUT: part {k} must be a QuantizedLUT or a float tensor [n, L, E, D] / "
+                                     f"[n, E, D], got {p.dtype} {tuple(p.shape)}")
+            elif not isinstance(p, QuantizedLUT):
+                raise ValueError(f"MixedLUT: part {k} must be a QuantizedLUT or a float tensor, got {type(p).__name__}")
+            if _shape_of(p) != _shape_of(self.parts[0]):
+                raise ValueError(f"MixedLUT: part {k} has row shape {list(_shape_of(p))}, part 0 "
+                                 f"{list(_shape_of(self.parts[0]))}: every part must have the same [L, E, D]")
+        V = sum(_rows_of(p) for p in self.parts)
+        if r.shape[0] != V:
+            raise ValueError(f"MixedLUT: rank has {r.shape[0]} ids but the parts hold {V} rows")
+        seen = torch.zeros(V, dtype=torch.bool)
+        rc = r.cpu().long()
+        if V and (rc.min() < 0 or rc.max() >= V):
+            raise ValueError(f"MixedLUT: rank must be a permutation of [0, {V}), got values in [{rc.min()}, {rc.max()}]")
+        seen[rc] = True
+        if not bool(seen.all()):
+            raise ValueError(f"MixedLUT: rank must be a permutation of [0, {V}) (a rank appears twice)")
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return (self.rank.shape[0], *_shape_of(self.parts[0]))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.rank.shape[0]
+
+    @property
+    def starts(self) -> Tuple[int, ...]:
+        """The first rank each part holds."""
+        out, n = [], 0
+        for p in self.parts:
+            out.append(n)
+            n += _rows_of(p)
+        return tuple(out)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every part plus the rank map (4 bytes per id)."""
+        return sum(_bytes_of(p) for p in self.parts) + 4 * self.vocab_size
+
+    @property
+    def bits_per_value(self) -> float:
+        """Stored bits per table value, scales, padding and the rank map included."""
+        values = self.vocab_size * int(torch.tensor(self.shape[1:]).prod())
+        return 8.0 * self.nbytes / max(1, values)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = self.parts[0]
+        return p.dtype
+
+    def describe(self) -> str:
+        """e.g. ``nf4/64 x 512 + q1/64 x 3584``."""
+        def name(p):
+            return f"{p.format}/{p.block_size}" if isinstance(p, QuantizedLUT) else str(p.dtype).replace("torch.", "")
+        return " + ".join(f"{name(p)} x {_rows_of(p)}" for p in self.parts)
+
+    def __repr__(self):
+        return f"MixedLUT({self.describe()}, shape={list(self.shape)}, {self.bits_per_value:.3f} bits/value)"
+
+
+def token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """How often each id in ``[0, vocab_size)`` occurs in ``ids`` (any shape): int64 ``[vocab_size]``."""
+    flat = ids.reshape(-1).long().cpu()
+    if flat.numel() and (flat.min() < 0 or flat.max() >= vocab_size):
+        raise ValueError(f"token_counts: ids must lie in [0, {vocab_size}), got values in [{flat.min()}, {flat.max()}]")
+    return torch.bincount(flat, minlength=vocab_size)
+
+
+def quantize_mixed(lut: torch.Tensor, counts: torch.Tensor, plan: Sequence[Tuple[Optional[str], Optional[int]]], *,
+                   block_sizes: Optional[Sequence[Optional[int]]] = None, progress: Optional[bool] = None) -> MixedLUT:
+    """Splits ``lut`` ``[V, L, E, D]`` by the frequency ``counts`` ``[V]`` into parts of the given formats.
+
+    ``plan``: ``(format, n)`` pairs, most frequent first: the next ``n`` ids by frequency go to
+    ``format`` (a quantization format, or None to keep them in ``lut``'s dtype). ``n = None`` (last
+    entry only): all remaining ids. ``block_sizes``: one per entry (None: the format's default).
+    """
+    if not isinstance(lut, torch.Tensor) or lut.dim() not in (3, 4):
+        raise ValueError(f"quantize_mixed: lut must be a tensor [V, L, E, D] or [V, E, D], got "
+                         f"{tuple(lut.shape) if isinstance(lut, torch.Tensor) else type(lut)}")
+    V = lut.shape[0]
+    counts = torch.as_tensor(counts)
+    if counts.shape != (V,):
+        raise ValueError(f"quantize_mixed: counts must have shape [V] = [{V}], got {list(counts.shape)}")
+    if not plan:
+        raise ValueError("quantize_mixed: plan must name at least one (format, n) part")
+    block_sizes = list(block_sizes) if block_sizes is not None else [None] * len(plan)
+    if len(block_sizes) != len(plan):
+        raise ValueError(f"quantize_mixed: block_sizes needs one entry per plan entry ({len(plan)}), got {len(block_sizes)}")
+    order = torch.sort(counts.cpu().double(), descending=True, stable=True).indices  # rank -> id
+    rank = torch.empty(V, dtype=torch.int32)
+    rank[order] = torch.arange(V, dtype=torch.int32)
+    parts, start = [], 0
+    for k, (fmt, n) in enumerate(plan):
+        if n is None:
+            if k != len(plan) - 1:
+                raise ValueError("quantize_mixed: only the last plan entry may take all remaining ids (n=None)")
+            n = V - start
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0 or start + n > V:
+            raise ValueError(f"quantize_mixed: plan entry {k} asks for {n!r} ids but {V - start} remain")
+        rows = lut[order[start:start + n].to(lut.device)]
+        if fmt is None:
+            parts.append(rows.contiguous())
+        else:
+            parts.append(quantize(rows, canonical_format(fmt), block_sizes[k], progress=progress))
+        start += n
+    if start != V:
+        raise ValueError(f"quantize_mixed: the plan covers {start} ids of {V}; end it with (format, None)")
+    return MixedLUT(rank.to(lut.device), parts)
+
+
+def dequantize_mixed(m: MixedLUT, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The float table ``[V, L, E, D]`` the mixed table stands for (default dtype: part 0's)."""
+    dtype = m.dtype if dtype is None else dtype
+    out = torch.empty(m.shape, dtype=dtype, device=m.rank.device)
+    rank = m.rank.long()
+    order = torch.empty_like(rank)
+    order[rank] = torch.arange(m.vocab_size, device=rank.device)
+    for s, p in zip(m.starts, m.parts):
+        n = _rows_of(p)
+        out[order[s:s + n]] = (dequantize(p, dtype) if isinstance(p, QuantizedLUT) else p.to(dtype))
+    return out
+
+
+def mixed_lut_gather(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Tensor] = None, *, layer=None,
+                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """:func:`mole_kernels.quantized_lut_gather` for a :class:`MixedLUT` (rows or fused form).
+
+    Each token is sent to the part its rank falls in; each part runs its own gather (its format's
+    kernel) on its tokens, so no per-row format branch runs in any inner loop.
+    """
+    if not isinstance(m, MixedLUT):
+        raise ValueError(f"mixed_lut_gather: m must be a MixedLUT, got {type(m).__name__}")
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"mixed_lut_gather: ids must be an int32/int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
+    V = m.vocab_size
+    flat = ids.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= V):
+        bad = flat[(flat < 0) | (flat >= V)][0].item()
+        raise ValueError(f"mixed_lut_gather: id {bad} is outside the table [0, {V})")
+    dtype = m.dtype if dtype is None else dtype
+    w2 = None
+    if weights is not None:
+        if tuple(weights.shape) != (*ids.shape, m.shape[-2]):
+            raise ValueError(f"mixed_lut_gather: weights must have shape {[*ids.shape, m.shape[-2]]}, "
+                             f"got {list(weights.shape)}")
+        w2 = weights.reshape(-1, m.shape[-2])
+    rank = m.rank[flat.long()].long()
+    out = None
+    for s, p in zip(m.starts, m.parts):
+        sel = ((rank >= s) & (rank < s + _rows_of(p))).nonzero().squeeze(1)
+        local = rank[sel] - s
+        w = None if w2 is None else w2[sel].contiguous()
+        if isinstance(p, QuantizedLUT):
+            got = quantized_lut_gather(p, local, w, layer=layer, dtype=dtype)
+        else:
+            from .lut_gather import lut_gather
+            got = lut_gather(p, local, w, layer=layer).to(dtype)
+        if out is None:
+            out = got.new_empty((flat.shape[0], *got.shape[1:]))
+        out[sel] = got
+    return out.reshape(*ids.shape, *out.shape[1:])
+
+
+def save_mixed(path, m: MixedLUT) -> None:
+    """Writes ``m`` to a safetensors file: ``rank``, ``part{k}`` (packed bytes or floats) and metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {"rank": m.rank.contiguous().cpu()}
+    meta = {_META + ".layout": _VERSION, _META + ".parts": str(len(m.parts))}
+    for k, p in enumerate(m.parts):
+        if isinstance(p, QuantizedLUT):
+            tensors[f"part{k}"] = p.data.contiguous().cpu()
+            meta[f"{_META}.part{k}"] = json.dumps(p.metadata(), sort_keys=True)
+        else:
+            tensors[f"part{k}"] = p.contiguous().cpu()
+            meta[f"{_META}.part{k}"] = json.dumps({"float": str(p.dtype).replace("torch.", "")})
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_mixed(path) -> MixedLUT:
+    """Reads a file written by :func:`save_mixed`; ValueError when it is not one or is inconsistent."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get(_META + ".layout") != _VERSION:
+            raise ValueError(f"load_mixed: {path} is not a mixed table of layout {_VERSION!r} "
+                             f"(metadata layout: {meta.get(_META + '.layout')!r})")
+        try:
+            n = int(meta[_META + ".parts"])
+            specs = [json.loads(meta[f"{_META}.part{k}"]) for k in range(n)]
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"load_mixed: {path} has broken metadata ({e})") from None
+        names = set(f.keys())
+        want = {"rank"} | {f"part{k}" for k in range(n)}
+        if names != want:
+            raise ValueError(f"load_mixed: {path} holds tensors {sorted(names)}, expected {sorted(want)}")
+        parts = []
+        for k, spec in enumerate(specs):
+            t = f.get_tensor(f"part{k}")
+            if "float" in spec:
+                if _FLOAT.get(spec["float"]) != t.dtype:
+                    raise ValueError(f"load_mixed: part {k} is {t.dtype} but its metadata says {spec['float']!r}")
+                parts.append(t)
+            else:
+                parts.append(QuantizedLUT.from_metadata(t, spec))
+        return MixedLUT(f.get_tensor("rank"), parts)

@@ -1,0 +1,458 @@
+"""The low-bit table formats (q3, q2, q1), mixed precision by token frequency, and the quality gate.
+
+Every kernel result is compared with a float64 reference built here from the packed bytes by an
+independent decoder (Python integers and float16 bytes), not with mole_kernels' own decoder.
+"""
+import os
+import struct
+
+import pytest
+import torch
+
+import mole_kernels
+from mole_kernels.mixed import (MixedLUT, dequantize_mixed, load_mixed, mixed_lut_gather, quantize_mixed, save_mixed,
+                                token_counts)
+from mole_kernels.quant import LOWBIT, QuantizedLUT, dequantize, quantize, quantized_lut_gather, row_layout
+from conftest import assert_child_ran, child_result, count_cases, module_tests, requires_cuda
+
+LOW = tuple(LOWBIT)
+# (shape [V, L, E, D] or [V, E, D], block): odd D, one block per row, E = 1, blocks not multiples of 16.
+CASES = [((23, 2, 3, 128), None), ((17, 4, 37), 37), ((9, 1, 1, 200), 40), ((31, 3, 2, 96), 32),
+         ((5, 2, 1, 24), 8), ((12, 2, 48), 16)]
+
+
+def ref_decode(q: QuantizedLUT) -> torch.Tensor:
+    """float64 [..., D] from the packed bytes: the bit stream read with Python integers; each value
+    is scale * level (float16 scale, float32 level: exact in float64) rounded once to float32, as
+    the format defines it."""
+    bits, levels, _ = LOWBIT[q.format]
+    levels = [struct.unpack("<f", struct.pack("<f", v))[0] for v in levels]
+    payload, off, row_bytes = row_layout(q.format, q.dim, q.block_size)
+    rows = q.data.reshape(-1, row_bytes).tolist()
+    out = torch.empty(len(rows), q.dim, dtype=torch.float64)
+    for r, row in enumerate(rows):
+        stream = int.from_bytes(bytes(row[:payload]), "little")
+        scales = struct.unpack(f"<{q.dim // q.block_size}e", bytes(row[off:]))
+        for j in range(q.dim):
+            out[r, j] = scales[j // q.block_size] * levels[(stream >> (bits * j)) & ((1 << bits) - 1)]
+    return out.float().double().reshape(q.shape)
+
+
+def random_lut(shape, dtype=torch.float32):
+    x = torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 3  # rows of different magnitudes
+    x[0] = 0.0  # an all-zero token
+    return x.to(dtype)
+
+
+def lowbit_table(fmt, shape, block, dtype=torch.float32):
+    return quantize(random_lut(shape, dtype), fmt, block)
+
+
+# ------------------------------------------------------------------ layout and encoding -----
+
+@pytest.mark.parametrize("fmt, D, block, row_bytes", [
+    ("q3", 128, 128, 48 + 2), ("q2", 128, 64, 32 + 4), ("q1", 128, 64, 16 + 4), ("q1", 128, 128, 16 + 2),
+    ("q3", 37, 37, 14 + 2), ("q2", 37, 37, 10 + 2), ("q1", 37, 37, 5 + 1 + 2), ("q3", 24, 8, 9 + 1 + 6)])
+def test_row_layout_counts_every_byte(fmt, D, block, row_bytes):
+    assert row_layout(fmt, D, block)[2] == row_bytes
+    q = quantize(torch.randn(3, 2, D), fmt, block)
+    assert q.row_bytes == row_bytes and q.bits_per_value == 8 * row_bytes / D
+    assert q.nbytes == 3 * 2 * row_bytes
+
+
+def test_bits_per_value_at_d128_meets_the_layout_promise():
+    assert quantize(torch.randn(2, 1, 128), "q3").bits_per_value == 3.125
+    assert quantize(torch.randn(2, 1, 128), "q2").bits_per_value == 2.25
+    assert quantize(torch.randn(2, 1, 128), "q1", 128).bits_per_value == 1.125
+
+
+@pytest.mark.parametrize("fmt", LOW)
+@pytest.mark.parametrize("shape, block", CASES)
+def test_dequantize_equals_independent_decoder(fmt, shape, block):
+    q = lowbit_table(fmt, shape, block)
+    want = ref_decode(q)
+    assert torch.equal(dequantize(q, torch.float32).double(), want)  # s * level: one rounding, exact in float64
+    assert (q.scales()[0] == 0).all() and (want[0] == 0).all()  # the all-zero token decodes to zeros
+
+
+@pytest.mark.parametrize("fmt", LOW)
+def test_scales_minimise_error_better_than_absmax(fmt):
+    """The encoder's scale beats the absmax scale (the naive choice) on every block, within float16 rounding."""
+    x = torch.randn(64, 1, 128)
+    q = quantize(x, fmt, 32)
+    _, levels, _ = LOWBIT[fmt]
+    lv = torch.tensor(levels, dtype=torch.float64)
+    xb = x.double().reshape(-1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    naive = amax * lv[((xb / amax)[..., None] - lv).abs().argmin(-1)]
+    err_naive = ((xb - naive) ** 2).sum(-1)
+    err = ((xb - dequantize(q, torch.float32).double().reshape(-1, 32)) ** 2).sum(-1)
+    assert (err <= err_naive * 1.002 + 1e-12).all()
+    assert err.sum() < 0.9 * err_naive.sum()  # and clearly better overall
+
+
+def test_q1_scale_is_the_mean_magnitude():
+    x = torch.randn(4, 2, 64)
+    q = quantize(x, "q1", 16)
+    want = x.abs().reshape(4, 2, 4, 16).mean(-1).half().float()
+    assert torch.equal(q.scales(), want)
+    assert torch.equal(dequantize(q, torch.float32).sign(), torch.where(x >= 0, 1.0, -1.0))
+
+
+def test_scale_overflow_is_refused():
+    with pytest.raises(ValueError, match="float16"):
+        quantize(torch.full((2, 1, 16), 1e6), "q2", 16)
+
+
+@pytest.mark.parametrize("fmt", LOW)
+@pytest.mark.parametrize("magnitude", [torch.finfo(torch.float32).max, 7e4, 6e4, 1e-8, 1e-40, 3e-44])
+def test_extreme_tables_are_refused_or_stay_finite(fmt, magnitude):
+    """Blocks past float16's range are refused; tiny blocks decode to finite values (zeros below 2^-24)."""
+    x = (torch.rand(3, 2, 2, 32, dtype=torch.float64) * 2 - 1) * magnitude
+    x[..., 0], x[..., 17] = magnitude, -magnitude
+    x = x.float()
+    if fmt == "q1" and magnitude == 7e4:  # q1's scale is the mean magnitude (~3.6e4): it fits float16
+        pass
+    elif magnitude > 6.6e4:
+        with pytest.raises(ValueError, match="float16"):
+            quantize(x, fmt, 16)
+        return
+    q = quantize(x, fmt, 16)
+    deq = dequantize(q, torch.float32)
+    ids = torch.tensor([0, 2, 1])
+    rows = quantized_lut_gather(q, ids, dtype=torch.float32)
+    fused = quantized_lut_gather(q, ids, torch.full((3, 2), 0.5), layer=1, dtype=torch.float32)
+    for t in (deq, rows, fused):
+        assert torch.isfinite(t).all()
+    assert torch.equal(rows.double(), ref_decode(q)[ids])
+    if magnitude < 2 ** -25:
+        assert (deq == 0).all()
+    else:  # the error stays within the block's magnitude
+        assert ((deq - x).abs() <= 1.01 * magnitude).all()
+
+
+@pytest.mark.parametrize("fmt", LOW)
+def test_metadata_round_trip_and_corruption(fmt, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    q = lowbit_table(fmt, (20, 2, 3, 37), 37)
+    path = tmp_path / "t.safetensors"
+    save_file({"lut": q.data}, str(path), metadata=q.metadata())
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    back = QuantizedLUT.from_metadata(load_file(str(path))["lut"], meta)
+    assert torch.equal(back.data, q.data) and back.format == fmt and back.block_size == 37
+    payload, off, _ = row_layout(fmt, 37, 37)
+    bad = q.data.clone()
+    bad[-1, 0, 0, off:off + 2] = torch.tensor([0x00, 0x7C], dtype=torch.uint8)  # float16 +inf scale
+    with pytest.raises(ValueError, match="scales"):
+        QuantizedLUT.from_metadata(bad, meta)
+    if (37 * LOWBIT[fmt][0]) % 8:  # unused bits after the last code must be zero
+        bad = q.data.clone()
+        bad[0, 1, 2, payload - 1] |= 0x80
+        with pytest.raises(ValueError, match="padding"):
+            QuantizedLUT.from_metadata(bad, meta)
+    with pytest.raises(ValueError, match="bytes per row"):  # metadata of another block size
+        QuantizedLUT.from_metadata(q.data, dict(meta, **{"mole_kernels.block_size": "1"}))
+
+
+# ------------------------------------------------------------------ the CPU gather ----------
+
+@pytest.mark.parametrize("fmt", LOW)
+@pytest.mark.parametrize("shape, block", CASES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_rows_equal_dequantized_table(fmt, shape, block, out_dtype):
+    q = lowbit_table(fmt, shape, block)
+    ids = torch.randint(0, shape[0], (2, 7))
+    ids[0, :3] = ids[1, 0]  # repeated ids
+    got = quantized_lut_gather(q, ids, dtype=out_dtype)
+    want = ref_decode(q)[ids]
+    assert got.dtype == out_dtype and got.shape == want.shape
+    if out_dtype == torch.float32:
+        assert torch.equal(got.double(), want)
+    else:
+        assert torch.equal(got, want.float().to(out_dtype))
+
+
+@pytest.mark.parametrize("fmt", LOW)
+@pytest.mark.parametrize("shape, block", CASES)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_fused_matches_float64(fmt, shape, block, id_dtype):
+    q = lowbit_table(fmt, shape, block)
+    E, L = shape[-2], (shape[1] if len(shape) == 4 else 1)
+    T = 11
+    ids = torch.randint(0, shape[0], (T,), dtype=id_dtype)
+    w = torch.rand(T, E)
+    deq = ref_decode(q)
+    for layer in range(L) if len(shape) == 4 else [None]:
+        rows = deq[ids.long()] if layer is None else deq[ids.long(), layer]
+        want = (w.double()[..., None] * rows).sum(-2)
+        out = torch.full((T, shape[-1]), float("nan"))  # poisoned: every element must be written
+        quantized_lut_gather(q, ids, w, layer=layer, out=out)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("fmt", LOW)
+def test_fused_accumulates_and_non_contiguous_inputs(fmt):
+    q = lowbit_table(fmt, (40, 3, 4, 96), 32)
+    ids = torch.randint(0, 40, (9, 2))[:, 0]  # non-contiguous
+    w = torch.rand(4, 9).t()  # non-contiguous
+    base = torch.randn(9, 96)
+    out = base.clone()
+    quantized_lut_gather(q, ids, w, layer=1, out=out, accumulate=True)
+    want = base.double() + (w.double()[..., None] * ref_decode(q)[ids, 1]).sum(-2)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", LOW)
+def test_lut_combine_reads_lowbit_tables(fmt):
+    """The decode path's one call per layer (softmax, gather, residual and shared adds) on a low-bit table."""
+    q = lowbit_table(fmt, (33, 3, 4, 72), 24)
+    ids = torch.randint(0, 33, (6,))
+    logits, res, sh = torch.randn(6, 4), torch.randn(6, 72), torch.randn(6, 72)
+    got = mole_kernels.lut_combine(q, ids, logits, layer=2, residual=res, shared=sh)
+    p = torch.softmax(logits.double(), -1)
+    want = res.double() + sh.double() + (p[..., None] * ref_decode(q)[ids, 2]).sum(-2)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", LOW)
+def test_empty_ids_and_bad_ids(fmt):
+    q = lowbit_table(fmt, (6, 2, 16), 16)
+    assert quantized_lut_gather(q, torch.empty(0, dtype=torch.int64)).shape == (0, 2, 16)
+    with pytest.raises((ValueError, RuntimeError), match="6"):
+        quantized_lut_gather(q, torch.tensor([0, 6]))
+
+
+@requires_cuda
+@pytest.mark.parametrize("pinned", [False, True])
+def test_lowbit_on_cuda_is_refused_clearly(pinned):
+    """No CUDA kernel for the low-bit formats yet: a VRAM or pinned (zero-copy) table is refused, naming why."""
+    q = lowbit_table("q2", (6, 2, 16), 16)
+    q = q.pin_memory() if pinned else q.to("cuda")
+    with pytest.raises((ValueError, RuntimeError), match="CPU kernel only"):
+        quantized_lut_gather(q, torch.tensor([0, 1], device="cuda"))
+
+
+@pytest.mark.parametrize("placement", ["host", "disk"])
+def test_lookup_table_serves_lowbit_rows_and_files_round_trip(placement, tmp_path):
+    """The tiered table holds, saves, reopens and gathers q2 rows like any quantized table."""
+    from mole_kernels.table import LookupTable
+
+    lut = random_lut((30, 2, 3, 64))
+    q = quantize(lut, "q2", 32)
+    ids = torch.tensor([3, 29, 3, 0])
+    want = ref_decode(q)[ids].float()
+    with LookupTable.from_tensor(lut, "host", format="q2", block_size=32) as t:
+        assert t.format == "q2" and t.row_bytes == q.bytes_per_token
+        assert torch.equal(t.gather(ids).float(), want.to(t.dtype).float())
+        t.save(tmp_path / "q2.safetensors")
+    with LookupTable.open(tmp_path / "q2.safetensors", placement) as t:
+        assert t.format == "q2" and t.block_size == 32
+        assert torch.equal(t.gather(ids, layer=1).float(), want[:, 1].to(t.dtype).float())
+
+
+# ------------------------------------------------------------------ mixed precision ---------
+
+def mixed_case(L=2, E=3, D=40, V=50):
+    lut = random_lut((V, L, E, D))
+    counts = torch.randint(0, 1000, (V,))
+    plan = [(None, 4), ("int8", 6), ("q3", 10), ("q1", None)]
+    return lut, counts, quantize_mixed(lut, counts, plan, block_sizes=[None, None, 20, 8])
+
+
+def test_mixed_parts_follow_frequency_and_cover_every_row():
+    lut, counts, m = mixed_case()
+    order = torch.sort(counts.double(), descending=True, stable=True).indices
+    assert [p.shape[0] if isinstance(p, torch.Tensor) else p.vocab_size for p in m.parts] == [4, 6, 10, 30]
+    assert m.starts == (0, 4, 10, 20)
+    assert torch.equal(m.rank[order].long(), torch.arange(50))
+    assert torch.equal(m.parts[0], lut[order[:4]])  # the most frequent rows, kept in float
+    assert m.parts[3].format == "q1" and m.parts[2].block_size == 20
+    assert torch.equal(dequantize_mixed(m, torch.float32)[order[20:]], dequantize(m.parts[3], torch.float32))
+    bits = 8 * (sum(p.numel() * 4 if isinstance(p, torch.Tensor) else p.nbytes for p in m.parts) + 4 * 50) / lut.numel()
+    assert m.bits_per_value == bits
+
+
+@pytest.mark.parametrize("layer", [None, 0, 1])
+def test_mixed_gather_rows_land_in_every_part(layer):
+    lut, counts, m = mixed_case()
+    full = dequantize_mixed(m, torch.float32).double()
+    order = torch.sort(counts.double(), descending=True, stable=True).indices
+    ids = torch.stack([order[0], order[5], order[15], order[40], order[3], order[0]])  # one per part, repeats
+    want = full[ids] if layer is None else full[ids, layer]
+    got = mixed_lut_gather(m, ids, layer=layer, dtype=torch.float32)
+    assert torch.equal(got.double(), want)
+    if layer is not None:
+        w = torch.rand(6, 3)
+        fused = mixed_lut_gather(m, ids.view(2, 3), w.view(2, 3, 3), layer=layer, dtype=torch.float32)
+        torch.testing.assert_close(fused.double().view(6, -1), (w.double()[..., None] * want).sum(-2),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_bad_ids_and_parts():
+    lut, counts, m = mixed_case()
+    with pytest.raises(ValueError, match="id 50"):
+        mixed_lut_gather(m, torch.tensor([1, 50]))
+    with pytest.raises(ValueError, match="permutation"):
+        MixedLUT(torch.zeros(50, dtype=torch.int32), m.parts)
+    with pytest.raises(ValueError, match="rows"):
+        MixedLUT(m.rank, m.parts[:-1])
+    with pytest.raises(ValueError, match="remain"):
+        quantize_mixed(lut, counts, [("q2", 60)])
+    with pytest.raises(ValueError, match="covers"):
+        quantize_mixed(lut, counts, [("q2", 10)])
+
+
+def test_mixed_file_round_trip_and_corruption(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    lut, counts, m = mixed_case()
+    path = tmp_path / "m.safetensors"
+    save_mixed(path, m)
+    back = load_mixed(path)
+    assert back.describe() == m.describe() and torch.equal(back.rank, m.rank)
+    assert torch.equal(dequantize_mixed(back, torch.float32), dequantize_mixed(m, torch.float32))
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    bad_rank = dict(tensors, rank=torch.zeros_like(tensors["rank"]))
+    save_file(bad_rank, str(tmp_path / "bad1.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="permutation"):
+        load_mixed(tmp_path / "bad1.safetensors")
+    part = tensors["part3"].clone()
+    part[-1, 0, 0, -2:] = torch.tensor([0x00, 0xFC], dtype=torch.uint8)  # a -inf scale in the last token
+    save_file(dict(tensors, part3=part), str(tmp_path / "bad2.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="scales"):
+        load_mixed(tmp_path / "bad2.safetensors")
+    save_file(tensors, str(tmp_path / "bad3.safetensors"))  # no metadata
+    with pytest.raises(ValueError, match="not a mixed table"):
+        load_mixed(tmp_path / "bad3.safetensors")
+
+
+def test_token_counts():
+    assert token_counts(torch.tensor([[1, 1], [3, 0]]), 5).tolist() == [1, 2, 0, 1, 0]
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        token_counts(torch.tensor([5]), 5)
+
+
+# ------------------------------------------------------------------ the quality gate -------
+
+def tiny_model():
+    from mole_kernels.model import MoLEConfig, MoLEForCausalLM
+
+    cfg = MoLEConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_experts=2, max_position_embeddings=32)
+    return MoLEForCausalLM(cfg, init_std=0.3).eval()
+
+
+def greedy_text(m, n=4, length=16):
+    """The model's own greedy continuations: any change to its LUT makes this text less likely."""
+    text = torch.randint(0, 64, (n, 1))
+    with torch.no_grad():
+        for _ in range(length - 1):
+            text = torch.cat([text, m(text).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return text
+
+
+def test_perplexity_equals_exp_of_the_loss():
+    from mole_kernels.quality import perplexity
+
+    m = tiny_model()
+    text = torch.randint(0, 64, (3, 16))
+    loss = m(text, labels=text).loss.double()
+    assert perplexity(m, text, batch=2) == pytest.approx(loss.exp().item(), rel=1e-5)
+
+
+def test_format_costs_and_gate():
+    from mole_kernels.quality import QualityError, check_format, format_costs
+
+    m = tiny_model()
+    text = greedy_text(m)
+    rows = format_costs(m, text, ["int8", "q1/32"])
+    assert [r["name"] for r in rows] == ["bfloat16", "int8/32", "q1/32"]
+    assert rows[1]["bits"] == 8 * (32 + 16) / 32 and rows[2]["bits"] == 8 * (4 + 2) / 32
+    assert abs(rows[1]["cost"]) < abs(rows[2]["cost"])  # int8 is closer to the reference than 1 bit
+    cost = rows[2]["cost"]
+    assert cost > 0
+    with pytest.raises(QualityError, match="q1/32"):
+        check_format(m, "q1", 32, text, max_cost=cost / 2)
+    assert check_format(m, "q1", 32, text, max_cost=cost * 2)["cost"] == pytest.approx(cost)
+    with pytest.raises(ValueError, match="max_cost"):
+        check_format(m, "q1", 32, text, max_cost=-1)
+
+
+# ------------------------------------------------------------------ the scalar CPU path -----
+
+SCALAR_CHILD_TESTS = ("test_rows_equal_dequantized_table", "test_fused_matches_float64")
+
+
+@pytest.mark.child_run(args=[__file__, "-k", " or ".join(SCALAR_CHILD_TESTS)], env={"MOLE_KERNELS_CPU_ISA": "scalar"})
+def test_scalar_cpu_path(request):
+    """The low-bit decoders pick AVX-512 or scalar code at run time; run the gather tests on the scalar path."""
+    result = child_result(request)
+    assert_child_ran(result, count_cases(module_tests(globals(), lambda fn: fn.__name__ in SCALAR_CHILD_TESTS)))
+
+
+# ------------------------------------------------------------------ Triton (interpreter) ----
+# Triton reads TRITON_INTERPRET once at import, so the interpreted cases run in a child process
+# (test_triton_interpreter_subprocess), which fails unless every one of them passed.
+INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_CASES = [((23, 2, 3, 128), None), ((17, 4, 37), 37), ((5, 2, 1, 24), 8), ((12, 3, 2, 48), 16)]
+
+
+@pytest.mark.skipif(not INTERPRETER_CHILD, reason="runs in the TRITON_INTERPRET=1 child of "
+                                                   "test_triton_interpreter_subprocess, which fails unless it passed")
+@pytest.mark.parametrize("fmt", LOW)
+@pytest.mark.parametrize("shape, block", TRITON_CASES)
+def test_interpreted_triton_matches_float64(fmt, shape, block):
+    from mole_kernels.lowbit_triton import lowbit_gather_triton
+
+    q = lowbit_table(fmt, shape, block)
+    deq = ref_decode(q)
+    E = shape[-2]
+    ids = torch.randint(0, shape[0], (3, 3))
+    ids[0, 0] = ids[2, 2]
+    w = torch.rand(3, 3, E)
+    for layer in (range(shape[1]) if len(shape) == 4 else [None]):
+        rows = deq[ids] if layer is None else deq[ids, layer]
+        got = lowbit_gather_triton(q, ids, layer=layer, dtype=torch.float32)
+        assert torch.equal(got.double(), rows)
+        fused = lowbit_gather_triton(q, ids.int(), w, layer=layer, dtype=torch.float32)
+        torch.testing.assert_close(fused.double(), (w.double()[..., None] * rows).sum(-2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=f"id {shape[0]}"):
+        lowbit_gather_triton(q, torch.tensor([0, shape[0]]), layer=0 if len(shape) == 4 else None)
+
+
+@pytest.mark.skipif(INTERPRETER_CHILD, reason="the parent of the interpreter child")
+@pytest.mark.child_run(args=[__file__, "-k", "interpreted_triton"], env={"TRITON_INTERPRET": "1"})
+def test_triton_interpreter_subprocess(request):
+    pytest.importorskip("triton")
+    result = child_result(request)
+    assert_child_ran(result, count_cases(module_tests(globals(), lambda fn: fn.__name__.startswith("test_interpreted"))))
+
+
+def test_reparameterize_refuses_unmeasured_low_bit_formats():
+    from mole_kernels.quality import QualityError
+
+    m = tiny_model()
+    text = greedy_text(m)
+    with pytest.raises(ValueError, match="below 4 bits.*max_cost"):
+        m.reparameterize(lut_format="q2", progress=False)
+    with pytest.raises(ValueError, match="both max_cost= and quality_text="):
+        m.reparameterize(lut_format="q2", max_cost=0.01, progress=False)
+    inf = m.reparameterize(lut_format="q2", block_size=16, check_quality=False, progress=False)
+    assert inf.lut.format == "q2" and inf.lut.block_size == 16
+    ids = torch.randint(0, 64, (2, 5))
+    assert torch.isfinite(inf(ids).logits).all()
+    from mole_kernels.quality import format_costs
+
+    cost = format_costs(m, text, ["q2/16"])[1]["cost"]
+    gated = m.reparameterize(lut_format="q2", block_size=16, max_cost=cost * 1.01, quality_text=text,
+                             progress=False)
+    assert gated.lut.format == "q2" and cost > 0
+    with pytest.raises(QualityError, match="q2/16"):
+        m.reparameterize(lut_format="q2", block_size=16, max_cost=cost / 2, quality_text=text, progress=False)
+    assert m.reparameterize(lut_format="nf4", progress=False).lut.format == "nf4"  # 4 bits and up: no gate needed
