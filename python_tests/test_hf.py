@@ -166,9 +166,12 @@ def test_from_pretrained_of_a_train_folder_honours_placement(folders):
     assert AutoModelForCausalLM.from_pretrained(folders / "train").lut is None
 
 
-def test_train_folder_reparameterize_shows_progress(folders, capfd):
+def test_train_folder_reparameterize_shows_progress(folders, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars are drawn on a terminal only
     MoLEForCausalLM.from_pretrained(folders / "train", placement="host")
-    assert "reparameterizing" in capfd.readouterr().err
+    assert "reparameterizing" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- generate -----------------
