@@ -270,8 +270,9 @@ class MoLEForCausalLM(_CausalLM):
             raise ValueError(f"{where}: {path!r} holds neither expert weights (model.layers.{{i}}.experts.{{e}}.*) "
                              f"nor {LUT_KEY}: not a MoLE checkpoint (a LUT kept elsewhere: pass lut_file=)")
         if has_experts and placement is None and (lut_format, block_size, lut_dtype, lut_path) != (None,) * 4:
-            raise ValueError(f"{where}: lut_format/block_size/lut_dtype/lut_path describe a LUT, but {path!r} is the "
-                             "train form; pass placement= to re-parameterize it into that tier while loading")
+            raise ValueError(f"{where}: lut_format applies to a re-parameterized folder (as do block_size, lut_dtype "
+                             f"and lut_path); {path!r} is the train form: pass placement= to re-parameterize it into "
+                             "that tier while loading")
         from ..table.lookup_table import PLACEMENTS
 
         if placement is not None and placement not in PLACEMENTS:  # before any weight is read
@@ -291,7 +292,7 @@ class MoLEForCausalLM(_CausalLM):
         from ..table import LookupTable
 
         if lut_file is not None:
-            table = LookupTable.open(lut_file, placement, device=device)
+            table = LookupTable.open(lut_file, placement or "host", device=device)
             try:
                 if lut_format is not None and canonical_format(lut_format) != table.format:
                     raise ValueError(f"{where}: lut_format={lut_format!r} but {lut_file!r} holds a "
