@@ -297,8 +297,9 @@ class MoLEForCausalLM(_CausalLM):
             raise ValueError(f"{where}: {path!r} holds neither expert weights (model.layers.{{i}}.experts.{{e}}.*) "
                              f"nor {LUT_KEY}: not a MoLE checkpoint (a LUT kept elsewhere: pass lut_file=)")
         if has_experts and placement is None and (lut_format, block_size, lut_dtype, lut_path) != (None,) * 4:
-            raise ValueError(f"{where}: lut_format/block_size/lut_dtype/lut_path describe a LUT, but {path!r} is the "
-                             "train form; pass placement= to re-parameterize it into that tier while loading")
+            raise ValueError(f"{where}: lut_format applies to a re-parameterized folder (as do block_size, lut_dtype "
+                             f"and lut_path); {path!r} is the train form: pass placement= to re-parameterize it into "
+                             "that tier while loading")
         from ..table.lookup_table import PLACEMENTS
 
         if placement is not None and placement not in PLACEMENTS:  # before any weight is read
