@@ -9,7 +9,7 @@ from mole_kernels import (DenseForCausalLM, LayerReader, LookupTable, MoLEConfig
 from mole_kernels.model.layers import StaticKVCache
 from mole_kernels.table.prefetch import layer_groups
 
-from conftest import HAS_CUDA, requires_cuda
+from conftest import HAS_CUDA, assert_child_ran, child_result, requires_cuda
 
 V, L, E, D = 40, 5, 3, 12
 
@@ -328,6 +328,57 @@ def test_the_decode_step_call_matches_float64(lut_dtype, act_dtype, id_dtype):
         with pytest.raises(ValueError, match=r"ids contains -?\d+ \(at flat position \d\)"):
             _C._lut_combine(lut, bad.to(id_dtype), 2, x[:, :bad.numel()], h[:, :bad.numel()],
                             shared[:, :bad.numel()], w)
+
+
+QUANT_FORMATS = [("int8", None), ("fp8_e4m3", None), ("nf4", 64), ("nf4", 5)]  # nf4 block 5: odd block starts
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt,block", QUANT_FORMATS, ids=[f"{f}-{b}" for f, b in QUANT_FORMATS])
+def test_the_quantized_decode_step_call_matches_float64(fmt, block, act_dtype, id_dtype):
+    """_C._lut_combine_quant with a router weight, as a decode step calls it on a quantized table: its lean
+    path (the row sum dequantizes in place) against float64 of the dequantized table; odd sizes, E = 1,
+    more experts than one summing group (20 > 16), repeated ids; it equals the general path bit for bit
+    (the same summing routine) wherever the general path takes the call, and a bad id is named."""
+    from mole_kernels import _C
+
+    ops = torch.ops.mole_kernels
+    tol = dict(atol=1e-5, rtol=1e-5) if act_dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for V_, L_, E_, D_, K in [(40, 5, 3, 40, 12), (33, 2, 1, 35, 29), (17, 3, 20, 300, 7), (9, 1, 4, 5, 16)]:
+        if fmt == "nf4" and D_ % block:
+            continue
+        q = quantize(torch.randn(V_, L_, E_, D_), fmt, block if fmt == "nf4" else None)
+        ref = dequantize(q, torch.float32)
+        w = torch.randn(E_, K).to(act_dtype)
+        for shape in [(1, 1), (2, 3), ()]:
+            ids = torch.randint(0, V_, shape, dtype=id_dtype)
+            if ids.numel() > 1:
+                ids.view(-1)[1] = ids.view(-1)[0]  # a repeated id
+            x = torch.randn(*shape, K).to(act_dtype)
+            residual, shared = torch.randn(*shape, D_).to(act_dtype), torch.randn(*shape, D_).to(act_dtype)
+            head = (q.data, q.format, q.dim, q.block_size, ids, L_ - 1)
+            got = _C._lut_combine_quant(*head, x, residual, shared, w)
+            assert got.dtype == act_dtype and got.shape == residual.shape
+            torch.testing.assert_close(got.double(), _step_reference(ref, ids, L_ - 1, x, w, residual, shared), **tol)
+            strided = torch.randn(*shape, 2 * K).to(act_dtype)[..., ::2]  # a strided x: the general path
+            strided.copy_(x)
+            assert torch.equal(_C._lut_combine_quant(*head, strided, residual, shared, w), got)
+            logits = torch.randn(*shape, E_).to(act_dtype)  # no router weight: the op itself
+            assert torch.equal(_C._lut_combine_quant(*head, logits, residual, shared, None),
+                               ops.lut_combine_quant(*head[:5], logits, L_ - 1, residual, shared, None))
+        bad = torch.tensor([[2, V_]], dtype=id_dtype)
+        with pytest.raises(ValueError, match=rf"ids contains {V_} \(at flat position 1\)"):
+            _C._lut_combine_quant(q.data, q.format, q.dim, q.block_size, bad, 0, torch.randn(1, 2, K).to(act_dtype),
+                                  torch.randn(1, 2, D_).to(act_dtype), torch.randn(1, 2, D_).to(act_dtype), w)
+
+
+@pytest.mark.child_run(args=[__file__, "-k", "quantized_decode_step_call and act_dtype0-id_dtype0"],
+                       env={"MOLE_KERNELS_CPU_ISA": "scalar"})
+def test_the_quantized_decode_step_call_on_the_scalar_path(request):
+    """The quantized sums pick AVX-512 or scalar decoding once per process: the lean path's test again on the
+    scalar routines."""
+    assert_child_ran(child_result(request), len(QUANT_FORMATS))
 
 
 def test_direct_calls_run_only_where_nothing_needs_to_see_the_op():
