@@ -105,6 +105,35 @@ def test_reader_combines_every_layer(placement, path, quantized):
         reader.start(torch.tensor([[0, 1, V]]))(0, torch.randn(1, 3, E), torch.randn(1, 3, D), torch.randn(1, 3, D))
 
 
+def test_rows_not_in_the_page_cache_are_read_together_and_equal(tmp_path):
+    """The disk tier reads the rows the page cache holds without blocking and the others from storage, several
+    at once (csrc/lookup_table.cpp, read_rows): a step whose file pages were dropped (all rows cold), half
+    dropped, or kept gives the same rows and sums."""
+    import os
+
+    lut = torch.randn(300, 2, 3, 1000)  # 24 KB rows: each spans several pages
+    path = tmp_path / "t.safetensors"
+    LookupTable.from_tensor(lut, "disk", device="cpu", path=path).close()
+    t = LookupTable.open(path, "disk")
+    ids = torch.tensor([[5, 290, 5, 17, 100, 101, 102, 0, 299, 150, 17, 42]])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for drop in ("all", "half", "none"):
+            if drop == "all":
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            elif drop == "half":  # the first half of the file's pages: some rows cached, some not, one split
+                os.posix_fadvise(fd, 0, os.path.getsize(path) // 2 + 4096, os.POSIX_FADV_DONTNEED)
+            assert torch.equal(t.gather(ids), lut[ids])
+            step = t.reader().start(ids)
+            logits, h, shared = torch.randn(1, 12, 3), torch.randn(1, 12, 1000), torch.randn(1, 12, 1000)
+            want = h.double() + shared.double() + (torch.softmax(logits.double(), -1)[..., None]
+                                                   * lut.double()[ids, 1]).sum(-2)
+            torch.testing.assert_close(step(1, logits, h, shared).double(), want, atol=1e-5, rtol=1e-5)
+    finally:
+        os.close(fd)
+        t.close()
+
+
 # ------------------------------------------------------------------ the model's step ---------------------
 
 
