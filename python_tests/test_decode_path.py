@@ -253,6 +253,44 @@ def test_compiled_decode_step_gives_the_eager_tokens():
         inf.generate(prompt, max_new_tokens=2, compile_step=1)
 
 
+def test_a_compiled_mole_step_is_the_compiled_dense_step_with_the_lookup_inside_its_loops():
+    """The compiled step's dispatch invariant (generate(compile_step=True)): dynamo's graph holds one
+    lut_combine per layer, and inductor's code for the MoLE step calls no op and no GEMM beyond the
+    dense step's: the router and the lookup are fused into its own loops (mole_kernels.combine's
+    decomposition). Its tokens equal the eager step's (test_compiled_decode_step_gives_the_eager_tokens)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from mole_kernels.combine import enable_inductor_decomposition
+
+    enable_inductor_decomposition()
+    calls = {}
+    for layers in (2, 3):
+        cfg, mole, dense = _models("host", layers)
+        cache = StaticKVCache(cfg, 2, 16, device="cpu", dtype=torch.float32)
+        cache.valid[:, :4] = True
+        tok, idx, pos = torch.tensor([3, 9]), torch.tensor([4]), torch.tensor([4, 4])
+        for name, model in (("mole", mole), ("dense", dense)):
+            graphs = []
+
+            def backend(gm, inputs):
+                graphs.append(gm)
+                from torch._inductor.compile_fx import compile_fx
+                return compile_fx(gm, inputs)
+
+            torch._dynamo.reset()
+            with torch.no_grad():
+                model._decode_step(cache, tok, idx, pos)  # warm-up: lazy buffers
+                _, code = run_and_get_code(torch.compile(model._decode_step, backend=backend, dynamic=False),
+                                           cache, tok, idx, pos)
+            code = "\n".join(code)
+            targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+            calls[name, layers] = (sum(t.split(".")[:2] == ["mole_kernels", "lut_combine"] for t in targets),
+                                   code.count("extern_kernels."),
+                                   code.count("torch.ops."))
+        assert calls["mole", layers][0] == layers  # one combine per layer in the traced graph
+        assert calls["mole", layers][1:] == calls["dense", layers][1:], calls  # no call of its own after inductor
+
+
 def test_direct_calls_equal_the_ops_and_check_their_arguments():
     """The CPU decode path calls the ops' functions directly (mole_kernels._C), the router matmul in
     the same call: same results as torch.ops (and F.linear) up to float32 summation order, one-line
