@@ -28,9 +28,11 @@ of interleaved rounds: (1) dense, `mole-host`, `mole-disk` (page cache warm) and
 from storage, /proc/self/io read_bytes, go to `extra_info["cold_bytes_read"]`); (2) per quantized
 format (int8, fp8_e4m3, nf4 with blocks of 64), `mole-host` against `mole-host-<format>`, one format's
 table in RAM at a time (peak ~5.6 GB: the bf16 table and an int8 one); (3) compiled
-(`generate(compile_step=True)`'s step), dense against MoLE host, at B = 1. Each phase's ratios are
-against its own baseline of the same rounds; steps per round: REAL_STEPS (8: a round of 160M-4E
-steps is long enough), rounds: REAL_ROUNDS (5).
+(`generate(compile_step=True)`'s step), dense against MoLE host, at B = 1 (MOLE_BENCH_REAL_COMPILED=0
+skips it). Each phase's ratios are against its own baseline of the same rounds; steps per round:
+MOLE_BENCH_REAL_STEPS (8: a round of 160M-4E steps is long enough), rounds: MOLE_BENCH_REAL_ROUNDS
+(5). Wall-clock and thread-CPU medians both go to extra_info (`ms_per_token`/`vs_dense` and
+`cpu_ms_per_token`/`cpu_vs_dense`). MOLE_BENCH_DEMO_ROUNDS overrides the demo shape's 61 rounds.
 
 Shapes: `demo` (the `mole-kernels demo` model: V=2048, L=4, E=4, D=128, FFN=512, fp32 LUT) and the
 paper's 160M-4E / 410M-4E with every layer (L = 12 / 24). On a CPU the vocabulary is scaled to
@@ -68,11 +70,12 @@ else:  # STEPS: the decode steps of the demo's 32-token generation
     CASES = [("demo", B, mode) for B in (1, 8, 32) for mode in ("eager", "compiled")] + [
         ("160M-4E", 1, "eager"), ("410M-4E", 1, "eager")]
     ROUNDS, STEPS, CONTEXT = 15, 31, 64
-DEMO_ROUNDS = ROUNDS if SMOKE or HAS_CUDA else 61
+DEMO_ROUNDS = ROUNDS if SMOKE or HAS_CUDA else int(os.environ.get("MOLE_BENCH_DEMO_ROUNDS", "61"))
 REAL_BATCHES = [] if HAS_CUDA else [1] if SMOKE else [1, 8, 32]
 REAL_STEPS, REAL_ROUNDS = (2, 1) if SMOKE else (int(os.environ.get("MOLE_BENCH_REAL_STEPS", "8")),
                                                 int(os.environ.get("MOLE_BENCH_REAL_ROUNDS", "5")))
 REAL_FORMATS = [("int8", None), ("fp8_e4m3", None), ("nf4", 64)]
+REAL_COMPILED = os.environ.get("MOLE_BENCH_REAL_COMPILED", "1") == "1"  # 0: skip phase (3) (two big compiles)
 CPU_THREADS = int(os.environ.get("MOLE_BENCH_E2E_THREADS", "1"))
 
 
@@ -311,7 +314,7 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
                     r[f"{fmt}/bf16"] = m[p] / m["mole-host"]
                     r[p] = r[f"{fmt}/bf16"] * r["mole-host"]
 
-        if B == 1:  # compiled: dense against MoLE host
+        if B == 1 and REAL_COMPILED:  # compiled: dense against MoLE host
             runs = {"dense-compiled": stepper(dense, "dense-compiled"),
                     "mole-host-compiled": stepper(host_model, "mole-host-compiled")}
             got, cpu = _interleaved(runs, REAL_ROUNDS)
