@@ -18,6 +18,22 @@ Providers:
   PCIe at the start of the step), eager and captured in a CUDA graph (`*-graph`); the goal there
   is host / device <= 1.01 at batch 1 and <= 1.03 at batch 32 (410M-4E), both in graphs.
 
+Batches: B = 1 everywhere, and B = 8 and 32 at the demo shape (eager and compiled) on a CPU.
+
+The paper's real vocabulary (`test_real_vocab_decode`, CPU): 160M-4E with V = 50,304 (a 3.7 GB bf16
+LUT, built once with `LookupTable.build` into files under $MOLE_BENCH_TABLE_DIR, default /tmp, reused
+by later runs with MOLE_BENCH_KEEP_TABLES=1, else deleted at the end), B = 1, 8 and 32, in phases
+of interleaved rounds: (1) dense, `mole-host`, `mole-disk` (page cache warm) and `mole-disk-cold`
+(the file's pages dropped with posix_fadvise(DONTNEED) before each run; the bytes the process read
+from storage, /proc/self/io read_bytes, go to `extra_info["cold_bytes_read"]`); (2) per quantized
+format (int8, fp8_e4m3, nf4 with blocks of 64), `mole-host` against `mole-host-<format>`, one format's
+table in RAM at a time (peak ~5.6 GB: the bf16 table and an int8 one); (3) compiled
+(`generate(compile_step=True)`'s step), dense against MoLE host, at B = 1 (MOLE_BENCH_REAL_COMPILED=0
+skips it). Each phase's ratios are against its own baseline of the same rounds; steps per round:
+MOLE_BENCH_REAL_STEPS (8: a round of 160M-4E steps is long enough), rounds: MOLE_BENCH_REAL_ROUNDS
+(5). Wall-clock and thread-CPU medians both go to extra_info (`ms_per_token`/`vs_dense` and
+`cpu_ms_per_token`/`cpu_vs_dense`). MOLE_BENCH_DEMO_ROUNDS overrides the demo shape's 61 rounds.
+
 Shapes: `demo` (the `mole-kernels demo` model: V=2048, L=4, E=4, D=128, FFN=512, fp32 LUT) and the
 paper's 160M-4E / 410M-4E with every layer (L = 12 / 24). On a CPU the vocabulary is scaled to
 4,096 (the table rows and the per-layer work are the paper's; a smaller lm_head makes the MoLE
@@ -25,6 +41,7 @@ share of a step larger, so the ratio is if anything pessimistic), weights float3
 thread (a decode step is a chain of small ops; a shared machine's thread pool adds noise). On a GPU
 the full vocabulary (50,304) and bf16 everywhere. Context: 64 earlier tokens (CPU), 512 (GPU).
 """
+import contextlib
 import os
 import statistics
 import time
@@ -50,9 +67,15 @@ elif HAS_CUDA:  # the goal's shape first; a short GPU loan (GPU_QUICK) measures 
         [] if GPU_QUICK else [("160M-4E", 1, "eager"), ("160M-4E", 32, "eager"), ("demo", 1, "eager")])
     ROUNDS, STEPS, CONTEXT = (9 if GPU_QUICK else 15), 16, 512
 else:  # STEPS: the decode steps of the demo's 32-token generation
-    CASES = [("demo", 1, "eager"), ("demo", 1, "compiled"), ("160M-4E", 1, "eager"), ("410M-4E", 1, "eager")]
+    CASES = [("demo", B, mode) for B in (1, 8, 32) for mode in ("eager", "compiled")] + [
+        ("160M-4E", 1, "eager"), ("410M-4E", 1, "eager")]
     ROUNDS, STEPS, CONTEXT = 15, 31, 64
-DEMO_ROUNDS = ROUNDS if SMOKE or HAS_CUDA else 61
+DEMO_ROUNDS = ROUNDS if SMOKE or HAS_CUDA else int(os.environ.get("MOLE_BENCH_DEMO_ROUNDS", "61"))
+REAL_BATCHES = [] if HAS_CUDA else [1] if SMOKE else [1, 8, 32]
+REAL_STEPS, REAL_ROUNDS = (2, 1) if SMOKE else (int(os.environ.get("MOLE_BENCH_REAL_STEPS", "8")),
+                                                int(os.environ.get("MOLE_BENCH_REAL_ROUNDS", "5")))
+REAL_FORMATS = [("int8", None), ("fp8_e4m3", None), ("nf4", 64)]
+REAL_COMPILED = os.environ.get("MOLE_BENCH_REAL_COMPILED", "1") == "1"  # 0: skip phase (3) (two big compiles)
 CPU_THREADS = int(os.environ.get("MOLE_BENCH_E2E_THREADS", "1"))
 
 
@@ -119,9 +142,9 @@ def _models(shape):
     return cfg, models
 
 
-def _stepper(cfg, model, provider, B, ids):
-    """A callable running STEPS decode steps of `provider` (what generate's loop runs per token)."""
-    cache = StaticKVCache(cfg, B, CONTEXT + STEPS + 1, device=DEV, dtype=model.dtype)
+def _stepper(cfg, model, provider, B, ids, steps=STEPS):
+    """A callable running `steps` decode steps of `provider` (what generate's loop runs per token)."""
+    cache = StaticKVCache(cfg, B, CONTEXT + steps + 1, device=DEV, dtype=model.dtype)
     cache.valid[:, :CONTEXT] = True
     if provider.endswith("-graph"):
         step = model._graph_step(cache, B)
@@ -136,7 +159,7 @@ def _stepper(cfg, model, provider, B, ids):
     def run_steps():
         idx = torch.tensor([CONTEXT], device=DEV)
         pos = torch.full((B,), CONTEXT, device=DEV)
-        for i in range(STEPS):
+        for i in range(steps):
             call(ids[i], idx, pos)
             idx += 1
             pos += 1
@@ -193,3 +216,151 @@ def test_decode_vs_dense(benchmark, threads, built, shape, B, mode):
         scaled_from=None if shape == "demo" or cfg.vocab_size == 50304 else f"L={L},V=50304",
         ms_per_token={p: round(v, 4) for p, v in ms.items()}, vs_dense={p: round(v, 4) for p, v in ratios.items()},
     )
+
+
+# ---------------------------------------------------------------- the real vocabulary (CPU) -------
+# 160M-4E with the paper's vocabulary (smoke: a tiny model of the same form).
+REAL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, num_experts=4) if SMOKE else dict(
+    vocab_size=50304, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    num_key_value_heads=12, num_experts=4)
+TABLE_DIR = os.environ.get("MOLE_BENCH_TABLE_DIR", "/tmp")
+
+
+def _fill(a, b, out):
+    """Tokens [a, b)'s rows, the same whatever the chunking (a generator seeded per token)."""
+    for t in range(a, b):
+        out[t - a].uniform_(-0.02, 0.02, generator=torch.Generator().manual_seed(t))
+
+
+@pytest.fixture(scope="module")
+def real_tables():
+    """{format or "bf16": path} of the real-vocabulary table files, built once (reused when present)."""
+    cfg = MoLEConfig(**REAL, max_position_embeddings=CONTEXT + REAL_STEPS + 1)
+    tag = "x".join(map(str, cfg.lut_shape))
+    paths = {}
+    for fmt, block in [("bf16", None)] + REAL_FORMATS:
+        path = os.path.join(TABLE_DIR, f"mole_bench_lut_{tag}_{fmt}{block or ''}.safetensors")
+        if not os.path.exists(path):
+            LookupTable.build(cfg.lut_shape, torch.bfloat16, _fill, "disk", path=path + ".part",
+                              format=None if fmt == "bf16" else fmt, block_size=block,
+                              desc=f"building the {fmt} LUT").close()
+            os.replace(path + ".part", path)
+        paths[fmt] = path
+    yield cfg, paths
+    if os.environ.get("MOLE_BENCH_KEEP_TABLES") != "1":
+        for path in paths.values():
+            os.unlink(path)
+
+
+def _drop_pages(path):
+    """Evicts the file's pages from the page cache (clean pages: the next read goes to storage)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _storage_bytes_read():
+    """Bytes this process has caused to be read from storage (/proc/self/io read_bytes)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
+def _interleaved(runs, rounds, before=None):
+    """Each provider's median ms/token over `rounds` interleaved rounds (each round starts one provider
+    later than the last), as (wall clock, this thread's CPU time); `before[p]()` runs untimed just
+    before each of p's runs. CPU time leaves out the time slices other processes take on a loaded
+    machine (the steps run on this one thread: one torch thread), but also a cold read's wait."""
+    wall, cpu = {p: [] for p in runs}, {p: [] for p in runs}
+    order = list(runs)
+    for _ in range(rounds):
+        for p in order:
+            if before and p in before:
+                before[p]()
+            t0, c0 = time.perf_counter(), time.thread_time()
+            runs[p]()
+            cpu[p].append((time.thread_time() - c0) / REAL_STEPS * 1e3)
+            wall[p].append((time.perf_counter() - t0) / REAL_STEPS * 1e3)
+        order.append(order.pop(0))
+    return ({p: statistics.median(v) for p, v in wall.items()}, {p: statistics.median(v) for p, v in cpu.items()})
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU tiers' benchmark (a GPU run measures test_decode_vs_dense)")
+@pytest.mark.parametrize("B", REAL_BATCHES, ids=[f"B{b}" for b in REAL_BATCHES])
+def test_real_vocab_decode(benchmark, threads, real_tables, B):
+    cfg, paths = real_tables
+    torch.manual_seed(0)
+    mole = MoLEForCausalLM(cfg, reparameterized=True).eval()
+    dense = DenseForCausalLM.from_mole(mole).eval()
+    ids = zipf_ids(cfg.vocab_size, B, batches=REAL_STEPS, seed=B)
+
+    def mole_on(table):
+        m = MoLEForCausalLM(cfg, reparameterized=True)
+        m.load_state_dict(mole.state_dict(), strict=True, assign=True)  # shares the weights
+        m.set_lut(table)
+        return m.eval()
+
+    def stepper(model, provider="eager"):
+        run = _stepper(cfg, model, provider, B, ids, REAL_STEPS)
+        run()  # warm-up: lazy buffers, compilation, the warm providers' pages
+        return run
+
+    ms, ratios, cpu_ms, cpu_ratios, info = {}, {}, {}, {}, {}
+    with contextlib.ExitStack() as tables:
+        host = tables.enter_context(LookupTable.open(paths["bf16"], "host"))
+        disk = tables.enter_context(LookupTable.open(paths["bf16"], "disk"))
+        cold = tables.enter_context(LookupTable.open(paths["bf16"], "disk"))
+        host_model = mole_on(host)
+        runs = {"dense": stepper(dense), "mole-host": stepper(host_model), "mole-disk": stepper(mole_on(disk)),
+                "mole-disk-cold": stepper(mole_on(cold))}
+        read = []
+
+        def drop():
+            _drop_pages(paths["bf16"])
+            read.append(_storage_bytes_read())
+
+        got, cpu = benchmark.pedantic(lambda: _interleaved(runs, REAL_ROUNDS, before={"mole-disk-cold": drop}),
+                                      rounds=1, iterations=1)
+        ms.update(got)
+        cpu_ms.update(cpu)
+        ratios.update({p: got[p] / got["dense"] for p in got})
+        cpu_ratios.update({p: cpu[p] / cpu["dense"] for p in cpu})
+        for r, m in ((ratios, got), (cpu_ratios, cpu)):
+            r["disk/host"] = m["mole-disk"] / m["mole-host"]
+            r["disk-cold/host"] = m["mole-disk-cold"] / m["mole-host"]
+        # read_bytes after each drop, so consecutive differences span one cold run and the runs after it
+        # in its round; the warm providers read nothing from storage (their pages are cached).
+        read.append(_storage_bytes_read())
+        info["cold_bytes_read_per_run"] = round(statistics.median(b - a for a, b in zip(read, read[1:])))
+        info["cold_row_bytes_per_run"] = sum(len(set(r.tolist())) for r in ids) * host.row_bytes
+
+        for fmt, _ in REAL_FORMATS:  # one quantized table in RAM at a time, against the bf16 one
+            with LookupTable.open(paths[fmt], "host") as q:
+                runs = {"mole-host": stepper(host_model), f"mole-host-{fmt}": stepper(mole_on(q))}
+                got, cpu = _interleaved(runs, REAL_ROUNDS)
+                p = f"mole-host-{fmt}"
+                ms[p], cpu_ms[p] = got[p], cpu[p]
+                for r, m in ((ratios, got), (cpu_ratios, cpu)):
+                    r[f"{fmt}/bf16"] = m[p] / m["mole-host"]
+                    r[p] = r[f"{fmt}/bf16"] * r["mole-host"]
+
+        if B == 1 and REAL_COMPILED:  # compiled: dense against MoLE host
+            runs = {"dense-compiled": stepper(dense, "dense-compiled"),
+                    "mole-host-compiled": stepper(host_model, "mole-host-compiled")}
+            got, cpu = _interleaved(runs, REAL_ROUNDS)
+            ms.update(got)
+            cpu_ms.update(cpu)
+            for r, m in ((ratios, got), (cpu_ratios, cpu)):
+                r["dense-compiled"] = 1.0
+                r["mole-host-compiled"] = r["compiled mole/dense"] = m["mole-host-compiled"] / m["dense-compiled"]
+    benchmark.group = "decode-vs-dense"
+    benchmark.extra_info.update(
+        provider="interleaved", op="decode-vs-dense", shape=f"160M-4E-V{cfg.vocab_size}-B{B}", B=B,
+        layers=cfg.num_hidden_layers, vocab=cfg.vocab_size, context=CONTEXT, steps=REAL_STEPS, rounds=REAL_ROUNDS,
+        threads=threads, lut_dtype="bfloat16", model_dtype="float32", formats=[f for f, _ in REAL_FORMATS],
+        ms_per_token={p: round(v, 4) for p, v in ms.items()}, vs_dense={p: round(v, 4) for p, v in ratios.items()},
+        cpu_ms_per_token={p: round(v, 4) for p, v in cpu_ms.items()},
+        cpu_vs_dense={p: round(v, 4) for p, v in cpu_ratios.items()},
+        note="quantized rows: ratio to the bf16 host run of their own rounds, times that run's host/dense", **info)

@@ -11,7 +11,15 @@ out[t] = sum_e w[t,e] * row[t,layer,e], bf16 [T, D]) and `rows` (one layer's row
 to bf16 [T, E, D]). extra_info: `bytes` = table bytes the call reads (T * E rows of one layer,
 scales and padding included), `bytes_per_token` (all layers: what a prefetch moves over PCIe or
 from disk), `bytes_ratio_vs_bf16`, and GB/s of table bytes read.
+
+`test_quant_fused_per_call` (the goal: a fused quantized gather costs <= 1.3x the bf16 one per call
+at T = 1-64): the formats alternate call by call (CALLS calls each per round, ids rotated), each
+round keeps every provider's median call, and the result is the median over ROUNDS rounds, through the public call (`lut_gather`, whose Python checks a caller pays too) and
+through the op itself (`torch.ops.mole_kernels.*`); ratios to bf16 in `extra_info["vs_bf16"]`.
 """
+import statistics
+import time
+
 import pytest
 import torch
 
@@ -70,3 +78,48 @@ def test_quant_gather(benchmark, tables, provider, form, T):
     )
     out = run(benchmark, lambda: fn(*inputs.next()))
     assert out is not None and out.dtype == torch.bfloat16
+
+
+PER_CALL_TOKENS = pick([1, 8, 32, 64], [8])
+ROUNDS, CALLS = pick(9, 1), pick(400, 4)
+
+
+@pytest.mark.parametrize("T", PER_CALL_TOKENS)
+def test_quant_fused_per_call(benchmark, tables, T):
+    L, E, D = MODEL_SHAPES[SHAPE]
+    ops = torch.ops.mole_kernels
+    inputs = [(ids, torch.softmax(torch.randn(T, E), -1), i % L)
+              for i, ids in enumerate(zipf_ids(QUANT_VOCAB, T, batches=ID_SETS, seed=T))]
+    calls = {}
+    for provider in PROVIDERS:
+        table = tables(provider)
+        if provider == "bf16":
+            calls["bf16"] = lambda ids, w, l, t=table: mole_kernels.lut_gather(t, ids, w, layer=l)
+            calls["bf16-op"] = lambda ids, w, l, t=table: ops.lut_gather(t, ids, w, l, None)
+        else:
+            calls[provider] = lambda ids, w, l, t=table: quantized_lut_gather(t, ids, w, layer=l, dtype=torch.bfloat16)
+            calls[provider + "-op"] = lambda ids, w, l, t=table: ops.lut_gather_quant(
+                t.data, t.format, t.dim, t.block_size, ids, w, l, torch.bfloat16, None)
+    times = {p: [] for p in calls}
+
+    def one_round():
+        # Providers alternate call by call and a round keeps each one's median call: on a loaded machine a
+        # time slice lost to another process lands on single calls, not on one provider's whole batch.
+        per_call = {p: [] for p in calls}
+        for i in range(CALLS):
+            args = inputs[i % len(inputs)]
+            for p, fn in calls.items():
+                t0 = time.perf_counter()
+                fn(*args)
+                per_call[p].append(time.perf_counter() - t0)
+        for p, v in per_call.items():
+            times[p].append(statistics.median(v) * 1e6)
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    us = {p: statistics.median(v) for p, v in times.items()}
+    benchmark.group = f"quant-fused-per-call-T{T}"
+    benchmark.extra_info.update(
+        provider="interleaved", op="lut_gather_quant-fused-per-call", shape=f"{SHAPE}-V{QUANT_VOCAB}-T{T}",
+        device="cpu", T=T, rounds=ROUNDS, calls=CALLS, us_per_call={p: round(v, 3) for p, v in us.items()},
+        vs_bf16={p: round(v / us["bf16-op" if p.endswith("-op") else "bf16"], 4) for p, v in us.items()},
+    )

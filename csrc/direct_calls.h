@@ -35,6 +35,14 @@ at::Tensor lut_combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, st
                                 const at::Tensor& x, const std::optional<at::Tensor>& router_weight,
                                 const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared);
 
+// The same for a quantized table (lut_combine_quant_cpu; the result dtype is residual's): the decode
+// step's usual case dequantizes inside the lean path's fused row sum.
+at::Tensor lut_combine_quant_step_cpu(const at::Tensor& data, c10::string_view format, int64_t dim,
+                                      int64_t block_size, const at::Tensor& ids, std::optional<int64_t> layer,
+                                      const at::Tensor& x, const std::optional<at::Tensor>& router_weight,
+                                      const std::optional<at::Tensor>& residual,
+                                      const std::optional<at::Tensor>& shared);
+
 // linear(x, weight) for the router (x [*, D], weight [E, D]): a hand loop for decode-sized inputs, whose
 // cost a GEMM library's fixed overhead would dwarf; at::linear beyond (csrc/lut_combine.cpp).
 at::Tensor router_logits(const at::Tensor& x, const at::Tensor& weight);

@@ -11,8 +11,9 @@
 //   shows up as a short read or a changed size/mtime (a clear error), where a mapping would kill
 //   the process with SIGBUS. Nothing is read up front, so a file larger than RAM works.
 //
-// copy_rows moves row segments (ids validated, int64 on the CPU) into a CPU buffer with host
-// threads (at::parallel_for): memcpy for "host", pread for "file". stage_rows (CUDA builds) moves
+// copy_rows moves row segments (ids validated, int64 on the CPU) into a CPU buffer: memcpy with host
+// threads (at::parallel_for) for "host"; for "file", pread, the rows that wait for storage read
+// concurrently (read_rows). stage_rows (CUDA builds) moves
 // them to a device buffer through a pinned staging store in a few large async copies, pipelined:
 // host threads fill one half of the staging while the other half's copy runs. dedupe_ids turns a
 // batch's ids into its sorted unique ids and each id's position among them, so a row is read once.
@@ -24,6 +25,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -31,7 +33,9 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <exception>
 #include <mutex>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -180,6 +184,50 @@ struct File {
   }
 };
 
+// Reads the file's rows out[i] <- table bytes [at[i], +n) for i < count, storage reads in flight together.
+// Why: a cold row (not in the page cache) waits ~0.1-1 ms for the device, and one thread would wait for
+// each in turn, while a disk or network volume serves many requests at once. So each row is first
+// read without blocking (RWF_NOWAIT: the page cache's bytes or nothing, so a warm step costs what it
+// did); the rows that must wait for storage are then read by up to kColdReaders threads at once,
+// started for that step only (a thread costs ~20 us, far below one cold read; warm steps start none).
+constexpr int64_t kColdReaders = 8;
+
+// Row i is table bytes [id[i] * row_bytes + seg_offset, +n), read to out + i * n.
+void read_rows(const File& file, const int64_t* id, int64_t count, int64_t row_bytes, int64_t seg_offset, int64_t n,
+               char* out) {
+  std::vector<std::pair<int64_t, int64_t>> cold;  // (row, bytes already read)
+  for (int64_t i = 0; i < count; ++i) {
+    struct iovec v {out + i * n, static_cast<size_t>(n)};
+    const ssize_t got = ::preadv2(file.fd, &v, 1, file.offset + id[i] * row_bytes + seg_offset, RWF_NOWAIT);
+    if (got == n) continue;
+    cold.emplace_back(i, got > 0 ? got : 0);  // EAGAIN (not cached), a partial read, or no RWF_NOWAIT here
+  }
+  auto read_cold = [&](const std::pair<int64_t, int64_t>& c) {
+    const auto [i, done] = c;
+    file.read_exact(out + i * n + done, id[i] * row_bytes + seg_offset + done, n - done);
+  };
+  if (cold.size() <= 1) {
+    for (const auto& c : cold) read_cold(c);
+    return;
+  }
+  std::atomic<size_t> next{0};
+  std::vector<std::exception_ptr> errors(std::min<size_t>(cold.size(), kColdReaders));
+  auto reader = [&](size_t k) {
+    try {
+      for (size_t c = next++; c < cold.size(); c = next++) read_cold(cold[c]);
+    } catch (...) {
+      errors[k] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> threads;
+  for (size_t k = 1; k < errors.size(); ++k) threads.emplace_back(reader, k);
+  reader(0);  // this thread reads too
+  for (auto& t : threads) t.join();
+  for (const auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
 std::shared_ptr<File> open_file(const std::string& path, int64_t offset, int64_t nbytes) {
   // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
@@ -241,9 +289,7 @@ void copy_segments(const at::Tensor& host, const std::shared_ptr<File>& file, in
     // ~256 KB per task: enough to amortise scheduling, small enough to spread a decode batch.
     const int64_t grain = std::max<int64_t>(1, (256 << 10) / seg_bytes);
     if (file) {
-      at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) file->read_exact(out + i * seg_bytes, id[i] * row_bytes + seg_offset, seg_bytes);
-      });
+      read_rows(*file, id, n, row_bytes, seg_offset, seg_bytes, out);
       // After the reads, against the file as opened: a change before or during them shows (a rewrite
       // while we read would have mixed old and new rows). One fstat per call: a decode step makes one.
       file->check_unchanged();

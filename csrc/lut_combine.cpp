@@ -150,27 +150,33 @@ bool is_step_operand(const at::Tensor& t, const at::Tensor& ids, int64_t last, a
   return true;
 }
 
-// A decode step's layer, the usual case only: a contiguous [V, L, E, D] CPU table, a layer, at most a
-// few contiguous ids all in [0, V), contiguous residual / shared of ids.shape + [D], a router weight
-// [E, K] and its input x of ids.shape + [K]. It computes what router_logits + lut_combine_cpu compute
-// (the same logits and softmax; the sum by the scalar fused span, equal up to float32 rounding) with
-// a few comparisons for checks and no allocation but its result. Why: between two layers a decode
-// step streams megabytes of weights through the caches, so every call finds its code and data evicted
-// and pays for each cache line it touches; the general path's checks, dispatched allocations and
-// temporaries, and the general fused kernel's dispatch layers, thread-pool entry and SIMD variants,
-// cost more that way than the layer's whole lookup. Returns an undefined tensor for any other call,
-// which the general path then runs or refuses, naming what is wrong.
-at::Tensor combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, std::optional<int64_t> layer,
-                            const at::Tensor& x, const at::Tensor& router_weight,
-                            const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared) {
-  if (lut.layout() != at::kStrided || !lut.device().is_cpu() || lut.dim() != 4 || !lut.is_contiguous() ||
-      !is_float_dtype(lut.scalar_type()) || !layer.has_value() || *layer < 0 || *layer >= lut.size(1) ||
-      ids.layout() != at::kStrided || !ids.device().is_cpu() || !ids.is_contiguous() ||
-      (ids.scalar_type() != at::kLong && ids.scalar_type() != at::kInt) || !residual.has_value() ||
-      !shared.has_value()) {
-    return at::Tensor();
+// What a decode step's lean path knows before its sum: each token's id (int64) and its softmax weights.
+struct StepWeights {
+  int64_t T = 0;
+  int64_t row[kStepWeights];
+  float w[kStepWeights];
+};
+
+// A decode step's layer, the usual case only: a contiguous [V, L, E, x] CPU table (x: D floats, or a
+// quantized row's bytes) and a layer, at most a few contiguous ids all in [0, V), contiguous residual /
+// shared of ids.shape + [D], a router weight [E, K] and its input x of ids.shape + [K]. Fills `s` with
+// what router_logits + the ops' softmax compute (the same logits and weights) and returns true, with a
+// few comparisons for checks and no allocation; false for any other call, which the general path then
+// runs or refuses, naming what is wrong. Why a lean path at all: between two layers a decode step
+// streams megabytes of weights through the caches, so every call finds its code and data evicted and
+// pays for each cache line it touches; the general path's checks, dispatched allocations and
+// temporaries, and the general fused kernels' dispatch layers, thread-pool entry and SIMD variants,
+// cost more that way than the layer's whole lookup.
+bool step_weights(const at::Tensor& table, int64_t D, const at::Tensor& ids, std::optional<int64_t> layer,
+                  const at::Tensor& x, const at::Tensor& router_weight, const std::optional<at::Tensor>& residual,
+                  const std::optional<at::Tensor>& shared, StepWeights& s) {
+  if (table.layout() != at::kStrided || !table.device().is_cpu() || table.dim() != 4 || !table.is_contiguous() ||
+      !layer.has_value() || *layer < 0 || *layer >= table.size(1) || ids.layout() != at::kStrided ||
+      !ids.device().is_cpu() || !ids.is_contiguous() || (ids.scalar_type() != at::kLong && ids.scalar_type() != at::kInt) ||
+      !residual.has_value() || !shared.has_value()) {
+    return false;
   }
-  const int64_t V = lut.size(0), L = lut.size(1), E = lut.size(2), D = lut.size(3), T = ids.numel();
+  const int64_t V = table.size(0), E = table.size(2), T = ids.numel();
   const at::ScalarType dtype = residual->scalar_type();
   const int64_t K = router_weight.dim() == 2 ? router_weight.size(1) : -1;  // the router's input size
   if (T == 0 || E == 0 || D == 0 || T * E > kStepWeights || T * E * K > kHandLoop || !is_float_dtype(dtype) ||
@@ -178,29 +184,41 @@ at::Tensor combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, std::o
       router_weight.size(0) != E || !router_weight.is_contiguous() ||
       !is_step_operand(x, ids, K, router_weight.scalar_type()) || !is_float_dtype(x.scalar_type()) ||
       !is_step_operand(*residual, ids, D, dtype) || !is_step_operand(*shared, ids, D, dtype)) {
-    return at::Tensor();
+    return false;
   }
-  // The ids, as int64 offsets into the table (all in range, or the general path takes the call).
-  int64_t row[kStepWeights];
   bool in_range = true;
   MOLE_DISPATCH_ID_TYPES(ids.scalar_type(), "lut_combine", [&] {
     const scalar_t* id = ids.const_data_ptr<scalar_t>();
     for (int64_t t = 0; t < T; ++t) {
-      row[t] = static_cast<int64_t>(id[t]);
-      in_range &= row[t] >= 0 && row[t] < V;
+      s.row[t] = static_cast<int64_t>(id[t]);
+      in_range &= s.row[t] >= 0 && s.row[t] < V;
     }
   });
-  if (!in_range) return at::Tensor();  // the general path raises, naming the id
-
-  float w[kStepWeights];
+  if (!in_range) return false;  // the general path raises, naming the id
   MOLE_DISPATCH_FLOATING_TYPES(x.scalar_type(), "router_logits", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = router_weight.const_data_ptr<scalar_t>();
     for (int64_t t = 0; t < T; ++t) {
-      for (int64_t e = 0; e < E; ++e) w[t * E + e] = static_cast<float>(router_dot(xp + t * K, wp + e * K, K));
+      for (int64_t e = 0; e < E; ++e) s.w[t * E + e] = static_cast<float>(router_dot(xp + t * K, wp + e * K, K));
     }
   });
-  for (int64_t t = 0; t < T; ++t) softmax_row(w + t * E, w + t * E, E);
+  for (int64_t t = 0; t < T; ++t) softmax_row(s.w + t * E, s.w + t * E, E);
+  s.T = T;
+  return true;
+}
+
+// The lean path of a float table (see step_weights): the sum by the scalar fused span, equal to the
+// op's up to float32 rounding. An undefined tensor when the call is not the usual case.
+at::Tensor combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, std::optional<int64_t> layer,
+                            const at::Tensor& x, const at::Tensor& router_weight,
+                            const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared) {
+  StepWeights s;
+  if (!is_float_dtype(lut.scalar_type()) || lut.dim() != 4 ||
+      !step_weights(lut, lut.size(3), ids, layer, x, router_weight, residual, shared, s)) {
+    return at::Tensor();
+  }
+  const int64_t L = lut.size(1), E = lut.size(2), D = lut.size(3);
+  const at::ScalarType dtype = residual->scalar_type();
   at::Tensor out = at::detail::empty_cpu(residual->sizes(), dtype);  // the op's own allocator, undispatched
   const int64_t token = L * E * D, first = *layer * E * D;
   MOLE_DISPATCH_FLOATING_TYPES(lut.scalar_type(), "lut_combine", [&] {
@@ -210,11 +228,32 @@ at::Tensor combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, std::o
       const scalar_t* res = residual->const_data_ptr<scalar_t>();
       const scalar_t* sh = shared->const_data_ptr<scalar_t>();
       scalar_t* o = out.data_ptr<scalar_t>();
-      for (int64_t t = 0; t < T; ++t) {
-        fused_span_scalar(table + row[t] * token + first, D, E, w + t * E, o + t * D, D, res + t * D, sh + t * D);
+      for (int64_t t = 0; t < s.T; ++t) {
+        fused_span_scalar(table + s.row[t] * token + first, D, E, s.w + t * E, o + t * D, D, res + t * D, sh + t * D);
       }
     });
   });
+  return out;
+}
+
+// The lean path of a quantized table (uint8 [V, L, E, row_bytes]; see step_weights): the sum by the
+// format's own summing routine, the one the op's fused gather runs (fused_step_quant_cpu), so the
+// results equal the op's. An undefined tensor when the call is not the usual case.
+at::Tensor combine_quant_step_cpu(const at::Tensor& data, const QuantLayout& q, const at::Tensor& ids,
+                                  std::optional<int64_t> layer, const at::Tensor& x, const at::Tensor& router_weight,
+                                  const std::optional<at::Tensor>& residual,
+                                  const std::optional<at::Tensor>& shared) {
+  StepWeights s;
+  if (data.scalar_type() != at::kByte || data.dim() != 4 || data.size(3) != q.row_bytes ||
+      !step_weights(data, q.D, ids, layer, x, router_weight, residual, shared, s)) {
+    return at::Tensor();
+  }
+  const int64_t L = data.size(1), E = data.size(2);
+  const uint8_t* base = data.const_data_ptr<uint8_t>() + *layer * E * q.row_bytes;
+  const uint8_t* seg[kStepWeights];
+  for (int64_t t = 0; t < s.T; ++t) seg[t] = base + s.row[t] * L * E * q.row_bytes;
+  at::Tensor out = at::detail::empty_cpu(residual->sizes(), residual->scalar_type());  // undispatched
+  fused_step_quant_cpu(q, seg, s.T, E, s.w, out, *residual, *shared);
   return out;
 }
 
@@ -265,6 +304,21 @@ at::Tensor lut_combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, st
   if (!router_weight.has_value()) return lut_combine_cpu(lut, ids, x, layer, residual, shared);
   at::Tensor out = combine_step_cpu(lut, ids, layer, x, *router_weight, residual, shared);
   return out.defined() ? out : lut_combine_cpu(lut, ids, router_logits(x, *router_weight), layer, residual, shared);
+}
+
+at::Tensor lut_combine_quant_step_cpu(const at::Tensor& data, c10::string_view format, int64_t dim,
+                                      int64_t block_size, const at::Tensor& ids, std::optional<int64_t> layer,
+                                      const at::Tensor& x, const std::optional<at::Tensor>& router_weight,
+                                      const std::optional<at::Tensor>& residual,
+                                      const std::optional<at::Tensor>& shared) {
+  if (!router_weight.has_value()) {
+    return lut_combine_quant_cpu(data, format, dim, block_size, ids, x, layer, residual, shared, std::nullopt);
+  }
+  at::Tensor out = combine_quant_step_cpu(data, make_quant_layout(format, dim, block_size), ids, layer, x,
+                                          *router_weight, residual, shared);
+  return out.defined() ? out
+                       : lut_combine_quant_cpu(data, format, dim, block_size, ids, router_logits(x, *router_weight),
+                                               layer, residual, shared, std::nullopt);
 }
 
 namespace {

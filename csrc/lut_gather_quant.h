@@ -67,9 +67,25 @@ int64_t check_quant_outputs(const QuantPlan& plan, const at::Tensor& data, const
                             const std::optional<at::Tensor>& weights, const at::Tensor& out,
                             const std::optional<at::Tensor>& faults);
 
+// How a format's rows are summed on a CPU: acc[k] += sum_e w[e] * deq(rows + e * row_bytes)[c0 + k] for
+// k < n and E <= kExpertGroup rows (a token's rows of one layer are consecutive), the rows decoded and
+// summed in registers and acc read and written once. Every fused CPU sum of a quantized table (the
+// fused gather, lut_combine_quant, the decode step's lean path) calls the routine dequant_sum_fn picks
+// once per call: a new format plugs in there, with one routine (csrc/lut_gather_quant_cpu.cpp).
+constexpr int64_t kExpertGroup = 16;
+using DequantSum = void (*)(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0,
+                            int64_t n, float* acc);
+DequantSum dequant_sum_fn(const QuantLayout& q);
+
 // The fused CPU gather behind lut_gather_quant(weights=) and lut_combine_quant (see fused_gather_cpu).
 void fused_gather_quant_cpu(const QuantPlan& p, const at::Tensor& data, const at::Tensor& ids, const float* w,
                             const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1);
+
+// A decode step's whole quantized lookup sum, on this thread and without checks (the lean path of
+// csrc/lut_combine.cpp): out[t] = add0[t] + add1[t] + sum_e w[t * E + e] * deq(seg[t] + e * row_bytes)
+// for t < T; out, add0 and add1 [T, D] contiguous of one float dtype (add0/add1 may be undefined).
+void fused_step_quant_cpu(const QuantLayout& q, const uint8_t* const* seg, int64_t T, int64_t E, const float* w,
+                          const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1);
 
 // The instruction set the quantized CPU kernels use: "avx512" or "scalar" (MOLE_KERNELS_CPU_ISA caps it).
 const char* quant_cpu_isa();

@@ -150,23 +150,44 @@ inline float load_scale(const uint8_t* row, const QuantLayout& q, int64_t b) {
 }
 
 // ---- scalar path --------------------------------------------------------------------------
+// Code j of a row as a float (before its scale); `fp8` is fp8_table().v.
+inline float decode_one(QFormat fmt, const float* fp8, const uint8_t* row, int64_t j) {
+  if (fmt == QFormat::kInt8) return static_cast<float>(static_cast<int8_t>(row[j]));
+  if (fmt == QFormat::kFp8E4M3) return fp8[row[j]];
+  return kNf4Levels[(row[j >> 1] >> ((j & 1) * 4)) & 15];
+}
+
 // dst[k] = s * x[j0 + k] (ACC = false) or dst[k] += s * x[j0 + k] (ACC = true), for k < n, where
 // every element lies in one scale block.
 template <bool ACC>
 void segment_scalar(QFormat fmt, const uint8_t* row, int64_t j0, int64_t n, float s, float* dst) {
   const float* fp8 = fp8_table().v;
   for (int64_t k = 0; k < n; ++k) {
-    const int64_t j = j0 + k;
-    float x;
-    if (fmt == QFormat::kInt8) {
-      x = static_cast<float>(static_cast<int8_t>(row[j]));
-    } else if (fmt == QFormat::kFp8E4M3) {
-      x = fp8[row[j]];
-    } else {
-      x = kNf4Levels[(row[j >> 1] >> ((j & 1) * 4)) & 15];
-    }
+    const float x = decode_one(fmt, fp8, row, j0 + k);
     if (ACC) dst[k] += s * x;
     else dst[k] = s * x;
+  }
+}
+
+// Column j of E rows (`rows`, `rb` bytes apart) into *a: *a += s[e] * x_e[j], experts in order.
+inline void column_scalar(QFormat fmt, const float* fp8, const uint8_t* rows, int64_t rb, int64_t E, const float* s,
+                          int64_t j, float* a) {
+  float v = *a;
+  for (int64_t e = 0; e < E; ++e) v += s[e] * decode_one(fmt, fp8, rows + e * rb, j);
+  *a = v;
+}
+
+// The scalar DequantSum (see lut_gather_quant.h): one pass over acc, the E rows summed per column.
+template <QFormat F>
+void sum_scalar(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0, int64_t n,
+                float* acc) {
+  const float* fp8 = fp8_table().v;
+  float s[kExpertGroup];
+  float* out = acc - c0;
+  for (int64_t j = c0, end = c0 + n; j < end;) {
+    const int64_t b = j / q.block, stop = std::min(end, (b + 1) * q.block);
+    for (int64_t e = 0; e < E; ++e) s[e] = w[e] * load_scale(rows + e * q.row_bytes, q, b);
+    for (; j < stop; ++j) column_scalar(F, fp8, rows, q.row_bytes, E, s, j, out + j);
   }
 }
 
@@ -244,6 +265,38 @@ void span_avx512_any(const QuantLayout& q, const uint8_t* row, int64_t c0, int64
   }
 }
 
+// The AVX-512 DequantSum (see lut_gather_quant.h): per 16 columns, the E rows decoded and summed in
+// one register (each row's scale and router weight folded into one factor per block), acc read and
+// written once, not once per expert.
+template <QFormat F>
+MOLE_QAVX512 void sum_avx512(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0,
+                             int64_t n, float* acc) {
+  const __m512 nf4 = _mm512_loadu_ps(kNf4Levels);
+  const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;  // exact: a power of two (see decode16)
+  const float* fp8 = fp8_table().v;
+  const int64_t rb = q.row_bytes;
+  float s[kExpertGroup];
+  __m512 vs[kExpertGroup];
+  float* out = acc - c0;
+  for (int64_t j = c0, end = c0 + n; j < end;) {
+    const int64_t b = j / q.block, stop = std::min(end, (b + 1) * q.block);
+    for (int64_t e = 0; e < E; ++e) {
+      s[e] = w[e] * load_scale(rows + e * rb, q, b);
+      vs[e] = _mm512_set1_ps(s[e] * unit);
+    }
+    if (F == QFormat::kNf4 && (j & 1) && j < stop) {  // vector nf4 decoding starts on a byte boundary
+      column_scalar(F, fp8, rows, rb, E, s, j, out + j);
+      ++j;
+    }
+    for (; j + 16 <= stop; j += 16) {
+      __m512 a = _mm512_loadu_ps(out + j);
+      for (int64_t e = 0; e < E; ++e) a = _mm512_fmadd_ps(vs[e], decode16<F>(rows + e * rb, j, nf4), a);
+      _mm512_storeu_ps(out + j, a);
+    }
+    for (; j < stop; ++j) column_scalar(F, fp8, rows, rb, E, s, j, out + j);
+  }
+}
+
 MOLE_QAVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 MOLE_QAVX512 inline __m512 load16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -314,6 +367,29 @@ void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t 
   }
 }
 
+}  // namespace
+
+// The one place that picks a format's summing routine (see DequantSum in lut_gather_quant.h).
+DequantSum dequant_sum_fn(const QuantLayout& q) {
+#if MOLE_QX86
+  if (use_avx512()) {
+    switch (q.fmt) {
+      case QFormat::kInt8: return sum_avx512<QFormat::kInt8>;
+      case QFormat::kFp8E4M3: return sum_avx512<QFormat::kFp8E4M3>;
+      case QFormat::kNf4: return sum_avx512<QFormat::kNf4>;
+    }
+  }
+#endif
+  switch (q.fmt) {
+    case QFormat::kInt8: return sum_scalar<QFormat::kInt8>;
+    case QFormat::kFp8E4M3: return sum_scalar<QFormat::kFp8E4M3>;
+    case QFormat::kNf4: return sum_scalar<QFormat::kNf4>;
+  }
+  TORCH_INTERNAL_ASSERT(false, "dequant_sum_fn: a format without a summing routine");
+}
+
+namespace {
+
 template <typename out_t>
 void load_tile(const out_t* src, float* dst, int64_t n) {
 #if MOLE_QX86
@@ -336,11 +412,35 @@ inline void prefetch_bytes(const uint8_t* p, int64_t bytes) {
 constexpr int64_t kTile = 512;          // float32 columns per L1 tile
 constexpr int64_t kSplitColumns = 256;  // columns per item when a batch is too small for whole tokens
 
+// Columns [c0, c0 + n) of one token: dst = add0 + add1 + sum_e w[e] * deq(seg + e * row_bytes), the
+// pointers already at column c0 (add0/add1 may be null, add0 may be dst; seg null: no rows, an id
+// outside the table, which adds nothing). `sum` is dequant_sum_fn(q), looked up once per call.
+template <typename out_t>
+void fused_item(const QuantLayout& q, DequantSum sum, const uint8_t* seg, int64_t E, const float* w, int64_t c0,
+                int64_t n, out_t* dst, const out_t* add0, const out_t* add1) {
+  alignas(64) float acc[kTile];
+  alignas(64) float tmp[kTile];
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t m = std::min(kTile, n - t0);
+    if (add0 != nullptr) load_tile(add0 + t0, acc, m);
+    else std::fill(acc, acc + m, 0.f);
+    if (add1 != nullptr) {
+      load_tile(add1 + t0, tmp, m);
+      for (int64_t k = 0; k < m; ++k) acc[k] += tmp[k];
+    }
+    for (int64_t e0 = 0; seg != nullptr && e0 < E; e0 += kExpertGroup) {
+      sum(q, seg + e0 * q.row_bytes, std::min(kExpertGroup, E - e0), w + e0, c0 + t0, m, acc);
+    }
+    store_tile(acc, dst + t0, m);
+  }
+}
+
 // out[t] = add0[t] + add1[t] + sum_e w[t, e] * deq(row(ids[t], e)); add0/add1 may be null (add0 may be out).
 template <typename out_t, typename id_t>
 void fused_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, const float* w, out_t* out,
                   const out_t* add0, const out_t* add1) {
   const QuantLayout& q = p.q;
+  const DequantSum sum = dequant_sum_fn(q);
   const int64_t D = q.D;
   const int64_t span = p.T >= 4 * at::get_num_threads() ? D : std::min(D, kSplitColumns);
   const int64_t spans = (D + span - 1) / span;
@@ -348,12 +448,9 @@ void fused_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, cons
   const int64_t seg_off = p.seg_row0 * q.row_bytes;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, p.E * q.row_bytes * span / D));
   at::parallel_for(0, p.T * spans, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc[kTile];
-    alignas(64) float tmp[kTile];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / spans;
       const int64_t c0 = (item % spans) * span;
-      const int64_t n = std::min(span, D - c0);
       const int64_t at = t * D + c0;
       const int64_t id = static_cast<int64_t>(ids[t]);
       const bool ok = id >= 0 && id < p.V;  // an id outside the table adds nothing (counted in faults)
@@ -362,19 +459,8 @@ void fused_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, cons
         const int64_t nid = static_cast<int64_t>(ids[t + 1]);
         if (nid >= 0 && nid < p.V) prefetch_bytes(data + nid * token_bytes + seg_off, p.E * q.row_bytes);
       }
-      for (int64_t t0 = 0; t0 < n; t0 += kTile) {
-        const int64_t m = std::min(kTile, n - t0);
-        if (add0 != nullptr) load_tile(add0 + at + t0, acc, m);
-        else std::fill(acc, acc + m, 0.f);
-        if (add1 != nullptr) {
-          load_tile(add1 + at + t0, tmp, m);
-          for (int64_t k = 0; k < m; ++k) acc[k] += tmp[k];
-        }
-        for (int64_t e = 0; ok && e < p.E; ++e) {
-          dequant_span<true>(q, seg + e * q.row_bytes, c0 + t0, m, w[t * p.E + e], acc);
-        }
-        store_tile(acc, out + at + t0, m);
-      }
+      fused_item(q, sum, seg, p.E, w + t * p.E, c0, std::min(span, D - c0), out + at, add0 ? add0 + at : nullptr,
+                 add1 ? add1 + at : nullptr);
     }
   });
 }
@@ -415,6 +501,21 @@ void rows_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, out_t
 }  // namespace
 
 const char* quant_cpu_isa() { return use_avx512() ? "avx512" : "scalar"; }
+
+void fused_step_quant_cpu(const QuantLayout& q, const uint8_t* const* seg, int64_t T, int64_t E, const float* w,
+                          const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1) {
+  const DequantSum sum = dequant_sum_fn(q);
+  MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_combine_quant", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+    const scalar_t* a0 = ptr(add0);
+    const scalar_t* a1 = ptr(add1);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t D = q.D;
+    for (int64_t t = 0; t < T; ++t) {
+      fused_item(q, sum, seg[t], E, w + t * E, 0, D, o + t * D, a0 ? a0 + t * D : nullptr, a1 ? a1 + t * D : nullptr);
+    }
+  });
+}
 
 void fused_gather_quant_cpu(const QuantPlan& p, const at::Tensor& data, const at::Tensor& ids, const float* w,
                             const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1) {

@@ -38,13 +38,6 @@ void check_count(Py_ssize_t n, Py_ssize_t want, const char* signature) {
   TORCH_CHECK_TYPE(n == want, "mole_kernels._C.", signature, " takes ", want, " positional arguments, got ", n);
 }
 
-// The router logits: `x` itself, or linear(x, router_weight) when a router weight is given (a MoLE
-// layer passes its normalised hidden state and router weight: one call from Python, not two).
-at::Tensor logits_arg(PyObject* x, PyObject* router_weight) {
-  const at::Tensor& t = tensor_arg(x, router_weight == Py_None ? "logits" : "x");
-  return router_weight == Py_None ? t : mole::router_logits(t, tensor_arg(router_weight, "router_weight"));
-}
-
 // The argument order puts the table and ids first and then exactly what a model's layer passes
 // (layer, x, residual, shared, router_weight), so functools.partial(_lut_combine, lut, ids) is the
 // per-layer call itself, with no Python frame between the model and this function.
@@ -69,11 +62,11 @@ PyObject* lut_combine_quant(PyObject*, PyObject* const* args, Py_ssize_t n) {
   Py_ssize_t len = 0;
   const char* format = PyUnicode_AsUTF8AndSize(args[1], &len);
   if (format == nullptr) throw python_error();
-  return THPVariable_Wrap(mole::lut_combine_quant_cpu(
+  return THPVariable_Wrap(mole::lut_combine_quant_step_cpu(
       tensor_arg(args[0], "data"), c10::string_view(format, static_cast<size_t>(len)), int_arg(args[2], "dim"),
-      int_arg(args[3], "block_size"), tensor_arg(args[4], "ids"), logits_arg(args[6], args[9]),
-      optional_int_arg(args[5], "layer"), optional_tensor_arg(args[7], "residual"),
-      optional_tensor_arg(args[8], "shared"), std::nullopt));
+      int_arg(args[3], "block_size"), tensor_arg(args[4], "ids"), optional_int_arg(args[5], "layer"),
+      tensor_arg(args[6], args[9] == Py_None ? "logits" : "x"), optional_tensor_arg(args[9], "router_weight"),
+      optional_tensor_arg(args[7], "residual"), optional_tensor_arg(args[8], "shared")));
   END_HANDLE_TH_ERRORS
 }
 

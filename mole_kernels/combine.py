@@ -708,6 +708,56 @@ def _lut_combine_quant_out_fake(out, data, format, dim, block_size, ids, logits,
 
 
 # ---------------------------------------------------------------------------
+# lut_combine inside compiled code (CPU). Inductor's generated wrapper calls a custom op through the
+# dispatcher, ~25 us a call inside a decode step whose other work has evicted that call path (MoLE
+# was 1.3x compiled dense at the demo shape). Decomposed into indexing, softmax and a sum over the
+# experts, a layer's lookup becomes part of inductor's own generated loops instead: no call, the
+# softmax, the rows and both adds in one fused pass. Only the usual case is decomposed (anything
+# else keeps the op, whose checks name what is wrong). Registered on first use, not at import
+# (importing torch._inductor takes seconds): generate(compile_step=True) does it, and a caller that
+# compiles a model itself calls enable_inductor_decomposition() first.
+# ---------------------------------------------------------------------------
+_inductor_decomposition = False
+
+
+def enable_inductor_decomposition() -> None:
+    """Lets torch.compile (inductor) generate ``lut_combine``'s CPU code itself, fused with its
+    neighbours, rather than call the op (idempotent)."""
+    global _inductor_decomposition
+    if not _inductor_decomposition:
+        from torch._inductor.decomposition import register_decomposition
+
+        register_decomposition(torch.ops.mole_kernels.lut_combine.default)(_lut_combine_decomposed)
+        _inductor_decomposition = True
+
+
+def _lut_combine_decomposed(lut, ids, logits, layer=None, residual=None, shared=None):
+    """``lut_combine`` in aten ops for inductor (CPU tensors, well-formed arguments; else NotImplemented:
+    the op itself runs). The rows ``lut[ids, layer]`` are never materialised: inductor reads them
+    inside the sum."""
+    tensors = [t for t in (lut, ids, logits, residual, shared) if t is not None]
+    lead, L = tuple(ids.shape), (lut.shape[1] if lut.dim() == 4 else 1)
+    E, D = lut.shape[-2], lut.shape[-1]
+    if (any(t.device.type != "cpu" for t in tensors) or lut.dim() not in (3, 4) or lut.dtype not in _FLOATS
+            or ids.dtype not in (torch.int32, torch.int64) or logits.dtype not in _FLOATS
+            or tuple(logits.shape) != lead + (E,) or (lut.dim() == 4 and (layer is None or not 0 <= layer < L))
+            or (lut.dim() == 3 and layer not in (None, 0))
+            or any(t is not None and (t.dtype not in _FLOATS or tuple(t.shape) != lead + (D,))
+                   for t in (residual, shared))):
+        return NotImplemented
+    # An id outside [0, V) becomes V, which inductor's bounds check refuses (a RuntimeError); plain
+    # indexing would wrap a negative id around to a real row.
+    V = lut.shape[0]
+    safe = torch.where((ids >= 0) & (ids < V), ids, V)
+    rows = lut[safe, layer] if lut.dim() == 4 else lut[safe]
+    out = (torch.softmax(logits.float(), -1).unsqueeze(-1) * rows.float()).sum(-2)
+    for t in (residual, shared):
+        if t is not None:
+            out = out + t.float()
+    return out.to(next((t.dtype for t in (residual, shared) if t is not None), lut.dtype))
+
+
+# ---------------------------------------------------------------------------
 # Public API.
 # ---------------------------------------------------------------------------
 def router_softmax(logits: torch.Tensor, *, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:

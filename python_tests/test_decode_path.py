@@ -9,7 +9,7 @@ from mole_kernels import (DenseForCausalLM, LayerReader, LookupTable, MoLEConfig
 from mole_kernels.model.layers import StaticKVCache
 from mole_kernels.table.prefetch import layer_groups
 
-from conftest import HAS_CUDA, requires_cuda
+from conftest import HAS_CUDA, assert_child_ran, child_result, requires_cuda
 
 V, L, E, D = 40, 5, 3, 12
 
@@ -167,6 +167,35 @@ def test_reader_combines_every_layer(placement, path, quantized):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=rf"ids contains {V} \(at flat position 2\)"):  # CPU: named, not counted
         reader.start(torch.tensor([[0, 1, V]]))(0, torch.randn(1, 3, E), torch.randn(1, 3, D), torch.randn(1, 3, D))
+
+
+def test_rows_not_in_the_page_cache_are_read_together_and_equal(tmp_path):
+    """The disk tier reads the rows the page cache holds without blocking and the others from storage, several
+    at once (csrc/lookup_table.cpp, read_rows): a step whose file pages were dropped (all rows cold), half
+    dropped, or kept gives the same rows and sums."""
+    import os
+
+    lut = torch.randn(300, 2, 3, 1000)  # 24 KB rows: each spans several pages
+    path = tmp_path / "t.safetensors"
+    LookupTable.from_tensor(lut, "disk", device="cpu", path=path).close()
+    t = LookupTable.open(path, "disk")
+    ids = torch.tensor([[5, 290, 5, 17, 100, 101, 102, 0, 299, 150, 17, 42]])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for drop in ("all", "half", "none"):
+            if drop == "all":
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            elif drop == "half":  # the first half of the file's pages: some rows cached, some not, one split
+                os.posix_fadvise(fd, 0, os.path.getsize(path) // 2 + 4096, os.POSIX_FADV_DONTNEED)
+            assert torch.equal(t.gather(ids), lut[ids])
+            step = t.reader().start(ids)
+            logits, h, shared = torch.randn(1, 12, 3), torch.randn(1, 12, 1000), torch.randn(1, 12, 1000)
+            want = h.double() + shared.double() + (torch.softmax(logits.double(), -1)[..., None]
+                                                   * lut.double()[ids, 1]).sum(-2)
+            torch.testing.assert_close(step(1, logits, h, shared).double(), want, atol=1e-5, rtol=1e-5)
+    finally:
+        os.close(fd)
+        t.close()
 
 
 # ------------------------------------------------------------------ the model's step ---------------------
@@ -342,6 +371,44 @@ def test_cuda_second_device_is_guarded(placement):
     table.close()
 
 
+def test_a_compiled_mole_step_is_the_compiled_dense_step_with_the_lookup_inside_its_loops():
+    """The compiled step's dispatch invariant (generate(compile_step=True)): dynamo's graph holds one
+    lut_combine per layer, and inductor's code for the MoLE step calls no op and no GEMM beyond the
+    dense step's: the router and the lookup are fused into its own loops (mole_kernels.combine's
+    decomposition). Its tokens equal the eager step's (test_compiled_decode_step_gives_the_eager_tokens)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from mole_kernels.combine import enable_inductor_decomposition
+
+    enable_inductor_decomposition()
+    calls = {}
+    for layers in (2, 3):
+        cfg, mole, dense = _models("host", layers)
+        cache = StaticKVCache(cfg, 2, 16, device="cpu", dtype=torch.float32)
+        cache.valid[:, :4] = True
+        tok, idx, pos = torch.tensor([3, 9]), torch.tensor([4]), torch.tensor([4, 4])
+        for name, model in (("mole", mole), ("dense", dense)):
+            graphs = []
+
+            def backend(gm, inputs):
+                graphs.append(gm)
+                from torch._inductor.compile_fx import compile_fx
+                return compile_fx(gm, inputs)
+
+            torch._dynamo.reset()
+            with torch.no_grad():
+                model._decode_step(cache, tok, idx, pos)  # warm-up: lazy buffers
+                _, code = run_and_get_code(torch.compile(model._decode_step, backend=backend, dynamic=False),
+                                           cache, tok, idx, pos)
+            code = "\n".join(code)
+            targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+            calls[name, layers] = (sum(t.split(".")[:2] == ["mole_kernels", "lut_combine"] for t in targets),
+                                   code.count("extern_kernels."),
+                                   code.count("torch.ops."))
+        assert calls["mole", layers][0] == layers  # one combine per layer in the traced graph
+        assert calls["mole", layers][1:] == calls["dense", layers][1:], calls  # no call of its own after inductor
+
+
 def test_direct_calls_equal_the_ops_and_check_their_arguments():
     """The CPU decode path calls the ops' functions directly (mole_kernels._C), the router matmul in
     the same call: same results as torch.ops (and F.linear) up to float32 summation order, one-line
@@ -446,6 +513,57 @@ def test_the_decode_step_call_matches_float64(lut_dtype, act_dtype, id_dtype):
         with pytest.raises(ValueError, match=r"ids contains -?\d+ \(at flat position \d\)"):
             _C._lut_combine(lut, bad.to(id_dtype), 2, x[:, :bad.numel()], h[:, :bad.numel()],
                             shared[:, :bad.numel()], w)
+
+
+QUANT_FORMATS = [("int8", None), ("fp8_e4m3", None), ("nf4", 64), ("nf4", 5)]  # nf4 block 5: odd block starts
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt,block", QUANT_FORMATS, ids=[f"{f}-{b}" for f, b in QUANT_FORMATS])
+def test_the_quantized_decode_step_call_matches_float64(fmt, block, act_dtype, id_dtype):
+    """_C._lut_combine_quant with a router weight, as a decode step calls it on a quantized table: its lean
+    path (the row sum dequantizes in place) against float64 of the dequantized table; odd sizes, E = 1,
+    more experts than one summing group (20 > 16), repeated ids; it equals the general path bit for bit
+    (the same summing routine) wherever the general path takes the call, and a bad id is named."""
+    from mole_kernels import _C
+
+    ops = torch.ops.mole_kernels
+    tol = dict(atol=1e-5, rtol=1e-5) if act_dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for V_, L_, E_, D_, K in [(40, 5, 3, 40, 12), (33, 2, 1, 35, 29), (17, 3, 20, 300, 7), (9, 1, 4, 5, 16)]:
+        if fmt == "nf4" and D_ % block:
+            continue
+        q = quantize(torch.randn(V_, L_, E_, D_), fmt, block if fmt == "nf4" else None)
+        ref = dequantize(q, torch.float32)
+        w = torch.randn(E_, K).to(act_dtype)
+        for shape in [(1, 1), (2, 3), ()]:
+            ids = torch.randint(0, V_, shape, dtype=id_dtype)
+            if ids.numel() > 1:
+                ids.view(-1)[1] = ids.view(-1)[0]  # a repeated id
+            x = torch.randn(*shape, K).to(act_dtype)
+            residual, shared = torch.randn(*shape, D_).to(act_dtype), torch.randn(*shape, D_).to(act_dtype)
+            head = (q.data, q.format, q.dim, q.block_size, ids, L_ - 1)
+            got = _C._lut_combine_quant(*head, x, residual, shared, w)
+            assert got.dtype == act_dtype and got.shape == residual.shape
+            torch.testing.assert_close(got.double(), _step_reference(ref, ids, L_ - 1, x, w, residual, shared), **tol)
+            strided = torch.randn(*shape, 2 * K).to(act_dtype)[..., ::2]  # a strided x: the general path
+            strided.copy_(x)
+            assert torch.equal(_C._lut_combine_quant(*head, strided, residual, shared, w), got)
+            logits = torch.randn(*shape, E_).to(act_dtype)  # no router weight: the op itself
+            assert torch.equal(_C._lut_combine_quant(*head, logits, residual, shared, None),
+                               ops.lut_combine_quant(*head[:5], logits, L_ - 1, residual, shared, None))
+        bad = torch.tensor([[2, V_]], dtype=id_dtype)
+        with pytest.raises(ValueError, match=rf"ids contains {V_} \(at flat position 1\)"):
+            _C._lut_combine_quant(q.data, q.format, q.dim, q.block_size, bad, 0, torch.randn(1, 2, K).to(act_dtype),
+                                  torch.randn(1, 2, D_).to(act_dtype), torch.randn(1, 2, D_).to(act_dtype), w)
+
+
+@pytest.mark.child_run(args=[__file__, "-k", "quantized_decode_step_call and act_dtype0-id_dtype0"],
+                       env={"MOLE_KERNELS_CPU_ISA": "scalar"})
+def test_the_quantized_decode_step_call_on_the_scalar_path(request):
+    """The quantized sums pick AVX-512 or scalar decoding once per process: the lean path's test again on the
+    scalar routines."""
+    assert_child_ran(child_result(request), len(QUANT_FORMATS))
 
 
 def test_direct_calls_run_only_where_nothing_needs_to_see_the_op():

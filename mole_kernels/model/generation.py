@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..combine import enable_inductor_decomposition
 from .config import MoLEConfig, _is_int
 from .layers import DecoderLayer, StaticKVCache, _attention_mask, _Backbone, _rope
 
@@ -249,6 +250,7 @@ class _CausalLM(nn.Module):
         """``_decode_step`` through torch.compile, made once per model (inductor caches the code)."""
         if self._compiled_step is None:
             import_cpp_extension_quietly()
+            enable_inductor_decomposition()  # lut_combine as inductor's own fused code, not a dispatcher call
             self._compiled_step = torch.compile(self._decode_step, dynamic=False)
         return self._compiled_step
 

@@ -230,7 +230,21 @@ def _plain_eager(ids: torch.Tensor) -> bool:
 
 def _op_combine(op, l, x, residual, shared, router_weight=None):
     """``op(logits, l, residual, shared)``, the logits computed from ``x`` when a router weight is given."""
-    return op(x if router_weight is None else F.linear(x, router_weight), l, residual, shared)
+    return op(x if router_weight is None else _router_logits(x, router_weight), l, residual, shared)
+
+
+# Router matmuls up to this many multiply-adds are a product and a sum inside compiled CPU code (as
+# kHandLoop in csrc/lut_combine.cpp: below it a GEMM call's fixed cost dwarfs the E x D work).
+_COMPILED_ROUTER_MACS = 1 << 16
+
+
+def _router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``linear(x, weight)``. Inside torch.compile on a CPU, for decode-sized inputs, as a product and a
+    sum: inductor then fuses the router into the layer's lookup loop (lut_combine's decomposition,
+    mole_kernels.combine) instead of calling a GEMM for E x D multiply-adds."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() * weight.shape[0] <= _COMPILED_ROUTER_MACS:
+        return (x.unsqueeze(-2) * weight).sum(-1)
+    return F.linear(x, weight)
 
 
 def _combine_counting_faults(op_out, head, faults, logits, l, residual, shared):
