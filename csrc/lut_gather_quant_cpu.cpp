@@ -367,10 +367,19 @@ void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t 
   }
 }
 
+// The low-bit formats' DequantSum: their decoders (lut_gather_lowbit_cpu.cpp) work a row at a time,
+// so each of the E rows is added into acc in turn.
+template <bool AVX512>
+void sum_lowbit(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0, int64_t n,
+                float* acc) {
+  for (int64_t e = 0; e < E; ++e) lowbit_span_acc(q, rows + e * q.row_bytes, c0, n, w[e], acc, AVX512);
+}
+
 }  // namespace
 
 // The one place that picks a format's summing routine (see DequantSum in lut_gather_quant.h).
 DequantSum dequant_sum_fn(const QuantLayout& q) {
+  if (is_lowbit(q.fmt)) return use_avx512() ? sum_lowbit<true> : sum_lowbit<false>;
 #if MOLE_QX86
   if (use_avx512()) {
     switch (q.fmt) {
