@@ -90,7 +90,7 @@ def case(tmp_path_factory):
     return c
 
 
-def _child(runs, tmp_path, timeout=1500):
+def _child(runs, tmp_path, timeout=2400):
     """Runs the engines of ``runs`` in one child process: (results, the child's stderr)."""
     src, out = tmp_path / "runs.json", tmp_path / "out.json"
     src.write_text(json.dumps(runs))

@@ -41,7 +41,7 @@ and the residual's into its row-parallel MLP partial before the one all-reduce t
 (:func:`tp_ffn`): no collective of its own.
 
 ``MoleDenseForCausalLM`` (also registered) is the same-shape dense model (no router, no LUT term):
-the baseline of ``bench/bench_vllm.py``.
+the baseline of ``bench/vllm_serving.py``.
 """
 from __future__ import annotations
 
