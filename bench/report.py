@@ -621,6 +621,10 @@ def render(paths, out, plot_dir, preamble=None):
     if not any(g for _, g in texts):
         doc += ["**GPU: not measured** — no GPU run in these files (run `bench/gpu_check.sh` on a GPU machine).", ""]
     doc += [t for t, _ in texts]
+    vllm = os.path.join(out_dir, "results", "vllm.md")  # bench/vllm_serving.py's section (its own run and date)
+    if os.path.exists(vllm):
+        with open(vllm) as f:
+            doc += [f.read().rstrip(), ""]
     with open(out, "w") as f:
         f.write("\n".join(doc).rstrip() + "\n")
     return runs

@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE per engine (GiB)")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's default, torch.compile)")
     p.add_argument("--json", help="also write the measurements here")
+    p.add_argument("--markdown", help="also write the section here (bench/results/vllm.md: report.py appends it to "
+                                      "bench/RESULTS.md)")
     return p.parse_args(argv)
 
 
@@ -130,14 +132,17 @@ def main(argv=None):
         tps = {k: c * args.new_tokens / statistics.median(v) for k, v in times.items() for c in [k[1]]}
         spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
         load = os.getloadavg()
-        report(args, names, tps, spread, rss, kv, lut_bytes, load)
+        text = report(args, names, tps, spread, rss, kv, lut_bytes, load)
+        print(text)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(text)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "tokens_per_s": {f"{n}|{c}": v for (n, c), v in tps.items()},
                            "seconds": {f"{n}|{c}": v for (n, c), v in times.items()}, "rss": rss, "kv_blocks": kv,
                            "lut_bytes": lut_bytes, "loadavg": load}, f, indent=1)
-        for llm, _ in engines.values():
-            llm.shutdown()
+        engines.clear()  # the engines shut down as their LLM objects go
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -150,26 +155,28 @@ def report(args, names, tps, spread, rss, kv, lut_bytes, load):
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     mib = 1 << 20
-    print(f"\n## vLLM serving: MoLE vs the same-shape dense model ({now})\n")
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores (vLLM binds its worker to one), load average "
+    lines = []  # the Markdown section
+    lines.append(f"\n## vLLM serving: MoLE vs the same-shape dense model ({now})\n")
+    lines.append(f"Machine: {platform.machine()}, {os.cpu_count()} cores (vLLM binds its worker to one), load average "
           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) at the end, shared with other work. "
           f"vLLM {vllm.__version__}, torch {torch.__version__}, commit {commit}, "
           f"{'enforce_eager' if args.eager else 'torch.compile (vLLM default)'}. Model: V={args.vocab}, D={args.hidden}, "
           f"FFN={args.ffn}, L={args.layers}, heads={args.heads}, E={args.experts}, float32 weights, LUT "
-          f"{args.lut_dtype} ({lut_bytes / mib:.0f} MiB). Requests: {args.prompt}-token prompts, {args.new_tokens} "
+          f"{args.lut_dtype} ({lut_bytes / mib:.1f} MiB). Requests: {args.prompt}-token prompts, {args.new_tokens} "
           f"generated tokens each, c submitted at once; medians of {args.repeats} rounds, engines in rotating order.\n")
-    print("| concurrency | engine | generated tokens/s | vs dense | spread |")
-    print("| --- | --- | --- | --- | --- |")
+    lines.append("| concurrency | engine | generated tokens/s | vs dense | spread |")
+    lines.append("| --- | --- | --- | --- | --- |")
     for c in args.concurrency:
         for n in names:
-            print(f"| {c} | {n} | {tps[(n, c)]:.1f} | {tps[(n, c)] / tps[('dense', c)]:.3f} | "
+            lines.append(f"| {c} | {n} | {tps[(n, c)]:.1f} | {tps[(n, c)] / tps[('dense', c)]:.3f} | "
                   f"{100 * spread[(n, c)]:.0f} % |")
-    print("\n| engine | RSS (MiB) | minus dense, in LUTs | KV-cache blocks |")
-    print("| --- | --- | --- | --- |")
+    lines.append("\n| engine | RSS (MiB) | minus dense, in LUTs | KV-cache blocks |")
+    lines.append("| --- | --- | --- | --- |")
     for n in names:
-        print(f"| {n} | {rss[n] / mib:.0f} | {(rss[n] - rss['dense']) / lut_bytes:+.3f} | {kv[n]} |")
-    print("\nspread: (slowest - fastest) / median of a cell's rounds. RSS: the engine core's and worker's "
+        lines.append(f"| {n} | {rss[n] / mib:.0f} | {(rss[n] - rss['dense']) / lut_bytes:+.3f} | {kv[n]} |")
+    lines.append("\nspread: (slowest - fastest) / median of a cell's rounds. RSS: the engine core's and worker's "
           "resident memory after warm-up (the LLM's own process, equal for all, not counted).")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

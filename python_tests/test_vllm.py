@@ -315,8 +315,9 @@ def test_readme_vllm_blocks_run():
 
     blocks = [b for b in test_readme.readme_blocks() if b[2].splitlines()[0] == test_readme.VLLM_MARK]
     assert len(blocks) >= 2, "README.md has no '# needs vLLM' blocks"
+    path = os.pathsep.join([os.path.dirname(sys.executable), test_readme._command_path()])  # `python`: this one
     for block in blocks:
-        res, left = test_readme._run_block(block, test_readme._command_path())
+        res, left = test_readme._run_block(block, path)
         assert res.returncode == 0, f"README.md line {block[1]} failed:\n{res.stdout}\n{res.stderr[-5000:]}"
         assert res.stdout.strip(), f"README.md line {block[1]} printed nothing"
         assert not left, f"README.md line {block[1]} left files: {left}"

@@ -32,8 +32,10 @@ torch.compile (vLLM's default mode): the in-RAM tiers trace as the core's ``lut_
 (with a fake kernel), the table a plain tensor the compiled code reads in place. The disk tier reads
 the step's unique rows with a host call dynamo cannot trace, so under compilation its step is two
 opaque custom ops of this module (``mole_kernels_vllm::start_step`` once per step,
-``mole_kernels_vllm::combine`` per layer; see :class:`_ServedLUT`). On a GPU (designed, not run here)
-the host tier is the graph-capturable direct path reading vLLM's persistent ``input_ids``.
+``mole_kernels_vllm::combine`` per layer; see :class:`_ServedLUT`). On a GPU (not run here: no GPU on
+this project's machine) the host and device tiers take the same traced op, reading the step's ids
+from the tensor vLLM passes (its persistent ``input_ids`` buffer); that vLLM's full CUDA graphs
+capture it is the design, unverified.
 
 Under vLLM tensor parallelism each rank holds its ``D/N`` columns of the LUT (sliced on load as
 :class:`~mole_kernels.model.tensor_parallel.TPMoLEForCausalLM` does) and writes its weighted slice
