@@ -89,7 +89,7 @@ def lut_settings(hf_config) -> Dict[str, object]:
     unknown = sorted(k for k in d if k.startswith("mole_lut") and k not in SETTINGS)
     if unknown:
         raise ValueError(f"{_WHERE}: unknown setting(s) {unknown}; the settings are {sorted(SETTINGS)}")
-    s = {k: d.get(k, v) if d.get(k) is not None else v for k, v in SETTINGS.items()}
+    s = {k: default if d.get(k) is None else d[k] for k, default in SETTINGS.items()}
     if s["mole_lut_placement"] not in PLACEMENTS:
         raise ValueError(f"{_WHERE}: mole_lut_placement must be one of {PLACEMENTS}, got {s['mole_lut_placement']!r}")
     bs = s["mole_lut_block_size"]
