@@ -11,7 +11,7 @@ quality on some models and not on others, so :meth:`MoLEForCausalLM.reparameteri
 unless the gate passed on the user's text (``max_cost=`` and ``quality_text=``) or the user
 overrides (``check_quality=False``).
 """
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional
 
 import torch
 

