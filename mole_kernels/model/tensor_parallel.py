@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._files import check_replaceable
-from ..quant import canonical_format, quantize, quantized_layout
+from ..quant import quantize, quantized_layout
 from ..table import LookupTable
 from ..table.file_format import _chunk_rows, _metadata, _write_table
 from .baselines import DenseForCausalLM
@@ -66,7 +66,7 @@ from .checkpoints import (LUT_KEY, WeightFiles, _check_state_dict, _is_expert_ke
                           check_counts, is_safetensors)
 from .config import MoLEConfig, parse_dtype
 from .generation import GenerationOutput
-from .mole import MoLEForCausalLM, _check_lut_format
+from .mole import MoLEForCausalLM, _check_lut_format, _lut_file_table
 
 DEFAULT_TIMEOUT_S = 300.0
 _META = "mole_kernels.tp_"  # shard file metadata: rank, world_size, columns, hidden, table
@@ -741,13 +741,9 @@ class TPMoLEForCausalLM(_TensorParallel, MoLEForCausalLM):
             if lut_dtype is not None or lut_path is not None:
                 raise ValueError(f"{where}: lut_dtype/lut_path apply when slicing a single-process table; the shard "
                                  f"{shard} is used as stored")
-            t = LookupTable.open(shard, placement, device)
+            t = _lut_file_table(shard, placement, device, lut_format, block_size, where)
             try:
                 _check_shard(t.metadata, shard, rank, world, D)
-                if lut_format is not None and canonical_format(lut_format) != t.format:
-                    raise ValueError(f"{where}: lut_format={lut_format!r} but {shard} holds a {t.format or 'float'} table")
-                if block_size is not None and block_size != t.block_size:
-                    raise ValueError(f"{where}: block_size={block_size} but {shard} has block_size={t.block_size}")
             except BaseException:
                 t.close()
                 raise
