@@ -57,9 +57,11 @@ def test_a_finished_case_survives_a_killed_run(tmp_path):
     jsonl, js = tmp_path / "results.jsonl", tmp_path / "bench.json"
     env = dict(os.environ, MOLE_BENCH_SMOKE="1", MOLE_BENCH_JSONL=str(jsonl),
                PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "pytest", "bench/bench_limits.py", "-k", "host_copy", "-q",
-                        "-p", "no:cacheprovider", "-p", "die_after_case", f"--benchmark-json={js}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # Run from tmp_path: `python -m pytest` puts its folder first on sys.path, and the clone's root holds
+    # the source tree, which has no compiled extension where the package is installed (CI).
+    r = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "bench", "bench_limits.py"), "-k",
+                        "host_copy", "-q", "-p", "no:cacheprovider", "-p", "die_after_case", f"--benchmark-json={js}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert not js.exists(), "the child was meant to die before pytest-benchmark writes its JSON"
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
     assert len(rows) == 1, r.stdout + r.stderr
