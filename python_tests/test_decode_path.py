@@ -317,7 +317,7 @@ def test_compiled_decode_step_gives_the_eager_tokens():
         inf.generate(prompt, max_new_tokens=2, compile_step=1)
 
 
-def test_compiling_the_step_says_nothing_about_a_cuda_toolkit_on_a_cpu():
+def test_compiling_the_step_says_nothing_about_a_cuda_toolkit_on_a_cpu(tmp_path):
     """torch's cpp_extension (imported by inductor) logs "No CUDA runtime is found, using CUDA_HOME=..."
     on a machine with a toolkit but no GPU; compile_step=True imports it quietly first."""
     import subprocess
@@ -327,7 +327,9 @@ def test_compiling_the_step_says_nothing_about_a_cuda_toolkit_on_a_cpu():
         pytest.skip("a GPU is visible: torch has nothing to warn about")
     plain = "import torch.utils.cpp_extension"
     quiet = "from mole_kernels.model.generation import import_cpp_extension_quietly as q; q(); " + plain
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # cwd: not the clone's root, whose source tree (no compiled extension where the package is installed)
+    # `python -c` would import first
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
             for code in (plain, quiet)]
     assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
     if "No CUDA runtime is found" not in runs[0].stderr:
@@ -396,7 +398,9 @@ def test_a_compiled_mole_step_is_the_compiled_dense_step_with_the_lookup_inside_
                 return compile_fx(gm, inputs)
 
             torch._dynamo.reset()
-            with torch.no_grad():
+            # Compiled fresh: inductor's on-disk graph cache does not key on registered decompositions, so
+            # code cached by an earlier compile of the same graph without them could be replayed.
+            with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
                 model._decode_step(cache, tok, idx, pos)  # warm-up: lazy buffers
                 _, code = run_and_get_code(torch.compile(model._decode_step, backend=backend, dynamic=False),
                                            cache, tok, idx, pos)
