@@ -29,10 +29,11 @@ hf_overrides={"mole_lut_placement": "disk"})`` or ``--hf-overrides '{"mole_lut_p
   ``mole_lut_file``: must match the file); ``mole_lut_dtype``: convert the float LUT on load.
 
 torch.compile (vLLM's default mode): the in-RAM tiers trace as the core's ``lut_combine`` custom op
-(with a fake kernel), the table a plain tensor the compiled code reads in place. The disk tier reads
-the step's unique rows with a host call dynamo cannot trace, so under compilation its step is two
-opaque custom ops of this module (``mole_kernels_vllm::start_step`` once per step,
-``mole_kernels_vllm::combine`` per layer; see :class:`_ServedLUT`). On a GPU (not run here: no GPU on
+(with a fake kernel; inductor generates its code, see
+:func:`~mole_kernels.combine.enable_inductor_decomposition`), the table a plain tensor the compiled code
+reads in place. The disk tier reads the step's unique rows with a host call dynamo cannot trace: under
+compilation that read is one opaque custom op per step (``mole_kernels_vllm::read_rows``) and each
+layer the same traced ``lut_combine`` over the rows it returned (see :class:`_ServedLUT`). On a GPU (not run here: no GPU on
 this project's machine) the host and device tiers take the same traced op, reading the step's ids
 from the tensor vLLM passes (its persistent ``input_ids`` buffer); that vLLM's full CUDA graphs
 capture it is the design, unverified.
@@ -48,7 +49,6 @@ the baseline of ``bench/vllm_serving.py``.
 from __future__ import annotations
 
 import os
-from functools import partial
 from typing import Dict, Iterable, Optional, Set, Tuple
 
 import torch
@@ -67,10 +67,13 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
+from ..combine import enable_inductor_decomposition
 from ..model.checkpoints import LUT_KEY, WeightFiles, _is_expert_key, _read_config, _weight_files
 from ..model.config import MoLEConfig, parse_dtype
 from ..model.mole import _check_lut_format, _lut_file_table, _official_lut
 from ..table import LookupTable
+from ..table.lookup_table import _like
+from ..table.reader import _direct_combine
 
 PLACEMENTS = ("host", "disk", "device")
 #: The settings this module reads from the model config (vLLM's ``hf_overrides``), with their defaults.
@@ -156,53 +159,48 @@ class _ServedLUT:
     """A step's LUT term: ``step = served.start(ids)`` once per step, then ``step(l, n, residual, shared,
     router_weight)`` in each layer = ``residual + shared + sum_e softmax(n @ W^T)_e * LUT[ids, l, e]``.
 
-    Eager, and for the in-RAM tiers under torch.compile too, this is the table's LayerReader itself
-    (compiled: the core's ``lut_combine`` op, which traces). The disk tier's step reads the unique rows
-    of its ids from the file first, a host call dynamo cannot trace: compiled, the step is
-    ``start_step`` (the read, through the reader, keyed by this table's slot) and one ``combine`` per
-    layer taking start_step's output, so the compiled graph keeps them in order."""
+    Eager, this is the table's LayerReader itself. Under torch.compile every tier's layers are the core's
+    ``lut_combine`` op, which traces: the in-RAM (and VRAM) tiers' over the whole table; the disk tier's over
+    the step's unique rows, read from the file first by a host call dynamo cannot trace: one opaque op per
+    step (``mole_kernels_vllm::read_rows``, keyed by this table's slot)."""
 
-    _slots: Dict[int, "_ServedLUT"] = {}
+    _slots: Dict[str, "_ServedLUT"] = {}
 
     def __init__(self, table: LookupTable):
         self.table = table
         self.reader = table.reader()
-        self.slot = len(_ServedLUT._slots)
+        self.slot = str(len(_ServedLUT._slots))  # a string: dynamo keeps it a constant (an int may become symbolic)
         _ServedLUT._slots[self.slot] = self
-        self._step = None  # the disk tier's current step, under compilation
 
     def start(self, ids: torch.Tensor):
-        if self.table.placement != "disk" or not torch.compiler.is_compiling():
-            return self.reader.start(ids)
-        token = torch.ops.mole_kernels_vllm.start_step(ids, self.slot)
-        return partial(_opaque_combine, token, self.slot)
+        if not torch.compiler.is_compiling():
+            return self.reader.start(ids)  # eager: the reader picks each step's path
+        t = self.table
+        faults = None if ids.device.type == "cpu" else self.reader._faults
+        if t.placement != "disk":
+            # The traced op over the whole table. On a GPU the host tier's pinned table is read in place
+            # (zero-copy), which CUDA graphs capture; the reader's prefetch on a side stream they would not.
+            return _direct_combine(t._lut, ids, faults)
+        buf, inverse = torch.ops.mole_kernels_vllm.read_rows(ids, self.slot)
+        rows = _like(t._quant, buf.view(t._stored_dtype).view(-1, *t._stored_shape[1:]))
+        return _direct_combine(rows, inverse, faults)
 
 
-def _opaque_combine(token, slot, l, x, residual, shared, router_weight):
-    return torch.ops.mole_kernels_vllm.combine(token, x, residual, shared, router_weight, l, slot)
+@torch.library.custom_op("mole_kernels_vllm::read_rows", mutates_args=())
+def _read_rows(ids: torch.Tensor, slot: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The disk tier's step read: (the unique rows of ``ids``, as bytes in ``ids.numel() + 1`` row slots of
+    which the first U are used; each id's row among them, shaped like ``ids``)."""
+    t = _ServedLUT._slots[slot].table
+    buf = torch.empty((ids.numel() + 1) * t.row_bytes, dtype=torch.uint8, device=t.device)
+    _, inverse = t._unique_rows(ids.reshape(-1), None, out=buf)
+    return buf, inverse.view(ids.shape)
 
 
-@torch.library.custom_op("mole_kernels_vllm::start_step", mutates_args=())
-def _start_step(ids: torch.Tensor, slot: int) -> torch.Tensor:
-    served = _ServedLUT._slots[slot]
-    served._step = served.reader.start(ids)
-    return ids.new_empty(0)  # only orders the layers' combine calls after this read
-
-
-@_start_step.register_fake
+@_read_rows.register_fake
 def _(ids, slot):
-    return ids.new_empty(0)
-
-
-@torch.library.custom_op("mole_kernels_vllm::combine", mutates_args=())
-def _combine(token: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, shared: torch.Tensor,
-             router_weight: torch.Tensor, layer: int, slot: int) -> torch.Tensor:
-    return _ServedLUT._slots[slot]._step(layer, x, residual, shared, router_weight)
-
-
-@_combine.register_fake
-def _(token, x, residual, shared, router_weight, layer, slot):
-    return torch.empty_like(residual)
+    t = _ServedLUT._slots[slot].table
+    return (torch.empty((ids.numel() + 1) * t.row_bytes, dtype=torch.uint8, device=t.device),
+            torch.empty(ids.shape, dtype=torch.int64, device=t.device))
 
 
 def tp_ffn(step, l: int, n: torch.Tensor, h: torch.Tensor, partial_mlp: torch.Tensor, router_weight: torch.Tensor,
@@ -318,6 +316,8 @@ class MoleModel(nn.Module):
                              torch.device("cpu") if device is None else device,
                              rank=get_tensor_model_parallel_rank(), world=get_tensor_model_parallel_world_size())
             self.lut = _ServedLUT(table)
+            if not vllm_config.model_config.enforce_eager:  # vLLM compiles with inductor (also on CPU)
+                enable_inductor_decomposition()  # each layer's lookup in inductor's own fused code
 
     def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
