@@ -349,9 +349,14 @@ GOALS = [
 
 
 def goal_lines(data):
-    """(what, measured, bound text, 'met' / 'NOT met') for every goal this run measured."""
+    """(what, measured, bound text, 'met' / 'NOT met') for every goal this run measured: a "GPU ..." goal
+    from a run with GPU rows only, a "CPU ..." goal from a run without (both measure providers of the same
+    names, e.g. mole-host)."""
     rows = []
+    gpu = run_has_gpu(data)
     for what, cmp, bound, read in GOALS:
+        if what.startswith(("GPU", "CPU")) and what.startswith("GPU") != gpu:
+            continue
         value = read(data)
         if value is not None:
             met = value <= bound if cmp == "<=" else value >= bound

@@ -125,6 +125,11 @@ def test_decode_table_and_goals(tmp_path):
     assert "| CPU decode, MoLE (LUT on host) / dense, demo shape | 1.030 | <= 1.05 | met |" in text
     assert "| CPU decode, disk / host (page cache warm), demo shape | 1.019 | <= 1.02 | met |" in text
     assert "160M-4E" not in text.split("### Goals")[1].split("###")[0]  # not measured: not listed
+    big = _bench("decode-vs-dense", "410M-4E-B1", "interleaved", 0.1, 0, rounds=9,
+                 ms_per_token={"dense": 1.0, "mole-host": 1.01}, vs_dense={"dense": 1.0, "mole-host": 1.01})
+    cpu_goals = [w for w, *_ in report.goal_lines({"benchmarks": [decode, big]})]
+    assert "CPU decode, MoLE (host) / dense, 410M-4E" in cpu_goals
+    assert not any(w.startswith("GPU") for w in cpu_goals)  # a CPU run's mole-host rows are not GPU figures
 
     gpu = [_bench("zero-copy-sm-read", "512MiB", "limit", 0.01, 400_000_000, device="cuda", gpu="H200"),
            _bench("h2d-pinned", "512MiB", "limit", 0.01, 500_000_000, device="cuda", gpu="H200"),
