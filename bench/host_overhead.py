@@ -46,7 +46,7 @@ class _FakeDriver:
         self._target = GPUTarget("cuda", 90, 32)
 
     def get_current_device(self):
-        return 0
+        return -1  # what a CPU tensor's get_device() answers: the layer's tensors are on the current device
 
     def get_current_stream(self, device=None):
         return 0
@@ -59,13 +59,19 @@ class _FakeDriver:
 
 
 class _CountingKernel:
-    """A compiled kernel stand-in: ``run`` is the launch, which it counts and skips."""
+    """A compiled kernel stand-in: ``run`` is the launch, which it counts and skips; ``launch_metadata``
+    is Triton's own (what every launch builds for the launch hooks, compiled or not)."""
+
+    name, src = "stub", None
 
     def __init__(self, counter):
-        self.function, self.packed_metadata, self._counter = None, None, counter
+        from triton.compiler.compiler import CompiledKernel
 
-    def launch_metadata(self, grid, stream, *args):
-        return None
+        self.function, self.packed_metadata, self._counter = None, None, counter
+        self.launch_metadata = CompiledKernel.launch_metadata.__get__(self)
+
+    def _init_handles(self):  # loaded: a real kernel's handles are too after its first launch
+        pass
 
     def run(self, *args):
         self._counter["launches"] += 1
@@ -112,10 +118,11 @@ def layer_calls(T: int = 1, E: int = 4, D: int = 1024, L: int = 24, V: int = 512
 
     g = torch.Generator().manual_seed(0)
     table = torch.randn(V, L, E, D, generator=g).to(dtype)
-    ids = torch.randint(0, V, (T,), generator=g)
-    x = torch.randn(T, D, generator=g).to(dtype)
-    residual = torch.randn(T, D, generator=g).to(dtype)
-    shared = torch.randn(T, D, generator=g).to(dtype)
+    # The model's decode-step shapes: ids [B, 1], hidden states [B, 1, D] (MoLEForCausalLM._ffn).
+    ids = torch.randint(0, V, (T, 1), generator=g)
+    x = torch.randn(T, 1, D, generator=g).to(dtype)
+    residual = torch.randn(T, 1, D, generator=g).to(dtype)
+    shared = torch.randn(T, 1, D, generator=g).to(dtype)
     router = torch.randn(E, D, generator=g).to(dtype)
     faults = torch.zeros(1, dtype=torch.int64)
     prefetch = LookupTable.from_tensor(table, "host", device="cpu").prefetcher(T, strict=False).start(ids)
@@ -126,9 +133,10 @@ def layer_calls(T: int = 1, E: int = 4, D: int = 1024, L: int = 24, V: int = 512
     cfg = combine._combine_config(T, E, D)
     grid = (T, -(-D // cfg["BLOCK_D"]))
     kern = combine._mole_combine_kernel
-    args = (logits, table[:, layer], residual, shared, out, ids, faults, E, D, V,
+    res2, sh2 = residual.view(T, D), shared.view(T, D)
+    args = (logits, table[:, layer], res2, sh2, out, ids.view(T), faults, E, D, V,
             logits.stride(0), logits.stride(1), table.stride(0), table.stride(2), table.stride(3),
-            residual.stride(0), residual.stride(1), shared.stride(0), shared.stride(1), out.stride(0), out.stride(1))
+            res2.stride(0), res2.stride(1), sh2.stride(0), sh2.stride(1), out.stride(0), out.stride(1))
     kw = dict(HAS_RES=True, HAS_SH=True, GATHER=True, COUNT_FAULTS=True, **cfg)
 
     def raw():
