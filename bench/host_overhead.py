@@ -59,15 +59,17 @@ class _FakeDriver:
 
 
 class _CountingKernel:
-    """A compiled kernel stand-in: ``run`` is the launch, which it counts and skips; ``launch_metadata``
-    is Triton's own (what every launch builds for the launch hooks, compiled or not)."""
+    """A compiled kernel stand-in, one per Triton cache key (``key``; ``options``: what it was compiled
+    with): ``run`` is the launch, which it counts and skips, noting the kernel and the arguments it got
+    (``counter["last"]``, replaced per launch: nothing accumulates); ``launch_metadata`` is Triton's own."""
 
     name, src = "stub", None
 
-    def __init__(self, counter):
+    def __init__(self, counter, key=None, options=None):
         from triton.compiler.compiler import CompiledKernel
 
         self.function, self.packed_metadata, self._counter = None, None, counter
+        self.key, self.options = key, options
         self.launch_metadata = CompiledKernel.launch_metadata.__get__(self)
 
     def _init_handles(self):  # loaded: a real kernel's handles are too after its first launch
@@ -75,21 +77,24 @@ class _CountingKernel:
 
     def run(self, *args):
         self._counter["launches"] += 1
+        self._counter["last"] = (self, args)
 
 
 @contextlib.contextmanager
 def stubbed_cuda_launch():
-    """Runs the CUDA path's Python with CPU tensors up to the launch; yields ``{"launches": n}``."""
+    """Runs the CUDA path's Python with CPU tensors up to the launch; yields ``{"launches": n, "compiles": n,
+    "last": (stand-in kernel, its run's arguments)}``."""
     import triton
     from triton.runtime import driver as triton_driver
     from triton.runtime import jit
 
     from mole_kernels import combine
 
-    counter = {"launches": 0}
-    kernel = _CountingKernel(counter)
+    counter = {"launches": 0, "compiles": 0, "last": None}
 
     def fake_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        counter["compiles"] += 1
+        kernel = _CountingKernel(counter, key, options)
         self.device_caches[device][0][key] = kernel  # cached: later calls find it as a real launch would
         return kernel
 
