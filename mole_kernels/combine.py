@@ -316,13 +316,13 @@ class _Launches:
                 return
         options = dict(meta)
         compiled = kernel[grid](*pointers, *scalars, **options)
-        if compiled is not None and not kernel.pre_run_hooks and _plain_triton_state():
+        if compiled is not None and _triton_run_mirrored() and not kernel.pre_run_hooks and _plain_triton_state():
             self._remember(key, device, compiled, pointers + scalars, options)
 
     def _remember(self, key, device, compiled, args: tuple, options: dict) -> None:
         kernel = self.kernel
         caches = kernel.device_caches.get(device)  # (kernel cache, key cache, target, backend, binder)
-        if caches is None or kernel.used_global_vals or not _triton_run_mirrored():
+        if caches is None or kernel.used_global_vals:
             return
         triton_key = next((k for k, v in caches[0].items() if v is compiled), None)
         bound = tuple(caches[4](*args, **options)[0].values())  # what JITFunction.run passes to the kernel
