@@ -189,6 +189,24 @@ def test_strided_operands_and_int32_ids(backend):
     torch.testing.assert_close(got.double().cpu(), want, **TOLERANCES[torch.float32])
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none visible)")
+def test_remembered_launches_on_a_gpu():
+    """combine's launch cache on a real GPU: a specialization's first launch goes through Triton, the
+    next ones call the compiled kernel it returned (the real launcher, given no hook metadata); every
+    one matches float64 on fresh inputs. (The cache's choices are tested on CPU: test_host_overhead.py.)"""
+    V, L, E, D, T = 50, 3, 4, 96, 5
+    lut = torch.randn(V, L, E, D, device="cuda")
+    launches = combine_mod._LAUNCHES[combine_mod._mole_combine_kernel]
+    for _ in range(3):
+        ids = torch.randint(0, V, (T,), device="cuda")
+        logits, res, sh = (torch.randn(T, E, device="cuda"), torch.randn(T, D, device="cuda"),
+                           torch.randn(T, D, device="cuda"))
+        got = lut_combine(lut, ids, logits, layer=1, residual=res, shared=sh)
+        torch.testing.assert_close(got.double().cpu(), reference(lut, ids, logits, 1, res, sh),
+                                   **TOLERANCES[torch.float32])
+    assert launches.known or not combine_mod._triton_run_mirrored()
+
+
 def test_in_place_on_the_residual(backend):
     if backend == "interpret":
         pytest.skip("out= is the public function's; the kernel is covered by the other cases")
