@@ -174,6 +174,20 @@ def _softmax_config(T: int, E: int) -> dict:
     return dict(BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4 if block_t * block_e <= 2048 else 8)
 
 
+# A launch's grid and its constexprs/options as (name, value) pairs (see _launch), asked once per launch.
+@functools.lru_cache(maxsize=1024)
+def _combine_launch(T: int, E: int, D: int, has_res: bool, has_sh: bool, gather: bool, count_faults: bool):
+    cfg = _combine_config(T, E, D)
+    meta = dict(HAS_RES=has_res, HAS_SH=has_sh, GATHER=gather, COUNT_FAULTS=count_faults, **cfg)
+    return (T, _cdiv(D, cfg["BLOCK_D"])), tuple(meta.items())
+
+
+@functools.lru_cache(maxsize=1024)
+def _softmax_launch(T: int, E: int):
+    cfg = _softmax_config(T, E)
+    return (_cdiv(T, cfg["BLOCK_T"]),), tuple(cfg.items())
+
+
 # ---------------------------------------------------------------------------
 # Launchers: inputs already validated and flattened to 2-D/3-D.
 # ---------------------------------------------------------------------------
@@ -187,54 +201,183 @@ def _traced(t: torch.Tensor) -> bool:
 _WRAP = getattr(torch.library, "wrap_triton", None)  # torch >= 2.6
 
 
-def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
-    """``kernel[grid](*args, **meta)`` on ``like``'s device and its current stream.
+def _launch(kernel, grid, like: torch.Tensor, pointers: tuple, scalars: tuple, meta: tuple) -> None:
+    """``kernel[grid](*pointers, *scalars, **dict(meta))`` on ``like``'s device and its current stream.
 
-    Eager calls on plain tensors launch the JIT function itself. ``torch.library.wrap_triton`` is
-    not free in eager (torch >= 2.6): each call goes through a higher-order-op dispatch (~20x a raw
-    launch on the host, issue 23) and leaves a kernel side-table entry that is never freed, so it is
-    used only where something traces the launch (:func:`_traced`); torch's own ``triton_op`` turns it
-    off in eager for the same reason. Triton launches on the *current* device: a tensor on another
-    GPU gets a device guard (else the kernel reads another device's addresses, off the caller's stream).
+    ``pointers``: the kernel's leading tensor arguments; ``scalars``: the integers after them; ``meta``:
+    its constexprs and launch options as ``(name, value)`` pairs (hashable: part of the launch key).
+
+    Eager calls on plain tensors launch through :class:`_Launches` (Triton's launch minus its per-call
+    binding). ``torch.library.wrap_triton`` is not free in eager (torch >= 2.6): each call goes through a
+    higher-order-op dispatch (~20x a raw launch on the host, issue 23) and leaves a kernel side-table
+    entry that is never freed, so it is used only where something traces the launch (:func:`_traced`);
+    torch's own ``triton_op`` turns it off in eager for the same reason. Triton launches on the
+    *current* device: a tensor on another GPU gets a device guard (else the kernel reads another
+    device's addresses, off the caller's stream).
     """
-    if _WRAP is not None and _traced(like):
-        kernel = _WRAP(kernel)
-    dev = like.device
-    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
-        with torch.cuda.device(dev):
-            kernel[grid](*args, **meta)
-    else:
-        kernel[grid](*args, **meta)
+    traced = _traced(like)
+    if traced or _INTERPRET:
+        run = (_WRAP(kernel) if traced and _WRAP is not None else kernel)[grid]
+        dev = like.device
+        if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                run(*pointers, *scalars, **dict(meta))
+        else:
+            run(*pointers, *scalars, **dict(meta))
+        return
+    device = _TRITON_DRIVER.active.get_current_device()  # torch.cuda.current_device() on a GPU
+    if like.get_device() != device:
+        with torch.cuda.device(like.device):
+            kernel[grid](*pointers, *scalars, **dict(meta))
+        return
+    _LAUNCHES[kernel](device, grid, pointers, scalars, meta)
+
+
+# The per-call work of Triton's launch that _Launches repeats, as JITFunction.run reads (whitespace
+# collapsed). Where an installed Triton's run reads otherwise, every launch goes through it.
+_TRITON_RUN_LINES = (
+    'kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug',
+    'kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode',
+    "bound_args, specialization, options = binder(*args, **kwargs)",
+    "launch_metadata = kernel.launch_metadata(grid, stream, *bound_args.values())",
+    "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata, "
+    "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_run_mirrored() -> bool:
+    """Whether the installed Triton's ``JITFunction.run`` launches as :class:`_Launches` repeats it:
+    the lines above, and no option set per call beyond the two it tracks (read once, from its source)."""
+    import inspect
+    import re
+
+    try:
+        from triton import knobs  # noqa: F401  (triton >= 3.4: the knobs the fast path reads)
+        from triton.runtime.jit import JITFunction
+        src = " ".join(inspect.getsource(JITFunction.run).split())
+    except (ImportError, OSError, TypeError):
+        return False
+    per_call_options = set(re.findall(r'kwargs\["(\w+)"\] =', src))
+    return per_call_options <= {"debug", "instrumentation_mode"} and all(s in src for s in _TRITON_RUN_LINES)
+
+
+def _plain_triton_state() -> bool:
+    """No Triton setting that changes its cache key or runs Python per launch (debug, instrumentation,
+    a stage-inspection hook): the state a remembered launch assumes."""
+    knobs = triton.knobs
+    return (not knobs.runtime.debug and not knobs.compilation.instrumentation_mode
+            and knobs.runtime.add_stages_inspection_hook is None)
+
+
+class _Launches:
+    """One Triton kernel's eager launches at the cost of the launch itself, once a specialization has run.
+
+    ``JITFunction.run`` redoes per call what a specialization fixes: it binds the arguments, specialises
+    each (a pointer's dtype and 16-byte alignment, an integer's width and whether it is 1 or a multiple
+    of 16), formats the options into its cache key and looks the compiled kernel up; that is most of a
+    raw launch's host time (bench/host_overhead.py). Here a key's first launch goes through Triton, and
+    later ones call the ``CompiledKernel`` it returned, with the arguments ``JITFunction.run`` passes.
+
+    The key is finer than Triton's, so one key never stands for two of Triton's compiled kernels: the
+    device, each pointer's dtype and address mod 16, each integer's value, every constexpr and option.
+    A remembered launch is taken only while Triton's own cache still holds that kernel under Triton's key
+    (a cleared or replaced cache falls back), with no pre-run hook and in :func:`_plain_triton_state`;
+    it is remembered only for a kernel that reads no global values (Triton re-checks those per launch),
+    where Triton's own binding of the call gives the same arguments, and where Triton's ``run`` reads as
+    :func:`_triton_run_mirrored` expects. Anything else launches through Triton.
+    """
+
+    _MAX_KEYS = 256  # a model needs a handful; past this, start over (never grows without bound)
+
+    __slots__ = ("kernel", "known")
+
+    def __init__(self, kernel):
+        self.kernel, self.known = kernel, {}
+
+    def __call__(self, device: int, grid: tuple, pointers: tuple, scalars: tuple, meta: tuple) -> None:
+        kernel = self.kernel
+        key = (device, tuple([p.dtype for p in pointers]), tuple([p.data_ptr() & 15 for p in pointers]), scalars,
+               meta)
+        hit = self.known.get(key)
+        if hit is not None:
+            compiled, caches, triton_key, constants = hit
+            if (kernel.device_caches.get(device) is caches and caches[0].get(triton_key) is compiled
+                    and not kernel.pre_run_hooks and _plain_triton_state()):
+                args = (*pointers, *scalars, *constants)
+                stream = _TRITON_DRIVER.active.get_current_stream(device)
+                enter, exit_ = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+                if getattr(enter, "calls", True) or getattr(exit_, "calls", True):  # hooks to call: as Triton does
+                    metadata = compiled.launch_metadata(grid, stream, *args)
+                else:  # empty hook chains: nothing would read the metadata, and the launcher calls no hook
+                    metadata = enter = exit_ = None
+                compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                             compiled.function, compiled.packed_metadata, metadata, enter, exit_, *args)
+                return
+        options = dict(meta)
+        compiled = kernel[grid](*pointers, *scalars, **options)
+        if compiled is not None and _triton_run_mirrored() and not kernel.pre_run_hooks and _plain_triton_state():
+            self._remember(key, device, compiled, pointers + scalars, options)
+
+    def _remember(self, key, device, compiled, args: tuple, options: dict) -> None:
+        kernel = self.kernel
+        caches = kernel.device_caches.get(device)  # (kernel cache, key cache, target, backend, binder)
+        if caches is None or kernel.used_global_vals:
+            return
+        triton_key = next((k for k, v in caches[0].items() if v is compiled), None)
+        bound = tuple(caches[4](*args, **options)[0].values())  # what JITFunction.run passes to the kernel
+        if triton_key is None or len(bound) < len(args) or any(a is not b for a, b in zip(bound, args)):
+            return
+        if len(self.known) >= self._MAX_KEYS:
+            self.known.clear()
+        self.known[key] = (compiled, caches, triton_key, bound[len(args):])  # the constexprs: fixed by the key
 
 
 def _router_softmax_triton(x2: torch.Tensor, y2: torch.Tensor) -> None:
     T, E = x2.shape
     if T == 0:
         return
-    cfg = _softmax_config(T, E)
-    grid = (_cdiv(T, cfg["BLOCK_T"]),)
-    _launch(_router_softmax_kernel, grid, y2, x2, y2, T, E, x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
-            **cfg)
+    grid, meta = _softmax_launch(T, E)
+    _launch(_router_softmax_kernel, grid, y2, (x2, y2), (T, E, *x2.stride(), *y2.stride()), meta)
 
 
-def _mole_combine_triton(logits2, rows3, res2, sh2, out2, ids=None, faults=None) -> None:
-    """rows3: [T, E, D] rows, or with ``ids`` [T] a table [V, E, D] read at row ids[t]."""
-    T, (_, E, D) = logits2.shape[0], rows3.shape
+def _token_rows(t: torch.Tensor, X: int):
+    """[*, X] ``t`` as the kernels read it, T rows of X: ``(tensor, row stride, element stride)``. A
+    contiguous ``t`` is read as is (a view costs host time per layer call, as much as a third of the
+    launch's); any other is viewed as [T, X] (``reshape``: a copy where no view exists, so an ``out``
+    must come contiguous or as a [T, X] view, as every caller's does)."""
+    if t.is_contiguous():
+        return t, X, 1
+    t = t.reshape(-1, X)
+    return (t, *t.stride())
+
+
+def _mole_combine_triton(logits, rows3, res, sh, out, ids=None, faults=None) -> None:
+    """out = res + sh + sum_e softmax(logits)_e * rows, token by token: logits [*, E] and res/sh/out [*, D]
+    (res/sh may be None) hold T token rows each; rows3 is [T, E, D], or with ``ids`` (T ids, any shape)
+    a table [V, E, D] read at row ids[t] (an id outside [0, V) reads zeros; counted into ``faults``)."""
+    V, E, D = rows3.shape
+    T = V if ids is None else ids.numel()
     if T == 0 or D == 0:
         return
-    cfg = _combine_config(T, E, D)
+    grid, meta = _combine_launch(T, E, D, res is not None, sh is not None, ids is not None, faults is not None)
+    logits, s_lt, s_le = _token_rows(logits, E)
+    out, s_ot, s_od = _token_rows(out, D)
     # Absent operands: a valid pointer (never read: HAS_*, GATHER, COUNT_FAULTS are constexprs).
-    res = res2 if res2 is not None else out2
-    sh = sh2 if sh2 is not None else out2
-    grid = (T, _cdiv(D, cfg["BLOCK_D"]))
-    # One stride() per tensor (a tuple), not one call per dim: this runs once per layer per token step.
-    _launch(
-        _mole_combine_kernel, grid, out2,
-        logits2, rows3, res, sh, out2, ids if ids is not None else out2, faults if faults is not None else out2,
-        E, D, rows3.shape[0], *logits2.stride(), *rows3.stride(), *res.stride(), *sh.stride(), *out2.stride(),
-        HAS_RES=res2 is not None, HAS_SH=sh2 is not None, GATHER=ids is not None, COUNT_FAULTS=faults is not None,
-        **cfg,
-    )
+    res, s_rest, s_resd = (out, s_ot, s_od) if res is None else _token_rows(res, D)
+    sh, s_sht, s_shd = (out, s_ot, s_od) if sh is None else _token_rows(sh, D)
+    if ids is None:
+        ids = out
+    elif ids.dim() != 1 or not ids.is_contiguous():  # the kernel reads ids[t] at ids_ptr + t
+        ids = ids.reshape(-1).contiguous()
+    _launch(_mole_combine_kernel, grid, out,
+            (logits, rows3, res, sh, out, ids, faults if faults is not None else out),
+            (E, D, V, s_lt, s_le, *rows3.stride(), s_rest, s_resd, s_sht, s_shd, s_ot, s_od), meta)
+
+
+if triton is not None:
+    _TRITON_DRIVER = triton.runtime.driver  # its `active` driver is looked up per launch (tests swap it)
+    _LAUNCHES = {k: _Launches(k) for k in (_router_softmax_kernel, _mole_combine_kernel)}
 
 
 # ---------------------------------------------------------------------------
@@ -600,8 +743,7 @@ def _lut_combine_out_cuda(out, lut, ids, logits, layer=None, residual=None, shar
             ops.lut_gather_out(acc, table, ids, w, layer, True, f)
         return _combine_by_gather(gather, ids, logits, residual, shared, out, faults)
     rows = table[:, layer] if table.dim() == 4 else table  # [V, E, D], token stride L*E*D
-    _mole_combine_triton(_flat2(logits), rows, _flat2(residual), _flat2(shared), out.view(-1, D),
-                         ids=ids.reshape(-1), faults=faults)
+    _mole_combine_triton(logits, rows, residual, shared, out, ids=ids, faults=faults)
 
 
 def _lut_combine_step_cuda(layers, ids: torch.Tensor, faults: torch.Tensor):
@@ -616,7 +758,7 @@ def _lut_combine_step_cuda(layers, ids: torch.Tensor, faults: torch.Tensor):
     range read zeros and count into ``faults`` (no synchronisation). Callers make sure the step is
     eager on plain tensors (a traced step takes the op, which torch.compile can see).
     """
-    flat = ids.reshape(-1)
+    flat = ids.reshape(-1).contiguous()  # once per step (the kernel reads ids[t] at ids_ptr + t)
     T, L = flat.numel(), len(layers)
     V, E, D = layers[0].shape if L else (0, 0, 0)
     lead = tuple(ids.shape)
@@ -630,16 +772,10 @@ def _lut_combine_step_cuda(layers, ids: torch.Tensor, faults: torch.Tensor):
             _fail("lut_combine", f"a step of ids {lead} needs logits {lead + (E,)} and residual/shared {lead + (D,)}, "
                                  f"got {tuple(logits.shape)}, {tuple(residual.shape)}, {tuple(shared.shape)}")
         out = torch.empty_like(residual, memory_format=torch.contiguous_format)
-        _mole_combine_triton(logits.reshape(T, E), layers[l], residual.reshape(T, D), shared.reshape(T, D),
-                             out.view(T, D), ids=flat, faults=faults)
+        _mole_combine_triton(logits, layers[l], residual, shared, out, ids=flat, faults=faults)
         return out
 
     return combine
-
-
-def _flat2(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """[*, X] -> [T, X] (a view when possible; these operands are small)."""
-    return None if t is None else t.reshape(-1, t.shape[-1])
 
 
 def _lut_combine_cuda(lut, ids, logits, layer=None, residual=None, shared=None):

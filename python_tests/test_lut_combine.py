@@ -59,9 +59,7 @@ def run(backend, lut, ids, logits, layer, residual=None, shared=None, out=None, 
         T, D = ids.numel(), lut.shape[-1]
         out = torch.full((T, D), float("nan"), dtype=(residual if residual is not None else lut).dtype)
         table = lut if lut.dim() == 3 else lut[:, layer]
-        flat = combine_mod._flat2
-        combine_mod._mole_combine_triton(flat(logits), table, flat(residual), flat(shared), out,
-                                         ids=ids.reshape(-1), faults=faults)
+        combine_mod._mole_combine_triton(logits, table, residual, shared, out, ids=ids, faults=faults)
         return out.view(*ids.shape, D)
     if out is None:
         dtype = residual.dtype if residual is not None else shared.dtype if shared is not None else lut.dtype
@@ -179,14 +177,34 @@ def test_softmax_edge_logits(backend):
 def test_strided_operands_and_int32_ids(backend):
     V, L, E, D = 30, 2, 4, 20
     lut = torch.randn(V, L, E, D)
-    ids = torch.randint(0, V, (7,), dtype=torch.int32)
+    id_pairs = torch.randint(0, V, (7, 2), dtype=torch.int32)
     logits = torch.randn(E, 7).t()                    # transposed
     residual = torch.randn(7, 2 * D)[:, ::2]          # every other element
     shared = torch.randn(7, D + 3)[:, :D]             # row stride D + 3
-    want = reference(lut, ids, logits, 1, residual, shared)
-    lut, ids, logits, residual, shared = place(backend, lut, ids, logits, residual, shared)
+    want = reference(lut, id_pairs[:, 1], logits, 1, residual, shared)
+    lut, id_pairs, logits, residual, shared = place(backend, lut, id_pairs, logits, residual, shared)
+    ids = id_pairs[:, 1]                              # stride 2 (the kernel reads ids[t] at ids_ptr + t)
+    assert not ids.is_contiguous()
     got = run(backend, lut, ids, logits, 1, residual, shared)
     torch.testing.assert_close(got.double().cpu(), want, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none visible)")
+def test_remembered_launches_on_a_gpu():
+    """combine's launch cache on a real GPU: a specialization's first launch goes through Triton, the
+    next ones call the compiled kernel it returned (the real launcher, given no hook metadata); every
+    one matches float64 on fresh inputs. (The cache's choices are tested on CPU: test_host_overhead.py.)"""
+    V, L, E, D, T = 50, 3, 4, 96, 5
+    lut = torch.randn(V, L, E, D, device="cuda")
+    launches = combine_mod._LAUNCHES[combine_mod._mole_combine_kernel]
+    for _ in range(3):
+        ids = torch.randint(0, V, (T,), device="cuda")
+        logits, res, sh = (torch.randn(T, E, device="cuda"), torch.randn(T, D, device="cuda"),
+                           torch.randn(T, D, device="cuda"))
+        got = lut_combine(lut, ids, logits, layer=1, residual=res, shared=sh)
+        torch.testing.assert_close(got.double().cpu(), reference(lut, ids, logits, 1, res, sh),
+                                   **TOLERANCES[torch.float32])
+    assert launches.known or not combine_mod._triton_run_mirrored()
 
 
 def test_in_place_on_the_residual(backend):

@@ -274,14 +274,13 @@ class _Prefetched:
             if _combine._backend(rows) == "triton" and _plain_eager(logits):
                 # Eager decode: the launch and its output, nothing else (the rows are the prefetcher's own
                 # buffer; the model's tensors get the checks they can fail).
-                E = rows.shape[1]
+                _, E, D = rows.shape  # the rows' D: the model's tensors must match it (not their own last dim)
                 if logits.numel() != T * E or residual.shape != shared.shape or residual.numel() != T * D:
                     raise ValueError(f"LayerReader: a step of {T} tokens needs logits [.., {E}] and residual/shared "
                                      f"[.., {D}], got {tuple(logits.shape)}, {tuple(residual.shape)}, "
                                      f"{tuple(shared.shape)}")
                 out = torch.empty_like(residual, memory_format=torch.contiguous_format)
-                _mole_combine_triton(logits.reshape(T, E), rows, residual.reshape(T, D), shared.reshape(T, D),
-                                     out.view(T, D))
+                _mole_combine_triton(logits, rows, residual, shared, out)
                 return out
             out = mole_combine(logits.reshape(T, -1), rows, residual.reshape(T, D), shared.reshape(T, D))
             return out.view(residual.shape)
