@@ -332,6 +332,99 @@ def test_mixed_file_round_trip_and_corruption(tmp_path):
         load_mixed(tmp_path / "bad3.safetensors")
 
 
+def int8_decode(q: QuantizedLUT) -> torch.Tensor:
+    """float64 rows of an int8 table from its bytes: int8 codes times the row's float32 scale."""
+    _, off, row_bytes = row_layout(q.format, q.dim, q.block_size)
+    rows = q.data.reshape(-1, row_bytes)
+    scale = torch.tensor([struct.unpack("<f", bytes(r[off:off + 4].tolist()))[0] for r in rows], dtype=torch.float64)
+    return (rows[:, :q.dim].view(torch.int8).double() * scale[:, None]).float().double().reshape(q.shape)
+
+
+def normalised_case(shape=(50, 2, 3, 40)):
+    lut = random_lut(shape)
+    lut += torch.randn(shape[1:]) * 5  # column offsets and scales that differ by (layer, expert)
+    lut *= torch.rand(shape[1:]) * 4 + 0.1
+    counts = torch.randint(0, 1000, (shape[0],))
+    plan = [(None, 4), ("int8", 6), ("q3", 10), ("q2", 10), ("q1", None)]
+    blocks = [None, None, 20 if shape[-1] % 20 == 0 else None, None, 8 if shape[-1] % 8 == 0 else None]
+    return lut, counts, quantize_mixed(lut, counts, plan, block_sizes=blocks, normalize=True)
+
+
+def test_normalised_mixed_stores_the_normalised_table_and_counts_its_bytes():
+    lut, counts, m = normalised_case()
+    w = counts.double() + 1
+    w /= w.sum()
+    mean = torch.einsum("v,vled->led", w, lut.double())
+    rms = torch.einsum("v,vled->led", w, (lut.double() - mean) ** 2).sqrt()
+    torch.testing.assert_close(m.offset.double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m.col_scale.double(), rms, rtol=1e-6, atol=1e-6)
+    order = torch.sort(counts.double(), descending=True, stable=True).indices
+    torch.testing.assert_close(m.parts[0].double(), ((lut[order[:4]].double() - mean) / rms), rtol=1e-5, atol=1e-5)
+    assert m.describe().startswith("norm(") and m.normalized
+    parts = sum(p.numel() * 4 if isinstance(p, torch.Tensor) else p.nbytes for p in m.parts)
+    assert m.nbytes == parts + 4 * 50 + 2 * 4 * 2 * 3 * 40  # rank map, offset and col_scale counted
+    # the table it stands for, from an independent float64 decoder of every part's bytes
+    want = torch.empty(lut.shape, dtype=torch.float64)
+    for s, p in zip(m.starts, m.parts):
+        x = p.double() if isinstance(p, torch.Tensor) else ref_decode(p) if p.format in LOWBIT else int8_decode(p)
+        want[order[s:s + x.shape[0]]] = x * m.col_scale.double() + m.offset.double()
+    torch.testing.assert_close(dequantize_mixed(m, torch.float32).double(), want, rtol=1e-6, atol=1e-5)
+    # normalising makes the narrow parts closer to the table than quantizing it as it is
+    plain = quantize_mixed(lut, counts, [(None, 4), ("int8", 6), ("q3", 10), ("q2", 10), ("q1", None)],
+                           block_sizes=[None, None, 20, None, 8])
+    err = lambda t: ((dequantize_mixed(t, torch.float32) - lut)[order[20:]] ** 2).sum()  # noqa: E731
+    assert err(m) < 0.5 * err(plain)
+
+
+@pytest.mark.parametrize("shape", [(50, 2, 3, 40), (37, 1, 1, 37), (33, 3, 24)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_normalised_mixed_gather_matches_float64(shape, out_dtype):
+    lut, counts, m = normalised_case(shape)
+    full = dequantize_mixed(m, torch.float32).double()
+    order = torch.sort(counts.double(), descending=True, stable=True).indices
+    ids = torch.stack([order[0], order[5], order[15], order[25], order[-1], order[0], order[3]])  # every part, repeats
+    layers = [None] if len(shape) == 3 else [None, 0, shape[1] - 1, slice(0, shape[1])]
+    E = shape[-2]
+    for layer in layers:
+        want = full[ids] if layer is None else full[ids, layer]
+        got = mixed_lut_gather(m, ids, layer=layer, dtype=out_dtype)
+        assert got.dtype == out_dtype
+        torch.testing.assert_close(got.double(), want.to(out_dtype).double(), rtol=0, atol=0)
+        if layer is None and len(shape) == 4 or isinstance(layer, slice):
+            continue
+        w = torch.rand(7, E)
+        fused = mixed_lut_gather(m, ids.view(7, 1), w.view(7, 1, E), layer=layer, dtype=out_dtype)
+        ref = (w.double()[..., None] * want).sum(-2)
+        tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(fused.double().view(7, -1), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_normalised_mixed_files_round_trip_and_corruption(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    lut, counts, m = normalised_case()
+    path = tmp_path / "n.safetensors"
+    save_mixed(path, m)
+    back = load_mixed(path)
+    assert back.normalized and back.describe() == m.describe() and back.nbytes == m.nbytes
+    assert torch.equal(dequantize_mixed(back, torch.float32), dequantize_mixed(m, torch.float32))
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    bad = {"no_scale": {k: v for k, v in tensors.items() if k != "col_scale"},
+           "nan_offset": dict(tensors, offset=torch.full_like(tensors["offset"], float("nan"))),
+           "negative": dict(tensors, col_scale=-tensors["col_scale"]),
+           "shape": dict(tensors, offset=tensors["offset"][:1].contiguous()),
+           "dtype": dict(tensors, col_scale=tensors["col_scale"].half())}
+    for name, t in bad.items():
+        save_file(t, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match="offset|col_scale"):
+            load_mixed(tmp_path / f"{name}.safetensors")
+    with pytest.raises(ValueError, match="normalize"):
+        quantize_mixed(lut, counts, [("q2", None)], normalize=1)
+
+
 def test_token_counts():
     assert token_counts(torch.tensor([[1, 1], [3, 0]]), 5).tolist() == [1, 2, 0, 1, 0]
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
