@@ -1,12 +1,14 @@
 """Perplexity cost of LUT formats from 1 to 8 bits per value on the trained reference MoLE (issue 26).
 
-    python bench/quality_curve.py [--tokens N] [--markdown bench/QUANT_QUALITY.md]
+    python bench/quality_curve.py [--tokens N] [--markdown bench/QUANT_QUALITY.md]   # N = 0: the whole split
 
 The model, its tokenizer and its validation text come from bench/reference_model.py (cached).
 Every variant is the bf16 LUT quantized and dequantized (mole_kernels.dequantize: what the gathers
 return), evaluated teacher-forced on the first N validation tokens in 64-token windows; cost =
 ppl / ppl(bf16 LUT) - 1. Bits per value count every code, scale, padding byte and (mixed tables)
-the 4-byte rank of each id. Mixed tables rank ids by their frequency in the training split.
+the 4-byte rank of each id, and (normalised tables, "norm(...)") the float32 column offset and scale.
+Mixed tables rank ids by their frequency in the training split. Runs on one thread (~25 minutes for the
+whole validation split on a loaded 2-core machine: most of it is the low-bit formats' scale search).
 """
 import argparse
 import datetime
@@ -34,18 +36,31 @@ MIXED = [
     [("int8", 128, None), ("q2", 1024, 64), ("q1", None, 64)],
 ]
 
+# Column-normalised tables (mole_kernels.mixed, normalize=True): one part is a single format.
+NORMALISED = [
+    [("q3", None, 128)], [("q2", None, 64)], [("q1", None, 64)], [("nf4", None, 64)],
+    [("int8", 64, None), ("q3", None, 128)],
+    [("nf4", 128, 64), ("q3", None, 128)],
+    [("nf4", 192, 64), ("q3", None, 128)],
+    [("int8", 64, None), ("q2", None, 64)],
+    [("int8", 128, None), ("q3", 256, 128), ("q2", 1024, 64), ("q1", None, 64)],
+    [("int8", 64, None), ("q3", 256, 128), ("q2", 1536, 64), ("q1", None, 64)],
+    [("int8", 64, None), ("q2", 512, 64), ("q1", None, 64)],
+]
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=8192, help="validation tokens evaluated (default 8192)")
+    ap.add_argument("--tokens", type=int, default=0, help="validation tokens evaluated (default 0: all of them)")
     ap.add_argument("--markdown", help="append the dated table to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # see reference_model.RECIPE: one thread is faster on a loaded machine
     model, val, counts = reference_model.load()
-    text = reference_model.windows(val, max_tokens=args.tokens)
+    text = reference_model.windows(val, max_tokens=args.tokens or None)
     with torch.no_grad():
         lut = model.compute_lut(dtype=torch.float32, progress=False)
-    rows = format_costs(model, text, SINGLE + MIXED, counts=counts, lut=lut, progress=True)
+    normalised = [{"plan": plan, "normalize": True} for plan in NORMALISED]
+    rows = format_costs(model, text, SINGLE + MIXED + normalised, counts=counts, lut=lut, progress=True)
     zero = format_costs(model, text, [], lut=torch.zeros_like(lut))[0]["ppl"]
     rows.sort(key=lambda r: -r["bits"])
     r = reference_model.RECIPE

@@ -475,6 +475,13 @@ def test_format_costs_and_gate():
     assert check_format(m, "q1", 32, text, max_cost=cost * 2)["cost"] == pytest.approx(cost)
     with pytest.raises(ValueError, match="max_cost"):
         check_format(m, "q1", 32, text, max_cost=-1)
+    counts = torch.arange(m.config.vocab_size)
+    plan = [("int8", 8, None), ("q1", None, 32)]
+    plain, norm = format_costs(m, text, [plan, {"plan": plan, "normalize": True}], counts=counts)[1:]
+    assert norm["name"] == f"norm({plain['name']})" and norm["bits"] > plain["bits"]  # offset and scale counted
+    assert norm["cost"] != plain["cost"]
+    with pytest.raises(ValueError, match="'plan' and 'normalize'"):
+        format_costs(m, text, [{"plan": plan, "normalise": True}], counts=counts)
 
 
 # ------------------------------------------------------------------ the scalar CPU path -----
