@@ -3,7 +3,8 @@
 Almost all of a low-bit table's quality loss comes from the rows of the most frequent tokens (they
 are read at most positions), so a :class:`MixedLUT` keeps the rows of the ``n`` most frequent ids
 in a wide format (e.g. nf4 or int8) and the rest in a narrow one (e.g. q2 or q1). Its parts are
-ordinary tables (:class:`~mole_kernels.QuantizedLUT` or float tensors ``[n_k, L, E, D]``) keyed
+ordinary tables (:class:`~mole_kernels.QuantizedLUT`, :class:`~mole_kernels.factored.FactoredLUT`
+(format ``"f<rank>x<bits>"``) or float tensors ``[n_k, L, E, D]``) keyed
 by **rank**: ``rank[id]`` is the id's position in the frequency order (0: most frequent), part
 ``k`` holds ranks ``[starts[k], starts[k] + n_k)`` in rank order. So the format of a row follows
 from its id by one lookup and two comparisons; each part's gather runs its own format's
@@ -34,6 +35,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .factored import FactoredLUT, dequantize_factored, factored_lut_gather, factorize, parse_factored_format
 from .quant import QuantizedLUT, canonical_format, dequantize, quantize, quantized_lut_gather
 
 __all__ = ["MixedLUT", "token_counts", "column_normalisation", "quantize_mixed", "dequantize_mixed", "mixed_lut_gather", "save_mixed",
@@ -43,11 +45,12 @@ _FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _META = "mole_kernels.mixed"
 _VERSION = "mixed-v1"
 
-Part = Union[QuantizedLUT, torch.Tensor]
+Part = Union[QuantizedLUT, FactoredLUT, torch.Tensor]
+_PACKED = (QuantizedLUT, FactoredLUT)
 
 
 def _rows_of(part: Part) -> int:
-    return part.vocab_size if isinstance(part, QuantizedLUT) else part.shape[0]
+    return part.vocab_size if isinstance(part, _PACKED) else part.shape[0]
 
 
 def _shape_of(part: Part) -> Tuple[int, ...]:
@@ -55,7 +58,7 @@ def _shape_of(part: Part) -> Tuple[int, ...]:
 
 
 def _bytes_of(part: Part) -> int:
-    return part.nbytes if isinstance(part, QuantizedLUT) else part.numel() * part.element_size()
+    return part.nbytes if isinstance(part, _PACKED) else part.numel() * part.element_size()
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,8 +88,9 @@ class MixedLUT:
                 if p.dtype not in _FLOAT.values() or p.dim() not in (3, 4):
                     raise ValueError(f"MixedLUT: part {k} must be a QuantizedLUT or a float tensor [n, L, E, D] / "
                                      f"[n, E, D], got {p.dtype} {tuple(p.shape)}")
-            elif not isinstance(p, QuantizedLUT):
-                raise ValueError(f"MixedLUT: part {k} must be a QuantizedLUT or a float tensor, got {type(p).__name__}")
+            elif not isinstance(p, _PACKED):
+                raise ValueError(f"MixedLUT: part {k} must be a QuantizedLUT, a FactoredLUT or a float tensor, got "
+                                 f"{type(p).__name__}")
             if _shape_of(p) != _shape_of(self.parts[0]):
                 raise ValueError(f"MixedLUT: part {k} has row shape {list(_shape_of(p))}, part 0 "
                                  f"{list(_shape_of(self.parts[0]))}: every part must have the same [L, E, D]")
@@ -161,6 +165,8 @@ class MixedLUT:
     def describe(self) -> str:
         """e.g. ``nf4/64 x 512 + q1/64 x 3584``."""
         def name(p):
+            if isinstance(p, FactoredLUT):
+                return p.format
             return f"{p.format}/{p.block_size}" if isinstance(p, QuantizedLUT) else str(p.dtype).replace("torch.", "")
         text = " + ".join(f"{name(p)} x {_rows_of(p)}" for p in self.parts)
         return f"norm({text})" if self.normalized else text
@@ -236,6 +242,11 @@ def quantize_mixed(lut: torch.Tensor, counts: torch.Tensor, plan: Sequence[Tuple
             rows = ((rows.float() - offset) / col_scale).to(lut.dtype)
         if fmt is None:
             parts.append(rows.contiguous())
+        elif parse_factored_format(fmt):
+            if block_sizes[k] is not None:
+                raise ValueError(f"quantize_mixed: a factored part ({fmt!r}) has no block size, got {block_sizes[k]!r}")
+            parts.append(factorize(rows, *parse_factored_format(fmt), counts=counts[order[start:start + n]],
+                                   progress=progress))
         else:
             parts.append(quantize(rows, canonical_format(fmt), block_sizes[k], progress=progress))
         start += n
@@ -254,11 +265,16 @@ def dequantize_mixed(m: MixedLUT, dtype: Optional[torch.dtype] = None) -> torch.
     for s, p in zip(m.starts, m.parts):
         n = _rows_of(p)
         if m.normalized:  # float32, the same operation as the gather's
-            x = dequantize(p, torch.float32) if isinstance(p, QuantizedLUT) else p.float()
-            out[order[s:s + n]] = torch.addcmul(m.offset, x, m.col_scale).to(dtype)
+            out[order[s:s + n]] = torch.addcmul(m.offset, _dequantize_part(p, torch.float32), m.col_scale).to(dtype)
         else:
-            out[order[s:s + n]] = (dequantize(p, dtype) if isinstance(p, QuantizedLUT) else p.to(dtype))
+            out[order[s:s + n]] = _dequantize_part(p, dtype)
     return out
+
+
+def _dequantize_part(p: Part, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(p, QuantizedLUT):
+        return dequantize(p, dtype)
+    return dequantize_factored(p, dtype) if isinstance(p, FactoredLUT) else p.to(dtype)
 
 
 def mixed_lut_gather(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Tensor] = None, *, layer=None,
@@ -297,6 +313,8 @@ def mixed_lut_gather(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Ten
         w = None if part_weights is None else part_weights[sel].contiguous()
         if isinstance(p, QuantizedLUT):
             got = quantized_lut_gather(p, local, w, layer=layer, dtype=part_dtype)
+        elif isinstance(p, FactoredLUT):
+            got = factored_lut_gather(p, local, w, layer=layer, dtype=part_dtype)
         else:
             from .lut_gather import lut_gather
             got = lut_gather(p, local, w, layer=layer).to(part_dtype)
@@ -327,9 +345,11 @@ def save_mixed(path, m: MixedLUT) -> None:
     if m.normalized:
         tensors["offset"], tensors["col_scale"] = m.offset.contiguous().cpu(), m.col_scale.contiguous().cpu()
     for k, p in enumerate(m.parts):
-        if isinstance(p, QuantizedLUT):
+        if isinstance(p, _PACKED):
             tensors[f"part{k}"] = p.data.contiguous().cpu()
             meta[f"{_META}.part{k}"] = json.dumps(p.metadata(), sort_keys=True)
+            if isinstance(p, FactoredLUT):
+                tensors[f"basis{k}"] = p.basis.contiguous().cpu()
         else:
             tensors[f"part{k}"] = p.contiguous().cpu()
             meta[f"{_META}.part{k}"] = json.dumps({"float": str(p.dtype).replace("torch.", "")})
@@ -351,7 +371,7 @@ def load_mixed(path) -> MixedLUT:
         except (KeyError, ValueError) as e:
             raise ValueError(f"load_mixed: {path} has broken metadata ({e})") from None
         names = set(f.keys())
-        want = {"rank"} | {f"part{k}" for k in range(n)}
+        want = {"rank"} | {f"part{k}" for k in range(n)} | {f"basis{k}" for k in range(n) if "factored_bits" in specs[k]}
         if "offset" in names or "col_scale" in names:  # a normalised table (the MixedLUT checks both are there)
             want |= {"offset", "col_scale"}
         if names != want:
@@ -363,6 +383,8 @@ def load_mixed(path) -> MixedLUT:
                 if _FLOAT.get(spec["float"]) != t.dtype:
                     raise ValueError(f"load_mixed: part {k} is {t.dtype} but its metadata says {spec['float']!r}")
                 parts.append(t)
+            elif "factored_bits" in spec:
+                parts.append(FactoredLUT.from_metadata(t, f.get_tensor(f"basis{k}"), spec))
             else:
                 parts.append(QuantizedLUT.from_metadata(t, spec))
         norm = [f.get_tensor(k) for k in ("offset", "col_scale")] if "offset" in names else [None, None]

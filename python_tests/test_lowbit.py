@@ -425,6 +425,117 @@ def test_normalised_mixed_files_round_trip_and_corruption(tmp_path):
         quantize_mixed(lut, counts, [("q2", None)], normalize=1)
 
 
+# ------------------------------------------------------------------ factored parts ---------
+
+def factored_ref(q) -> torch.Tensor:
+    """float64 rows of a FactoredLUT from its bytes (Python integers, float16 bytes), an independent decoder."""
+    from mole_kernels.factored import row_bytes
+
+    r, bits = q.rank, q.bits
+    rows = q.data.reshape(-1, row_bytes(r, bits)).tolist()
+    basis = q.basis.double().reshape(-1, r, q.dim)
+    coef = torch.empty(len(rows), r, dtype=torch.float64)
+    for i, row in enumerate(rows):
+        stream = int.from_bytes(bytes(row[:-2]), "little")
+        scale = struct.unpack("<e", bytes(row[-2:]))[0]
+        for j in range(r):
+            coef[i, j] = scale * (((stream >> (bits * j)) & ((1 << bits) - 1)) - (1 << (bits - 1)))
+    blocks = basis.shape[0]
+    coef = coef.view(-1, blocks, r)
+    return torch.einsum("vkr,krd->vkd", coef, basis).reshape(q.shape)
+
+
+@pytest.mark.parametrize("shape, rank, bits", [((40, 2, 3, 24), 5, 3), ((33, 1, 1, 37), 37, 8), ((21, 3, 17), 4, 6),
+                                               ((9, 2, 2, 16), 12, 5)])  # rank > V-ish, odd D, bits not dividing 8
+def test_factored_table_decodes_as_its_bytes_say(shape, rank, bits):
+    from mole_kernels.factored import dequantize_factored, factored_lut_gather, factorize
+
+    lut = random_lut(shape)
+    counts = torch.randint(0, 100, (shape[0],))
+    q = factorize(lut, rank, bits, counts=counts)
+    assert q.format == f"f{rank}x{bits}" and q.basis.dtype == torch.float16
+    assert q.nbytes == q.data.numel() + 2 * q.basis.numel()
+    want = factored_ref(q)
+    full = dequantize_factored(q, torch.float32).double()
+    torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    ids = torch.tensor([0, shape[0] - 1, 3, 3, 1])
+    torch.testing.assert_close(factored_lut_gather(q, ids, dtype=torch.float32).double(), full[ids], rtol=1e-6,
+                               atol=1e-6 * want.abs().max().item())
+    if len(shape) == 4:
+        for layer in range(shape[1]):
+            w = torch.rand(5, shape[2])
+            got = factored_lut_gather(q, ids, w, layer=layer, dtype=torch.float32).double()
+            ref = (w.double()[..., None] * want[ids, layer]).sum(1)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:
+        w = torch.rand(5, shape[1])
+        got = factored_lut_gather(q, ids.view(5, 1), w.view(5, 1, -1), dtype=torch.float32).double().view(5, -1)
+        ref = (w.double()[..., None] * want[ids]).sum(1)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert factored_lut_gather(q, torch.zeros(0, dtype=torch.long)).shape == (0, *shape[1:])
+    # full rank and 8 bits: close to the table itself (the fit is least squares, the error the coefficients')
+    if rank == shape[-1]:
+        assert ((full - lut.double()) ** 2).mean() < 1e-3 * (lut.double() ** 2).mean()
+
+
+def test_factored_low_rank_table_is_recovered_and_bad_arguments_refused():
+    from mole_kernels.factored import FactoredLUT, dequantize_factored, factorize
+
+    a, b = torch.randn(64, 2, 3, 4), torch.randn(2, 3, 4, 40)
+    lut = torch.einsum("vler,lerd->vled", a, b)  # exactly rank 4 per (layer, expert)
+    q = factorize(lut, 4, 8)
+    err = (dequantize_factored(q, torch.float32) - lut).abs().max() / lut.abs().max()
+    assert err < 0.02
+    with pytest.raises(ValueError, match="bits"):
+        factorize(lut, 4, 9)
+    with pytest.raises(ValueError, match="rank"):
+        factorize(lut, 41, 4)
+    with pytest.raises(ValueError, match="non-finite"):
+        factorize(lut.index_put((torch.tensor([3]),), torch.tensor(float("inf"))), 4, 4)
+    with pytest.raises(ValueError, match="needs"):
+        FactoredLUT(q.data[..., :-2].contiguous(), q.basis, 8)
+
+
+def test_mixed_table_with_a_factored_part(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    lut, counts, _ = normalised_case()
+    m = quantize_mixed(lut, counts, [("int8", 8), ("f6x5", None)], normalize=True)
+    assert m.describe() == "norm(int8/40 x 8 + f6x5 x 42)"
+    order = torch.sort(counts.double(), descending=True, stable=True).indices
+    want = torch.empty(lut.shape, dtype=torch.float64)
+    want[order[:8]] = int8_decode(m.parts[0])
+    want[order[8:]] = factored_ref(m.parts[1])
+    want = want * m.col_scale.double() + m.offset.double()
+    full = dequantize_mixed(m, torch.float32).double()
+    torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    ids = torch.stack([order[0], order[20], order[7], order[49], order[20]])
+    got = mixed_lut_gather(m, ids, dtype=torch.float32).double()  # a matrix product: equal up to summation order
+    torch.testing.assert_close(got, full[ids], rtol=1e-6, atol=1e-6 * full.abs().max().item())
+    w = torch.rand(5, 3)
+    fused = mixed_lut_gather(m, ids, w, layer=1, dtype=torch.float32).double()
+    torch.testing.assert_close(fused, (w.double()[..., None] * want[ids, 1]).sum(1), rtol=1e-5, atol=1e-4)
+    assert m.nbytes == m.parts[0].nbytes + m.parts[1].data.numel() + 2 * m.parts[1].basis.numel() + 4 * 50 + 8 * 240
+    path = tmp_path / "f.safetensors"
+    save_mixed(path, m)
+    back = load_mixed(path)
+    assert back.describe() == m.describe() and torch.equal(dequantize_mixed(back, torch.float32), full.float())
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    corrupt = tensors["part1"].clone()
+    corrupt[-1, 0, 0, -2:] = torch.tensor([0x00, 0xFC], dtype=torch.uint8)  # a -inf scale in the last row
+    save_file(dict(tensors, part1=corrupt), str(tmp_path / "bad1.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="corrupt"):
+        load_mixed(tmp_path / "bad1.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != "basis1"}, str(tmp_path / "bad2.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="basis1"):
+        load_mixed(tmp_path / "bad2.safetensors")
+    with pytest.raises(ValueError, match="block size"):
+        quantize_mixed(lut, counts, [("f6x5", None)], block_sizes=[8])
+
+
 def test_token_counts():
     assert token_counts(torch.tensor([[1, 1], [3, 0]]), 5).tolist() == [1, 2, 0, 1, 0]
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
