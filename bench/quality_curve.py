@@ -36,16 +36,20 @@ MIXED = [
     [("int8", 128, None), ("q2", 1024, 64), ("q1", None, 64)],
 ]
 
-# Column-normalised tables (mole_kernels.mixed, normalize=True): one part is a single format.
+# Column-normalised tables (mole_kernels.mixed, normalize=True; "f<rank>x<bits>": factored parts,
+# mole_kernels.factored). A plan of one part is a single format.
 NORMALISED = [
     [("q3", None, 128)], [("q2", None, 64)], [("q1", None, 64)], [("nf4", None, 64)],
     [("int8", 64, None), ("q3", None, 128)],
     [("nf4", 128, 64), ("q3", None, 128)],
-    [("nf4", 192, 64), ("q3", None, 128)],
     [("int8", 64, None), ("q2", None, 64)],
-    [("int8", 128, None), ("q3", 256, 128), ("q2", 1024, 64), ("q1", None, 64)],
-    [("int8", 64, None), ("q3", 256, 128), ("q2", 1536, 64), ("q1", None, 64)],
-    [("int8", 64, None), ("q2", 512, 64), ("q1", None, 64)],
+    [("int8", 32, None), ("f16x6", None, None)],
+    [("int8", 32, None), ("f24x5", None, None)],
+    [("int8", 64, None), ("f36x5", None, None)],
+    [("int8", 32, None), ("f40x5", None, None)],
+    [("int8", 64, None), ("f48x6", None, None)],
+    [("int8", 64, None), ("f56x6", None, None)],
+    [("int8", 64, None), ("f64x5", None, None)],
 ]
 
 
