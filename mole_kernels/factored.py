@@ -2,8 +2,8 @@
 
 A trained MoLE's LUT is ``FFN_{l,e}(embedding[v])``: every (layer, expert) block ``[V, D]`` is a
 function of one D-dimensional embedding, and its rows are close to a low-dimensional subspace (on
-the 1,500-step reference model, after removing the column means, 16 of 128 directions hold ~97 %
-of each block's frequency-weighted variance). A :class:`FactoredLUT` stores, per row ``(v, l, e)``,
+the 1,500-step reference model, after removing the column means, 16 of 128 directions hold 92-98 %
+of a block's frequency-weighted variance). A :class:`FactoredLUT` stores, per row ``(v, l, e)``,
 ``rank`` coefficients in ``bits``-bit signed integers with one float16 scale, and per (layer,
 expert) a float16 basis ``[rank, D]``::
 
