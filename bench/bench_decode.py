@@ -26,8 +26,9 @@ by later runs with MOLE_BENCH_KEEP_TABLES=1, else deleted at the end), B = 1, 8 
 of interleaved rounds: (1) dense, `mole-host`, `mole-disk` (page cache warm) and `mole-disk-cold`
 (the file's pages dropped with posix_fadvise(DONTNEED) before each run; the bytes the process read
 from storage, /proc/self/io read_bytes, go to `extra_info["cold_bytes_read"]`); (2) per quantized
-format (int8, fp8_e4m3, nf4 with blocks of 64), `mole-host` against `mole-host-<format>`, one format's
-table in RAM at a time (peak ~5.6 GB: the bf16 table and an int8 one); (3) compiled
+format (int8, fp8_e4m3, nf4 with blocks of 64; MOLE_BENCH_REAL_FORMATS="q3/128,q2/64,q1/64" picks others),
+`mole-host` against `mole-host-<format>`, one format's table in RAM at a time (peak ~5.6 GB: the bf16 table
+and an int8 one); (3) compiled
 (`generate(compile_step=True)`'s step), dense against MoLE host, at B = 1 (MOLE_BENCH_REAL_COMPILED=0
 skips it). Each phase's ratios are against its own baseline of the same rounds; steps per round:
 MOLE_BENCH_REAL_STEPS (8: a round of 160M-4E steps is long enough), rounds: MOLE_BENCH_REAL_ROUNDS
@@ -74,7 +75,10 @@ DEMO_ROUNDS = ROUNDS if SMOKE or HAS_CUDA else int(os.environ.get("MOLE_BENCH_DE
 REAL_BATCHES = [] if HAS_CUDA else [1] if SMOKE else [1, 8, 32]
 REAL_STEPS, REAL_ROUNDS = (2, 1) if SMOKE else (int(os.environ.get("MOLE_BENCH_REAL_STEPS", "8")),
                                                 int(os.environ.get("MOLE_BENCH_REAL_ROUNDS", "5")))
-REAL_FORMATS = [("int8", None), ("fp8_e4m3", None), ("nf4", 64)]
+# MOLE_BENCH_REAL_FORMATS: the quantized formats of phase (2), "format[/block]" comma-separated (e.g.
+# "q3/128,q2/64,q1/64" for the low-bit formats of issue 26).
+REAL_FORMATS = [(f, int(b) if b else None) for f, _, b in (
+    spec.strip().partition("/") for spec in os.environ.get("MOLE_BENCH_REAL_FORMATS", "int8,fp8_e4m3,nf4/64").split(","))]
 REAL_COMPILED = os.environ.get("MOLE_BENCH_REAL_COMPILED", "1") == "1"  # 0: skip phase (3) (two big compiles)
 CPU_THREADS = int(os.environ.get("MOLE_BENCH_E2E_THREADS", "1"))
 

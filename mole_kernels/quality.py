@@ -67,10 +67,15 @@ def _variant_lut(variant, ref: torch.Tensor, counts: Optional[torch.Tensor]):
     elif isinstance(variant, str):
         fmt, _, block = variant.partition("/")
         q = quantize(ref, fmt, int(block) if block else None, progress=False)
-    else:  # a mixed plan: [(format, n, block), ...]
+    else:  # a mixed plan: [(format, n, block), ...] or {"plan": [...], "normalize": bool}
+        spec = variant if isinstance(variant, dict) else {"plan": variant}
+        if set(spec) - {"plan", "normalize"} or "plan" not in spec:
+            raise ValueError(f"quality: a mixed-plan dict has keys 'plan' and 'normalize', got {sorted(spec)}")
         if counts is None:
             raise ValueError("quality: a mixed plan needs token counts (counts=)")
-        q = quantize_mixed(ref, counts, [(f, n) for f, n, _ in variant], block_sizes=[b for _, _, b in variant])
+        plan = spec["plan"]
+        q = quantize_mixed(ref, counts, [(f, n) for f, n, _ in plan], block_sizes=[b for _, _, b in plan],
+                           normalize=spec.get("normalize", False))
     if isinstance(q, MixedLUT):
         return q.describe(), q.bits_per_value, dequantize_mixed(q, torch.float32)
     return f"{q.format}/{q.block_size}", q.bits_per_value, dequantize(q, torch.float32)
@@ -84,7 +89,8 @@ def format_costs(train, text: torch.Tensor, variants: Iterable, *, counts: Optio
 
     ``variants``: format names (``"q2"``, ``"nf4/64"``: format/block size), QuantizedLUT/MixedLUT
     tables, or mixed plans ``[(format, n, block), ...]`` (see :func:`mole_kernels.mixed.quantize_mixed`;
-    they need ``counts``, per-id token frequencies). ``lut``: the model's float LUT if already
+    they need ``counts``, per-id token frequencies), or ``{"plan": [...], "normalize": True}`` for a
+    column-normalised mixed table. ``lut``: the model's float LUT if already
     computed. Returns one dict per variant, the reference first: ``name``, ``bits`` (bits per value,
     every scale, padding and rank-map byte counted), ``ppl``, ``cost`` (relative to the reference).
     """

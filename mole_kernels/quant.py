@@ -392,7 +392,7 @@ def _fit_lowbit(xb: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes ``[..., D]`` (< 2^bits) -> the little-endian bit stream ``[..., ceil(D * bits / 8)]`` uint8."""
     D = codes.shape[-1]
-    g = torch.nn.functional.pad(codes.to(torch.int32), (0, -D % 8)).unflatten(-1, (-1, 8))
+    g = torch.nn.functional.pad(codes.to(torch.int64), (0, -D % 8)).unflatten(-1, (-1, 8))
     word = sum(g[..., k] << (bits * k) for k in range(8))  # 8 codes = `bits` whole bytes
     out = torch.stack([(word >> (8 * i)) & 255 for i in range(bits)], -1).flatten(-2).to(torch.uint8)
     return out[..., :-(-D * bits // 8)]

@@ -332,6 +332,210 @@ def test_mixed_file_round_trip_and_corruption(tmp_path):
         load_mixed(tmp_path / "bad3.safetensors")
 
 
+def int8_decode(q: QuantizedLUT) -> torch.Tensor:
+    """float64 rows of an int8 table from its bytes: int8 codes times the row's float32 scale."""
+    _, off, row_bytes = row_layout(q.format, q.dim, q.block_size)
+    rows = q.data.reshape(-1, row_bytes)
+    scale = torch.tensor([struct.unpack("<f", bytes(r[off:off + 4].tolist()))[0] for r in rows], dtype=torch.float64)
+    return (rows[:, :q.dim].view(torch.int8).double() * scale[:, None]).float().double().reshape(q.shape)
+
+
+def normalised_case(shape=(50, 2, 3, 40)):
+    lut = random_lut(shape)
+    lut += torch.randn(shape[1:]) * 5  # column offsets and scales that differ by (layer, expert)
+    lut *= torch.rand(shape[1:]) * 4 + 0.1
+    counts = torch.randint(0, 1000, (shape[0],))
+    plan = [(None, 4), ("int8", 6), ("q3", 10), ("q2", 10), ("q1", None)]
+    blocks = [None, None, 20 if shape[-1] % 20 == 0 else None, None, 8 if shape[-1] % 8 == 0 else None]
+    return lut, counts, quantize_mixed(lut, counts, plan, block_sizes=blocks, normalize=True)
+
+
+def test_normalised_mixed_stores_the_normalised_table_and_counts_its_bytes():
+    lut, counts, m = normalised_case()
+    w = counts.double() + 1
+    w /= w.sum()
+    mean = torch.einsum("v,vled->led", w, lut.double())
+    rms = torch.einsum("v,vled->led", w, (lut.double() - mean) ** 2).sqrt()
+    torch.testing.assert_close(m.offset.double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m.col_scale.double(), rms, rtol=1e-6, atol=1e-6)
+    order = torch.sort(counts.double(), descending=True, stable=True).indices
+    torch.testing.assert_close(m.parts[0].double(), ((lut[order[:4]].double() - mean) / rms), rtol=1e-5, atol=1e-5)
+    assert m.describe().startswith("norm(") and m.normalized
+    parts = sum(p.numel() * 4 if isinstance(p, torch.Tensor) else p.nbytes for p in m.parts)
+    assert m.nbytes == parts + 4 * 50 + 2 * 4 * 2 * 3 * 40  # rank map, offset and col_scale counted
+    # the table it stands for, from an independent float64 decoder of every part's bytes
+    want = torch.empty(lut.shape, dtype=torch.float64)
+    for s, p in zip(m.starts, m.parts):
+        x = p.double() if isinstance(p, torch.Tensor) else ref_decode(p) if p.format in LOWBIT else int8_decode(p)
+        want[order[s:s + x.shape[0]]] = x * m.col_scale.double() + m.offset.double()
+    torch.testing.assert_close(dequantize_mixed(m, torch.float32).double(), want, rtol=1e-6, atol=1e-5)
+    # normalising makes the narrow parts closer to the table than quantizing it as it is
+    plain = quantize_mixed(lut, counts, [(None, 4), ("int8", 6), ("q3", 10), ("q2", 10), ("q1", None)],
+                           block_sizes=[None, None, 20, None, 8])
+    err = lambda t: ((dequantize_mixed(t, torch.float32) - lut)[order[20:]] ** 2).sum()  # noqa: E731
+    assert err(m) < 0.5 * err(plain)
+
+
+@pytest.mark.parametrize("shape", [(50, 2, 3, 40), (37, 1, 1, 37), (33, 3, 24)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_normalised_mixed_gather_matches_float64(shape, out_dtype):
+    lut, counts, m = normalised_case(shape)
+    full = dequantize_mixed(m, torch.float32).double()
+    order = torch.sort(counts.double(), descending=True, stable=True).indices
+    ids = torch.stack([order[0], order[5], order[15], order[25], order[-1], order[0], order[3]])  # every part, repeats
+    layers = [None] if len(shape) == 3 else [None, 0, shape[1] - 1, slice(0, shape[1])]
+    E = shape[-2]
+    for layer in layers:
+        want = full[ids] if layer is None else full[ids, layer]
+        got = mixed_lut_gather(m, ids, layer=layer, dtype=out_dtype)
+        assert got.dtype == out_dtype
+        torch.testing.assert_close(got.double(), want.to(out_dtype).double(), rtol=0, atol=0)
+        if layer is None and len(shape) == 4 or isinstance(layer, slice):
+            continue
+        w = torch.rand(7, E)
+        fused = mixed_lut_gather(m, ids.view(7, 1), w.view(7, 1, E), layer=layer, dtype=out_dtype)
+        ref = (w.double()[..., None] * want).sum(-2)
+        tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(fused.double().view(7, -1), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_normalised_mixed_files_round_trip_and_corruption(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    lut, counts, m = normalised_case()
+    path = tmp_path / "n.safetensors"
+    save_mixed(path, m)
+    back = load_mixed(path)
+    assert back.normalized and back.describe() == m.describe() and back.nbytes == m.nbytes
+    assert torch.equal(dequantize_mixed(back, torch.float32), dequantize_mixed(m, torch.float32))
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    bad = {"no_scale": {k: v for k, v in tensors.items() if k != "col_scale"},
+           "nan_offset": dict(tensors, offset=torch.full_like(tensors["offset"], float("nan"))),
+           "negative": dict(tensors, col_scale=-tensors["col_scale"]),
+           "shape": dict(tensors, offset=tensors["offset"][:1].contiguous()),
+           "dtype": dict(tensors, col_scale=tensors["col_scale"].half())}
+    for name, t in bad.items():
+        save_file(t, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match="offset|col_scale"):
+            load_mixed(tmp_path / f"{name}.safetensors")
+    with pytest.raises(ValueError, match="normalize"):
+        quantize_mixed(lut, counts, [("q2", None)], normalize=1)
+
+
+# ------------------------------------------------------------------ factored parts ---------
+
+def factored_ref(q) -> torch.Tensor:
+    """float64 rows of a FactoredLUT from its bytes (Python integers, float16 bytes), an independent decoder."""
+    from mole_kernels.factored import row_bytes
+
+    r, bits = q.rank, q.bits
+    rows = q.data.reshape(-1, row_bytes(r, bits)).tolist()
+    basis = q.basis.double().reshape(-1, r, q.dim)
+    coef = torch.empty(len(rows), r, dtype=torch.float64)
+    for i, row in enumerate(rows):
+        stream = int.from_bytes(bytes(row[:-2]), "little")
+        scale = struct.unpack("<e", bytes(row[-2:]))[0]
+        for j in range(r):
+            coef[i, j] = scale * (((stream >> (bits * j)) & ((1 << bits) - 1)) - (1 << (bits - 1)))
+    blocks = basis.shape[0]
+    coef = coef.view(-1, blocks, r)
+    return torch.einsum("vkr,krd->vkd", coef, basis).reshape(q.shape)
+
+
+@pytest.mark.parametrize("shape, rank, bits", [((40, 2, 3, 24), 5, 3), ((33, 1, 1, 37), 37, 8), ((21, 3, 17), 4, 6),
+                                               ((9, 2, 2, 16), 12, 5)])  # rank > V-ish, odd D, bits not dividing 8
+def test_factored_table_decodes_as_its_bytes_say(shape, rank, bits):
+    from mole_kernels.factored import dequantize_factored, factored_lut_gather, factorize
+
+    lut = random_lut(shape)
+    counts = torch.randint(0, 100, (shape[0],))
+    q = factorize(lut, rank, bits, counts=counts)
+    assert q.format == f"f{rank}x{bits}" and q.basis.dtype == torch.float16
+    assert q.nbytes == q.data.numel() + 2 * q.basis.numel()
+    want = factored_ref(q)
+    full = dequantize_factored(q, torch.float32).double()
+    torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    ids = torch.tensor([0, shape[0] - 1, 3, 3, 1])
+    torch.testing.assert_close(factored_lut_gather(q, ids, dtype=torch.float32).double(), full[ids], rtol=1e-6,
+                               atol=1e-6 * want.abs().max().item())
+    if len(shape) == 4:
+        for layer in range(shape[1]):
+            w = torch.rand(5, shape[2])
+            got = factored_lut_gather(q, ids, w, layer=layer, dtype=torch.float32).double()
+            ref = (w.double()[..., None] * want[ids, layer]).sum(1)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:
+        w = torch.rand(5, shape[1])
+        got = factored_lut_gather(q, ids.view(5, 1), w.view(5, 1, -1), dtype=torch.float32).double().view(5, -1)
+        ref = (w.double()[..., None] * want[ids]).sum(1)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert factored_lut_gather(q, torch.zeros(0, dtype=torch.long)).shape == (0, *shape[1:])
+    # full rank and 8 bits: close to the table itself (the fit is least squares, the error the coefficients')
+    if rank == shape[-1]:
+        assert ((full - lut.double()) ** 2).mean() < 1e-3 * (lut.double() ** 2).mean()
+
+
+def test_factored_low_rank_table_is_recovered_and_bad_arguments_refused():
+    from mole_kernels.factored import FactoredLUT, dequantize_factored, factorize
+
+    a, b = torch.randn(64, 2, 3, 4), torch.randn(2, 3, 4, 40)
+    lut = torch.einsum("vler,lerd->vled", a, b)  # exactly rank 4 per (layer, expert)
+    q = factorize(lut, 4, 8)
+    err = (dequantize_factored(q, torch.float32) - lut).abs().max() / lut.abs().max()
+    assert err < 0.02
+    with pytest.raises(ValueError, match="bits"):
+        factorize(lut, 4, 9)
+    with pytest.raises(ValueError, match="rank"):
+        factorize(lut, 41, 4)
+    with pytest.raises(ValueError, match="non-finite"):
+        factorize(lut.index_put((torch.tensor([3]),), torch.tensor(float("inf"))), 4, 4)
+    with pytest.raises(ValueError, match="needs"):
+        FactoredLUT(q.data[..., :-2].contiguous(), q.basis, 8)
+
+
+def test_mixed_table_with_a_factored_part(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    lut, counts, _ = normalised_case()
+    m = quantize_mixed(lut, counts, [("int8", 8), ("f6x5", None)], normalize=True)
+    assert m.describe() == "norm(int8/40 x 8 + f6x5 x 42)"
+    order = torch.sort(counts.double(), descending=True, stable=True).indices
+    want = torch.empty(lut.shape, dtype=torch.float64)
+    want[order[:8]] = int8_decode(m.parts[0])
+    want[order[8:]] = factored_ref(m.parts[1])
+    want = want * m.col_scale.double() + m.offset.double()
+    full = dequantize_mixed(m, torch.float32).double()
+    torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    ids = torch.stack([order[0], order[20], order[7], order[49], order[20]])
+    got = mixed_lut_gather(m, ids, dtype=torch.float32).double()  # a matrix product: equal up to summation order
+    torch.testing.assert_close(got, full[ids], rtol=1e-6, atol=1e-6 * full.abs().max().item())
+    w = torch.rand(5, 3)
+    fused = mixed_lut_gather(m, ids, w, layer=1, dtype=torch.float32).double()
+    torch.testing.assert_close(fused, (w.double()[..., None] * want[ids, 1]).sum(1), rtol=1e-5, atol=1e-4)
+    assert m.nbytes == m.parts[0].nbytes + m.parts[1].data.numel() + 2 * m.parts[1].basis.numel() + 4 * 50 + 8 * 240
+    path = tmp_path / "f.safetensors"
+    save_mixed(path, m)
+    back = load_mixed(path)
+    assert back.describe() == m.describe() and torch.equal(dequantize_mixed(back, torch.float32), full.float())
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    corrupt = tensors["part1"].clone()
+    corrupt[-1, 0, 0, -2:] = torch.tensor([0x00, 0xFC], dtype=torch.uint8)  # a -inf scale in the last row
+    save_file(dict(tensors, part1=corrupt), str(tmp_path / "bad1.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="corrupt"):
+        load_mixed(tmp_path / "bad1.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != "basis1"}, str(tmp_path / "bad2.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="basis1"):
+        load_mixed(tmp_path / "bad2.safetensors")
+    with pytest.raises(ValueError, match="block size"):
+        quantize_mixed(lut, counts, [("f6x5", None)], block_sizes=[8])
+
+
 def test_token_counts():
     assert token_counts(torch.tensor([[1, 1], [3, 0]]), 5).tolist() == [1, 2, 0, 1, 0]
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
@@ -382,6 +586,13 @@ def test_format_costs_and_gate():
     assert check_format(m, "q1", 32, text, max_cost=cost * 2)["cost"] == pytest.approx(cost)
     with pytest.raises(ValueError, match="max_cost"):
         check_format(m, "q1", 32, text, max_cost=-1)
+    counts = torch.arange(m.config.vocab_size)
+    plan = [("int8", 8, None), ("q1", None, 32)]
+    plain, norm = format_costs(m, text, [plan, {"plan": plan, "normalize": True}], counts=counts)[1:]
+    assert norm["name"] == f"norm({plain['name']})" and norm["bits"] > plain["bits"]  # offset and scale counted
+    assert norm["cost"] != plain["cost"]
+    with pytest.raises(ValueError, match="'plan' and 'normalize'"):
+        format_costs(m, text, [{"plan": plan, "normalise": True}], counts=counts)
 
 
 # ------------------------------------------------------------------ the scalar CPU path -----

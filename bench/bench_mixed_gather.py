@@ -1,0 +1,82 @@
+"""Fused gather of frequency-mixed, column-normalised and factored tables against the bf16 table (issue 26).
+
+    python bench/bench_mixed_gather.py [--vocab 50304] [--rounds 15]
+
+Mixed tables (mole_kernels.mixed) are gathered by mixed_lut_gather: each part runs its own gather, then
+(normalised tables) the column scale and offset are applied and the rows summed over experts in torch.
+They are not in LookupTable's decode path yet, so this measures the fused gather of one layer
+(``sum_e w_e * row``), the op a decode step runs per layer, not a whole decode step. Shape: the
+reference model's L = 4, E = 4, D = 128 with a larger vocabulary (a random Zipf-like table: speed only).
+Providers run interleaved, one call each per round in a rotating order; medians over the rounds of
+the mean of 200 calls; ratios against the bf16 table's fused gather (mole_kernels.lut_gather). One thread.
+"""
+import argparse
+import sys
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the source tree (as bench/reference_model.py)
+
+from mole_kernels import lut_gather  # noqa: E402
+from mole_kernels.mixed import mixed_lut_gather, quantize_mixed  # noqa: E402
+from mole_kernels.quant import quantize, quantized_lut_gather  # noqa: E402
+
+PLANS = {
+    "norm(int8 x 64 + q3/128)": [("int8", 64), ("q3", None)],
+    "norm(int8 x 64 + f36x5)": [("int8", 64), ("f36x5", None)],
+    "norm(int8 x 32 + f40x5)": [("int8", 32), ("f40x5", None)],
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--calls", type=int, default=200)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    V, L, E, D = args.vocab, 4, 4, 128
+    lut = (torch.randn(V, L, E, D) * torch.rand(1, L, E, D) * 3 + torch.randn(1, L, E, D)).to(torch.bfloat16)
+    counts = (1e6 / torch.arange(1, V + 1).double()).long()[torch.randperm(V)]
+    tables = {"bf16": lut, "q3/128": quantize(lut, "q3", 128)}
+    for name, plan in PLANS.items():
+        tables[name] = quantize_mixed(lut, counts, plan, normalize=True)
+    p = counts.double() / counts.sum()
+    for B in (1, 32):
+        ids = torch.multinomial(p, B * args.calls, replacement=True).view(args.calls, B)
+        w = torch.softmax(torch.randn(args.calls, B, E), -1)
+
+        def run(t):
+            for i in range(args.calls):
+                if isinstance(t, torch.Tensor):
+                    lut_gather(t, ids[i], w[i], layer=1)
+                elif hasattr(t, "rank"):
+                    mixed_lut_gather(t, ids[i], w[i], layer=1)
+                else:
+                    quantized_lut_gather(t, ids[i], w[i], layer=1)
+
+        times = {k: [] for k in tables}
+        order = list(tables)
+        for k in order:
+            run(tables[k])  # warm-up
+        for _ in range(args.rounds):
+            for k in order:
+                t0 = time.perf_counter()
+                run(tables[k])
+                times[k].append((time.perf_counter() - t0) / args.calls * 1e6)
+            order.append(order.pop(0))
+        base = statistics.median(times["bf16"])
+        print(f"\nB = {B}, V = {V}, L = {L}, E = {E}, D = {D}: fused gather of one layer (median of {args.rounds} rounds)")
+        print("| table | bits/value | us/call | vs bf16 |\n|---|---:|---:|---:|")
+        for k, t in tables.items():
+            bits = 16.0 if k == "bf16" else t.bits_per_value
+            med = statistics.median(times[k])
+            print(f"| {k} | {bits:.3f} | {med:.1f} | {med / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
