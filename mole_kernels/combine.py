@@ -716,18 +716,25 @@ def _lut_combine_quant_out_fake(out, data, format, dim, block_size, ids, logits,
 # else keeps the op, whose checks name what is wrong). Registered on first use, not at import
 # (importing torch._inductor takes seconds): generate(compile_step=True) does it, and a caller that
 # compiles a model itself calls enable_inductor_decomposition() first.
+# Inductor copies its decomposition table once per process, at the first compile (functools.cache on
+# fast_random_decomps): a registration after any compile would silently not apply (the op stayed a
+# dispatcher call, 3 more torch.ops lines per layer in the code) unless that copy is dropped.
 # ---------------------------------------------------------------------------
 _inductor_decomposition = False
 
 
 def enable_inductor_decomposition() -> None:
     """Lets torch.compile (inductor) generate ``lut_combine``'s CPU code itself, fused with its
-    neighbours, rather than call the op (idempotent)."""
+    neighbours, rather than call the op (idempotent; applies to every compile after the call, also
+    when something was compiled before it). Code that inductor's on-disk AOTAutograd cache holds for the
+    same graph compiled *without* it is still replayed (that cache keys on dynamo's graph, not on the
+    decompositions); ``TORCHINDUCTOR_AUTOGRAD_CACHE=0`` rules that out."""
     global _inductor_decomposition
     if not _inductor_decomposition:
-        from torch._inductor.decomposition import register_decomposition
+        from torch._inductor import decomposition
 
-        register_decomposition(torch.ops.mole_kernels.lut_combine.default)(_lut_combine_decomposed)
+        decomposition.register_decomposition(torch.ops.mole_kernels.lut_combine.default)(_lut_combine_decomposed)
+        decomposition.fast_random_decomps.cache_clear()  # inductor's per-process copy of the table (see above)
         _inductor_decomposition = True
 
 
