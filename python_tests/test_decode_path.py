@@ -389,7 +389,8 @@ def test_a_compiled_mole_step_is_the_compiled_dense_step_with_the_lookup_inside_
     """The compiled step's dispatch invariant (generate(compile_step=True)): dynamo's graph holds one
     lut_combine per layer, and inductor's code for the MoLE step calls no op and no GEMM beyond the
     dense step's: the router and the lookup are fused into its own loops (mole_kernels.combine's
-    decomposition). Its tokens equal the eager step's (test_compiled_decode_step_gives_the_eager_tokens)."""
+    decompositions), the dequantization of a quantized table's rows too (int8, fp8, nf4: 2 layers).
+    Its tokens equal the eager step's (test_compiled_decode_step_gives_the_eager_tokens)."""
     from torch._inductor.utils import run_and_get_code
 
     from mole_kernels.combine import enable_inductor_decomposition
@@ -404,7 +405,13 @@ def test_a_compiled_mole_step_is_the_compiled_dense_step_with_the_lookup_inside_
         cache = StaticKVCache(cfg, 2, 16, device="cpu", dtype=torch.float32)
         cache.valid[:, :4] = True
         tok, idx, pos = torch.tensor([3, 9]), torch.tensor([4]), torch.tensor([4, 4])
-        for name, model in (("mole", mole), ("dense", dense)):
+        formats = [None] + (["int8", "fp8_e4m3", "nf4"] if layers == 2 else [])
+        float_lut = mole.lut._lut
+        for name, model in [("mole-" + str(f), mole) for f in formats] + [("dense", dense)]:
+            if model is mole:  # the same model over each table (set_lut starts a new reader)
+                fmt = name[5:]
+                mole.set_lut(LookupTable.from_tensor(float_lut, "host", device="cpu",
+                                                     format=None if fmt == "None" else fmt))
             graphs = []
 
             def backend(gm, inputs):
@@ -421,11 +428,12 @@ def test_a_compiled_mole_step_is_the_compiled_dense_step_with_the_lookup_inside_
                                            cache, tok, idx, pos)
             code = "\n".join(code)
             targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
-            calls[name, layers] = (sum(t.split(".")[:2] == ["mole_kernels", "lut_combine"] for t in targets),
+            calls[name, layers] = (sum(t.startswith("mole_kernels.lut_combine") for t in targets),
                                    code.count("extern_kernels."),
                                    code.count("torch.ops."))
-        assert calls["mole", layers][0] == layers  # one combine per layer in the traced graph
-        assert calls["mole", layers][1:] == calls["dense", layers][1:], calls  # no call of its own after inductor
+        for f in formats:
+            assert calls["mole-" + str(f), layers][0] == layers  # one combine per layer in the traced graph
+            assert calls["mole-" + str(f), layers][1:] == calls["dense", layers][1:], calls  # no call of its own
 
 
 def test_direct_calls_equal_the_ops_and_check_their_arguments():
