@@ -852,18 +852,27 @@ def _lut_combine_quant_out_fake(out, data, format, dim, block_size, ids, logits,
 # else keeps the op, whose checks name what is wrong). Registered on first use, not at import
 # (importing torch._inductor takes seconds): generate(compile_step=True) does it, and a caller that
 # compiles a model itself calls enable_inductor_decomposition() first.
+# Inductor copies its decomposition table once per process, at the first compile (functools.cache on
+# fast_random_decomps): a registration after any compile would silently not apply (the op stayed a
+# dispatcher call, 3 more torch.ops lines per layer in the code) unless that copy is dropped.
 # ---------------------------------------------------------------------------
 _inductor_decomposition = False
 
 
 def enable_inductor_decomposition() -> None:
     """Lets torch.compile (inductor) generate ``lut_combine``'s CPU code itself, fused with its
-    neighbours, rather than call the op (idempotent)."""
+    neighbours, rather than call the op (idempotent; applies to every compile after the call, also
+    when something was compiled before it). Code that inductor's on-disk AOTAutograd cache holds for the
+    same graph compiled *without* it is still replayed (that cache keys on dynamo's graph, not on the
+    decompositions); ``TORCHINDUCTOR_AUTOGRAD_CACHE=0`` rules that out."""
     global _inductor_decomposition
     if not _inductor_decomposition:
-        from torch._inductor.decomposition import register_decomposition
+        from torch._inductor import decomposition
 
-        register_decomposition(torch.ops.mole_kernels.lut_combine.default)(_lut_combine_decomposed)
+        decomposition.register_decomposition(torch.ops.mole_kernels.lut_combine.default)(_lut_combine_decomposed)
+        decomposition.register_decomposition(torch.ops.mole_kernels.lut_combine_quant.default)(
+            _lut_combine_quant_decomposed)
+        decomposition.fast_random_decomps.cache_clear()  # inductor's per-process copy of the table (see above)
         _inductor_decomposition = True
 
 
@@ -886,11 +895,54 @@ def _lut_combine_decomposed(lut, ids, logits, layer=None, residual=None, shared=
     V = lut.shape[0]
     safe = torch.where((ids >= 0) & (ids < V), ids, V)
     rows = lut[safe, layer] if lut.dim() == 4 else lut[safe]
-    out = (torch.softmax(logits.float(), -1).unsqueeze(-1) * rows.float()).sum(-2)
+    return _combined(rows.float(), logits, residual, shared, lut.dtype)
+
+
+def _combined(rows, logits, residual, shared, fallback_dtype):
+    """``residual + shared + sum_e softmax(logits)_e * rows[..., e, :]`` in float32, rounded once."""
+    out = (torch.softmax(logits.float(), -1).unsqueeze(-1) * rows).sum(-2)
     for t in (residual, shared):
         if t is not None:
             out = out + t.float()
-    return out.to(next((t.dtype for t in (residual, shared) if t is not None), lut.dtype))
+    return out.to(next((t.dtype for t in (residual, shared) if t is not None), fallback_dtype))
+
+
+def _lut_combine_quant_decomposed(data, format, dim, block_size, ids, logits, layer=None, residual=None,
+                                  shared=None, dtype=None):
+    """``lut_combine_quant`` in aten ops for inductor, as ``_lut_combine_decomposed`` (else NotImplemented):
+    each token's codes and scales are read from the table's bytes and dequantized inside the fused sum
+    (quant._dequant, the formats' one aten form). The scales are read through a view of the whole table
+    and assembled from their little-endian bytes with integer ops, then reinterpreted at the same width: a
+    view of the table's bytes as float32 would be a call of its own in inductor's code (a size-changing
+    bitcast), and an unaligned buffer."""
+    from .quant import FORMATS, _dequant, row_layout, scale_dtype
+
+    tensors = [t for t in (data, ids, logits, residual, shared) if t is not None]
+    lead = tuple(ids.shape)
+    if (format not in FORMATS or not isinstance(dim, int) or not isinstance(block_size, int) or block_size <= 0
+            or dim <= 0 or dim % block_size or any(t.device.type != "cpu" for t in tensors)
+            or data.dtype != torch.uint8 or data.dim() not in (3, 4) or not data.is_contiguous()):
+        return NotImplemented
+    payload, off, row_bytes = row_layout(format, dim, block_size)
+    sd, nb = scale_dtype(format), dim // block_size
+    L, E = (data.shape[1] if data.dim() == 4 else 1), data.shape[-2]
+    if (data.shape[-1] != row_bytes or ids.dtype not in (torch.int32, torch.int64) or logits.dtype not in _FLOATS
+            or tuple(logits.shape) != lead + (E,) or (dtype is not None and dtype not in _FLOATS)
+            or (data.dim() == 4 and (layer is None or not 0 <= layer < L))
+            or (data.dim() == 3 and layer not in (None, 0))
+            or any(t is not None and (t.dtype not in _FLOATS or tuple(t.shape) != lead + (dim,))
+                   for t in (residual, shared))):
+        return NotImplemented
+    V = data.shape[0]
+    safe = torch.where((ids >= 0) & (ids < V), ids, V)  # out of range: inductor's bounds check raises
+    at = (safe, layer) if data.dim() == 4 else (safe,)
+    rows = data[at]
+    width = sd.itemsize  # float32 or float16 scales
+    sbytes = rows[..., off:off + width * nb].unflatten(-1, (nb, width)).to(torch.int32)
+    bits = sum(sbytes[..., k] << (8 * k) for k in range(width))
+    scales = (bits.view(torch.float32) if width == 4 else bits.to(torch.int16).view(torch.float16)).float()
+    rows = _dequant(rows[..., :payload], scales, format, dim, block_size)
+    return _combined(rows, logits, residual, shared, dtype or torch.float32)
 
 
 # ---------------------------------------------------------------------------

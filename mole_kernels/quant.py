@@ -445,20 +445,24 @@ def _encode(x: torch.Tensor, fmt: str, block: int) -> Tuple[torch.Tensor, torch.
 
 def _decode(rows: torch.Tensor, fmt: str, dim: int, block: int) -> torch.Tensor:
     """uint8 rows [..., row_bytes] -> float32 [..., dim]: scale * code, one float32 rounding (as the kernels)."""
-    payload, off, _ = row_layout(fmt, dim, block)
+    return _dequant(rows[..., :row_layout(fmt, dim, block)[0]], _scales(rows, fmt, dim, block), fmt, dim, block)
+
+
+def _dequant(p: torch.Tensor, s: torch.Tensor, fmt: str, dim: int, block: int) -> torch.Tensor:
+    """The codes ``p`` (uint8 [..., payload_bytes]) and float32 scales ``s`` [..., dim // block] of rows ->
+    float32 [..., dim] (aten ops only: also what inductor compiles, see combine._lut_combine_quant_decomposed)."""
     nb = dim // block
-    s = _scales(rows, fmt, dim, block)
-    p = rows[..., :payload]
     if fmt in LOWBIT:
         bits, levels, _ = LOWBIT[fmt]
-        x = torch.tensor(levels, dtype=torch.float32, device=rows.device)[_unpack_bits(p, bits, dim)]
+        x = torch.tensor(levels, dtype=torch.float32, device=p.device)[_unpack_bits(p, bits, dim)]
     elif fmt == "int8":
         x = p.view(torch.int8).float()
     elif fmt == "fp8_e4m3":
         x = p.view(_FP8).float()
     else:
-        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=rows.device)
-        codes = torch.stack((p & 15, p >> 4), -1).flatten(-2)[..., :dim]
+        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=p.device)
+        shifts = torch.tensor([0, 4], dtype=torch.uint8, device=p.device)  # broadcast, not stacked: no copy in inductor
+        codes = ((p.unsqueeze(-1) >> shifts) & 15).flatten(-2)[..., :dim]
         x = levels[codes.long()]
     return (x.unflatten(-1, (nb, block)) * s[..., None]).flatten(-2)
 

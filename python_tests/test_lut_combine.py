@@ -270,6 +270,69 @@ def test_custom_op_registration():
                                                                             residual=residual, shared=shared))
 
 
+# Inductor's own code for lut_combine / lut_combine_quant (mole_kernels.combine.enable_inductor_decomposition,
+# what generate(compile_step=True) and the vLLM plugin turn on): (table, its dtype or format and block, ids
+# shape and dtype, layer, addends' dtype or None, residual strided). Odd D and blocks, E = 1, a table
+# without a layer dim, int32 ids, no addends (the result takes the table's dtype, or float32 / `dtype`).
+_DECOMPOSED = [
+    ((13, 3, 4, 40), torch.float32, (2, 3), torch.int64, 2, torch.float32, False),
+    ((13, 2, 1, 24), torch.bfloat16, (5,), torch.int32, 1, torch.bfloat16, True),
+    ((13, 3, 24), torch.float16, (1, 1), torch.int64, None, None, False),
+    ((13, 3, 5, 96), ("int8", None), (2, 3), torch.int64, 1, torch.bfloat16, False),
+    ((13, 3, 5, 96), ("fp8_e4m3", 32), (3,), torch.int32, 2, torch.float32, True),
+    ((13, 2, 1, 96), ("nf4", 32), (2, 2), torch.int64, 0, torch.float16, False),
+    ((13, 3, 64), ("nf4", 64), (4,), torch.int64, None, None, False),
+    ((13, 2, 3, 48), ("q3", 16), (2, 1), torch.int32, 1, torch.float32, False),
+]
+
+
+@pytest.mark.parametrize("case", _DECOMPOSED, ids=lambda c: f"{c[1] if isinstance(c[1], tuple) else str(c[1])[6:]}-"
+                                                        f"{'x'.join(map(str, c[0]))}")
+def test_inductor_decomposition_matches_float64(case):
+    """The decompositions inductor compiles instead of calling the ops: the float64 reference on fresh
+    inputs, the op's dtype, no call of the op left in inductor's code, and a bad id still raises."""
+    from torch._inductor.utils import run_and_get_code
+
+    from mole_kernels.combine import enable_inductor_decomposition
+
+    enable_inductor_decomposition()
+    shape, kind, id_shape, id_dtype, layer, add_dtype, strided = case
+    table = torch.randn(shape) * 0.5
+    if isinstance(kind, tuple):
+        table = quantize(table, *kind)
+        E, D = table.shape[-2], table.dim
+        head, op = (table.data, table.format, table.dim, table.block_size), ops.lut_combine_quant
+    else:
+        table = table.to(kind)
+        E, D = shape[-2:]
+        head, op = (table,), ops.lut_combine
+    ids = torch.randint(0, shape[0], id_shape, dtype=id_dtype)
+    logits = torch.randn(*id_shape, E) * 3
+    addends = [None, None]
+    if add_dtype is not None:
+        addends = [torch.randn(*id_shape, 2 * D if strided else D, dtype=add_dtype)[..., ::2 if strided else 1]
+                   for _ in range(2)]
+    extra = (None,) if op is ops.lut_combine_quant else ()
+
+    def step(ids, logits, residual, shared):
+        return op(*head, ids, logits, layer, residual, shared, *extra)
+
+    compiled = torch.compile(step, dynamic=False)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        got, code = run_and_get_code(compiled, ids, logits, *addends)
+    want = op(*head, ids, logits, layer, *addends, *extra)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    ref = reference(table, ids, logits, layer or 0, *addends)
+    torch.testing.assert_close(got.double(), ref, **TOLERANCES[got.dtype])
+    torch.testing.assert_close(got, want, **TOLERANCES[got.dtype])  # and the op (dequantized in C++)
+    calls = [ln for ln in "\n".join(code).splitlines() if "mole_kernels." in ln and not ln.lstrip().startswith("#")]
+    assert calls == [], calls  # inductor's own loops, not the op
+    bad = ids.clone().view(-1)
+    bad[-1] = shape[0]  # one past the end
+    with pytest.raises(RuntimeError):  # inductor's bounds check (the op itself raises ValueError, naming it)
+        compiled(bad.view(id_shape), logits, *addends)
+
+
 def test_e_limit_is_shared_with_mole_combine():
     # lut_combine holds a token's logits in registers like mole_combine: the same documented limit.
     assert MAX_EXPERTS == 4096

@@ -6,6 +6,7 @@ import importlib
 import logging
 import math
 import sys
+import types
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -251,7 +252,14 @@ class _CausalLM(nn.Module):
         if self._compiled_step is None:
             import_cpp_extension_quietly()
             enable_inductor_decomposition()  # lut_combine as inductor's own fused code, not a dispatcher call
-            self._compiled_step = torch.compile(self._decode_step, dynamic=False)
+            # Dynamo keeps its compiled graphs on the code object, which every model's _decode_step shares:
+            # each call of one model would first fail the guards of every model compiled before it (at the
+            # demo shape a MoLE step compiled after the dense one ran ~20 % longer), and all of them would
+            # share one recompile limit. A copy of the code per model gives each model its own cache.
+            fn = type(self)._decode_step
+            own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                     fn.__closure__)
+            self._compiled_step = torch.compile(types.MethodType(own, self), dynamic=False)
         return self._compiled_step
 
 
