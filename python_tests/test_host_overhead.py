@@ -75,8 +75,9 @@ def test_eager_layer_call_retains_nothing_over_1000_calls(stubbed, provider):
     retained, growth = _retained_bytes(fn, 1000, more=2000)
     assert stubbed["launches"] - before == launches * 3050  # each call reached the (stubbed) launch
     # 0 bytes per call: anything kept per call is an object of >= 16 bytes, >= 16,000 bytes over 1,000
-    # calls; less than 1,000 in all is interpreter noise (a free list or dict resizing), not per call.
-    assert retained < 1000, f"{provider}: {retained} bytes retained over 1,000 calls"
+    # calls; a few KB in all is interpreter noise (a free list or a dict resizing once: 1,024 bytes were
+    # seen after the whole suite had run in the process), not per call.
+    assert retained < 4096, f"{provider}: {retained} bytes retained over 1,000 calls"
     # Nor over 2,000 more (>= 32,000 bytes if anything were kept per call; the measurement's own ints
     # and a free list's growth are tens of bytes).
     assert growth < 256, f"{provider}: {growth} more bytes retained over 2,000 more calls"
