@@ -1,6 +1,6 @@
 """Fused gather of frequency-mixed, column-normalised and factored tables against the bf16 table (issue 26).
 
-    python bench/bench_mixed_gather.py [--vocab 50304] [--rounds 15]
+    python bench/mixed_gather.py [--vocab 50304] [--rounds 15]
 
 Mixed tables (mole_kernels.mixed) are gathered by mixed_lut_gather: each part runs its own gather, then
 (normalised tables) the column scale and offset are applied and the rows summed over experts in torch.
