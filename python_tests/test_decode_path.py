@@ -171,34 +171,6 @@ def test_reader_combines_every_layer(placement, path, quantized):
         reader.start(torch.tensor([[0, 1, V]]))(0, torch.randn(1, 3, E), torch.randn(1, 3, D), torch.randn(1, 3, D))
 
 
-@pytest.mark.parametrize("placement", ["host", "disk"])
-@pytest.mark.parametrize("fmt", [None, "int8", "nf4"])
-def test_a_compiled_reader_step_is_one_graph_equal_to_the_eager_step(placement, fmt):
-    """Under torch.compile a step is ops only (LayerReader._traced_step): one graph (fullgraph: no break at
-    the disk tier's read, which is one opaque op per step), dynamic step sizes, repeated ids, layers over
-    the table or the step's unique rows, equal to the eager step."""
-    from mole_kernels.combine import enable_inductor_decomposition
-
-    t = LookupTable.from_tensor(torch.randn(V, L, E, D), placement, device="cpu", format=fmt,
-                                block_size=4 if fmt == "nf4" else None)
-    reader = t.reader()
-    w = torch.randn(L, E, D)
-
-    def layers(ids, x, h, y):
-        step = reader.start(ids)
-        for l in range(L):
-            h = step(l, x, h, y, w[l])
-        return h
-
-    enable_inductor_decomposition()
-    torch._dynamo.reset()  # `layers` is one code object for every case: its graphs must not pile up
-    compiled = torch.compile(layers, fullgraph=True, dynamic=True)
-    for ids in (torch.tensor([3, 3, 7, 0, V - 1, 5, 3]), torch.tensor([[9]]), torch.tensor([[4, 4], [4, 1]])):
-        x, h, y = (torch.randn(*ids.shape, D) for _ in range(3))
-        torch.testing.assert_close(compiled(ids, x, h, y), layers(ids, x, h, y), atol=1e-4, rtol=1e-4)
-    t.close()
-
-
 def test_rows_not_in_the_page_cache_are_read_together_and_equal(tmp_path):
     """The disk tier reads the rows the page cache holds without blocking and the others from storage, several
     at once (csrc/lookup_table.cpp, read_rows): a step whose file pages were dropped (all rows cold), half

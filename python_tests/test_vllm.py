@@ -216,6 +216,36 @@ def test_prompt_embeds_and_head_size_are_refused():
         _check_head_size(16)
 
 
+@pytest.mark.parametrize("placement,lut_file", [("disk", None), ("disk", "nf4"), ("host", None), ("host", "int8")])
+def test_compiled_step_equals_the_eager_step(case, placement, lut_file):
+    """Under torch.compile (vLLM's default) each layer is the traced lut_combine (inductor's own code for a
+    float table), the disk tier's step adding one opaque read per step: the same numbers as the eager step,
+    in one graph, for steps of different sizes (vLLM's flat ids: repeated ids, prefill and decode mixed)."""
+    from mole_kernels.combine import enable_inductor_decomposition
+    from mole_kernels.integrations.vllm import _ServedLUT, open_lut
+
+    cfg = MoLEConfig(**CONFIG)
+    s = _settings(mole_lut_placement=placement, mole_lut_file=lut_file and case[lut_file])
+    served = _ServedLUT(open_lut(case["official"], cfg, s, "cpu"))
+    D, E, L = cfg.hidden_size, cfg.num_experts, cfg.num_hidden_layers
+    w = torch.randn(L, E, D)
+
+    def layers(ids, n, h, y):
+        step = served.start(ids)
+        for l in range(L):
+            h = step(l, n, h, y, w[l])
+        return h
+
+    enable_inductor_decomposition()
+    torch._dynamo.reset()
+    compiled = torch.compile(layers, fullgraph=True, dynamic=True)
+    for ids in (torch.tensor([3, 3, 500, 0, 17, 42, 511]), torch.tensor([9]), torch.tensor([7, 7, 7, 1, 2])):
+        T = ids.numel()
+        n, h, y = torch.randn(T, D), torch.randn(T, D), torch.randn(T, D)
+        torch.testing.assert_close(compiled(ids, n, h, y), layers(ids, n, h, y), atol=1e-4, rtol=1e-4)
+    served.table.close()
+
+
 # ---------------------------------------------------------------- tensor parallel slicing -------
 
 

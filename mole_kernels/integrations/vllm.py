@@ -28,13 +28,15 @@ hf_overrides={"mole_lut_placement": "disk"})`` or ``--hf-overrides '{"mole_lut_p
 - ``mole_lut_format`` / ``mole_lut_block_size``: quantize the folder's float LUT on load (with
   ``mole_lut_file``: must match the file); ``mole_lut_dtype``: convert the float LUT on load.
 
-torch.compile (vLLM's default mode): the table's LayerReader traces (``LayerReader._traced_step``):
-every layer is the core's ``lut_combine`` op (with a fake kernel; inductor generates its code, see
-:func:`~mole_kernels.combine.enable_inductor_decomposition`), over the whole table for the in-RAM tiers
-and, for the disk tier, over the step's unique rows, read first by one opaque op per step. On a GPU
-(not run here: no GPU on this project's machine) the host and device tiers take the same traced op,
-reading the step's ids from the tensor vLLM passes (its persistent ``input_ids`` buffer); that vLLM's
-full CUDA graphs capture it is the design, unverified.
+torch.compile (vLLM's default mode): the in-RAM tiers trace as the core's ``lut_combine`` custom op
+(with a fake kernel; inductor generates its code, see
+:func:`~mole_kernels.combine.enable_inductor_decomposition`), the table a plain tensor the compiled code
+reads in place. The disk tier reads the step's unique rows with a host call dynamo cannot trace: under
+compilation that read is one opaque custom op per step (``mole_kernels_vllm::read_rows``) and each
+layer the same traced ``lut_combine`` over the rows it returned (see :class:`_ServedLUT`). On a GPU (not run here: no GPU on
+this project's machine) the host and device tiers take the same traced op, reading the step's ids
+from the tensor vLLM passes (its persistent ``input_ids`` buffer); that vLLM's full CUDA graphs
+capture it is the design, unverified.
 
 Under vLLM tensor parallelism each rank holds its ``D/N`` columns of the LUT (sliced on load as
 :class:`~mole_kernels.model.tensor_parallel.TPMoLEForCausalLM` does) and writes its weighted slice
@@ -69,7 +71,9 @@ from ..combine import enable_inductor_decomposition
 from ..model.checkpoints import LUT_KEY, WeightFiles, _is_expert_key, _read_config, _weight_files
 from ..model.config import MoLEConfig, parse_dtype
 from ..model.mole import _check_lut_format, _lut_file_table, _official_lut
-from ..table import LayerReader, LookupTable
+from ..table import LookupTable
+from ..table.lookup_table import _like
+from ..table.reader import _direct_combine
 
 PLACEMENTS = ("host", "disk", "device")
 #: The settings this module reads from the model config (vLLM's ``hf_overrides``), with their defaults.
@@ -149,6 +153,54 @@ def open_lut(folder: str, cfg: MoLEConfig, settings: Dict[str, object], device, 
         if tuple(src.shape) != cfg.lut_shape:
             raise ValueError(f"{where}: the LUT has shape {list(src.shape)}, expected {list(cfg.lut_shape)}")
         return _RankSlice(_lut_source(src, where), rank, world, lut_dtype, fmt, block).table(placement, device, None)
+
+
+class _ServedLUT:
+    """A step's LUT term: ``step = served.start(ids)`` once per step, then ``step(l, n, residual, shared,
+    router_weight)`` in each layer = ``residual + shared + sum_e softmax(n @ W^T)_e * LUT[ids, l, e]``.
+
+    Eager, this is the table's LayerReader itself. Under torch.compile every tier's layers are the core's
+    ``lut_combine`` op, which traces: the in-RAM (and VRAM) tiers' over the whole table; the disk tier's over
+    the step's unique rows, read from the file first by a host call dynamo cannot trace: one opaque op per
+    step (``mole_kernels_vllm::read_rows``, keyed by this table's slot)."""
+
+    _slots: Dict[str, "_ServedLUT"] = {}
+
+    def __init__(self, table: LookupTable):
+        self.table = table
+        self.reader = table.reader()
+        self.slot = str(len(_ServedLUT._slots))  # a string: dynamo keeps it a constant (an int may become symbolic)
+        _ServedLUT._slots[self.slot] = self
+
+    def start(self, ids: torch.Tensor):
+        if not torch.compiler.is_compiling():
+            return self.reader.start(ids)  # eager: the reader picks each step's path
+        t = self.table
+        faults = None if ids.device.type == "cpu" else self.reader._faults
+        if t.placement != "disk":
+            # The traced op over the whole table. On a GPU the host tier's pinned table is read in place
+            # (zero-copy), which CUDA graphs capture; the reader's prefetch on a side stream they would not.
+            return _direct_combine(t._lut, ids, faults)
+        buf, inverse = torch.ops.mole_kernels_vllm.read_rows(ids, self.slot)
+        rows = _like(t._quant, buf.view(t._stored_dtype).view(-1, *t._stored_shape[1:]))
+        return _direct_combine(rows, inverse, faults)
+
+
+@torch.library.custom_op("mole_kernels_vllm::read_rows", mutates_args=())
+def _read_rows(ids: torch.Tensor, slot: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The disk tier's step read: (the unique rows of ``ids``, as bytes in ``ids.numel() + 1`` row slots of
+    which the first U are used; each id's row among them, shaped like ``ids``)."""
+    t = _ServedLUT._slots[slot].table
+    buf = torch.empty((ids.numel() + 1) * t.row_bytes, dtype=torch.uint8, device=t.device)
+    _, inverse = t._unique_rows(ids.reshape(-1), None, out=buf)
+    return buf, inverse.view(ids.shape)
+
+
+@_read_rows.register_fake
+def _(ids, slot):
+    t = _ServedLUT._slots[slot].table
+    return (torch.empty((ids.numel() + 1) * t.row_bytes, dtype=torch.uint8, device=t.device),
+            torch.empty(ids.shape, dtype=torch.int64, device=t.device))
 
 
 def tp_ffn(step, l: int, n: torch.Tensor, h: torch.Tensor, partial_mlp: torch.Tensor, router_weight: torch.Tensor,
@@ -257,13 +309,13 @@ class MoleModel(nn.Module):
         self.layers = nn.ModuleList(MoleDecoderLayer(cfg, vllm_config, f"{prefix}.layers.{i}", dense)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.lut: Optional[LayerReader] = None
+        self.lut: Optional[_ServedLUT] = None
         if not dense:
             device = vllm_config.device_config.device
             table = open_lut(folder, cfg, lut_settings(vllm_config.model_config.hf_config),
                              torch.device("cpu") if device is None else device,
                              rank=get_tensor_model_parallel_rank(), world=get_tensor_model_parallel_world_size())
-            self.lut = table.reader()
+            self.lut = _ServedLUT(table)
             if not vllm_config.model_config.enforce_eager:  # vLLM compiles with inductor (also on CPU)
                 enable_inductor_decomposition()  # each layer's lookup in inductor's own fused code
 

@@ -22,10 +22,6 @@ step, in :meth:`LayerReader._path`:
   tier with ``pread``; the host tier's DMA path for large batches of host ids) into a buffer on
   the device, then ``direct`` over that buffer with the ids' positions in it.
 
-Under torch.compile a step is ops only (:meth:`LayerReader._traced_step`): the traced
-``lut_combine`` per layer, over the table (in RAM or VRAM; on a GPU the pinned table zero-copy) or,
-on the disk tier, over the step's unique rows read by one opaque op.
-
 Ids are checked where they enter the model (on the host); kernels on a GPU then run in
 counted-faults mode (:attr:`LayerReader.faults`), so no step synchronises except where the
 path itself needs ids on the host (staged). A reader keeps its buffers between steps and
@@ -33,10 +29,8 @@ belongs to one thread.
 """
 from __future__ import annotations
 
-import itertools
-import weakref
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +71,6 @@ class LayerReader:
         self._file = None  # CPU, disk tier: the table file's handle for direct reads
         self._faults = torch.zeros(1, dtype=torch.int64, device=table.device)
         self._layers = None  # GPU, float table read in place: its [V, E, D] device view per layer (made once)
-        self._slot = str(next(_SLOTS))  # names this reader to read_step_rows (a string: a constant to dynamo)
-        _READERS[self._slot] = self
         self._scratch = None  # GPU bulk steps: where their already-counted bad ids are counted again
 
     @property
@@ -100,8 +92,6 @@ class LayerReader:
             fn, head = self._direct
             return partial(fn, *head, inverse)
         t = self.table
-        if torch.compiler.is_compiling():
-            return self._traced_step(ids)
         path = self._path(ids)
         if path == "staged-cpu":  # a file on a CPU: the step's unique rows read once, with one C++ call
             return _direct_combine(*self._read_rows_cpu(ids), None)
@@ -125,24 +115,6 @@ class LayerReader:
                 self._layers = [alias[:, l] for l in range(t.shape[1])]
             return _lut_combine_step_cuda(self._layers, ids, self._faults)
         return _direct_combine(t._lut, ids, self._faults)
-
-    def _traced_step(self, ids: torch.Tensor) -> Callable[..., torch.Tensor]:
-        """A step under torch.compile: ops only, so the step stays one graph (and CUDA graphs capture it).
-        Each layer is the traced ``lut_combine``: over the whole table for the in-RAM and VRAM tiers (on a
-        GPU the pinned host table is read in place, zero-copy: the side-stream prefetch would not trace),
-        and for the disk tier over the step's unique rows, read first by one opaque op
-        (``mole_kernels::read_step_rows``: a host call dynamo cannot trace)."""
-        t = self.table
-        ids = t._to_device(ids, "reader")
-        faults = None if ids.device.type == "cpu" else self._faults
-        if t.placement != "disk":
-            return _direct_combine(t._lut, ids, faults)
-        buf, inverse = torch.ops.mole_kernels.read_step_rows(ids, self._slot)
-        rows = buf.view(t._stored_dtype).view(-1, *t._stored_shape[1:])
-        if t._quant is not None:
-            q = t._quant
-            rows = QuantizedLUT(rows, q.format, q.dim, q.block_size, q.dtype)
-        return _direct_combine(rows, inverse, faults)
 
     def _prefetch(self, tokens: int) -> Prefetcher:
         """The reader's prefetcher, for at least ``tokens`` tokens (one buffer pair, grown on demand)."""
@@ -220,29 +192,6 @@ class LayerReader:
         if ids.is_cuda:
             return "prefetch" if ids.numel() <= self.prefetch_tokens else "bulk"
         return "staged" if ids.numel() > t.dma_min_tokens else "direct"
-
-
-_SLOTS = itertools.count()
-_READERS: "weakref.WeakValueDictionary[str, LayerReader]" = weakref.WeakValueDictionary()
-
-
-@torch.library.custom_op("mole_kernels::read_step_rows", mutates_args=())
-def _read_step_rows(ids: torch.Tensor, reader: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A disk-tier step's read under torch.compile (LayerReader._traced_step): (the unique rows of ``ids``
-    as bytes, in ``ids.numel() + 1`` row slots of which the first U are used; each id's row among them,
-    shaped like ``ids``). Fresh tensors each step: the compiled code may keep them as long as it likes."""
-    r = _READERS[reader]
-    t = r.table
-    buf = torch.empty((ids.numel() + 1) * t.row_bytes, dtype=torch.uint8, device=t.device)
-    _, inverse = t._unique_rows(ids.reshape(-1), None, out=buf)
-    return buf, inverse.long().view(ids.shape)
-
-
-@_read_step_rows.register_fake
-def _(ids, reader):
-    t = _READERS[reader].table
-    return (torch.empty((ids.numel() + 1) * t.row_bytes, dtype=torch.uint8, device=t.device),
-            torch.empty(ids.shape, dtype=torch.int64, device=t.device))
 
 
 def _direct_combine(table, ids: torch.Tensor, faults: Optional[torch.Tensor]) -> Callable[..., torch.Tensor]:
