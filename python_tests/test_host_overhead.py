@@ -78,9 +78,10 @@ def test_eager_layer_call_retains_nothing_over_1000_calls(stubbed, provider):
     # calls; a few KB in all is interpreter noise (a free list or a dict resizing once: 1,024 bytes were
     # seen after the whole suite had run in the process), not per call.
     assert retained < 4096, f"{provider}: {retained} bytes retained over 1,000 calls"
-    # Nor over 2,000 more (>= 32,000 bytes if anything were kept per call; the measurement's own ints
-    # and a free list's growth are tens of bytes).
-    assert growth < 256, f"{provider}: {growth} more bytes retained over 2,000 more calls"
+    # Nor over 2,000 more (>= 32,000 bytes if anything were kept per call; the measurement's own ints, a
+    # free list's or a cache's one-off growth stay under a few KB: 816 bytes once, for Triton's own launch,
+    # after the whole suite had run in the process).
+    assert growth < 4096, f"{provider}: {growth} more bytes retained over 2,000 more calls"
 
 
 def test_retention_is_detected_where_it_exists(stubbed):
