@@ -33,10 +33,10 @@ torch.compile (vLLM's default mode): the in-RAM tiers trace as the core's ``lut_
 :func:`~mole_kernels.combine.enable_inductor_decomposition`), the table a plain tensor the compiled code
 reads in place. The disk tier reads the step's unique rows with a host call dynamo cannot trace: under
 compilation that read is one opaque custom op per step (``mole_kernels_vllm::read_rows``) and each
-layer the same traced ``lut_combine`` over the rows it returned (see :class:`_ServedLUT`). On a GPU (not run here: no GPU on
-this project's machine) the host and device tiers take the same traced op, reading the step's ids
-from the tensor vLLM passes (its persistent ``input_ids`` buffer); that vLLM's full CUDA graphs
-capture it is the design, unverified.
+layer the same traced ``lut_combine`` over the rows it returned (see :class:`_ServedLUT`). On a GPU
+(not run here: no GPU on this project's machine) the host and device tiers take the same traced op,
+reading the step's ids from the tensor vLLM passes (its persistent ``input_ids`` buffer); that vLLM's
+full CUDA graphs capture it is the design, unverified.
 
 Under vLLM tensor parallelism each rank holds its ``D/N`` columns of the LUT (sliced on load as
 :class:`~mole_kernels.model.tensor_parallel.TPMoLEForCausalLM` does) and writes its weighted slice
