@@ -47,9 +47,13 @@ at::Tensor lut_combine_quant_step_cpu(const at::Tensor& data, c10::string_view f
 // cost a GEMM library's fixed overhead would dwarf; at::linear beyond (csrc/lut_combine.cpp).
 at::Tensor router_logits(const at::Tensor& x, const at::Tensor& weight);
 
-// TableStore.read_unique on the file store named by `handle` (TableStore.handle(), csrc/lookup_table.cpp).
-std::tuple<at::Tensor, int64_t> read_unique_file(int64_t handle, const at::Tensor& ids, int64_t row_bytes,
-                                                 int64_t seg_offset, int64_t seg_bytes, bool strict,
-                                                 const at::Tensor& dst);
+// TableStore.read_unique on the file store named by `handle` (TableStore.handle(), csrc/lookup_table.cpp):
+// (inverse, unique rows, ticket). `background`: the rows not in the page cache are left reading on
+// threads of their own (ticket > 0; 0 when every row was cached), so the step computes meanwhile;
+// wait_reads(ticket) before dst is used, once (it also reports a read's failure or a changed file).
+std::tuple<at::Tensor, int64_t, int64_t> read_unique_file(int64_t handle, const at::Tensor& ids, int64_t row_bytes,
+                                                          int64_t seg_offset, int64_t seg_bytes, bool strict,
+                                                          const at::Tensor& dst, bool background);
+void wait_reads(int64_t ticket);
 
 }  // namespace mole

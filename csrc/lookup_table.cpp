@@ -31,9 +31,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
 #include <memory>
 #include <exception>
+#include <system_error>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -192,40 +194,95 @@ struct File {
 // started for that step only (a thread costs ~20 us, far below one cold read; warm steps start none).
 constexpr int64_t kColdReaders = 8;
 
-// Row i is table bytes [id[i] * row_bytes + seg_offset, +n), read to out + i * n.
-void read_rows(const File& file, const int64_t* id, int64_t count, int64_t row_bytes, int64_t seg_offset, int64_t n,
-               char* out) {
-  std::vector<std::pair<int64_t, int64_t>> cold;  // (row, bytes already read)
+// A step's rows that must wait for storage: read by ColdReads::run on up to kColdReaders threads.
+// Everything the threads touch is held here (the file, the ids and the destination tensors), so a
+// background read (read_unique_file's `background`) that nobody waits for cannot write to freed memory.
+struct ColdReads {
+  std::shared_ptr<File> file;
+  at::Tensor ids, dst;  // held only: `id` and `out` point into them
+  const int64_t* id = nullptr;
+  char* out = nullptr;
+  int64_t row_bytes = 0, seg_offset = 0, n = 0;
+  std::vector<std::pair<int64_t, int64_t>> rows;  // (row, bytes already read)
+  std::atomic<size_t> next{0};
+  std::mutex mu;
+  std::condition_variable done_cv;
+  int64_t running = 0;  // reader threads not finished (under mu)
+  std::exception_ptr error;  // the first failure (under mu)
+
+  // One reader thread's loop: takes rows until none are left.
+  void run() {
+    try {
+      for (size_t c = next++; c < rows.size(); c = next++) {
+        const auto [i, done] = rows[c];
+        file->read_exact(out + i * n + done, id[i] * row_bytes + seg_offset + done, n - done);
+      }
+    } catch (...) {
+      const std::lock_guard<std::mutex> lock(mu);
+      if (!error) error = std::current_exception();
+    }
+  }
+
+  int64_t threads() const { return std::min<int64_t>(static_cast<int64_t>(rows.size()), kColdReaders); }
+
+  // Reads every row here and returns (this thread reads too).
+  void read_now() {
+    std::vector<std::thread> helpers;
+    for (int64_t k = 1; k < threads(); ++k) helpers.emplace_back([this] { run(); });
+    run();
+    for (auto& t : helpers) t.join();
+    if (error) std::rethrow_exception(error);
+  }
+
+  // Starts detached reader threads, each holding `self`; wait() blocks until they are done.
+  static void start(const std::shared_ptr<ColdReads>& self) {
+    const int64_t count = self->threads();  // not `running`: the first threads may finish while others start
+    self->running = count;
+    for (int64_t k = 0; k < count; ++k) {
+      try {
+        std::thread([self] {
+          self->run();
+          self->finished(1);
+        }).detach();
+      } catch (const std::system_error&) {  // no thread to be had: the ones started (or wait()) read the rest
+        self->finished(count - k);
+        return;
+      }
+    }
+  }
+
+  void finished(int64_t threads) {
+    const std::lock_guard<std::mutex> lock(mu);
+    running -= threads;
+    if (running == 0) done_cv.notify_all();
+  }
+
+  void wait() {
+    run();  // rows no thread has taken yet (none, unless threads could not be started)
+    std::unique_lock<std::mutex> lock(mu);
+    done_cv.wait(lock, [this] { return running == 0; });
+    if (error) std::rethrow_exception(error);
+  }
+};
+
+// Row i is table bytes [id[i] * row_bytes + seg_offset, +n), read to out + i * n; the rows not in
+// the page cache are left in the result (nothing to read when it holds none).
+std::shared_ptr<ColdReads> read_cached_rows(const std::shared_ptr<File>& file, const int64_t* id, int64_t count,
+                                            int64_t row_bytes, int64_t seg_offset, int64_t n, char* out) {
+  auto cold = std::make_shared<ColdReads>();
   for (int64_t i = 0; i < count; ++i) {
     struct iovec v {out + i * n, static_cast<size_t>(n)};
-    const ssize_t got = ::preadv2(file.fd, &v, 1, file.offset + id[i] * row_bytes + seg_offset, RWF_NOWAIT);
+    const ssize_t got = ::preadv2(file->fd, &v, 1, file->offset + id[i] * row_bytes + seg_offset, RWF_NOWAIT);
     if (got == n) continue;
-    cold.emplace_back(i, got > 0 ? got : 0);  // EAGAIN (not cached), a partial read, or no RWF_NOWAIT here
+    cold->rows.emplace_back(i, got > 0 ? got : 0);  // EAGAIN (not cached), a partial read, or no RWF_NOWAIT here
   }
-  auto read_cold = [&](const std::pair<int64_t, int64_t>& c) {
-    const auto [i, done] = c;
-    file.read_exact(out + i * n + done, id[i] * row_bytes + seg_offset + done, n - done);
-  };
-  if (cold.size() <= 1) {
-    for (const auto& c : cold) read_cold(c);
-    return;
-  }
-  std::atomic<size_t> next{0};
-  std::vector<std::exception_ptr> errors(std::min<size_t>(cold.size(), kColdReaders));
-  auto reader = [&](size_t k) {
-    try {
-      for (size_t c = next++; c < cold.size(); c = next++) read_cold(cold[c]);
-    } catch (...) {
-      errors[k] = std::current_exception();
-    }
-  };
-  std::vector<std::thread> threads;
-  for (size_t k = 1; k < errors.size(); ++k) threads.emplace_back(reader, k);
-  reader(0);  // this thread reads too
-  for (auto& t : threads) t.join();
-  for (const auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
+  cold->file = file;
+  cold->id = id;
+  cold->out = out;
+  cold->row_bytes = row_bytes;
+  cold->seg_offset = seg_offset;
+  cold->n = n;
+  return cold;
 }
 
 std::shared_ptr<File> open_file(const std::string& path, int64_t offset, int64_t nbytes) {
@@ -268,9 +325,11 @@ at::Tensor checked_ids(const at::Tensor& ids, int64_t rows, const char* what) {
 }  // namespace
 
 // The row copy behind TableStore.copy_rows: from host bytes (memcpy) or a file (pread), `total`
-// bytes of table, into a CPU buffer.
-void copy_segments(const at::Tensor& host, const std::shared_ptr<File>& file, int64_t total, const at::Tensor& ids,
-                   int64_t row_bytes, int64_t seg_offset, int64_t seg_bytes, const at::Tensor& dst) {
+// bytes of table, into a CPU buffer. `background` (a file): the rows that must wait for storage are
+// left reading on their own threads, returned (wait() on them before using dst); else none are left.
+std::shared_ptr<ColdReads> copy_segments(const at::Tensor& host, const std::shared_ptr<File>& file, int64_t total,
+                                         const at::Tensor& ids, int64_t row_bytes, int64_t seg_offset,
+                                         int64_t seg_bytes, const at::Tensor& dst, bool background = false) {
     MOLE_CHECK_ARG(row_bytes > 0 && total % row_bytes == 0, "TableStore.copy_rows: row_bytes (", row_bytes,
                    ") must divide the table's ", total, " bytes");
     MOLE_CHECK_ARG(seg_offset >= 0 && seg_bytes > 0 &&
@@ -283,22 +342,30 @@ void copy_segments(const at::Tensor& host, const std::shared_ptr<File>& file, in
     MOLE_CHECK_ARG(dst.device().is_cpu() && dst.is_contiguous() && static_cast<int64_t>(dst.nbytes()) >= need,
                    "TableStore.copy_rows: dst must be a contiguous CPU tensor of at least ", need, " bytes, got ",
                    dst.nbytes(), " bytes on ", dst.device());
-    if (n == 0) return;
+    if (n == 0) return nullptr;
     char* out = static_cast<char*>(dst.data_ptr());
     const int64_t* id = flat.const_data_ptr<int64_t>();
     // ~256 KB per task: enough to amortise scheduling, small enough to spread a decode batch.
     const int64_t grain = std::max<int64_t>(1, (256 << 10) / seg_bytes);
     if (file) {
-      read_rows(*file, id, n, row_bytes, seg_offset, seg_bytes, out);
+      auto cold = read_cached_rows(file, id, n, row_bytes, seg_offset, seg_bytes, out);
+      if (background && !cold->rows.empty()) {
+        cold->ids = flat;  // held by the threads: they read `id` and write `out`
+        cold->dst = dst;
+        ColdReads::start(cold);
+        return cold;  // its wait() also checks the file, after the reads
+      }
+      cold->read_now();
       // After the reads, against the file as opened: a change before or during them shows (a rewrite
       // while we read would have mixed old and new rows). One fstat per call: a decode step makes one.
       file->check_unchanged();
-      return;
+      return nullptr;
     }
     const char* src = static_cast<const char*>(host.const_data_ptr());
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) std::memcpy(out + i * seg_bytes, src + id[i] * row_bytes + seg_offset, seg_bytes);
     });
+    return nullptr;
 }
 
 // Handles that name an open table file for direct calls from the Python module (csrc/module.cpp): a
@@ -344,19 +411,25 @@ std::tuple<at::Tensor, at::Tensor> dedupe_ids(const at::Tensor& ids, int64_t V, 
   return {u, inverse};
 }
 
-// dedupe_ids, then copy_segments of the unique rows: (inverse, number of unique rows).
-std::tuple<at::Tensor, int64_t> read_unique_rows(const at::Tensor& host, const std::shared_ptr<File>& file, int64_t total,
-                                                 const at::Tensor& ids, int64_t row_bytes, int64_t seg_offset,
-                                                 int64_t seg_bytes, bool strict, const at::Tensor& dst) {
+// dedupe_ids, then copy_segments of the unique rows: (inverse, number of unique rows, the storage reads
+// left running when `background`, else null).
+std::tuple<at::Tensor, int64_t, std::shared_ptr<ColdReads>> read_unique_rows(
+    const at::Tensor& host, const std::shared_ptr<File>& file, int64_t total, const at::Tensor& ids, int64_t row_bytes,
+    int64_t seg_offset, int64_t seg_bytes, bool strict, const at::Tensor& dst, bool background = false) {
   MOLE_CHECK_ARG(row_bytes > 0, "TableStore.read_unique: row_bytes must be > 0, got ", row_bytes);
   auto [uniq, inverse] = dedupe_ids(ids, total / row_bytes, strict);
-  copy_segments(host, file, total, uniq, row_bytes, seg_offset, seg_bytes, dst);
-  return {inverse, uniq.numel()};
+  auto cold = copy_segments(host, file, total, uniq, row_bytes, seg_offset, seg_bytes, dst, background);
+  return {inverse, uniq.numel(), cold};
 }
 
-std::tuple<at::Tensor, int64_t> read_unique_file(int64_t handle, const at::Tensor& ids, int64_t row_bytes,
-                                                 int64_t seg_offset, int64_t seg_bytes, bool strict,
-                                                 const at::Tensor& dst) {
+// Background reads of read_unique_file, by ticket (0: none), until wait_reads takes them.
+std::mutex g_pending_mu;
+std::unordered_map<int64_t, std::shared_ptr<ColdReads>> g_pending;
+int64_t g_next_ticket = 0;
+
+std::tuple<at::Tensor, int64_t, int64_t> read_unique_file(int64_t handle, const at::Tensor& ids, int64_t row_bytes,
+                                                          int64_t seg_offset, int64_t seg_bytes, bool strict,
+                                                          const at::Tensor& dst, bool background) {
   std::shared_ptr<File> file;
   {
     const std::lock_guard<std::mutex> lock(g_handles_mu);
@@ -364,7 +437,26 @@ std::tuple<at::Tensor, int64_t> read_unique_file(int64_t handle, const at::Tenso
     if (it != g_handles.end()) file = it->second.lock();
   }
   TORCH_CHECK(file != nullptr, "TableStore: the table was closed");
-  return read_unique_rows(at::Tensor(), file, file->nbytes, ids, row_bytes, seg_offset, seg_bytes, strict, dst);
+  auto [inverse, unique, cold] =
+      read_unique_rows(at::Tensor(), file, file->nbytes, ids, row_bytes, seg_offset, seg_bytes, strict, dst, background);
+  if (cold == nullptr) return {inverse, unique, 0};
+  const std::lock_guard<std::mutex> lock(g_pending_mu);
+  g_pending.emplace(++g_next_ticket, std::move(cold));
+  return {inverse, unique, g_next_ticket};
+}
+
+void wait_reads(int64_t ticket) {
+  std::shared_ptr<ColdReads> cold;
+  {
+    const std::lock_guard<std::mutex> lock(g_pending_mu);
+    const auto it = g_pending.find(ticket);
+    MOLE_CHECK_ARG(it != g_pending.end(), "wait_reads: no reads are pending under ticket ", ticket,
+                   " (each ticket is waited for once)");
+    cold = std::move(it->second);
+    g_pending.erase(it);
+  }
+  cold->wait();
+  cold->file->check_unchanged();  // as copy_segments does after reading in the foreground
 }
 
 struct TableStore : torch::CustomClassHolder {
@@ -498,7 +590,9 @@ struct TableStore : torch::CustomClassHolder {
   std::tuple<at::Tensor, int64_t> read_unique(const at::Tensor& ids, int64_t row_bytes, int64_t seg_offset,
                                               int64_t seg_bytes, bool strict, const at::Tensor& dst) const {
     check_open();
-    return read_unique_rows(bytes_, file_, nbytes(), ids, row_bytes, seg_offset, seg_bytes, strict, dst);
+    auto [inverse, unique, cold] =
+        read_unique_rows(bytes_, file_, nbytes(), ids, row_bytes, seg_offset, seg_bytes, strict, dst);
+    return {inverse, unique};
   }
 
   // A handle for read_unique_file (a file store), valid until the store is closed.

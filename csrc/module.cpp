@@ -70,23 +70,41 @@ PyObject* lut_combine_quant(PyObject*, PyObject* const* args, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
-// _read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst) -> (inverse, unique rows)
+// _read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst[, background])
+//   -> (inverse, unique rows, ticket of the reads left running: 0 for none; see direct_calls.h)
 PyObject* read_unique_file(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
-  check_count(n, 7, "_read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst)");
+  TORCH_CHECK_TYPE(n == 7 || n == 8, "_read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst"
+                   "[, background]) takes 7 or 8 arguments, got ", n);
   TORCH_CHECK_TYPE(PyBool_Check(args[5]), "strict must be a bool");
+  TORCH_CHECK_TYPE(n == 7 || PyBool_Check(args[7]), "background must be a bool");
   const at::Tensor& ids = tensor_arg(args[1], "ids");
   const at::Tensor& dst = tensor_arg(args[6], "dst");
   const int64_t handle = int_arg(args[0], "handle"), row_bytes = int_arg(args[2], "row_bytes");
   const int64_t seg_offset = int_arg(args[3], "seg_offset"), seg_bytes = int_arg(args[4], "seg_bytes");
-  std::tuple<at::Tensor, int64_t> result;
+  std::tuple<at::Tensor, int64_t, int64_t> result;
   {
     pybind11::gil_scoped_release no_gil;  // file reads: let other Python threads run meanwhile
-    result = mole::read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, args[5] == Py_True, dst);
+    result = mole::read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, args[5] == Py_True, dst,
+                                    n == 8 && args[7] == Py_True);
   }
   PyObject* inverse = THPVariable_Wrap(std::get<0>(result));
   if (inverse == nullptr) return nullptr;
-  return Py_BuildValue("(NL)", inverse, static_cast<long long>(std::get<1>(result)));
+  return Py_BuildValue("(NLL)", inverse, static_cast<long long>(std::get<1>(result)),
+                       static_cast<long long>(std::get<2>(result)));
+  END_HANDLE_TH_ERRORS
+}
+
+// _wait_reads(ticket): blocks until a background _read_unique_file's reads are done (raises their error).
+PyObject* wait_reads(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_count(n, 1, "_wait_reads(ticket)");
+  const int64_t ticket = int_arg(args[0], "ticket");
+  {
+    pybind11::gil_scoped_release no_gil;
+    mole::wait_reads(ticket);
+  }
+  Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 
@@ -111,6 +129,8 @@ PyMethodDef methods[] = {
      METH_FASTCALL, "torch.ops.mole_kernels.lut_combine_quant on CPU tensors, called directly (the decode path)"},
     {"_read_unique_file", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(read_unique_file)),
      METH_FASTCALL, "TableStore.read_unique on the file named by a TableStore.handle(), called directly"},
+    {"_wait_reads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(wait_reads)), METH_FASTCALL,
+     "waits for the storage reads a background _read_unique_file left running"},
     {"_plain_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_eager)), METH_FASTCALL,
      "whether a call with these ids may skip the dispatcher (eager, no grad, no dispatch mode or transform)"},
     {nullptr, nullptr, 0, nullptr}};

@@ -487,8 +487,8 @@ def test_direct_calls_equal_the_ops_and_check_their_arguments():
     t = LookupTable.from_tensor(lut, "disk", device="cpu")
     row = t.row_bytes
     dst = torch.empty(4 * row, dtype=torch.uint8)
-    inverse, unique = _C._read_unique_file(t._store.handle(), torch.tensor([[7, 2, 7]]), row, 0, row, True, dst)
-    assert unique == 2 and inverse.tolist() == [[1, 0, 1]]
+    inverse, unique, ticket = _C._read_unique_file(t._store.handle(), torch.tensor([[7, 2, 7]]), row, 0, row, True, dst)
+    assert unique == 2 and inverse.tolist() == [[1, 0, 1]] and ticket == 0  # foreground: nothing left running
     assert torch.equal(dst[:2 * row].view(torch.float32).view(2, L, E, D), lut[[2, 7]])
     handle = t._store.handle()
     t.close()
@@ -627,3 +627,69 @@ def test_direct_calls_run_only_where_nothing_needs_to_see_the_op():
         assert seen == [False]
         with pytest.raises(TypeError, match="takes 1 positional arguments"):
             _C._plain_eager()
+
+
+def _drop_from_page_cache(path) -> bool:
+    """Writes `path` back and drops its pages; whether none of them is in memory now (False on a
+    filesystem that keeps files in memory, e.g. tmpfs). Asked with mincore, which reads nothing (a
+    probing read would start the kernel's read-ahead)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), "mmap failed"
+        resident = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+        assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), resident) == 0, "mincore failed"
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+        return not any(b & 1 for b in resident)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fmt", [None, "nf4"])
+@torch.no_grad()  # a decode step's (the background reads are the eager step's)
+def test_cold_disk_rows_are_read_in_the_background(tmp_path, fmt):
+    """A CPU disk step whose rows are not in the page cache leaves their reads running and computes
+    meanwhile; its first layer waits for them. Against float64 for every layer (float and quantized
+    tables), a repeated id, a step abandoned before its first layer (the next step waits for its reads),
+    and a ticket waited for twice."""
+    from mole_kernels import _C
+
+    V_, L_, E_, D_ = 300, 3, 2, 136
+    lut = torch.randn(V_, L_, E_, D_)
+    path = str(tmp_path / "t.safetensors")
+    t = LookupTable.from_tensor(lut if fmt is None else quantize(lut, fmt), "disk", device="cpu", path=path)
+    ref_lut = lut if fmt is None else dequantize(quantize(lut, fmt), torch.float64)
+    reader = t.reader()
+    if not _drop_from_page_cache(path):
+        pytest.skip(f"{tmp_path} keeps files in memory: its rows can never be cold")
+    w = torch.randn(E_, 24)
+    for step, ids in enumerate([torch.tensor([[5, 290, 5, 17]]), torch.tensor([[1, 2]]), torch.tensor([[3]])]):
+        _drop_from_page_cache(path)
+        combine = reader.start(ids)
+        if step == 1:
+            continue  # abandoned: the next step's start waits for its reads
+        assert reader._pending != 0, "the cold rows were read in the foreground"
+        for l in range(L_):
+            x = torch.randn(*ids.shape, 24)
+            residual, shared = torch.randn(*ids.shape, D_), torch.randn(*ids.shape, D_)
+            got = combine(l, x, residual, shared, w)
+            assert reader._pending == 0
+            torch.testing.assert_close(got.double(), _step_reference(ref_lut, ids, l, x, w, residual, shared),
+                                       atol=1e-5, rtol=1e-5)
+    _drop_from_page_cache(path)
+    ticket = _C._read_unique_file(t._store.handle(), torch.tensor([7]), t.row_bytes, 0, t.row_bytes, True,
+                                  torch.empty(t.row_bytes, dtype=torch.uint8), True)[2]
+    assert ticket > 0
+    _C._wait_reads(ticket)
+    with pytest.raises(ValueError, match=f"no reads are pending under ticket {ticket}"):
+        _C._wait_reads(ticket)
+    t.close()
