@@ -76,9 +76,10 @@ REAL_BATCHES = [] if HAS_CUDA else [1] if SMOKE else [1, 8, 32]
 REAL_STEPS, REAL_ROUNDS = (2, 1) if SMOKE else (int(os.environ.get("MOLE_BENCH_REAL_STEPS", "8")),
                                                 int(os.environ.get("MOLE_BENCH_REAL_ROUNDS", "5")))
 # MOLE_BENCH_REAL_FORMATS: the quantized formats of phase (2), "format[/block]" comma-separated (e.g.
-# "q3/128,q2/64,q1/64" for the low-bit formats of issue 26).
+# "q3/128,q2/64,q1/64" for the low-bit formats of issue 26; "" for none: phase (2) is skipped).
 REAL_FORMATS = [(f, int(b) if b else None) for f, _, b in (
-    spec.strip().partition("/") for spec in os.environ.get("MOLE_BENCH_REAL_FORMATS", "int8,fp8_e4m3,nf4/64").split(","))]
+    spec.strip().partition("/") for spec in os.environ.get("MOLE_BENCH_REAL_FORMATS", "int8,fp8_e4m3,nf4/64").split(",")
+    if spec.strip())]
 REAL_COMPILED = os.environ.get("MOLE_BENCH_REAL_COMPILED", "1") == "1"  # 0: skip phase (3) (two big compiles)
 CPU_THREADS = int(os.environ.get("MOLE_BENCH_E2E_THREADS", "1"))
 

@@ -167,9 +167,17 @@ struct StepWeights {
 // pays for each cache line it touches; the general path's checks, dispatched allocations and
 // temporaries, and the general fused kernels' dispatch layers, thread-pool entry and SIMD variants,
 // cost more that way than the layer's whole lookup.
+// Starts loading bytes [p, p + n) into the caches (no fault, no wait).
+inline void prefetch_span(const char* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(p + i, 0, 3);
+}
+
+// Tokens whose rows are prefetched ahead of the one being summed (and before the router, for the first).
+constexpr int64_t kPrefetchTokens = 4;
+
 bool step_weights(const at::Tensor& table, int64_t D, const at::Tensor& ids, std::optional<int64_t> layer,
                   const at::Tensor& x, const at::Tensor& router_weight, const std::optional<at::Tensor>& residual,
-                  const std::optional<at::Tensor>& shared, StepWeights& s) {
+                  const std::optional<at::Tensor>& shared, StepWeights& s, int64_t seg_bytes) {
   if (table.layout() != at::kStrided || !table.device().is_cpu() || table.dim() != 4 || !table.is_contiguous() ||
       !layer.has_value() || *layer < 0 || *layer >= table.size(1) || ids.layout() != at::kStrided ||
       !ids.device().is_cpu() || !ids.is_contiguous() || (ids.scalar_type() != at::kLong && ids.scalar_type() != at::kInt) ||
@@ -195,6 +203,14 @@ bool step_weights(const at::Tensor& table, int64_t D, const at::Tensor& ids, std
     }
   });
   if (!in_range) return false;  // the general path raises, naming the id
+  {
+    // Why: between two layers a step streams megabytes of weights, so every row is a cache miss; the
+    // first tokens' rows load while the router runs, later ones while earlier tokens are summed.
+    const char* base = static_cast<const char*>(table.const_data_ptr()) +
+                       *layer * (table.nbytes() / (V * table.size(1)));
+    const int64_t token_bytes = table.nbytes() / V;
+    for (int64_t t = 0; t < std::min(T, kPrefetchTokens); ++t) prefetch_span(base + s.row[t] * token_bytes, seg_bytes);
+  }
   MOLE_DISPATCH_FLOATING_TYPES(x.scalar_type(), "router_logits", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = router_weight.const_data_ptr<scalar_t>();
@@ -214,7 +230,8 @@ at::Tensor combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, std::o
                             const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared) {
   StepWeights s;
   if (!is_float_dtype(lut.scalar_type()) || lut.dim() != 4 ||
-      !step_weights(lut, lut.size(3), ids, layer, x, router_weight, residual, shared, s)) {
+      !step_weights(lut, lut.size(3), ids, layer, x, router_weight, residual, shared, s,
+                    lut.size(2) * lut.size(3) * lut.element_size())) {
     return at::Tensor();
   }
   const int64_t L = lut.size(1), E = lut.size(2), D = lut.size(3);
@@ -229,6 +246,10 @@ at::Tensor combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, std::o
       const scalar_t* sh = shared->const_data_ptr<scalar_t>();
       scalar_t* o = out.data_ptr<scalar_t>();
       for (int64_t t = 0; t < s.T; ++t) {
+        if (t + kPrefetchTokens < s.T) {
+          prefetch_span(reinterpret_cast<const char*>(table + s.row[t + kPrefetchTokens] * token + first),
+                        E * D * static_cast<int64_t>(sizeof(lut_t)));
+        }
         fused_span_scalar(table + s.row[t] * token + first, D, E, s.w + t * E, o + t * D, D, res + t * D, sh + t * D);
       }
     });
@@ -245,7 +266,7 @@ at::Tensor combine_quant_step_cpu(const at::Tensor& data, const QuantLayout& q, 
                                   const std::optional<at::Tensor>& shared) {
   StepWeights s;
   if (data.scalar_type() != at::kByte || data.dim() != 4 || data.size(3) != q.row_bytes ||
-      !step_weights(data, q.D, ids, layer, x, router_weight, residual, shared, s)) {
+      !step_weights(data, q.D, ids, layer, x, router_weight, residual, shared, s, data.size(2) * q.row_bytes)) {
     return at::Tensor();
   }
   const int64_t L = data.size(1), E = data.size(2);
