@@ -20,7 +20,9 @@ step, in :meth:`LayerReader._path`:
   the tokens' positions among them (:meth:`LayerReader._start_bulk`).
 - ``staged`` (``staged-cpu`` on a CPU): the unique rows of the step are read once (the disk
   tier with ``pread``; the host tier's DMA path for large batches of host ids) into a buffer on
-  the device, then ``direct`` over that buffer with the ids' positions in it.
+  the device, then ``direct`` over that buffer with the ids' positions in it. On a CPU the rows
+  not in the page cache are read in the background, overlapping the step's work up to its first
+  LUT term (:meth:`LayerReader._after_reads`).
 
 Ids are checked where they enter the model (on the host); kernels on a GPU then run in
 counted-faults mode (:attr:`LayerReader.faults`), so no step synchronises except where the
