@@ -197,7 +197,12 @@ def factored_lut_gather(q: FactoredLUT, ids: torch.Tensor, weights: Optional[tor
                         dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Rows ``[*, L, E, D]`` (``[*, E, D]`` for one layer) of ``ids``, or the fused
     ``sum_e weights[..., e] * row[..., layer, e, :]`` ``[*, D]`` (float32 accumulation). ``layer``: an
-    int, a slice of layers (rows form) or None. Only the rows of ``ids`` are read and decoded."""
+    int, a slice of layers (rows form) or None. Only the rows of ``ids`` are read and decoded. A CUDA
+    table runs the Triton kernel (:func:`mole_kernels.lowbit_triton.factored_gather_triton`)."""
+    if q.data.is_cuda:  # the GPU path: one Triton kernel, coefficients decoded and multiplied in registers
+        from .lowbit_triton import factored_gather_triton
+
+        return factored_gather_triton(q, ids, weights, layer=layer, dtype=dtype)
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"factored_lut_gather: ids must be an int32/int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
     flat = ids.reshape(-1).long()
