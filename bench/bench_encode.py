@@ -7,7 +7,9 @@ magnitudes). Providers, interleaved call by call in one process (median of --rep
 ``q3/128`` and ``q2/64`` through :func:`mole_kernels.quantize` with the current scale search
 (sorted values and prefix sums) and with the one it replaced (one pass over the values per
 candidate scale: ``_fit_lowbit_by_passes`` of python_tests/test_lowbit.py, which checks that both
-pick the same scales); ``f36x5``: :func:`mole_kernels.factored.factorize` (current code only).
+pick the same scales); ``f36x5``: :func:`mole_kernels.factored.factorize` with its basis from the
+Gram matrix's eigenvectors (current) and from the SVD it replaced (``_top_directions_by_svd`` of the
+same test file).
 One thread, as bench/quality_curve.py runs.
 """
 import argparse
@@ -21,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_tests"))
 
+import mole_kernels.factored as factored  # noqa: E402
 import mole_kernels.quant as quant  # noqa: E402
-from mole_kernels.factored import factorize  # noqa: E402
 
 
 def main(argv=None):
@@ -30,27 +32,36 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="calls per provider (median reported; default 5)")
     ap.add_argument("--vocab", type=int, default=4096, help="rows of the table (default 4096)")
     args = ap.parse_args(argv)
-    from test_lowbit import _fit_lowbit_by_passes
+    from test_lowbit import _fit_lowbit_by_passes, _top_directions_by_svd
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     lut = torch.randn(args.vocab, 4, 4, 128) * torch.rand(args.vocab, 4, 4, 1) * 3
     counts = torch.randint(0, 1000, (args.vocab,))
-    current = quant._fit_lowbit
-
-    def with_search(search, fmt, block):
+    def using(module, name, impl, fn):
+        """``fn`` run with ``module.name`` replaced by ``impl``."""
         def run():
-            quant._fit_lowbit = search
+            current = getattr(module, name)
+            setattr(module, name, impl)
             try:
-                quant.quantize(lut, fmt, block)
+                fn()
             finally:
-                quant._fit_lowbit = current
+                setattr(module, name, current)
         return run
 
+    def with_search(search, fmt, block):
+        return using(quant, "_fit_lowbit", search, lambda: quant.quantize(lut, fmt, block))
+
+    def factorize_with(top):
+        return using(factored, "_top_directions", top, lambda: factored.factorize(lut, 36, 5, counts=counts))
+
     providers = {
-        "q3/128 current": with_search(current, "q3", 128), "q3/128 before": with_search(_fit_lowbit_by_passes, "q3", 128),
-        "q2/64 current": with_search(current, "q2", 64), "q2/64 before": with_search(_fit_lowbit_by_passes, "q2", 64),
-        "f36x5 factorize": lambda: factorize(lut, 36, 5, counts=counts),
+        "q3/128 current": with_search(quant._fit_lowbit, "q3", 128),
+        "q3/128 before": with_search(_fit_lowbit_by_passes, "q3", 128),
+        "q2/64 current": with_search(quant._fit_lowbit, "q2", 64),
+        "q2/64 before": with_search(_fit_lowbit_by_passes, "q2", 64),
+        "f36x5 current": factorize_with(factored._top_directions),
+        "f36x5 before": factorize_with(_top_directions_by_svd),
     }
     times = {k: [] for k in providers}
     for _ in range(args.reps):

@@ -532,6 +532,31 @@ def test_factored_table_decodes_as_its_bytes_say(shape, rank, bits):
         assert ((full - lut.double()) ** 2).mean() < 1e-3 * (lut.double() ** 2).mean()
 
 
+def _top_directions_by_svd(a: torch.Tensor, k: int) -> torch.Tensor:
+    """How factorize found its basis before it used the Gram matrix: the SVD (the reference below)."""
+    return torch.linalg.svd(a, full_matrices=False)[2][:k]
+
+
+@pytest.mark.parametrize("shape, rank", [((300, 2, 3, 40), 12), ((7, 2, 24), 10), ((50, 1, 1, 16), 16)])
+def test_factorize_basis_is_the_weighted_svd(shape, rank):
+    """The basis (from the Gram matrix's eigenvectors) is the SVD's top right singular vectors of the
+    weighted rows, up to each vector's sign and float16 rounding; rank > V: the extra rows are 0."""
+    from mole_kernels.factored import factorize
+
+    lut = random_lut(shape) + torch.randn(shape[1:]) * torch.logspace(0, -2, shape[-1])
+    counts = torch.randint(0, 100, (shape[0],))
+    q = factorize(lut, rank, 6, counts=counts)
+    w = (counts.double() + 1) / (counts.double() + 1).sum()
+    blocks = lut.double().reshape(shape[0], -1, shape[-1])
+    basis = q.basis.double().reshape(-1, rank, shape[-1])
+    k = min(rank, shape[0])
+    for b in range(blocks.shape[1]):
+        vh = _top_directions_by_svd(blocks[:, b] * w.sqrt()[:, None], k)
+        sign = torch.sign((basis[b, :k] * vh).sum(1, keepdim=True))
+        torch.testing.assert_close(basis[b, :k], sign * vh, rtol=0, atol=1e-3)
+        assert (basis[b, k:] == 0).all()
+
+
 def test_factored_low_rank_table_is_recovered_and_bad_arguments_refused():
     from mole_kernels.factored import FactoredLUT, dequantize_factored, factorize
 
