@@ -121,8 +121,10 @@ def check_faults_and_errors(gather, table, V, E, four):
         gather(table, ids[:1], torch.rand(1, E + 1), layer=layer)
 
 
-# (shape, rank, bits): odd D, E = 1, a [V, E, D] table, two blocks of columns (D > 128) and two rank chunks
-FACTORED_CASES = [((13, 2, 3, 37), 5, 3), ((9, 1, 1, 24), 24, 8), ((11, 3, 19), 7, 5), ((10, 2, 2, 130), 20, 6)]
+# (shape, rank, bits): odd D, E = 1, a [V, E, D] table, two blocks of columns (D > 128) and two rank chunks;
+# every code width from 2 to 8 bits (3, 5, 6, 7 straddle bytes)
+FACTORED_CASES = [((13, 2, 3, 37), 5, 3), ((9, 1, 1, 24), 24, 8), ((11, 3, 19), 7, 5), ((10, 2, 2, 130), 20, 6),
+                  ((8, 1, 2, 20), 9, 2), ((7, 2, 21), 6, 4), ((6, 1, 2, 11), 11, 7)]
 
 
 @interpreted
