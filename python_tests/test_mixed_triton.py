@@ -199,3 +199,26 @@ def test_cuda_mixed_and_factored_gathers_use_triton_and_match_the_cpu():
     f = mc.parts[1]
     torch.testing.assert_close(factored_lut_gather(f, ids.cuda(), dtype=torch.float32).cpu(),
                                factored_lut_gather(m.parts[1], ids, dtype=torch.float32), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["codebook", "factored"])
+def test_kernels_compile_for_a_cuda_target(kernel):
+    """The interpreter is more lenient than the compiler: compile both kernels (mixed, normalised, fused,
+    faults: every constexpr branch that the GPU runs) for sm_90, through ptxas, with no GPU."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import mole_kernels.lowbit_triton as lt
+
+    if kernel == "codebook":
+        fn, ptrs = lt._codebook_kernel, ["*u8", "*i64", "*i32", "*fp32", "*fp32", "*fp32", "*fp32", "*bf16", "*i64"]
+        const = dict(BITS=3, BLOCK=64, SCALE_BYTES=2, FLOAT=False)
+    else:
+        fn, ptrs = lt._factored_kernel, ["*u8", "*fp16", "*i32", "*i32", "*fp32", "*fp32", "*fp32", "*fp32", "*i64"]
+        const = dict(BITS=5, ROW_BYTES=24, R_BLK=16)
+    const.update(MIXED=True, ZERO_BAD=True, HAS_FAULTS=True, NORM=True, FUSED=True, BLOCK_D=128)
+    signature = {name: ptrs[i] if i < len(ptrs) else "i64" for i, name in enumerate(fn.arg_names)}  # pointers first
+    signature.update({k: "constexpr" for k in const})
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=const), target=GPUTarget("cuda", 90, 32))
+    assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"]
