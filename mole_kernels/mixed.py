@@ -282,10 +282,16 @@ def mixed_lut_gather(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Ten
     """:func:`mole_kernels.quantized_lut_gather` for a :class:`MixedLUT` (rows or fused form).
 
     Each token is sent to the part its rank falls in; each part runs its own gather (its format's
-    kernel) on its tokens, so no per-row format branch runs in any inner loop.
+    kernel) on its tokens, so no per-row format branch runs in any inner loop. A CUDA table runs
+    :func:`mole_kernels.lowbit_triton.mixed_gather_triton` (one Triton launch per part, the parts
+    picked on the device: no host synchronisation beyond the check of the ids).
     """
     if not isinstance(m, MixedLUT):
         raise ValueError(f"mixed_lut_gather: m must be a MixedLUT, got {type(m).__name__}")
+    if m.rank.is_cuda:  # the GPU path (Triton)
+        from .lowbit_triton import mixed_gather_triton
+
+        return mixed_gather_triton(m, ids, weights, layer=layer, dtype=dtype)
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"mixed_lut_gather: ids must be an int32/int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
     V = m.vocab_size

@@ -363,30 +363,52 @@ def _nearest(xn: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
 def _fit_lowbit(xb: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """The float32 scale ``[..., nb, 1]`` minimising ``sum (x - s * levels[nearest(x / s)])^2`` per block
-    of ``xb`` ``[..., nb, block]`` (over a grid plus refinements; exact for two levels)."""
+    of ``xb`` ``[..., nb, block]`` (over a grid plus refinements; exact for two levels).
+
+    The levels are symmetric, so a value's error depends on ``|x|`` only, and for a scale ``s`` the
+    values with ``|x|`` between two thresholds ``s * t_k`` (the midpoints of the level magnitudes
+    ``m_k``) take level ``m_k``. So each block's ``|x|`` is sorted once and every candidate scale's
+    error ``sum x^2 - 2 s sum_k m_k S_k + s^2 sum_k m_k^2 N_k`` (``S_k``, ``N_k``: sum and count of the
+    ``|x|`` in bucket k) comes from a binary search of the thresholds and prefix sums (float64), not a
+    pass over the block's values."""
     ax = xb.abs()
     if len(levels) == 2:  # sign: the optimum is the mean magnitude
         return ax.mean(-1, keepdim=True)
     amax = ax.amax(-1, keepdim=True)
     safe = torch.where(amax > 0, amax, 1.0)
+    mags = levels[len(levels) // 2:].double()  # ascending magnitudes m_k
+    thresholds = ((levels[1:] + levels[:-1]) / 2)[len(levels) // 2:]  # float32 t_k, as _nearest compares
+    lead, block = ax.shape[:-1], ax.shape[-1]
+    srt = ax.reshape(-1, block).sort(-1).values
+    prefix = torch.nn.functional.pad(srt.double().cumsum(-1), (1, 0))  # prefix[i] = sum of the i smallest
+    sumsq = (srt.double() ** 2).sum(-1, keepdim=True)
+
+    def moments(s):
+        """sum_k m_k S_k and sum_k m_k^2 N_k for the candidate scales ``s`` [rows, G] (float32)."""
+        edges = torch.searchsorted(srt, (s.unsqueeze(-1) * thresholds).flatten(1), right=True)  # |x| <= s t_k: below
+        edges = torch.cat([torch.zeros_like(s, dtype=torch.int64).unsqueeze(-1), edges.view(*s.shape, -1),
+                           torch.full_like(s, block, dtype=torch.int64).unsqueeze(-1)], -1)
+        p = prefix.gather(1, edges.flatten(1)).view(edges.shape)
+        sums, counts = p.diff(dim=-1), edges.diff(dim=-1).double()
+        return (sums * mags).sum(-1), (counts * mags * mags).sum(-1)
 
     def err_of(s):
-        c = levels[_nearest(xb / s, levels)]
-        return ((xb - s * c) ** 2).sum(-1, keepdim=True), c
+        xc, cc = moments(s)
+        return sumsq - 2 * s.double() * xc + s.double() ** 2 * cc, xc, cc
 
-    best_s, best_err = amax, err_of(safe)[0]
-    for f in _SCALE_GRID:
-        s = safe * f
-        err = err_of(s)[0]
-        better = err < best_err
-        best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
-    for _ in range(_REFINE_STEPS):
-        c = levels[_nearest(xb / torch.where(best_s > 0, best_s, 1.0), levels)]
-        s = ((xb * c).sum(-1, keepdim=True) / (c * c).sum(-1, keepdim=True)).clamp_(min=0)
-        err = err_of(torch.where(s > 0, s, 1.0))[0]
+    flat_safe = safe.reshape(-1, 1)
+    cand = torch.cat([flat_safe] + [flat_safe * f for f in _SCALE_GRID], 1)  # the start (absmax) and the grid
+    err, xc, cc = err_of(cand)
+    pick = err.argmin(-1, keepdim=True)  # the first of equal errors, as a strict "better" scan keeps
+    best_s, best_err, best_xc, best_cc = (t.gather(1, pick) for t in (cand, err, xc, cc))
+    best_s = torch.where(pick == 0, amax.reshape(-1, 1), best_s)
+    for _ in range(_REFINE_STEPS):  # least squares for the codes of the best scale: s = <|x|, m> / <m, m>
+        s = (best_xc / best_cc).float().clamp_(min=0)
+        err, xc, cc = err_of(torch.where(s > 0, s, 1.0))
         better = (err < best_err) & (s > 0)
-        best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
-    return torch.where(amax > 0, best_s, 0.0)
+        best_s, best_err, best_xc, best_cc = (torch.where(better, a, b) for a, b in
+                                              ((s, best_s), (err, best_err), (xc, best_xc), (cc, best_cc)))
+    return torch.where(amax > 0, best_s.view(*lead, 1), 0.0)
 
 
 def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
