@@ -1,6 +1,6 @@
 """Encoding time of the low-bit scale search and the factorisation, before vs after (issue 26).
 
-    python bench/bench_encode.py [--reps 5] [--vocab 4096]
+    python bench/encode_speed.py [--reps 5] [--vocab 4096]
 
 The table is the quality gate's size (``[V, 4, 4, 128]`` float32, random rows of different
 magnitudes). Providers, interleaved call by call in one process (median of --reps calls each):
