@@ -35,11 +35,11 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .factored import FactoredLUT, dequantize_factored, factored_lut_gather, factorize, parse_factored_format
+from .factored import FactoredLUT, dequantize_factored, factored_lut_gather_reference, factorize, parse_factored_format
 from .quant import QuantizedLUT, canonical_format, dequantize, quantize, quantized_lut_gather
 
-__all__ = ["MixedLUT", "token_counts", "column_normalisation", "quantize_mixed", "dequantize_mixed", "mixed_lut_gather", "save_mixed",
-           "load_mixed"]
+__all__ = ["MixedLUT", "token_counts", "column_normalisation", "quantize_mixed", "dequantize_mixed", "mixed_lut_gather",
+           "mixed_lut_gather_reference", "save_mixed", "load_mixed"]
 
 _FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _META = "mole_kernels.mixed"
@@ -277,15 +277,75 @@ def _dequantize_part(p: Part, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_factored(p, dtype) if isinstance(p, FactoredLUT) else p.to(dtype)
 
 
+def mixed_op_args(m: MixedLUT) -> tuple:
+    """The table's leading arguments of ``torch.ops.mole_kernels.lut_gather_mixed`` (CPU tables):
+    ``(rank, parts, formats, block_sizes, bases, dim)`` and, after the ids and weights, ``offset`` and
+    ``col_scale`` as the last two. Made once per table: a factored part's basis becomes float32 with the
+    column scale folded in (``basis * col_scale``), so the kernel scales nothing per row."""
+    got = m.__dict__.get("_op_args")
+    if got is not None:
+        return got
+    parts, formats, blocks, bases = [], [], [], []
+    for p in m.parts:
+        if isinstance(p, QuantizedLUT):
+            parts.append(p.data)
+            formats.append(p.format)
+            blocks.append(p.block_size)
+        elif isinstance(p, FactoredLUT):
+            parts.append(p.data)
+            formats.append("factored")
+            blocks.append(p.bits)
+            b = p.basis.float()
+            bases.append((b * m.col_scale.unsqueeze(-2) if m.normalized else b).contiguous())
+        else:
+            parts.append(p)
+            formats.append("float")
+            blocks.append(0)
+    got = ((m.rank, parts, ",".join(formats), blocks, bases, m.shape[-1]), (m.offset, m.col_scale))
+    object.__setattr__(m, "_op_args", got)  # frozen dataclass: a cache, not a field
+    return got
+
+
+def _on_cpu(m: MixedLUT, *tensors) -> bool:
+    parts = [p.data if isinstance(p, _PACKED) else p for p in m.parts]
+    return all(t is None or t.device.type == "cpu" for t in (m.rank, m.offset, *parts, *tensors))
+
+
+@torch.library.register_fake("mole_kernels::lut_gather_mixed")
+def _lut_gather_mixed_fake(rank, parts, formats, block_sizes, bases, dim, ids, weights=None, layer=None, offset=None,
+                           col_scale=None, dtype=None, layer_end=None):
+    from ._ops import gather_shape
+    return ids.new_empty(gather_shape(parts[0], ids, weights, layer, dim, layer_end), dtype=dtype or torch.float32)
+
+
 def mixed_lut_gather(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Tensor] = None, *, layer=None,
                      dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """:func:`mole_kernels.quantized_lut_gather` for a :class:`MixedLUT` (rows or fused form).
 
-    Each token is sent to the part its rank falls in; each part runs its own gather (its format's
-    kernel) on its tokens, so no per-row format branch runs in any inner loop.
+    On a CPU one call of ``torch.ops.mole_kernels.lut_gather_mixed`` (csrc/lut_gather_mixed_cpu.cpp):
+    each token's part found from its rank, its rows decoded by that part's format and, in the fused
+    form, summed over experts in float32. Elsewhere (and as the tests' reference,
+    :func:`mixed_lut_gather_reference`) each part runs its own gather on its tokens.
     """
     if not isinstance(m, MixedLUT):
         raise ValueError(f"mixed_lut_gather: m must be a MixedLUT, got {type(m).__name__}")
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"mixed_lut_gather: ids must be an int32/int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
+    if _on_cpu(m, ids, weights):
+        from ._ops import layer_span, ops
+        if weights is not None and tuple(weights.shape) != (*ids.shape, m.shape[-2]):
+            raise ValueError(f"mixed_lut_gather: weights must have shape {[*ids.shape, m.shape[-2]]}, "
+                             f"got {list(weights.shape)}")
+        first, end = layer_span(layer, m.shape[1] if len(m.shape) == 4 else 1, "mixed_lut_gather")
+        head, norm = mixed_op_args(m)
+        return ops.lut_gather_mixed(*head, ids, weights, first, *norm, m.dtype if dtype is None else dtype, end)
+    return mixed_lut_gather_reference(m, ids, weights, layer=layer, dtype=dtype)
+
+
+def mixed_lut_gather_reference(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Tensor] = None, *, layer=None,
+                               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """:func:`mixed_lut_gather` by each part's own gather (torch; any device): the tokens of each part
+    gathered by that part's format's gather, then put in place."""
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"mixed_lut_gather: ids must be an int32/int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
     V = m.vocab_size
@@ -314,7 +374,7 @@ def mixed_lut_gather(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Ten
         if isinstance(p, QuantizedLUT):
             got = quantized_lut_gather(p, local, w, layer=layer, dtype=part_dtype)
         elif isinstance(p, FactoredLUT):
-            got = factored_lut_gather(p, local, w, layer=layer, dtype=part_dtype)
+            got = factored_lut_gather_reference(p, local, w, layer=layer, dtype=part_dtype)
         else:
             from .lut_gather import lut_gather
             got = lut_gather(p, local, w, layer=layer).to(part_dtype)
