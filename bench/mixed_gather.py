@@ -2,10 +2,10 @@
 
     python bench/mixed_gather.py [--vocab 50304] [--rounds 15]
 
-Mixed tables (mole_kernels.mixed) are gathered by mixed_lut_gather: each part runs its own gather, then
-(normalised tables) the column scale and offset are applied and the rows summed over experts in torch.
-They are not in LookupTable's decode path yet, so this measures the fused gather of one layer
-(``sum_e w_e * row``), the op a decode step runs per layer, not a whole decode step. Shape: the
+Mixed tables (mole_kernels.mixed) are gathered by mixed_lut_gather: on a CPU one call of the fused C++
+op (torch.ops.mole_kernels.lut_gather_mixed); "(torch reference)" rows time mixed_lut_gather_reference
+(each part its own gather, then the column scale, offset and expert sum in torch). This measures the
+fused gather of one layer (``sum_e w_e * row``) through the op, not a decode step (bench/bench_decode.py). Shape: the
 reference model's L = 4, E = 4, D = 128 with a larger vocabulary (a random Zipf-like table: speed only).
 Providers run interleaved, one call each per round in a rotating order; medians over the rounds of
 the mean of 200 calls; ratios against the bf16 table's fused gather (mole_kernels.lut_gather). One thread.
@@ -21,14 +21,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the source tree (as bench/reference_model.py)
 
 from mole_kernels import lut_gather  # noqa: E402
-from mole_kernels.mixed import mixed_lut_gather, quantize_mixed  # noqa: E402
+from mole_kernels.mixed import mixed_lut_gather, mixed_lut_gather_reference, quantize_mixed  # noqa: E402
 from mole_kernels.quant import quantize, quantized_lut_gather  # noqa: E402
 
 PLANS = {
     "norm(int8 x 64 + q3/128)": [("int8", 64), ("q3", None)],
     "norm(int8 x 64 + f36x5)": [("int8", 64), ("f36x5", None)],
     "norm(int8 x 32 + f40x5)": [("int8", 32), ("f40x5", None)],
+    "norm(int8 x 64 + f48x6)": [("int8", 64), ("f48x6", None)],
 }
+REFERENCE = "norm(int8 x 64 + f36x5)"  # also timed through the torch reference
 
 
 def main(argv=None):
@@ -45,14 +47,18 @@ def main(argv=None):
     tables = {"bf16": lut, "q3/128": quantize(lut, "q3", 128)}
     for name, plan in PLANS.items():
         tables[name] = quantize_mixed(lut, counts, plan, normalize=True)
+    tables[REFERENCE + " (torch reference)"] = tables[REFERENCE]
     p = counts.double() / counts.sum()
     for B in (1, 32):
         ids = torch.multinomial(p, B * args.calls, replacement=True).view(args.calls, B)
         w = torch.softmax(torch.randn(args.calls, B, E), -1)
 
-        def run(t):
+        def run(k):
+            t = tables[k]
             for i in range(args.calls):
-                if isinstance(t, torch.Tensor):
+                if k.endswith("(torch reference)"):
+                    mixed_lut_gather_reference(t, ids[i], w[i], layer=1)
+                elif isinstance(t, torch.Tensor):
                     lut_gather(t, ids[i], w[i], layer=1)
                 elif hasattr(t, "rank"):
                     mixed_lut_gather(t, ids[i], w[i], layer=1)
@@ -62,11 +68,11 @@ def main(argv=None):
         times = {k: [] for k in tables}
         order = list(tables)
         for k in order:
-            run(tables[k])  # warm-up
+            run(k)  # warm-up
         for _ in range(args.rounds):
             for k in order:
                 t0 = time.perf_counter()
-                run(tables[k])
+                run(k)
                 times[k].append((time.perf_counter() - t0) / args.calls * 1e6)
             order.append(order.pop(0))
         base = statistics.median(times["bf16"])

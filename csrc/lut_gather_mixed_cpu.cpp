@@ -483,6 +483,19 @@ at::Tensor lut_combine_mixed_step_cpu(const MixedTable& m, const at::Tensor& ids
   return out;
 }
 
+namespace {
+
+at::Tensor lut_combine_mixed_cpu(const at::Tensor& rank, at::TensorList parts, c10::string_view formats,
+                                 at::IntArrayRef block_sizes, at::TensorList bases, int64_t dim, const at::Tensor& ids,
+                                 const at::Tensor& logits, std::optional<int64_t> layer,
+                                 const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& col_scale,
+                                 const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared) {
+  const MixedTable m = make_mixed_table(rank, parts, formats, block_sizes, bases, dim, offset, col_scale);
+  return lut_combine_mixed_step_cpu(m, ids, layer, logits, std::nullopt, residual, shared);
+}
+
+}  // namespace
+
 }  // namespace mole
 
 TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
@@ -496,6 +509,16 @@ TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
       "lut_gather_mixed(Tensor rank, Tensor[] parts, str formats, int[] block_sizes, Tensor[] bases, int dim, "
       "Tensor ids, Tensor? weights=None, int? layer=None, Tensor? offset=None, Tensor? col_scale=None, "
       "ScalarType? dtype=None, int? layer_end=None) -> Tensor");
+  // residual + shared + sum_e softmax(logits)_e * row[ids, layer, e, :] of a mixed table (the decode step's
+  // layer call when something must see the op: torch.compile, a dispatch mode); the result has residual's
+  // dtype (else shared's, else float32).
+  m.def(
+      "lut_combine_mixed(Tensor rank, Tensor[] parts, str formats, int[] block_sizes, Tensor[] bases, int dim, "
+      "Tensor ids, Tensor logits, int? layer=None, Tensor? offset=None, Tensor? col_scale=None, "
+      "Tensor? residual=None, Tensor? shared=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(mole_kernels, CPU, m) { m.impl("lut_gather_mixed", &mole::lut_gather_mixed_cpu); }
+TORCH_LIBRARY_IMPL(mole_kernels, CPU, m) {
+  m.impl("lut_gather_mixed", &mole::lut_gather_mixed_cpu);
+  m.impl("lut_combine_mixed", &mole::lut_combine_mixed_cpu);
+}

@@ -318,6 +318,13 @@ def _lut_gather_mixed_fake(rank, parts, formats, block_sizes, bases, dim, ids, w
     return ids.new_empty(gather_shape(parts[0], ids, weights, layer, dim, layer_end), dtype=dtype or torch.float32)
 
 
+@torch.library.register_fake("mole_kernels::lut_combine_mixed")
+def _lut_combine_mixed_fake(rank, parts, formats, block_sizes, bases, dim, ids, logits, layer=None, offset=None,
+                            col_scale=None, residual=None, shared=None):
+    dtype = residual.dtype if residual is not None else shared.dtype if shared is not None else torch.float32
+    return ids.new_empty((*ids.shape, dim), dtype=dtype)
+
+
 def mixed_lut_gather(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Tensor] = None, *, layer=None,
                      dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """:func:`mole_kernels.quantized_lut_gather` for a :class:`MixedLUT` (rows or fused form).
