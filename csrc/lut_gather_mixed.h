@@ -52,9 +52,6 @@ MixedTable make_mixed_table(const at::Tensor& rank, at::TensorList parts, c10::s
 // where[t] for each id (any shape, int32/int64 CPU); ValueError naming an id outside [0, V).
 void locate_mixed(const MixedTable& m, const at::Tensor& ids, MixedRow* where);
 
-// acc[0, D) += sum_e w[e] * row(token at `at`, layer l, e); tmp: scratch of max(D, E * rank) floats.
-void mixed_token_sum(const MixedTable& m, MixedRow at, int64_t l, const float* w, float* acc, float* tmp);
-
 // out[t] = add0[t] + add1[t] + sum_e w[t, e] * row(t, l, e) for t < T; out/add0/add1 [T, D] contiguous of
 // one float dtype (add0/add1 may be undefined). `parallel`: split tokens over threads.
 void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int64_t l, const float* w,

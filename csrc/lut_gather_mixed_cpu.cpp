@@ -64,14 +64,16 @@ void coef_basis_scalar(const float* coef, const float* basis, int64_t R, int64_t
 
 #if MOLE_MX86
 // The same, 64 columns of acc held in registers while every basis row streams past.
-MOLE_MAVX512 void coef_basis_avx512(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
+// `ld`: the basis rows' stride (D of the whole row; a column slice passes its width as D).
+MOLE_MAVX512 void coef_basis_avx512(const float* coef, const float* basis, int64_t R, int64_t ld, float* acc,
+                                    int64_t D) {
   int64_t d = 0;
   for (; d + 64 <= D; d += 64) {
     __m512 a0 = _mm512_loadu_ps(acc + d), a1 = _mm512_loadu_ps(acc + d + 16);
     __m512 a2 = _mm512_loadu_ps(acc + d + 32), a3 = _mm512_loadu_ps(acc + d + 48);
     for (int64_t j = 0; j < R; ++j) {
       const __m512 c = _mm512_set1_ps(coef[j]);
-      const float* b = basis + j * D + d;
+      const float* b = basis + j * ld + d;
       a0 = _mm512_fmadd_ps(c, _mm512_loadu_ps(b), a0);
       a1 = _mm512_fmadd_ps(c, _mm512_loadu_ps(b + 16), a1);
       a2 = _mm512_fmadd_ps(c, _mm512_loadu_ps(b + 32), a2);
@@ -84,12 +86,12 @@ MOLE_MAVX512 void coef_basis_avx512(const float* coef, const float* basis, int64
   }
   for (; d + 16 <= D; d += 16) {
     __m512 a = _mm512_loadu_ps(acc + d);
-    for (int64_t j = 0; j < R; ++j) a = _mm512_fmadd_ps(_mm512_set1_ps(coef[j]), _mm512_loadu_ps(basis + j * D + d), a);
+    for (int64_t j = 0; j < R; ++j) a = _mm512_fmadd_ps(_mm512_set1_ps(coef[j]), _mm512_loadu_ps(basis + j * ld + d), a);
     _mm512_storeu_ps(acc + d, a);
   }
   if (d < D) {
     for (int64_t j = 0; j < R; ++j) {
-      for (int64_t k = d; k < D; ++k) acc[k] += coef[j] * basis[j * D + k];
+      for (int64_t k = d; k < D; ++k) acc[k] += coef[j] * basis[j * ld + k];
     }
   }
 }
@@ -104,11 +106,60 @@ MOLE_MAVX512 void mul_add_avx512(const float* x, const float* y, int64_t D, floa
 }
 #endif
 
+#if MOLE_MX86
+// coef_basis for N tokens at once (coef: N rows of R, acc: N rows of D): each basis vector loaded once
+// feeds N tokens' accumulators, so a batch streams a layer's bases from cache once per N tokens.
+template <int N>
+MOLE_MAVX512 void coef_basis_multi_avx512(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    __m512 a[N][4];
+    for (int t = 0; t < N; ++t) {
+      for (int v = 0; v < 4; ++v) a[t][v] = _mm512_loadu_ps(acc + t * D + d + 16 * v);
+    }
+    for (int64_t j = 0; j < R; ++j) {
+      const float* b = basis + j * D + d;
+      const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32),
+                   b3 = _mm512_loadu_ps(b + 48);
+      for (int t = 0; t < N; ++t) {
+        const __m512 c = _mm512_set1_ps(coef[t * R + j]);
+        a[t][0] = _mm512_fmadd_ps(c, b0, a[t][0]);
+        a[t][1] = _mm512_fmadd_ps(c, b1, a[t][1]);
+        a[t][2] = _mm512_fmadd_ps(c, b2, a[t][2]);
+        a[t][3] = _mm512_fmadd_ps(c, b3, a[t][3]);
+      }
+    }
+    for (int t = 0; t < N; ++t) {
+      for (int v = 0; v < 4; ++v) _mm512_storeu_ps(acc + t * D + d + 16 * v, a[t][v]);
+    }
+  }
+  if (d < D) {
+    for (int t = 0; t < N; ++t) coef_basis_avx512(coef + t * R, basis + d, R, D, acc + t * D + d, D - d);
+  }
+}
+#endif
+
 void coef_basis(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
 #if MOLE_MX86
-  if (avx512()) return coef_basis_avx512(coef, basis, R, D, acc);
+  if (avx512()) return coef_basis_avx512(coef, basis, R, D, acc, D);
 #endif
   coef_basis_scalar(coef, basis, R, D, acc);
+}
+
+// coef_basis for n <= kTokenGroup tokens (coef: n rows of R, acc: n rows of D).
+constexpr int kTokenGroup = 4;
+void coef_basis_tokens(const float* coef, int n, const float* basis, int64_t R, int64_t D, float* acc) {
+#if MOLE_MX86
+  if (avx512()) {
+    switch (n) {
+      case 4: return coef_basis_multi_avx512<4>(coef, basis, R, D, acc);
+      case 3: return coef_basis_multi_avx512<3>(coef, basis, R, D, acc);
+      case 2: return coef_basis_multi_avx512<2>(coef, basis, R, D, acc);
+      default: return coef_basis_multi_avx512<1>(coef, basis, R, D, acc);
+    }
+  }
+#endif
+  for (int t = 0; t < n; ++t) coef_basis_scalar(coef + t * R, basis, R, D, acc + t * D);
 }
 
 void mul_add(const float* x, const float* y, int64_t D, float* acc) {
@@ -264,50 +315,48 @@ void locate_mixed(const MixedTable& m, const at::Tensor& ids, MixedRow* where) {
   });
 }
 
-void mixed_token_sum(const MixedTable& m, MixedRow at, int64_t l, const float* w, float* acc, float* tmp) {
+namespace {
+
+// acc[0, D) += sum_e w[e] * row(token at `at`, layer l, e) for a quantized or float part (a factored part's
+// tokens are summed in groups: mixed_fused_cpu). tmp: scratch of D floats.
+void part_sum(const MixedTable& m, MixedRow at, int64_t l, const float* w, float* acc, float* tmp) {
   const MixedPart& p = m.parts[at.part];
   const int64_t E = m.E, D = m.D;
   const uint8_t* rows = p.data + at.row * p.token_bytes + l * E * p.row_bytes;
   const float* cs = m.col_scale != nullptr ? m.col_scale + l * E * D : nullptr;
-  switch (p.kind) {
-    case PartKind::kQuant:
-      if (cs == nullptr) {
-        for (int64_t e0 = 0; e0 < E; e0 += kExpertGroup) {
-          p.sum(p.q, rows + e0 * p.row_bytes, std::min(kExpertGroup, E - e0), w + e0, 0, D, acc);
-        }
-      } else {  // each expert's column scales: decode w_e * row_e, then scale it into acc
-        for (int64_t e = 0; e < E; ++e) {
-          std::fill(tmp, tmp + D, 0.f);
-          p.sum(p.q, rows + e * p.row_bytes, 1, w + e, 0, D, tmp);
-          mul_add(tmp, cs + e * D, D, acc);
-        }
-      }
-      break;
-    case PartKind::kFactored: {  // all experts' coefficients, then one product with the layer's bases
-      float* coef = tmp;  // E * rank floats (tmp holds max(D, E * rank))
-      for (int64_t e = 0; e < E; ++e) factored_coefs(p, rows + e * p.row_bytes, w[e], coef + e * p.rank);
-      coef_basis(coef, p.basis + l * E * p.rank * D, E * p.rank, D, acc);
-      break;
+  if (p.kind == PartKind::kQuant && cs == nullptr) {
+    for (int64_t e0 = 0; e0 < E; e0 += kExpertGroup) {
+      p.sum(p.q, rows + e0 * p.row_bytes, std::min(kExpertGroup, E - e0), w + e0, 0, D, acc);
     }
-    case PartKind::kFloat:
-      for (int64_t e = 0; e < E; ++e) {
-        load_row(p.dtype, rows + e * p.row_bytes, D, tmp);
-        if (cs != nullptr) {
-          for (int64_t d = 0; d < D; ++d) tmp[d] *= w[e];
-          mul_add(tmp, cs + e * D, D, acc);
-        } else {
-          for (int64_t d = 0; d < D; ++d) acc[d] += w[e] * tmp[d];
-        }
-      }
-      break;
+    return;
   }
-  if (m.offset != nullptr) {
-    const float* off = m.offset + l * E * D;
-    for (int64_t e = 0; e < E; ++e) {
-      for (int64_t d = 0; d < D; ++d) acc[d] += w[e] * off[e * D + d];
+  for (int64_t e = 0; e < E; ++e) {  // each expert's column scales: w_e * row_e decoded, then scaled into acc
+    if (p.kind == PartKind::kQuant) {
+      std::fill(tmp, tmp + D, 0.f);
+      p.sum(p.q, rows + e * p.row_bytes, 1, w + e, 0, D, tmp);
+    } else {
+      load_row(p.dtype, rows + e * p.row_bytes, D, tmp);
+      for (int64_t d = 0; d < D; ++d) tmp[d] *= w[e];
+    }
+    if (cs != nullptr) {
+      mul_add(tmp, cs + e * D, D, acc);
+    } else {
+      for (int64_t d = 0; d < D; ++d) acc[d] += tmp[d];
     }
   }
 }
+
+// acc[0, D) += sum_e w[e] * offset[l, e] (a normalised table's column offsets).
+void offset_sum(const MixedTable& m, int64_t l, const float* w, float* acc) {
+  if (m.offset == nullptr) return;
+  const int64_t E = m.E, D = m.D;
+  const float* off = m.offset + l * E * D;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t d = 0; d < D; ++d) acc[d] += w[e] * off[e * D + d];
+  }
+}
+
+}  // namespace
 
 namespace {
 
@@ -353,25 +402,59 @@ int64_t scratch_floats(const MixedTable& m) {
 void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int64_t l, const float* w,
                      const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1, bool parallel) {
   const int64_t D = m.D, E = m.E;
+  const int64_t S = scratch_floats(m);
   MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_gather_mixed", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
     const scalar_t* a0 = ptr(add0);
     const scalar_t* a1 = ptr(add1);
     scalar_t* o = out.data_ptr<scalar_t>();
     auto body = [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(static_cast<size_t>(D + scratch_floats(m)));
+      // acc: the pending factored tokens' rows (kTokenGroup) and one more for the token at hand; coef: the
+      // pending tokens' coefficients (E * rank each); tmp: scratch.
+      std::vector<float> buf(static_cast<size_t>((kTokenGroup + 1) * D + kTokenGroup * S + S));
       float* acc = buf.data();
-      float* tmp = acc + D;
-      for (int64_t t = begin; t < end; ++t) {
+      float* coef = acc + (kTokenGroup + 1) * D;
+      float* tmp = coef + kTokenGroup * S;
+      int64_t group[kTokenGroup];
+      int n = 0;
+      int32_t group_part = -1;
+      auto start = [&](int64_t t, float* a) {  // a = add0[t] + add1[t] + the offsets' sum
         for (int64_t d = 0; d < D; ++d) {
-          acc[d] = (a0 ? static_cast<float>(a0[t * D + d]) : 0.f) + (a1 ? static_cast<float>(a1[t * D + d]) : 0.f);
+          a[d] = (a0 ? static_cast<float>(a0[t * D + d]) : 0.f) + (a1 ? static_cast<float>(a1[t * D + d]) : 0.f);
         }
-        mixed_token_sum(m, where[t], l, w + t * E, acc, tmp);
-        store(acc, o + t * D, D);
+        offset_sum(m, l, w + t * E, a);
+      };
+      auto flush = [&]() {  // the pending tokens' coefficients times the layer's bases, in one pass over them
+        if (n == 0) return;
+        const MixedPart& p = m.parts[group_part];
+        coef_basis_tokens(coef, n, p.basis + l * E * p.rank * D, E * p.rank, D, acc);
+        for (int i = 0; i < n; ++i) store(acc + i * D, o + group[i] * D, D);
+        n = 0;
+      };
+      for (int64_t t = begin; t < end; ++t) {
+        const MixedRow at = where[t];
+        const MixedPart& p = m.parts[at.part];
+        if (p.kind != PartKind::kFactored) {
+          float* a = acc + kTokenGroup * D;
+          start(t, a);
+          part_sum(m, at, l, w + t * E, a, tmp);
+          store(a, o + t * D, D);
+          continue;
+        }
+        if (n > 0 && group_part != at.part) flush();
+        group_part = at.part;
+        start(t, acc + n * D);
+        const uint8_t* rows = p.data + at.row * p.token_bytes + l * E * p.row_bytes;
+        for (int64_t e = 0; e < E; ++e) {
+          factored_coefs(p, rows + e * p.row_bytes, w[t * E + e], coef + (n * E + e) * p.rank);
+        }
+        group[n++] = t;
+        if (n == kTokenGroup) flush();
       }
+      flush();
     };
     if (parallel) {
-      at::parallel_for(0, T, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, E * D)), body);
+      at::parallel_for(0, T, std::max<int64_t>(kTokenGroup, 8192 / std::max<int64_t>(1, E * D)), body);
     } else {
       body(0, T);
     }
