@@ -126,6 +126,24 @@ PyObject* lut_combine_mixed(PyObject*, PyObject* const* args, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
+// _mixed_read_step(rank, starts, handles, token_bytes, staging, step_rank, ids) -> None (mixed_read_step)
+PyObject* mixed_read_step(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_count(n, 7, "_mixed_read_step(rank, starts, handles, token_bytes, staging, step_rank, ids)");
+  const std::vector<int64_t> starts = ints_arg(args[1], "starts"), handles = ints_arg(args[2], "handles");
+  const std::vector<int64_t> token_bytes = ints_arg(args[3], "token_bytes");
+  const std::vector<at::Tensor> staging = tensors_arg(args[4], "staging");
+  const at::Tensor& rank = tensor_arg(args[0], "rank");
+  const at::Tensor& step_rank = tensor_arg(args[5], "step_rank");
+  const at::Tensor& ids = tensor_arg(args[6], "ids");
+  {
+    pybind11::gil_scoped_release no_gil;  // file reads: let other Python threads run meanwhile
+    mole::mixed_read_step(rank, starts, handles, token_bytes, staging, step_rank, ids);
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // _read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst) -> (inverse, unique rows)
 PyObject* read_unique_file(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
@@ -169,6 +187,8 @@ PyMethodDef methods[] = {
      "the arguments of torch.ops.mole_kernels.lut_gather_mixed checked once, as a handle for _lut_combine_mixed"},
     {"_lut_combine_mixed", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lut_combine_mixed)),
      METH_FASTCALL, "a mixed table's decode-step layer call (residual + shared + the fused gather), called directly"},
+    {"_mixed_read_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(mixed_read_step)),
+     METH_FASTCALL, "a disk-tier mixed table's step: each part's unique rows read into its staging"},
     {"_read_unique_file", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(read_unique_file)),
      METH_FASTCALL, "TableStore.read_unique on the file named by a TableStore.handle(), called directly"},
     {"_plain_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_eager)), METH_FASTCALL,

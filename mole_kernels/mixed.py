@@ -43,6 +43,7 @@ __all__ = ["MixedLUT", "token_counts", "column_normalisation", "quantize_mixed",
 
 _FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _META = "mole_kernels.mixed"
+_SAFETENSORS_DTYPES = {"U8": torch.uint8, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _VERSION = "mixed-v1"
 
 Part = Union[QuantizedLUT, FactoredLUT, torch.Tensor]
@@ -423,8 +424,12 @@ def save_mixed(path, m: MixedLUT) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
-def load_mixed(path) -> MixedLUT:
-    """Reads a file written by :func:`save_mixed`; ValueError when it is not one or is inconsistent."""
+def load_mixed(path, *, parts_in_file: bool = False) -> MixedLUT:
+    """Reads a file written by :func:`save_mixed`; ValueError when it is not one or is inconsistent.
+
+    ``parts_in_file``: leave the parts' rows in the file (their tensors are ``meta`` tensors of the stored
+    shape and dtype; rank, bases, offset and col_scale are read): what a disk-tier
+    :class:`~mole_kernels.table.MixedLookupTable` reads row by row."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -445,14 +450,23 @@ def load_mixed(path) -> MixedLUT:
             raise ValueError(f"load_mixed: {path} holds tensors {sorted(names)}, expected {sorted(want)}")
         parts = []
         for k, spec in enumerate(specs):
-            t = f.get_tensor(f"part{k}")
+            if parts_in_file:
+                sl = f.get_slice(f"part{k}")
+                t = torch.empty(sl.get_shape(), dtype=_SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.uint8),
+                                device="meta")
+            else:
+                t = f.get_tensor(f"part{k}")
             if "float" in spec:
                 if _FLOAT.get(spec["float"]) != t.dtype:
                     raise ValueError(f"load_mixed: part {k} is {t.dtype} but its metadata says {spec['float']!r}")
                 parts.append(t)
             elif "factored_bits" in spec:
-                parts.append(FactoredLUT.from_metadata(t, f.get_tensor(f"basis{k}"), spec))
+                basis = f.get_tensor(f"basis{k}")
+                if parts_in_file:  # the sample check reads rows: done by the disk table on its own reads
+                    parts.append(FactoredLUT(t, basis, int(spec["factored_bits"]), _FLOAT[spec["dtype"]]))
+                else:
+                    parts.append(FactoredLUT.from_metadata(t, basis, spec))
             else:
-                parts.append(QuantizedLUT.from_metadata(t, spec))
+                parts.append(QuantizedLUT.from_metadata(t, spec, check_sample=not parts_in_file))
         norm = [f.get_tensor(k) for k in ("offset", "col_scale")] if "offset" in names else [None, None]
         return MixedLUT(f.get_tensor("rank"), parts, *norm)

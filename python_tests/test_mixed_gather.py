@@ -200,3 +200,37 @@ def test_scalar_cpu_path(request):
     """The kernels pick AVX-512 or scalar code at run time; run the gather tests on the scalar path."""
     result = child_result(request)
     assert_child_ran(result, count_cases(module_tests(globals(), lambda fn: fn.__name__ in SCALAR_CHILD_TESTS)))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_host_and_disk_tables_serve_steps_as_float64(tmp_path, normalize):
+    """MixedLookupTable from a save_mixed file, host and disk tiers: gathers and the readers' step calls
+    (the disk tier's rows read per step into staging, ids repeated, in every part, a growing batch)."""
+    from mole_kernels.mixed import save_mixed
+    from mole_kernels.table import MixedLookupTable
+
+    m = mixed_case(PLANS[0] if not normalize else PLANS[1], (60, 2, 3, 40), normalize)
+    full = ref_table(m)
+    path = tmp_path / "mixed.safetensors"
+    save_mixed(path, m)
+    for placement in ("host", "disk"):
+        t = MixedLookupTable.open(path, placement)
+        assert t.placement == placement and t.shape == m.shape
+        ids = ids_in_every_part(m)
+        close(t.gather(ids, layer=1).float(), full[ids, 1].to(m.dtype).double(), torch.bfloat16)
+        reader = t.reader()
+        for T in (1, 7, ids.numel(), 40):
+            step_ids = torch.cat([ids, torch.randint(0, 60, (40,))])[:T].view(1, T)
+            logits, res, sh = torch.randn(1, T, 3), torch.randn(1, T, 40), torch.randn(1, T, 40)
+            call = reader.start(step_ids)
+            for layer in (0, 1):
+                want = res.double() + sh.double() + (torch.softmax(logits, -1).double()[..., None]
+                                                     * full[step_ids, layer]).sum(-2)
+                close(call(layer, logits, res, sh), want)
+        with pytest.raises(ValueError, match="contains 60"):
+            reader.start(torch.tensor([3, 60]))(0, torch.randn(2, 3), torch.randn(2, 40), torch.randn(2, 40))
+        t.close()
+    raw = bytearray(path.read_bytes())
+    (tmp_path / "short.safetensors").write_bytes(bytes(raw[:-7]))
+    with pytest.raises(Exception):
+        MixedLookupTable.open(tmp_path / "short.safetensors", "disk")
