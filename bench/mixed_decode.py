@@ -1,19 +1,22 @@
-"""Decode steps over mixed-precision tables against the bf16 table (issue 26's decode goal), CPU, host tier.
+"""Decode steps over mixed-precision tables against the bf16 table (issue 26's decode goal), CPU, host and disk.
 
     python bench/mixed_decode.py [--shape demo|reference] [--rounds 21] [--steps 31]
 
 Providers (one process, interleaved rounds, each round starting one provider later; medians of the
-ms per decode step; ratios against `bf16`): `bf16` (a bf16 LookupTable in RAM, read in place by the
-fused C++ op) and one MixedLookupTable per plan (column-normalised, `quantize_mixed(..., normalize=True)`;
-the tables are built from the bf16 table's random values: speed does not depend on them). Each step is
+ms per decode step; ratios against the bf16 table of the same tier): `bf16 host` (a bf16 LookupTable in
+RAM, read in place by the fused C++ op), `bf16 disk` (its file, the page cache warm: each step's unique
+rows read with pread) and one MixedLookupTable per plan and tier (column-normalised,
+`quantize_mixed(..., normalize=True)`; disk: its save_mixed file, each part's rows of a step read with
+pread; the tables are built from the bf16 table's random values: speed does not depend on them). Each step is
 what generate's loop runs per token (`model._decode_step` over a static KV cache with 64 earlier tokens);
 B = 1 and 32, one thread. Shapes: `demo` (the `mole-kernels demo` model: V=2048, L=4, E=4, D=128,
 FFN=512) and `reference` (bench/reference_model.py's: V=4096, L=4, E=4, D=128, FFN=512). Zipf-like ids.
-The disk tier of mixed tables is not built yet, so it is not measured here.
+Files go to a temporary folder (deleted at the end).
 """
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the source tree
 
 from mole_kernels import LookupTable, MoLEConfig, MoLEForCausalLM  # noqa: E402
-from mole_kernels.mixed import quantize_mixed  # noqa: E402
+from mole_kernels.mixed import quantize_mixed, save_mixed  # noqa: E402
 from mole_kernels.model.layers import StaticKVCache  # noqa: E402
 from mole_kernels.table import MixedLookupTable  # noqa: E402
 
@@ -49,9 +52,14 @@ def main(argv=None):
     lut = (torch.randn(cfg.lut_shape) * torch.rand(1, L, E, D) * 3 + torch.randn(1, L, E, D)).to(torch.bfloat16)
     rank_p = 1.0 / torch.arange(1, V + 1).double()
     counts = (1e6 * rank_p).long()[torch.randperm(V)]
-    tables = {"bf16": LookupTable.from_tensor(lut, "host", "cpu")}
-    for name, plan in PLANS.items():
-        tables[name] = MixedLookupTable(quantize_mixed(lut, counts, plan, normalize=True))
+    tmp = tempfile.TemporaryDirectory()
+    tables = {"bf16 host": LookupTable.from_tensor(lut, "host", "cpu"),
+              "bf16 disk": LookupTable.from_tensor(lut, "disk", "cpu", path=f"{tmp.name}/bf16.safetensors")}
+    for i, (name, plan) in enumerate(PLANS.items()):
+        m = quantize_mixed(lut, counts, plan, normalize=True)
+        tables[name + " host"] = MixedLookupTable(m)
+        save_mixed(f"{tmp.name}/mixed{i}.safetensors", m)
+        tables[name + " disk"] = MixedLookupTable.open(f"{tmp.name}/mixed{i}.safetensors", "disk")
     models = {}
     for name, table in tables.items():
         m = MoLEForCausalLM(cfg, reparameterized=True)
@@ -88,13 +96,16 @@ def main(argv=None):
                 runs[k]()
                 times[k].append((time.perf_counter() - t0) / args.steps * 1e3)
             order.append(order.pop(0))
-        ref = statistics.median(times["bf16"])
-        print(f"\nB = {B}: decode step, host tier (median ms per step)")
-        print("| table | bits/value | ms/step | vs bf16 |\n|---|---:|---:|---:|")
+        print(f"\nB = {B}: decode step (median ms per step; ratio against the bf16 table of the same tier)")
+        print("| table | tier | bits/value | ms/step | vs bf16 |\n|---|---|---:|---:|---:|")
         for k, t in tables.items():
-            bits = 16.0 if k == "bf16" else t.bits_per_value
+            name, tier = k.rsplit(" ", 1)
+            bits = 16.0 if name == "bf16" else t.bits_per_value
             med = statistics.median(times[k])
-            print(f"| {k} | {bits:.3f} | {med:.3f} | {med / ref:.3f}x |")
+            print(f"| {name} | {tier} | {bits:.3f} | {med:.3f} | {med / statistics.median(times['bf16 ' + tier]):.3f}x |")
+    for t in tables.values():
+        t.close()
+    tmp.cleanup()
 
 
 if __name__ == "__main__":
