@@ -175,7 +175,7 @@ class MixedDiskReader:
                          for p in m.parts]
         self._step_rank = torch.zeros(len(m.parts) * cap, dtype=torch.int32)
         rank, _, formats, blocks, bases, dim = t._head
-        self._head = (self._step_rank, self._staging, formats, blocks, bases, dim)
+        self._head, self._norm = (self._step_rank, self._staging, formats, blocks, bases, dim), t._norm
         self._handle = _C._mixed_table(*self._head, *t._norm)
         self._positions = torch.arange(cap)
         self._cap = cap
@@ -195,5 +195,4 @@ class MixedDiskReader:
 def _op_combine_mixed(table, ids, l, x, residual, shared, router_weight=None):
     """The op form of a step's layer call (``table``: a MixedLookupTable, or a disk reader's staged table)."""
     logits = x if router_weight is None else _router_logits(x, router_weight)
-    return ops.lut_combine_mixed(*table._head, ids, logits, l, *table.table._norm if hasattr(table, "table")
-                                 else table._norm, residual, shared)
+    return ops.lut_combine_mixed(*table._head, ids, logits, l, *table._norm, residual, shared)
