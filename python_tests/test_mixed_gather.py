@@ -234,3 +234,18 @@ def test_host_and_disk_tables_serve_steps_as_float64(tmp_path, normalize):
     (tmp_path / "short.safetensors").write_bytes(bytes(raw[:-7]))
     with pytest.raises(Exception):
         MixedLookupTable.open(tmp_path / "short.safetensors", "disk")
+
+
+def test_opcheck():
+    """torch.library.opcheck on both ops (schema, fake kernel, dispatch), rows and fused forms."""
+    m = mixed_case(PLANS[1], (60, 2, 3, 40), True)
+    head, norm = mixed_op_args(m)
+    ids = ids_in_every_part(m)
+    ops = torch.ops.mole_kernels
+    T = ids.numel()
+    for args in [(*head, ids, None, 1, *norm, torch.float32, None),
+                 (*head, ids, torch.rand(T, 3), 0, *norm, torch.bfloat16, None),
+                 (*head, ids.int(), None, 0, *norm, None, 2)]:
+        torch.library.opcheck(ops.lut_gather_mixed, args)
+    torch.library.opcheck(ops.lut_combine_mixed, (*head, ids, torch.randn(T, 3), 1, *norm, torch.randn(T, 40),
+                                                  torch.randn(T, 40)))
