@@ -14,6 +14,7 @@ import argparse
 import sys
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -82,6 +83,35 @@ def main(argv=None):
             bits = 16.0 if k == "bf16" else t.bits_per_value
             med = statistics.median(times[k])
             print(f"| {k} | {bits:.3f} | {med:.1f} | {med / base:.2f}x |")
+        _decode_calls(tables, ids, w, args, B, D)
+
+
+def _decode_calls(tables, ids, w, args, B, D):
+    """The decode step's layer call itself (what generate runs per layer on a CPU, past the dispatcher):
+    _C._lut_combine over the bf16 table against _C._lut_combine_mixed over a MixedLookupTable's handle
+    (residual + shared + the softmax-weighted rows). Min and median over the rounds: on a loaded machine a
+    round that lost its time slice shows in the median, not in the min."""
+    from mole_kernels import _C
+    from mole_kernels.table import MixedLookupTable
+
+    logits = torch.log(w)  # softmax(log w) = w
+    res, sh = torch.randn(B, D), torch.randn(B, D)
+    calls = {"bf16": partial(_C._lut_combine, tables["bf16"])}
+    for k, t in tables.items():
+        if hasattr(t, "rank") and not k.endswith("(torch reference)"):
+            calls[k] = partial(_C._lut_combine_mixed, MixedLookupTable(t)._handle)
+    times = {k: [] for k in calls}
+    for _ in range(args.rounds):
+        for k, f in calls.items():
+            t0 = time.perf_counter()
+            for i in range(args.calls):
+                f(ids[i], 1, logits[i], res, sh, None)
+            times[k].append((time.perf_counter() - t0) / args.calls * 1e6)
+    lo, med = min(times["bf16"]), statistics.median(times["bf16"])
+    print(f"\nB = {B}: the decode step's layer call (_C._lut_combine / _C._lut_combine_mixed), us per call")
+    print("| table | min | vs bf16 | median | vs bf16 |\n|---|---:|---:|---:|---:|")
+    for k, v in times.items():
+        print(f"| {k} | {min(v):.2f} | {min(v) / lo:.2f}x | {statistics.median(v):.2f} | {statistics.median(v) / med:.2f}x |")
 
 
 if __name__ == "__main__":

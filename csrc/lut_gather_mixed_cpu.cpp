@@ -349,11 +349,7 @@ void part_sum(const MixedTable& m, MixedRow at, int64_t l, const float* w, float
 // acc[0, D) += sum_e w[e] * offset[l, e] (a normalised table's column offsets).
 void offset_sum(const MixedTable& m, int64_t l, const float* w, float* acc) {
   if (m.offset == nullptr) return;
-  const int64_t E = m.E, D = m.D;
-  const float* off = m.offset + l * E * D;
-  for (int64_t e = 0; e < E; ++e) {
-    for (int64_t d = 0; d < D; ++d) acc[d] += w[e] * off[e * D + d];
-  }
+  coef_basis(w, m.offset + l * m.E * m.D, m.E, m.D, acc);  // the E offset rows weighted: a product like a basis's
 }
 
 }  // namespace
