@@ -265,8 +265,8 @@ def dequantize_mixed(m: MixedLUT, dtype: Optional[torch.dtype] = None) -> torch.
     order[rank] = torch.arange(m.vocab_size, device=rank.device)
     for s, p in zip(m.starts, m.parts):
         n = _rows_of(p)
-        if m.normalized:  # float32, the same operation as the gather's
-            out[order[s:s + n]] = torch.addcmul(m.offset, _dequantize_part(p, torch.float32), m.col_scale).to(dtype)
+        if m.normalized:  # float32, the same operations as the gather's: a product, then a sum (two roundings)
+            out[order[s:s + n]] = (_dequantize_part(p, torch.float32) * m.col_scale + m.offset).to(dtype)
         else:
             out[order[s:s + n]] = _dequantize_part(p, dtype)
     return out
@@ -390,7 +390,7 @@ def mixed_lut_gather_reference(m: MixedLUT, ids: torch.Tensor, weights: Optional
             out = got.new_empty((flat.shape[0], *got.shape[1:]))
         out[sel] = got
     if m.normalized:
-        out = torch.addcmul(offset, out, col_scale)
+        out = out * col_scale + offset  # two roundings, as dequantize_mixed and the C++ gather
         if w2 is not None:  # sum_e w_e * row_e, accumulated in float32 as the fused kernels do
             out = torch.einsum("ne,ned->nd", w2.float(), out)
         out = out.to(dtype)
