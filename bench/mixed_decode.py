@@ -67,8 +67,8 @@ def main(argv=None):
         m.set_lut(table)
         models[name] = m.eval()
     p = counts.double() / counts.sum()
-    print(f"shape {args.shape}: V={V}, L={L}, E={E}, D={D}, FFN={F}; {args.steps} steps per round, {args.rounds} rounds, "
-          f"1 thread")
+    print(f"shape {args.shape}: V={V}, L={L}, E={E}, D={D}, FFN={F}; {args.steps} steps per round, "
+          f"{args.rounds} rounds, 1 thread")
     for B in (1, 32):
         ids = torch.multinomial(p, B * args.steps, replacement=True).view(args.steps, B, 1)
 
@@ -101,8 +101,8 @@ def main(argv=None):
         for k, t in tables.items():
             name, tier = k.rsplit(" ", 1)
             bits = 16.0 if name == "bf16" else t.bits_per_value
-            med = statistics.median(times[k])
-            print(f"| {name} | {tier} | {bits:.3f} | {med:.3f} | {med / statistics.median(times['bf16 ' + tier]):.3f}x |")
+            med, ref = statistics.median(times[k]), statistics.median(times["bf16 " + tier])
+            print(f"| {name} | {tier} | {bits:.3f} | {med:.3f} | {med / ref:.3f}x |")
     for t in tables.values():
         t.close()
     tmp.cleanup()

@@ -111,7 +111,8 @@ def _decode_calls(tables, ids, w, args, B, D):
     print(f"\nB = {B}: the decode step's layer call (_C._lut_combine / _C._lut_combine_mixed), us per call")
     print("| table | min | vs bf16 | median | vs bf16 |\n|---|---:|---:|---:|---:|")
     for k, v in times.items():
-        print(f"| {k} | {min(v):.2f} | {min(v) / lo:.2f}x | {statistics.median(v):.2f} | {statistics.median(v) / med:.2f}x |")
+        m = statistics.median(v)
+        print(f"| {k} | {min(v):.2f} | {min(v) / lo:.2f}x | {m:.2f} | {m / med:.2f}x |")
 
 
 if __name__ == "__main__":

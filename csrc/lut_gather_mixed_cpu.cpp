@@ -86,7 +86,9 @@ MOLE_MAVX512 void coef_basis_avx512(const float* coef, const float* basis, int64
   }
   for (; d + 16 <= D; d += 16) {
     __m512 a = _mm512_loadu_ps(acc + d);
-    for (int64_t j = 0; j < R; ++j) a = _mm512_fmadd_ps(_mm512_set1_ps(coef[j]), _mm512_loadu_ps(basis + j * ld + d), a);
+    for (int64_t j = 0; j < R; ++j) {
+      a = _mm512_fmadd_ps(_mm512_set1_ps(coef[j]), _mm512_loadu_ps(basis + j * ld + d), a);
+    }
     _mm512_storeu_ps(acc + d, a);
   }
   if (d < D) {
@@ -100,7 +102,8 @@ MOLE_MAVX512 void coef_basis_avx512(const float* coef, const float* basis, int64
 MOLE_MAVX512 void mul_add_avx512(const float* x, const float* y, int64_t D, float* acc) {
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
-    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(y + d), _mm512_loadu_ps(acc + d)));
+    const __m512 a = _mm512_loadu_ps(acc + d);
+    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(y + d), a));
   }
   for (; d < D; ++d) acc[d] += x[d] * y[d];
 }
@@ -261,9 +264,9 @@ MixedTable make_mixed_table(const at::Tensor& rank, at::TensorList parts, c10::s
       MOLE_CHECK_ARG(p.rank >= 1, op, ": the basis of part ", k, " has rank 0");
       p.basis = b.const_data_ptr<float>();
       p.row_bytes = factored_row_bytes(p.rank, p.bits);
-      MOLE_CHECK_ARG(t.scalar_type() == at::kByte && t.size(-1) == p.row_bytes, op, ": part ", k, " (factored, rank ",
-                     p.rank, ", ", p.bits, " bits) must be uint8 rows of ", p.row_bytes, " bytes, got ", t.scalar_type(),
-                     " ", t.sizes());
+      MOLE_CHECK_ARG(t.scalar_type() == at::kByte && t.size(-1) == p.row_bytes, op, ": part ", k,
+                     " (factored, rank ", p.rank, ", ", p.bits, " bits) must be uint8 rows of ", p.row_bytes,
+                     " bytes, got ", t.scalar_type(), " ", t.sizes());
       m.keep.push_back(b);
     } else {
       p.kind = PartKind::kQuant;
@@ -547,7 +550,9 @@ at::Tensor lut_combine_mixed_step_cpu(const MixedTable& m, const at::Tensor& ids
   else if (shared.has_value()) dtype = shared->scalar_type();
   at::Tensor out = at::detail::empty_cpu(want, dtype);  // the op's own allocator, undispatched
   if (T == 0) return out;
-  auto term = [&](const std::optional<at::Tensor>& t) { return t.has_value() ? as_contiguous(*t, dtype) : at::Tensor(); };
+  auto term = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? as_contiguous(*t, dtype) : at::Tensor();
+  };
   constexpr int64_t kStack = 64;  // a decode step's tokens: no allocation for where they are
   MixedRow stack[kStack];
   std::vector<MixedRow> heap;

@@ -171,7 +171,8 @@ def test_decode_step_call_matches_float64(normalize, dtype):
             assert got.dtype == dtype
             close(got, want, dtype)
             logits = torch.randn(T, 3)
-            want = res.double() + sh.double() + (torch.softmax(logits, -1).double()[..., None] * full[ids, layer]).sum(-2)
+            weights = torch.softmax(logits, -1).double()
+            want = res.double() + sh.double() + (weights[..., None] * full[ids, layer]).sum(-2)
             close(_C._lut_combine_mixed(handle, ids, layer, logits, res, sh, None), want, dtype)
     with pytest.raises(ValueError, match="contains 60"):
         _C._lut_combine_mixed(handle, torch.tensor([60]), 0, torch.randn(1, 3), None, None, None)

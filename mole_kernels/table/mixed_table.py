@@ -107,7 +107,8 @@ class MixedLookupTable:
         return self.lut.bits_per_value
 
     def __repr__(self):
-        return f"MixedLookupTable({self.lut.describe()}, shape={list(self.shape)}, {self.bits_per_value:.3f} bits/value)"
+        return (f"MixedLookupTable({self.lut.describe()}, {self.placement}, shape={list(self.shape)}, "
+                f"{self.bits_per_value:.3f} bits/value)")
 
     def gather(self, ids: torch.Tensor, *, layer: Optional[int] = None) -> torch.Tensor:
         """Rows ``[*, L, E, D]`` (``[*, E, D]`` for one layer) in the table's dtype."""
@@ -184,12 +185,18 @@ class MixedDiskReader:
         T = ids.numel()
         if T > self._cap:
             self._grow(T)
-        _C._mixed_read_step(self.table.lut.rank, self._starts, self._handles, self._token_bytes, self._staging,
-                            self._step_rank, ids)
+        _read_step(self.table.lut.rank, self._starts, self._handles, self._token_bytes, self._staging,
+                   self._step_rank, ids)
         positions = self._positions[:T].view(ids.shape)
         if _plain_eager(ids):
             return partial(_C._lut_combine_mixed, self._handle, positions)
         return partial(_op_combine_mixed, self, positions)
+
+
+@torch.compiler.disable
+def _read_step(*args) -> None:
+    """_C._mixed_read_step, outside any compiled graph (one opaque file read per step; dynamo cannot trace it)."""
+    _C._mixed_read_step(*args)
 
 
 def _op_combine_mixed(table, ids, l, x, residual, shared, router_weight=None):
