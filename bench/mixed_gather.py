@@ -2,10 +2,10 @@
 
     python bench/mixed_gather.py [--vocab 50304] [--rounds 15]
 
-Mixed tables (mole_kernels.mixed) are gathered by mixed_lut_gather: each part runs its own gather, then
-(normalised tables) the column scale and offset are applied and the rows summed over experts in torch.
-They are not in LookupTable's decode path yet, so this measures the fused gather of one layer
-(``sum_e w_e * row``), the op a decode step runs per layer, not a whole decode step. Shape: the
+Mixed tables (mole_kernels.mixed) are gathered by mixed_lut_gather: on a CPU one call of the fused C++
+op (torch.ops.mole_kernels.lut_gather_mixed); "(torch reference)" rows time mixed_lut_gather_reference
+(each part its own gather, then the column scale, offset and expert sum in torch). This measures the
+fused gather of one layer (``sum_e w_e * row``) through the op, not a decode step (bench/bench_decode.py). Shape: the
 reference model's L = 4, E = 4, D = 128 with a larger vocabulary (a random Zipf-like table: speed only).
 Providers run interleaved, one call each per round in a rotating order; medians over the rounds of
 the mean of 200 calls; ratios against the bf16 table's fused gather (mole_kernels.lut_gather). One thread.
@@ -14,6 +14,7 @@ import argparse
 import sys
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,14 +22,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the source tree (as bench/reference_model.py)
 
 from mole_kernels import lut_gather  # noqa: E402
-from mole_kernels.mixed import mixed_lut_gather, quantize_mixed  # noqa: E402
+from mole_kernels.mixed import mixed_lut_gather, mixed_lut_gather_reference, quantize_mixed  # noqa: E402
 from mole_kernels.quant import quantize, quantized_lut_gather  # noqa: E402
 
 PLANS = {
     "norm(int8 x 64 + q3/128)": [("int8", 64), ("q3", None)],
     "norm(int8 x 64 + f36x5)": [("int8", 64), ("f36x5", None)],
     "norm(int8 x 32 + f40x5)": [("int8", 32), ("f40x5", None)],
+    "norm(int8 x 64 + f48x6)": [("int8", 64), ("f48x6", None)],
 }
+REFERENCE = "norm(int8 x 64 + f36x5)"  # also timed through the torch reference
 
 
 def main(argv=None):
@@ -45,14 +48,18 @@ def main(argv=None):
     tables = {"bf16": lut, "q3/128": quantize(lut, "q3", 128)}
     for name, plan in PLANS.items():
         tables[name] = quantize_mixed(lut, counts, plan, normalize=True)
+    tables[REFERENCE + " (torch reference)"] = tables[REFERENCE]
     p = counts.double() / counts.sum()
     for B in (1, 32):
         ids = torch.multinomial(p, B * args.calls, replacement=True).view(args.calls, B)
         w = torch.softmax(torch.randn(args.calls, B, E), -1)
 
-        def run(t):
+        def run(k):
+            t = tables[k]
             for i in range(args.calls):
-                if isinstance(t, torch.Tensor):
+                if k.endswith("(torch reference)"):
+                    mixed_lut_gather_reference(t, ids[i], w[i], layer=1)
+                elif isinstance(t, torch.Tensor):
                     lut_gather(t, ids[i], w[i], layer=1)
                 elif hasattr(t, "rank"):
                     mixed_lut_gather(t, ids[i], w[i], layer=1)
@@ -62,11 +69,11 @@ def main(argv=None):
         times = {k: [] for k in tables}
         order = list(tables)
         for k in order:
-            run(tables[k])  # warm-up
+            run(k)  # warm-up
         for _ in range(args.rounds):
             for k in order:
                 t0 = time.perf_counter()
-                run(tables[k])
+                run(k)
                 times[k].append((time.perf_counter() - t0) / args.calls * 1e6)
             order.append(order.pop(0))
         base = statistics.median(times["bf16"])
@@ -76,6 +83,36 @@ def main(argv=None):
             bits = 16.0 if k == "bf16" else t.bits_per_value
             med = statistics.median(times[k])
             print(f"| {k} | {bits:.3f} | {med:.1f} | {med / base:.2f}x |")
+        _decode_calls(tables, ids, w, args, B, D)
+
+
+def _decode_calls(tables, ids, w, args, B, D):
+    """The decode step's layer call itself (what generate runs per layer on a CPU, past the dispatcher):
+    _C._lut_combine over the bf16 table against _C._lut_combine_mixed over a MixedLookupTable's handle
+    (residual + shared + the softmax-weighted rows). Min and median over the rounds: on a loaded machine a
+    round that lost its time slice shows in the median, not in the min."""
+    from mole_kernels import _C
+    from mole_kernels.table import MixedLookupTable
+
+    logits = torch.log(w)  # softmax(log w) = w
+    res, sh = torch.randn(B, D), torch.randn(B, D)
+    calls = {"bf16": partial(_C._lut_combine, tables["bf16"])}
+    for k, t in tables.items():
+        if hasattr(t, "rank") and not k.endswith("(torch reference)"):
+            calls[k] = partial(_C._lut_combine_mixed, MixedLookupTable(t)._handle)
+    times = {k: [] for k in calls}
+    for _ in range(args.rounds):
+        for k, f in calls.items():
+            t0 = time.perf_counter()
+            for i in range(args.calls):
+                f(ids[i], 1, logits[i], res, sh, None)
+            times[k].append((time.perf_counter() - t0) / args.calls * 1e6)
+    lo, med = min(times["bf16"]), statistics.median(times["bf16"])
+    print(f"\nB = {B}: the decode step's layer call (_C._lut_combine / _C._lut_combine_mixed), us per call")
+    print("| table | min | vs bf16 | median | vs bf16 |\n|---|---:|---:|---:|---:|")
+    for k, v in times.items():
+        m = statistics.median(v)
+        print(f"| {k} | {min(v):.2f} | {min(v) / lo:.2f}x | {m:.2f} | {m / med:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace mole {
 
@@ -46,6 +47,10 @@ at::Tensor lut_combine_quant_step_cpu(const at::Tensor& data, c10::string_view f
 // linear(x, weight) for the router (x [*, D], weight [E, D]): a hand loop for decode-sized inputs, whose
 // cost a GEMM library's fixed overhead would dwarf; at::linear beyond (csrc/lut_combine.cpp).
 at::Tensor router_logits(const at::Tensor& x, const at::Tensor& weight);
+
+// The float32 softmax weights [T, E] of logits [*, E] (any float dtype and strides), max-subtracted, as
+// lut_combine computes them (csrc/lut_combine.cpp); the mixed table's step shares them.
+std::vector<float> softmax_weights(const at::Tensor& logits, int64_t T, int64_t E);
 
 // TableStore.read_unique on the file store named by `handle` (TableStore.handle(), csrc/lookup_table.cpp):
 // (inverse, unique rows, ticket). `background`: the rows not in the page cache are left reading on

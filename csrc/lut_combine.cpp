@@ -35,7 +35,8 @@ inline void softmax_row(const float* x, float* w, int64_t E) {
   for (int64_t e = 0; e < E; ++e) w[e] *= inv;
 }
 
-// The float32 softmax weights [T, E] of logits [*, E] (any float dtype and strides).
+}  // namespace
+
 std::vector<float> softmax_weights(const at::Tensor& logits, int64_t T, int64_t E) {
   const at::Tensor x = as_contiguous(logits, at::kFloat);  // [*, E] row-major: T rows of E
   const float* src = x.const_data_ptr<float>();
@@ -43,6 +44,8 @@ std::vector<float> softmax_weights(const at::Tensor& logits, int64_t T, int64_t 
   for (int64_t t = 0; t < T; ++t) softmax_row(src + t * E, w.data() + t * E, E);
   return w;
 }
+
+namespace {
 
 // One router logit, x . w over D, accumulated in float32 and rounded to the inputs' dtype
 // (as linear's result is). router_logits and the decode step share it, so their logits are equal.

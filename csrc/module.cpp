@@ -9,6 +9,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include "direct_calls.h"
+#include "lut_gather_mixed.h"
 
 namespace {
 
@@ -70,6 +71,79 @@ PyObject* lut_combine_quant(PyObject*, PyObject* const* args, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
+// A Python sequence (list or tuple) of tensors, or of ints.
+std::vector<at::Tensor> tensors_arg(PyObject* o, const char* name) {
+  TORCH_CHECK_TYPE(PyList_Check(o) || PyTuple_Check(o), name, " must be a list or tuple of tensors");
+  std::vector<at::Tensor> out;
+  for (Py_ssize_t i = 0, n = PySequence_Fast_GET_SIZE(o); i < n; ++i) {
+    out.push_back(tensor_arg(PySequence_Fast_GET_ITEM(o, i), name));
+  }
+  return out;
+}
+std::vector<int64_t> ints_arg(PyObject* o, const char* name) {
+  TORCH_CHECK_TYPE(PyList_Check(o) || PyTuple_Check(o), name, " must be a list or tuple of ints");
+  std::vector<int64_t> out;
+  for (Py_ssize_t i = 0, n = PySequence_Fast_GET_SIZE(o); i < n; ++i) {
+    out.push_back(int_arg(PySequence_Fast_GET_ITEM(o, i), name));
+  }
+  return out;
+}
+
+constexpr const char* kMixedCapsule = "mole_kernels.MixedTable";
+
+// _mixed_table(rank, parts, formats, block_sizes, bases, dim, offset, col_scale) -> an opaque handle: the
+// arguments of lut_gather_mixed checked once and kept (with their tensors) for _lut_combine_mixed.
+PyObject* mixed_table(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_count(n, 8, "_mixed_table(rank, parts, formats, block_sizes, bases, dim, offset, col_scale)");
+  TORCH_CHECK_TYPE(PyUnicode_Check(args[2]), "formats must be a str");
+  Py_ssize_t len = 0;
+  const char* formats = PyUnicode_AsUTF8AndSize(args[2], &len);
+  if (formats == nullptr) throw python_error();
+  const std::vector<at::Tensor> parts = tensors_arg(args[1], "parts"), bases = tensors_arg(args[4], "bases");
+  const std::vector<int64_t> blocks = ints_arg(args[3], "block_sizes");
+  auto* table = new mole::MixedTable(mole::make_mixed_table(
+      tensor_arg(args[0], "rank"), parts, c10::string_view(formats, static_cast<size_t>(len)), blocks, bases,
+      int_arg(args[5], "dim"), optional_tensor_arg(args[6], "offset"), optional_tensor_arg(args[7], "col_scale")));
+  PyObject* capsule = PyCapsule_New(table, kMixedCapsule, [](PyObject* c) {
+    delete static_cast<mole::MixedTable*>(PyCapsule_GetPointer(c, kMixedCapsule));
+  });
+  if (capsule == nullptr) delete table;
+  return capsule;
+  END_HANDLE_TH_ERRORS
+}
+
+// _lut_combine_mixed(table, ids, layer, logits_or_x, residual, shared, router_weight) -> Tensor (table: _mixed_table's)
+PyObject* lut_combine_mixed(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_count(n, 7, "_lut_combine_mixed(table, ids, layer, logits_or_x, residual, shared, router_weight)");
+  auto* table = static_cast<const mole::MixedTable*>(PyCapsule_GetPointer(args[0], kMixedCapsule));
+  if (table == nullptr) throw python_error();
+  return THPVariable_Wrap(mole::lut_combine_mixed_step_cpu(
+      *table, tensor_arg(args[1], "ids"), optional_int_arg(args[2], "layer"),
+      tensor_arg(args[3], args[6] == Py_None ? "logits" : "x"), optional_tensor_arg(args[6], "router_weight"),
+      optional_tensor_arg(args[4], "residual"), optional_tensor_arg(args[5], "shared")));
+  END_HANDLE_TH_ERRORS
+}
+
+// _mixed_read_step(rank, starts, handles, token_bytes, staging, step_rank, ids) -> None (mixed_read_step)
+PyObject* mixed_read_step(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_count(n, 7, "_mixed_read_step(rank, starts, handles, token_bytes, staging, step_rank, ids)");
+  const std::vector<int64_t> starts = ints_arg(args[1], "starts"), handles = ints_arg(args[2], "handles");
+  const std::vector<int64_t> token_bytes = ints_arg(args[3], "token_bytes");
+  const std::vector<at::Tensor> staging = tensors_arg(args[4], "staging");
+  const at::Tensor& rank = tensor_arg(args[0], "rank");
+  const at::Tensor& step_rank = tensor_arg(args[5], "step_rank");
+  const at::Tensor& ids = tensor_arg(args[6], "ids");
+  {
+    pybind11::gil_scoped_release no_gil;  // file reads: let other Python threads run meanwhile
+    mole::mixed_read_step(rank, starts, handles, token_bytes, staging, step_rank, ids);
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // _read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst[, background])
 //   -> (inverse, unique rows, ticket of the reads left running: 0 for none; see direct_calls.h)
 PyObject* read_unique_file(PyObject*, PyObject* const* args, Py_ssize_t n) {
@@ -127,6 +201,12 @@ PyMethodDef methods[] = {
      "torch.ops.mole_kernels.lut_combine on CPU tensors, called directly (the decode path)"},
     {"_lut_combine_quant", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lut_combine_quant)),
      METH_FASTCALL, "torch.ops.mole_kernels.lut_combine_quant on CPU tensors, called directly (the decode path)"},
+    {"_mixed_table", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(mixed_table)), METH_FASTCALL,
+     "the arguments of torch.ops.mole_kernels.lut_gather_mixed checked once, as a handle for _lut_combine_mixed"},
+    {"_lut_combine_mixed", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lut_combine_mixed)),
+     METH_FASTCALL, "a mixed table's decode-step layer call (residual + shared + the fused gather), called directly"},
+    {"_mixed_read_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(mixed_read_step)),
+     METH_FASTCALL, "a disk-tier mixed table's step: each part's unique rows read into its staging"},
     {"_read_unique_file", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(read_unique_file)),
      METH_FASTCALL, "TableStore.read_unique on the file named by a TableStore.handle(), called directly"},
     {"_wait_reads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(wait_reads)), METH_FASTCALL,

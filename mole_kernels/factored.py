@@ -33,7 +33,8 @@ import torch
 from ._progress import progress_bar
 from .quant import _pack_bits, _unpack_bits
 
-__all__ = ["FactoredLUT", "factorize", "dequantize_factored", "factored_lut_gather", "parse_factored_format"]
+__all__ = ["FactoredLUT", "factorize", "dequantize_factored", "factored_lut_gather", "factored_lut_gather_reference",
+           "parse_factored_format"]
 
 _NAME = re.compile(r"^f(\d+)x(\d+)$")
 _FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -207,12 +208,29 @@ def factored_lut_gather(q: FactoredLUT, ids: torch.Tensor, weights: Optional[tor
                         dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Rows ``[*, L, E, D]`` (``[*, E, D]`` for one layer) of ``ids``, or the fused
     ``sum_e weights[..., e] * row[..., layer, e, :]`` ``[*, D]`` (float32 accumulation). ``layer``: an
-    int, a slice of layers (rows form) or None. Only the rows of ``ids`` are read and decoded. A CUDA
-    table runs the Triton kernel (:func:`mole_kernels.lowbit_triton.factored_gather_triton`)."""
+    int, a slice of layers (rows form) or None. Only the rows of ``ids`` are read and decoded: on a CPU
+    by the fused C++ gather of mixed tables (a one-part table), on a GPU by the Triton kernel
+    (:func:`mole_kernels.lowbit_triton.factored_gather_triton`), elsewhere by
+    :func:`factored_lut_gather_reference`."""
     if q.data.is_cuda:  # the GPU path: one Triton kernel, coefficients decoded and multiplied in registers
         from .lowbit_triton import factored_gather_triton
 
         return factored_gather_triton(q, ids, weights, layer=layer, dtype=dtype)
+    devices = {t.device.type for t in (q.data, ids, weights) if t is not None}
+    if devices == {"cpu"} and isinstance(ids, torch.Tensor) and ids.dtype in (torch.int32, torch.int64):
+        from .mixed import MixedLUT, mixed_lut_gather
+        m = q.__dict__.get("_as_mixed")
+        if m is None:
+            m = MixedLUT(torch.arange(q.vocab_size, dtype=torch.int32), (q,))
+            object.__setattr__(q, "_as_mixed", m)  # frozen dataclass: a cache, not a field
+        return mixed_lut_gather(m, ids, weights, layer=layer, dtype=q.dtype if dtype is None else dtype)
+    return factored_lut_gather_reference(q, ids, weights, layer=layer, dtype=dtype)
+
+
+def factored_lut_gather_reference(q: FactoredLUT, ids: torch.Tensor, weights: Optional[torch.Tensor] = None, *,
+                                  layer=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """:func:`factored_lut_gather` in torch (any device): the coefficients of the ids' rows, then their
+    products with the bases."""
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"factored_lut_gather: ids must be an int32/int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
     flat = ids.reshape(-1).long()

@@ -35,14 +35,15 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .factored import FactoredLUT, dequantize_factored, factored_lut_gather, factorize, parse_factored_format
+from .factored import FactoredLUT, dequantize_factored, factored_lut_gather_reference, factorize, parse_factored_format
 from .quant import QuantizedLUT, canonical_format, dequantize, quantize, quantized_lut_gather
 
-__all__ = ["MixedLUT", "token_counts", "column_normalisation", "quantize_mixed", "dequantize_mixed", "mixed_lut_gather", "save_mixed",
-           "load_mixed"]
+__all__ = ["MixedLUT", "token_counts", "column_normalisation", "quantize_mixed", "dequantize_mixed", "mixed_lut_gather",
+           "mixed_lut_gather_reference", "save_mixed", "load_mixed"]
 
 _FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _META = "mole_kernels.mixed"
+_SAFETENSORS_DTYPES = {"U8": torch.uint8, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _VERSION = "mixed-v1"
 
 Part = Union[QuantizedLUT, FactoredLUT, torch.Tensor]
@@ -264,8 +265,8 @@ def dequantize_mixed(m: MixedLUT, dtype: Optional[torch.dtype] = None) -> torch.
     order[rank] = torch.arange(m.vocab_size, device=rank.device)
     for s, p in zip(m.starts, m.parts):
         n = _rows_of(p)
-        if m.normalized:  # float32, the same operation as the gather's
-            out[order[s:s + n]] = torch.addcmul(m.offset, _dequantize_part(p, torch.float32), m.col_scale).to(dtype)
+        if m.normalized:  # float32, the same operations as the gather's: a product, then a sum (two roundings)
+            out[order[s:s + n]] = (_dequantize_part(p, torch.float32) * m.col_scale + m.offset).to(dtype)
         else:
             out[order[s:s + n]] = _dequantize_part(p, dtype)
     return out
@@ -277,14 +278,64 @@ def _dequantize_part(p: Part, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_factored(p, dtype) if isinstance(p, FactoredLUT) else p.to(dtype)
 
 
+def mixed_op_args(m: MixedLUT) -> tuple:
+    """The table's leading arguments of ``torch.ops.mole_kernels.lut_gather_mixed`` (CPU tables):
+    ``(rank, parts, formats, block_sizes, bases, dim)`` and, after the ids and weights, ``offset`` and
+    ``col_scale`` as the last two. Made once per table: a factored part's basis becomes float32 with the
+    column scale folded in (``basis * col_scale``), so the kernel scales nothing per row."""
+    got = m.__dict__.get("_op_args")
+    if got is not None:
+        return got
+    parts, formats, blocks, bases = [], [], [], []
+    for p in m.parts:
+        if isinstance(p, QuantizedLUT):
+            parts.append(p.data)
+            formats.append(p.format)
+            blocks.append(p.block_size)
+        elif isinstance(p, FactoredLUT):
+            parts.append(p.data)
+            formats.append("factored")
+            blocks.append(p.bits)
+            b = p.basis.float()
+            bases.append((b * m.col_scale.unsqueeze(-2) if m.normalized else b).contiguous())
+        else:
+            parts.append(p)
+            formats.append("float")
+            blocks.append(0)
+    got = ((m.rank, parts, ",".join(formats), blocks, bases, m.shape[-1]), (m.offset, m.col_scale))
+    object.__setattr__(m, "_op_args", got)  # frozen dataclass: a cache, not a field
+    return got
+
+
+def _on_cpu(m: MixedLUT, *tensors) -> bool:
+    parts = [p.data if isinstance(p, _PACKED) else p for p in m.parts]
+    return all(t is None or t.device.type == "cpu" for t in (m.rank, m.offset, *parts, *tensors))
+
+
+@torch.library.register_fake("mole_kernels::lut_gather_mixed")
+def _lut_gather_mixed_fake(rank, parts, formats, block_sizes, bases, dim, ids, weights=None, layer=None, offset=None,
+                           col_scale=None, dtype=None, layer_end=None):
+    from ._ops import gather_shape
+    return ids.new_empty(gather_shape(parts[0], ids, weights, layer, dim, layer_end), dtype=dtype or torch.float32)
+
+
+@torch.library.register_fake("mole_kernels::lut_combine_mixed")
+def _lut_combine_mixed_fake(rank, parts, formats, block_sizes, bases, dim, ids, logits, layer=None, offset=None,
+                            col_scale=None, residual=None, shared=None):
+    dtype = residual.dtype if residual is not None else shared.dtype if shared is not None else torch.float32
+    return ids.new_empty((*ids.shape, dim), dtype=dtype)
+
+
 def mixed_lut_gather(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Tensor] = None, *, layer=None,
                      dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """:func:`mole_kernels.quantized_lut_gather` for a :class:`MixedLUT` (rows or fused form).
 
-    Each token is sent to the part its rank falls in; each part runs its own gather (its format's
-    kernel) on its tokens, so no per-row format branch runs in any inner loop. A CUDA table runs
+    On a CPU one call of ``torch.ops.mole_kernels.lut_gather_mixed`` (csrc/lut_gather_mixed_cpu.cpp):
+    each token's part found from its rank, its rows decoded by that part's format and, in the fused
+    form, summed over experts in float32. A CUDA table runs
     :func:`mole_kernels.lowbit_triton.mixed_gather_triton` (one Triton launch per part, the parts
-    picked on the device: no host synchronisation beyond the check of the ids).
+    picked on the device: no host synchronisation beyond the check of the ids). Elsewhere (and as the
+    tests' reference, :func:`mixed_lut_gather_reference`) each part runs its own gather on its tokens.
     """
     if not isinstance(m, MixedLUT):
         raise ValueError(f"mixed_lut_gather: m must be a MixedLUT, got {type(m).__name__}")
@@ -292,6 +343,23 @@ def mixed_lut_gather(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Ten
         from .lowbit_triton import mixed_gather_triton
 
         return mixed_gather_triton(m, ids, weights, layer=layer, dtype=dtype)
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"mixed_lut_gather: ids must be an int32/int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
+    if _on_cpu(m, ids, weights):
+        from ._ops import layer_span, ops
+        if weights is not None and tuple(weights.shape) != (*ids.shape, m.shape[-2]):
+            raise ValueError(f"mixed_lut_gather: weights must have shape {[*ids.shape, m.shape[-2]]}, "
+                             f"got {list(weights.shape)}")
+        first, end = layer_span(layer, m.shape[1] if len(m.shape) == 4 else 1, "mixed_lut_gather")
+        head, norm = mixed_op_args(m)
+        return ops.lut_gather_mixed(*head, ids, weights, first, *norm, m.dtype if dtype is None else dtype, end)
+    return mixed_lut_gather_reference(m, ids, weights, layer=layer, dtype=dtype)
+
+
+def mixed_lut_gather_reference(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Tensor] = None, *, layer=None,
+                               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """:func:`mixed_lut_gather` by each part's own gather (torch; any device): the tokens of each part
+    gathered by that part's format's gather, then put in place."""
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"mixed_lut_gather: ids must be an int32/int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
     V = m.vocab_size
@@ -320,7 +388,7 @@ def mixed_lut_gather(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Ten
         if isinstance(p, QuantizedLUT):
             got = quantized_lut_gather(p, local, w, layer=layer, dtype=part_dtype)
         elif isinstance(p, FactoredLUT):
-            got = factored_lut_gather(p, local, w, layer=layer, dtype=part_dtype)
+            got = factored_lut_gather_reference(p, local, w, layer=layer, dtype=part_dtype)
         else:
             from .lut_gather import lut_gather
             got = lut_gather(p, local, w, layer=layer).to(part_dtype)
@@ -328,7 +396,7 @@ def mixed_lut_gather(m: MixedLUT, ids: torch.Tensor, weights: Optional[torch.Ten
             out = got.new_empty((flat.shape[0], *got.shape[1:]))
         out[sel] = got
     if m.normalized:
-        out = torch.addcmul(offset, out, col_scale)
+        out = out * col_scale + offset  # two roundings, as dequantize_mixed and the C++ gather
         if w2 is not None:  # sum_e w_e * row_e, accumulated in float32 as the fused kernels do
             out = torch.einsum("ne,ned->nd", w2.float(), out)
         out = out.to(dtype)
@@ -362,8 +430,12 @@ def save_mixed(path, m: MixedLUT) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
-def load_mixed(path) -> MixedLUT:
-    """Reads a file written by :func:`save_mixed`; ValueError when it is not one or is inconsistent."""
+def load_mixed(path, *, parts_in_file: bool = False) -> MixedLUT:
+    """Reads a file written by :func:`save_mixed`; ValueError when it is not one or is inconsistent.
+
+    ``parts_in_file``: leave the parts' rows in the file (their tensors are ``meta`` tensors of the stored
+    shape and dtype; rank, bases, offset and col_scale are read): what a disk-tier
+    :class:`~mole_kernels.table.MixedLookupTable` reads row by row."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -384,14 +456,23 @@ def load_mixed(path) -> MixedLUT:
             raise ValueError(f"load_mixed: {path} holds tensors {sorted(names)}, expected {sorted(want)}")
         parts = []
         for k, spec in enumerate(specs):
-            t = f.get_tensor(f"part{k}")
+            if parts_in_file:
+                sl = f.get_slice(f"part{k}")
+                t = torch.empty(sl.get_shape(), dtype=_SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.uint8),
+                                device="meta")
+            else:
+                t = f.get_tensor(f"part{k}")
             if "float" in spec:
                 if _FLOAT.get(spec["float"]) != t.dtype:
                     raise ValueError(f"load_mixed: part {k} is {t.dtype} but its metadata says {spec['float']!r}")
                 parts.append(t)
             elif "factored_bits" in spec:
-                parts.append(FactoredLUT.from_metadata(t, f.get_tensor(f"basis{k}"), spec))
+                basis = f.get_tensor(f"basis{k}")
+                if parts_in_file:  # the sample check reads rows: done by the disk table on its own reads
+                    parts.append(FactoredLUT(t, basis, int(spec["factored_bits"]), _FLOAT[spec["dtype"]]))
+                else:
+                    parts.append(FactoredLUT.from_metadata(t, basis, spec))
             else:
-                parts.append(QuantizedLUT.from_metadata(t, spec))
+                parts.append(QuantizedLUT.from_metadata(t, spec, check_sample=not parts_in_file))
         norm = [f.get_tensor(k) for k in ("offset", "col_scale")] if "offset" in names else [None, None]
         return MixedLUT(f.get_tensor("rank"), parts, *norm)

@@ -254,6 +254,62 @@ def test_a_mole_step_is_the_dense_step_plus_router_and_one_fused_call_per_layer(
         assert extra[0] == 0, extra  # the table is read in place: nothing at all per step
 
 
+def _mixed_models(layers=3, placement="host", tmp_path=None):
+    """The models of _models with the MoLE's table a column-normalised mixed table (int8 + factored + q2)
+    on `placement` (disk: a save_mixed file in tmp_path), and the same MoLE over the float32 table that
+    mixed table stands for."""
+    from mole_kernels.mixed import dequantize_mixed, quantize_mixed, save_mixed
+    from mole_kernels.table import MixedLookupTable
+
+    cfg, mole, dense = _models("host", layers)
+    lut = torch.randn(cfg.lut_shape)
+    counts = torch.randint(0, 100, (cfg.vocab_size,))
+    m = quantize_mixed(lut, counts, [("int8", 8), ("f6x5", 40), ("q2", None)], block_sizes=[None, None, 8],
+                       normalize=True)
+    if placement == "disk":
+        save_mixed(tmp_path / "mixed.safetensors", m)
+        mole.set_lut(MixedLookupTable.open(tmp_path / "mixed.safetensors", "disk"))
+    else:
+        mole.set_lut(MixedLookupTable(m))
+    ref = MoLEForCausalLM(cfg, reparameterized=True).eval()
+    ref.load_state_dict({k: v for k, v in mole.state_dict().items()}, strict=True)
+    ref.set_lut(LookupTable.from_tensor(dequantize_mixed(m, torch.float32), "host", device="cpu"))
+    return cfg, mole, ref, DenseForCausalLM.from_mole(mole).eval()
+
+
+@pytest.mark.parametrize("placement", ["host", "disk"])
+def test_a_mixed_table_step_is_the_dense_step_plus_router_and_one_fused_call_per_layer(placement, tmp_path):
+    """The dispatch invariant of test_a_mole_step_is_the_dense_step_plus_router_and_one_fused_call_per_layer
+    for a mixed-precision table: one lut_combine_mixed per layer, nothing else per layer or (the table read
+    in place, or each part's rows read by one C++ call per step) per step."""
+    extra = []
+    for layers in (2, 5):
+        cfg, mole, _, dense = _mixed_models(layers, placement, tmp_path)
+        n = torch.randn(2, 1, cfg.hidden_size)
+        with torch.no_grad(), _OpCounter() as c:
+            mole.model.layers[0].router(n)
+        router = len(c.ops)
+        mole_ops, dense_ops = _step_ops(mole, cfg), _step_ops(dense, cfg)
+        assert mole_ops.count("mole_kernels.lut_combine_mixed") == layers
+        extra.append(len(mole_ops) - len(dense_ops) - layers * router)
+    assert extra[0] == extra[1] <= (0 if placement == "host" else 2), extra  # disk: the step's positions view
+
+
+@pytest.mark.parametrize("placement", ["host", "disk"])
+def test_a_mixed_table_decodes_as_the_table_it_stands_for(placement, tmp_path):
+    """generate over a MixedLookupTable (the direct C++ call per layer) gives the logits of the same model
+    over the float32 table the mixed table dequantizes to; a compiled step the same tokens."""
+    cfg, mole, ref, _ = _mixed_models(3, placement, tmp_path)
+    prompt = torch.tensor([[3, 9, 17, 40], [5, 5, 60, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(mole(prompt).logits, ref(prompt).logits, rtol=1e-4, atol=1e-4)
+    got = mole.generate(prompt, max_new_tokens=6)
+    assert torch.equal(got, ref.generate(prompt, max_new_tokens=6))
+    assert torch.equal(mole.generate(prompt, max_new_tokens=6, compile_step=True), got)
+    with pytest.raises(ValueError):
+        mole.generate(torch.tensor([[1, cfg.vocab_size]]), max_new_tokens=2)
+
+
 def test_bad_ids_are_refused_on_entry_before_any_kernel():
     cfg, mole, _ = _models()
     for call in (lambda: mole.generate(torch.tensor([[1, cfg.vocab_size]]), max_new_tokens=2),

@@ -2,6 +2,7 @@
 
 - ``lookup_table.py``: :class:`LookupTable` (tiers, paths, gather, stats);
 - ``reader.py``: :class:`LayerReader`, how a model's steps read a table (one fused call per layer);
+- ``mixed_table.py``: :class:`MixedLookupTable`, a mixed-precision table (mole_kernels.mixed) as a model's table;
 - ``prefetch.py``: :class:`Prefetcher`, all layers' rows for the next ids fetched ahead of use;
 - ``file_format.py``: the table file (safetensors + metadata), validated on read, written atomically.
 
@@ -12,5 +13,6 @@ from .file_format import FORMAT_VERSION
 from .lookup_table import LookupTable, TableStats, host_allocations
 from .prefetch import Prefetch, Prefetcher
 from .reader import LayerReader
+from .mixed_table import MixedLookupTable
 
-__all__ = ["LayerReader", "LookupTable", "Prefetch", "Prefetcher", "TableStats", "host_allocations", "FORMAT_VERSION"]
+__all__ = ["LayerReader", "LookupTable", "MixedLookupTable", "Prefetch", "Prefetcher", "TableStats", "host_allocations", "FORMAT_VERSION"]

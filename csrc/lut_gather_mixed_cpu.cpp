@@ -1,0 +1,648 @@
+// lut_gather_mixed: the fused CPU gather of a mixed-precision table (mole_kernels/mixed.py).
+//
+// A mixed table keys its rows by frequency rank: rank[id] says which part holds the id (part k holds
+// ranks [start_k, start_k + n_k)) and at which row. Parts are quantized tables (int8, fp8, nf4, q3,
+// q2, q1: decoded by the quantized gather's own summing routine, dequant_sum_fn in
+// lut_gather_quant_cpu.cpp), factored tables (per row `rank` signed codes and one float16 scale; per
+// (layer, expert) a basis [rank, D]) or float tables. A normalised table adds per (layer, expert)
+// column scales and offsets:
+//
+//   row(v, l, e) = part_row(v, l, e) * col_scale[l, e] + offset[l, e]
+//   fused        = sum_e w_e * row(v, l, e)
+//
+// The factored parts' bases come in as float32 with col_scale already folded in (the caller does
+// that once per table: mole_kernels.mixed.MixedLUT's prepared arguments), so a factored row costs
+// E * rank * D multiply-adds from a cache-resident basis and no column scaling. The part of a token
+// is found once per token (a branch per token, none per value). The same code serves a table in RAM
+// (parts = whole tables, rank = the table's map) and a step's staged rows (parts = staging buffers,
+// rank = the step's own map from positions to staging rows).
+#include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <sstream>
+#include <string>
+
+#include "direct_calls.h"
+#include "lut_gather.h"
+#include "lut_gather_quant.h"
+#include "lut_gather_mixed.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#define MOLE_MX86 1
+#define MOLE_MAVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#else
+#define MOLE_MX86 0
+#endif
+
+namespace mole {
+
+namespace {
+
+int64_t factored_row_bytes(int64_t rank, int64_t bits) {
+  const int64_t payload = (rank * bits + 7) / 8;
+  return payload + payload % 2 + 2;
+}
+
+bool avx512() {
+  static const bool yes = std::strcmp(quant_cpu_isa(), "avx512") == 0;  // the quantized kernels' choice and cap
+  return yes;
+}
+
+// acc[d] += sum_j coef[j] * basis[j * D + d] for d < D, j < R (the factored rows' product).
+void coef_basis_scalar(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
+  for (int64_t j = 0; j < R; ++j) {
+    const float c = coef[j];
+    const float* b = basis + j * D;
+    for (int64_t d = 0; d < D; ++d) acc[d] += c * b[d];
+  }
+}
+
+#if MOLE_MX86
+// The same, 64 columns of acc held in registers while every basis row streams past.
+// `ld`: the basis rows' stride (D of the whole row; a column slice passes its width as D).
+MOLE_MAVX512 void coef_basis_avx512(const float* coef, const float* basis, int64_t R, int64_t ld, float* acc,
+                                    int64_t D) {
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    __m512 a0 = _mm512_loadu_ps(acc + d), a1 = _mm512_loadu_ps(acc + d + 16);
+    __m512 a2 = _mm512_loadu_ps(acc + d + 32), a3 = _mm512_loadu_ps(acc + d + 48);
+    for (int64_t j = 0; j < R; ++j) {
+      const __m512 c = _mm512_set1_ps(coef[j]);
+      const float* b = basis + j * ld + d;
+      a0 = _mm512_fmadd_ps(c, _mm512_loadu_ps(b), a0);
+      a1 = _mm512_fmadd_ps(c, _mm512_loadu_ps(b + 16), a1);
+      a2 = _mm512_fmadd_ps(c, _mm512_loadu_ps(b + 32), a2);
+      a3 = _mm512_fmadd_ps(c, _mm512_loadu_ps(b + 48), a3);
+    }
+    _mm512_storeu_ps(acc + d, a0);
+    _mm512_storeu_ps(acc + d + 16, a1);
+    _mm512_storeu_ps(acc + d + 32, a2);
+    _mm512_storeu_ps(acc + d + 48, a3);
+  }
+  for (; d + 16 <= D; d += 16) {
+    __m512 a = _mm512_loadu_ps(acc + d);
+    for (int64_t j = 0; j < R; ++j) {
+      a = _mm512_fmadd_ps(_mm512_set1_ps(coef[j]), _mm512_loadu_ps(basis + j * ld + d), a);
+    }
+    _mm512_storeu_ps(acc + d, a);
+  }
+  if (d < D) {
+    for (int64_t j = 0; j < R; ++j) {
+      for (int64_t k = d; k < D; ++k) acc[k] += coef[j] * basis[j * ld + k];
+    }
+  }
+}
+
+// acc[d] += x[d] * y[d] (a column scale applied to a decoded row, its weight already in x).
+MOLE_MAVX512 void mul_add_avx512(const float* x, const float* y, int64_t D, float* acc) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m512 a = _mm512_loadu_ps(acc + d);
+    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(y + d), a));
+  }
+  for (; d < D; ++d) acc[d] += x[d] * y[d];
+}
+#endif
+
+#if MOLE_MX86
+// coef_basis for N tokens at once (coef: N rows of R, acc: N rows of D): each basis vector loaded once
+// feeds N tokens' accumulators, so a batch streams a layer's bases from cache once per N tokens.
+template <int N>
+MOLE_MAVX512 void coef_basis_multi_avx512(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    __m512 a[N][4];
+    for (int t = 0; t < N; ++t) {
+      for (int v = 0; v < 4; ++v) a[t][v] = _mm512_loadu_ps(acc + t * D + d + 16 * v);
+    }
+    for (int64_t j = 0; j < R; ++j) {
+      const float* b = basis + j * D + d;
+      const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32),
+                   b3 = _mm512_loadu_ps(b + 48);
+      for (int t = 0; t < N; ++t) {
+        const __m512 c = _mm512_set1_ps(coef[t * R + j]);
+        a[t][0] = _mm512_fmadd_ps(c, b0, a[t][0]);
+        a[t][1] = _mm512_fmadd_ps(c, b1, a[t][1]);
+        a[t][2] = _mm512_fmadd_ps(c, b2, a[t][2]);
+        a[t][3] = _mm512_fmadd_ps(c, b3, a[t][3]);
+      }
+    }
+    for (int t = 0; t < N; ++t) {
+      for (int v = 0; v < 4; ++v) _mm512_storeu_ps(acc + t * D + d + 16 * v, a[t][v]);
+    }
+  }
+  if (d < D) {
+    for (int t = 0; t < N; ++t) coef_basis_avx512(coef + t * R, basis + d, R, D, acc + t * D + d, D - d);
+  }
+}
+#endif
+
+void coef_basis(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
+#if MOLE_MX86
+  if (avx512()) return coef_basis_avx512(coef, basis, R, D, acc, D);
+#endif
+  coef_basis_scalar(coef, basis, R, D, acc);
+}
+
+// coef_basis for n <= kTokenGroup tokens (coef: n rows of R, acc: n rows of D).
+constexpr int kTokenGroup = 4;
+void coef_basis_tokens(const float* coef, int n, const float* basis, int64_t R, int64_t D, float* acc) {
+#if MOLE_MX86
+  if (avx512()) {
+    switch (n) {
+      case 4: return coef_basis_multi_avx512<4>(coef, basis, R, D, acc);
+      case 3: return coef_basis_multi_avx512<3>(coef, basis, R, D, acc);
+      case 2: return coef_basis_multi_avx512<2>(coef, basis, R, D, acc);
+      default: return coef_basis_multi_avx512<1>(coef, basis, R, D, acc);
+    }
+  }
+#endif
+  for (int t = 0; t < n; ++t) coef_basis_scalar(coef + t * R, basis, R, D, acc + t * D);
+}
+
+void mul_add(const float* x, const float* y, int64_t D, float* acc) {
+#if MOLE_MX86
+  if (avx512()) return mul_add_avx512(x, y, D, acc);
+#endif
+  for (int64_t d = 0; d < D; ++d) acc[d] += x[d] * y[d];
+}
+
+// coef[j] = w * scale * code_j for one factored row (codes stored as code + 2^(bits-1), little-endian bits).
+inline void factored_coefs(const MixedPart& p, const uint8_t* row, float w, float* coef) {
+  uint16_t h;
+  std::memcpy(&h, row + p.row_bytes - 2, sizeof(h));
+  const float s = w * static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+  const int bits = static_cast<int>(p.bits);
+  const uint32_t mask = (1u << bits) - 1;
+  const int bias = 1 << (bits - 1);
+  for (int64_t j = 0; j < p.rank; ++j) {
+    const int64_t bit = j * bits;
+    // The byte after a code's first byte is inside the row (the scale follows the payload).
+    const uint32_t two = row[bit >> 3] | (uint32_t(row[(bit >> 3) + 1]) << 8);
+    coef[j] = s * static_cast<float>(static_cast<int>((two >> (bit & 7)) & mask) - bias);
+  }
+}
+
+// dst[d] = float(src[d]) (a float part's row).
+void load_row(at::ScalarType dtype, const uint8_t* src, int64_t D, float* dst) {
+  MOLE_DISPATCH_FLOATING_TYPES(dtype, "lut_gather_mixed", [&] {
+    const scalar_t* s = reinterpret_cast<const scalar_t*>(src);
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(s[d]);
+  });
+}
+
+}  // namespace
+
+MixedTable make_mixed_table(const at::Tensor& rank, at::TensorList parts, c10::string_view formats,
+                            at::IntArrayRef block_sizes, at::TensorList bases, int64_t dim,
+                            const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& col_scale) {
+  const char* op = "lut_gather_mixed";
+  MixedTable m;
+  MOLE_CHECK_ARG(rank.device().is_cpu() && rank.layout() == at::kStrided && rank.scalar_type() == at::kInt &&
+                     rank.dim() == 1 && rank.is_contiguous(),
+                 op, ": rank must be a contiguous 1-D int32 CPU tensor [V], got ", rank.scalar_type(), " ",
+                 rank.sizes(), " on ", rank.device());
+  MOLE_CHECK_ARG(!parts.empty(), op, ": parts must hold at least one table");
+  MOLE_CHECK_ARG(dim >= 1, op, ": dim (D) must be >= 1, got ", dim);
+  std::vector<std::string> names;
+  {
+    std::stringstream ss{std::string(formats.data(), formats.size())};
+    for (std::string f; std::getline(ss, f, ',');) names.push_back(f);
+  }
+  MOLE_CHECK_ARG(names.size() == parts.size() && block_sizes.size() == parts.size(), op,
+                 ": formats (comma-separated) and block_sizes need one entry per part (", parts.size(), "), got ",
+                 names.size(), " and ", block_sizes.size());
+  const at::Tensor& p0 = parts[0];
+  MOLE_CHECK_ARG(p0.dim() == 3 || p0.dim() == 4, op, ": part 0 must be [n, L, E, x] or [n, E, x], got ", p0.sizes());
+  m.V = rank.size(0);
+  m.L = p0.dim() == 4 ? p0.size(1) : 1;
+  m.E = p0.size(-2);
+  m.D = dim;
+  m.layered = p0.dim() == 4;
+  m.rank = rank.const_data_ptr<int32_t>();
+  m.keep.push_back(rank);
+  int64_t start = 0;
+  size_t basis_k = 0;
+  for (size_t k = 0; k < parts.size(); ++k) {
+    const at::Tensor& t = parts[k];
+    MOLE_CHECK_ARG(t.device().is_cpu() && t.layout() == at::kStrided && t.is_contiguous() && t.dim() == p0.dim() &&
+                       t.sizes().slice(1, t.dim() - 2) == p0.sizes().slice(1, p0.dim() - 2),
+                   op, ": part ", k, " must be a contiguous CPU tensor of shape [n, ",
+                   p0.sizes().slice(1, p0.dim() - 2), ", x], got ", t.sizes(), " on ", t.device());
+    MixedPart p;
+    p.rows = t.size(0);
+    p.start = start;
+    start = checked_add(start, p.rows, "lut_gather_mixed: rows of the parts");
+    p.data = static_cast<const uint8_t*>(t.const_data_ptr());
+    const std::string& f = names[k];
+    if (f == "float") {
+      MOLE_CHECK_ARG(is_float_dtype(t.scalar_type()) && t.size(-1) == dim, op, ": part ", k,
+                     " (float) must be float32/float16/bfloat16 with D = ", dim, " values per row, got ",
+                     t.scalar_type(), " ", t.sizes());
+      p.kind = PartKind::kFloat;
+      p.dtype = t.scalar_type();
+      p.row_bytes = dim * static_cast<int64_t>(t.element_size());
+    } else if (f == "factored") {
+      p.kind = PartKind::kFactored;
+      p.bits = block_sizes[k];
+      MOLE_CHECK_ARG(p.bits >= 2 && p.bits <= 8, op, ": part ", k, " (factored): bits (its block_sizes entry) must be "
+                     "in [2, 8], got ", p.bits);
+      MOLE_CHECK_ARG(basis_k < bases.size(), op, ": bases needs one tensor per factored part (", basis_k + 1,
+                     " or more), got ", bases.size());
+      const at::Tensor& b = bases[basis_k++];
+      MOLE_CHECK_ARG(b.device().is_cpu() && b.layout() == at::kStrided && b.scalar_type() == at::kFloat &&
+                         b.is_contiguous() && b.dim() == p0.dim() &&
+                         b.sizes().slice(0, b.dim() - 2) == p0.sizes().slice(1, p0.dim() - 2) && b.size(-1) == dim,
+                     op, ": the basis of part ", k, " must be a contiguous float32 CPU tensor [",
+                     p0.sizes().slice(1, p0.dim() - 2), ", rank, ", dim, "], got ", b.scalar_type(), " ", b.sizes());
+      p.rank = b.size(-2);
+      MOLE_CHECK_ARG(p.rank >= 1, op, ": the basis of part ", k, " has rank 0");
+      p.basis = b.const_data_ptr<float>();
+      p.row_bytes = factored_row_bytes(p.rank, p.bits);
+      MOLE_CHECK_ARG(t.scalar_type() == at::kByte && t.size(-1) == p.row_bytes, op, ": part ", k,
+                     " (factored, rank ", p.rank, ", ", p.bits, " bits) must be uint8 rows of ", p.row_bytes,
+                     " bytes, got ", t.scalar_type(), " ", t.sizes());
+      m.keep.push_back(b);
+    } else {
+      p.kind = PartKind::kQuant;
+      p.q = make_quant_layout(f, dim, block_sizes[k]);
+      p.sum = dequant_sum_fn(p.q);
+      p.row_bytes = p.q.row_bytes;
+      MOLE_CHECK_ARG(t.scalar_type() == at::kByte && t.size(-1) == p.row_bytes, op, ": part ", k, " (", f,
+                     ") must be uint8 rows of ", p.row_bytes, " bytes, got ", t.scalar_type(), " ", t.sizes());
+    }
+    p.token_bytes = m.L * m.E * p.row_bytes;
+    m.parts.push_back(p);
+    m.keep.push_back(t);
+  }
+  MOLE_CHECK_ARG(basis_k == bases.size(), op, ": bases has ", bases.size(), " tensors but the parts name ", basis_k,
+                 " factored parts");
+  MOLE_CHECK_ARG(start == m.V, op, ": rank has ", m.V, " ids but the parts hold ", start, " rows");
+  MOLE_CHECK_ARG(offset.has_value() == col_scale.has_value(), op,
+                 ": offset and col_scale go together (both float32 [L, E, D]) or not at all");
+  if (offset.has_value()) {
+    for (const at::Tensor* t : {&*offset, &*col_scale}) {
+      MOLE_CHECK_ARG(t->device().is_cpu() && t->layout() == at::kStrided && t->scalar_type() == at::kFloat &&
+                         t->is_contiguous() && t->numel() == m.L * m.E * m.D && t->size(-1) == m.D,
+                     op, ": offset and col_scale must be contiguous float32 CPU tensors [L, E, D] = [", m.L, ", ", m.E,
+                     ", ", m.D, "], got ", t->scalar_type(), " ", t->sizes());
+      m.keep.push_back(*t);
+    }
+    m.offset = offset->const_data_ptr<float>();
+    m.col_scale = col_scale->const_data_ptr<float>();
+  }
+  return m;
+}
+
+void locate_mixed(const MixedTable& m, const at::Tensor& ids, MixedRow* where) {
+  const at::Tensor flat = ids.contiguous();
+  const int64_t T = flat.numel();
+  MOLE_DISPATCH_ID_TYPES(flat.scalar_type(), "lut_gather_mixed", [&] {
+    const scalar_t* id = flat.const_data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t v = static_cast<int64_t>(id[t]);
+      MOLE_CHECK_ARG(v >= 0 && v < m.V, "lut_gather_mixed: ids contains ", v, " (at flat position ", t,
+                     "), outside the table's vocabulary [0, ", m.V, ")");
+      const int64_t r = m.rank[v];
+      int32_t k = 0;
+      while (k + 1 < static_cast<int32_t>(m.parts.size()) && r >= m.parts[k + 1].start) ++k;
+      MOLE_CHECK_ARG(r >= 0 && r < m.V, "lut_gather_mixed: rank[", v, "] = ", r, " is outside [0, ", m.V,
+                     ") (a corrupt rank map)");
+      where[t] = {k, r - m.parts[k].start};
+    }
+  });
+}
+
+namespace {
+
+// acc[0, D) += sum_e w[e] * row(token at `at`, layer l, e) for a quantized or float part (a factored part's
+// tokens are summed in groups: mixed_fused_cpu). tmp: scratch of D floats.
+void part_sum(const MixedTable& m, MixedRow at, int64_t l, const float* w, float* acc, float* tmp) {
+  const MixedPart& p = m.parts[at.part];
+  const int64_t E = m.E, D = m.D;
+  const uint8_t* rows = p.data + at.row * p.token_bytes + l * E * p.row_bytes;
+  const float* cs = m.col_scale != nullptr ? m.col_scale + l * E * D : nullptr;
+  if (p.kind == PartKind::kQuant && cs == nullptr) {
+    for (int64_t e0 = 0; e0 < E; e0 += kExpertGroup) {
+      p.sum(p.q, rows + e0 * p.row_bytes, std::min(kExpertGroup, E - e0), w + e0, 0, D, acc);
+    }
+    return;
+  }
+  for (int64_t e = 0; e < E; ++e) {  // each expert's column scales: w_e * row_e decoded, then scaled into acc
+    if (p.kind == PartKind::kQuant) {
+      std::fill(tmp, tmp + D, 0.f);
+      p.sum(p.q, rows + e * p.row_bytes, 1, w + e, 0, D, tmp);
+    } else {
+      load_row(p.dtype, rows + e * p.row_bytes, D, tmp);
+      for (int64_t d = 0; d < D; ++d) tmp[d] *= w[e];
+    }
+    if (cs != nullptr) {
+      mul_add(tmp, cs + e * D, D, acc);
+    } else {
+      for (int64_t d = 0; d < D; ++d) acc[d] += tmp[d];
+    }
+  }
+}
+
+// acc[0, D) += sum_e w[e] * offset[l, e] (a normalised table's column offsets).
+void offset_sum(const MixedTable& m, int64_t l, const float* w, float* acc) {
+  if (m.offset == nullptr) return;
+  coef_basis(w, m.offset + l * m.E * m.D, m.E, m.D, acc);  // the E offset rows weighted: a product like a basis's
+}
+
+}  // namespace
+
+namespace {
+
+// dst[d] = row (l, e) of the token at `at` (dequantized, column scale and offset applied).
+void mixed_row(const MixedTable& m, MixedRow at, int64_t l, int64_t e, float* dst, float* tmp) {
+  const MixedPart& p = m.parts[at.part];
+  const int64_t E = m.E, D = m.D;
+  const uint8_t* row = p.data + at.row * p.token_bytes + (l * E + e) * p.row_bytes;
+  const int64_t le = (l * E + e) * D;
+  const float one = 1.f;
+  std::fill(dst, dst + D, 0.f);
+  switch (p.kind) {
+    case PartKind::kQuant:
+      p.sum(p.q, row, 1, &one, 0, D, dst);  // 1 * scale * code: one rounding, as dequantize
+      break;
+    case PartKind::kFactored:
+      factored_coefs(p, row, 1.f, tmp);
+      coef_basis(tmp, p.basis + (l * E + e) * p.rank * D, p.rank, D, dst);
+      break;
+    case PartKind::kFloat:
+      load_row(p.dtype, row, D, dst);
+      break;
+  }
+  if (m.offset != nullptr) {
+    const bool scaled = p.kind != PartKind::kFactored;  // a factored basis holds the column scale already
+    for (int64_t d = 0; d < D; ++d) dst[d] = (scaled ? dst[d] * m.col_scale[le + d] : dst[d]) + m.offset[le + d];
+  }
+}
+
+template <typename out_t>
+void store(const float* src, out_t* dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<out_t>(src[k]);
+}
+
+int64_t scratch_floats(const MixedTable& m) {
+  int64_t n = m.D;
+  for (const MixedPart& p : m.parts) n = std::max(n, m.E * p.rank);
+  return n;
+}
+
+}  // namespace
+
+void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int64_t l, const float* w,
+                     const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1, bool parallel) {
+  const int64_t D = m.D, E = m.E;
+  const int64_t S = scratch_floats(m);
+  MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_gather_mixed", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+    const scalar_t* a0 = ptr(add0);
+    const scalar_t* a1 = ptr(add1);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    auto body = [&](int64_t begin, int64_t end) {
+      // acc: the pending factored tokens' rows (kTokenGroup) and one more for the token at hand; coef: the
+      // pending tokens' coefficients (E * rank each); tmp: scratch.
+      std::vector<float> buf(static_cast<size_t>((kTokenGroup + 1) * D + kTokenGroup * S + S));
+      float* acc = buf.data();
+      float* coef = acc + (kTokenGroup + 1) * D;
+      float* tmp = coef + kTokenGroup * S;
+      int64_t group[kTokenGroup];
+      int n = 0;
+      int32_t group_part = -1;
+      auto start = [&](int64_t t, float* a) {  // a = add0[t] + add1[t] + the offsets' sum
+        for (int64_t d = 0; d < D; ++d) {
+          a[d] = (a0 ? static_cast<float>(a0[t * D + d]) : 0.f) + (a1 ? static_cast<float>(a1[t * D + d]) : 0.f);
+        }
+        offset_sum(m, l, w + t * E, a);
+      };
+      auto flush = [&]() {  // the pending tokens' coefficients times the layer's bases, in one pass over them
+        if (n == 0) return;
+        const MixedPart& p = m.parts[group_part];
+        coef_basis_tokens(coef, n, p.basis + l * E * p.rank * D, E * p.rank, D, acc);
+        for (int i = 0; i < n; ++i) store(acc + i * D, o + group[i] * D, D);
+        n = 0;
+      };
+      for (int64_t t = begin; t < end; ++t) {
+        const MixedRow at = where[t];
+        const MixedPart& p = m.parts[at.part];
+        if (p.kind != PartKind::kFactored) {
+          float* a = acc + kTokenGroup * D;
+          start(t, a);
+          part_sum(m, at, l, w + t * E, a, tmp);
+          store(a, o + t * D, D);
+          continue;
+        }
+        if (n > 0 && group_part != at.part) flush();
+        group_part = at.part;
+        start(t, acc + n * D);
+        const uint8_t* rows = p.data + at.row * p.token_bytes + l * E * p.row_bytes;
+        for (int64_t e = 0; e < E; ++e) {
+          factored_coefs(p, rows + e * p.row_bytes, w[t * E + e], coef + (n * E + e) * p.rank);
+        }
+        group[n++] = t;
+        if (n == kTokenGroup) flush();
+      }
+      flush();
+    };
+    if (parallel) {
+      at::parallel_for(0, T, std::max<int64_t>(kTokenGroup, 8192 / std::max<int64_t>(1, E * D)), body);
+    } else {
+      body(0, T);
+    }
+  });
+}
+
+namespace {
+
+std::vector<MixedRow> locate(const MixedTable& m, const at::Tensor& ids) {
+  std::vector<MixedRow> where(static_cast<size_t>(ids.numel()));
+  locate_mixed(m, ids, where.data());
+  return where;
+}
+
+at::Tensor lut_gather_mixed_cpu(const at::Tensor& rank, at::TensorList parts, c10::string_view formats,
+                                at::IntArrayRef block_sizes, at::TensorList bases, int64_t dim, const at::Tensor& ids,
+                                const std::optional<at::Tensor>& weights, std::optional<int64_t> layer,
+                                const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& col_scale,
+                                std::optional<at::ScalarType> dtype, std::optional<int64_t> layer_end) {
+  const char* op = "lut_gather_mixed";
+  const MixedTable m = make_mixed_table(rank, parts, formats, block_sizes, bases, dim, offset, col_scale);
+  MOLE_CHECK_ARG(ids.device().is_cpu() && ids.layout() == at::kStrided &&
+                     (ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong),
+                 op, ": ids must be an int32/int64 CPU tensor, got ", ids.scalar_type(), " on ", ids.device());
+  const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
+  MOLE_CHECK_ARG(is_float_dtype(out_dtype), op, ": dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  const bool fused = weights.has_value();
+  const auto [l0, nl] = resolve_layers({layer, layer_end}, m.L, fused, op);
+  std::vector<int64_t> shape = ids.sizes().vec();
+  const int64_t T = ids.numel(), E = m.E, D = m.D;
+  if (fused) {
+    std::vector<int64_t> want = shape;
+    want.push_back(E);
+    MOLE_CHECK_ARG(weights->sizes().vec() == want && is_float_dtype(weights->scalar_type()) &&
+                       weights->device().is_cpu() && weights->layout() == at::kStrided,
+                   op, ": weights must be a float CPU tensor of shape ids.shape + [E] = ", at::IntArrayRef(want),
+                   ", got ", weights->scalar_type(), " ", weights->sizes());
+    shape.push_back(D);
+  } else {
+    if (layer_end.has_value() || (!layer.has_value() && m.layered)) shape.push_back(nl);
+    shape.push_back(E);
+    shape.push_back(D);
+  }
+  at::Tensor out = at::empty(shape, ids.options().dtype(out_dtype));
+  if (T == 0) return out;
+  const std::vector<MixedRow> where = locate(m, ids);
+  if (fused) {
+    const at::Tensor w = kernel_weights(weights);
+    mixed_fused_cpu(m, where.data(), T, l0, w.const_data_ptr<float>(), out, at::Tensor(), at::Tensor(), true);
+    return out;
+  }
+  MOLE_DISPATCH_FLOATING_TYPES(out_dtype, "lut_gather_mixed", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t rows = nl * E;
+    at::parallel_for(0, T * rows, std::max<int64_t>(1, 8192 / D), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(static_cast<size_t>(D + scratch_floats(m)));
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t t = i / rows, r = i % rows;
+        mixed_row(m, where[t], l0 + r / E, r % E, buf.data(), buf.data() + D);
+        store(buf.data(), o + i * D, D);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor lut_combine_mixed_step_cpu(const MixedTable& m, const at::Tensor& ids, std::optional<int64_t> layer,
+                                      const at::Tensor& x, const std::optional<at::Tensor>& router_weight,
+                                      const std::optional<at::Tensor>& residual,
+                                      const std::optional<at::Tensor>& shared) {
+  const char* op = "lut_combine_mixed";
+  MOLE_CHECK_ARG(ids.device().is_cpu() && ids.layout() == at::kStrided &&
+                     (ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong),
+                 op, ": ids must be an int32/int64 CPU tensor, got ", ids.scalar_type(), " on ", ids.device());
+  const int64_t l = resolve_layers({layer, std::nullopt}, m.L, /*fused=*/true, op).first;
+  const at::Tensor logits = router_weight.has_value() ? router_logits(x, *router_weight) : x;
+  const int64_t T = ids.numel(), E = m.E, D = m.D;
+  std::vector<int64_t> want = ids.sizes().vec();
+  want.push_back(E);
+  MOLE_CHECK_ARG(logits.sizes().vec() == want && is_float_dtype(logits.scalar_type()) && logits.device().is_cpu(), op,
+                 ": logits must be a float CPU tensor of shape ids.shape + [E] = ", at::IntArrayRef(want), ", got ",
+                 logits.scalar_type(), " ", logits.sizes());
+  want.back() = D;
+  at::ScalarType dtype = at::kFloat;
+  for (const auto* t : {&residual, &shared}) {
+    if (!t->has_value()) continue;
+    MOLE_CHECK_ARG((*t)->sizes().vec() == want && is_float_dtype((*t)->scalar_type()) && (*t)->device().is_cpu(), op,
+                   ": residual and shared must be float CPU tensors of shape ids.shape + [D] = ", at::IntArrayRef(want),
+                   ", got ", (*t)->scalar_type(), " ", (*t)->sizes());
+  }
+  if (residual.has_value()) dtype = residual->scalar_type();
+  else if (shared.has_value()) dtype = shared->scalar_type();
+  at::Tensor out = at::detail::empty_cpu(want, dtype);  // the op's own allocator, undispatched
+  if (T == 0) return out;
+  auto term = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? as_contiguous(*t, dtype) : at::Tensor();
+  };
+  constexpr int64_t kStack = 64;  // a decode step's tokens: no allocation for where they are
+  MixedRow stack[kStack];
+  std::vector<MixedRow> heap;
+  MixedRow* where = stack;
+  if (T > kStack) {
+    heap.resize(static_cast<size_t>(T));
+    where = heap.data();
+  }
+  locate_mixed(m, ids, where);
+  const std::vector<float> w = softmax_weights(logits, T, E);
+  mixed_fused_cpu(m, where, T, l, w.data(), out, term(residual), term(shared), /*parallel=*/T > kStack);
+  return out;
+}
+
+void mixed_read_step(const at::Tensor& rank, at::IntArrayRef starts, at::IntArrayRef handles,
+                     at::IntArrayRef token_bytes, at::TensorList staging, const at::Tensor& step_rank,
+                     const at::Tensor& ids) {
+  const char* op = "MixedLookupTable (disk)";
+  const size_t K = handles.size();
+  MOLE_CHECK_ARG(K >= 1 && starts.size() == K && token_bytes.size() == K && staging.size() == K, op,
+                 ": one start, file, row size and staging buffer per part");
+  MOLE_CHECK_ARG(rank.scalar_type() == at::kInt && rank.is_contiguous() && step_rank.scalar_type() == at::kInt &&
+                     step_rank.is_contiguous() && ids.device().is_cpu(),
+                 op, ": rank maps must be contiguous int32 and ids on the CPU");
+  const int64_t cap = staging[0].size(0), T = ids.numel(), V = rank.numel();
+  MOLE_CHECK_ARG(T <= cap && step_rank.numel() == static_cast<int64_t>(K) * cap, op, ": a step of ", T,
+                 " tokens needs staging for as many rows per part (", cap, ")");
+  const at::Tensor flat = as_contiguous(ids, at::kLong);
+  const int64_t* id = flat.const_data_ptr<int64_t>();
+  const int32_t* r = rank.const_data_ptr<int32_t>();
+  std::vector<std::vector<int64_t>> local(K), pos(K);
+  for (int64_t t = 0; t < T; ++t) {
+    MOLE_CHECK_ARG(id[t] >= 0 && id[t] < V, "LookupTable: ids contains ", id[t], " (at flat position ", t,
+                   "), outside the table's vocabulary [0, ", V, ")");
+    const int64_t rk = r[id[t]];
+    size_t k = 0;
+    while (k + 1 < K && rk >= starts[k + 1]) ++k;
+    local[k].push_back(rk - starts[k]);
+    pos[k].push_back(t);
+  }
+  int32_t* out = step_rank.data_ptr<int32_t>();
+  for (size_t k = 0; k < K; ++k) {
+    const int64_t n = static_cast<int64_t>(local[k].size());
+    if (n == 0) continue;
+    at::Tensor lid = at::detail::empty_cpu({n}, at::kLong);
+    std::copy(local[k].begin(), local[k].end(), lid.data_ptr<int64_t>());
+    // The part's unique rows of the step, read with pread into its staging (csrc/lookup_table.cpp).
+    const at::Tensor inverse =
+        std::get<0>(read_unique_file(handles[k], lid, token_bytes[k], 0, token_bytes[k], true, staging[k], false));
+    const int64_t* inv = inverse.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) out[pos[k][i]] = static_cast<int32_t>(static_cast<int64_t>(k) * cap + inv[i]);
+  }
+}
+
+namespace {
+
+at::Tensor lut_combine_mixed_cpu(const at::Tensor& rank, at::TensorList parts, c10::string_view formats,
+                                 at::IntArrayRef block_sizes, at::TensorList bases, int64_t dim, const at::Tensor& ids,
+                                 const at::Tensor& logits, std::optional<int64_t> layer,
+                                 const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& col_scale,
+                                 const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared) {
+  const MixedTable m = make_mixed_table(rank, parts, formats, block_sizes, bases, dim, offset, col_scale);
+  return lut_combine_mixed_step_cpu(m, ids, layer, logits, std::nullopt, residual, shared);
+}
+
+}  // namespace
+
+}  // namespace mole
+
+TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
+  // Rows (weights=None) or sum_e weights[..., e] * row[..., layer, e, :] of a mixed-precision table
+  // (see csrc/lut_gather_mixed_cpu.cpp): rank int32 [V]; parts [n_k, L, E, x] in rank order; formats
+  // one name per part, comma-separated ("int8", "nf4", "q2", ..., "factored", "float"); block_sizes
+  // one per part (a factored part: its bits; a float part: ignored); bases float32 [L, E, rank, D],
+  // one per factored part, col_scale folded in; offset/col_scale float32 [L, E, D] or None. The result
+  // is `dtype` (float32 when None); float32 accumulation. An id outside [0, V) raises naming it.
+  m.def(
+      "lut_gather_mixed(Tensor rank, Tensor[] parts, str formats, int[] block_sizes, Tensor[] bases, int dim, "
+      "Tensor ids, Tensor? weights=None, int? layer=None, Tensor? offset=None, Tensor? col_scale=None, "
+      "ScalarType? dtype=None, int? layer_end=None) -> Tensor");
+  // residual + shared + sum_e softmax(logits)_e * row[ids, layer, e, :] of a mixed table (the decode step's
+  // layer call when something must see the op: torch.compile, a dispatch mode); the result has residual's
+  // dtype (else shared's, else float32).
+  m.def(
+      "lut_combine_mixed(Tensor rank, Tensor[] parts, str formats, int[] block_sizes, Tensor[] bases, int dim, "
+      "Tensor ids, Tensor logits, int? layer=None, Tensor? offset=None, Tensor? col_scale=None, "
+      "Tensor? residual=None, Tensor? shared=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mole_kernels, CPU, m) {
+  m.impl("lut_gather_mixed", &mole::lut_gather_mixed_cpu);
+  m.impl("lut_combine_mixed", &mole::lut_combine_mixed_cpu);
+}
