@@ -15,6 +15,7 @@
 #include <sstream>
 #include <string>
 
+#include "direct_calls.h"
 #include "lut_gather_lowbit.h"
 #include "lut_gather_quant.h"
 
@@ -42,20 +43,21 @@ int64_t round_up(int64_t x, int64_t m, const char* what) { return checked_add(x,
 }  // namespace
 
 QuantLayout make_quant_layout(c10::string_view format, int64_t dim, int64_t block_size) {
-  const std::string name(format.data(), format.size());
+  // Compared as a string_view: no std::string is built on the per-call path (only for an error).
+  constexpr std::pair<c10::string_view, QFormat> kNames[] = {
+      {"int8", QFormat::kInt8}, {"fp8_e4m3", QFormat::kFp8E4M3}, {"nf4", QFormat::kNf4},
+      {"q3", QFormat::kQ3},     {"q2", QFormat::kQ2},            {"q1", QFormat::kQ1}};
   QuantLayout q;
-  if (name == "int8") {
-    q.fmt = QFormat::kInt8;
-  } else if (name == "fp8_e4m3") {
-    q.fmt = QFormat::kFp8E4M3;
-  } else if (name == "nf4") {
-    q.fmt = QFormat::kNf4;
-  } else if (name == "q3" || name == "q2" || name == "q1") {
-    q.fmt = name == "q3" ? QFormat::kQ3 : name == "q2" ? QFormat::kQ2 : QFormat::kQ1;
-  } else {
-    MOLE_CHECK_ARG(false, "lut_gather_quant: unknown format '", name,
-                   "' (expected 'int8', 'fp8_e4m3', 'nf4', 'q3', 'q2' or 'q1')");
+  bool known = false;
+  for (const auto& [name, fmt] : kNames) {
+    if (format == name) {
+      q.fmt = fmt;
+      known = true;
+      break;
+    }
   }
+  MOLE_CHECK_ARG(known, "lut_gather_quant: unknown format '", std::string(format.data(), format.size()),
+                 "' (expected 'int8', 'fp8_e4m3', 'nf4', 'q3', 'q2' or 'q1')");
   MOLE_CHECK_ARG(dim >= 1, "lut_gather_quant: dim (values per row, D) must be >= 1, got ", dim);
   MOLE_CHECK_ARG(block_size >= 1 && dim % block_size == 0, "lut_gather_quant: block_size must divide dim (D = ",
                  dim, "), got ", block_size);
@@ -539,12 +541,12 @@ void fused_gather_quant_cpu(const QuantPlan& p, const at::Tensor& data, const at
   });
 }
 
-void lut_gather_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
-                               int64_t block_size, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
-                               std::optional<int64_t> layer, bool accumulate,
-                               const std::optional<at::Tensor>& faults, std::optional<int64_t> layer_end) {
-  const QuantPlan p = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, {layer, layer_end});
-  const int64_t out_stride = check_quant_outputs(p, data, ids, weights, out, faults);
+namespace {
+
+// The CPU kernels for a checked plan and output (`out_stride`: elements between tokens' results).
+void run_lut_gather_quant_cpu(const QuantPlan& p, const at::Tensor& out, int64_t out_stride, const at::Tensor& data,
+                              const at::Tensor& ids, const std::optional<at::Tensor>& weights, bool accumulate,
+                              const std::optional<at::Tensor>& faults) {
   MOLE_CHECK_ARG(data.device().is_cpu(), "lut_gather_quant: a CUDA table needs ids on its device");
   MOLE_CHECK_ARG(p.fused || !accumulate, "lut_gather_quant: accumulate=True needs weights (the fused form)");
   if (p.T == 0) return;
@@ -564,6 +566,32 @@ void lut_gather_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c1
   });
 }
 
+}  // namespace
+
+void lut_gather_quant_into_cpu(const at::Tensor& out, const at::Tensor& data, c10::string_view format, int64_t dim,
+                               int64_t block_size, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+                               std::optional<int64_t> layer, bool accumulate,
+                               const std::optional<at::Tensor>& faults, std::optional<int64_t> layer_end) {
+  const QuantPlan p = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, {layer, layer_end});
+  const int64_t out_stride = check_quant_outputs(p, data, ids, weights, out, faults);
+  run_lut_gather_quant_cpu(p, out, out_stride, data, ids, weights, accumulate, faults);
+}
+
+// The functional op on the CPU: as lut_gather_quant_functional, but planned once and without the checks
+// of a caller's `out` (a fresh tensor overlaps nothing): a decode-sized call is mostly this fixed cost.
+at::Tensor lut_gather_quant_cpu(const at::Tensor& data, c10::string_view format, int64_t dim, int64_t block_size,
+                                const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+                                std::optional<int64_t> layer, std::optional<at::ScalarType> dtype,
+                                std::optional<int64_t> layer_end) {
+  const QuantPlan p = plan_lut_gather_quant(data, format, dim, block_size, ids, weights, {layer, layer_end});
+  const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
+  MOLE_CHECK_ARG(is_float_dtype(out_dtype), "lut_gather_quant: dtype must be float32, float16 or bfloat16, got ",
+                 out_dtype);
+  at::Tensor out = at::empty(p.out_shape, ids.options().dtype(out_dtype));
+  run_lut_gather_quant_cpu(p, out, p.seg_rows * p.q.D, data, ids, weights, /*accumulate=*/false, std::nullopt);
+  return out;
+}
+
 }  // namespace mole
 
 TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
@@ -580,6 +608,6 @@ TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(mole_kernels, CPU, m) {
-  m.impl("lut_gather_quant", &mole::lut_gather_quant_functional<mole::lut_gather_quant_into_cpu>);
+  m.impl("lut_gather_quant", &mole::lut_gather_quant_cpu);
   m.impl("lut_gather_quant_out", &mole::lut_gather_quant_into_cpu);
 }
