@@ -225,8 +225,33 @@ MOLE_QAVX512 inline __m512 decode16(const uint8_t* row, int64_t j, __m512 nf4) {
     const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (j >> 1)));
     const __m512i dup = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b8, b8));
     const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(dup, shifts), _mm512_set1_epi32(15));
-    return _mm512_permutexvar_ps(idx, nf4);
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(dup, shifts), nf4);  // the permute reads an index's low 4 bits
+  }
+}
+
+// Codes j .. j + 31 of a row as two vectors (nf4: j even), with fewer instructions per value than two
+// decode16 calls: fp8's bit moves run on 32 16-bit lanes at once, and nf4 spreads its nibbles to bytes
+// with one shift and two unpacks (the permute reads only an index's low 4 bits, so no mask is needed).
+template <QFormat F>
+MOLE_QAVX512 inline void decode32(const uint8_t* row, int64_t j, __m512 nf4, __m512& lo, __m512& hi) {
+  if constexpr (F == QFormat::kInt8) {
+    lo = decode16<F>(row, j, nf4);
+    hi = decode16<F>(row, j + 16, nf4);
+  } else if constexpr (F == QFormat::kFp8E4M3) {
+    // As decode16: b << 7 puts s.eeee.mmm at bits 14..7; adding its bit 14 to itself moves the sign to bit 15.
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j)));
+    const __m512i t = _mm512_slli_epi16(b, 7);
+    __m512i h = _mm512_add_epi16(t, _mm512_and_si512(t, _mm512_set1_epi16(0x4000)));
+    // The NaN codes s.1111.111 (b | 0x80 all ones) become an fp16 NaN.
+    const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_or_si512(b, _mm512_set1_epi16(0x80)), _mm512_set1_epi16(0xff));
+    h = _mm512_mask_mov_epi16(h, nan, _mm512_set1_epi16(0x7e00));
+    lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+    hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+  } else {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (j >> 1)));
+    const __m128i high = _mm_srli_epi16(b, 4);  // each byte's low 4 bits: its high nibble
+    lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, high)), nf4);
+    hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(b, high)), nf4);
   }
 }
 
@@ -289,6 +314,17 @@ MOLE_QAVX512 void sum_avx512(const QuantLayout& q, const uint8_t* rows, int64_t 
     if (F == QFormat::kNf4 && (j & 1) && j < stop) {  // vector nf4 decoding starts on a byte boundary
       column_scalar(F, fp8, rows, rb, E, s, j, out + j);
       ++j;
+    }
+    for (; j + 32 <= stop; j += 32) {
+      __m512 a0 = _mm512_loadu_ps(out + j), a1 = _mm512_loadu_ps(out + j + 16);
+      for (int64_t e = 0; e < E; ++e) {
+        __m512 x0, x1;
+        decode32<F>(rows + e * rb, j, nf4, x0, x1);
+        a0 = _mm512_fmadd_ps(vs[e], x0, a0);
+        a1 = _mm512_fmadd_ps(vs[e], x1, a1);
+      }
+      _mm512_storeu_ps(out + j, a0);
+      _mm512_storeu_ps(out + j + 16, a1);
     }
     for (; j + 16 <= stop; j += 16) {
       __m512 a = _mm512_loadu_ps(out + j);
