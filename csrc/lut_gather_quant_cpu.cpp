@@ -261,12 +261,8 @@ MOLE_QAVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t 
   const __m512 nf4 = _mm512_loadu_ps(kNf4Levels);
   const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;  // exact: a power of two
   float* out = dst - c0;
-  int64_t j = c0;
-  const int64_t end = c0 + n;
-  while (j < end) {
-    const int64_t b = j / q.block;
-    const int64_t stop = std::min(end, (b + 1) * q.block);
-    const float s = ACC ? w * load_scale(row, q, b) : load_scale(row, q, b);
+  auto scale = [&](int64_t b) { return load_scale(row, q, b); };
+  walk_scale_blocks<ACC>(q, c0, n, w, scale, [&](int64_t j, int64_t stop, float s) MOLE_QAVX512 {
     if (F == QFormat::kNf4 && (j & 1)) {  // vector nf4 decoding starts on a byte boundary
       segment_scalar<ACC>(F, row, j, 1, s, out + j);
       ++j;
@@ -278,8 +274,7 @@ MOLE_QAVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t 
       else _mm512_storeu_ps(out + j, _mm512_mul_ps(vs, x));
     }
     if (j < stop) segment_scalar<ACC>(F, row, j, stop - j, s, out + j);
-    j = stop;
-  }
+  });
 }
 
 template <bool ACC>
@@ -394,15 +389,10 @@ void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t 
 #if MOLE_QX86
   if (use_avx512()) return span_avx512_any<ACC>(q, row, c0, n, w, dst);
 #endif
-  int64_t j = c0;
-  const int64_t end = c0 + n;
-  while (j < end) {
-    const int64_t b = j / q.block;
-    const int64_t stop = std::min(end, (b + 1) * q.block);
-    const float s = ACC ? w * load_scale(row, q, b) : load_scale(row, q, b);
-    segment_scalar<ACC>(q.fmt, row, j, stop - j, s, dst + (j - c0));
-    j = stop;
-  }
+  walk_scale_blocks<ACC>(q, c0, n, w, [&](int64_t b) { return load_scale(row, q, b); },
+                         [&](int64_t j, int64_t stop, float s) {
+                           segment_scalar<ACC>(q.fmt, row, j, stop - j, s, dst + (j - c0));
+                         });
 }
 
 // The low-bit formats' DequantSum: their decoders (lut_gather_lowbit_cpu.cpp) work a row at a time,
