@@ -1,6 +1,6 @@
 // The Python module `mole_kernels._C`. Importing it loads this library, whose static initialisers
-// register the torch ops (torch.ops.mole_kernels.*). It also holds three direct calls for the CPU
-// decode path, past the dispatcher (csrc/direct_calls.h says why; the ops stay the public way), and
+// register the torch ops (torch.ops.mole_kernels.*). It also holds direct calls for the CPU decode
+// path and the public gathers, past the dispatcher (csrc/direct_calls.h says why; the ops stay the public way), and
 // the check that says when they may run.
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/grad_mode.h>
