@@ -30,6 +30,17 @@ at::Tensor lut_combine_quant_cpu(const at::Tensor& data, c10::string_view format
                                  const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared,
                                  std::optional<at::ScalarType> dtype);
 
+// torch.ops.mole_kernels.lut_gather / lut_gather_quant on CPU tensors (csrc/lut_gather_cpu.cpp,
+// csrc/lut_gather_quant_cpu.cpp): the public lut_gather / quantized_lut_gather call them directly in plain
+// eager mode. Through torch.ops a call's arguments cost more than a decode-sized gather itself: ~1 us
+// for a torch.dtype argument alone (the binding's failed `__torch_function__` lookup on it).
+at::Tensor lut_gather_cpu(const at::Tensor& lut, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+                          std::optional<int64_t> layer, std::optional<int64_t> layer_end);
+at::Tensor lut_gather_quant_cpu(const at::Tensor& data, c10::string_view format, int64_t dim, int64_t block_size,
+                                const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+                                std::optional<int64_t> layer, std::optional<at::ScalarType> dtype,
+                                std::optional<int64_t> layer_end);
+
 // The model's layer call: lut_combine_cpu with the logits linear(x, router_weight) (x itself without
 // a router weight); a decode step's usual case runs a lean path (csrc/lut_combine.cpp says why).
 at::Tensor lut_combine_step_cpu(const at::Tensor& lut, const at::Tensor& ids, std::optional<int64_t> layer,

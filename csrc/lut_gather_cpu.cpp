@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "direct_calls.h"
 #include "lut_gather.h"
 #include "lut_gather_quant.h"
 
@@ -257,6 +258,11 @@ void lut_gather_into_cpu(const at::Tensor& out, const at::Tensor& lut, const at:
   fused_gather_cpu(p, lut, ids, w.const_data_ptr<float>(), out, accumulate ? out : at::Tensor(), at::Tensor());
 }
 
+at::Tensor lut_gather_cpu(const at::Tensor& lut, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
+                          std::optional<int64_t> layer, std::optional<int64_t> layer_end) {
+  return lut_gather_functional<lut_gather_into_cpu>(lut, ids, weights, layer, layer_end);
+}
+
 }  // namespace mole
 
 // Which instruction set the CPU kernels run (after the MOLE_KERNELS_CPU_ISA cap), so that tests and
@@ -276,6 +282,6 @@ TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(mole_kernels, CPU, m) {
-  m.impl("lut_gather", &mole::lut_gather_functional<mole::lut_gather_into_cpu>);
+  m.impl("lut_gather", &mole::lut_gather_cpu);
   m.impl("lut_gather_out", &mole::lut_gather_into_cpu);
 }

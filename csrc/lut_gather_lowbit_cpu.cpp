@@ -88,12 +88,8 @@ MOLE_LBAVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t
                                float* dst) {
   const __m512 lv = _mm512_loadu_ps(levels<BITS>());
   float* out = dst - c0;
-  int64_t j = c0;
-  const int64_t end = c0 + n;
-  while (j < end) {
-    const int64_t b = j / q.block;
-    const int64_t stop = std::min(end, (b + 1) * q.block);
-    const float s = ACC ? w * lowbit_scale(row, q, b) : lowbit_scale(row, q, b);
+  auto scale = [&](int64_t b) { return lowbit_scale(row, q, b); };
+  walk_scale_blocks<ACC>(q, c0, n, w, scale, [&](int64_t j, int64_t stop, float s) MOLE_LBAVX512 {
     const int64_t head = std::min(stop, (j + 15) / 16 * 16);  // vectors start on a 16-value boundary
     segment_scalar<BITS, ACC>(row, j, head - j, s, out + j);
     j = head;
@@ -104,22 +100,16 @@ MOLE_LBAVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t
       else _mm512_storeu_ps(out + j, _mm512_mul_ps(vs, x));
     }
     segment_scalar<BITS, ACC>(row, j, stop - j, s, out + j);
-    j = stop;
-  }
+  });
 }
 #endif
 
 template <int BITS, bool ACC>
 void span_scalar(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
-  int64_t j = c0;
-  const int64_t end = c0 + n;
-  while (j < end) {
-    const int64_t b = j / q.block;
-    const int64_t stop = std::min(end, (b + 1) * q.block);
-    const float s = ACC ? w * lowbit_scale(row, q, b) : lowbit_scale(row, q, b);
-    segment_scalar<BITS, ACC>(row, j, stop - j, s, dst + (j - c0));
-    j = stop;
-  }
+  walk_scale_blocks<ACC>(q, c0, n, w, [&](int64_t b) { return lowbit_scale(row, q, b); },
+                         [&](int64_t j, int64_t stop, float s) {
+                           segment_scalar<BITS, ACC>(row, j, stop - j, s, dst + (j - c0));
+                         });
 }
 
 template <int BITS, bool ACC>

@@ -3,7 +3,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._ops import check_gather_args, gather_shape, layer_span, ops
+from ._ops import _C, check_gather_args, gather_shape, layer_span, ops
 from .quant import QuantizedLUT, quantized_lut_gather
 
 __all__ = ["lut_gather"]
@@ -58,6 +58,10 @@ def lut_gather(
     layer, layer_end = layer_span(layer, lut.shape[1] if lut.dim() == 4 else 1, "lut_gather")
     if out is None:
         if faults is None:
+            if not torch.compiler.is_compiling():  # plain CPU eager: the op's own CPU function, past the dispatcher
+                result = _C._lut_gather(lut, ids, weights, layer, layer_end)
+                if result is not NotImplemented:
+                    return result
             return ops.lut_gather(lut, ids, weights, layer, layer_end)
         out = ids.new_empty(gather_shape(lut, ids, weights, layer, layer_end=layer_end), dtype=lut.dtype)
     ops.lut_gather_out(out, lut, ids, weights, layer, accumulate, faults, layer_end)

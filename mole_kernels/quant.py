@@ -50,7 +50,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._ops import check_fake_devices, check_gather_args, gather_shape, layer_span, ops
+from ._ops import _C, check_fake_devices, check_gather_args, gather_shape, layer_span, ops
 from ._progress import progress_bar
 
 __all__ = ["FORMATS", "QuantizedLUT", "quantize", "dequantize", "quantized_lut_gather"]
@@ -609,6 +609,11 @@ def quantized_lut_gather(
     if out is None:
         dtype = q.dtype if dtype is None else dtype
         if faults is None:
+            if not torch.compiler.is_compiling():  # plain CPU eager: the op's own CPU function, past the dispatcher
+                result = _C._lut_gather_quant(q.data, q.format, q.dim, q.block_size, ids, weights, layer, dtype,
+                                              layer_end)
+                if result is not NotImplemented:
+                    return result
             return ops.lut_gather_quant(q.data, q.format, q.dim, q.block_size, ids, weights, layer, dtype, layer_end)
         out = ids.new_empty(gather_shape(q.data, ids, weights, layer, q.dim, layer_end), dtype=dtype)
     elif dtype is not None and dtype != out.dtype:

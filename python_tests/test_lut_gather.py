@@ -442,3 +442,30 @@ def test_zero_sized_rows(device):
         out = torch.full((2, D), 3.0, device=ids_d.device)
         lut_gather(lut_d, ids_d, torch.rand(2, E, device=ids_d.device), layer=1, out=out, accumulate=True)
         assert bool((out == 3.0).all())
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("T", [0, 1, 7])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
+def test_direct_path_equals_the_op(dtype, T, id_dtype):
+    """Plain CPU eager calls go past the dispatcher (mole_kernels._C._lut_gather): bit for bit the op's
+    result in both forms, layer None or an int, repeated ids; anything a dispatch mode, a subclass or
+    autograd would need to see goes through the op (NotImplemented)."""
+    from mole_kernels import _C
+
+    lut = make_table(9, 3, 4, 37, dtype)
+    ids = torch.randint(0, 9, (T,), dtype=id_dtype)
+    if T > 1:
+        ids[-1] = ids[0]
+    w = torch.rand(T, 4)
+    for weights, layer in ((None, None), (None, 2), (w, 2)):
+        got = _C._lut_gather(lut, ids, weights, layer, None)
+        want = torch.ops.mole_kernels.lut_gather(lut, ids, weights, layer, None)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        assert torch.equal(lut_gather(lut, ids, weights, layer=layer), want)
+    torch.testing.assert_close(got.double(), (lut.double()[ids.long(), 2] * w.double()[..., None]).sum(-2),
+                               **TOLERANCES[dtype])
+    trainable = lut.clone().requires_grad_()
+    assert _C._lut_gather(trainable, ids, w, 2, None) is NotImplemented
+    with torch.no_grad():
+        assert torch.equal(_C._lut_gather(trainable, ids, w, 2, None), got)

@@ -411,3 +411,90 @@ def test_lut_gather_is_the_one_public_way():
     assert torch.equal(mole_kernels.lut_gather(q, ids, w, layer=1), quantized_lut_gather(q, ids, w, layer=1))
     want = (dequantize(q, torch.float64)[ids][:, :, 1] * w.double()[..., None]).sum(-2)
     torch.testing.assert_close(mole_kernels.lut_gather(q, ids, w, layer=1).double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ---- the public call's direct path (plain CPU eager: _C._lut_gather_quant, past the dispatcher) ----------
+
+# (V, L, E, D, format, block): every format, odd D, E = 1, 3-D tables (L None).
+DIRECT_CASES = [(11, 3, 4, 96, "int8", None), (9, None, 3, 21, "fp8_e4m3", 7), (5, 2, 3, 7, "nf4", None),
+                (13, 2, 4, 768, "nf4", 64), (7, 2, 1, 37, "q3", 37), (6, 2, 2, 64, "q2", 32),
+                (5, None, 3, 40, "q1", 8)]
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def _direct(q, ids, weights, layer, dtype):
+    from mole_kernels import _C
+    return _C._lut_gather_quant(q.data, q.format, q.dim, q.block_size, ids, weights, layer, dtype, None)
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: f"{c[4]}-b{c[5]}-V{c[0]}L{c[1]}E{c[2]}D{c[3]}")
+@pytest.mark.parametrize("T", [0, 1, 7])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=str)
+def test_direct_path_equals_the_op_and_float64(case, T, id_dtype, out_dtype):
+    """The direct call gives bit for bit what the op gives (both forms, layer None or an int, repeated ids),
+    and the fused form matches float64 sums of the dequantized table."""
+    V, L, E, D, fmt, block = case
+    q = quantize(make_table(V, L, E, D), fmt, block)
+    ids, w = random_ids(V, (T,), id_dtype), torch.rand(T, E)
+    layer = None if L is None else L - 1
+    ops = torch.ops.mole_kernels
+    for weights, lay in ((None, None), (None, layer), (w, layer)):
+        got = _direct(q, ids, weights, lay, out_dtype)
+        assert got is not NotImplemented
+        want = ops.lut_gather_quant(q.data, q.format, q.dim, q.block_size, ids, weights, lay, out_dtype, None)
+        assert got.dtype == out_dtype and got.shape == want.shape and torch.equal(got, want)
+        assert torch.equal(quantized_lut_gather(q, ids, weights, layer=lay, dtype=out_dtype), want)
+    deq = dequantize(q, torch.float32)
+    scale = deq.abs().amax().double()
+    torch.testing.assert_close(got.double(), ref_fused(deq, ids, w, layer), atol=1e-5 * scale * E + 1e-2 * (
+        out_dtype != torch.float32) * scale, rtol=1e-5 if out_dtype == torch.float32 else 1e-2)
+
+
+def test_direct_path_is_taken_only_when_nothing_needs_to_see_the_op():
+    q = quantize(make_table(6, 2, 3, 32), "nf4", 16)
+    ids, w = torch.tensor([5, 0, 5]), torch.rand(3, 3)
+    assert _direct(q, ids, w, 1, torch.float32) is not NotImplemented
+    with torch.no_grad():
+        assert _direct(q, ids, w.requires_grad_(), 1, torch.float32) is not NotImplemented
+    assert _direct(q, ids, w, 1, torch.float32) is NotImplemented  # grad mode on, weights require grad
+    w = w.detach()
+    assert _direct(q, ids, w.as_subclass(_Subclass), 1, None) is NotImplemented  # its __torch_function__ may act
+    with _OpLog() as log:  # a dispatch mode sees every call: through the op
+        assert _direct(q, ids, w, 1, None) is NotImplemented
+        got = quantized_lut_gather(q, ids, w, layer=1)
+    assert log.ops.count("mole_kernels.lut_gather_quant.default") == 1
+    assert torch.equal(got, quantized_lut_gather(q, ids, w, layer=1))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda q, ids, w: quantized_lut_gather(q, ids + 100, w, layer=0), "ids contains 105"),
+    (lambda q, ids, w: quantized_lut_gather(q, ids, w), "`layer` must say which layer"),
+    (lambda q, ids, w: quantized_lut_gather(q, ids, w[:, :2], layer=0), "weights must have shape"),
+    (lambda q, ids, w: quantized_lut_gather(q, ids.float(), w, layer=0), "ids must be int32 or int64"),
+    (lambda q, ids, w: quantized_lut_gather(q, ids, w, layer=5), "layer must be in"),
+])
+def test_direct_path_errors_are_the_ops(call, match):
+    """Bad input raises the op's ValueError, word for word, through the direct path and through the op."""
+    q = quantize(make_table(6, 2, 3, 32), "int8")
+    ids, w = torch.tensor([5, 0, 5]), torch.rand(3, 3)
+    with pytest.raises(ValueError, match=match) as direct:
+        call(q, ids, w)
+    with _OpLog(), pytest.raises(ValueError, match=match) as via_op:
+        call(q, ids, w)
+    assert str(direct.value) == str(via_op.value)
