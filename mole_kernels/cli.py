@@ -4,6 +4,7 @@
     mole-kernels reparameterize --from TRAIN_DIR --to REP_DIR [--dtype bf16]
                                 [--lut-format nf4 --block-size 64 --lut-file LUT.safetensors]
     mole-kernels quality [--markdown FILE]              # quantized LUTs vs the bf16 LUT
+    mole-kernels quality --model DIR --text FILE [--variants "q2/64,norm:int8@64+f36x5"]   # on your model
     mole-kernels generate --model DIR --prompt TEXT     # text in, text out (transformers)
     mole-kernels info                                   # build and device facts
 
@@ -214,6 +215,19 @@ def cmd_reparameterize(args) -> int:
             check_output_file(shard_file(args.lut_file, r, args.tensor_parallel), "--lut-file")
     elif args.lut_format is not None:  # a block size that does not fit the model fails before the long computation
         _check_block(args.lut_format, args.block_size, model.config.hidden_size, "--lut-format/--block-size")
+    if (args.max_cost is None) != (args.quality_text is None):
+        raise UsageError("the quality gate needs both --max-cost and --quality-text")
+    if args.max_cost is not None and args.lut_format is None:
+        raise UsageError("--max-cost needs --lut-format: the gate measures a quantized format's cost")
+    text = None
+    if args.quality_text is not None:
+        text = _text_windows(args.src, args.quality_text, args.quality_seq_len, None, "--quality-text")
+    try:  # before the long computation: the gate (or its refusal) of a format below 4 bits
+        model._quality_gate(args.lut_format, args.block_size, None if args.max_cost is None else args.max_cost / 100,
+                            text, not args.no_quality_check, not args.quiet)
+    except ValueError as e:  # QualityError included: say it as the command's own error
+        raise UsageError(str(e).replace("max_cost=", "--max-cost").replace("quality_text=", "--quality-text")
+                         .replace("check_quality=False", "--no-quality-check")) from None
     t0 = time.perf_counter()
     inf = model.reparameterize(placement="host", dtype=dtype, device="cpu", chunk_size=args.chunk_size,
                                progress=not args.quiet)
@@ -380,12 +394,129 @@ QUALITY_NOTES = """Columns:
 """
 
 
+DEFAULT_MODEL_VARIANTS = "int8,nf4/64,q3/128,q2/64,norm:int8@64+f48x6,norm:int8@64+f36x5"
+
+
+def _parse_model_variant(item: str, hidden: int):
+    """A --variants item of `quality --model`: 'FORMAT[/BLOCK]' (also 'FORMAT-BLOCK'), or a mixed plan
+    '[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK]' (N most frequent ids per part, the last part takes the
+    rest; norm: column-normalised). Returns what mole_kernels.quality.format_costs takes."""
+    from .factored import parse_factored_format
+
+    def one(spec: str, where: str):
+        fmt, sep, block = spec.replace("-", "/").partition("/")
+        try:
+            b = int(block) if sep else None
+        except ValueError:
+            raise UsageError(f"--variants {item!r}: {where}: the block size after '/' must be an int") from None
+        if parse_factored_format(fmt) is not None:
+            if b is not None:
+                raise UsageError(f"--variants {item!r}: {where}: a factored part ({fmt}) has no block size")
+            return fmt, None
+        _check_block(fmt, b, hidden, f"--variants {item!r}")
+        return fmt, b
+
+    text = item.strip()
+    normalize = text.startswith("norm:")
+    text = text[len("norm:"):] if normalize else text
+    if "+" not in text and "@" not in text and not normalize:
+        fmt, b = one(text, "format")
+        return fmt if b is None else f"{fmt}/{b}"
+    plan = []
+    pieces = text.split("+")
+    for k, piece in enumerate(pieces):
+        spec, at, n = piece.partition("@")
+        if (k < len(pieces) - 1) != bool(at):
+            raise UsageError(f"--variants {item!r}: every part but the last names its ids with @N (the last takes "
+                             f"the rest), got {piece!r}")
+        try:
+            count = int(n) if at else None
+        except ValueError:
+            raise UsageError(f"--variants {item!r}: @N must be an int, got {piece!r}") from None
+        if count is not None and count < 1:
+            raise UsageError(f"--variants {item!r}: @N must be >= 1, got {piece!r}")
+        fmt, b = one(spec, f"part {k}")
+        plan.append((fmt, count, b))
+    return {"plan": plan, "normalize": normalize}
+
+
+def _text_windows(tok_dir: str, path: str, seq_len: int, max_windows: Optional[int], option: str = "--text"):
+    """The file's text as token windows [N, seq_len] of the folder's tokenizer (tokenizer.json)."""
+    import torch
+
+    tok_file = os.path.join(tok_dir, "tokenizer.json")
+    if not os.path.isfile(tok_file):
+        raise UsageError(f"{tok_dir!r} has no tokenizer.json: pass --tokenizer DIR naming a folder that has one")
+    if not os.path.isfile(path):
+        raise UsageError(f"{option} {path!r} is not a file")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ImportError("`mole-kernels quality --model` needs tokenizers: pip install tokenizers") from None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        ids = Tokenizer.from_file(tok_file).encode(f.read()).ids
+    n = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
+    if n < 1:
+        raise UsageError(f"{option} {path!r} holds {len(ids)} tokens, fewer than one window of {seq_len} tokens")
+    return torch.tensor(ids[:n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def cmd_quality_of_model(args) -> int:
+    """`quality --model DIR --text FILE`: each format's perplexity cost on the user's model and text."""
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UsageError(f"--model {args.model!r} is not a model folder (it has no config.json)")
+    if args.text is None:
+        raise UsageError("--model needs --text FILE: the text the perplexity is measured on")
+    if not os.path.isfile(args.text):
+        raise UsageError(f"--text {args.text!r} is not a file")
+    from .mixed import token_counts
+    from .model import MoLEForCausalLM
+    from .quality import format_costs
+
+    model = MoLEForCausalLM.from_pretrained(args.model)
+    if model.is_reparameterized:
+        raise UsageError(f"--model {args.model!r} is re-parameterized (it holds model.moe_table.weight, not the "
+                         "experts): the quality gate quantizes the LUT computed from the train-form folder")
+    variants = []
+    for item in (args.variants or DEFAULT_MODEL_VARIANTS).split(","):
+        if not item.strip():
+            continue
+        try:
+            variants.append(_parse_model_variant(item, model.config.hidden_size))
+        except UsageError as e:
+            if args.variants is not None:  # the user's own list must fit as it is
+                raise
+            print(f"{item} skipped: {e}")  # a default whose block does not fit this model
+    if not variants:
+        raise UsageError("--variants: no variant given")
+    text = _text_windows(args.tokenizer or args.model, args.text, args.seq_len, args.max_windows)
+    counts = token_counts(text, model.config.vocab_size)  # mixed plans rank ids by their frequency in the text
+    print(f"{len(variants)} LUT formats on {text.shape[0]} windows of {text.shape[1]} tokens of {args.text} ...",
+          flush=True)
+    t0 = time.perf_counter()
+    rows = format_costs(model, text, variants, counts=counts, progress=not args.quiet)
+    table = "\n".join(["| LUT | bits/value | perplexity | cost |", "|---|---:|---:|---:|"] + [
+        f"| {r['name']} | {r['bits']:.3f} | {r['ppl']:.4f} | {100 * r['cost']:+.3f} % |" for r in rows])
+    print(table)
+    print(f"({time.perf_counter() - t0:.1f} s; cost: perplexity vs the {rows[0]['name']} LUT; mixed plans rank "
+          "ids by their count in the text)")
+    if args.markdown is not None:
+        with open(args.markdown, "w") as f:
+            f.write(f"# LUT formats on {args.model}\n\n- command: `{shlex.join(sys.argv)}`\n- text: {args.text} "
+                    f"({text.shape[0]} windows of {text.shape[1]} tokens)\n\n{table}\n")
+    return 0
+
+
 def cmd_quality(args) -> int:
     import datetime
     import platform
 
     if args.markdown is not None:
         check_output_file(args.markdown, "--markdown")
+    if args.model is not None:
+        return cmd_quality_of_model(args)
+    if args.text is not None:
+        raise UsageError("--text needs --model: the seeded model has random weights (no text to measure on)")
     check_model_memory(args, copies=3)
     variants, notes = quality_variants(args.variants, args.hidden)
     import torch
@@ -704,10 +835,19 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     r.add_argument("--lut-file", default=None, metavar="FILE",
                    help="also write the LUT as a standalone LookupTable safetensors file, openable on any tier (required "
                         "with --lut-format); load it with MoLEForCausalLM.from_pretrained(TO, lut_file=FILE)")
-    r.add_argument("--lut-format", default=None, choices=["int8", "fp8", "fp8_e4m3", "nf4"],
+    r.add_argument("--lut-format", default=None, choices=["int8", "fp8", "fp8_e4m3", "nf4", "q3", "q2", "q1"],
                    help="quantize the LUT written to --lut-file (int8: per-row scale; fp8 e4m3 / nf4: per-block "
-                        "scales). The official layout has no quantized form, so --to keeps the float LUT in "
-                        "--dtype and the quantized one goes to --lut-file")
+                        "scales; q3/q2/q1: 3/2/1-bit codes with error-minimising fp16 block scales, refused unless "
+                        "the quality gate passes or --no-quality-check). The official layout has no quantized form, "
+                        "so --to keeps the float LUT in --dtype and the quantized one goes to --lut-file")
+    r.add_argument("--max-cost", type=_positive_float, default=None, metavar="PCT",
+                   help="quality gate: refuse --lut-format if it raises perplexity on --quality-text by more than "
+                        "PCT percent (vs the bf16 LUT); see `mole-kernels quality --model`")
+    r.add_argument("--quality-text", default=None, metavar="FILE",
+                   help="quality gate: the text (tokenized by --from's tokenizer.json) the cost is measured on")
+    r.add_argument("--quality-seq-len", type=POSITIVE, default=64, metavar="S", help="quality gate: tokens per window")
+    r.add_argument("--no-quality-check", action="store_true",
+                   help="use a format below 4 bits (q3/q2/q1) without measuring its cost")
     r.add_argument("--block-size", type=POSITIVE, default=None,
                    help="values per scale for --lut-format (must divide the hidden size; default: fp8 128, nf4 64, "
                         "or the hidden size where those do not divide it; int8 is always per row)")
@@ -732,6 +872,15 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         f"(default: {DEFAULT_QUALITY_VARIANTS}, skipping the blocks that do not divide --hidden)")
     q.add_argument("--markdown", default=None, metavar="FILE",
                    help="also write the table (with date, machine, command) to this file")
+    q.add_argument("--model", default=None, metavar="DIR",
+                   help="measure on this train-form model folder instead (with --text): each format's perplexity "
+                        "cost against the bf16 LUT; --variants then takes FORMAT[/BLOCK] (int8, fp8, nf4, q3, q2, "
+                        "q1) and mixed plans [norm:]FORMAT[/BLOCK]@N+...+FORMAT (e.g. norm:int8@64+f36x5: the 64 "
+                        f"most frequent ids in int8, the rest 36 5-bit coefficients; default {DEFAULT_MODEL_VARIANTS})")
+    q.add_argument("--text", default=None, metavar="FILE", help="with --model: the text file measured on")
+    q.add_argument("--tokenizer", default=None, metavar="DIR", help="with --model: tokenizer folder (default --model)")
+    q.add_argument("--max-windows", type=POSITIVE, default=None, metavar="N",
+                   help="with --model: at most N windows of --seq-len tokens of the text (default: all)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quality)
 

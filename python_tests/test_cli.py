@@ -271,6 +271,90 @@ def test_quality_command(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["quality.md"]  # no temporary file left beside it
 
 
+def _model_with_text(tmp_path):
+    """A tiny train-form folder with a word-level tokenizer.json over its 89 ids, and a text file of them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(5)  # fixed weights: the formats' costs below are the same every run
+    m = _tiny()
+    folder = tmp_path / "train"
+    m.save_pretrained(folder)
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, m.config.vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    g = torch.Generator().manual_seed(3)
+    ids = (torch.rand(40 * 16, generator=g) ** 3 * (m.config.vocab_size - 1)).long() + 1  # skewed: frequent ids
+    (tmp_path / "text.txt").write_text(" ".join(f"w{i}" for i in ids.tolist()))
+    return m, folder, tmp_path / "text.txt", ids.view(40, 16)
+
+
+def test_quality_of_a_users_model_on_its_text(tmp_path, capsys):
+    """`quality --model --text`: the costs format_costs measures on the same windows, for a plain format, a
+    low-bit one and a column-normalised mixed plan (ids ranked by their count in the text)."""
+    from mole_kernels.mixed import token_counts
+    from mole_kernels.quality import format_costs
+
+    m, folder, text, ids = _model_with_text(tmp_path)
+    md = tmp_path / "q.md"
+    assert main(["quality", "--model", str(folder), "--text", str(text), "--seq-len", "16", "--quiet",
+                 "--variants", "int8,q2-32,norm:int8@8+f4x5", "--markdown", str(md)]) == 0
+    out = capsys.readouterr().out
+    want = format_costs(m, ids, ["int8", "q2/32", {"plan": [("int8", 8, None), ("f4x5", None, None)],
+                                                   "normalize": True}], counts=token_counts(ids, 89))
+    assert len(want) == 4
+    for row in want:
+        assert f"| {row['name']} | {row['bits']:.3f} | {row['ppl']:.4f} | {100 * row['cost']:+.3f} % |" in out, out
+    assert "| LUT | bits/value |" in md.read_text()
+    # --max-windows takes the first windows only
+    assert main(["quality", "--model", str(folder), "--text", str(text), "--seq-len", "16", "--quiet",
+                 "--variants", "q1", "--max-windows", "3"]) == 0
+    row = format_costs(m, ids[:3], ["q1"])[1]
+    assert f"| {row['name']} | {row['bits']:.3f} | {row['ppl']:.4f} |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", "T"], "--text needs --model"),
+    (["--model", "M"], "--model needs --text"),
+    (["--model", "M", "--text", "T", "--variants", "int8+q2"], "every part but the last names its ids with @N"),
+    (["--model", "M", "--text", "T", "--variants", "int8@x+q2"], "@N must be an int"),
+    (["--model", "M", "--text", "T", "--variants", "int8@0+q2"], "@N must be >= 1"),
+    (["--model", "M", "--text", "T", "--variants", "int8@4+f4x5/32"], "a factored part (f4x5) has no block size"),
+    (["--model", "M", "--text", "T", "--variants", "q2/7"], "--variants 'q2/7'"),
+    (["--model", "M", "--text", "missing.txt"], "--text 'missing.txt' is not a file"),
+])
+def test_quality_of_a_users_model_refuses_bad_arguments(tmp_path, capsys, monkeypatch, args, message):
+    m, folder, text, _ = _model_with_text(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = [str(folder) if a == "M" else str(text) if a == "T" else a for a in args]
+    assert main(["quality", *args, "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_reparameterize_below_4_bits_needs_the_quality_gate(tmp_path, capsys):
+    m, folder, text, _ = _model_with_text(tmp_path)
+    # q3 costs +0.34 % on this model and text (seeded; a random model's cost may have either sign)
+    base = ["reparameterize", "--from", str(folder), "--quiet", "--lut-format", "q3"]
+    assert main([*base, "--to", str(tmp_path / "a"), "--lut-file", str(tmp_path / "a.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "below 4 bits" in err and "--no-quality-check" in err and "--max-cost" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.safetensors").exists()  # refused before writing
+    assert main([*base, "--to", str(tmp_path / "b"), "--lut-file", str(tmp_path / "b.safetensors"),
+                 "--max-cost", "0.1", "--quality-text", str(text), "--quality-seq-len", "16"]) == 2
+    assert "quality gate: LUT format q3/32 costs +0.34" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main([*base, "--to", str(tmp_path / "c"), "--lut-file", str(tmp_path / "c.safetensors"),
+                 "--max-cost", "1000", "--quality-text", str(text), "--quality-seq-len", "16"]) == 0
+    assert main([*base, "--to", str(tmp_path / "d"), "--lut-file", str(tmp_path / "d.safetensors"),
+                 "--no-quality-check"]) == 0
+    from mole_kernels.table import LookupTable
+
+    with LookupTable.open(tmp_path / "c.safetensors") as c, LookupTable.open(tmp_path / "d.safetensors") as d:
+        assert c.format == d.format == "q3" and torch.equal(c.read().data, d.read().data)
+    assert main([*base, "--to", str(tmp_path / "e"), "--lut-file", str(tmp_path / "e.safetensors"),
+                 "--max-cost", "1"]) == 2
+    assert "needs both --max-cost and --quality-text" in capsys.readouterr().err
+
+
 def test_vs_dense_marks_differences_within_the_spread():
     from mole_kernels._demo import _Entry, extra_cost, within_spread
 

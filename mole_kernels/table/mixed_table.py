@@ -179,18 +179,22 @@ class MixedDiskReader:
         self._head, self._norm = (self._step_rank, self._staging, formats, blocks, bases, dim), t._norm
         self._handle = _C._mixed_table(*self._head, *t._norm)
         self._positions = torch.arange(cap)
+        self._views = {}  # ids.shape -> the step's positions, [0, T) in that shape (views of _positions)
         self._cap = cap
 
     def start(self, ids: torch.Tensor) -> Callable[..., torch.Tensor]:
         T = ids.numel()
         if T > self._cap:
             self._grow(T)
-        _read_step(self.table.lut.rank, self._starts, self._handles, self._token_bytes, self._staging,
-                   self._step_rank, ids)
-        positions = self._positions[:T].view(ids.shape)
-        if _plain_eager(ids):
+        args = (self.table.lut.rank, self._starts, self._handles, self._token_bytes, self._staging, self._step_rank, ids)
+        if _plain_eager(ids):  # the usual step: the C++ calls themselves, the positions viewed once per shape
+            _C._mixed_read_step(*args)
+            positions = self._views.get(ids.shape)
+            if positions is None:
+                positions = self._views[ids.shape] = self._positions[:T].view(ids.shape)
             return partial(_C._lut_combine_mixed, self._handle, positions)
-        return partial(_op_combine_mixed, self, positions)
+        _read_step(*args)
+        return partial(_op_combine_mixed, self, self._positions[:T].view(ids.shape))
 
 
 @torch.compiler.disable
