@@ -182,7 +182,7 @@ class LayerReader:
 
         Why: at B = 32 a cold step reads ~2 MB from storage, ~6 % of a 160M-4E step when the step
         waits for it; in the background the reads overlap everything before the first layer's LUT
-        term (the embedding, layer 0's attention and router). The first call waits for them (and
+        call (the embedding, layer 0's attention and shared MLP). The first call waits for them (and
         raises a failed read's error, or a file changed meanwhile); a step whose rows were all cached
         gets ``combine`` itself (no wrapper).
         """
