@@ -3,9 +3,6 @@
     with atomic_write("out/config.json", "w", encoding="utf-8") as f:
         json.dump(cfg, f)                     # published only if the block finishes
 
-    with atomic_path("out/model.safetensors") as tmp:
-        save_file(state_dict, tmp)            # for writers that want a file name
-
     with FolderUpdate("out", "save_pretrained") as up:   # several files, one commit
         write_weights(up.temp_for("model.safetensors"))
         write_config(up.temp_for("config.json"))
@@ -43,7 +40,7 @@ import secrets
 import stat
 from typing import IO, Dict, Iterator, List, Optional
 
-__all__ = ["FolderUpdate", "atomic_path", "atomic_write", "check_replaceable", "folder_file", "target_name"]
+__all__ = ["FolderUpdate", "atomic_write", "check_replaceable", "folder_file", "target_name"]
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _TEMP = re.compile(r"^\.(.+)\.[0-9a-f]{12}\.tmp$")  # .<target name>.<random>.tmp
@@ -85,7 +82,11 @@ def _lock_nb(fd: int) -> bool:
 
 def _create_temp(path: str) -> tuple:
     """(fd, name) of a new empty file next to ``path``, under a name nobody else holds, locked
-    (``flock``) for as long as this process keeps the descriptor."""
+    (``flock``) for as long as this process keeps the descriptor.
+
+    Between creating the file and locking it, another writer's :func:`remove_dead_temps` may take
+    it for a dead writer's leftover (unlocked), lock it and unlink it: so the name must still lead
+    to this file once it is locked, else a new name is tried."""
     directory, base = os.path.split(os.path.abspath(path))
     while True:
         tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
@@ -93,8 +94,20 @@ def _create_temp(path: str) -> tuple:
             fd = os.open(tmp, _FLAGS, 0o666)
         except FileExistsError:  # astronomically unlikely; try another name
             continue
-        _lock_nb(fd)  # a fresh file: nobody else can hold it
-        return fd, tmp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a cleaner holds it: it is unlinking this name
+            os.close(fd)
+            continue
+        except OSError:  # a file system without flock: nothing can take the file for a dead one
+            return fd, tmp
+        try:
+            ours = os.stat(tmp, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            return fd, tmp
+        os.close(fd)  # a cleaner unlinked it before the lock was taken
 
 
 def remove_dead_temps(directory: str, targets: Optional[set] = None) -> List[str]:
@@ -171,23 +184,6 @@ def _fsync_name(tmp: str, mode: int) -> None:
         os.fsync(written)
     finally:
         os.close(written)
-
-
-@contextlib.contextmanager
-def atomic_path(path) -> Iterator[str]:
-    """Yields the name of a new empty temporary file next to ``path``; when the block finishes it
-    replaces ``path`` (see the module docstring), when it raises it is removed.
-
-    For writers that take a file name (``safetensors.torch.save_file``): they write to the yielded
-    name, which only this process knows.
-    """
-    path = os.fspath(path)
-    with _temporary(path) as (fd, tmp):
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        yield tmp
-        _fsync_name(tmp, mode)
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 @contextlib.contextmanager

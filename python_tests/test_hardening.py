@@ -18,7 +18,7 @@ import torch
 
 import mole_kernels as mk
 from mole_kernels import MoLEConfig, MoLEForCausalLM
-from mole_kernels._files import atomic_path, atomic_write
+from mole_kernels._files import atomic_write
 from mole_kernels.combine import lut_combine
 from mole_kernels.quant import LOWBIT, NF4_LEVELS, QuantizedLUT, quantized_lut_gather, row_layout
 
@@ -483,21 +483,51 @@ def test_atomic_write_publishes_whole_files(tmp_path):
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-@pytest.mark.parametrize("helper", ["atomic_write", "atomic_path"])
-def test_atomic_write_failure_keeps_the_old_file(error, helper, tmp_path):
+def test_atomic_write_failure_keeps_the_old_file(error, tmp_path):
     target = tmp_path / "f.bin"
     target.write_bytes(b"old")
     with pytest.raises(error):
-        if helper == "atomic_write":
-            with atomic_write(target) as f:
-                f.write(b"new, but not finished")
-                raise error
-        else:
-            with atomic_path(target) as tmp:
-                with open(tmp, "wb") as f:
-                    f.write(b"new, but not finished")
-                raise error
+        with atomic_write(target) as f:
+            f.write(b"new, but not finished")
+            raise error
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+@pytest.mark.parametrize("cleaner", ["unlinked before the lock", "holds the lock"])
+def test_a_temporary_file_taken_by_a_cleaner_before_it_is_locked_is_replaced(cleaner, tmp_path, monkeypatch):
+    # Another writer of the same target removes dead writers' temporary files (unlocked ones): it
+    # can open ours between its creation and its lock. The writer must notice and take a new name,
+    # or its publish fails (FileNotFoundError) or writes into an unlinked file.
+    import fcntl as real_fcntl
+    import types
+
+    from mole_kernels import _files
+
+    target = tmp_path / "f.bin"
+    taken = []
+
+    def flock(fd, op):
+        if not taken and op & real_fcntl.LOCK_NB and os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            taken.append(name)
+            other = os.open(name, os.O_RDONLY)
+            real_fcntl.flock(other, real_fcntl.LOCK_EX | real_fcntl.LOCK_NB)
+            os.unlink(name)
+            if cleaner == "unlinked before the lock":
+                os.close(other)
+            else:  # still held when the writer tries: its lock fails
+                try:
+                    return real_fcntl.flock(fd, op)
+                finally:
+                    os.close(other)
+        return real_fcntl.flock(fd, op)
+
+    monkeypatch.setattr(_files, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=real_fcntl.LOCK_EX,
+                                                               LOCK_NB=real_fcntl.LOCK_NB))
+    with atomic_write(target) as f:
+        f.write(b"new")
+    assert len(taken) == 1
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["f.bin"]
 
 
 def test_atomic_write_replaces_a_symlink_and_refuses_a_directory(tmp_path):
@@ -505,9 +535,8 @@ def test_atomic_write_replaces_a_symlink_and_refuses_a_directory(tmp_path):
     victim.write_bytes(b"untouched")
     link = tmp_path / "link"
     os.symlink(victim, link)
-    with atomic_path(link) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(b"new")
+    with atomic_write(link) as f:
+        f.write(b"new")
     assert victim.read_bytes() == b"untouched" and not os.path.islink(link) and link.read_bytes() == b"new"
     (tmp_path / "d").mkdir()
     with pytest.raises(IsADirectoryError):
