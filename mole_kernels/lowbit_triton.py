@@ -76,6 +76,21 @@ if triton is not None:
         return row, own, write
 
     @triton.jit
+    def _emit(x, acc, t, l, e, j, jm, sm, l0, E, D, w_ptr, off_ptr, cs_ptr, out_ptr, s_ot, s_ol, s_oe,
+              NORM: tl.constexpr, FUSED: tl.constexpr):
+        """One (layer, expert) row's decoded values ``x``: denormalised, then added into the fused sum
+        (returned) or stored as rows."""
+        if NORM:  # the part holds (lut - offset) / col_scale
+            c = ((l0 + l) * E + e) * D + j
+            x = tl.where(jm, x * tl.load(cs_ptr + c, mask=jm, other=0.0) + tl.load(off_ptr + c, mask=jm, other=0.0),
+                         0.0)
+        if FUSED:
+            acc += tl.load(w_ptr + t * E + e).to(tl.float32) * x
+        else:
+            tl.store(out_ptr + t * s_ot + l * s_ol + e * s_oe + j, x.to(out_ptr.dtype.element_ty), mask=sm)
+        return acc
+
+    @triton.jit
     def _codebook_kernel(data_ptr, ids_ptr, rank_ptr, w_ptr, levels_ptr, off_ptr, cs_ptr, out_ptr, faults_ptr,
                          V, start, n, s_dt, s_dl, s_de, scale_off, l0, NL, E, D, s_ot, s_ol, s_oe,
                          BITS: tl.constexpr, BLOCK: tl.constexpr, SCALE_BYTES: tl.constexpr, FLOAT: tl.constexpr,
@@ -110,14 +125,8 @@ if triton is not None:
                             (tl.load(base + soff + 3, mask=jm, other=0).to(tl.int32) << 24)
                         s = h.to(tl.float32, bitcast=True)
                     x = s * tl.load(levels_ptr + code, mask=jm, other=0.0)
-                if NORM:  # the part holds (lut - offset) / col_scale
-                    c = ((l0 + l) * E + e) * D + j
-                    x = tl.where(jm, x * tl.load(cs_ptr + c, mask=jm, other=0.0) + tl.load(off_ptr + c, mask=jm,
-                                                                                           other=0.0), 0.0)
-                if FUSED:
-                    acc += tl.load(w_ptr + t * E + e).to(tl.float32) * x
-                else:
-                    tl.store(out_ptr + t * s_ot + l * s_ol + e * s_oe + j, x.to(out_ptr.dtype.element_ty), mask=sm)
+                acc = _emit(x, acc, t, l, e, j, jm, sm, l0, E, D, w_ptr, off_ptr, cs_ptr, out_ptr, s_ot, s_ol, s_oe,
+                            NORM, FUSED)
         if FUSED:
             tl.store(out_ptr + t * s_ot + j, acc.to(out_ptr.dtype.element_ty), mask=sm)
 
@@ -153,14 +162,8 @@ if triton is not None:
                     coef = tl.where(rm, code.to(tl.float32) * scale, 0.0)
                     b = tl.load(basis + r[:, None] * D + j[None, :], mask=rm[:, None] & jm[None, :], other=0.0)
                     x += tl.sum(coef[:, None] * b.to(tl.float32), axis=0)
-                if NORM:  # the part holds (lut - offset) / col_scale
-                    c = ((l0 + l) * E + e) * D + j
-                    x = tl.where(jm, x * tl.load(cs_ptr + c, mask=jm, other=0.0) + tl.load(off_ptr + c, mask=jm,
-                                                                                           other=0.0), 0.0)
-                if FUSED:
-                    acc += tl.load(w_ptr + t * E + e).to(tl.float32) * x
-                else:
-                    tl.store(out_ptr + t * s_ot + l * s_ol + e * s_oe + j, x.to(out_ptr.dtype.element_ty), mask=sm)
+                acc = _emit(x, acc, t, l, e, j, jm, sm, l0, E, D, w_ptr, off_ptr, cs_ptr, out_ptr, s_ot, s_ol, s_oe,
+                            NORM, FUSED)
         if FUSED:
             tl.store(out_ptr + t * s_ot + j, acc.to(out_ptr.dtype.element_ty), mask=sm)
 

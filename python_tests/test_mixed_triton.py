@@ -201,11 +201,14 @@ def test_cuda_mixed_and_factored_gathers_use_triton_and_match_the_cpu():
                                factored_lut_gather(m.parts[1], ids, dtype=torch.float32), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kernel", ["codebook", "factored"])
-def test_kernels_compile_for_a_cuda_target(kernel):
-    """The interpreter is more lenient than the compiler: compile both kernels (mixed, normalised, fused,
-    faults: every constexpr branch that the GPU runs) for sm_90, through ptxas, with no GPU."""
+def test_kernels_compile_for_a_cuda_target(kernel, fused):
+    """The interpreter is more lenient than the compiler: compile both kernels (mixed, normalised, fused or
+    rows, faults: every constexpr branch that the GPU runs) for sm_90, through ptxas, with no GPU."""
     triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 replaces the kernels with interpreted functions; run without it to compile")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -217,7 +220,7 @@ def test_kernels_compile_for_a_cuda_target(kernel):
     else:
         fn, ptrs = lt._factored_kernel, ["*u8", "*fp16", "*i32", "*i32", "*fp32", "*fp32", "*fp32", "*fp32", "*i64"]
         const = dict(BITS=5, ROW_BYTES=24, R_BLK=16)
-    const.update(MIXED=True, ZERO_BAD=True, HAS_FAULTS=True, NORM=True, FUSED=True, BLOCK_D=128)
+    const.update(MIXED=True, ZERO_BAD=True, HAS_FAULTS=True, NORM=True, FUSED=fused, BLOCK_D=128)
     signature = {name: ptrs[i] if i < len(ptrs) else "i64" for i, name in enumerate(fn.arg_names)}  # pointers first
     signature.update({k: "constexpr" for k in const})
     compiled = triton.compile(ASTSource(fn, signature, constexprs=const), target=GPUTarget("cuda", 90, 32))
