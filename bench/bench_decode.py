@@ -50,7 +50,7 @@ import time
 import pytest
 import torch
 
-from conftest import GPU_QUICK, HAS_CUDA, SMOKE, sync, zipf_ids
+from conftest import GPU_QUICK, HAS_CUDA, SMOKE, paired_ratio, sync, zipf_ids
 from mole_kernels import DenseForCausalLM, LookupTable, MoLEConfig, MoLEForCausalLM
 from mole_kernels.model.layers import StaticKVCache
 
@@ -147,6 +147,10 @@ def _models(shape):
     return cfg, models
 
 
+PAIRED_NOTE = ("paired: [median, lo, hi] of the per-round ratios (wall clock), lo..hi a 90 % bootstrap interval "
+               "of that median")
+
+
 def _stepper(cfg, model, provider, B, ids, steps=STEPS):
     """A callable running `steps` decode steps of `provider` (what generate's loop runs per token)."""
     cache = StaticKVCache(cfg, B, CONTEXT + steps + 1, device=DEV, dtype=model.dtype)
@@ -205,12 +209,15 @@ def test_decode_vs_dense(benchmark, threads, built, shape, B, mode):
     benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0 if SMOKE else 1)
     ms = {p: statistics.median(v) for p, v in times.items()}
     suffix = "-compiled" if mode == "compiled" else ""
-    ratios = {p: ms[p] / ms["dense-graph" if p.endswith("-graph") else "dense" + suffix] for p in ms}
+    pairs = {p: (p, "dense-graph" if p.endswith("-graph") else "dense" + suffix) for p in ms}
     if HAS_CUDA:
         for graph in ("", "-graph"):
-            ratios["host/device" + graph] = ms["mole-host" + graph] / ms["mole-device" + graph]
+            pairs["host/device" + graph] = ("mole-host" + graph, "mole-device" + graph)
     else:
-        ratios["disk/host" + suffix] = ms["mole-disk" + suffix] / ms["mole-host" + suffix]
+        pairs["disk/host" + suffix] = ("mole-disk" + suffix, "mole-host" + suffix)
+    ratios = {k: ms[a] / ms[b] for k, (a, b) in pairs.items()}
+    paired = {k: [round(x, 4) for x in paired_ratio(times[a], times[b])] for k, (a, b) in pairs.items()
+              if a != b}
     V, L, D, F, H, Hkv, E, lut_dtype = SHAPES[shape]
     benchmark.group = "decode-vs-dense"
     benchmark.extra_info.update(
@@ -220,6 +227,7 @@ def test_decode_vs_dense(benchmark, threads, built, shape, B, mode):
         lut_dtype=str(lut_dtype)[6:], model_dtype=str(models["dense"].dtype)[6:],
         scaled_from=None if shape == "demo" or cfg.vocab_size == 50304 else f"L={L},V=50304",
         ms_per_token={p: round(v, 4) for p, v in ms.items()}, vs_dense={p: round(v, 4) for p, v in ratios.items()},
+        paired=paired, paired_note=PAIRED_NOTE,
     )
 
 
@@ -275,7 +283,8 @@ def _storage_bytes_read():
 
 def _interleaved(runs, rounds, before=None):
     """Each provider's median ms/token over `rounds` interleaved rounds (each round starts one provider
-    later than the last), as (wall clock, this thread's CPU time); `before[p]()` runs untimed just
+    later than the last), as (wall clock, this thread's CPU time, the wall-clock times of every round
+    for :func:`paired_ratio`); `before[p]()` runs untimed just
     before each of p's runs. CPU time leaves out the time slices other processes take on a loaded
     machine (the steps run on this one thread: one torch thread), but also a cold read's wait."""
     wall, cpu = {p: [] for p in runs}, {p: [] for p in runs}
@@ -289,7 +298,8 @@ def _interleaved(runs, rounds, before=None):
             cpu[p].append((time.thread_time() - c0) / REAL_STEPS * 1e3)
             wall[p].append((time.perf_counter() - t0) / REAL_STEPS * 1e3)
         order.append(order.pop(0))
-    return ({p: statistics.median(v) for p, v in wall.items()}, {p: statistics.median(v) for p, v in cpu.items()})
+    return ({p: statistics.median(v) for p, v in wall.items()}, {p: statistics.median(v) for p, v in cpu.items()},
+            wall)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU tiers' benchmark (a GPU run measures test_decode_vs_dense)")
@@ -312,7 +322,7 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
         run()  # warm-up: lazy buffers, compilation, the warm providers' pages
         return run
 
-    ms, ratios, cpu_ms, cpu_ratios, info = {}, {}, {}, {}, {}
+    ms, ratios, cpu_ms, cpu_ratios, paired, info = {}, {}, {}, {}, {}, {}
     with contextlib.ExitStack() as tables:
         host = tables.enter_context(LookupTable.open(paths["bf16"], "host"))
         disk = tables.enter_context(LookupTable.open(paths["bf16"], "disk"))
@@ -326,8 +336,11 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
             _drop_pages(paths["bf16"])
             read.append(_storage_bytes_read())
 
-        got, cpu = benchmark.pedantic(lambda: _interleaved(runs, REAL_ROUNDS, before={"mole-disk-cold": drop}),
-                                      rounds=1, iterations=1)
+        got, cpu, each = benchmark.pedantic(lambda: _interleaved(runs, REAL_ROUNDS, before={"mole-disk-cold": drop}),
+                                            rounds=1, iterations=1)
+        for k, (a, b) in {"mole-host": ("mole-host", "dense"), "disk/host": ("mole-disk", "mole-host"),
+                          "disk-cold/host": ("mole-disk-cold", "mole-host")}.items():
+            paired[k] = [round(x, 4) for x in paired_ratio(each[a], each[b])]
         ms.update(got)
         cpu_ms.update(cpu)
         ratios.update({p: got[p] / got["dense"] for p in got})
@@ -344,8 +357,9 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
         for fmt, _ in REAL_FORMATS:  # one quantized table in RAM at a time, against the bf16 one
             with LookupTable.open(paths[fmt], "host") as q:
                 runs = {"mole-host": stepper(host_model), f"mole-host-{fmt}": stepper(mole_on(q))}
-                got, cpu = _interleaved(runs, REAL_ROUNDS)
+                got, cpu, each = _interleaved(runs, REAL_ROUNDS)
                 p = f"mole-host-{fmt}"
+                paired[f"{fmt}/bf16"] = [round(x, 4) for x in paired_ratio(each[p], each["mole-host"])]
                 ms[p], cpu_ms[p] = got[p], cpu[p]
                 for r, m in ((ratios, got), (cpu_ratios, cpu)):
                     r[f"{fmt}/bf16"] = m[p] / m["mole-host"]
@@ -354,9 +368,11 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
         if B == 1 and REAL_COMPILED:  # compiled: dense against MoLE host
             runs = {"dense-compiled": stepper(dense, "dense-compiled"),
                     "mole-host-compiled": stepper(host_model, "mole-host-compiled")}
-            got, cpu = _interleaved(runs, REAL_ROUNDS)
+            got, cpu, each = _interleaved(runs, REAL_ROUNDS)
             ms.update(got)
             cpu_ms.update(cpu)
+            paired["compiled mole/dense"] = [round(x, 4) for x in paired_ratio(each["mole-host-compiled"],
+                                                                              each["dense-compiled"])]
             for r, m in ((ratios, got), (cpu_ratios, cpu)):
                 r["dense-compiled"] = 1.0
                 r["mole-host-compiled"] = r["compiled mole/dense"] = m["mole-host-compiled"] / m["dense-compiled"]
@@ -368,4 +384,5 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
         ms_per_token={p: round(v, 4) for p, v in ms.items()}, vs_dense={p: round(v, 4) for p, v in ratios.items()},
         cpu_ms_per_token={p: round(v, 4) for p, v in cpu_ms.items()},
         cpu_vs_dense={p: round(v, 4) for p, v in cpu_ratios.items()},
-        note="quantized rows: ratio to the bf16 host run of their own rounds, times that run's host/dense", **info)
+        note="quantized rows: ratio to the bf16 host run of their own rounds, times that run's host/dense",
+        paired=paired, paired_note=PAIRED_NOTE, **info)

@@ -76,6 +76,22 @@ def run(benchmark, fn, *, device="cpu", rounds=None, warmup=1):
     return result.get("out")
 
 
+def paired_ratio(num, den, *, level: float = 0.9, resamples: int = 2000, seed: int = 0) -> tuple:
+    """(median, lo, hi) of the per-round ratios ``num[i] / den[i]`` of two providers timed in the same
+    interleaved rounds: load that drifts between rounds hits both sides of a round's ratio and cancels,
+    which it does not in a ratio of the two medians. ``lo..hi``: a bootstrap interval of that median
+    at ``level`` (rounds resampled with replacement), the spread a goal's verdict must clear."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"paired_ratio: needs the same number (>= 1) of rounds on both sides, got {len(num)} "
+                         f"and {len(den)}")
+    r = torch.tensor([a / b for a, b in zip(num, den)], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    boot = r[torch.randint(0, len(r), (resamples, len(r)), generator=g)].quantile(0.5, dim=1)
+    tail = (1 - level) / 2
+    lo, hi = boot.quantile(torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return r.quantile(0.5).item(), lo, hi
+
+
 class Rotation:
     """Cycles through pre-made inputs, so repeated calls do not find the same rows in cache."""
 
