@@ -35,6 +35,11 @@ MOLE_BENCH_REAL_STEPS (8: a round of 160M-4E steps is long enough), rounds: MOLE
 (5). Wall-clock and thread-CPU medians both go to extra_info (`ms_per_token`/`vs_dense` and
 `cpu_ms_per_token`/`cpu_vs_dense`). MOLE_BENCH_DEMO_ROUNDS overrides the demo shape's 61 rounds.
 
+Verdicts: every ratio also goes to `extra_info["paired"]` as [median, lo, hi] of the per-round ratios
+(two providers of one round share its load) with a 90 % bootstrap interval; and the CPU eager phases run
+`dense-again`, the dense model once more (an A/A control): its ratio to dense is the harness's own floor.
+A bound is shown met when a ratio's interval lies under it, missed when above, else unresolved.
+
 Shapes: `demo` (the `mole-kernels demo` model: V=2048, L=4, E=4, D=128, FFN=512, fp32 LUT) and the
 paper's 160M-4E / 410M-4E with every layer (L = 12 / 24). On a CPU the vocabulary is scaled to
 4,096 (the table rows and the per-layer work are the paper's; a smaller lm_head makes the MoLE
@@ -88,7 +93,9 @@ def _providers(mode):
     if HAS_CUDA:
         return ["dense", "mole-device", "mole-host", "dense-graph", "mole-device-graph", "mole-host-graph"]
     base = ["dense", "mole-host", "mole-disk"]
-    return [p + "-compiled" for p in base] if mode == "compiled" else base
+    # dense-again: the dense model once more, its own cache and stepper (an A/A control): its ratio to
+    # dense is what the harness measures between two identical providers, the floor under any verdict.
+    return [p + "-compiled" for p in base] if mode == "compiled" else base + ["dense-again"]
 
 
 _BUILT = {}  # shape -> (cfg, models): the latest shape's, kept for its next case (cases come grouped by shape)
@@ -192,7 +199,7 @@ def test_decode_vs_dense(benchmark, threads, built, shape, B, mode):
     ids = zipf_ids(cfg.vocab_size, B, batches=STEPS, seed=B).to(DEV)
     runs = {}
     for p in _providers(mode):
-        base = p.removesuffix("-graph").removesuffix("-compiled")
+        base = p.removesuffix("-graph").removesuffix("-compiled").removesuffix("-again")
         runs[p] = _stepper(cfg, models[base], p, B, ids)
         runs[p]()  # warm-up: lazy buffers, graph capture, compilation
     times = {p: [] for p in runs}
@@ -329,7 +336,7 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
         cold = tables.enter_context(LookupTable.open(paths["bf16"], "disk"))
         host_model = mole_on(host)
         runs = {"dense": stepper(dense), "mole-host": stepper(host_model), "mole-disk": stepper(mole_on(disk)),
-                "mole-disk-cold": stepper(mole_on(cold))}
+                "mole-disk-cold": stepper(mole_on(cold)), "dense-again": stepper(dense)}  # the last: A/A control
         read = []
 
         def drop():
@@ -338,7 +345,8 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
 
         got, cpu, each = benchmark.pedantic(lambda: _interleaved(runs, REAL_ROUNDS, before={"mole-disk-cold": drop}),
                                             rounds=1, iterations=1)
-        for k, (a, b) in {"mole-host": ("mole-host", "dense"), "disk/host": ("mole-disk", "mole-host"),
+        for k, (a, b) in {"mole-host": ("mole-host", "dense"), "dense-again": ("dense-again", "dense"),
+                          "disk/host": ("mole-disk", "mole-host"),
                           "disk-cold/host": ("mole-disk-cold", "mole-host")}.items():
             paired[k] = [round(x, 4) for x in paired_ratio(each[a], each[b])]
         ms.update(got)
