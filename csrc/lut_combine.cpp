@@ -58,6 +58,15 @@ inline F32x4 load_f32x4(const scalar_t* p) {
     F32x4 v;
     std::memcpy(&v, p, sizeof v);  // an unaligned load
     return v;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // the upper half of a float32: a shift
+    typedef uint16_t U16x4 __attribute__((vector_size(8)));
+    typedef uint32_t U32x4 __attribute__((vector_size(16)));
+    U16x4 b;
+    std::memcpy(&b, p, sizeof b);
+    const U32x4 u = __builtin_convertvector(b, U32x4) << 16;
+    F32x4 v;
+    std::memcpy(&v, &u, sizeof v);
+    return v;
   } else {
     return F32x4{static_cast<float>(p[0]), static_cast<float>(p[1]), static_cast<float>(p[2]),
                  static_cast<float>(p[3])};
@@ -76,11 +85,13 @@ inline void store_f32x4(out_t* p, const F32x4& v) {
 // The lean path's row sum, dst[j] = add0[j] + add1[j] + sum_e w[e] * base[e * D + j] for j < D, in
 // fused_span_scalar's order (the same results), sixteen columns at a time held in registers: the
 // scalar span's float32 tile on the stack cost a load and a store per expert and column, and a copy out.
+// float16 tables or results (no conversion instructions in the baseline build) keep the scalar span.
 template <typename lut_t, typename out_t>
 inline void step_row_sum(const lut_t* base, int64_t D, int64_t E, const float* w, out_t* dst, const out_t* add0,
                          const out_t* add1) {
   int64_t j = 0;
-  for (; j + 16 <= D; j += 16) {
+  constexpr bool kInRegisters = std::is_same_v<out_t, float> && !std::is_same_v<lut_t, c10::Half>;
+  for (; kInRegisters && j + 16 <= D; j += 16) {
     F32x4 acc[4];
     for (int k = 0; k < 4; ++k) acc[k] = load_f32x4(add0 + j + 4 * k) + load_f32x4(add1 + j + 4 * k);
     for (int64_t e = 0; e < E; ++e) {
