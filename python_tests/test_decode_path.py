@@ -611,6 +611,41 @@ def test_the_decode_step_call_matches_float64(lut_dtype, act_dtype, id_dtype):
                             shared[:, :bad.numel()], w)
 
 
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lut_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_decode_step_call_in_registers_matches_float64(lut_dtype, act_dtype):
+    """The lean path's router dot and row sum run sixteen columns at a time in SIMD registers, the rest
+    one by one: sizes of whole blocks only (the demo's D = K = 128, and 16), a block and a tail (17, 33),
+    a tail only (5), E = 1 and E = 8, batches of 0, 1, 7 and 8 tokens with repeated ids, against
+    float64 on fresh inputs; every output element is written (the result is never uninitialised)."""
+    from mole_kernels import _C
+
+    tol = dict(atol=1e-5, rtol=1e-5) if act_dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for E_, D_, K in [(4, 128, 128), (1, 16, 16), (8, 17, 33), (3, 33, 5), (2, 5, 17)]:
+        V_, L_ = 29, 3
+        lut = torch.randn(V_, L_, E_, D_).to(lut_dtype)
+        w = torch.randn(E_, K).to(act_dtype)
+        for B_ in (0, 1, 7, 8):
+            ids = torch.randint(0, V_, (B_, 1))
+            if B_ > 2:
+                ids[2] = ids[0]  # a repeated id
+            x = torch.randn(B_, 1, K).to(act_dtype)
+            residual, shared = torch.randn(B_, 1, D_).to(act_dtype), torch.randn(B_, 1, D_).to(act_dtype)
+            for layer in range(L_):
+                got = _C._lut_combine(lut, ids, layer, x, residual, shared, w)
+                assert got.dtype == act_dtype and got.shape == (B_, 1, D_)
+                torch.testing.assert_close(got.double(), _step_reference(lut, ids, layer, x, w, residual, shared),
+                                           **tol)
+    # Large logits (a softmax near one-hot) and tiny ones (near uniform) both stay exact.
+    lut, w = torch.randn(11, 2, 4, 64).to(lut_dtype), torch.randn(4, 48).to(act_dtype)
+    ids = torch.tensor([[3], [3], [10]])
+    residual, shared = torch.randn(3, 1, 64).to(act_dtype), torch.randn(3, 1, 64).to(act_dtype)
+    for scale in (30.0, 1e-3):
+        x = (torch.randn(3, 1, 48) * scale).to(act_dtype)
+        torch.testing.assert_close(_C._lut_combine(lut, ids, 1, x, residual, shared, w).double(),
+                                   _step_reference(lut, ids, 1, x, w, residual, shared), **tol)
+
+
 QUANT_FORMATS = [("int8", None), ("fp8_e4m3", None), ("nf4", 64), ("nf4", 5)]  # nf4 block 5: odd block starts
 
 

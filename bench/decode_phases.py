@@ -1,0 +1,98 @@
+"""Where a MoLE decode step spends more than the dense one: the step timed phase by phase (issue 24).
+
+    python bench/decode_phases.py [--batch 8] [--rounds 21] [--clock cpu|wall]
+
+The demo shape of bench/bench_decode.py (its models: `dense` and `mole-host`, the LUT in RAM read by the
+fused C++ layer call), one thread, 31 decode steps per run, the two providers interleaved (each round
+starts with the other one). A copy of the step's `_hidden` with a clock read between its phases: `pre`
+(embedding, rotary tables, the reader's `start`), `attn` (input norm, attention and its residual add),
+`norm` (the post-attention norm), `mlp` (the shared MLP), `combine` (MoLE: the layer call, router +
+softmax + rows + both adds; dense: `h + mlp`), `post` (the final norm); per-layer phases summed over
+the layers. Prints each phase's median us per step and MoLE's difference. `--clock cpu` (default) reads
+this thread's CPU time (time.thread_time_ns), steadier on a shared machine; `wall` the wall clock.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench_decode's models, the source tree
+
+import bench_decode as bd  # noqa: E402
+from conftest import zipf_ids  # noqa: E402
+from mole_kernels.model.layers import _rope  # noqa: E402
+
+PHASES = ["pre", "attn", "norm", "mlp", "combine", "post"]
+
+
+def timed_hidden(model, acc, clock):
+    """`model._hidden` with each phase's time added to `acc` (the same operations, in the same order)."""
+    def hidden(input_ids, position_ids, mask, cache=None, cache_idx=None):
+        t = clock()
+        x = model.model.embed_tokens(input_ids)
+        cos, sin = _rope(position_ids, model.config.head_dim, model.config.rope_theta, x.dtype)
+        ctx = model._ffn_context(input_ids, x)
+        h = x
+        t1 = clock(); acc["pre"] += t1 - t; t = t1
+        for l, layer in enumerate(model.model.layers):
+            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, mask, cache, l, cache_idx)
+            t1 = clock(); acc["attn"] += t1 - t; t = t1
+            n = layer.post_attention_layernorm(h)
+            t1 = clock(); acc["norm"] += t1 - t; t = t1
+            shared = layer.mlp(n)
+            t1 = clock(); acc["mlp"] += t1 - t; t = t1
+            h = h + shared if ctx is None else ctx(l, n, h, shared, layer._modules["router"]._parameters["weight"])
+            t1 = clock(); acc["combine"] += t1 - t; t = t1
+        out = model.model.norm(h)
+        acc["post"] += clock() - t
+        return out
+    return hidden
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=8, help="tokens per step (default 8)")
+    ap.add_argument("--rounds", type=int, default=21, help="interleaved rounds of 31 steps each (default 21)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="thread CPU time (default) or wall clock")
+    args = ap.parse_args()
+    if args.batch < 1 or args.rounds < 1:
+        ap.error("--batch and --rounds must be >= 1")
+    torch.set_num_threads(1)
+    clock = time.thread_time_ns if args.clock == "cpu" else time.perf_counter_ns
+    cfg, models = bd._models("demo")
+    names = ["dense", "mole-host"]
+    acc = {p: dict.fromkeys(PHASES, 0) for p in names}
+    for p in names:
+        models[p]._hidden = timed_hidden(models[p], acc[p], clock)
+    ids = zipf_ids(cfg.vocab_size, args.batch, batches=bd.STEPS, seed=args.batch)
+    runs = {p: bd._stepper(cfg, models[p], p, args.batch, ids) for p in names}
+    for run in runs.values():
+        run()  # warm-up
+    per = {p: {k: [] for k in PHASES + ["step"]} for p in names}
+    order = list(names)
+    for _ in range(args.rounds):
+        for p in order:
+            acc[p].update(dict.fromkeys(PHASES, 0))
+            t = clock()
+            runs[p]()
+            per[p]["step"].append((clock() - t) / bd.STEPS / 1e3)
+            for k in PHASES:
+                per[p][k].append(acc[p][k] / bd.STEPS / 1e3)
+        order.reverse()
+    print(f"demo shape, B = {args.batch}, {args.clock} clock, us per step (median of {args.rounds} rounds; "
+          f"load {os.getloadavg()[0]:.1f})")
+    for k in PHASES + ["step"]:
+        d, m = statistics.median(per["dense"][k]), statistics.median(per["mole-host"][k])
+        print(f"  {k:8s} dense {d:8.1f}  mole-host {m:8.1f}  diff {m - d:+7.1f}")
+    for m in models.values():
+        if getattr(m, "lut", None) is not None:
+            m.lut.close()
+
+
+if __name__ == "__main__":
+    main()
