@@ -210,10 +210,11 @@ class MoLEForCausalLM(_CausalLM):
                               max_cost, quality_text) -> "MoLEForCausalLM":
         """reparameterize with a mixed plan: the float LUT computed on the CPU, made into the plan's
         MixedLUT (gated), served by a MixedLookupTable on the host tier or from its file on the disk tier."""
-        from ..mixed import save_mixed
+        from ..mixed import check_plan, save_mixed
         from ..table import MixedLookupTable
 
         where = "reparameterize"
+        check_plan(plan, self.config.vocab_size, f"{where}: lut_format {text!r}")
         if placement not in ("host", "disk"):
             raise ValueError(f"{where}: lut_format={text!r} is a mixed plan, served from the CPU on the 'host' or "
                              f"'disk' tier (MixedLookupTable has no device tier); got placement={placement!r}")
@@ -242,10 +243,9 @@ class MoLEForCausalLM(_CausalLM):
         """The MixedLUT of this (train-form) model's LUT ``lut`` by ``plan`` (ids ranked by ``counts``), behind
         the quality gate when ``max_cost`` is given: :class:`~mole_kernels.quality.QualityError` if that very
         table costs more than ``max_cost`` on ``quality_text``."""
-        from ..mixed import check_plan, quantize_plan
+        from ..mixed import quantize_plan
         from ..quality import check_format
 
-        check_plan(plan, lut.shape[0], "reparameterize: lut_format")
         m = quantize_plan(lut, counts, plan, progress=progress)
         if max_cost is not None:
             check_format(self, m, None, quality_text, max_cost, lut=lut, progress=progress)
@@ -433,12 +433,13 @@ class MoLEForCausalLM(_CausalLM):
             V, L, E, D = self.config.lut_shape
             lut_dtype = parse_dtype(lut_dtype, "save_pretrained: lut_dtype") or self.lut.dtype
             table = self.lut
-            read = table.read
             if getattr(table, "format", None) == "mixed":  # a MixedLookupTable: its parts in RAM once (the
                 from ..mixed import mixed_lut_gather       # compressed size; disk: read whole), rows gathered
 
                 mixed = table._lut_for(None)
                 read = lambda a, b: mixed_lut_gather(mixed, torch.arange(a, b))  # noqa: E731
+            else:
+                read = table.read
 
             def rows(a, b):  # tokens [a, b) as the official [n, L*E*D] rows, read from the table's tier
                 chunk = read(a, b)
