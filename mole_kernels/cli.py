@@ -3,6 +3,7 @@
     mole-kernels demo [--save-model DIR]                # no download, no arguments needed
     mole-kernels reparameterize --from TRAIN_DIR --to REP_DIR [--dtype bf16]
                                 [--lut-format nf4 --block-size 64 --lut-file LUT.safetensors]
+                                [--lut-format "norm:int8@64+f36x5" --quality-text FILE --max-cost 0.5]  # mixed
     mole-kernels quality [--markdown FILE]              # quantized LUTs vs the bf16 LUT
     mole-kernels quality --model DIR --text FILE [--variants "q2/64,norm:int8@64+f36x5"]   # on your model
     mole-kernels generate --model DIR --prompt TEXT     # text in, text out (transformers)
@@ -278,10 +279,10 @@ def cmd_reparameterize(args) -> int:
     t0 = time.perf_counter()
     inf = model.reparameterize(placement="host", dtype=dtype, device="cpu", chunk_size=args.chunk_size,
                                progress=not args.quiet)
-    m = None
+    m = gate = None
     if mixed:  # made (and measured by the gate) before anything is written: a refusal leaves no file
         try:
-            m = model._mixed_lut(inf.lut.read(), plan, counts, max_cost, text, not args.quiet)
+            m, gate = model._mixed_lut(inf.lut.read(), plan, counts, max_cost, text, not args.quiet)
         except ValueError as e:
             raise _gate_error(e) from None
     inf.save_pretrained(args.dst)
@@ -301,7 +302,9 @@ def cmd_reparameterize(args) -> int:
 
         save_mixed(args.lut_file, m)
         note = (f"; mixed LUT {m.plan} ({m.describe()}) = {m.bits_per_value:.3f} bits/value, {_human(m.nbytes)} in "
-                f"{args.lut_file} (ids ranked by their count in {args.counts_text or args.quality_text})")
+                f"{args.lut_file} (ids ranked by their count in {args.counts_text or args.quality_text}"
+                + ("" if gate is None else f"; quality gate: {100 * gate['cost']:+.3f} % perplexity on "
+                   f"{args.quality_text}, at most {args.max_cost:g} %") + ")")
     elif args.lut_format is not None:
         from .table import LookupTable
 

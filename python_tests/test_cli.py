@@ -380,6 +380,7 @@ def test_reparameterize_a_mixed_plan_then_serve_it(tmp_path, capsys, placement):
     assert stored.plan == MIXED_PLAN
     out = capsys.readouterr().out
     assert f"mixed LUT {MIXED_PLAN} ({stored.describe()}) = {stored.bits_per_value:.3f} bits/value" in out, out
+    assert re.search(r"; quality gate: [+-]\d+\.\d{3} % perplexity on \S+text.txt, at most 1000 %\)", out), out
     # the file is the plan's table of the fp16 LUT (--dtype's default), ids ranked by their count in the text
     want = quantize_plan(m.compute_lut(dtype=torch.float16, progress=False), token_counts(ids, 89), MIXED_PLAN)
     assert torch.equal(stored.rank, want.rank) and torch.equal(dequantize_mixed(stored), dequantize_mixed(want))
@@ -573,7 +574,11 @@ def test_a_mixed_table_file_opens_only_where_it_is_served(tmp_path, capsys):
     with pytest.raises(ValueError, match="is a mixed plan, which ranks ids"):
         load(rep, lut_format=MIXED_PLAN)
     with pytest.raises(ValueError, match="a mixed-precision table .*MixedLookupTable.open"):
-        LookupTable.open(lut)
+        LookupTable.open(lut)  # what tensor parallelism and vLLM open a lut_file with
+    from mole_kernels.model.tensor_parallel import check_tensor_parallel
+
+    with pytest.raises(ValueError, match="is a mixed plan; mixed tables are served by MoLEForCausalLM on a CPU"):
+        check_tensor_parallel(m.config, 2, lut_format=MIXED_PLAN)
     data = lut.read_bytes()
     (tmp_path / "short.safetensors").write_bytes(data[:-7])
     for placement in ("host", "disk"):

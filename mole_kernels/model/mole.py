@@ -222,7 +222,7 @@ class MoLEForCausalLM(_CausalLM):
             raise ValueError(f"{where}: a mixed table delivers its rows on the CPU; got device={device or self.device}")
         counts = _plan_counts(counts, quality_text, self.config.vocab_size, text, where)
         lut = self.compute_lut(dtype=dtype, chunk_size=chunk_size, progress=progress)
-        m = self._mixed_lut(lut, plan, counts, max_cost, quality_text, progress)
+        m, _ = self._mixed_lut(lut, plan, counts, max_cost, quality_text, progress)
         del lut
         if placement == "host":
             return self._inference_form(MixedLookupTable(m))
@@ -240,16 +240,17 @@ class MoLEForCausalLM(_CausalLM):
             os.unlink(tmp)
 
     def _mixed_lut(self, lut: torch.Tensor, plan, counts: torch.Tensor, max_cost, quality_text, progress):
-        """The MixedLUT of this (train-form) model's LUT ``lut`` by ``plan`` (ids ranked by ``counts``), behind
-        the quality gate when ``max_cost`` is given: :class:`~mole_kernels.quality.QualityError` if that very
-        table costs more than ``max_cost`` on ``quality_text``."""
+        """(the MixedLUT of this (train-form) model's LUT ``lut`` by ``plan``, ids ranked by ``counts``; the gate's
+        measured row or None). Behind the quality gate when ``max_cost`` is given:
+        :class:`~mole_kernels.quality.QualityError` if that very table costs more than ``max_cost`` on
+        ``quality_text``."""
         from ..mixed import quantize_plan
         from ..quality import check_format
 
         m = quantize_plan(lut, counts, plan, progress=progress)
-        if max_cost is not None:
-            check_format(self, m, None, quality_text, max_cost, lut=lut, progress=progress)
-        return m
+        row = None if max_cost is None else check_format(self, m, None, quality_text, max_cost, lut=lut,
+                                                         progress=progress)
+        return m, row
 
     def _quality_gate(self, lut_format, block_size, max_cost, quality_text, check_quality, progress) -> None:
         """Refuses a format below 4 bits without the gate's arguments, and measures a single format (a mixed
