@@ -268,7 +268,8 @@ class MoLEForCausalLM(_CausalLM):
             if not mixed:
                 check_format(self, fmt, block_size, quality_text, max_cost, progress=progress)
         elif check_quality and is_low_bit(fmt):
-            raise ValueError(f"reparameterize: lut_format={fmt!r} is below 4 bits per value, where quality depends on the "
+            what = "has parts below 4 bits per value (q3/q2/q1 or factored)" if mixed else "is below 4 bits per value"
+            raise ValueError(f"reparameterize: lut_format={fmt!r} {what}, where quality depends on the "
                              "model; pass max_cost= and quality_text= (the gate measures its perplexity cost on your "
                              "text), or check_quality=False to use it unmeasured")
 
