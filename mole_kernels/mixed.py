@@ -17,6 +17,12 @@ branch-free inner loop.
 Frequencies: any per-id count ``[V]`` (e.g. :func:`token_counts` of a tokenized corpus); ties
 keep id order.
 
+Plans in text (:func:`parse_plan`, the grammar of ``mole-kernels quality --variants`` and
+``reparameterize --lut-format``): ``[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK]``, e.g.
+``norm:int8@64+f36x5``; :func:`quantize_plan` makes the table, :attr:`MixedLUT.plan` says a table's
+plan back. ``MoLEForCausalLM.reparameterize(lut_format=PLAN, counts=...)`` and
+``from_pretrained(..., lut_file=<a save_mixed file>)`` serve it as a model's table.
+
 Column normalisation (``quantize_mixed(..., normalize=True)``): a trained table's columns have very
 different offsets and scales per (layer, expert), and a block scale shared by a row's columns wastes
 the narrow formats' few levels on the widest column. So the parts may store the normalised table
