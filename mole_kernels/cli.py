@@ -3,6 +3,7 @@
     mole-kernels demo [--save-model DIR]                # no download, no arguments needed
     mole-kernels reparameterize --from TRAIN_DIR --to REP_DIR [--dtype bf16]
                                 [--lut-format nf4 --block-size 64 --lut-file LUT.safetensors]
+                                [--lut-format "norm:int8@64+f36x5" --quality-text FILE --max-cost 0.5]  # mixed
     mole-kernels quality [--markdown FILE]              # quantized LUTs vs the bf16 LUT
     mole-kernels quality --model DIR --text FILE [--variants "q2/64,norm:int8@64+f36x5"]   # on your model
     mole-kernels generate --model DIR --prompt TEXT     # text in, text out (transformers)
@@ -188,6 +189,24 @@ def _check_reparameterize_paths(args) -> None:
         check_output_file(args.lut_file, "--lut-file")
 
 
+def _lut_plan(text: str, hidden: Optional[int]):
+    """The parsed mixed plan of --lut-format (mole_kernels.mixed.parse_plan), or None for one format."""
+    from .mixed import is_plan, parse_plan
+
+    if not is_plan(text):
+        return None
+    try:
+        return parse_plan(text, hidden, where="--lut-format")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _gate_error(e: ValueError) -> UsageError:
+    """The library's gate refusal (QualityError included) in the command's own words."""
+    return UsageError(str(e).replace("max_cost=", "--max-cost").replace("quality_text=", "--quality-text")
+                      .replace("check_quality=False", "--no-quality-check").replace("counts=", "--counts-text"))
+
+
 def cmd_reparameterize(args) -> int:
     if args.block_size is not None and args.lut_format is None:
         raise UsageError("--block-size needs --lut-format (a float LUT has no blocks)")
@@ -197,6 +216,21 @@ def cmd_reparameterize(args) -> int:
     if args.tensor_parallel is not None and not args.lut_file:
         raise UsageError("--tensor-parallel needs --lut-file: the base name of the per-rank tables "
                          "(FILE.tp{r}-of-{N}.safetensors)")
+    mixed = args.lut_format is not None and _lut_plan(args.lut_format, None) is not None  # syntax: before any path
+    if mixed and args.block_size is not None:
+        raise UsageError(f"--block-size does not apply to the mixed plan {args.lut_format!r} (it names each part's "
+                         "block: FORMAT/BLOCK)")
+    if mixed and args.tensor_parallel is not None:
+        raise UsageError(f"--tensor-parallel: the mixed plan {args.lut_format!r} is served by MoLEForCausalLM on a "
+                         "CPU only (host or disk tier); per-rank tables take one format")
+    if args.counts_text is not None and not mixed:
+        raise UsageError("--counts-text ranks the ids of a mixed --lut-format plan ([norm:]FORMAT@N+...+FORMAT)")
+    if mixed and args.counts_text is None and args.quality_text is None:
+        raise UsageError(f"--lut-format {args.lut_format!r} is a mixed plan, which ranks ids by their count in a text: "
+                         "give --counts-text FILE, or the quality gate's --quality-text FILE (with --max-cost), whose "
+                         "text then ranks them")
+    if args.counts_text is not None and not os.path.isfile(args.counts_text):
+        raise UsageError(f"--counts-text {args.counts_text!r} is not a file")
     _check_reparameterize_paths(args)
     from .model import MoLEForCausalLM
 
@@ -213,6 +247,14 @@ def cmd_reparameterize(args) -> int:
 
         for r in range(args.tensor_parallel):  # the per-rank files' names, before the long computation
             check_output_file(shard_file(args.lut_file, r, args.tensor_parallel), "--lut-file")
+    elif mixed:  # block sizes and ranks that do not fit the model, counts beyond the vocabulary: before computing
+        from .mixed import check_plan
+
+        plan = _lut_plan(args.lut_format, model.config.hidden_size)
+        try:
+            check_plan(plan, model.config.vocab_size, f"--lut-format {args.lut_format!r}")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     elif args.lut_format is not None:  # a block size that does not fit the model fails before the long computation
         _check_block(args.lut_format, args.block_size, model.config.hidden_size, "--lut-format/--block-size")
     if (args.max_cost is None) != (args.quality_text is None):
@@ -222,15 +264,27 @@ def cmd_reparameterize(args) -> int:
     text = None
     if args.quality_text is not None:
         text = _text_windows(args.src, args.quality_text, args.quality_seq_len, None, "--quality-text")
+    max_cost = None if args.max_cost is None else args.max_cost / 100
     try:  # before the long computation: the gate (or its refusal) of a format below 4 bits
-        model._quality_gate(args.lut_format, args.block_size, None if args.max_cost is None else args.max_cost / 100,
-                            text, not args.no_quality_check, not args.quiet)
-    except ValueError as e:  # QualityError included: say it as the command's own error
-        raise UsageError(str(e).replace("max_cost=", "--max-cost").replace("quality_text=", "--quality-text")
-                         .replace("check_quality=False", "--no-quality-check")) from None
+        model._quality_gate(args.lut_format, args.block_size, max_cost, text, not args.no_quality_check,
+                            not args.quiet)
+    except ValueError as e:
+        raise _gate_error(e) from None
+    counts = None
+    if mixed:  # ids ranked by their count in --counts-text (every token of it), else in --quality-text
+        from .mixed import token_counts
+
+        ids = _text_ids(args.src, args.counts_text, "--counts-text") if args.counts_text is not None else text
+        counts = token_counts(ids, model.config.vocab_size)
     t0 = time.perf_counter()
     inf = model.reparameterize(placement="host", dtype=dtype, device="cpu", chunk_size=args.chunk_size,
                                progress=not args.quiet)
+    m = gate = None
+    if mixed:  # made (and measured by the gate) before anything is written: a refusal leaves no file
+        try:
+            m, gate = model._mixed_lut(inf.lut.read(), plan, counts, max_cost, text, not args.quiet)
+        except ValueError as e:
+            raise _gate_error(e) from None
     inf.save_pretrained(args.dst)
     _copy_tokenizer(args.src, args.dst)
     V, L, E, D = inf.config.lut_shape
@@ -243,6 +297,14 @@ def cmd_reparameterize(args) -> int:
         note = (f"; {len(paths)} per-rank tables {paths[0]}, ... ({_human(os.path.getsize(paths[0]))} each"
                 + (f", {args.lut_format}" if args.lut_format else "") + f"), for TPMoLEForCausalLM.from_pretrained("
                 f"{args.dst!r}, lut_shards={args.lut_file!r}) on {len(paths)} ranks")
+    elif m is not None:
+        from .mixed import save_mixed
+
+        save_mixed(args.lut_file, m)
+        note = (f"; mixed LUT {m.plan} ({m.describe()}) = {m.bits_per_value:.3f} bits/value, {_human(m.nbytes)} in "
+                f"{args.lut_file} (ids ranked by their count in {args.counts_text or args.quality_text}"
+                + ("" if gate is None else f"; quality gate: {100 * gate['cost']:+.3f} % perplexity on "
+                   f"{args.quality_text}, at most {args.max_cost:g} %") + ")")
     elif args.lut_format is not None:
         from .table import LookupTable
 
@@ -399,51 +461,33 @@ DEFAULT_MODEL_VARIANTS = "int8,nf4/64,q3/128,q2/64,norm:int8@64+f48x6,norm:int8@
 
 def _parse_model_variant(item: str, hidden: int):
     """A --variants item of `quality --model`: 'FORMAT[/BLOCK]' (also 'FORMAT-BLOCK'), or a mixed plan
-    '[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK]' (N most frequent ids per part, the last part takes the
-    rest; norm: column-normalised). Returns what mole_kernels.quality.format_costs takes."""
-    from .factored import parse_factored_format
-
-    def one(spec: str, where: str):
-        fmt, sep, block = spec.replace("-", "/").partition("/")
-        try:
-            b = int(block) if sep else None
-        except ValueError:
-            raise UsageError(f"--variants {item!r}: {where}: the block size after '/' must be an int") from None
-        if parse_factored_format(fmt) is not None:
-            if b is not None:
-                raise UsageError(f"--variants {item!r}: {where}: a factored part ({fmt}) has no block size")
-            return fmt, None
-        _check_block(fmt, b, hidden, f"--variants {item!r}")
-        return fmt, b
+    '[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK]' (mole_kernels.mixed.parse_plan, the grammar --lut-format of
+    `reparameterize` takes too). Returns what mole_kernels.quality.format_costs takes."""
+    from .mixed import is_plan, parse_plan
 
     text = item.strip()
-    normalize = text.startswith("norm:")
-    text = text[len("norm:"):] if normalize else text
-    if "+" not in text and "@" not in text and not normalize:
-        fmt, b = one(text, "format")
-        return fmt if b is None else f"{fmt}/{b}"
-    plan = []
-    pieces = text.split("+")
-    for k, piece in enumerate(pieces):
-        spec, at, n = piece.partition("@")
-        if (k < len(pieces) - 1) != bool(at):
-            raise UsageError(f"--variants {item!r}: every part but the last names its ids with @N (the last takes "
-                             f"the rest), got {piece!r}")
+    if is_plan(text):
         try:
-            count = int(n) if at else None
-        except ValueError:
-            raise UsageError(f"--variants {item!r}: @N must be an int, got {piece!r}") from None
-        if count is not None and count < 1:
-            raise UsageError(f"--variants {item!r}: @N must be >= 1, got {piece!r}")
-        fmt, b = one(spec, f"part {k}")
-        plan.append((fmt, count, b))
-    return {"plan": plan, "normalize": normalize}
+            return parse_plan(text, hidden, where="--variants")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    fmt, sep, block = text.replace("-", "/").partition("/")
+    try:
+        b = int(block) if sep else None
+    except ValueError:
+        raise UsageError(f"--variants {item!r}: the block size after '/' must be an int") from None
+    from .factored import parse_factored_format
+
+    if parse_factored_format(fmt) is not None:
+        if b is not None:
+            raise UsageError(f"--variants {item!r}: a factored part ({fmt}) has no block size")
+        return fmt
+    _check_block(fmt, b, hidden, f"--variants {item!r}")
+    return fmt if b is None else f"{fmt}/{b}"
 
 
-def _text_windows(tok_dir: str, path: str, seq_len: int, max_windows: Optional[int], option: str = "--text"):
-    """The file's text as token windows [N, seq_len] of the folder's tokenizer (tokenizer.json)."""
-    import torch
-
+def _text_ids(tok_dir: str, path: str, option: str = "--text") -> "torch.Tensor":
+    """Every token id of the file's text, by the folder's tokenizer (tokenizer.json)."""
     tok_file = os.path.join(tok_dir, "tokenizer.json")
     if not os.path.isfile(tok_file):
         raise UsageError(f"{tok_dir!r} has no tokenizer.json: pass --tokenizer DIR naming a folder that has one")
@@ -453,12 +497,19 @@ def _text_windows(tok_dir: str, path: str, seq_len: int, max_windows: Optional[i
         from tokenizers import Tokenizer
     except ImportError:
         raise ImportError("`mole-kernels quality --model` needs tokenizers: pip install tokenizers") from None
+    import torch
+
     with open(path, encoding="utf-8", errors="replace") as f:
-        ids = Tokenizer.from_file(tok_file).encode(f.read()).ids
+        return torch.tensor(Tokenizer.from_file(tok_file).encode(f.read()).ids, dtype=torch.long)
+
+
+def _text_windows(tok_dir: str, path: str, seq_len: int, max_windows: Optional[int], option: str = "--text"):
+    """The file's text as token windows [N, seq_len] of the folder's tokenizer (tokenizer.json)."""
+    ids = _text_ids(tok_dir, path, option)
     n = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
     if n < 1:
         raise UsageError(f"{option} {path!r} holds {len(ids)} tokens, fewer than one window of {seq_len} tokens")
-    return torch.tensor(ids[:n * seq_len], dtype=torch.long).view(n, seq_len)
+    return ids[:n * seq_len].view(n, seq_len)
 
 
 def cmd_quality_of_model(args) -> int:
@@ -578,6 +629,16 @@ def _copy_tokenizer(src: str, dst: str) -> None:
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
+def describe_table(table) -> str:
+    """What a model's LUT stores, in the words every command uses: a mixed table by its plan and bits per
+    value, a quantized one by format and block, a float one by dtype."""
+    if getattr(table, "format", None) == "mixed":  # a MixedLookupTable
+        return f"mixed {table.lut.plan} ({table.lut.describe()}), {table.bits_per_value:.3f} bits/value"
+    if getattr(table, "quantized", False):
+        return f"{table.format} (block {table.block_size})"
+    return str(table.dtype).replace("torch.", "")
+
+
 def cmd_generate(args) -> int:
     """Text in, text out through transformers: the folder's tokenizer, MoleForCausalLM.generate with a
     TextStreamer (tokens reach the terminal as they are made), the LUT on the tier asked for."""
@@ -615,7 +676,9 @@ def cmd_generate(args) -> int:
         torch.manual_seed(args.seed)
     tier = model.lut.placement if model.lut is not None else "none (train form: experts computed)"
     print(f"{args.model}: LUT tier {tier}, {'sampling' if options['do_sample'] else 'greedy'}, "
-          f"{args.max_new_tokens} new tokens at most", file=sys.stderr, flush=True)
+          f"{args.max_new_tokens} new tokens at most" + ("" if model.lut is None else
+                                                         f"; LUT {describe_table(model.lut)}"),
+          file=sys.stderr, flush=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)  # as the text a pipeline returns
@@ -730,6 +793,17 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+LUT_FORMATS = ("int8", "fp8", "fp8_e4m3", "nf4", "q3", "q2", "q1")
+
+
+def _lut_format_arg(text):
+    """--lut-format: a format name, or text written as a mixed plan (its parts are checked by the command)."""
+    if text in LUT_FORMATS or ("@" in text or "+" in text or text.startswith("norm:")):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a format ({', '.join(LUT_FORMATS)}) nor a mixed plan "
+                                     "[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK]")
+
+
 def _int_at_least(low):
     def parse(text):
         try:
@@ -835,19 +909,28 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     r.add_argument("--lut-file", default=None, metavar="FILE",
                    help="also write the LUT as a standalone LookupTable safetensors file, openable on any tier (required "
                         "with --lut-format); load it with MoLEForCausalLM.from_pretrained(TO, lut_file=FILE)")
-    r.add_argument("--lut-format", default=None, choices=["int8", "fp8", "fp8_e4m3", "nf4", "q3", "q2", "q1"],
-                   help="quantize the LUT written to --lut-file (int8: per-row scale; fp8 e4m3 / nf4: per-block "
-                        "scales; q3/q2/q1: 3/2/1-bit codes with error-minimising fp16 block scales, refused unless "
-                        "the quality gate passes or --no-quality-check). The official layout has no quantized form, "
-                        "so --to keeps the float LUT in --dtype and the quantized one goes to --lut-file")
+    r.add_argument("--lut-format", default=None, type=_lut_format_arg, metavar="FORMAT|PLAN",
+                   help="quantize the LUT written to --lut-file: one format for every row (int8: per-row scale; "
+                        "fp8 (e4m3) / nf4: per-block scales; q3/q2/q1: 3/2/1-bit codes with error-minimising fp16 "
+                        "block scales, refused unless the quality gate passes or --no-quality-check), or a mixed plan "
+                        "[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK] (as `quality --variants`; e.g. norm:int8@64+f36x5: "
+                        "column-normalised, the 64 most frequent ids in int8, the rest 36 5-bit coefficients on a "
+                        "factored basis), ids ranked by their count in --counts-text (default --quality-text), gated "
+                        "as q3/q2/q1 when a part is below 4 bits; load it with MoLEForCausalLM.from_pretrained(TO, "
+                        "lut_file=FILE, placement='host'|'disk'). The official layout has no quantized form, so --to "
+                        "keeps the float LUT in --dtype and the quantized one goes to --lut-file")
     r.add_argument("--max-cost", type=_positive_float, default=None, metavar="PCT",
                    help="quality gate: refuse --lut-format if it raises perplexity on --quality-text by more than "
                         "PCT percent (vs the bf16 LUT); see `mole-kernels quality --model`")
     r.add_argument("--quality-text", default=None, metavar="FILE",
                    help="quality gate: the text (tokenized by --from's tokenizer.json) the cost is measured on")
+    r.add_argument("--counts-text", default=None, metavar="FILE",
+                   help="a mixed --lut-format plan: the text (tokenized by --from's tokenizer.json, every token) whose "
+                        "id counts rank the ids, most frequent in the first part (default: --quality-text)")
     r.add_argument("--quality-seq-len", type=POSITIVE, default=64, metavar="S", help="quality gate: tokens per window")
     r.add_argument("--no-quality-check", action="store_true",
-                   help="use a format below 4 bits (q3/q2/q1) without measuring its cost")
+                   help="use a format below 4 bits (q3/q2/q1, or a mixed plan with such a part or a factored one) "
+                        "without measuring its cost")
     r.add_argument("--block-size", type=POSITIVE, default=None,
                    help="values per scale for --lut-format (must divide the hidden size; default: fp8 128, nf4 64, "
                         "or the hidden size where those do not divide it; int8 is always per row)")

@@ -17,6 +17,12 @@ branch-free inner loop.
 Frequencies: any per-id count ``[V]`` (e.g. :func:`token_counts` of a tokenized corpus); ties
 keep id order.
 
+Plans in text (:func:`parse_plan`, the grammar of ``mole-kernels quality --variants`` and
+``reparameterize --lut-format``): ``[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK]``, e.g.
+``norm:int8@64+f36x5``; :func:`quantize_plan` makes the table, :attr:`MixedLUT.plan` says a table's
+plan back. ``MoLEForCausalLM.reparameterize(lut_format=PLAN, counts=...)`` and
+``from_pretrained(..., lut_file=<a save_mixed file>)`` serve it as a model's table.
+
 Column normalisation (``quantize_mixed(..., normalize=True)``): a trained table's columns have very
 different offsets and scales per (layer, expert), and a block scale shared by a row's columns wastes
 the narrow formats' few levels on the widest column. So the parts may store the normalised table
@@ -35,11 +41,13 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .factored import FactoredLUT, dequantize_factored, factored_lut_gather_reference, factorize, parse_factored_format
-from .quant import QuantizedLUT, canonical_format, dequantize, quantize, quantized_lut_gather
+from .factored import FactoredLUT, _check as _check_factored, dequantize_factored, factored_lut_gather_reference, factorize
+from .factored import parse_factored_format
+from .quant import FORMATS, QuantizedLUT, canonical_format, default_block_size, dequantize, quantize, quantized_lut_gather, row_layout
 
-__all__ = ["MixedLUT", "token_counts", "column_normalisation", "quantize_mixed", "dequantize_mixed", "mixed_lut_gather",
-           "mixed_lut_gather_reference", "save_mixed", "load_mixed"]
+__all__ = ["MixedLUT", "token_counts", "column_normalisation", "quantize_mixed", "quantize_plan", "dequantize_mixed",
+           "mixed_lut_gather", "mixed_lut_gather_reference", "save_mixed", "load_mixed", "parse_plan", "is_plan",
+           "is_mixed_metadata"]
 
 _FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _META = "mole_kernels.mixed"
@@ -163,6 +171,16 @@ class MixedLUT:
         p = self.parts[0]
         return p.dtype
 
+    @property
+    def plan(self) -> str:
+        """The table's plan in :func:`parse_plan`'s grammar, e.g. ``norm:int8@64+f36x5`` (a block size is
+        written only where it is not the format's default; a float part is named by its dtype)."""
+        def part(p):
+            if isinstance(p, QuantizedLUT):
+                return p.format, p.block_size
+            return (p.format, None) if isinstance(p, FactoredLUT) else (str(p.dtype).replace("torch.", ""), None)
+        return _plan_text([(*part(p), _rows_of(p)) for p in self.parts], self.normalized, self.shape[-1])
+
     def describe(self) -> str:
         """e.g. ``nf4/64 x 512 + q1/64 x 3584``."""
         def name(p):
@@ -254,6 +272,103 @@ def quantize_mixed(lut: torch.Tensor, counts: torch.Tensor, plan: Sequence[Tuple
     if start != V:
         raise ValueError(f"quantize_mixed: the plan covers {start} ids of {V}; end it with (format, None)")
     return MixedLUT(rank.to(lut.device), parts, offset, col_scale)
+
+
+# ---------------------------------------------------------------- plans in text ----------------
+
+_PLAN_GRAMMAR = "[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK]"
+
+
+def is_plan(text) -> bool:
+    """Whether ``text`` is written as a mixed plan (it has a part count ``@``, a ``+`` or ``norm:``), not one format."""
+    return isinstance(text, str) and ("@" in text or "+" in text or text.strip().startswith("norm:"))
+
+
+def parse_plan(text: str, dim: Optional[int] = None, *, where: str = "mixed plan") -> dict:
+    """A mixed plan written ``[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK]`` (e.g. ``norm:int8@64+f36x5``):
+    the ``N`` most frequent ids per part, most frequent first, the last part taking the rest; ``norm:``
+    column-normalised; ``FORMAT`` a quantization format (int8, fp8, nf4, q3, q2, q1; ``/BLOCK`` its block
+    size, also written ``-BLOCK``) or a factored one (``f<rank>x<bits>``, no block).
+
+    Returns ``{"plan": [(format, n, block), ...], "normalize": bool}`` (the last ``n`` None; what
+    :func:`quantize_plan` and :func:`mole_kernels.quality.format_costs` take), formats canonical. ``dim``
+    (D, the row's values): also check that every block size and rank fits it. ValueError starting with
+    ``where`` and the plan."""
+    def bad(problem):
+        return ValueError(f"{where} {text!r}: {problem}")
+
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where} {text!r}: expected a plan {_PLAN_GRAMMAR} (e.g. norm:int8@64+f36x5)")
+    body = text.strip()
+    normalize = body.startswith("norm:")
+    body = body[len("norm:"):] if normalize else body
+    pieces = body.split("+")
+    plan = []
+    for k, piece in enumerate(pieces):
+        spec, at, n = piece.partition("@")
+        if (k < len(pieces) - 1) != bool(at):
+            raise bad(f"every part but the last names its ids with @N (the last takes the rest), got {piece!r}")
+        try:
+            count = int(n) if at else None
+        except ValueError:
+            raise bad(f"@N must be an int, got {piece!r}") from None
+        if count is not None and count < 1:
+            raise bad(f"@N must be >= 1, got {piece!r}")
+        fmt, sep, block = spec.replace("-", "/").partition("/")
+        try:
+            b = int(block) if sep else None
+        except ValueError:
+            raise bad(f"part {k}: the block size after '/' must be an int, got {spec!r}") from None
+        factored = parse_factored_format(fmt)
+        try:
+            if factored is not None:
+                if b is not None:
+                    raise ValueError(f"a factored part ({fmt}) has no block size")
+                if dim is not None:
+                    _check_factored(*factored, dim)
+            else:
+                fmt = canonical_format(fmt)
+                if dim is not None:
+                    row_layout(fmt, dim, default_block_size(fmt, dim) if b is None else b)
+        except ValueError as e:
+            raise bad(f"part {k} ({spec!r}): {e}") from None
+        plan.append((fmt, count, b))
+    return {"plan": plan, "normalize": normalize}
+
+
+def _plan_text(parts, normalize: bool, dim: int) -> str:
+    """The canonical text of ``parts`` ``[(format, block, n), ...]`` (see :attr:`MixedLUT.plan`)."""
+    items = []
+    for k, (fmt, block, n) in enumerate(parts):
+        default = None if block is None or parse_factored_format(fmt) or fmt not in FORMATS else \
+            default_block_size(fmt, dim)
+        text = fmt if block is None or block == default else f"{fmt}/{block}"
+        items.append(text if k == len(parts) - 1 else f"{text}@{n}")
+    return ("norm:" if normalize else "") + "+".join(items)
+
+
+def plan_text(plan, vocab_size: int, dim: int) -> str:
+    """The canonical text of a plan (:func:`parse_plan`'s dict or text) for a ``[V, ..., D]`` table: what
+    :attr:`MixedLUT.plan` says of the table :func:`quantize_plan` makes of it (to compare the two)."""
+    spec = parse_plan(plan, dim) if isinstance(plan, str) else plan
+    parts = [(fmt, b if b is not None or parse_factored_format(fmt) else default_block_size(fmt, dim), n)
+             for fmt, n, b in spec["plan"]]
+    return _plan_text(parts, spec["normalize"], dim)
+
+
+def check_plan(plan: dict, vocab_size: int, where: str = "mixed plan") -> None:
+    """ValueError unless the plan's ``@N`` counts leave at least one id of ``vocab_size`` to its last part."""
+    taken = sum(n for _, n, _ in plan["plan"][:-1])
+    if taken >= vocab_size:
+        raise ValueError(f"{where}: its parts' @N counts add up to {taken} ids but the vocabulary has {vocab_size}; "
+                         "the last part takes the rest, so they must add up to fewer")
+
+
+def quantize_plan(lut: torch.Tensor, counts: torch.Tensor, plan, *, progress: Optional[bool] = None) -> MixedLUT:
+    """:func:`quantize_mixed` of ``lut`` by a plan: :func:`parse_plan`'s text or dict."""
+    spec = parse_plan(plan, lut.shape[-1]) if isinstance(plan, str) else plan
+    return quantize_mixed(lut, counts, [(f, n) for f, n, _ in spec["plan"]], block_sizes=[b for _, _, b in spec["plan"]],
+                          normalize=spec["normalize"], progress=progress)
 
 
 def dequantize_mixed(m: MixedLUT, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -410,9 +525,17 @@ def _normalisation_of(m: MixedLUT, layer) -> Tuple[torch.Tensor, torch.Tensor]:
     return m.offset[layer], m.col_scale[layer]  # an int (one layer) or a slice of layers
 
 
+def is_mixed_metadata(meta) -> bool:
+    """Whether a safetensors file's metadata (``{str: str}``) names a mixed table (:func:`save_mixed`'s files)."""
+    return isinstance(meta, dict) and (_META + ".layout") in meta
+
+
 def save_mixed(path, m: MixedLUT) -> None:
-    """Writes ``m`` to a safetensors file: ``rank``, ``part{k}`` (packed bytes or floats) and metadata."""
+    """Writes ``m`` to a safetensors file: ``rank``, ``part{k}`` (packed bytes or floats) and metadata; whole
+    or not at all (:func:`mole_kernels._files.atomic_path`: an interrupted write leaves the old file)."""
     from safetensors.torch import save_file
+
+    from ._files import atomic_path, check_replaceable
 
     tensors = {"rank": m.rank.contiguous().cpu()}
     meta = {_META + ".layout": _VERSION, _META + ".parts": str(len(m.parts))}
@@ -427,7 +550,9 @@ def save_mixed(path, m: MixedLUT) -> None:
         else:
             tensors[f"part{k}"] = p.contiguous().cpu()
             meta[f"{_META}.part{k}"] = json.dumps({"float": str(p.dtype).replace("torch.", "")})
-    save_file(tensors, str(path), metadata=meta)
+    check_replaceable(path, "save_mixed")  # a FIFO or device (/dev/null) is never replaced by a file
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
 
 
 def load_mixed(path, *, parts_in_file: bool = False) -> MixedLUT:

@@ -59,11 +59,15 @@ def _lut_model(train, lut: torch.Tensor):
 
 def _variant_lut(variant, ref: torch.Tensor, counts: Optional[torch.Tensor]):
     """(name, bits per value, float32 LUT) of one variant of the reference LUT ``ref``."""
-    from .mixed import MixedLUT, dequantize_mixed, quantize_mixed
+    from .mixed import MixedLUT, dequantize_mixed, is_plan, parse_plan, quantize_plan
     from .quant import QuantizedLUT, dequantize, quantize
 
     if isinstance(variant, (QuantizedLUT, MixedLUT)):
         q = variant
+    elif is_plan(variant):  # a mixed plan in text: "norm:int8@64+f36x5"
+        if counts is None:
+            raise ValueError("quality: a mixed plan needs token counts (counts=)")
+        q = quantize_plan(ref, counts, parse_plan(variant, ref.shape[-1]), progress=False)
     elif isinstance(variant, str):
         fmt, _, block = variant.partition("/")
         q = quantize(ref, fmt, int(block) if block else None, progress=False)
@@ -73,9 +77,7 @@ def _variant_lut(variant, ref: torch.Tensor, counts: Optional[torch.Tensor]):
             raise ValueError(f"quality: a mixed-plan dict has keys 'plan' and 'normalize', got {sorted(spec)}")
         if counts is None:
             raise ValueError("quality: a mixed plan needs token counts (counts=)")
-        plan = spec["plan"]
-        q = quantize_mixed(ref, counts, [(f, n) for f, n, _ in plan], block_sizes=[b for _, _, b in plan],
-                           normalize=spec.get("normalize", False))
+        q = quantize_plan(ref, counts, {"plan": spec["plan"], "normalize": spec.get("normalize", False)}, progress=False)
     if isinstance(q, MixedLUT):
         return q.describe(), q.bits_per_value, dequantize_mixed(q, torch.float32)
     return f"{q.format}/{q.block_size}", q.bits_per_value, dequantize(q, torch.float32)
@@ -88,7 +90,8 @@ def format_costs(train, text: torch.Tensor, variants: Iterable, *, counts: Optio
     """The perplexity cost of each LUT variant on a train-form MoLE ``train`` and windows ``text``.
 
     ``variants``: format names (``"q2"``, ``"nf4/64"``: format/block size), QuantizedLUT/MixedLUT
-    tables, or mixed plans ``[(format, n, block), ...]`` (see :func:`mole_kernels.mixed.quantize_mixed`;
+    tables, or mixed plans (text, :func:`mole_kernels.mixed.parse_plan`: ``"norm:int8@64+f36x5"``, or
+    ``[(format, n, block), ...]`` (see :func:`mole_kernels.mixed.quantize_mixed`;
     they need ``counts``, per-id token frequencies), or ``{"plan": [...], "normalize": True}`` for a
     column-normalised mixed table. ``lut``: the model's float LUT if already
     computed. Returns one dict per variant, the reference first: ``name``, ``bits`` (bits per value,
@@ -109,20 +112,32 @@ def format_costs(train, text: torch.Tensor, variants: Iterable, *, counts: Optio
     return rows
 
 
-def is_low_bit(format: Optional[str]) -> bool:
+def is_low_bit(format) -> bool:
+    """Whether ``format`` (a format name, or a mixed plan: :func:`mole_kernels.mixed.parse_plan`'s text or
+    dict) stores any row below 4 bits per value: a q3/q2/q1 or factored part."""
+    from .factored import parse_factored_format
+    from .mixed import is_plan, parse_plan
+
+    if isinstance(format, dict) or is_plan(format):
+        spec = parse_plan(format) if isinstance(format, str) else format
+        return any(f in LOW_BIT_FORMATS or parse_factored_format(f) is not None for f, _, _ in spec["plan"])
     return format in LOW_BIT_FORMATS
 
 
-def check_format(train, format: str, block_size: Optional[int], text: torch.Tensor, max_cost: float, *,
+def check_format(train, format, block_size: Optional[int], text: torch.Tensor, max_cost: float, *,
                  lut: Optional[torch.Tensor] = None, progress: bool = False) -> dict:
     """Measures ``format``'s cost (see :func:`format_costs`); :class:`QualityError` if it exceeds ``max_cost``
-    (a fraction: 0.005 = +0.5 % perplexity). Returns the measured row."""
+    (a fraction: 0.005 = +0.5 % perplexity). Returns the measured row. ``format``: a format name, or a
+    table already made (a :class:`~mole_kernels.mixed.MixedLUT`: the gate measures exactly that table;
+    ``block_size`` None)."""
     if not isinstance(max_cost, (int, float)) or isinstance(max_cost, bool) or not max_cost >= 0:
         raise ValueError(f"quality: max_cost must be a number >= 0 (a fraction: 0.005 = +0.5 %), got {max_cost!r}")
     spec = format if block_size is None else f"{format}/{block_size}"
     row = format_costs(train, text, [spec], lut=lut, progress=progress)[1]
     if row["cost"] > max_cost:
-        raise QualityError(f"quality gate: LUT format {row['name']} costs {100 * row['cost']:+.3f} % perplexity on "
+        name = row["name"] if not hasattr(format, "plan") else f"{format.plan} ({row['name']}, " \
+                                                               f"{row['bits']:.3f} bits/value)"
+        raise QualityError(f"quality gate: LUT format {name} costs {100 * row['cost']:+.3f} % perplexity on "
                            f"the given text, above max_cost = {100 * max_cost:.3f} %; choose a wider format "
                            "(or a larger max_cost)")
     return row

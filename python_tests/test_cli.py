@@ -355,6 +355,248 @@ def test_reparameterize_below_4_bits_needs_the_quality_gate(tmp_path, capsys):
     assert "needs both --max-cost and --quality-text" in capsys.readouterr().err
 
 
+MIXED_PLAN = "norm:int8@8+f4x5"  # column-normalised: the 8 most frequent ids in int8, the rest factored (rank 4, 5 bits)
+
+
+def _reparameterize_mixed(tmp_path, folder, text, name, *extra):
+    """`reparameterize --lut-format MIXED_PLAN` into tmp_path/name and tmp_path/name.safetensors: the exit status."""
+    return main(["reparameterize", "--from", str(folder), "--to", str(tmp_path / name), "--quiet",
+                 "--lut-file", str(tmp_path / f"{name}.safetensors"), "--quality-seq-len", "16", *extra])
+
+
+@pytest.mark.parametrize("placement", ["host", "disk"])
+def test_reparameterize_a_mixed_plan_then_serve_it(tmp_path, capsys, placement):
+    """The user path: `reparameterize --lut-format PLAN` (ids ranked by their count in the quality text, the gate
+    passed) -> from_pretrained(lut_file=) on the host or disk tier -> generate, whose logits are those of the same
+    model over the float table the mixed file dequantizes to (float64 comparison)."""
+    from mole_kernels.mixed import dequantize_mixed, load_mixed, quantize_plan, token_counts
+    from mole_kernels.table import LookupTable, MixedLookupTable
+
+    m, folder, text, ids = _model_with_text(tmp_path)
+    assert _reparameterize_mixed(tmp_path, folder, text, "rep", "--lut-format", MIXED_PLAN, "--max-cost", "1000",
+                                 "--quality-text", str(text)) == 0
+    lut_file = tmp_path / "rep.safetensors"
+    stored = load_mixed(lut_file)
+    assert stored.plan == MIXED_PLAN
+    out = capsys.readouterr().out
+    assert f"mixed LUT {MIXED_PLAN} ({stored.describe()}) = {stored.bits_per_value:.3f} bits/value" in out, out
+    assert re.search(r"; quality gate: [+-]\d+\.\d{3} % perplexity on \S+text.txt, at most 1000 %\)", out), out
+    # the file is the plan's table of the fp16 LUT (--dtype's default), ids ranked by their count in the text
+    want = quantize_plan(m.compute_lut(dtype=torch.float16, progress=False), token_counts(ids, 89), MIXED_PLAN)
+    assert torch.equal(stored.rank, want.rank) and torch.equal(dequantize_mixed(stored), dequantize_mixed(want))
+
+    model = MoLEForCausalLM.from_pretrained(tmp_path / "rep", lut_file=lut_file, placement=placement)
+    assert isinstance(model.lut, MixedLookupTable) and model.lut.placement == placement
+    ref = MoLEForCausalLM.from_pretrained(tmp_path / "rep")  # the float LUT replaced by the mixed one, dequantized
+    ref.set_lut(LookupTable.from_tensor(dequantize_mixed(stored, torch.float32), "host", device="cpu"))
+    prompt = torch.tensor([[3, 9, 17, 40, 2], [5, 5, 60, 1, 88]])
+    got = model.generate(prompt, max_new_tokens=6, return_logits=True)
+    exp = ref.generate(prompt, max_new_tokens=6, return_logits=True)
+    assert torch.equal(got.sequences, exp.sequences)
+    a, b = torch.stack(list(got.logits)).double(), torch.stack(list(exp.logits)).double()
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (a - b).abs().max()
+    # the mixed table matters: the folder's own float LUT gives other logits
+    own = MoLEForCausalLM.from_pretrained(tmp_path / "rep").generate(prompt, max_new_tokens=6, return_logits=True)
+    assert (torch.stack(list(own.logits)).double() - b).abs().max() > 1e-3
+    model.lut.close()
+
+
+def test_reparameterize_a_mixed_plan_ranks_ids_by_counts_text(tmp_path, capsys):
+    """--counts-text ranks the ids (every token of the file) instead of --quality-text; without the gate a plan
+    with a factored part needs --no-quality-check."""
+    from mole_kernels.mixed import load_mixed
+
+    m, folder, text, ids = _model_with_text(tmp_path)
+    counts_text = tmp_path / "counts.txt"
+    words = [f"w{i}" for i in range(88, 0, -1) for _ in range(i % 7 + 1)]  # another order than the text's
+    counts_text.write_text(" ".join(words))
+    assert _reparameterize_mixed(tmp_path, folder, text, "a", "--lut-format", MIXED_PLAN, "--counts-text",
+                                 str(counts_text)) == 2
+    err = capsys.readouterr().err
+    assert "below 4 bits" in err and "--no-quality-check" in err and not (tmp_path / "a").exists()
+    assert _reparameterize_mixed(tmp_path, folder, text, "b", "--lut-format", MIXED_PLAN, "--counts-text",
+                                 str(counts_text), "--no-quality-check") == 0
+    got = load_mixed(tmp_path / "b.safetensors").rank
+    assert torch.equal(got, _frequency_rank(torch.tensor([int(w[1:]) for w in words])))
+    assert not torch.equal(got, _frequency_rank(ids))
+
+
+def _frequency_rank(ids):
+    """Each id's position in the frequency order of `ids` (0: most frequent; ties in id order)."""
+    from mole_kernels.mixed import token_counts
+
+    counts = token_counts(ids, 89)
+    rank = torch.empty(89, dtype=torch.int32)
+    rank[torch.sort(counts.double(), descending=True, stable=True).indices] = torch.arange(89, dtype=torch.int32)
+    return rank
+
+
+def test_reparameterize_a_mixed_plan_behind_the_quality_gate(tmp_path, capsys):
+    """Refused (nothing written) when the plan's measured cost exceeds --max-cost, and without a text."""
+    from mole_kernels.mixed import parse_plan, quantize_plan, token_counts
+    from mole_kernels.quality import format_costs
+
+    m, folder, text, ids = _model_with_text(tmp_path)
+    plan = "norm:int8@8+f1x2"  # rank-1 2-bit rows for all but 8 ids: +0.41 % on this model and text (seeded; a
+    # random model's cost may have either sign, so the plan is one whose cost is positive)
+    lut = m.compute_lut(dtype=torch.float16, progress=False)  # --dtype's default
+    cost = format_costs(m, ids, [quantize_plan(lut, token_counts(ids, 89), plan)], lut=lut)[1]["cost"]
+    assert cost > 0.003, cost
+    limit = 100 * cost / 2  # percent: half the measured cost, which the gate must refuse
+    assert _reparameterize_mixed(tmp_path, folder, text, "a", "--lut-format", plan, "--max-cost", f"{limit}",
+                                 "--quality-text", str(text)) == 2
+    err = capsys.readouterr().err
+    assert f"quality gate: LUT format {plan} (" in err and f"costs {100 * cost:+.3f} % perplexity" in err, err
+    assert f"above max_cost = {limit:.3f} %" in err.replace("--max-cost", "max_cost")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.safetensors").exists()
+    assert _reparameterize_mixed(tmp_path, folder, text, "b", "--lut-format", plan,
+                                 "--max-cost", f"{100 * cost * 1.01}", "--quality-text", str(text)) == 0
+    # no text at all: the plan cannot rank its ids, said before anything is computed
+    assert _reparameterize_mixed(tmp_path, folder, text, "c", "--lut-format", plan) == 2
+    err = capsys.readouterr().err
+    assert "mixed plan" in err and "--counts-text" in err and "--quality-text" in err
+    assert _reparameterize_mixed(tmp_path, folder, text, "d", "--lut-format", plan, "--no-quality-check") == 2
+    assert not any((tmp_path / n).exists() for n in ("c", "d", "c.safetensors", "d.safetensors"))
+    # the Python API: the same gate
+    from mole_kernels.quality import QualityError
+
+    with pytest.raises(QualityError, match=re.escape(plan)):
+        m.reparameterize(lut_format=plan, max_cost=cost / 2, quality_text=ids, progress=False)
+    with pytest.raises(ValueError, match="below 4 bits"):
+        m.reparameterize(lut_format=plan, counts=token_counts(ids, 89), progress=False)
+    with pytest.raises(ValueError, match="ranks ids by frequency: pass counts="):
+        m.reparameterize(lut_format=plan, check_quality=False, progress=False)
+    assert parse_plan(plan) == {"plan": [("int8", 8, None), ("f1x2", None, None)], "normalize": True}
+
+
+@pytest.mark.parametrize("plan, message", [
+    ("int8+q2", "every part but the last names its ids with @N"),
+    ("int8@x+q2", "@N must be an int"),
+    ("int8@0+q2", "@N must be >= 1"),
+    ("int9@4+q2", "unknown format 'int9'"),
+    ("int8@4+q2/7", "block_size must divide D = 32"),
+    ("int8@4+f40x5", "rank must be an int in [1, D = 32]"),
+    ("int8@4+f4x5/8", "a factored part (f4x5) has no block size"),
+    ("int8@60+nf4@29+q2", "add up to 89 ids but the vocabulary has 89"),
+])
+def test_reparameterize_refuses_a_bad_plan_naming_it(tmp_path, capsys, monkeypatch, plan, message):
+    m, folder, text, _ = _model_with_text(tmp_path)
+    monkeypatch.setattr(MoLEForCausalLM, "compute_lut", lambda *a, **k: pytest.fail("computed the LUT first"))
+    assert _reparameterize_mixed(tmp_path, folder, text, "a", "--lut-format", plan, "--no-quality-check",
+                                 "--counts-text", str(text)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{PROG} reparameterize: error: --lut-format {plan!r}") and message in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match=re.escape(f"lut_format {plan!r}")):  # the Python API: the same parser
+        m.reparameterize(lut_format=plan, check_quality=False, counts=torch.ones(89), progress=False)
+
+
+def test_reparameterize_mixed_plan_argument_errors(tmp_path, capsys):
+    m, folder, text, _ = _model_with_text(tmp_path)
+    for extra, message in [
+        (["--lut-format", "nf5"], "neither a format"),
+        (["--lut-format", MIXED_PLAN, "--block-size", "8", "--no-quality-check"], "--block-size does not apply"),
+        (["--lut-format", MIXED_PLAN, "--tensor-parallel", "2", "--no-quality-check"], "--tensor-parallel"),
+        (["--lut-format", "q2", "--counts-text", str(text), "--no-quality-check"], "--counts-text ranks the ids of a mixed"),
+        (["--lut-format", MIXED_PLAN, "--counts-text", str(tmp_path / "nope")], "--counts-text"),
+    ]:
+        with pytest.raises(SystemExit) if extra[1] == "nf5" else _no_exit():
+            assert _reparameterize_mixed(tmp_path, folder, text, "a", *extra) == 2
+        assert message in capsys.readouterr().err, extra
+
+
+class _no_exit:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_reparameterize_into_a_mixed_table_in_python(tmp_path):
+    """MoLEForCausalLM.reparameterize(lut_format=PLAN, counts=): the plan's table of the model's LUT, served on the
+    host tier or from its save_mixed file on the disk tier; save_pretrained writes it dequantized."""
+    from mole_kernels.mixed import dequantize_mixed, load_mixed, quantize_plan
+    from mole_kernels.table import MixedLookupTable
+
+    torch.manual_seed(2)
+    m = _tiny()
+    counts = torch.randint(0, 50, (89,))
+    want = quantize_plan(m.compute_lut(progress=False), counts, MIXED_PLAN)
+    host = m.reparameterize(lut_format=MIXED_PLAN, counts=counts, check_quality=False, progress=False)
+    assert isinstance(host.lut, MixedLookupTable) and host.lut.placement == "host"
+    assert torch.equal(dequantize_mixed(host.lut.lut), dequantize_mixed(want))
+    disk = m.reparameterize(lut_format=MIXED_PLAN, counts=counts, check_quality=False, progress=False,
+                            placement="disk", path=tmp_path / "m.safetensors")
+    assert disk.lut.placement == "disk" and load_mixed(tmp_path / "m.safetensors").plan == MIXED_PLAN
+    anonymous = m.reparameterize(lut_format=MIXED_PLAN, counts=counts, check_quality=False, progress=False,
+                                 placement="disk")
+    ids = torch.tensor([[1, 7, 7, 88, 40]])
+    with torch.no_grad():
+        ref = host(ids).logits
+        for other in (disk, anonymous):
+            assert torch.equal(other(ids).logits, ref)
+    host.save_pretrained(tmp_path / "saved")  # the official layout: the mixed table dequantized
+    with torch.no_grad():
+        torch.testing.assert_close(MoLEForCausalLM.from_pretrained(tmp_path / "saved")(ids).logits, ref,
+                                   rtol=1e-5, atol=1e-5)
+    for kw, message in [(dict(placement="device"), "no device tier"),
+                        (dict(counts=torch.ones(88)), r"counts must be per-id token counts \[V\] = \[89\]"),
+                        (dict(counts=-torch.ones(89)), "counts must be finite and >= 0"),
+                        (dict(block_size=8), "block_size=8 does not apply to the mixed plan")]:
+        with pytest.raises(ValueError, match=message):
+            m.reparameterize(**{"lut_format": MIXED_PLAN, "counts": counts, "check_quality": False, "progress": False,
+                                **kw})
+    with pytest.raises(ValueError, match="counts= ranks the ids of a mixed plan"):
+        m.reparameterize(lut_format="int8", counts=counts, progress=False)
+    disk.lut.close()
+    anonymous.lut.close()
+
+
+def test_a_mixed_table_file_opens_only_where_it_is_served(tmp_path, capsys):
+    """from_pretrained(lut_file=) refuses what it cannot serve from a mixed file, naming it; a truncated or
+    corrupt file is refused at open; LookupTable.open (and so tensor parallelism and vLLM) says what the file is."""
+    from mole_kernels.table import LookupTable
+
+    m, folder, text, _ = _model_with_text(tmp_path)
+    assert _reparameterize_mixed(tmp_path, folder, text, "rep", "--lut-format", MIXED_PLAN, "--no-quality-check",
+                                 "--counts-text", str(text)) == 0
+    rep, lut = tmp_path / "rep", tmp_path / "rep.safetensors"
+    load = MoLEForCausalLM.from_pretrained
+    assert load(rep, lut_file=lut, lut_format=MIXED_PLAN).lut.lut.plan == MIXED_PLAN  # the file's own plan: fine
+    for kw, message in [(dict(placement="device"), "no device tier"),
+                        (dict(lut_format="int8", block_size=32), "block_size=32 does not apply"),
+                        (dict(lut_format="norm:int8@9+f4x5"), f"holds the mixed table {MIXED_PLAN!r}"),
+                        (dict(lut_format="nf4"), f"holds the mixed table {MIXED_PLAN!r}")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load(rep, lut_file=lut, **kw)
+    with pytest.raises(ValueError, match="is a mixed plan, which ranks ids"):
+        load(rep, lut_format=MIXED_PLAN)
+    with pytest.raises(ValueError, match="a mixed-precision table .*MixedLookupTable.open"):
+        LookupTable.open(lut)  # what tensor parallelism and vLLM open a lut_file with
+    from mole_kernels.model.tensor_parallel import check_tensor_parallel
+
+    with pytest.raises(ValueError, match="is a mixed plan; mixed tables are served by MoLEForCausalLM on a CPU"):
+        check_tensor_parallel(m.config, 2, lut_format=MIXED_PLAN)
+    data = lut.read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[:-7])
+    for placement in ("host", "disk"):
+        with pytest.raises(ValueError, match="truncated"):
+            load(rep, lut_file=tmp_path / "short.safetensors", placement=placement)
+    from mole_kernels.mixed import load_mixed, save_mixed
+
+    good = load_mixed(lut)
+    bad = good.rank.clone()
+    bad[1] = bad[0]  # a rank map that is no permutation: rows of two ids would collide
+    raw = bytearray(data)
+    at = data.index(good.rank.numpy().tobytes())
+    raw[at:at + 4 * 89] = bad.numpy().tobytes()
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    for placement in ("host", "disk"):
+        with pytest.raises(ValueError, match="not a valid mixed table file: .*rank must be a permutation"):
+            load(rep, lut_file=tmp_path / "bad.safetensors", placement=placement)
+
+
 def test_vs_dense_marks_differences_within_the_spread():
     from mole_kernels._demo import _Entry, extra_cost, within_spread
 

@@ -347,6 +347,30 @@ def _expected_text(folders, tokenizer, prompt, n, **options):
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
+def test_cli_generate_with_a_mixed_table(folders, tokenizer, tmp_path):
+    """`generate --lut-file MIXED.safetensors`: the mixed table (a save_mixed file) served on the disk tier through
+    transformers, the same text as the model loaded in Python, and the table named by its plan and bits/value."""
+    plan = "norm:int8@16+f8x5"
+    train = MoLEForCausalLM.from_pretrained(folders / "train")
+    counts = torch.randint(0, 100, (CFG["vocab_size"],), generator=torch.Generator().manual_seed(1))
+    rep = train.reparameterize(lut_format=plan, counts=counts, check_quality=False, progress=False,
+                               placement="disk", path=tmp_path / "mixed.safetensors")
+    prompt = "Return the value"
+    res = _cli(["generate", "--model", str(folders / "rep"), "--tokenizer", str(folders / "train"),
+                "--lut-file", str(tmp_path / "mixed.safetensors"),
+                "--placement", "disk", "--prompt", prompt, "--max-new-tokens", "8"])
+    assert res.returncode == 0, res.stderr
+    lut = rep.lut.lut
+    assert f"LUT mixed {plan} ({lut.describe()}), {lut.bits_per_value:.3f} bits/value" in res.stderr, res.stderr
+    model = AutoModelForCausalLM.from_pretrained(folders / "rep", lut_file=tmp_path / "mixed.safetensors",
+                                                 lut_placement="disk")
+    enc = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert res.stdout == tokenizer.decode(out[0], skip_special_tokens=True) + "\n"
+    assert torch.equal(out, rep.generate(enc["input_ids"], max_new_tokens=8))  # parity with the core
+    rep.lut.close()
+
+
 def test_cli_generate_to_a_pipe(folders, tokenizer):
     prompt = "Return the value"
     res = _cli(["generate", "--model", str(folders / "train"), "--prompt", prompt, "--placement", "disk",

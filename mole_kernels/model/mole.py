@@ -155,7 +155,8 @@ class MoLEForCausalLM(_CausalLM):
     def reparameterize(self, *, placement: str = "host", dtype=None, device=None, path: Optional[str] = None,
                        chunk_size: int = 4096, progress: bool = True, lut_format: Optional[str] = None,
                        block_size: Optional[int] = None, max_cost: Optional[float] = None,
-                       quality_text: Optional[torch.Tensor] = None, check_quality: bool = True) -> "MoLEForCausalLM":
+                       quality_text: Optional[torch.Tensor] = None, check_quality: bool = True,
+                       counts: Optional[torch.Tensor] = None) -> "MoLEForCausalLM":
         """The inference form of this (train-form) model, its LUT on ``placement``.
 
         Args:
@@ -168,11 +169,17 @@ class MoLEForCausalLM(_CausalLM):
             lut_format, block_size: store the LUT quantized (``"int8"``, ``"fp8"``/``"fp8_e4m3"``,
                 ``"nf4"``, and below 4 bits ``"q3"``, ``"q2"``, ``"q1"``; see :func:`mole_kernels.quantize`):
                 every tier then holds and moves the quantized rows only, and the gather dequantizes
-                them. None (default): a float LUT.
+                them. None (default): a float LUT. Or a **mixed plan** (:func:`mole_kernels.mixed.parse_plan`,
+                e.g. ``"norm:int8@64+f36x5"``: the 64 most frequent ids in int8, the rest factored): a
+                :class:`~mole_kernels.table.MixedLookupTable` on the ``"host"`` or ``"disk"`` tier (CPU;
+                disk: the :func:`~mole_kernels.mixed.save_mixed` file ``path``), ids ranked by ``counts``.
+            counts: per-id token counts ``[V]`` that rank the ids of a mixed plan (e.g.
+                :func:`mole_kernels.mixed.token_counts` of a corpus); default: the counts of ``quality_text``.
             max_cost, quality_text: the quality gate (:mod:`mole_kernels.quality`): the format's
                 perplexity cost on ``quality_text`` (token ids ``[N, S]``) vs the bf16 LUT must be at
                 most ``max_cost`` (a fraction: 0.005 = +0.5 %), else :class:`~mole_kernels.quality.QualityError`.
-                Formats below 4 bits are refused without the gate unless ``check_quality=False``.
+                Formats below 4 bits are refused without the gate unless ``check_quality=False``; so are mixed
+                plans with a q3/q2/q1 or factored part (the gate measures the very table it then serves).
 
         Memory: the rows are computed straight into the tier (:meth:`LookupTable.build`): the host
         and device tiers hold the table once, plus one chunk when quantizing; the disk tier streams
@@ -182,8 +189,13 @@ class MoLEForCausalLM(_CausalLM):
         dtype = parse_dtype(dtype, "reparameterize: dtype") or self.dtype
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"reparameterize: dtype must be float32, float16 or bfloat16, got {dtype}")
-        _check_lut_format(lut_format, block_size, self.config.hidden_size, "reparameterize")
+        plan = _check_lut_format(lut_format, block_size, self.config.hidden_size, "reparameterize", mixed=True)
         self._quality_gate(lut_format, block_size, max_cost, quality_text, check_quality, progress)
+        if plan is not None:
+            return self._reparameterize_mixed(plan, lut_format, placement, dtype, device, path, chunk_size, progress,
+                                              counts, max_cost, quality_text)
+        if counts is not None:
+            raise ValueError("reparameterize: counts= ranks the ids of a mixed plan; lut_format is not one")
         fill = self._lut_rows(chunk_size, None, "reparameterize")
         from ..table import LookupTable
 
@@ -194,18 +206,70 @@ class MoLEForCausalLM(_CausalLM):
                                       format=lut_format, block_size=block_size, progress=False)
         return self._inference_form(table)
 
+    def _reparameterize_mixed(self, plan, text, placement, dtype, device, path, chunk_size, progress, counts,
+                              max_cost, quality_text) -> "MoLEForCausalLM":
+        """reparameterize with a mixed plan: the float LUT computed on the CPU, made into the plan's
+        MixedLUT (gated), served by a MixedLookupTable on the host tier or from its file on the disk tier."""
+        from ..mixed import check_plan, save_mixed
+        from ..table import MixedLookupTable
+
+        where = "reparameterize"
+        check_plan(plan, self.config.vocab_size, f"{where}: lut_format {text!r}")
+        if placement not in ("host", "disk"):
+            raise ValueError(f"{where}: lut_format={text!r} is a mixed plan, served from the CPU on the 'host' or "
+                             f"'disk' tier (MixedLookupTable has no device tier); got placement={placement!r}")
+        if torch.device(device if device is not None else self.device).type != "cpu":
+            raise ValueError(f"{where}: a mixed table delivers its rows on the CPU; got device={device or self.device}")
+        counts = _plan_counts(counts, quality_text, self.config.vocab_size, text, where)
+        lut = self.compute_lut(dtype=dtype, chunk_size=chunk_size, progress=progress)
+        m, _ = self._mixed_lut(lut, plan, counts, max_cost, quality_text, progress)
+        del lut
+        if placement == "host":
+            return self._inference_form(MixedLookupTable(m))
+        if path is not None:
+            save_mixed(path, m)
+            return self._inference_form(MixedLookupTable.open(path, "disk"))
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(suffix=".safetensors", prefix="mole_mixed_lut_")
+        os.close(fd)
+        try:  # an anonymous file: unlinked once open (the table's open descriptors keep it)
+            save_mixed(tmp, m)
+            return self._inference_form(MixedLookupTable.open(tmp, "disk"))
+        finally:
+            os.unlink(tmp)
+
+    def _mixed_lut(self, lut: torch.Tensor, plan, counts: torch.Tensor, max_cost, quality_text, progress):
+        """(the MixedLUT of this (train-form) model's LUT ``lut`` by ``plan``, ids ranked by ``counts``; the gate's
+        measured row or None). Behind the quality gate when ``max_cost`` is given:
+        :class:`~mole_kernels.quality.QualityError` if that very table costs more than ``max_cost`` on
+        ``quality_text``."""
+        from ..mixed import quantize_plan
+        from ..quality import check_format
+
+        m = quantize_plan(lut, counts, plan, progress=progress)
+        row = None if max_cost is None else check_format(self, m, None, quality_text, max_cost, lut=lut,
+                                                         progress=progress)
+        return m, row
+
     def _quality_gate(self, lut_format, block_size, max_cost, quality_text, check_quality, progress) -> None:
+        """Refuses a format below 4 bits without the gate's arguments, and measures a single format (a mixed
+        plan's table is measured once made: :meth:`_mixed_lut`)."""
+        from ..mixed import is_plan
         from ..quality import check_format, is_low_bit
 
-        fmt = None if lut_format is None else canonical_format(lut_format)
+        mixed = is_plan(lut_format)
+        fmt = lut_format if lut_format is None or mixed else canonical_format(lut_format)
         if (max_cost is None) != (quality_text is None):
             raise ValueError("reparameterize: the quality gate needs both max_cost= and quality_text= (token ids [N, S])")
         if max_cost is not None:
             if fmt is None:
                 raise ValueError("reparameterize: max_cost= applies to a quantized LUT; name its lut_format")
-            check_format(self, fmt, block_size, quality_text, max_cost, progress=progress)
+            if not mixed:
+                check_format(self, fmt, block_size, quality_text, max_cost, progress=progress)
         elif check_quality and is_low_bit(fmt):
-            raise ValueError(f"reparameterize: lut_format={fmt!r} is below 4 bits per value, where quality depends on the "
+            what = "has parts below 4 bits per value (q3/q2/q1 or factored)" if mixed else "is below 4 bits per value"
+            raise ValueError(f"reparameterize: lut_format={fmt!r} {what}, where quality depends on the "
                              "model; pass max_cost= and quality_text= (the gate measures its perplexity cost on your "
                              "text), or check_quality=False to use it unmeasured")
 
@@ -274,7 +338,11 @@ class MoLEForCausalLM(_CausalLM):
         of ``model.moe_table.weight``, which the folder then need not hold (the official layout
         has no quantized form, so a quantized LUT travels in such a file). It is opened on
         ``placement`` as it is (disk: read from the file on demand, nothing loaded); ``lut_format``/
-        ``block_size``, if given, must match it, and ``lut_dtype``/``lut_path`` do not apply.
+        ``block_size``, if given, must match it, and ``lut_dtype``/``lut_path`` do not apply. A mixed
+        table's file (:func:`~mole_kernels.mixed.save_mixed`, or ``mole-kernels reparameterize --lut-format
+        PLAN``; recognised by its metadata) opens as a :class:`~mole_kernels.table.MixedLookupTable` on the
+        ``"host"`` or ``"disk"`` tier of a CPU model (no device tier); ``lut_format``, if given, must be its
+        plan, and ``block_size`` does not apply (a plan names its parts' blocks).
 
         ``dtype`` casts the other weights (default: as stored); ``device`` is where the model runs.
         """
@@ -284,7 +352,12 @@ class MoLEForCausalLM(_CausalLM):
         if lut_file is not None and (lut_dtype is not None or lut_path is not None):
             raise ValueError(f"{where}: lut_dtype/lut_path apply to model.moe_table.weight, not to lut_file "
                              "(a LookupTable file is used as stored)")
-        _check_lut_format(lut_format, block_size, cfg.hidden_size, where)
+        plan = _check_lut_format(lut_format, block_size, cfg.hidden_size, where, mixed=True)
+        if plan is not None and lut_file is None:
+            raise ValueError(f"{where}: lut_format={lut_format!r} is a mixed plan, which ranks ids by their counts in a "
+                             "text that from_pretrained does not take: write the table with `mole-kernels reparameterize "
+                             "--lut-format PLAN --lut-file F --quality-text TEXT` (or reparameterize(lut_format=PLAN, "
+                             "counts=..., path=F, placement='disk')), then load it with lut_file=F")
         lut_dtype = parse_dtype(lut_dtype, f"{where}: lut_dtype")
         weights = WeightFiles(_weight_files(path, where), where)  # headers/pickles, read once: no tensor data
         names = weights.shapes
@@ -319,7 +392,7 @@ class MoLEForCausalLM(_CausalLM):
         model.eval()
 
         if lut_file is not None:
-            table = _lut_file_table(lut_file, placement or "host", device, lut_format, block_size, where)
+            table = _lut_file_table(lut_file, placement or "host", device, lut_format, block_size, where, mixed=True)
             try:
                 model.set_lut(table)
             except ValueError:
@@ -337,9 +410,10 @@ class MoLEForCausalLM(_CausalLM):
         """Writes ``config.json`` and the weights in the official layout (train form: the experts;
         inference form: ``model.moe_table.weight`` ``[V, L*E*D]`` in ``lut_dtype``, default as held).
 
-        The official layout has no quantized form: a quantized LUT is written dequantized (in
+        The official layout has no quantized form: a quantized (or mixed) LUT is written dequantized (in
         ``lut_dtype``, default the dtype it was quantized from). To keep the quantized rows,
-        also ``self.lut.save(file)`` and load with ``from_pretrained(..., lut_file=file)``.
+        also ``self.lut.save(file)`` (a mixed table: :func:`~mole_kernels.mixed.save_mixed`) and load with
+        ``from_pretrained(..., lut_file=file)``.
 
         The LUT is streamed from its tier chunk by chunk (``model.safetensors``: no copy of it in
         RAM; ``pytorch_model.bin`` needs it whole, as ``torch.save`` does).
@@ -361,9 +435,16 @@ class MoLEForCausalLM(_CausalLM):
             V, L, E, D = self.config.lut_shape
             lut_dtype = parse_dtype(lut_dtype, "save_pretrained: lut_dtype") or self.lut.dtype
             table = self.lut
+            if getattr(table, "format", None) == "mixed":  # a MixedLookupTable: its parts in RAM once (the
+                from ..mixed import mixed_lut_gather       # compressed size; disk: read whole), rows gathered
+
+                mixed = table._lut_for(None)
+                read = lambda a, b: mixed_lut_gather(mixed, torch.arange(a, b))  # noqa: E731
+            else:
+                read = table.read
 
             def rows(a, b):  # tokens [a, b) as the official [n, L*E*D] rows, read from the table's tier
-                chunk = table.read(a, b)
+                chunk = read(a, b)
                 chunk = dequantize(chunk) if isinstance(chunk, QuantizedLUT) else chunk
                 return chunk.reshape(b - a, L * E * D).to("cpu", lut_dtype)
 
@@ -377,32 +458,100 @@ class MoLEForCausalLM(_CausalLM):
         save_checkpoint(path, sd, cfg, safe_serialization, streamed)
 
 
-def _check_lut_format(lut_format: Optional[str], block_size, hidden: int, where: str) -> None:
-    """Checks a LUT quantization request up front (before any expensive work); ValueError naming it."""
+def _check_lut_format(lut_format: Optional[str], block_size, hidden: int, where: str, *, mixed: bool = False):
+    """Checks a LUT quantization request up front (before any expensive work); ValueError naming it.
+    Returns the parsed mixed plan when ``lut_format`` is one (:func:`mole_kernels.mixed.parse_plan`), else
+    None; ``mixed``: whether the caller serves mixed tables (MoLEForCausalLM on a CPU; not tensor
+    parallelism or vLLM)."""
+    from ..mixed import is_plan, parse_plan
+
     if lut_format is None:
         if block_size is not None:
             raise ValueError(f"{where}: block_size={block_size!r} needs lut_format (a float LUT has no blocks)")
-        return
+        return None
+    if is_plan(lut_format):
+        if not mixed:
+            raise ValueError(f"{where}: lut_format={lut_format!r} is a mixed plan; mixed tables are served by "
+                             "MoLEForCausalLM on a CPU (host or disk tier) only, not here")
+        if block_size is not None:
+            raise ValueError(f"{where}: block_size={block_size!r} does not apply to the mixed plan {lut_format!r} "
+                             "(it names each part's block: FORMAT/BLOCK)")
+        return parse_plan(lut_format, hidden, where=f"{where}: lut_format")
     try:
         fmt = canonical_format(lut_format)
         if block_size is not None:
             row_layout(fmt, hidden, block_size)
     except ValueError as e:
         raise ValueError(f"{where}: lut_format={lut_format!r}, block_size={block_size!r}: {e}") from None
+    return None
 
 
-def _lut_file_table(lut_file, placement: str, device, lut_format: Optional[str], block_size, where: str):
+def _plan_counts(counts, quality_text, vocab_size: int, plan_text: str, where: str) -> torch.Tensor:
+    """The per-id counts [V] that rank a mixed plan's ids: ``counts``, else those of ``quality_text``."""
+    from ..mixed import token_counts
+
+    if counts is None:
+        if quality_text is None:
+            raise ValueError(f"{where}: lut_format={plan_text!r} is a mixed plan, which ranks ids by frequency: pass "
+                             "counts= (per-id token counts [V], e.g. mole_kernels.mixed.token_counts of a corpus) or "
+                             "quality_text=")
+        return token_counts(quality_text, vocab_size)
+    counts = torch.as_tensor(counts)
+    if tuple(counts.shape) != (vocab_size,) or counts.dtype.is_complex or counts.dtype == torch.bool:
+        raise ValueError(f"{where}: counts must be per-id token counts [V] = [{vocab_size}], got "
+                         f"{counts.dtype} {list(counts.shape)}")
+    if bool((counts < 0).any()) or not bool(torch.isfinite(counts.double()).all()):
+        raise ValueError(f"{where}: counts must be finite and >= 0")
+    return counts
+
+
+def _lut_file_table(lut_file, placement: str, device, lut_format: Optional[str], block_size, where: str, *,
+                    mixed: bool = False):
     """The LookupTable file ``lut_file`` opened on ``placement`` as stored (see from_pretrained's ``lut_file``);
-    ``lut_format``/``block_size``, if given, must match it (ValueError, the table closed)."""
+    ``lut_format``/``block_size``, if given, must match it (ValueError, the table closed). ``mixed``: a
+    mixed table's file (:func:`mole_kernels.mixed.save_mixed`) opens as a MixedLookupTable (elsewhere
+    LookupTable.open refuses it, saying what it is)."""
+    from ..mixed import is_mixed_metadata, is_plan
     from ..table import LookupTable
+    from ..table.file_format import safetensors_header
 
+    if mixed and is_mixed_metadata(safetensors_header(os.fspath(lut_file), where)[1]):
+        return _mixed_file_table(os.fspath(lut_file), placement, device, lut_format, block_size, where)
     table = LookupTable.open(lut_file, placement, device=device)
     try:
-        if lut_format is not None and canonical_format(lut_format) != table.format:
+        if lut_format is not None and (is_plan(lut_format) or canonical_format(lut_format) != table.format):
             raise ValueError(f"{where}: lut_format={lut_format!r} but {lut_file!r} holds a "
                              f"{table.format or 'float'} table")
         if block_size is not None and block_size != table.block_size:
             raise ValueError(f"{where}: block_size={block_size} but {lut_file!r} has block_size={table.block_size}")
+    except ValueError:
+        table.close()
+        raise
+    return table
+
+
+def _mixed_file_table(path: str, placement: str, device, lut_format: Optional[str], block_size, where: str):
+    """A mixed table's file (see _lut_file_table) as a MixedLookupTable on ``placement`` ("host"/"disk", CPU)."""
+    from ..mixed import plan_text
+    from ..table import MixedLookupTable
+
+    if placement not in ("host", "disk"):
+        raise ValueError(f"{where}: {path!r} is a mixed-precision table, served from the CPU on the 'host' or 'disk' "
+                         f"tier (MixedLookupTable has no device tier); got placement={placement!r}")
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"{where}: {path!r} is a mixed-precision table, whose rows are delivered on the CPU; got "
+                         f"device={device} (a GPU model needs a single-format table)")
+    if block_size is not None:
+        raise ValueError(f"{where}: block_size={block_size} does not apply to {path!r}, a mixed-precision table (its "
+                         "parts' blocks are in the file)")
+    try:
+        table = MixedLookupTable.open(path, placement)
+    except ValueError as e:  # a corrupt or inconsistent file, named
+        raise ValueError(f"{where}: {path!r}: not a valid mixed table file: {e}") from None
+    m = table.lut
+    try:
+        if lut_format is not None and plan_text(lut_format, m.vocab_size, m.shape[-1]) != m.plan:
+            raise ValueError(f"{where}: lut_format={lut_format!r} but {path!r} holds the mixed table {m.plan!r}")
     except ValueError:
         table.close()
         raise

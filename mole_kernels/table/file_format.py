@@ -17,6 +17,7 @@ import torch
 
 from .._files import atomic_write, check_replaceable
 from .._progress import progress_bar
+from ..mixed import is_mixed_metadata
 from ..quant import QuantizedLUT
 
 #: The newest file format this version reads. Float tables are written as version 1 (readable by
@@ -71,6 +72,10 @@ def _read_header(path: str, tensor: str = TENSOR_NAME, as_shape=None) -> _FileIn
         return ValueError(f"LookupTable.open: {path}: {msg}")
 
     header, meta, data_start, st = safetensors_header(path, "LookupTable.open")  # entries and spans validated
+    if is_mixed_metadata(meta):
+        raise bad("a mixed-precision table (mole_kernels.mixed.save_mixed), not a LookupTable file: open it with "
+                  "MixedLookupTable.open(path, 'host' | 'disk') or MoLEForCausalLM.from_pretrained(..., lut_file=path); "
+                  "LookupTable, tensor parallelism and vLLM do not serve mixed tables")
     if tensor not in header:
         raise bad(f"no tensor named {tensor!r} (tensors: {sorted(header)[:8]}); pass tensor= to pick one")
     entry = header[tensor]
