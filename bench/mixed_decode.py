@@ -1,9 +1,9 @@
 """Decode steps over mixed-precision tables against the bf16 table (issue 26's decode goal), CPU, host and disk.
 
-    python bench/mixed_decode.py [--shape demo|reference] [--rounds 21] [--steps 31]
+    python bench/mixed_decode.py [--shape demo|reference] [--rounds 21] [--steps 31] [--phases]
 
 Providers (one process, interleaved rounds, each round starting one provider later; medians of the
-ms per decode step; ratios against the bf16 table of the same tier): `bf16 host` (a bf16 LookupTable in
+ms per decode step, wall clock and this thread's CPU time; ratios against the bf16 table of the same tier): `bf16 host` (a bf16 LookupTable in
 RAM, read in place by the fused C++ op), `bf16 disk` (its file, the page cache warm: each step's unique
 rows read with pread) and one MixedLookupTable per plan and tier (column-normalised,
 `quantize_mixed(..., normalize=True)`; disk: its save_mixed file, each part's rows of a step read with
@@ -11,7 +11,9 @@ pread; the tables are built from the bf16 table's random values: speed does not 
 what generate's loop runs per token (`model._decode_step` over a static KV cache with 64 earlier tokens);
 B = 1 and 32, one thread. Shapes: `demo` (the `mole-kernels demo` model: V=2048, L=4, E=4, D=128,
 FFN=512) and `reference` (bench/reference_model.py's: V=4096, L=4, E=4, D=128, FFN=512). Zipf-like ids.
-Files go to a temporary folder (deleted at the end).
+Files go to a temporary folder (deleted at the end). ``--phases``: also each provider's thread CPU time
+per step in its reader's ``start`` (the disk tier's row reads) and in its layer calls (the LUT term of every
+layer), measured around each call (which adds its own ~1 us per call to every provider alike).
 """
 import argparse
 import statistics
@@ -42,6 +44,7 @@ def main(argv=None):
     ap.add_argument("--shape", choices=sorted(SHAPES), default="demo")
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--steps", type=int, default=31)
+    ap.add_argument("--phases", action="store_true", help="also time the reader's start and layer calls per step")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     V, L, D, F, H, Hkv, E = SHAPES[args.shape]
@@ -88,24 +91,54 @@ def main(argv=None):
         runs = {k: stepper(m) for k, m in models.items()}
         for r in runs.values():
             r()  # warm-up
+        phases = {k: _time_phases(m) for k, m in models.items()} if args.phases else {}
         times = {k: [] for k in runs}
+        cpu = {k: [] for k in runs}  # this thread's CPU time: less moved by other processes on a shared machine
         order = list(runs)
         for _ in range(args.rounds):
             for k in order:
-                t0 = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 runs[k]()
                 times[k].append((time.perf_counter() - t0) / args.steps * 1e3)
+                cpu[k].append((time.thread_time() - c0) / args.steps * 1e3)
             order.append(order.pop(0))
         print(f"\nB = {B}: decode step (median ms per step; ratio against the bf16 table of the same tier)")
-        print("| table | tier | bits/value | ms/step | vs bf16 |\n|---|---|---:|---:|---:|")
+        print("| table | tier | bits/value | ms/step | vs bf16 | vs bf16 (thread CPU time) |\n|---|---|---:|---:|---:|---:|")
         for k, t in tables.items():
             name, tier = k.rsplit(" ", 1)
             bits = 16.0 if name == "bf16" else t.bits_per_value
             med, ref = statistics.median(times[k]), statistics.median(times["bf16 " + tier])
-            print(f"| {name} | {tier} | {bits:.3f} | {med:.3f} | {med / ref:.3f}x |")
+            c = statistics.median(cpu[k]) / statistics.median(cpu["bf16 " + tier])
+            print(f"| {name} | {tier} | {bits:.3f} | {med:.3f} | {med / ref:.3f}x | {c:.3f}x |")
+        if phases:
+            n = args.rounds * args.steps
+            print("\n| table | tier | start us/step | layer calls us/step |\n|---|---|---:|---:|")
+            for k, ph in phases.items():
+                name, tier = k.rsplit(" ", 1)
+                print(f"| {name} | {tier} | {ph['start'] / n / 1e3:.2f} | {ph['layers'] / n / 1e3:.2f} |")
     for t in tables.values():
         t.close()
     tmp.cleanup()
+
+
+def _time_phases(model):
+    """Thread CPU ns spent in the model's reader's start and in its layer calls (wraps both, from now on)."""
+    reader = model._reader or model._new_reader()
+    start, spent = reader.start, {"start": 0, "layers": 0}
+
+    def timed_start(ids):
+        t0 = time.thread_time_ns()
+        combine = start(ids)
+        spent["start"] += time.thread_time_ns() - t0
+
+        def timed_combine(*a):
+            t1 = time.thread_time_ns()
+            out = combine(*a)
+            spent["layers"] += time.thread_time_ns() - t1
+            return out
+        return timed_combine
+    reader.start = timed_start
+    return spent
 
 
 if __name__ == "__main__":

@@ -59,6 +59,11 @@ at::Tensor lut_combine_quant_step_cpu(const at::Tensor& data, c10::string_view f
 // cost a GEMM library's fixed overhead would dwarf; at::linear beyond (csrc/lut_combine.cpp).
 at::Tensor router_logits(const at::Tensor& x, const at::Tensor& weight);
 
+// softmax(linear(x, weight)) into w [T, E] (float32), as the decode step's lean path computes it, for
+// contiguous CPU x [*, K] (T rows) and weight [E, K] of one float dtype and T * E * K up to the hand loop's
+// bound; false (w untouched) for any other call. No allocation: the mixed table's lean step shares it.
+bool router_softmax_into(const at::Tensor& x, const at::Tensor& weight, int64_t T, float* w);
+
 // The float32 softmax weights [T, E] of logits [*, E] (any float dtype and strides), max-subtracted, as
 // lut_combine computes them (csrc/lut_combine.cpp); the mixed table's step shares them.
 std::vector<float> softmax_weights(const at::Tensor& logits, int64_t T, int64_t E);

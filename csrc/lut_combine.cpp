@@ -368,6 +368,25 @@ at::Tensor router_logits(const at::Tensor& x, const at::Tensor& weight) {
   return out;
 }
 
+bool router_softmax_into(const at::Tensor& x, const at::Tensor& weight, int64_t T, float* w) {
+  if (weight.layout() != at::kStrided || !weight.device().is_cpu() || weight.dim() != 2 || !weight.is_contiguous() ||
+      x.layout() != at::kStrided || !x.device().is_cpu() || !x.is_contiguous() || x.dim() < 1 ||
+      x.scalar_type() != weight.scalar_type() || !is_float_dtype(x.scalar_type())) {
+    return false;
+  }
+  const int64_t E = weight.size(0), K = weight.size(1);
+  if (K < 1 || x.size(-1) != K || x.numel() != T * K || T * E * K > kHandLoop) return false;
+  MOLE_DISPATCH_FLOATING_TYPES(x.scalar_type(), "router_logits", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t e = 0; e < E; ++e) w[t * E + e] = static_cast<float>(router_dot(xp + t * K, wp + e * K, K));
+    }
+  });
+  for (int64_t t = 0; t < T; ++t) softmax_row(w + t * E, w + t * E, E);
+  return true;
+}
+
 void lut_combine_into_cpu(const at::Tensor& out, const at::Tensor& lut, const at::Tensor& ids,
                           const at::Tensor& logits, std::optional<int64_t> layer,
                           const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared,

@@ -53,9 +53,12 @@ MixedTable make_mixed_table(const at::Tensor& rank, at::TensorList parts, c10::s
 void locate_mixed(const MixedTable& m, const at::Tensor& ids, MixedRow* where);
 
 // out[t] = add0[t] + add1[t] + sum_e w[t, e] * row(t, l, e) for t < T; out/add0/add1 [T, D] contiguous of
-// one float dtype (add0/add1 may be undefined). `parallel`: split tokens over threads.
+// one float dtype (add0/add1 may be undefined). `parallel`: split tokens over threads. `scratch`: null, or (a
+// serial call) fused_scratch_floats(m) floats the call may use instead of allocating its own.
 void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int64_t l, const float* w,
-                     const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1, bool parallel);
+                     const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1, bool parallel,
+                     float* scratch);
+int64_t fused_scratch_floats(const MixedTable& m);
 
 // The decode step's layer call for a mixed table in RAM (mole_kernels._C._lut_combine_mixed): residual + shared
 // + sum_e softmax(logits)_e * row(ids, layer, e), the logits linear(x, router_weight) (x itself without one).

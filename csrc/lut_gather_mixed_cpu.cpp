@@ -398,8 +398,15 @@ int64_t scratch_floats(const MixedTable& m) {
 
 }  // namespace
 
+// Floats of mixed_fused_cpu's scratch per thread: the pending factored tokens' rows (kTokenGroup) and one more for
+// the token at hand, the pending tokens' coefficients (E * rank each) and a row of scratch.
+int64_t fused_scratch_floats(const MixedTable& m) {
+  return (kTokenGroup + 1) * m.D + (kTokenGroup + 1) * scratch_floats(m);
+}
+
 void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int64_t l, const float* w,
-                     const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1, bool parallel) {
+                     const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1, bool parallel,
+                     float* scratch) {
   const int64_t D = m.D, E = m.E;
   const int64_t S = scratch_floats(m);
   MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_gather_mixed", [&] {
@@ -409,9 +416,10 @@ void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int6
     scalar_t* o = out.data_ptr<scalar_t>();
     auto body = [&](int64_t begin, int64_t end) {
       // acc: the pending factored tokens' rows (kTokenGroup) and one more for the token at hand; coef: the
-      // pending tokens' coefficients (E * rank each); tmp: scratch.
-      std::vector<float> buf(static_cast<size_t>((kTokenGroup + 1) * D + kTokenGroup * S + S));
-      float* acc = buf.data();
+      // pending tokens' coefficients (E * rank each); tmp: scratch (fused_scratch_floats). A serial call may
+      // bring its own.
+      std::vector<float> buf(scratch != nullptr && !parallel ? 0 : static_cast<size_t>(fused_scratch_floats(m)));
+      float* acc = buf.empty() ? scratch : buf.data();
       float* coef = acc + (kTokenGroup + 1) * D;
       float* tmp = coef + kTokenGroup * S;
       int64_t group[kTokenGroup];
@@ -502,7 +510,8 @@ at::Tensor lut_gather_mixed_cpu(const at::Tensor& rank, at::TensorList parts, c1
   const std::vector<MixedRow> where = locate(m, ids);
   if (fused) {
     const at::Tensor w = kernel_weights(weights);
-    mixed_fused_cpu(m, where.data(), T, l0, w.const_data_ptr<float>(), out, at::Tensor(), at::Tensor(), true);
+    mixed_fused_cpu(m, where.data(), T, l0, w.const_data_ptr<float>(), out, at::Tensor(), at::Tensor(), true,
+                    nullptr);
     return out;
   }
   MOLE_DISPATCH_FLOATING_TYPES(out_dtype, "lut_gather_mixed", [&] {
@@ -522,11 +531,104 @@ at::Tensor lut_gather_mixed_cpu(const at::Tensor& rank, at::TensorList parts, c1
 
 }  // namespace
 
+namespace {
+
+// A lean step's tokens, their softmax weights and its scratch live on the stack up to these sizes.
+constexpr int64_t kLeanTokens = 16, kLeanWeights = 256, kLeanScratch = 4096;
+
+// Starts loading bytes [p, p + n) into the caches (no fault, no wait).
+inline void prefetch_span(const void* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i, 0, 3);
+}
+
+bool is_step_operand(const at::Tensor& t, const at::Tensor& ids, int64_t last, at::ScalarType dtype) {
+  if (t.layout() != at::kStrided || !t.device().is_cpu() || t.scalar_type() != dtype || !t.is_contiguous() ||
+      t.dim() != ids.dim() + 1 || t.size(-1) != last) {
+    return false;
+  }
+  for (int64_t i = 0; i < ids.dim(); ++i) {
+    if (t.size(i) != ids.size(i)) return false;
+  }
+  return true;
+}
+
+// A decode step's layer, the usual case only: a layer of a layered table, a few contiguous ids all in
+// [0, V), x and the router weight of one float dtype (router_softmax_into), contiguous residual and shared of
+// one float dtype and ids.shape + [D]. Why (as lut_combine's lean path, csrc/lut_combine.cpp): between two
+// layers a decode step streams megabytes of weights through the caches, so the general path's checks,
+// vectors, dispatched allocations and temporaries each cost a cache miss or more, and every byte the layer
+// reads is a miss. So: nothing allocated but the result, nothing dispatched, and the tokens' rows, the
+// layer's column scales and offsets and a factored part's basis prefetched before the router runs. The same
+// sum as the general path (mixed_fused_cpu). Undefined for any other call, which the general path then runs
+// or refuses, naming what is wrong.
+at::Tensor mixed_step_lean(const MixedTable& m, const at::Tensor& ids, std::optional<int64_t> layer,
+                           const at::Tensor& x, const at::Tensor& router_weight, const at::Tensor& residual,
+                           const at::Tensor& shared) {
+  const int64_t T = ids.numel(), E = m.E, D = m.D;
+  if (!m.layered || !layer.has_value() || *layer < 0 || *layer >= m.L || T < 1 || T > kLeanTokens ||
+      T * E > kLeanWeights || fused_scratch_floats(m) > kLeanScratch || ids.layout() != at::kStrided ||
+      !ids.device().is_cpu() || !ids.is_contiguous() ||
+      (ids.scalar_type() != at::kLong && ids.scalar_type() != at::kInt)) {
+    return at::Tensor();
+  }
+  const at::ScalarType dtype = residual.scalar_type();
+  if (!is_float_dtype(dtype) || !is_step_operand(residual, ids, D, dtype) || !is_step_operand(shared, ids, D, dtype)) {
+    return at::Tensor();
+  }
+  const int64_t l = *layer;
+  MixedRow where[kLeanTokens];
+  bool in_range = true;
+  MOLE_DISPATCH_ID_TYPES(ids.scalar_type(), "lut_combine_mixed", [&] {
+    const scalar_t* id = ids.const_data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T && in_range; ++t) {
+      const int64_t v = static_cast<int64_t>(id[t]);
+      const int64_t r = v >= 0 && v < m.V ? m.rank[v] : -1;
+      in_range = r >= 0 && r < m.V;
+      if (!in_range) break;
+      int32_t k = 0;
+      while (k + 1 < static_cast<int32_t>(m.parts.size()) && r >= m.parts[k + 1].start) ++k;
+      where[t] = {k, r - m.parts[k].start};
+    }
+  });
+  if (!in_range) return at::Tensor();  // the general path raises, naming the id (or the corrupt rank)
+  // The layer's data, loading while the router runs: each token's rows, the column scales and offsets, and
+  // the basis of each factored part a token reads (once per part).
+  int32_t basis_of = -1;
+  for (int64_t t = 0; t < T; ++t) {
+    const MixedPart& p = m.parts[where[t].part];
+    prefetch_span(p.data + where[t].row * p.token_bytes + l * E * p.row_bytes, E * p.row_bytes);
+    if (p.kind == PartKind::kFactored && basis_of != where[t].part) {
+      prefetch_span(p.basis + l * E * p.rank * D, E * p.rank * D * static_cast<int64_t>(sizeof(float)));
+      basis_of = where[t].part;
+    }
+  }
+  if (m.offset != nullptr) {
+    prefetch_span(m.offset + l * E * D, E * D * static_cast<int64_t>(sizeof(float)));
+    prefetch_span(m.col_scale + l * E * D, E * D * static_cast<int64_t>(sizeof(float)));
+  }
+  float w[kLeanWeights];
+  if (router_weight.dim() != 2 || router_weight.size(0) != E || !is_step_operand(x, ids, router_weight.size(-1),
+                                                                                   router_weight.scalar_type()) ||
+      !router_softmax_into(x, router_weight, T, w)) {
+    return at::Tensor();
+  }
+  at::Tensor out = at::detail::empty_cpu(residual.sizes(), dtype);  // the op's own allocator, undispatched
+  float scratch[kLeanScratch];
+  mixed_fused_cpu(m, where, T, l, w, out, residual, shared, /*parallel=*/false, scratch);
+  return out;
+}
+
+}  // namespace
+
 at::Tensor lut_combine_mixed_step_cpu(const MixedTable& m, const at::Tensor& ids, std::optional<int64_t> layer,
                                       const at::Tensor& x, const std::optional<at::Tensor>& router_weight,
                                       const std::optional<at::Tensor>& residual,
                                       const std::optional<at::Tensor>& shared) {
   const char* op = "lut_combine_mixed";
+  if (router_weight.has_value() && residual.has_value() && shared.has_value()) {
+    at::Tensor out = mixed_step_lean(m, ids, layer, x, *router_weight, *residual, *shared);
+    if (out.defined()) return out;
+  }
   MOLE_CHECK_ARG(ids.device().is_cpu() && ids.layout() == at::kStrided &&
                      (ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong),
                  op, ": ids must be an int32/int64 CPU tensor, got ", ids.scalar_type(), " on ", ids.device());
@@ -563,7 +665,7 @@ at::Tensor lut_combine_mixed_step_cpu(const MixedTable& m, const at::Tensor& ids
   }
   locate_mixed(m, ids, where);
   const std::vector<float> w = softmax_weights(logits, T, E);
-  mixed_fused_cpu(m, where, T, l, w.data(), out, term(residual), term(shared), /*parallel=*/T > kStack);
+  mixed_fused_cpu(m, where, T, l, w.data(), out, term(residual), term(shared), /*parallel=*/T > kStack, nullptr);
   return out;
 }
 

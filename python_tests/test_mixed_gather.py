@@ -182,6 +182,45 @@ def test_decode_step_call_matches_float64(normalize, dtype):
         _C._lut_combine_mixed(handle, torch.tensor([1]), 2, torch.randn(1, 3), None, None, None)
 
 
+@pytest.mark.parametrize("shape,plan", [((61, 3, 1, 37), [("int8", 5), ("f6x5", None)]),
+                                        ((50, 2, 5, 130), [("nf4", 4), ("f3x8", 9), ("q2", None)]),
+                                        ((40, 1, 2, 16), [(None, 3), ("int8", 4), ("f5x2", None)])])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_decode_step_lean_path_matches_float64(shape, plan, normalize):
+    """The step call's lean path (a layered table, up to 16 contiguous ids, x and W of one dtype, contiguous
+    residual/shared) and the calls it leaves to the general path (empty, int32 ids, mixed dtypes, strided x,
+    more tokens): odd D, E = 1, repeated ids, rows in every part, every layer, against float64."""
+    V, L, E, D = shape
+    m = mixed_case(plan, shape, normalize, seed=V)
+    full = ref_table(m)
+    handle = _C._mixed_table(*mixed_op_args(m)[0], *mixed_op_args(m)[1])
+    every = ids_in_every_part(m)
+    for T in (0, 1, 3, 16, 17):
+        ids = torch.cat([every, torch.randint(0, V, (T,))])[:T]
+        if T > 2:
+            ids[T // 2] = ids[0]  # a repeat
+        for ids_dtype, x_dtype, dtype, strided in [(torch.int64, torch.float32, torch.float32, False),
+                                                   (torch.int32, torch.float32, torch.float32, False),
+                                                   (torch.int64, torch.bfloat16, torch.bfloat16, False),
+                                                   (torch.int64, torch.float32, torch.bfloat16, False),
+                                                   (torch.int64, torch.float32, torch.float32, True)]:
+            step_ids = ids.to(ids_dtype).view(1, T)
+            K = 9
+            x = torch.randn(1, T, 2 * K)[..., ::2] if strided else torch.randn(1, T, K)
+            x, W = x.to(x_dtype), torch.randn(E, K).to(x_dtype)
+            res, sh = torch.randn(1, T, D).to(dtype), torch.randn(1, T, D).to(dtype)
+            w = torch.softmax(torch.nn.functional.linear(x.float(), W.float()), -1).double()
+            for layer in range(L):
+                got = _C._lut_combine_mixed(handle, step_ids, layer, x, res, sh, W)
+                want = res.double() + sh.double() + (w[..., None] * full[step_ids.long(), layer]).sum(-2)
+                assert got.dtype == dtype and got.shape == (1, T, D)
+                if T:
+                    close(got, want, dtype if x_dtype == torch.float32 else torch.bfloat16)
+    with pytest.raises(ValueError, match=f"contains {V}"):  # the lean path leaves a bad id to the general one
+        _C._lut_combine_mixed(handle, torch.tensor([0, V]), 0, torch.randn(2, 4), torch.randn(2, D),
+                              torch.randn(2, D), torch.randn(E, 4))
+
+
 def test_compiled_gather_matches_eager():
     m = mixed_case(PLANS[1], (60, 2, 3, 40), True)
     ids, w = ids_in_every_part(m), torch.rand(ids_in_every_part(m).numel(), 3)
@@ -193,7 +232,8 @@ def test_compiled_gather_matches_eager():
     torch.testing.assert_close(torch.compile(fused, fullgraph=True)(ids, w), fused(ids, w), rtol=0, atol=0)
 
 
-SCALAR_CHILD_TESTS = ("test_rows_and_fused_match_float64", "test_decode_step_call_matches_float64")
+SCALAR_CHILD_TESTS = ("test_rows_and_fused_match_float64", "test_decode_step_call_matches_float64",
+                      "test_decode_step_lean_path_matches_float64")
 
 
 @pytest.mark.child_run(args=[__file__, "-k", " or ".join(SCALAR_CHILD_TESTS)], env={"MOLE_KERNELS_CPU_ISA": "scalar"})
