@@ -14,6 +14,8 @@ FFN=512) and `reference` (bench/reference_model.py's: V=4096, L=4, E=4, D=128, F
 Files go to a temporary folder (deleted at the end). ``--phases``: also each provider's thread CPU time
 per step in its reader's ``start`` (the disk tier's row reads) and in its layer calls (the LUT term of every
 layer), measured around each call (which adds its own ~1 us per call to every provider alike).
+``paired``: the median of the per-round wall-clock ratios with its 90 % bootstrap interval (bench/conftest.py
+``paired_ratio``): a bound is shown met when the interval lies under it.
 """
 import argparse
 import statistics
@@ -25,11 +27,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the source tree
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # bench/conftest.py's paired_ratio
 
 from mole_kernels import LookupTable, MoLEConfig, MoLEForCausalLM  # noqa: E402
 from mole_kernels.mixed import quantize_mixed, save_mixed  # noqa: E402
 from mole_kernels.model.layers import StaticKVCache  # noqa: E402
 from mole_kernels.table import MixedLookupTable  # noqa: E402
+from conftest import paired_ratio  # noqa: E402
 
 SHAPES = {"demo": (2048, 4, 128, 512, 4, 2, 4), "reference": (4096, 4, 128, 512, 4, 2, 4)}
 PLANS = {
@@ -103,13 +107,16 @@ def main(argv=None):
                 cpu[k].append((time.thread_time() - c0) / args.steps * 1e3)
             order.append(order.pop(0))
         print(f"\nB = {B}: decode step (median ms per step; ratio against the bf16 table of the same tier)")
-        print("| table | tier | bits/value | ms/step | vs bf16 | vs bf16 (thread CPU time) |\n|---|---|---:|---:|---:|---:|")
+        print("| table | tier | bits/value | ms/step | vs bf16 | vs bf16 (thread CPU time) | paired [90 % interval] |\n"
+              "|---|---|---:|---:|---:|---:|---|")
         for k, t in tables.items():
             name, tier = k.rsplit(" ", 1)
             bits = 16.0 if name == "bf16" else t.bits_per_value
             med, ref = statistics.median(times[k]), statistics.median(times["bf16 " + tier])
             c = statistics.median(cpu[k]) / statistics.median(cpu["bf16 " + tier])
-            print(f"| {name} | {tier} | {bits:.3f} | {med:.3f} | {med / ref:.3f}x | {c:.3f}x |")
+            pm, lo, hi = paired_ratio(times[k], times["bf16 " + tier])
+            print(f"| {name} | {tier} | {bits:.3f} | {med:.3f} | {med / ref:.3f}x | {c:.3f}x | {pm:.3f} [{lo:.3f}, "
+                  f"{hi:.3f}] |")
         if phases:
             n = args.rounds * args.steps
             print("\n| table | tier | start us/step | layer calls us/step |\n|---|---|---:|---:|")
