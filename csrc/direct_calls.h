@@ -77,4 +77,22 @@ std::tuple<at::Tensor, int64_t, int64_t> read_unique_file(int64_t handle, const 
                                                           const at::Tensor& dst, bool background);
 void wait_reads(int64_t ticket);
 
+// The decode step's lean paths (lut_combine.cpp, lut_gather_mixed_cpu.cpp) share these two.
+// Whether `t` is a contiguous CPU tensor of `dtype` and shape ids.shape + [last].
+inline bool is_step_operand(const at::Tensor& t, const at::Tensor& ids, int64_t last, at::ScalarType dtype) {
+  if (t.layout() != at::kStrided || !t.device().is_cpu() || t.scalar_type() != dtype || !t.is_contiguous() ||
+      t.dim() != ids.dim() + 1 || t.size(-1) != last) {
+    return false;
+  }
+  for (int64_t i = 0; i < ids.dim(); ++i) {
+    if (t.size(i) != ids.size(i)) return false;
+  }
+  return true;
+}
+
+// Starts loading bytes [p, p + n) into the caches (no fault, no wait).
+inline void prefetch_span(const void* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i, 0, 3);
+}
+
 }  // namespace mole

@@ -203,17 +203,8 @@ constexpr int64_t kHandLoop = 1 << 16;
 // A decode step's T x E softmax weights (and its T ids) live on the stack up to this many.
 constexpr int64_t kStepWeights = 256;
 
-// Whether `t` is a contiguous CPU tensor of `dtype` and shape ids.shape + [last].
-bool is_step_operand(const at::Tensor& t, const at::Tensor& ids, int64_t last, at::ScalarType dtype) {
-  if (t.layout() != at::kStrided || !t.device().is_cpu() || t.scalar_type() != dtype || !t.is_contiguous() ||
-      t.dim() != ids.dim() + 1 || t.size(-1) != last) {
-    return false;
-  }
-  for (int64_t i = 0; i < ids.dim(); ++i) {
-    if (t.size(i) != ids.size(i)) return false;
-  }
-  return true;
-}
+// Tokens whose rows are prefetched ahead of the one being summed (and before the router, for the first).
+constexpr int64_t kPrefetchTokens = 4;
 
 // What a decode step's lean path knows before its sum: each token's id (int64) and its softmax weights.
 struct StepWeights {
@@ -232,14 +223,6 @@ struct StepWeights {
 // pays for each cache line it touches; the general path's checks, dispatched allocations and
 // temporaries, and the general fused kernels' dispatch layers, thread-pool entry and SIMD variants,
 // cost more that way than the layer's whole lookup.
-// Starts loading bytes [p, p + n) into the caches (no fault, no wait).
-inline void prefetch_span(const char* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(p + i, 0, 3);
-}
-
-// Tokens whose rows are prefetched ahead of the one being summed (and before the router, for the first).
-constexpr int64_t kPrefetchTokens = 4;
-
 bool step_weights(const at::Tensor& table, int64_t D, const at::Tensor& ids, std::optional<int64_t> layer,
                   const at::Tensor& x, const at::Tensor& router_weight, const std::optional<at::Tensor>& residual,
                   const std::optional<at::Tensor>& shared, StepWeights& s, int64_t seg_bytes) {

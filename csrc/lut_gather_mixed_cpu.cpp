@@ -536,22 +536,6 @@ namespace {
 // A lean step's tokens, their softmax weights and its scratch live on the stack up to these sizes.
 constexpr int64_t kLeanTokens = 16, kLeanWeights = 256, kLeanScratch = 4096;
 
-// Starts loading bytes [p, p + n) into the caches (no fault, no wait).
-inline void prefetch_span(const void* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i, 0, 3);
-}
-
-bool is_step_operand(const at::Tensor& t, const at::Tensor& ids, int64_t last, at::ScalarType dtype) {
-  if (t.layout() != at::kStrided || !t.device().is_cpu() || t.scalar_type() != dtype || !t.is_contiguous() ||
-      t.dim() != ids.dim() + 1 || t.size(-1) != last) {
-    return false;
-  }
-  for (int64_t i = 0; i < ids.dim(); ++i) {
-    if (t.size(i) != ids.size(i)) return false;
-  }
-  return true;
-}
-
 // A decode step's layer, the usual case only: a layer of a layered table, a few contiguous ids all in
 // [0, V), x and the router weight of one float dtype (router_softmax_into), contiguous residual and shared of
 // one float dtype and ids.shape + [D]. Why (as lut_combine's lean path, csrc/lut_combine.cpp): between two
