@@ -534,7 +534,8 @@ at::Tensor lut_gather_mixed_cpu(const at::Tensor& rank, at::TensorList parts, c1
 namespace {
 
 // A lean step's tokens, their softmax weights and its scratch live on the stack up to these sizes.
-constexpr int64_t kLeanTokens = 16, kLeanWeights = 256, kLeanScratch = 4096;
+// 64 tokens, as lut_combine's lean path takes (its kStepWeights = 256 weights at E = 4): a B = 32 step too.
+constexpr int64_t kLeanTokens = 64, kLeanWeights = 256, kLeanScratch = 4096;
 
 // A decode step's layer, the usual case only: a layer of a layered table, a few contiguous ids all in
 // [0, V), x and the router weight of one float dtype (router_softmax_into), contiguous residual and shared of

@@ -187,7 +187,7 @@ def test_decode_step_call_matches_float64(normalize, dtype):
                                         ((40, 1, 2, 16), [(None, 3), ("int8", 4), ("f5x2", None)])])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_decode_step_lean_path_matches_float64(shape, plan, normalize):
-    """The step call's lean path (a layered table, up to 16 contiguous ids, x and W of one dtype, contiguous
+    """The step call's lean path (a layered table, up to 64 contiguous ids, x and W of one dtype, contiguous
     residual/shared) and the calls it leaves to the general path (empty, int32 ids, mixed dtypes, strided x,
     more tokens): odd D, E = 1, repeated ids, rows in every part, every layer, against float64."""
     V, L, E, D = shape
@@ -195,7 +195,7 @@ def test_decode_step_lean_path_matches_float64(shape, plan, normalize):
     full = ref_table(m)
     handle = _C._mixed_table(*mixed_op_args(m)[0], *mixed_op_args(m)[1])
     every = ids_in_every_part(m)
-    for T in (0, 1, 3, 16, 17):
+    for T in (0, 1, 3, 16, 17, 64, 65):
         ids = torch.cat([every, torch.randint(0, V, (T,))])[:T]
         if T > 2:
             ids[T // 2] = ids[0]  # a repeat
