@@ -259,14 +259,7 @@ bool step_weights(const at::Tensor& table, int64_t D, const at::Tensor& ids, std
     const int64_t token_bytes = table.nbytes() / V;
     for (int64_t t = 0; t < std::min(T, kPrefetchTokens); ++t) prefetch_span(base + s.row[t] * token_bytes, seg_bytes);
   }
-  MOLE_DISPATCH_FLOATING_TYPES(x.scalar_type(), "router_logits", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* wp = router_weight.const_data_ptr<scalar_t>();
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t e = 0; e < E; ++e) s.w[t * E + e] = static_cast<float>(router_dot(xp + t * K, wp + e * K, K));
-    }
-  });
-  for (int64_t t = 0; t < T; ++t) softmax_row(s.w + t * E, s.w + t * E, E);
+  if (!router_softmax_into(x, router_weight, T, s.w)) return false;  // its checks are those above: it runs
   s.T = T;
   return true;
 }

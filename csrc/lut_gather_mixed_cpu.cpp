@@ -299,6 +299,17 @@ MixedTable make_mixed_table(const at::Tensor& rank, at::TensorList parts, c10::s
   return m;
 }
 
+namespace {
+
+// Where rank r's row lives: its part (the parts hold consecutive ranks from their `start`) and its row there.
+inline MixedRow row_of_rank(const MixedTable& m, int64_t r) {
+  int32_t k = 0;
+  while (k + 1 < static_cast<int32_t>(m.parts.size()) && r >= m.parts[k + 1].start) ++k;
+  return {k, r - m.parts[k].start};
+}
+
+}  // namespace
+
 void locate_mixed(const MixedTable& m, const at::Tensor& ids, MixedRow* where) {
   const at::Tensor flat = ids.contiguous();
   const int64_t T = flat.numel();
@@ -309,11 +320,9 @@ void locate_mixed(const MixedTable& m, const at::Tensor& ids, MixedRow* where) {
       MOLE_CHECK_ARG(v >= 0 && v < m.V, "lut_gather_mixed: ids contains ", v, " (at flat position ", t,
                      "), outside the table's vocabulary [0, ", m.V, ")");
       const int64_t r = m.rank[v];
-      int32_t k = 0;
-      while (k + 1 < static_cast<int32_t>(m.parts.size()) && r >= m.parts[k + 1].start) ++k;
       MOLE_CHECK_ARG(r >= 0 && r < m.V, "lut_gather_mixed: rank[", v, "] = ", r, " is outside [0, ", m.V,
                      ") (a corrupt rank map)");
-      where[t] = {k, r - m.parts[k].start};
+      where[t] = row_of_rank(m, r);
     }
   });
 }
@@ -570,9 +579,7 @@ at::Tensor mixed_step_lean(const MixedTable& m, const at::Tensor& ids, std::opti
       const int64_t r = v >= 0 && v < m.V ? m.rank[v] : -1;
       in_range = r >= 0 && r < m.V;
       if (!in_range) break;
-      int32_t k = 0;
-      while (k + 1 < static_cast<int32_t>(m.parts.size()) && r >= m.parts[k + 1].start) ++k;
-      where[t] = {k, r - m.parts[k].start};
+      where[t] = row_of_rank(m, r);
     }
   });
   if (!in_range) return at::Tensor();  // the general path raises, naming the id (or the corrupt rank)
