@@ -158,6 +158,11 @@ PAIRED_NOTE = ("paired: [median, lo, hi] of the per-round ratios (wall clock), l
                "of that median")
 
 
+def _paired(num, den):
+    """paired_ratio(num, den) as extra_info stores it: [median, lo, hi], rounded."""
+    return [round(x, 4) for x in paired_ratio(num, den)]
+
+
 def _stepper(cfg, model, provider, B, ids, steps=STEPS):
     """A callable running `steps` decode steps of `provider` (what generate's loop runs per token)."""
     cache = StaticKVCache(cfg, B, CONTEXT + steps + 1, device=DEV, dtype=model.dtype)
@@ -223,8 +228,7 @@ def test_decode_vs_dense(benchmark, threads, built, shape, B, mode):
     else:
         pairs["disk/host" + suffix] = ("mole-disk" + suffix, "mole-host" + suffix)
     ratios = {k: ms[a] / ms[b] for k, (a, b) in pairs.items()}
-    paired = {k: [round(x, 4) for x in paired_ratio(times[a], times[b])] for k, (a, b) in pairs.items()
-              if a != b}
+    paired = {k: _paired(times[a], times[b]) for k, (a, b) in pairs.items() if a != b}
     V, L, D, F, H, Hkv, E, lut_dtype = SHAPES[shape]
     benchmark.group = "decode-vs-dense"
     benchmark.extra_info.update(
@@ -348,7 +352,7 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
         for k, (a, b) in {"mole-host": ("mole-host", "dense"), "dense-again": ("dense-again", "dense"),
                           "disk/host": ("mole-disk", "mole-host"),
                           "disk-cold/host": ("mole-disk-cold", "mole-host")}.items():
-            paired[k] = [round(x, 4) for x in paired_ratio(each[a], each[b])]
+            paired[k] = _paired(each[a], each[b])
         ms.update(got)
         cpu_ms.update(cpu)
         ratios.update({p: got[p] / got["dense"] for p in got})
@@ -367,7 +371,7 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
                 runs = {"mole-host": stepper(host_model), f"mole-host-{fmt}": stepper(mole_on(q))}
                 got, cpu, each = _interleaved(runs, REAL_ROUNDS)
                 p = f"mole-host-{fmt}"
-                paired[f"{fmt}/bf16"] = [round(x, 4) for x in paired_ratio(each[p], each["mole-host"])]
+                paired[f"{fmt}/bf16"] = _paired(each[p], each["mole-host"])
                 ms[p], cpu_ms[p] = got[p], cpu[p]
                 for r, m in ((ratios, got), (cpu_ratios, cpu)):
                     r[f"{fmt}/bf16"] = m[p] / m["mole-host"]
@@ -379,8 +383,7 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
             got, cpu, each = _interleaved(runs, REAL_ROUNDS)
             ms.update(got)
             cpu_ms.update(cpu)
-            paired["compiled mole/dense"] = [round(x, 4) for x in paired_ratio(each["mole-host-compiled"],
-                                                                              each["dense-compiled"])]
+            paired["compiled mole/dense"] = _paired(each["mole-host-compiled"], each["dense-compiled"])
             for r, m in ((ratios, got), (cpu_ratios, cpu)):
                 r["dense-compiled"] = 1.0
                 r["mole-host-compiled"] = r["compiled mole/dense"] = m["mole-host-compiled"] / m["dense-compiled"]

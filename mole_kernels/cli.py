@@ -26,7 +26,10 @@ import sys
 import tempfile
 import threading
 import time
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
+
+if TYPE_CHECKING:  # torch is imported by the commands that need it (the CLI starts without it)
+    import torch
 
 from ._format import human_bytes as _human
 
@@ -798,7 +801,9 @@ LUT_FORMATS = ("int8", "fp8", "fp8_e4m3", "nf4", "q3", "q2", "q1")
 
 def _lut_format_arg(text):
     """--lut-format: a format name, or text written as a mixed plan (its parts are checked by the command)."""
-    if text in LUT_FORMATS or ("@" in text or "+" in text or text.startswith("norm:")):
+    from .mixed import is_plan
+
+    if text in LUT_FORMATS or is_plan(text):
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is neither a format ({', '.join(LUT_FORMATS)}) nor a mixed plan "
                                      "[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK]")

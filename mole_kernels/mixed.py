@@ -347,8 +347,8 @@ def _plan_text(parts, normalize: bool, dim: int) -> str:
     return ("norm:" if normalize else "") + "+".join(items)
 
 
-def plan_text(plan, vocab_size: int, dim: int) -> str:
-    """The canonical text of a plan (:func:`parse_plan`'s dict or text) for a ``[V, ..., D]`` table: what
+def plan_text(plan, dim: int) -> str:
+    """The canonical text of a plan (:func:`parse_plan`'s dict or text) for a ``[..., D]`` table: what
     :attr:`MixedLUT.plan` says of the table :func:`quantize_plan` makes of it (to compare the two)."""
     spec = parse_plan(plan, dim) if isinstance(plan, str) else plan
     parts = [(fmt, b if b is not None or parse_factored_format(fmt) else default_block_size(fmt, dim), n)

@@ -583,7 +583,7 @@ def test_a_mixed_table_file_opens_only_where_it_is_served(tmp_path, capsys):
     for placement in ("host", "disk"):
         with pytest.raises(ValueError, match="truncated"):
             load(rep, lut_file=tmp_path / "short.safetensors", placement=placement)
-    from mole_kernels.mixed import load_mixed, save_mixed
+    from mole_kernels.mixed import load_mixed
 
     good = load_mixed(lut)
     bad = good.rank.clone()

@@ -550,7 +550,7 @@ def _mixed_file_table(path: str, placement: str, device, lut_format: Optional[st
         raise ValueError(f"{where}: {path!r}: not a valid mixed table file: {e}") from None
     m = table.lut
     try:
-        if lut_format is not None and plan_text(lut_format, m.vocab_size, m.shape[-1]) != m.plan:
+        if lut_format is not None and plan_text(lut_format, m.shape[-1]) != m.plan:
             raise ValueError(f"{where}: lut_format={lut_format!r} but {path!r} holds the mixed table {m.plan!r}")
     except ValueError:
         table.close()
