@@ -806,7 +806,7 @@ def _lut_format_arg(text):
     if text in LUT_FORMATS or is_plan(text):
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is neither a format ({', '.join(LUT_FORMATS)}) nor a mixed plan "
-                                     "[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK]")
+                                     "[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK] nor a factored format f<rank>x<bits>")
 
 
 def _int_at_least(low):

@@ -280,8 +280,12 @@ _PLAN_GRAMMAR = "[norm:]FORMAT[/BLOCK]@N+...+FORMAT[/BLOCK]"
 
 
 def is_plan(text) -> bool:
-    """Whether ``text`` is written as a mixed plan (it has a part count ``@``, a ``+`` or ``norm:``), not one format."""
-    return isinstance(text, str) and ("@" in text or "+" in text or text.strip().startswith("norm:"))
+    """Whether ``text`` is written as a mixed plan (it has a part count ``@``, a ``+`` or ``norm:``), not one format.
+    A factored format alone (``f36x5``) is a one-part plan too: only a mixed table stores it."""
+    if not isinstance(text, str):
+        return False
+    t = text.strip()
+    return "@" in t or "+" in t or t.startswith("norm:") or parse_factored_format(t) is not None
 
 
 def parse_plan(text: str, dim: Optional[int] = None, *, where: str = "mixed plan") -> dict:

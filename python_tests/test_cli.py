@@ -130,9 +130,8 @@ def test_demo_removes_its_lut_on_ctrl_c():
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     try:
-        for line in proc.stdout:
-            if "saved the LUT to" in line:
-                break
+        line = next((line for line in proc.stdout if "saved the LUT to" in line), None)
+        assert line is not None, f"the demo ended before saving its LUT: {proc.communicate(timeout=60)[1]}"
         folder = _lut_folder(line)
         assert os.path.isdir(folder)
         proc.send_signal(signal.SIGINT)
@@ -298,11 +297,12 @@ def test_quality_of_a_users_model_on_its_text(tmp_path, capsys):
     m, folder, text, ids = _model_with_text(tmp_path)
     md = tmp_path / "q.md"
     assert main(["quality", "--model", str(folder), "--text", str(text), "--seq-len", "16", "--quiet",
-                 "--variants", "int8,q2-32,norm:int8@8+f4x5", "--markdown", str(md)]) == 0
+                 "--variants", "int8,q2-32,norm:int8@8+f4x5,f4x5", "--markdown", str(md)]) == 0
     out = capsys.readouterr().out
     want = format_costs(m, ids, ["int8", "q2/32", {"plan": [("int8", 8, None), ("f4x5", None, None)],
-                                                   "normalize": True}], counts=token_counts(ids, 89))
-    assert len(want) == 4
+                                                   "normalize": True}, {"plan": [("f4x5", None, None)]}],
+                        counts=token_counts(ids, 89))
+    assert len(want) == 5
     for row in want:
         assert f"| {row['name']} | {row['bits']:.3f} | {row['ppl']:.4f} | {100 * row['cost']:+.3f} % |" in out, out
     assert "| LUT | bits/value |" in md.read_text()

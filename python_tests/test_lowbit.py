@@ -731,6 +731,8 @@ def test_reparameterize_refuses_unmeasured_low_bit_formats():
     text = greedy_text(m)
     with pytest.raises(ValueError, match="below 4 bits.*max_cost"):
         m.reparameterize(lut_format="q2", progress=False)
+    with pytest.raises(ValueError, match="below 4 bits.*max_cost"):  # a factored format alone is a one-part plan
+        m.reparameterize(lut_format="f4x5", progress=False)
     with pytest.raises(ValueError, match="both max_cost= and quality_text="):
         m.reparameterize(lut_format="q2", max_cost=0.01, progress=False)
     inf = m.reparameterize(lut_format="q2", block_size=16, check_quality=False, progress=False)
