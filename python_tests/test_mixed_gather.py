@@ -131,6 +131,8 @@ def test_bad_ids_layers_and_weights_are_refused():
         ops.lut_gather_mixed(rank[:-1].contiguous(), parts, formats, blocks, bases, dim, torch.tensor([0]))
     with pytest.raises(ValueError, match="bases"):
         ops.lut_gather_mixed(rank, parts, formats, blocks, [], dim, torch.tensor([0]))
+    with pytest.raises(ValueError, match="float16"):  # the basis as the table stores it, not a float32 copy
+        ops.lut_gather_mixed(rank, parts, formats, blocks, [b.float() for b in bases], dim, torch.tensor([0]))
     with pytest.raises(ValueError, match="bytes"):
         ops.lut_gather_mixed(rank, parts, formats, [blocks[0], blocks[1] + 1], bases, dim, torch.tensor([0]))
     with pytest.raises(ValueError, match="one entry per part"):
