@@ -211,42 +211,36 @@ void coef_basis(const float* coef, const float* basis, int64_t R, int64_t D, flo
   coef_basis_scalar(coef, basis, R, D, acc);
 }
 
-// The factored rows' product for n <= kTokenGroup tokens of one part at one layer:
-//   acc[t, d] += sum_e cs[e, d] * sum_j coef[t, e, j] * basis[e, j, d]
-// coef: n x E x R floats (weight * scale * code); basis: the layer's float16 [E, R, D] as the table stores it;
-// cs: the layer's column scales [E, D], or null (1); acc: n rows of D. One pass over the basis for all n
-// tokens. tmp: (kTokenGroup + 1) * D floats (the scalar path's widened basis row and per-expert sums).
+// The factored rows' product for n <= kTokenGroup tokens of part p at (layer, expert) blocks [b, b + E):
+//   acc[t, d] += sum_e cs[e, d] * sum_j coef[t, e, j] * basis[b + e, j, d]
+// coef: n x E x rank floats (weight * scale * code); cs: the layer's column scales [E, D], or null (1);
+// acc: n rows of D. One pass over the basis for all n tokens: the float16 basis as the table stores it
+// (AVX-512), or its float32 copy (the scalar path, which has no float16 conversion in registers).
+// tmp: kTokenGroup * D floats (the scalar path's per-expert sums).
 constexpr int kTokenGroup = 8;
-void factored_product(const float* coef, int n, const c10::Half* basis, const float* cs, int64_t E, int64_t R,
-                      int64_t D, float* acc, float* tmp) {
+void factored_product(const float* coef, int n, const MixedPart& p, int64_t b, const float* cs, int64_t E, int64_t D,
+                      float* acc, float* tmp) {
+  const int64_t R = p.rank;
 #if MOLE_MX86
   if (avx512()) {
-    const auto* b = reinterpret_cast<const uint16_t*>(basis);
+    const auto* h = reinterpret_cast<const uint16_t*>(p.basis + b * R * D);
     switch (n) {  // N * W >= 8 accumulators
-      case 8: return factored_product_avx512<8, 2>(coef, b, cs, E, R, D, acc);
-      case 7: return factored_product_avx512<7, 2>(coef, b, cs, E, R, D, acc);
-      case 6: return factored_product_avx512<6, 2>(coef, b, cs, E, R, D, acc);
-      case 5: return factored_product_avx512<5, 2>(coef, b, cs, E, R, D, acc);
-      case 4: return factored_product_avx512<4, 2>(coef, b, cs, E, R, D, acc);
-      case 3: return factored_product_avx512<3, 4>(coef, b, cs, E, R, D, acc);
-      case 2: return factored_product_avx512<2, 4>(coef, b, cs, E, R, D, acc);
-      default: return factored_product_avx512<1, 8>(coef, b, cs, E, R, D, acc);
+      case 8: return factored_product_avx512<8, 2>(coef, h, cs, E, R, D, acc);
+      case 7: return factored_product_avx512<7, 2>(coef, h, cs, E, R, D, acc);
+      case 6: return factored_product_avx512<6, 2>(coef, h, cs, E, R, D, acc);
+      case 5: return factored_product_avx512<5, 2>(coef, h, cs, E, R, D, acc);
+      case 4: return factored_product_avx512<4, 2>(coef, h, cs, E, R, D, acc);
+      case 3: return factored_product_avx512<3, 4>(coef, h, cs, E, R, D, acc);
+      case 2: return factored_product_avx512<2, 4>(coef, h, cs, E, R, D, acc);
+      default: return factored_product_avx512<1, 8>(coef, h, cs, E, R, D, acc);
     }
   }
 #endif
-  float* row = tmp;       // basis row j of expert e, widened once for the n tokens
-  float* sum = tmp + D;   // n x D: each token's sum over j for expert e
+  const float* basis = p.basis_f32 + b * R * D;
+  float* sum = tmp;  // n x D: each token's sum over j for expert e
   for (int64_t e = 0; e < E; ++e) {
     std::fill(sum, sum + n * D, 0.f);
-    for (int64_t j = 0; j < R; ++j) {
-      const c10::Half* b = basis + (e * R + j) * D;
-      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(b[d]);
-      for (int t = 0; t < n; ++t) {
-        const float c = coef[(t * E + e) * R + j];
-        float* s = sum + t * D;
-        for (int64_t d = 0; d < D; ++d) s[d] += c * row[d];
-      }
-    }
+    for (int t = 0; t < n; ++t) coef_basis_scalar(coef + (t * E + e) * R, basis + e * R * D, R, D, sum + t * D);
     for (int t = 0; t < n; ++t) {
       for (int64_t d = 0; d < D; ++d) acc[t * D + d] += (cs != nullptr ? cs[e * D + d] : 1.f) * sum[t * D + d];
     }
@@ -354,6 +348,11 @@ MixedTable make_mixed_table(const at::Tensor& rank, at::TensorList parts, c10::s
       p.rank = b.size(-2);
       MOLE_CHECK_ARG(p.rank >= 1, op, ": the basis of part ", k, " has rank 0");
       p.basis = b.const_data_ptr<c10::Half>();
+      if (!avx512()) {  // the scalar path reads a float32 copy (see factored_product)
+        const at::Tensor wide = b.to(at::kFloat).contiguous();
+        p.basis_f32 = wide.const_data_ptr<float>();
+        m.keep.push_back(wide);
+      }
       p.row_bytes = factored_row_bytes(p.rank, p.bits);
       MOLE_CHECK_ARG(t.scalar_type() == at::kByte && t.size(-1) == p.row_bytes, op, ": part ", k,
                      " (factored, rank ", p.rank, ", ", p.bits, " bits) must be uint8 rows of ", p.row_bytes,
@@ -478,7 +477,7 @@ void mixed_row(const MixedTable& m, MixedRow at, int64_t l, int64_t e, float* ds
       break;
     case PartKind::kFactored:
       factored_coefs(p, row, 1.f, tmp);
-      factored_product(tmp, 1, p.basis + (l * E + e) * p.rank * D, nullptr, 1, p.rank, D, dst, tmp + p.rank);
+      factored_product(tmp, 1, p, l * E + e, nullptr, 1, D, dst, tmp + p.rank);
       break;
     case PartKind::kFloat:
       load_row(p.dtype, row, D, dst);
@@ -504,7 +503,7 @@ int64_t coef_floats(const MixedTable& m) {
 // Floats of the rows path's scratch (lut_gather_mixed without weights): a row, its coefficients and
 // factored_product's tmp.
 int64_t row_scratch_floats(const MixedTable& m) {
-  return m.D + coef_floats(m) + (kTokenGroup + 1) * m.D;
+  return m.D + coef_floats(m) + m.D;
 }
 
 }  // namespace
@@ -512,7 +511,7 @@ int64_t row_scratch_floats(const MixedTable& m) {
 // Floats of mixed_fused_cpu's scratch per thread: the pending factored tokens' rows (kTokenGroup) and one more for
 // the token at hand, the pending tokens' coefficients and factored_product's (and part_sum's) tmp.
 int64_t fused_scratch_floats(const MixedTable& m) {
-  return (kTokenGroup + 1) * m.D + kTokenGroup * coef_floats(m) + (kTokenGroup + 1) * m.D;
+  return (kTokenGroup + 1) * m.D + kTokenGroup * coef_floats(m) + kTokenGroup * m.D;
 }
 
 void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int64_t l, const float* w,
@@ -555,7 +554,7 @@ void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int6
       auto flush = [&]() {  // the pending tokens' coefficients times the layer's bases, in one pass over them
         if (n == 0) return;
         const MixedPart& p = m.parts[group_part];
-        factored_product(coef, n, p.basis + l * E * p.rank * D, cs, E, p.rank, D, acc, tmp);
+        factored_product(coef, n, p, l * E, cs, E, D, acc, tmp);
         for (int i = 0; i < n; ++i) store(acc + i * D, o + group[i] * D, D);
         n = 0;
       };
