@@ -141,8 +141,7 @@ MOLE_MAVX512 void factored_product_avx512(const float* coef, const uint16_t* bas
       }
 #pragma GCC unroll 8
       for (int v = 0; v < W; ++v) {
-        const float* s = cs + e * D + d0 + 16 * v;
-        const __m512 sv = cs != nullptr ? _mm512_maskz_loadu_ps(k[v], s) : _mm512_set1_ps(1.f);
+        const __m512 sv = cs != nullptr ? _mm512_maskz_loadu_ps(k[v], cs + e * D + d0 + 16 * v) : _mm512_set1_ps(1.f);
 #pragma GCC unroll 8
         for (int t = 0; t < N; ++t) {
           float* o = acc + t * D + d0 + 16 * v;
@@ -655,7 +654,7 @@ namespace {
 
 // A lean step's tokens, their softmax weights and its scratch live on the stack up to these sizes.
 // 64 tokens, as lut_combine's lean path takes (its kStepWeights = 256 weights at E = 4): a B = 32 step too.
-// kLeanScratch: fused_scratch_floats up to a factored part of E * rank = 448 at D = 128 (32 KB of stack).
+// kLeanScratch: fused_scratch_floats up to a factored part of E * rank = 752 at D = 128 (32 KB of stack).
 constexpr int64_t kLeanTokens = 64, kLeanWeights = 256, kLeanScratch = 8192;
 
 // A decode step's layer, the usual case only: a layer of a layered table, a few contiguous ids all in
