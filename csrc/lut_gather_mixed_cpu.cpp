@@ -10,10 +10,12 @@
 //   row(v, l, e) = part_row(v, l, e) * col_scale[l, e] + offset[l, e]
 //   fused        = sum_e w_e * row(v, l, e)
 //
-// The factored parts' bases come in as float32 with col_scale already folded in (the caller does
-// that once per table: mole_kernels.mixed.MixedLUT's prepared arguments), so a factored row costs
-// E * rank * D multiply-adds from a cache-resident basis and no column scaling. The part of a token
-// is found once per token (a branch per token, none per value). The same code serves a table in RAM
+// The factored parts' bases are read as the table stores them, float16 [L, E, rank, D] (a layer's is
+// E * rank * D * 2 bytes, half of a float32 copy: in a decode step it comes from L3 on every layer call),
+// widened in registers. A factored row costs E * rank * D multiply-adds, the column scale applied once
+// per (token, expert) after the sum over the rank; a batch's factored tokens go in groups of up to 8 through
+// one pass over the layer's basis (factored_product). The part of a token is found once per token (a
+// branch per token, none per value). The same code serves a table in RAM
 // (parts = whole tables, rank = the table's map) and a step's staged rows (parts = staging buffers,
 // rank = the step's own map from positions to staging rows).
 #include <ATen/EmptyTensor.h>
@@ -24,6 +26,7 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <type_traits>
 
 #include "direct_calls.h"
 #include "lut_gather.h"
@@ -53,7 +56,7 @@ bool avx512() {
   return yes;
 }
 
-// acc[d] += sum_j coef[j] * basis[j * D + d] for d < D, j < R (the factored rows' product).
+// acc[d] += sum_j coef[j] * basis[j * D + d] for d < D, j < R (float32 rows: the offsets' weighted sum).
 void coef_basis_scalar(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
   for (int64_t j = 0; j < R; ++j) {
     const float c = coef[j];
@@ -64,16 +67,14 @@ void coef_basis_scalar(const float* coef, const float* basis, int64_t R, int64_t
 
 #if MOLE_MX86
 // The same, 64 columns of acc held in registers while every basis row streams past.
-// `ld`: the basis rows' stride (D of the whole row; a column slice passes its width as D).
-MOLE_MAVX512 void coef_basis_avx512(const float* coef, const float* basis, int64_t R, int64_t ld, float* acc,
-                                    int64_t D) {
+MOLE_MAVX512 void coef_basis_avx512(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
   int64_t d = 0;
   for (; d + 64 <= D; d += 64) {
     __m512 a0 = _mm512_loadu_ps(acc + d), a1 = _mm512_loadu_ps(acc + d + 16);
     __m512 a2 = _mm512_loadu_ps(acc + d + 32), a3 = _mm512_loadu_ps(acc + d + 48);
     for (int64_t j = 0; j < R; ++j) {
       const __m512 c = _mm512_set1_ps(coef[j]);
-      const float* b = basis + j * ld + d;
+      const float* b = basis + j * D + d;
       a0 = _mm512_fmadd_ps(c, _mm512_loadu_ps(b), a0);
       a1 = _mm512_fmadd_ps(c, _mm512_loadu_ps(b + 16), a1);
       a2 = _mm512_fmadd_ps(c, _mm512_loadu_ps(b + 32), a2);
@@ -84,17 +85,13 @@ MOLE_MAVX512 void coef_basis_avx512(const float* coef, const float* basis, int64
     _mm512_storeu_ps(acc + d + 32, a2);
     _mm512_storeu_ps(acc + d + 48, a3);
   }
-  for (; d + 16 <= D; d += 16) {
-    __m512 a = _mm512_loadu_ps(acc + d);
+  for (; d < D; d += 16) {
+    const __mmask16 k = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+    __m512 a = _mm512_maskz_loadu_ps(k, acc + d);
     for (int64_t j = 0; j < R; ++j) {
-      a = _mm512_fmadd_ps(_mm512_set1_ps(coef[j]), _mm512_loadu_ps(basis + j * ld + d), a);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(coef[j]), _mm512_maskz_loadu_ps(k, basis + j * D + d), a);
     }
-    _mm512_storeu_ps(acc + d, a);
-  }
-  if (d < D) {
-    for (int64_t j = 0; j < R; ++j) {
-      for (int64_t k = d; k < D; ++k) acc[k] += coef[j] * basis[j * ld + k];
-    }
+    _mm512_mask_storeu_ps(acc + d, k, a);
   }
 }
 
@@ -107,62 +104,146 @@ MOLE_MAVX512 void mul_add_avx512(const float* x, const float* y, int64_t D, floa
   }
   for (; d < D; ++d) acc[d] += x[d] * y[d];
 }
-#endif
 
-#if MOLE_MX86
-// coef_basis for N tokens at once (coef: N rows of R, acc: N rows of D): each basis vector loaded once
-// feeds N tokens' accumulators, so a batch streams a layer's bases from cache once per N tokens.
-template <int N>
-MOLE_MAVX512 void coef_basis_multi_avx512(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
-  int64_t d = 0;
-  for (; d + 64 <= D; d += 64) {
-    __m512 a[N][4];
-    for (int t = 0; t < N; ++t) {
-      for (int v = 0; v < 4; ++v) a[t][v] = _mm512_loadu_ps(acc + t * D + d + 16 * v);
+// The factored product of N tokens (factored_product below) in columns of W vectors: each float16 basis
+// vector loaded (and widened) once feeds N tokens, N * W accumulators (>= 8: an FMA's latency hidden) in
+// registers over the rank, then scaled by the expert's column scale into acc. Columns past D are masked.
+template <int N, int W>
+MOLE_MAVX512 void factored_product_avx512(const float* coef, const uint16_t* basis, const float* cs, int64_t E,
+                                          int64_t R, int64_t D, float* acc) {
+  const int64_t ER = E * R;
+  for (int64_t d0 = 0; d0 < D; d0 += 16 * W) {
+    __mmask16 k[W];
+#pragma GCC unroll 8
+    for (int v = 0; v < W; ++v) {
+      const int64_t left = D - d0 - 16 * v;
+      k[v] = left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0);
     }
-    for (int64_t j = 0; j < R; ++j) {
-      const float* b = basis + j * D + d;
-      const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32),
-                   b3 = _mm512_loadu_ps(b + 48);
+    for (int64_t e = 0; e < E; ++e) {
+      __m512 a[N][W];
+#pragma GCC unroll 8
       for (int t = 0; t < N; ++t) {
-        const __m512 c = _mm512_set1_ps(coef[t * R + j]);
-        a[t][0] = _mm512_fmadd_ps(c, b0, a[t][0]);
-        a[t][1] = _mm512_fmadd_ps(c, b1, a[t][1]);
-        a[t][2] = _mm512_fmadd_ps(c, b2, a[t][2]);
-        a[t][3] = _mm512_fmadd_ps(c, b3, a[t][3]);
+#pragma GCC unroll 8
+        for (int v = 0; v < W; ++v) a[t][v] = _mm512_setzero_ps();
+      }
+      const uint16_t* b = basis + e * R * D + d0;
+      const float* c = coef + e * R;
+      for (int64_t j = 0; j < R; ++j, b += D) {
+        __m512 bv[W];
+#pragma GCC unroll 8
+        for (int v = 0; v < W; ++v) bv[v] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k[v], b + 16 * v));
+#pragma GCC unroll 8
+        for (int t = 0; t < N; ++t) {
+          const __m512 ct = _mm512_set1_ps(c[t * ER + j]);
+#pragma GCC unroll 8
+          for (int v = 0; v < W; ++v) a[t][v] = _mm512_fmadd_ps(ct, bv[v], a[t][v]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int v = 0; v < W; ++v) {
+        const __m512 sv = cs != nullptr ? _mm512_maskz_loadu_ps(k[v], cs + e * D + d0 + 16 * v) : _mm512_set1_ps(1.f);
+#pragma GCC unroll 8
+        for (int t = 0; t < N; ++t) {
+          float* o = acc + t * D + d0 + 16 * v;
+          _mm512_mask_storeu_ps(o, k[v], _mm512_fmadd_ps(sv, a[t][v], _mm512_maskz_loadu_ps(k[v], o)));
+        }
       }
     }
-    for (int t = 0; t < N; ++t) {
-      for (int v = 0; v < 4; ++v) _mm512_storeu_ps(acc + t * D + d + 16 * v, a[t][v]);
+  }
+}
+
+// acc[d] += sum_e w[e] * scale_e * code_e[d] * cs[e * D + d]: an int8 part's rows of one token in a normalised
+// table (one float32 scale per row, csrc/lut_gather_quant.h), decoded, weighted and column-scaled in registers
+// (the general quantized route decodes each row into scratch first: part_sum).
+MOLE_MAVX512 void int8_scaled_sum_avx512(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w,
+                                         const float* cs, float* acc) {
+  const int64_t D = q.D;
+  for (int64_t e = 0; e < E; ++e) {
+    const uint8_t* row = rows + e * q.row_bytes;
+    float s;
+    std::memcpy(&s, row + q.scale_offset, sizeof(s));
+    const __m512 ws = _mm512_set1_ps(w[e] * s);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 k = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+      const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, row + d)));
+      _mm512_mask_storeu_ps(acc + d, k, _mm512_fmadd_ps(_mm512_mul_ps(ws, x), _mm512_maskz_loadu_ps(k, cs + e * D + d),
+                                                        _mm512_maskz_loadu_ps(k, acc + d)));
     }
   }
-  if (d < D) {
-    for (int t = 0; t < N; ++t) coef_basis_avx512(coef + t * R, basis + d, R, D, acc + t * D + d, D - d);
+}
+
+// a[d] = a0[d] + a1[d] + sum_e w[e] * off[e * D + d] for d < D (a0, a1, off may be null: 0): a token's row
+// before its table rows are added (residual, shared and a normalised table's offsets), in one pass.
+MOLE_MAVX512 void start_row_avx512(const float* a0, const float* a1, const float* off, const float* w, int64_t E,
+                                   int64_t D, float* a) {
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 k = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+    __m512 v = _mm512_add_ps(a0 != nullptr ? _mm512_maskz_loadu_ps(k, a0 + d) : _mm512_setzero_ps(),
+                             a1 != nullptr ? _mm512_maskz_loadu_ps(k, a1 + d) : _mm512_setzero_ps());
+    if (off != nullptr) {
+      for (int64_t e = 0; e < E; ++e) v = _mm512_fmadd_ps(_mm512_set1_ps(w[e]), _mm512_maskz_loadu_ps(k, off + e * D + d), v);
+    }
+    _mm512_mask_storeu_ps(a + d, k, v);
+  }
+}
+
+// coef[j] = scale * (code_j) for j < R, 8 codes (`bits` bytes) at a time: one 64-bit word shifted per lane.
+MOLE_MAVX512 void factored_coefs_avx512(const uint8_t* row, int64_t R, int bits, float scale, float* coef) {
+  const int64_t payload = (R * bits + 7) / 8;
+  const __m512i shifts = _mm512_set_epi64(7 * bits, 6 * bits, 5 * bits, 4 * bits, 3 * bits, 2 * bits, bits, 0);
+  const __m512i mask = _mm512_set1_epi64((int64_t{1} << bits) - 1);
+  const __m256 bias = _mm256_set1_ps(static_cast<float>(1 << (bits - 1))), s = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < R; j += 8) {
+    const int64_t byte = j / 8 * bits, have = std::min<int64_t>(8, payload - byte);  // no byte past the payload
+    const __m128i raw = _mm_maskz_loadu_epi8(__mmask16((1u << have) - 1), row + byte);
+    const __m512i codes = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcastq_epi64(raw), shifts), mask);
+    const __m256 f = _mm256_mul_ps(_mm256_sub_ps(_mm512_cvtepi64_ps(codes), bias), s);
+    _mm256_mask_storeu_ps(coef + j, __mmask8(R - j >= 8 ? 0xFF : (1u << (R - j)) - 1), f);
   }
 }
 #endif
 
 void coef_basis(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
 #if MOLE_MX86
-  if (avx512()) return coef_basis_avx512(coef, basis, R, D, acc, D);
+  if (avx512()) return coef_basis_avx512(coef, basis, R, D, acc);
 #endif
   coef_basis_scalar(coef, basis, R, D, acc);
 }
 
-// coef_basis for n <= kTokenGroup tokens (coef: n rows of R, acc: n rows of D).
-constexpr int kTokenGroup = 4;
-void coef_basis_tokens(const float* coef, int n, const float* basis, int64_t R, int64_t D, float* acc) {
+// The factored rows' product for n <= kTokenGroup tokens of part p at (layer, expert) blocks [b, b + E):
+//   acc[t, d] += sum_e cs[e, d] * sum_j coef[t, e, j] * basis[b + e, j, d]
+// coef: n x E x rank floats (weight * scale * code); cs: the layer's column scales [E, D], or null (1);
+// acc: n rows of D. One pass over the basis for all n tokens: the float16 basis as the table stores it
+// (AVX-512), or its float32 copy (the scalar path, which has no float16 conversion in registers).
+// tmp: kTokenGroup * D floats (the scalar path's per-expert sums).
+constexpr int kTokenGroup = 8;
+void factored_product(const float* coef, int n, const MixedPart& p, int64_t b, const float* cs, int64_t E, int64_t D,
+                      float* acc, float* tmp) {
+  const int64_t R = p.rank;
 #if MOLE_MX86
   if (avx512()) {
-    switch (n) {
-      case 4: return coef_basis_multi_avx512<4>(coef, basis, R, D, acc);
-      case 3: return coef_basis_multi_avx512<3>(coef, basis, R, D, acc);
-      case 2: return coef_basis_multi_avx512<2>(coef, basis, R, D, acc);
-      default: return coef_basis_multi_avx512<1>(coef, basis, R, D, acc);
+    const auto* h = reinterpret_cast<const uint16_t*>(p.basis + b * R * D);
+    switch (n) {  // N * W >= 8 accumulators
+      case 8: return factored_product_avx512<8, 2>(coef, h, cs, E, R, D, acc);
+      case 7: return factored_product_avx512<7, 2>(coef, h, cs, E, R, D, acc);
+      case 6: return factored_product_avx512<6, 2>(coef, h, cs, E, R, D, acc);
+      case 5: return factored_product_avx512<5, 2>(coef, h, cs, E, R, D, acc);
+      case 4: return factored_product_avx512<4, 2>(coef, h, cs, E, R, D, acc);
+      case 3: return factored_product_avx512<3, 4>(coef, h, cs, E, R, D, acc);
+      case 2: return factored_product_avx512<2, 4>(coef, h, cs, E, R, D, acc);
+      default: return factored_product_avx512<1, 8>(coef, h, cs, E, R, D, acc);
     }
   }
 #endif
-  for (int t = 0; t < n; ++t) coef_basis_scalar(coef + t * R, basis, R, D, acc + t * D);
+  const float* basis = p.basis_f32 + b * R * D;
+  float* sum = tmp;  // n x D: each token's sum over j for expert e
+  for (int64_t e = 0; e < E; ++e) {
+    std::fill(sum, sum + n * D, 0.f);
+    for (int t = 0; t < n; ++t) coef_basis_scalar(coef + (t * E + e) * R, basis + e * R * D, R, D, sum + t * D);
+    for (int t = 0; t < n; ++t) {
+      for (int64_t d = 0; d < D; ++d) acc[t * D + d] += (cs != nullptr ? cs[e * D + d] : 1.f) * sum[t * D + d];
+    }
+  }
 }
 
 void mul_add(const float* x, const float* y, int64_t D, float* acc) {
@@ -178,6 +259,9 @@ inline void factored_coefs(const MixedPart& p, const uint8_t* row, float w, floa
   std::memcpy(&h, row + p.row_bytes - 2, sizeof(h));
   const float s = w * static_cast<float>(c10::Half(h, c10::Half::from_bits()));
   const int bits = static_cast<int>(p.bits);
+#if MOLE_MX86
+  if (avx512()) return factored_coefs_avx512(row, p.rank, bits, s, coef);
+#endif
   const uint32_t mask = (1u << bits) - 1;
   const int bias = 1 << (bits - 1);
   for (int64_t j = 0; j < p.rank; ++j) {
@@ -255,14 +339,19 @@ MixedTable make_mixed_table(const at::Tensor& rank, at::TensorList parts, c10::s
       MOLE_CHECK_ARG(basis_k < bases.size(), op, ": bases needs one tensor per factored part (", basis_k + 1,
                      " or more), got ", bases.size());
       const at::Tensor& b = bases[basis_k++];
-      MOLE_CHECK_ARG(b.device().is_cpu() && b.layout() == at::kStrided && b.scalar_type() == at::kFloat &&
+      MOLE_CHECK_ARG(b.device().is_cpu() && b.layout() == at::kStrided && b.scalar_type() == at::kHalf &&
                          b.is_contiguous() && b.dim() == p0.dim() &&
                          b.sizes().slice(0, b.dim() - 2) == p0.sizes().slice(1, p0.dim() - 2) && b.size(-1) == dim,
-                     op, ": the basis of part ", k, " must be a contiguous float32 CPU tensor [",
+                     op, ": the basis of part ", k, " must be a contiguous float16 CPU tensor [",
                      p0.sizes().slice(1, p0.dim() - 2), ", rank, ", dim, "], got ", b.scalar_type(), " ", b.sizes());
       p.rank = b.size(-2);
       MOLE_CHECK_ARG(p.rank >= 1, op, ": the basis of part ", k, " has rank 0");
-      p.basis = b.const_data_ptr<float>();
+      p.basis = b.const_data_ptr<c10::Half>();
+      if (!avx512()) {  // the scalar path reads a float32 copy (see factored_product)
+        const at::Tensor wide = b.to(at::kFloat).contiguous();
+        p.basis_f32 = wide.const_data_ptr<float>();
+        m.keep.push_back(wide);
+      }
       p.row_bytes = factored_row_bytes(p.rank, p.bits);
       MOLE_CHECK_ARG(t.scalar_type() == at::kByte && t.size(-1) == p.row_bytes, op, ": part ", k,
                      " (factored, rank ", p.rank, ", ", p.bits, " bits) must be uint8 rows of ", p.row_bytes,
@@ -342,6 +431,11 @@ void part_sum(const MixedTable& m, MixedRow at, int64_t l, const float* w, float
     }
     return;
   }
+#if MOLE_MX86
+  if (p.kind == PartKind::kQuant && p.q.fmt == QFormat::kInt8 && avx512()) {
+    return int8_scaled_sum_avx512(p.q, rows, E, w, cs, acc);
+  }
+#endif
   for (int64_t e = 0; e < E; ++e) {  // each expert's column scales: w_e * row_e decoded, then scaled into acc
     if (p.kind == PartKind::kQuant) {
       std::fill(tmp, tmp + D, 0.f);
@@ -382,15 +476,14 @@ void mixed_row(const MixedTable& m, MixedRow at, int64_t l, int64_t e, float* ds
       break;
     case PartKind::kFactored:
       factored_coefs(p, row, 1.f, tmp);
-      coef_basis(tmp, p.basis + (l * E + e) * p.rank * D, p.rank, D, dst);
+      factored_product(tmp, 1, p, l * E + e, nullptr, 1, D, dst, tmp + p.rank);
       break;
     case PartKind::kFloat:
       load_row(p.dtype, row, D, dst);
       break;
   }
   if (m.offset != nullptr) {
-    const bool scaled = p.kind != PartKind::kFactored;  // a factored basis holds the column scale already
-    for (int64_t d = 0; d < D; ++d) dst[d] = (scaled ? dst[d] * m.col_scale[le + d] : dst[d]) + m.offset[le + d];
+    for (int64_t d = 0; d < D; ++d) dst[d] = dst[d] * m.col_scale[le + d] + m.offset[le + d];
   }
 }
 
@@ -399,25 +492,33 @@ void store(const float* src, out_t* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<out_t>(src[k]);
 }
 
-int64_t scratch_floats(const MixedTable& m) {
-  int64_t n = m.D;
+// Floats of one token's factored coefficients at one layer (E * rank, the largest factored part's; 1 without one).
+int64_t coef_floats(const MixedTable& m) {
+  int64_t n = 1;
   for (const MixedPart& p : m.parts) n = std::max(n, m.E * p.rank);
   return n;
+}
+
+// Floats of the rows path's scratch (lut_gather_mixed without weights): a row, its coefficients and
+// factored_product's tmp.
+int64_t row_scratch_floats(const MixedTable& m) {
+  return m.D + coef_floats(m) + m.D;
 }
 
 }  // namespace
 
 // Floats of mixed_fused_cpu's scratch per thread: the pending factored tokens' rows (kTokenGroup) and one more for
-// the token at hand, the pending tokens' coefficients (E * rank each) and a row of scratch.
+// the token at hand, the pending tokens' coefficients and factored_product's (and part_sum's) tmp.
 int64_t fused_scratch_floats(const MixedTable& m) {
-  return (kTokenGroup + 1) * m.D + (kTokenGroup + 1) * scratch_floats(m);
+  return (kTokenGroup + 1) * m.D + kTokenGroup * coef_floats(m) + kTokenGroup * m.D;
 }
 
 void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int64_t l, const float* w,
                      const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1, bool parallel,
                      float* scratch) {
   const int64_t D = m.D, E = m.E;
-  const int64_t S = scratch_floats(m);
+  const int64_t S = coef_floats(m);
+  const float* cs = m.col_scale != nullptr ? m.col_scale + l * E * D : nullptr;
   MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_gather_mixed", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
     const scalar_t* a0 = ptr(add0);
@@ -435,6 +536,15 @@ void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int6
       int n = 0;
       int32_t group_part = -1;
       auto start = [&](int64_t t, float* a) {  // a = add0[t] + add1[t] + the offsets' sum
+#if MOLE_MX86
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (avx512()) {
+            auto f = [](const scalar_t* x) { return reinterpret_cast<const float*>(x); };  // scalar_t is float
+            return start_row_avx512(a0 ? f(a0 + t * D) : nullptr, a1 ? f(a1 + t * D) : nullptr,
+                                    m.offset != nullptr ? m.offset + l * E * D : nullptr, w + t * E, E, D, a);
+          }
+        }
+#endif
         for (int64_t d = 0; d < D; ++d) {
           a[d] = (a0 ? static_cast<float>(a0[t * D + d]) : 0.f) + (a1 ? static_cast<float>(a1[t * D + d]) : 0.f);
         }
@@ -443,7 +553,7 @@ void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int6
       auto flush = [&]() {  // the pending tokens' coefficients times the layer's bases, in one pass over them
         if (n == 0) return;
         const MixedPart& p = m.parts[group_part];
-        coef_basis_tokens(coef, n, p.basis + l * E * p.rank * D, E * p.rank, D, acc);
+        factored_product(coef, n, p, l * E, cs, E, D, acc, tmp);
         for (int i = 0; i < n; ++i) store(acc + i * D, o + group[i] * D, D);
         n = 0;
       };
@@ -527,7 +637,7 @@ at::Tensor lut_gather_mixed_cpu(const at::Tensor& rank, at::TensorList parts, c1
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t rows = nl * E;
     at::parallel_for(0, T * rows, std::max<int64_t>(1, 8192 / D), [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(static_cast<size_t>(D + scratch_floats(m)));
+      std::vector<float> buf(static_cast<size_t>(row_scratch_floats(m)));
       for (int64_t i = begin; i < end; ++i) {
         const int64_t t = i / rows, r = i % rows;
         mixed_row(m, where[t], l0 + r / E, r % E, buf.data(), buf.data() + D);
@@ -544,7 +654,8 @@ namespace {
 
 // A lean step's tokens, their softmax weights and its scratch live on the stack up to these sizes.
 // 64 tokens, as lut_combine's lean path takes (its kStepWeights = 256 weights at E = 4): a B = 32 step too.
-constexpr int64_t kLeanTokens = 64, kLeanWeights = 256, kLeanScratch = 4096;
+// kLeanScratch: fused_scratch_floats up to a factored part of E * rank = 752 at D = 128 (32 KB of stack).
+constexpr int64_t kLeanTokens = 64, kLeanWeights = 256, kLeanScratch = 8192;
 
 // A decode step's layer, the usual case only: a layer of a layered table, a few contiguous ids all in
 // [0, V), x and the router weight of one float dtype (router_softmax_into), contiguous residual and shared of
@@ -590,7 +701,7 @@ at::Tensor mixed_step_lean(const MixedTable& m, const at::Tensor& ids, std::opti
     const MixedPart& p = m.parts[where[t].part];
     prefetch_span(p.data + where[t].row * p.token_bytes + l * E * p.row_bytes, E * p.row_bytes);
     if (p.kind == PartKind::kFactored && basis_of != where[t].part) {
-      prefetch_span(p.basis + l * E * p.rank * D, E * p.rank * D * static_cast<int64_t>(sizeof(float)));
+      prefetch_span(p.basis + l * E * p.rank * D, E * p.rank * D * static_cast<int64_t>(sizeof(c10::Half)));
       basis_of = where[t].part;
     }
   }
@@ -720,8 +831,8 @@ TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
   // Rows (weights=None) or sum_e weights[..., e] * row[..., layer, e, :] of a mixed-precision table
   // (see csrc/lut_gather_mixed_cpu.cpp): rank int32 [V]; parts [n_k, L, E, x] in rank order; formats
   // one name per part, comma-separated ("int8", "nf4", "q2", ..., "factored", "float"); block_sizes
-  // one per part (a factored part: its bits; a float part: ignored); bases float32 [L, E, rank, D],
-  // one per factored part, col_scale folded in; offset/col_scale float32 [L, E, D] or None. The result
+  // one per part (a factored part: its bits; a float part: ignored); bases float16 [L, E, rank, D],
+  // one per factored part (FactoredLUT.basis); offset/col_scale float32 [L, E, D] or None. The result
   // is `dtype` (float32 when None); float32 accumulation. An id outside [0, V) raises naming it.
   m.def(
       "lut_gather_mixed(Tensor rank, Tensor[] parts, str formats, int[] block_sizes, Tensor[] bases, int dim, "

@@ -400,8 +400,8 @@ def _dequantize_part(p: Part, dtype: torch.dtype) -> torch.Tensor:
 def mixed_op_args(m: MixedLUT) -> tuple:
     """The table's leading arguments of ``torch.ops.mole_kernels.lut_gather_mixed`` (CPU tables):
     ``(rank, parts, formats, block_sizes, bases, dim)`` and, after the ids and weights, ``offset`` and
-    ``col_scale`` as the last two. Made once per table: a factored part's basis becomes float32 with the
-    column scale folded in (``basis * col_scale``), so the kernel scales nothing per row."""
+    ``col_scale`` as the last two. Made once per table; a factored part's basis goes as it is stored
+    (float16 ``[L, E, rank, D]``): the kernel applies the column scale after each expert's product."""
     got = m.__dict__.get("_op_args")
     if got is not None:
         return got
@@ -415,8 +415,7 @@ def mixed_op_args(m: MixedLUT) -> tuple:
             parts.append(p.data)
             formats.append("factored")
             blocks.append(p.bits)
-            b = p.basis.float()
-            bases.append((b * m.col_scale.unsqueeze(-2) if m.normalized else b).contiguous())
+            bases.append(p.basis.contiguous())
         else:
             parts.append(p)
             formats.append("float")

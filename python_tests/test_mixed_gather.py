@@ -131,6 +131,8 @@ def test_bad_ids_layers_and_weights_are_refused():
         ops.lut_gather_mixed(rank[:-1].contiguous(), parts, formats, blocks, bases, dim, torch.tensor([0]))
     with pytest.raises(ValueError, match="bases"):
         ops.lut_gather_mixed(rank, parts, formats, blocks, [], dim, torch.tensor([0]))
+    with pytest.raises(ValueError, match="float16"):  # the basis as the table stores it, not a float32 copy
+        ops.lut_gather_mixed(rank, parts, formats, blocks, [b.float() for b in bases], dim, torch.tensor([0]))
     with pytest.raises(ValueError, match="bytes"):
         ops.lut_gather_mixed(rank, parts, formats, [blocks[0], blocks[1] + 1], bases, dim, torch.tensor([0]))
     with pytest.raises(ValueError, match="one entry per part"):
@@ -221,6 +223,44 @@ def test_decode_step_lean_path_matches_float64(shape, plan, normalize):
                               torch.randn(2, D), torch.randn(E, 4))
 
 
+@pytest.mark.parametrize("shape,rank", [((90, 2, 3, 37), 9), ((90, 1, 1, 130), 17), ((90, 2, 2, 16), 1),
+                                        ((90, 1, 4, 48), 8)])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_factored_products_of_every_group_size_and_bits(shape, rank, normalize):
+    """The factored product (float16 basis widened in registers, column scale after each expert's sum) in
+    groups of 1 to 8 tokens, a part per code width (2 to 8 bits: codes 8 at a time, a rank that is not a
+    multiple of 8 leaves a tail), odd D and D past one column block, E = 1: the rows and fused gathers and
+    the step call (lean path up to 64 tokens, general path beyond), T = 1 to 65, against float64."""
+    V, L, E, D = shape
+    plan = [("int8", 5)] + [(f"f{rank}x{bits}", 10) for bits in range(2, 9)] + [("nf4", None)]
+    m = mixed_case(plan, shape, normalize, seed=D)
+    full = ref_table(m)
+    order = torch.empty(V, dtype=torch.long)
+    order[m.rank.long()] = torch.arange(V)
+    handle = _C._mixed_table(*mixed_op_args(m)[0], *mixed_op_args(m)[1])
+    g = torch.Generator().manual_seed(V)
+    for T in (1, 2, 3, 5, 8, 9, 32, 64, 65):
+        # runs of 1 to 9 tokens of one factored part between int8 / nf4 tokens: every group size and flush
+        part_of = torch.randint(1, 8, (T,), generator=g)
+        part_of[torch.randperm(T, generator=g)[:T // 5]] = 0
+        part_of = part_of.sort(stable=True).values if T % 2 else part_of
+        ranks = torch.where(part_of == 0, torch.randint(0, 5, (T,), generator=g),
+                            5 + 10 * (part_of - 1) + torch.randint(0, 10, (T,), generator=g))
+        ids = order[ranks]
+        if T > 2:
+            ids[-1] = ids[0]  # a repeat
+        for layer in range(L):
+            close(mixed_lut_gather(m, ids, layer=layer, dtype=torch.float32), full[ids, layer])
+            w = torch.rand(T, E, generator=g)
+            close(mixed_lut_gather(m, ids, w, layer=layer, dtype=torch.float32),
+                  (w.double()[..., None] * full[ids, layer]).sum(-2))
+            x, W = torch.randn(1, T, 6, generator=g), torch.randn(E, 6, generator=g)
+            res, sh = torch.randn(1, T, D, generator=g), torch.randn(1, T, D, generator=g)
+            wt = torch.softmax(torch.nn.functional.linear(x, W), -1).double()
+            got = _C._lut_combine_mixed(handle, ids.view(1, T), layer, x, res, sh, W)
+            close(got, res.double() + sh.double() + (wt[..., None] * full[ids.view(1, T), layer]).sum(-2))
+
+
 def test_compiled_gather_matches_eager():
     m = mixed_case(PLANS[1], (60, 2, 3, 40), True)
     ids, w = ids_in_every_part(m), torch.rand(ids_in_every_part(m).numel(), 3)
@@ -233,7 +273,7 @@ def test_compiled_gather_matches_eager():
 
 
 SCALAR_CHILD_TESTS = ("test_rows_and_fused_match_float64", "test_decode_step_call_matches_float64",
-                      "test_decode_step_lean_path_matches_float64")
+                      "test_decode_step_lean_path_matches_float64", "test_factored_products_of_every_group_size_and_bits")
 
 
 @pytest.mark.child_run(args=[__file__, "-k", " or ".join(SCALAR_CHILD_TESTS)], env={"MOLE_KERNELS_CPU_ISA": "scalar"})
