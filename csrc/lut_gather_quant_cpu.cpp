@@ -299,43 +299,63 @@ MOLE_QAVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 MOLE_QAVX512 inline void store16(at::Half* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-MOLE_QAVX512 inline void store16(at::BFloat16* p, __m512 v) {  // round to nearest even; NaN stays NaN
+// bfloat16 bits of v (round to nearest even; NaN stays NaN) in the low half of each 32-bit lane.
+MOLE_QAVX512 inline __m512i bf16_bits(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+}
+MOLE_QAVX512 inline void store16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(v)));
 }
 
-// fp8's fast 32 columns: sum_e vs[e] * x_e[j .. j + 31] added to a0 (columns j .. j + 15) and a1
-// (j + 16 .. j + 31), for codes without NaNs (fp8_nan_in). The 32 codes read as 16 words hold the even
-// columns' codes in their low bytes and the odd columns' in their high bytes; each half becomes fp16
+// 32 columns from their even (p[0], p[2], ..., p[30]) and odd (p[1], ..., p[31]) halves, as fp8's fast
+// sum leaves them: one word shuffle for a 16-bit dtype, where two float shuffles and two narrowings would do.
+MOLE_QAVX512 inline void store_split(float* p, __m512 even, __m512 odd) {
+  _mm512_storeu_ps(p, _mm512_permutex2var_ps(even, _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), odd));
+  _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(even, _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8), odd));
+}
+// Word indices for _mm512_permutex2var_epi16 that interleave words 0, step, 2 * step, ... of a (the even
+// columns) with the same words of b (the odd ones).
+struct InterleaveWords {
+  alignas(64) int16_t idx[32] = {};
+  constexpr explicit InterleaveWords(int step) {
+    for (int i = 0; i < 16; ++i) {
+      idx[2 * i] = static_cast<int16_t>(step * i);
+      idx[2 * i + 1] = static_cast<int16_t>(32 + step * i);
+    }
+  }
+};
+constexpr InterleaveWords kHalfWords(1);  // _mm512_cvtps_ph: 16 words, packed
+constexpr InterleaveWords kBf16Words(2);  // bf16_bits: a word in each 32-bit lane's low half
+MOLE_QAVX512 inline void store_split(at::Half* p, __m512 even, __m512 odd) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512i he = _mm512_castsi256_si512(_mm512_cvtps_ph(even, kRound));
+  const __m512i ho = _mm512_castsi256_si512(_mm512_cvtps_ph(odd, kRound));
+  _mm512_storeu_si512(p, _mm512_permutex2var_epi16(he, _mm512_load_si512(kHalfWords.idx), ho));
+}
+MOLE_QAVX512 inline void store_split(at::BFloat16* p, __m512 even, __m512 odd) {
+  _mm512_storeu_si512(p, _mm512_permutex2var_epi16(bf16_bits(even), _mm512_load_si512(kBf16Words.idx), bf16_bits(odd)));
+}
+
+// fp8's fast 32 columns: sum_e vs[e] * x_e[j .. j + 31] added to `even` (columns j, j + 2, ..., j + 30)
+// and `odd` (j + 1, ..., j + 31), for codes without NaNs (fp8_nan_in). The 32 codes read as 16 words hold the
+// even columns' codes in their low bytes and the odd columns' in their high bytes; each half becomes fp16
 // (x 2^-8, as decode16) with two or three 16-bit operations and no widening shuffle, which costs as much as
-// the conversion itself on some CPUs. The even and odd columns' sums are split and joined once for all E rows.
-// `fresh`: a0 and a1 are zero (nothing to split).
+// the conversion itself on some CPUs. The columns stay split over the E rows (store_split joins them).
 MOLE_QAVX512 inline void fp8_sum32(const uint8_t* rows, int64_t rb, int64_t E, const __m512* vs, int64_t j,
-                                   bool fresh, __m512& a0, __m512& a1) {
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+                                   __m512& even, __m512& odd) {
   // A code in a word's high byte, arithmetic-shifted right by one, is s.s.eeee.mmm.0000000: clearing the
   // second copy of the sign (and the low byte's bits) leaves the fp16 s.0eeee.mmm0000000.
   const __m256i keep = _mm256_set1_epi16(static_cast<int16_t>(0xbf80));
-  __m512 ae = _mm512_setzero_ps(), ao = _mm512_setzero_ps();
-  if (!fresh) {
-    ae = _mm512_permutex2var_ps(a0, even, a1);
-    ao = _mm512_permutex2var_ps(a0, odd, a1);
-  }
   for (int64_t e = 0; e < E; ++e) {
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + e * rb + j));
     const __m256i he = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(words, 8), 1), keep);
     const __m256i ho = _mm256_and_si256(_mm256_srai_epi16(words, 1), keep);
-    ae = _mm512_fmadd_ps(vs[e], _mm512_cvtph_ps(he), ae);
-    ao = _mm512_fmadd_ps(vs[e], _mm512_cvtph_ps(ho), ao);
+    even = _mm512_fmadd_ps(vs[e], _mm512_cvtph_ps(he), even);
+    odd = _mm512_fmadd_ps(vs[e], _mm512_cvtph_ps(ho), odd);
   }
-  a0 = _mm512_permutex2var_ps(ae, lo, ao);
-  a1 = _mm512_permutex2var_ps(ae, hi, ao);
 }
 
 // Whether codes j .. j + 31 of any of the E rows hold an fp8 NaN (s.1111.111: 0x7f or 0xff).
@@ -357,6 +377,7 @@ struct AccSink {
   bool fresh() const { return false; }  // whether every sum starts from zero
   MOLE_QAVX512 __m512 load16(int64_t k) const { return _mm512_loadu_ps(acc + k); }
   MOLE_QAVX512 void store16(int64_t k, __m512 v) const { _mm512_storeu_ps(acc + k, v); }
+  MOLE_QAVX512 void store_split(int64_t k, __m512 even, __m512 odd) const { mole::store_split(acc + k, even, odd); }
   float load1(int64_t k) const { return acc[k]; }
   void store1(int64_t k, float v) const { acc[k] = v; }
 };
@@ -372,6 +393,7 @@ struct OutSink {
     return add1 != nullptr ? _mm512_add_ps(a, mole::load16(add1 + k)) : a;
   }
   MOLE_QAVX512 void store16(int64_t k, __m512 v) const { mole::store16(dst + k, v); }
+  MOLE_QAVX512 void store_split(int64_t k, __m512 even, __m512 odd) const { mole::store_split(dst + k, even, odd); }
   float load1(int64_t k) const {
     const float a = add0 != nullptr ? static_cast<float>(add0[k]) : 0.f;
     return add1 != nullptr ? a + static_cast<float>(add1[k]) : a;
@@ -404,16 +426,23 @@ MOLE_QAVX512 void sum_avx512_into(const QuantLayout& q, const uint8_t* rows, int
     }
     if (F == QFormat::kNf4 && (j & 1) && j < stop) column(j++);  // vector nf4 decoding starts on a byte boundary
     for (; j + 32 <= stop; j += 32) {
-      __m512 a0 = sink.load16(j - c0), a1 = sink.load16(j + 16 - c0);
       if (F == QFormat::kFp8E4M3 && !fp8_nan_in(rows, rb, E, j)) {
-        fp8_sum32(rows, rb, E, vs, j, sink.fresh(), a0, a1);
-      } else {
-        for (int64_t e = 0; e < E; ++e) {
-          __m512 x0, x1;
-          decode32<F>(rows + e * rb, j, nf4, x0, x1);
-          a0 = _mm512_fmadd_ps(vs[e], x0, a0);
-          a1 = _mm512_fmadd_ps(vs[e], x1, a1);
+        __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+        if (!sink.fresh()) {  // the start split as the sum is (a fresh sum starts from zero: nothing to split)
+          const __m512 a0 = sink.load16(j - c0), a1 = sink.load16(j + 16 - c0);
+          even = _mm512_permutex2var_ps(a0, _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0), a1);
+          odd = _mm512_permutex2var_ps(a0, _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1), a1);
         }
+        fp8_sum32(rows, rb, E, vs, j, even, odd);
+        sink.store_split(j - c0, even, odd);
+        continue;
+      }
+      __m512 a0 = sink.load16(j - c0), a1 = sink.load16(j + 16 - c0);
+      for (int64_t e = 0; e < E; ++e) {
+        __m512 x0, x1;
+        decode32<F>(rows + e * rb, j, nf4, x0, x1);
+        a0 = _mm512_fmadd_ps(vs[e], x0, a0);
+        a1 = _mm512_fmadd_ps(vs[e], x1, a1);
       }
       sink.store16(j - c0, a0);
       sink.store16(j + 16 - c0, a1);
