@@ -1,11 +1,13 @@
 // lut_gather_quant on the CPU, plus the schemas and validation of the quantized-gather ops.
 //
-// Rows are dequantized in float32 tiles that stay in L1 (scale * code: one rounding, the same
-// as mole_kernels.dequantize, so the rows form is exact) and either stored in the output dtype
-// (rows form) or summed over experts with the router weight folded into the scale (fused form).
-// AVX-512 decodes 16 codes per instruction group (chosen at run time); a scalar path serves
-// every other CPU and the tails. Work is split over tokens (and columns for small batches) with
-// at::parallel_for, as in lut_gather.
+// Rows form: rows are dequantized in float32 tiles that stay in L1 (scale * code: one rounding, the
+// same as mole_kernels.dequantize, so the rows form is exact) and stored in the output dtype. Fused
+// form: a token's rows are summed over experts with the router weight folded into the scale; with
+// AVX-512, int8 / fp8 / nf4 sums of up to kExpertGroup rows stay in registers and go straight to the
+// output dtype (as the bf16 gather's), other sums go through a float32 tile. AVX-512 decodes 16-32
+// codes per instruction group (chosen at run time); a scalar path serves every other CPU and the
+// tails. Work is split over tokens (and columns for small batches) with at::parallel_for, as in
+// lut_gather.
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
