@@ -389,7 +389,7 @@ struct OutSink {
   const out_t* add0;
   const out_t* add1;
   bool fresh() const { return add0 == nullptr && add1 == nullptr; }
-  // 0 + add1 when add0 is null, as the float tile computes it (-0.0 stays +0.0 either way).
+  // 0 + add1 (not add1) when add0 is null, as the float tile computes it: an add1 of -0.0 gives +0.0 on both paths.
   MOLE_QAVX512 __m512 load16(int64_t k) const {
     const __m512 a = add0 != nullptr ? mole::load16(add0 + k) : _mm512_setzero_ps();
     return add1 != nullptr ? _mm512_add_ps(a, mole::load16(add1 + k)) : a;
