@@ -89,8 +89,11 @@ int64_t check_quant_outputs(const QuantPlan& plan, const at::Tensor& data, const
 // How a format's rows are summed on a CPU: acc[k] += sum_e w[e] * deq(rows + e * row_bytes)[c0 + k] for
 // k < n and E <= kExpertGroup rows (a token's rows of one layer are consecutive), the rows decoded and
 // summed in registers and acc read and written once. Every fused CPU sum of a quantized table (the
-// fused gather, lut_combine_quant, the decode step's lean path) calls the routine dequant_sum_fn picks
-// once per call: a new format plugs in there, with one routine (csrc/lut_gather_quant_cpu.cpp).
+// fused gather, lut_combine_quant, the decode step's lean path, the mixed table's parts) calls the
+// routine dequant_sum_fn picks once per call: a new format plugs in there, with one routine
+// (csrc/lut_gather_quant_cpu.cpp). There the AVX-512 routine of int8, fp8 and nf4 is written once over
+// where its sums start and go (a float acc, or a token's out with its addends: fused_routine, which
+// the fused gather uses so that its sums never leave registers).
 constexpr int64_t kExpertGroup = 16;
 using DequantSum = void (*)(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0,
                             int64_t n, float* acc);

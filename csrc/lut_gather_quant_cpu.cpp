@@ -1,11 +1,13 @@
 // lut_gather_quant on the CPU, plus the schemas and validation of the quantized-gather ops.
 //
-// Rows are dequantized in float32 tiles that stay in L1 (scale * code: one rounding, the same
-// as mole_kernels.dequantize, so the rows form is exact) and either stored in the output dtype
-// (rows form) or summed over experts with the router weight folded into the scale (fused form).
-// AVX-512 decodes 16 codes per instruction group (chosen at run time); a scalar path serves
-// every other CPU and the tails. Work is split over tokens (and columns for small batches) with
-// at::parallel_for, as in lut_gather.
+// Rows form: rows are dequantized in float32 tiles that stay in L1 (scale * code: one rounding, the
+// same as mole_kernels.dequantize, so the rows form is exact) and stored in the output dtype. Fused
+// form: a token's rows are summed over experts with the router weight folded into the scale; with
+// AVX-512, int8 / fp8 / nf4 sums of up to kExpertGroup rows stay in registers and go straight to the
+// output dtype (as the bf16 gather's), other sums go through a float32 tile. AVX-512 decodes 16-32
+// codes per instruction group (chosen at run time); a scalar path serves every other CPU and the
+// tails. Work is split over tokens (and columns for small batches) with at::parallel_for, as in
+// lut_gather.
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
@@ -287,49 +289,6 @@ void span_avx512_any(const QuantLayout& q, const uint8_t* row, int64_t c0, int64
   }
 }
 
-// The AVX-512 DequantSum (see lut_gather_quant.h): per 16 columns, the E rows decoded and summed in
-// one register (each row's scale and router weight folded into one factor per block), acc read and
-// written once, not once per expert.
-template <QFormat F>
-MOLE_QAVX512 void sum_avx512(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0,
-                             int64_t n, float* acc) {
-  const __m512 nf4 = _mm512_loadu_ps(kNf4Levels);
-  const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;  // exact: a power of two (see decode16)
-  const float* fp8 = fp8_table().v;
-  const int64_t rb = q.row_bytes;
-  float s[kExpertGroup];
-  __m512 vs[kExpertGroup];
-  float* out = acc - c0;
-  for (int64_t j = c0, end = c0 + n; j < end;) {
-    const int64_t b = j / q.block, stop = std::min(end, (b + 1) * q.block);
-    for (int64_t e = 0; e < E; ++e) {
-      s[e] = w[e] * load_scale(rows + e * rb, q, b);
-      vs[e] = _mm512_set1_ps(s[e] * unit);
-    }
-    if (F == QFormat::kNf4 && (j & 1) && j < stop) {  // vector nf4 decoding starts on a byte boundary
-      column_scalar(F, fp8, rows, rb, E, s, j, out + j);
-      ++j;
-    }
-    for (; j + 32 <= stop; j += 32) {
-      __m512 a0 = _mm512_loadu_ps(out + j), a1 = _mm512_loadu_ps(out + j + 16);
-      for (int64_t e = 0; e < E; ++e) {
-        __m512 x0, x1;
-        decode32<F>(rows + e * rb, j, nf4, x0, x1);
-        a0 = _mm512_fmadd_ps(vs[e], x0, a0);
-        a1 = _mm512_fmadd_ps(vs[e], x1, a1);
-      }
-      _mm512_storeu_ps(out + j, a0);
-      _mm512_storeu_ps(out + j + 16, a1);
-    }
-    for (; j + 16 <= stop; j += 16) {
-      __m512 a = _mm512_loadu_ps(out + j);
-      for (int64_t e = 0; e < E; ++e) a = _mm512_fmadd_ps(vs[e], decode16<F>(rows + e * rb, j, nf4), a);
-      _mm512_storeu_ps(out + j, a);
-    }
-    for (; j < stop; ++j) column_scalar(F, fp8, rows, rb, E, s, j, out + j);
-  }
-}
-
 MOLE_QAVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 MOLE_QAVX512 inline __m512 load16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -342,12 +301,172 @@ MOLE_QAVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 MOLE_QAVX512 inline void store16(at::Half* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-MOLE_QAVX512 inline void store16(at::BFloat16* p, __m512 v) {  // round to nearest even; NaN stays NaN
+// bfloat16 bits of v (round to nearest even; NaN stays NaN) in the low half of each 32-bit lane.
+MOLE_QAVX512 inline __m512i bf16_bits(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+}
+MOLE_QAVX512 inline void store16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(v)));
+}
+
+// 32 columns from their even (p[0], p[2], ..., p[30]) and odd (p[1], ..., p[31]) halves, as fp8's fast
+// sum leaves them: one word shuffle for a 16-bit dtype, where two float shuffles and two narrowings would do.
+MOLE_QAVX512 inline void store_split(float* p, __m512 even, __m512 odd) {
+  _mm512_storeu_ps(p, _mm512_permutex2var_ps(even, _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), odd));
+  _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(even, _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8), odd));
+}
+// Word indices for _mm512_permutex2var_epi16 that interleave words 0, step, 2 * step, ... of a (the even
+// columns) with the same words of b (the odd ones).
+struct InterleaveWords {
+  alignas(64) int16_t idx[32] = {};
+  constexpr explicit InterleaveWords(int step) {
+    for (int i = 0; i < 16; ++i) {
+      idx[2 * i] = static_cast<int16_t>(step * i);
+      idx[2 * i + 1] = static_cast<int16_t>(32 + step * i);
+    }
+  }
+};
+constexpr InterleaveWords kHalfWords(1);  // _mm512_cvtps_ph: 16 words, packed
+constexpr InterleaveWords kBf16Words(2);  // bf16_bits: a word in each 32-bit lane's low half
+MOLE_QAVX512 inline void store_split(at::Half* p, __m512 even, __m512 odd) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512i he = _mm512_castsi256_si512(_mm512_cvtps_ph(even, kRound));
+  const __m512i ho = _mm512_castsi256_si512(_mm512_cvtps_ph(odd, kRound));
+  _mm512_storeu_si512(p, _mm512_permutex2var_epi16(he, _mm512_load_si512(kHalfWords.idx), ho));
+}
+MOLE_QAVX512 inline void store_split(at::BFloat16* p, __m512 even, __m512 odd) {
+  _mm512_storeu_si512(p, _mm512_permutex2var_epi16(bf16_bits(even), _mm512_load_si512(kBf16Words.idx), bf16_bits(odd)));
+}
+
+// fp8's fast 32 columns: sum_e vs[e] * x_e[j .. j + 31] added to `even` (columns j, j + 2, ..., j + 30)
+// and `odd` (j + 1, ..., j + 31), for codes without NaNs (fp8_nan_in). The 32 codes read as 16 words hold the
+// even columns' codes in their low bytes and the odd columns' in their high bytes; each half becomes fp16
+// (x 2^-8, as decode16) with two or three 16-bit operations and no widening shuffle, which costs as much as
+// the conversion itself on some CPUs. The columns stay split over the E rows (store_split joins them).
+MOLE_QAVX512 inline void fp8_sum32(const uint8_t* rows, int64_t rb, int64_t E, const __m512* vs, int64_t j,
+                                   __m512& even, __m512& odd) {
+  // A code in a word's high byte, arithmetic-shifted right by one, is s.s.eeee.mmm.0000000: clearing the
+  // second copy of the sign (and the low byte's bits) leaves the fp16 s.0eeee.mmm0000000.
+  const __m256i keep = _mm256_set1_epi16(static_cast<int16_t>(0xbf80));
+  for (int64_t e = 0; e < E; ++e) {
+    const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + e * rb + j));
+    const __m256i he = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(words, 8), 1), keep);
+    const __m256i ho = _mm256_and_si256(_mm256_srai_epi16(words, 1), keep);
+    even = _mm512_fmadd_ps(vs[e], _mm512_cvtph_ps(he), even);
+    odd = _mm512_fmadd_ps(vs[e], _mm512_cvtph_ps(ho), odd);
+  }
+}
+
+// Whether codes j .. j + 31 of any of the E rows hold an fp8 NaN (s.1111.111: 0x7f or 0xff).
+MOLE_QAVX512 inline bool fp8_nan_in(const uint8_t* rows, int64_t rb, int64_t E, int64_t j) {
+  __mmask32 nan = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + e * rb + j));
+    nan |= _mm256_testn_epi8_mask(_mm256_add_epi8(b, _mm256_set1_epi8(1)), _mm256_set1_epi8(0x7f));
+  }
+  return nan != 0;
+}
+
+// Where a fused sum's columns start from and go (k: columns from c0), so that the AVX-512 sum below is
+// written once for both: AccSink reads and writes a float32 acc (DequantSum); OutSink starts from
+// add0 + add1 (either may be null; add0 may be dst) and stores straight to out's dtype, so the fused
+// gather keeps its sums in registers as the bf16 one does (no float tile to zero, reload and convert).
+struct AccSink {
+  float* acc;
+  bool fresh() const { return false; }  // whether every sum starts from zero
+  MOLE_QAVX512 __m512 load16(int64_t k) const { return _mm512_loadu_ps(acc + k); }
+  MOLE_QAVX512 void store16(int64_t k, __m512 v) const { _mm512_storeu_ps(acc + k, v); }
+  MOLE_QAVX512 void store_split(int64_t k, __m512 even, __m512 odd) const { mole::store_split(acc + k, even, odd); }
+  float load1(int64_t k) const { return acc[k]; }
+  void store1(int64_t k, float v) const { acc[k] = v; }
+};
+template <typename out_t>
+struct OutSink {
+  out_t* dst;
+  const out_t* add0;
+  const out_t* add1;
+  bool fresh() const { return add0 == nullptr && add1 == nullptr; }
+  // 0 + add1 (not add1) when add0 is null, as the float tile computes it: an add1 of -0.0 gives +0.0 on both paths.
+  MOLE_QAVX512 __m512 load16(int64_t k) const {
+    const __m512 a = add0 != nullptr ? mole::load16(add0 + k) : _mm512_setzero_ps();
+    return add1 != nullptr ? _mm512_add_ps(a, mole::load16(add1 + k)) : a;
+  }
+  MOLE_QAVX512 void store16(int64_t k, __m512 v) const { mole::store16(dst + k, v); }
+  MOLE_QAVX512 void store_split(int64_t k, __m512 even, __m512 odd) const { mole::store_split(dst + k, even, odd); }
+  float load1(int64_t k) const {
+    const float a = add0 != nullptr ? static_cast<float>(add0[k]) : 0.f;
+    return add1 != nullptr ? a + static_cast<float>(add1[k]) : a;
+  }
+  void store1(int64_t k, float v) const { dst[k] = static_cast<out_t>(v); }
+};
+
+// The AVX-512 sum (see DequantSum in lut_gather_quant.h): per 32 columns, the E rows decoded and summed
+// in two registers (each row's scale and router weight folded into one factor per block), the sink read
+// and written once, not once per expert.
+template <QFormat F, typename Sink>
+MOLE_QAVX512 void sum_avx512_into(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0,
+                                  int64_t n, const Sink& sink) {
+  const __m512 nf4 = _mm512_loadu_ps(kNf4Levels);
+  const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;  // exact: a power of two (see decode16)
+  const float* fp8 = fp8_table().v;
+  const int64_t rb = q.row_bytes;
+  float s[kExpertGroup];
+  __m512 vs[kExpertGroup];
+  auto column = [&](int64_t j) {  // one column through the scalar decoder
+    float v = sink.load1(j - c0);
+    column_scalar(F, fp8, rows, rb, E, s, j, &v);
+    sink.store1(j - c0, v);
+  };
+  for (int64_t j = c0, end = c0 + n; j < end;) {
+    const int64_t b = j / q.block, stop = std::min(end, (b + 1) * q.block);
+    for (int64_t e = 0; e < E; ++e) {
+      s[e] = w[e] * load_scale(rows + e * rb, q, b);
+      vs[e] = _mm512_set1_ps(s[e] * unit);
+    }
+    if (F == QFormat::kNf4 && (j & 1) && j < stop) column(j++);  // vector nf4 decoding starts on a byte boundary
+    for (; j + 32 <= stop; j += 32) {
+      if (F == QFormat::kFp8E4M3 && !fp8_nan_in(rows, rb, E, j)) {
+        __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+        if (!sink.fresh()) {  // the start split as the sum is (a fresh sum starts from zero: nothing to split)
+          const __m512 a0 = sink.load16(j - c0), a1 = sink.load16(j + 16 - c0);
+          even = _mm512_permutex2var_ps(a0, _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0), a1);
+          odd = _mm512_permutex2var_ps(a0, _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1), a1);
+        }
+        fp8_sum32(rows, rb, E, vs, j, even, odd);
+        sink.store_split(j - c0, even, odd);
+        continue;
+      }
+      __m512 a0 = sink.load16(j - c0), a1 = sink.load16(j + 16 - c0);
+      for (int64_t e = 0; e < E; ++e) {
+        __m512 x0, x1;
+        decode32<F>(rows + e * rb, j, nf4, x0, x1);
+        a0 = _mm512_fmadd_ps(vs[e], x0, a0);
+        a1 = _mm512_fmadd_ps(vs[e], x1, a1);
+      }
+      sink.store16(j - c0, a0);
+      sink.store16(j + 16 - c0, a1);
+    }
+    for (; j + 16 <= stop; j += 16) {
+      __m512 a = sink.load16(j - c0);
+      for (int64_t e = 0; e < E; ++e) a = _mm512_fmadd_ps(vs[e], decode16<F>(rows + e * rb, j, nf4), a);
+      sink.store16(j - c0, a);
+    }
+    for (; j < stop; ++j) column(j);
+  }
+}
+
+template <QFormat F>
+void sum_avx512(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0, int64_t n,
+                float* acc) {
+  sum_avx512_into<F>(q, rows, E, w, c0, n, AccSink{acc});
+}
+template <QFormat F, typename out_t>
+void fused_avx512(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0, int64_t n,
+                  out_t* dst, const out_t* add0, const out_t* add1) {
+  sum_avx512_into<F>(q, rows, E, w, c0, n, OutSink<out_t>{dst, add0, add1});
 }
 
 template <typename out_t>
@@ -449,12 +568,38 @@ inline void prefetch_bytes(const uint8_t* p, int64_t bytes) {
 constexpr int64_t kTile = 512;          // float32 columns per L1 tile
 constexpr int64_t kSplitColumns = 256;  // columns per item when a batch is too small for whole tokens
 
+// How the fused gather sums a token's rows: `direct` (AVX-512, int8 / fp8 / nf4, up to kExpertGroup rows)
+// in registers straight into out, as the bf16 gather does; else `sum` (dequant_sum_fn) into a float32 tile,
+// which also keeps a sum of more rows unrounded between groups. Looked up once per call.
+template <typename out_t>
+struct FusedRoutine {
+  DequantSum sum;
+  void (*direct)(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0, int64_t n,
+                 out_t* dst, const out_t* add0, const out_t* add1);
+};
+template <typename out_t>
+FusedRoutine<out_t> fused_routine(const QuantLayout& q) {
+  FusedRoutine<out_t> r{dequant_sum_fn(q), nullptr};
+#if MOLE_QX86
+  if (use_avx512()) {
+    switch (q.fmt) {
+      case QFormat::kInt8: r.direct = fused_avx512<QFormat::kInt8, out_t>; break;
+      case QFormat::kFp8E4M3: r.direct = fused_avx512<QFormat::kFp8E4M3, out_t>; break;
+      case QFormat::kNf4: r.direct = fused_avx512<QFormat::kNf4, out_t>; break;
+      default: break;  // the low-bit formats decode a row at a time (sum_lowbit)
+    }
+  }
+#endif
+  return r;
+}
+
 // Columns [c0, c0 + n) of one token: dst = add0 + add1 + sum_e w[e] * deq(seg + e * row_bytes), the
 // pointers already at column c0 (add0/add1 may be null, add0 may be dst; seg null: no rows, an id
-// outside the table, which adds nothing). `sum` is dequant_sum_fn(q), looked up once per call.
+// outside the table, which adds nothing).
 template <typename out_t>
-void fused_item(const QuantLayout& q, DequantSum sum, const uint8_t* seg, int64_t E, const float* w, int64_t c0,
-                int64_t n, out_t* dst, const out_t* add0, const out_t* add1) {
+void fused_item(const QuantLayout& q, const FusedRoutine<out_t>& r, const uint8_t* seg, int64_t E, const float* w,
+                int64_t c0, int64_t n, out_t* dst, const out_t* add0, const out_t* add1) {
+  if (r.direct != nullptr && E <= kExpertGroup) return r.direct(q, seg, seg != nullptr ? E : 0, w, c0, n, dst, add0, add1);
   alignas(64) float acc[kTile];
   alignas(64) float tmp[kTile];
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
@@ -466,7 +611,7 @@ void fused_item(const QuantLayout& q, DequantSum sum, const uint8_t* seg, int64_
       for (int64_t k = 0; k < m; ++k) acc[k] += tmp[k];
     }
     for (int64_t e0 = 0; seg != nullptr && e0 < E; e0 += kExpertGroup) {
-      sum(q, seg + e0 * q.row_bytes, std::min(kExpertGroup, E - e0), w + e0, c0 + t0, m, acc);
+      r.sum(q, seg + e0 * q.row_bytes, std::min(kExpertGroup, E - e0), w + e0, c0 + t0, m, acc);
     }
     store_tile(acc, dst + t0, m);
   }
@@ -477,7 +622,7 @@ template <typename out_t, typename id_t>
 void fused_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, const float* w, out_t* out,
                   const out_t* add0, const out_t* add1) {
   const QuantLayout& q = p.q;
-  const DequantSum sum = dequant_sum_fn(q);
+  const FusedRoutine<out_t> routine = fused_routine<out_t>(q);
   const int64_t D = q.D;
   const int64_t span = p.T >= 4 * at::get_num_threads() ? D : std::min(D, kSplitColumns);
   const int64_t spans = (D + span - 1) / span;
@@ -498,7 +643,7 @@ void fused_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, cons
         const int64_t nid = static_cast<int64_t>(ids[t + 1]);
         if (nid >= 0 && nid < p.V) prefetch_bytes(data + nid * token_bytes + seg_off, p.E * q.row_bytes);
       }
-      fused_item(q, sum, seg, p.E, w + t * p.E, c0, std::min(span, D - c0), out + at, add0 ? add0 + at : nullptr,
+      fused_item(q, routine, seg, p.E, w + t * p.E, c0, std::min(span, D - c0), out + at, add0 ? add0 + at : nullptr,
                  add1 ? add1 + at : nullptr);
     }
   });
@@ -543,15 +688,15 @@ const char* quant_cpu_isa() { return use_avx512() ? "avx512" : "scalar"; }
 
 void fused_step_quant_cpu(const QuantLayout& q, const uint8_t* const* seg, int64_t T, int64_t E, const float* w,
                           const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1) {
-  const DequantSum sum = dequant_sum_fn(q);
   MOLE_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lut_combine_quant", [&] {
+    const FusedRoutine<scalar_t> routine = fused_routine<scalar_t>(q);
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
     const scalar_t* a0 = ptr(add0);
     const scalar_t* a1 = ptr(add1);
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t D = q.D;
     for (int64_t t = 0; t < T; ++t) {
-      fused_item(q, sum, seg[t], E, w + t * E, 0, D, o + t * D, a0 ? a0 + t * D : nullptr, a1 ? a1 + t * D : nullptr);
+      fused_item(q, routine, seg[t], E, w + t * E, 0, D, o + t * D, a0 ? a0 + t * D : nullptr, a1 ? a1 + t * D : nullptr);
     }
   });
 }

@@ -221,6 +221,79 @@ def test_fused_matches_float64(device, case):
     torch.testing.assert_close(got.cpu().double(), want, atol=1e-5 * scale * E, rtol=1e-5)
 
 
+# The CPU's fused sum by batch size and expert count: with AVX-512, int8 / fp8 / nf4 rows are summed in
+# registers straight into out for up to 16 experts (E = 17: the float32 tile, groups of 16), fp8 by its
+# even/odd word decoding on 32-column pieces of a scale block (block 128, and 33 = one piece + a column);
+# T = 7 splits tokens into column spans, T >= 8 takes whole tokens, 65 an odd count past the threads' split.
+FUSED_PATH_FORMATS = [("int8", 101, None), ("fp8_e4m3", 768, 128), ("fp8_e4m3", 99, 33), ("nf4", 768, 64),
+                      ("nf4", 101, None), ("q2", 96, 32)]
+
+
+@pytest.mark.parametrize("device", ["cpu"])
+@pytest.mark.parametrize("fmt,D,block", FUSED_PATH_FORMATS, ids=str)
+@pytest.mark.parametrize("T", [0, 1, 7, 64, 65])
+@pytest.mark.parametrize("E", [1, 4, 17])
+def test_fused_cpu_paths_match_float64(device, fmt, D, block, T, E):
+    V, L = 13, 2
+    q = quantize(make_table(V, L, E, D), fmt, block)
+    deq = dequantize(q, torch.float32)
+    scale = deq.abs().amax().double() * E
+    ids_full = random_ids(V, (T, 2))
+    ids, w = ids_full[:, 1], torch.rand(E, T).t()  # strided ids, transposed weights
+    want = ref_fused(deq, ids, w, 1)
+    got = quantized_lut_gather(q, ids, w, layer=1, dtype=torch.float32)
+    assert got.shape == (T, D)
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * scale, rtol=1e-5)
+    # Into a bfloat16 out, added to what it holds (the sum starts from out: add0 = out).
+    h = torch.randn(T, D).bfloat16()
+    out = h.clone()
+    quantized_lut_gather(q, ids, w, layer=1, out=out, accumulate=True)
+    torch.testing.assert_close(out.double(), h.double() + want, atol=1.6e-2 * scale, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("device", ["cpu"])
+@pytest.mark.parametrize("T", [3, 64])
+def test_fused_fp8_every_code_and_nan_codes(device, T):
+    """Every fp8 code (subnormals, both zeros, the largest) through the fused CPU sum, and the NaN codes
+    0x7f / 0xff: a NaN code makes its column NaN and leaves every other column exact."""
+    V, L, E, D = 3, 2, 4, 768
+    q = quantize(torch.randn(V, L, E, D), "fp8_e4m3", 128)
+    codes = [c for c in range(256) if c & 0x7F != 0x7F]
+    g = torch.Generator().manual_seed(T)
+    for v in range(V):
+        for e in range(E):
+            perm = torch.tensor(codes)[torch.randperm(len(codes), generator=g)]
+            q.data[v, 1, e, :D] = perm.repeat(4)[:D].to(torch.uint8)
+    q.data[1, 1, 2, 5] = 0x7F  # a NaN code in one row of token 1 ...
+    q.data[1, 1, 0, 700] = 0xFF  # ... and a negative one in another
+    q.data[2, 1, :, :D] = torch.randint(0, 16, (E, D), generator=g).to(torch.uint8) ^ 0x80 * (torch.arange(D) % 2)
+    ids = torch.arange(T) % V
+    w = torch.rand(T, E)
+    want = ref_fused(dequantize(q, torch.float32), ids, w, 1)
+    got = quantized_lut_gather(q, ids, w, layer=1, dtype=torch.float32)
+    nan_cols = torch.zeros(T, D, dtype=torch.bool)
+    nan_cols[ids == 1, 5] = nan_cols[ids == 1, 700] = True
+    assert torch.equal(got.isnan(), nan_cols) and torch.equal(want.isnan(), nan_cols)
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.nan_to_num().abs().max().item(), rtol=1e-5,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("device", ["cpu"])
+@pytest.mark.parametrize("fmt,block", [("int8", None), ("fp8_e4m3", 128), ("nf4", 64)])
+def test_combine_residual_and_shared_through_the_fused_cpu_sum(device, fmt, block):
+    """lut_combine of a quantized table: residual + shared are the sum's start (add0 + add1)."""
+    import mole_kernels
+
+    V, L, E, D = 11, 2, 4, 768
+    q = quantize(make_table(V, L, E, D), fmt, block)
+    ids, logits = random_ids(V, (2, 9)), torch.randn(2, 9, E)
+    residual, shared = torch.randn(2, 9, D).bfloat16(), torch.randn(2, 9, D).bfloat16()
+    rows = dequantize(q, torch.float32).double()[ids][..., 1, :, :]
+    want = residual.double() + shared.double() + (torch.softmax(logits.double(), -1)[..., None] * rows).sum(-2)
+    got = mole_kernels.lut_combine(q, ids, logits, layer=1, residual=residual, shared=shared)
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.bfloat16])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("w_dtype,out_dtype", list(itertools.product(FLOAT_DTYPES, repeat=2)), ids=str)
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
@@ -384,7 +457,9 @@ def test_opcheck(device):
 
 
 # The scalar child run's selection: the CPU cases of the gather tests, and the ISA report.
-SCALAR_CHILD_TESTS = ("test_rows_equal_dequantized_table", "test_fused_matches_float64", "test_fused_accumulates_into_out")
+SCALAR_CHILD_TESTS = ("test_rows_equal_dequantized_table", "test_fused_matches_float64", "test_fused_accumulates_into_out",
+                      "test_fused_cpu_paths_match_float64", "test_fused_fp8_every_code_and_nan_codes",
+                      "test_combine_residual_and_shared_through_the_fused_cpu_sum")
 
 
 ISA_TEST = os.path.join(os.path.dirname(__file__), "test_lut_gather.py::test_reported_cpu_isa_follows_the_cpu_and_the_cap")
