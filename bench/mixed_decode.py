@@ -43,6 +43,14 @@ PLANS = {
 CONTEXT = 64
 
 
+def zipf_table(V, L, E, D):
+    """(lut, counts): a bf16 table [V, L, E, D] whose columns differ in scale and offset (what the normalised
+    plans are for), and Zipf-like token counts [V] over a random order of the ids. Draws from torch's RNG."""
+    lut = (torch.randn(V, L, E, D) * torch.rand(1, L, E, D) * 3 + torch.randn(1, L, E, D)).to(torch.bfloat16)
+    counts = (1e6 * (1.0 / torch.arange(1, V + 1).double())).long()[torch.randperm(V)]
+    return lut, counts
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="demo")
@@ -56,9 +64,7 @@ def main(argv=None):
                      num_key_value_heads=Hkv, num_experts=E, max_position_embeddings=CONTEXT + args.steps + 1)
     torch.manual_seed(0)
     base = MoLEForCausalLM(cfg, reparameterized=True).eval()
-    lut = (torch.randn(cfg.lut_shape) * torch.rand(1, L, E, D) * 3 + torch.randn(1, L, E, D)).to(torch.bfloat16)
-    rank_p = 1.0 / torch.arange(1, V + 1).double()
-    counts = (1e6 * rank_p).long()[torch.randperm(V)]
+    lut, counts = zipf_table(V, L, E, D)
     tmp = tempfile.TemporaryDirectory()
     tables = {"bf16 host": LookupTable.from_tensor(lut, "host", "cpu"),
               "bf16 disk": LookupTable.from_tensor(lut, "disk", "cpu", path=f"{tmp.name}/bf16.safetensors")}

@@ -26,9 +26,7 @@ from mole_kernels import _C  # noqa: E402
 from mole_kernels.mixed import quantize_mixed  # noqa: E402
 from mole_kernels.table import MixedLookupTable  # noqa: E402
 from conftest import paired_ratio  # noqa: E402
-
-SHAPES = {"demo": (2048, 4, 4, 128), "reference": (4096, 4, 4, 128)}  # V, L, E, D (bench/mixed_decode.py's)
-PLANS = {"int8 x 64 + f36x5": [("int8", 64), ("f36x5", None)], "int8 x 64 + f48x6": [("int8", 64), ("f48x6", None)]}
+from mixed_decode import PLANS, SHAPES, zipf_table  # noqa: E402  (the decode benchmark's tables)
 
 
 def main(argv=None):
@@ -39,10 +37,9 @@ def main(argv=None):
     ap.add_argument("--evict-kb", type=int, default=1024, help="KB of other memory read between two calls")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    V, L, E, D = SHAPES[args.shape]
+    V, L, D, _, _, _, E = SHAPES[args.shape]
     torch.manual_seed(0)
-    lut = (torch.randn(V, L, E, D) * torch.rand(1, L, E, D) * 3 + torch.randn(1, L, E, D)).to(torch.bfloat16)
-    counts = (1e6 / torch.arange(1, V + 1).double()).long()[torch.randperm(V)]
+    lut, counts = zipf_table(V, L, E, D)
     providers = {"bf16": partial_call(_C._lut_combine, lut)}
     tables = {}
     for name, plan in PLANS.items():
