@@ -10,6 +10,7 @@
 #include "direct_calls.h"
 #include "lut_gather.h"
 #include "lut_gather_quant.h"
+#include "cpu_simd.h"
 
 // SIMD paths use `#pragma GCC target` regions (GCC); other compilers get the scalar path.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -89,11 +90,7 @@ inline void vstore(at::Half* p, Vec v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 inline void vstore(at::BFloat16* p, Vec v) {  // round to nearest even; NaN stays NaN
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(mole::bf16_bits_avx512(v)));
 }
 using mole::fused_span_scalar;
 using mole::prefetch_l2;

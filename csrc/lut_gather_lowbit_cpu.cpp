@@ -11,16 +11,8 @@
 
 #include "lut_gather_lowbit.h"
 #include "lut_gather_quant.h"
+#include "cpu_simd.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// GCC 12 flags the intrinsics headers' own `__m512i __Y = __Y;` idiom (as in lut_gather_quant_cpu.cpp).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#define MOLE_LBX86 1
-#define MOLE_LBAVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#else
-#define MOLE_LBX86 0
-#endif
 
 namespace mole {
 
@@ -56,10 +48,10 @@ void segment_scalar(const uint8_t* row, int64_t j0, int64_t n, float s, float* d
   }
 }
 
-#if MOLE_LBX86
+#if MOLE_X86
 // 16 codes starting at value j (j % 16 == 0, so at byte j * BITS / 8) as lane indices.
 template <int BITS>
-MOLE_LBAVX512 inline __m512i codes16(const uint8_t* row, int64_t j) {
+MOLE_AVX512 inline __m512i codes16(const uint8_t* row, int64_t j) {
   const uint8_t* p = row + j * BITS / 8;
   if constexpr (BITS == 3) {
     // 48 bits: two 24-bit halves of 8 codes each. Reading 8 bytes stays in the row: 16 codes end at
@@ -84,12 +76,12 @@ MOLE_LBAVX512 inline __m512i codes16(const uint8_t* row, int64_t j) {
 }
 
 template <int BITS, bool ACC>
-MOLE_LBAVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w,
+MOLE_AVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w,
                                float* dst) {
   const __m512 lv = _mm512_loadu_ps(levels<BITS>());
   float* out = dst - c0;
   auto scale = [&](int64_t b) { return lowbit_scale(row, q, b); };
-  walk_scale_blocks<ACC>(q, c0, n, w, scale, [&](int64_t j, int64_t stop, float s) MOLE_LBAVX512 {
+  walk_scale_blocks<ACC>(q, c0, n, w, scale, [&](int64_t j, int64_t stop, float s) MOLE_AVX512 {
     const int64_t head = std::min(stop, (j + 15) / 16 * 16);  // vectors start on a 16-value boundary
     segment_scalar<BITS, ACC>(row, j, head - j, s, out + j);
     j = head;
@@ -114,7 +106,7 @@ void span_scalar(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n
 
 template <int BITS, bool ACC>
 void span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst, bool avx512) {
-#if MOLE_LBX86
+#if MOLE_X86
   if (avx512) return span_avx512<BITS, ACC>(q, row, c0, n, w, dst);
 #endif
   (void)avx512;

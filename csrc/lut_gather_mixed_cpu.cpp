@@ -31,16 +31,9 @@
 #include "direct_calls.h"
 #include "lut_gather.h"
 #include "lut_gather_quant.h"
+#include "cpu_simd.h"
 #include "lut_gather_mixed.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#define MOLE_MX86 1
-#define MOLE_MAVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#else
-#define MOLE_MX86 0
-#endif
 
 namespace mole {
 
@@ -65,9 +58,9 @@ void coef_basis_scalar(const float* coef, const float* basis, int64_t R, int64_t
   }
 }
 
-#if MOLE_MX86
+#if MOLE_X86
 // The same, 64 columns of acc held in registers while every basis row streams past.
-MOLE_MAVX512 void coef_basis_avx512(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
+MOLE_AVX512 void coef_basis_avx512(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
   int64_t d = 0;
   for (; d + 64 <= D; d += 64) {
     __m512 a0 = _mm512_loadu_ps(acc + d), a1 = _mm512_loadu_ps(acc + d + 16);
@@ -96,7 +89,7 @@ MOLE_MAVX512 void coef_basis_avx512(const float* coef, const float* basis, int64
 }
 
 // acc[d] += x[d] * y[d] (a column scale applied to a decoded row, its weight already in x).
-MOLE_MAVX512 void mul_add_avx512(const float* x, const float* y, int64_t D, float* acc) {
+MOLE_AVX512 void mul_add_avx512(const float* x, const float* y, int64_t D, float* acc) {
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
     const __m512 a = _mm512_loadu_ps(acc + d);
@@ -109,7 +102,7 @@ MOLE_MAVX512 void mul_add_avx512(const float* x, const float* y, int64_t D, floa
 // vector loaded (and widened) once feeds N tokens, N * W accumulators (>= 8: an FMA's latency hidden) in
 // registers over the rank, then scaled by the expert's column scale into acc. Columns past D are masked.
 template <int N, int W>
-MOLE_MAVX512 void factored_product_avx512(const float* coef, const uint16_t* basis, const float* cs, int64_t E,
+MOLE_AVX512 void factored_product_avx512(const float* coef, const uint16_t* basis, const float* cs, int64_t E,
                                           int64_t R, int64_t D, float* acc) {
   const int64_t ER = E * R;
   for (int64_t d0 = 0; d0 < D; d0 += 16 * W) {
@@ -155,7 +148,7 @@ MOLE_MAVX512 void factored_product_avx512(const float* coef, const uint16_t* bas
 // acc[d] += sum_e w[e] * scale_e * code_e[d] * cs[e * D + d]: an int8 part's rows of one token in a normalised
 // table (one float32 scale per row, csrc/lut_gather_quant.h), decoded, weighted and column-scaled in registers
 // (the general quantized route decodes each row into scratch first: part_sum).
-MOLE_MAVX512 void int8_scaled_sum_avx512(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w,
+MOLE_AVX512 void int8_scaled_sum_avx512(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w,
                                          const float* cs, float* acc) {
   const int64_t D = q.D;
   for (int64_t e = 0; e < E; ++e) {
@@ -174,7 +167,7 @@ MOLE_MAVX512 void int8_scaled_sum_avx512(const QuantLayout& q, const uint8_t* ro
 
 // a[d] = a0[d] + a1[d] + sum_e w[e] * off[e * D + d] for d < D (a0, a1, off may be null: 0): a token's row
 // before its table rows are added (residual, shared and a normalised table's offsets), in one pass.
-MOLE_MAVX512 void start_row_avx512(const float* a0, const float* a1, const float* off, const float* w, int64_t E,
+MOLE_AVX512 void start_row_avx512(const float* a0, const float* a1, const float* off, const float* w, int64_t E,
                                    int64_t D, float* a) {
   for (int64_t d = 0; d < D; d += 16) {
     const __mmask16 k = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
@@ -188,7 +181,7 @@ MOLE_MAVX512 void start_row_avx512(const float* a0, const float* a1, const float
 }
 
 // coef[j] = scale * (code_j) for j < R, 8 codes (`bits` bytes) at a time: one 64-bit word shifted per lane.
-MOLE_MAVX512 void factored_coefs_avx512(const uint8_t* row, int64_t R, int bits, float scale, float* coef) {
+MOLE_AVX512 void factored_coefs_avx512(const uint8_t* row, int64_t R, int bits, float scale, float* coef) {
   const int64_t payload = (R * bits + 7) / 8;
   const __m512i shifts = _mm512_set_epi64(7 * bits, 6 * bits, 5 * bits, 4 * bits, 3 * bits, 2 * bits, bits, 0);
   const __m512i mask = _mm512_set1_epi64((int64_t{1} << bits) - 1);
@@ -204,7 +197,7 @@ MOLE_MAVX512 void factored_coefs_avx512(const uint8_t* row, int64_t R, int bits,
 #endif
 
 void coef_basis(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
-#if MOLE_MX86
+#if MOLE_X86
   if (avx512()) return coef_basis_avx512(coef, basis, R, D, acc);
 #endif
   coef_basis_scalar(coef, basis, R, D, acc);
@@ -213,16 +206,17 @@ void coef_basis(const float* coef, const float* basis, int64_t R, int64_t D, flo
 // The factored rows' product for n <= kTokenGroup tokens of part p at (layer, expert) blocks [b, b + E):
 //   acc[t, d] += sum_e cs[e, d] * sum_j coef[t, e, j] * basis[b + e, j, d]
 // coef: n x E x rank floats (weight * scale * code); cs: the layer's column scales [E, D], or null (1);
-// acc: n rows of D. One pass over the basis for all n tokens: the float16 basis as the table stores it
-// (AVX-512), or its float32 copy (the scalar path, which has no float16 conversion in registers).
-// tmp: kTokenGroup * D floats (the scalar path's per-expert sums).
+// acc: n rows of D. One pass over the basis for all n tokens: the float16 basis as the table stores it, widened
+// in registers (AVX-512) or a row at a time into tmp (D floats, the scalar path: each basis row widened once per
+// group of tokens, not once per token, and no float32 copy of the basis kept anywhere).
 constexpr int kTokenGroup = 8;
 void factored_product(const float* coef, int n, const MixedPart& p, int64_t b, const float* cs, int64_t E, int64_t D,
                       float* acc, float* tmp) {
   const int64_t R = p.rank;
-#if MOLE_MX86
+  const c10::Half* basis = p.basis + b * R * D;
+#if MOLE_X86
   if (avx512()) {
-    const auto* h = reinterpret_cast<const uint16_t*>(p.basis + b * R * D);
+    const auto* h = reinterpret_cast<const uint16_t*>(basis);
     switch (n) {  // N * W >= 8 accumulators
       case 8: return factored_product_avx512<8, 2>(coef, h, cs, E, R, D, acc);
       case 7: return factored_product_avx512<7, 2>(coef, h, cs, E, R, D, acc);
@@ -235,19 +229,22 @@ void factored_product(const float* coef, int n, const MixedPart& p, int64_t b, c
     }
   }
 #endif
-  const float* basis = p.basis_f32 + b * R * D;
-  float* sum = tmp;  // n x D: each token's sum over j for expert e
+  float* row = tmp;  // basis row (e, j), widened and column-scaled (cs * sum_j = sum_j cs *: the same product)
   for (int64_t e = 0; e < E; ++e) {
-    std::fill(sum, sum + n * D, 0.f);
-    for (int t = 0; t < n; ++t) coef_basis_scalar(coef + (t * E + e) * R, basis + e * R * D, R, D, sum + t * D);
-    for (int t = 0; t < n; ++t) {
-      for (int64_t d = 0; d < D; ++d) acc[t * D + d] += (cs != nullptr ? cs[e * D + d] : 1.f) * sum[t * D + d];
+    for (int64_t j = 0; j < R; ++j) {
+      const c10::Half* src = basis + (e * R + j) * D;
+      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d]) * (cs != nullptr ? cs[e * D + d] : 1.f);
+      for (int t = 0; t < n; ++t) {
+        const float c = coef[(t * E + e) * R + j];
+        float* a = acc + t * D;
+        for (int64_t d = 0; d < D; ++d) a[d] += c * row[d];
+      }
     }
   }
 }
 
 void mul_add(const float* x, const float* y, int64_t D, float* acc) {
-#if MOLE_MX86
+#if MOLE_X86
   if (avx512()) return mul_add_avx512(x, y, D, acc);
 #endif
   for (int64_t d = 0; d < D; ++d) acc[d] += x[d] * y[d];
@@ -259,7 +256,7 @@ inline void factored_coefs(const MixedPart& p, const uint8_t* row, float w, floa
   std::memcpy(&h, row + p.row_bytes - 2, sizeof(h));
   const float s = w * static_cast<float>(c10::Half(h, c10::Half::from_bits()));
   const int bits = static_cast<int>(p.bits);
-#if MOLE_MX86
+#if MOLE_X86
   if (avx512()) return factored_coefs_avx512(row, p.rank, bits, s, coef);
 #endif
   const uint32_t mask = (1u << bits) - 1;
@@ -347,11 +344,6 @@ MixedTable make_mixed_table(const at::Tensor& rank, at::TensorList parts, c10::s
       p.rank = b.size(-2);
       MOLE_CHECK_ARG(p.rank >= 1, op, ": the basis of part ", k, " has rank 0");
       p.basis = b.const_data_ptr<c10::Half>();
-      if (!avx512()) {  // the scalar path reads a float32 copy (see factored_product)
-        const at::Tensor wide = b.to(at::kFloat).contiguous();
-        p.basis_f32 = wide.const_data_ptr<float>();
-        m.keep.push_back(wide);
-      }
       p.row_bytes = factored_row_bytes(p.rank, p.bits);
       MOLE_CHECK_ARG(t.scalar_type() == at::kByte && t.size(-1) == p.row_bytes, op, ": part ", k,
                      " (factored, rank ", p.rank, ", ", p.bits, " bits) must be uint8 rows of ", p.row_bytes,
@@ -431,7 +423,7 @@ void part_sum(const MixedTable& m, MixedRow at, int64_t l, const float* w, float
     }
     return;
   }
-#if MOLE_MX86
+#if MOLE_X86
   if (p.kind == PartKind::kQuant && p.q.fmt == QFormat::kInt8 && avx512()) {
     return int8_scaled_sum_avx512(p.q, rows, E, w, cs, acc);
   }
@@ -536,7 +528,7 @@ void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int6
       int n = 0;
       int32_t group_part = -1;
       auto start = [&](int64_t t, float* a) {  // a = add0[t] + add1[t] + the offsets' sum
-#if MOLE_MX86
+#if MOLE_X86
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (avx512()) {
             auto f = [](const scalar_t* x) { return reinterpret_cast<const float*>(x); };  // scalar_t is float

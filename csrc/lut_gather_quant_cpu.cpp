@@ -17,17 +17,11 @@
 #include <sstream>
 #include <string>
 
+#include "cpu_simd.h"
 #include "direct_calls.h"
 #include "lut_gather_lowbit.h"
 #include "lut_gather_quant.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#define MOLE_QX86 1
-#else
-#define MOLE_QX86 0
-#endif
 
 namespace mole {
 
@@ -204,12 +198,11 @@ void store_scalar(const float* src, out_t* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<out_t>(src[k]);
 }
 
-#if MOLE_QX86
+#if MOLE_X86
 // ---- AVX-512 path -------------------------------------------------------------------------
-#define MOLE_QAVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
 template <QFormat F>
-MOLE_QAVX512 inline __m512 decode16(const uint8_t* row, int64_t j, __m512 nf4) {
+MOLE_AVX512 inline __m512 decode16(const uint8_t* row, int64_t j, __m512 nf4) {
   if constexpr (F == QFormat::kInt8) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))));
   } else if constexpr (F == QFormat::kFp8E4M3) {
@@ -235,7 +228,7 @@ MOLE_QAVX512 inline __m512 decode16(const uint8_t* row, int64_t j, __m512 nf4) {
 // decode16 calls: fp8's bit moves run on 32 16-bit lanes at once, and nf4 spreads its nibbles to bytes
 // with one shift and two unpacks (the permute reads only an index's low 4 bits, so no mask is needed).
 template <QFormat F>
-MOLE_QAVX512 inline void decode32(const uint8_t* row, int64_t j, __m512 nf4, __m512& lo, __m512& hi) {
+MOLE_AVX512 inline void decode32(const uint8_t* row, int64_t j, __m512 nf4, __m512& lo, __m512& hi) {
   if constexpr (F == QFormat::kInt8) {
     lo = decode16<F>(row, j, nf4);
     hi = decode16<F>(row, j + 16, nf4);
@@ -259,12 +252,12 @@ MOLE_QAVX512 inline void decode32(const uint8_t* row, int64_t j, __m512 nf4, __m
 
 // A whole span in one call (the block loop inside): per-call setup is paid once per row, not per block.
 template <QFormat F, bool ACC>
-MOLE_QAVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
+MOLE_AVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
   const __m512 nf4 = _mm512_loadu_ps(kNf4Levels);
   const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;  // exact: a power of two
   float* out = dst - c0;
   auto scale = [&](int64_t b) { return load_scale(row, q, b); };
-  walk_scale_blocks<ACC>(q, c0, n, w, scale, [&](int64_t j, int64_t stop, float s) MOLE_QAVX512 {
+  walk_scale_blocks<ACC>(q, c0, n, w, scale, [&](int64_t j, int64_t stop, float s) MOLE_AVX512 {
     if (F == QFormat::kNf4 && (j & 1)) {  // vector nf4 decoding starts on a byte boundary
       segment_scalar<ACC>(F, row, j, 1, s, out + j);
       ++j;
@@ -289,32 +282,25 @@ void span_avx512_any(const QuantLayout& q, const uint8_t* row, int64_t c0, int64
   }
 }
 
-MOLE_QAVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-MOLE_QAVX512 inline __m512 load16(const at::Half* p) {
+MOLE_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+MOLE_AVX512 inline __m512 load16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-MOLE_QAVX512 inline __m512 load16(const at::BFloat16* p) {
+MOLE_AVX512 inline __m512 load16(const at::BFloat16* p) {
   const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
 }
-MOLE_QAVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-MOLE_QAVX512 inline void store16(at::Half* p, __m512 v) {
+MOLE_AVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+MOLE_AVX512 inline void store16(at::Half* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-// bfloat16 bits of v (round to nearest even; NaN stays NaN) in the low half of each 32-bit lane.
-MOLE_QAVX512 inline __m512i bf16_bits(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-}
-MOLE_QAVX512 inline void store16(at::BFloat16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(v)));
+MOLE_AVX512 inline void store16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits_avx512(v)));
 }
 
 // 32 columns from their even (p[0], p[2], ..., p[30]) and odd (p[1], ..., p[31]) halves, as fp8's fast
 // sum leaves them: one word shuffle for a 16-bit dtype, where two float shuffles and two narrowings would do.
-MOLE_QAVX512 inline void store_split(float* p, __m512 even, __m512 odd) {
+MOLE_AVX512 inline void store_split(float* p, __m512 even, __m512 odd) {
   _mm512_storeu_ps(p, _mm512_permutex2var_ps(even, _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), odd));
   _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(even, _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8), odd));
 }
@@ -330,15 +316,15 @@ struct InterleaveWords {
   }
 };
 constexpr InterleaveWords kHalfWords(1);  // _mm512_cvtps_ph: 16 words, packed
-constexpr InterleaveWords kBf16Words(2);  // bf16_bits: a word in each 32-bit lane's low half
-MOLE_QAVX512 inline void store_split(at::Half* p, __m512 even, __m512 odd) {
+constexpr InterleaveWords kBf16Words(2);  // bf16_bits_avx512: a word in each 32-bit lane's low half
+MOLE_AVX512 inline void store_split(at::Half* p, __m512 even, __m512 odd) {
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   const __m512i he = _mm512_castsi256_si512(_mm512_cvtps_ph(even, kRound));
   const __m512i ho = _mm512_castsi256_si512(_mm512_cvtps_ph(odd, kRound));
   _mm512_storeu_si512(p, _mm512_permutex2var_epi16(he, _mm512_load_si512(kHalfWords.idx), ho));
 }
-MOLE_QAVX512 inline void store_split(at::BFloat16* p, __m512 even, __m512 odd) {
-  _mm512_storeu_si512(p, _mm512_permutex2var_epi16(bf16_bits(even), _mm512_load_si512(kBf16Words.idx), bf16_bits(odd)));
+MOLE_AVX512 inline void store_split(at::BFloat16* p, __m512 even, __m512 odd) {
+  _mm512_storeu_si512(p, _mm512_permutex2var_epi16(bf16_bits_avx512(even), _mm512_load_si512(kBf16Words.idx), bf16_bits_avx512(odd)));
 }
 
 // fp8's fast 32 columns: sum_e vs[e] * x_e[j .. j + 31] added to `even` (columns j, j + 2, ..., j + 30)
@@ -346,7 +332,7 @@ MOLE_QAVX512 inline void store_split(at::BFloat16* p, __m512 even, __m512 odd) {
 // even columns' codes in their low bytes and the odd columns' in their high bytes; each half becomes fp16
 // (x 2^-8, as decode16) with two or three 16-bit operations and no widening shuffle, which costs as much as
 // the conversion itself on some CPUs. The columns stay split over the E rows (store_split joins them).
-MOLE_QAVX512 inline void fp8_sum32(const uint8_t* rows, int64_t rb, int64_t E, const __m512* vs, int64_t j,
+MOLE_AVX512 inline void fp8_sum32(const uint8_t* rows, int64_t rb, int64_t E, const __m512* vs, int64_t j,
                                    __m512& even, __m512& odd) {
   // A code in a word's high byte, arithmetic-shifted right by one, is s.s.eeee.mmm.0000000: clearing the
   // second copy of the sign (and the low byte's bits) leaves the fp16 s.0eeee.mmm0000000.
@@ -361,7 +347,7 @@ MOLE_QAVX512 inline void fp8_sum32(const uint8_t* rows, int64_t rb, int64_t E, c
 }
 
 // Whether codes j .. j + 31 of any of the E rows hold an fp8 NaN (s.1111.111: 0x7f or 0xff).
-MOLE_QAVX512 inline bool fp8_nan_in(const uint8_t* rows, int64_t rb, int64_t E, int64_t j) {
+MOLE_AVX512 inline bool fp8_nan_in(const uint8_t* rows, int64_t rb, int64_t E, int64_t j) {
   __mmask32 nan = 0;
   for (int64_t e = 0; e < E; ++e) {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + e * rb + j));
@@ -377,9 +363,9 @@ MOLE_QAVX512 inline bool fp8_nan_in(const uint8_t* rows, int64_t rb, int64_t E, 
 struct AccSink {
   float* acc;
   bool fresh() const { return false; }  // whether every sum starts from zero
-  MOLE_QAVX512 __m512 load16(int64_t k) const { return _mm512_loadu_ps(acc + k); }
-  MOLE_QAVX512 void store16(int64_t k, __m512 v) const { _mm512_storeu_ps(acc + k, v); }
-  MOLE_QAVX512 void store_split(int64_t k, __m512 even, __m512 odd) const { mole::store_split(acc + k, even, odd); }
+  MOLE_AVX512 __m512 load16(int64_t k) const { return _mm512_loadu_ps(acc + k); }
+  MOLE_AVX512 void store16(int64_t k, __m512 v) const { _mm512_storeu_ps(acc + k, v); }
+  MOLE_AVX512 void store_split(int64_t k, __m512 even, __m512 odd) const { mole::store_split(acc + k, even, odd); }
   float load1(int64_t k) const { return acc[k]; }
   void store1(int64_t k, float v) const { acc[k] = v; }
 };
@@ -390,12 +376,12 @@ struct OutSink {
   const out_t* add1;
   bool fresh() const { return add0 == nullptr && add1 == nullptr; }
   // 0 + add1 (not add1) when add0 is null, as the float tile computes it: an add1 of -0.0 gives +0.0 on both paths.
-  MOLE_QAVX512 __m512 load16(int64_t k) const {
+  MOLE_AVX512 __m512 load16(int64_t k) const {
     const __m512 a = add0 != nullptr ? mole::load16(add0 + k) : _mm512_setzero_ps();
     return add1 != nullptr ? _mm512_add_ps(a, mole::load16(add1 + k)) : a;
   }
-  MOLE_QAVX512 void store16(int64_t k, __m512 v) const { mole::store16(dst + k, v); }
-  MOLE_QAVX512 void store_split(int64_t k, __m512 even, __m512 odd) const { mole::store_split(dst + k, even, odd); }
+  MOLE_AVX512 void store16(int64_t k, __m512 v) const { mole::store16(dst + k, v); }
+  MOLE_AVX512 void store_split(int64_t k, __m512 even, __m512 odd) const { mole::store_split(dst + k, even, odd); }
   float load1(int64_t k) const {
     const float a = add0 != nullptr ? static_cast<float>(add0[k]) : 0.f;
     return add1 != nullptr ? a + static_cast<float>(add1[k]) : a;
@@ -407,7 +393,7 @@ struct OutSink {
 // in two registers (each row's scale and router weight folded into one factor per block), the sink read
 // and written once, not once per expert.
 template <QFormat F, typename Sink>
-MOLE_QAVX512 void sum_avx512_into(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0,
+MOLE_AVX512 void sum_avx512_into(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0,
                                   int64_t n, const Sink& sink) {
   const __m512 nf4 = _mm512_loadu_ps(kNf4Levels);
   const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;  // exact: a power of two (see decode16)
@@ -470,13 +456,13 @@ void fused_avx512(const QuantLayout& q, const uint8_t* rows, int64_t E, const fl
 }
 
 template <typename out_t>
-MOLE_QAVX512 void load_avx512(const out_t* src, float* dst, int64_t n) {
+MOLE_AVX512 void load_avx512(const out_t* src, float* dst, int64_t n) {
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) _mm512_storeu_ps(dst + k, load16(src + k));
   load_scalar(src + k, dst + k, n - k);
 }
 template <typename out_t>
-MOLE_QAVX512 void store_avx512(const float* src, out_t* dst, int64_t n) {
+MOLE_AVX512 void store_avx512(const float* src, out_t* dst, int64_t n) {
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) store16(dst + k, _mm512_loadu_ps(src + k));
   store_scalar(src + k, dst + k, n - k);
@@ -484,7 +470,7 @@ MOLE_QAVX512 void store_avx512(const float* src, out_t* dst, int64_t n) {
 #endif
 
 bool use_avx512() {
-#if MOLE_QX86
+#if MOLE_X86
   static const bool yes = [] {
     // MOLE_KERNELS_CPU_ISA=scalar|avx2 caps the choice, as for lut_gather (tests run the scalar path).
     const char* cap = std::getenv("MOLE_KERNELS_CPU_ISA");
@@ -505,7 +491,7 @@ void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t 
   if (is_lowbit(q.fmt)) {  // lut_gather_lowbit_cpu.cpp
     return ACC ? lowbit_span_acc(q, row, c0, n, w, dst, use_avx512()) : lowbit_span_set(q, row, c0, n, dst, use_avx512());
   }
-#if MOLE_QX86
+#if MOLE_X86
   if (use_avx512()) return span_avx512_any<ACC>(q, row, c0, n, w, dst);
 #endif
   walk_scale_blocks<ACC>(q, c0, n, w, [&](int64_t b) { return load_scale(row, q, b); },
@@ -527,12 +513,13 @@ void sum_lowbit(const QuantLayout& q, const uint8_t* rows, int64_t E, const floa
 // The one place that picks a format's summing routine (see DequantSum in lut_gather_quant.h).
 DequantSum dequant_sum_fn(const QuantLayout& q) {
   if (is_lowbit(q.fmt)) return use_avx512() ? sum_lowbit<true> : sum_lowbit<false>;
-#if MOLE_QX86
+#if MOLE_X86
   if (use_avx512()) {
     switch (q.fmt) {
       case QFormat::kInt8: return sum_avx512<QFormat::kInt8>;
       case QFormat::kFp8E4M3: return sum_avx512<QFormat::kFp8E4M3>;
       case QFormat::kNf4: return sum_avx512<QFormat::kNf4>;
+      default: break;  // the low-bit formats returned above
     }
   }
 #endif
@@ -540,6 +527,7 @@ DequantSum dequant_sum_fn(const QuantLayout& q) {
     case QFormat::kInt8: return sum_scalar<QFormat::kInt8>;
     case QFormat::kFp8E4M3: return sum_scalar<QFormat::kFp8E4M3>;
     case QFormat::kNf4: return sum_scalar<QFormat::kNf4>;
+    default: break;
   }
   TORCH_INTERNAL_ASSERT(false, "dequant_sum_fn: a format without a summing routine");
 }
@@ -548,14 +536,14 @@ namespace {
 
 template <typename out_t>
 void load_tile(const out_t* src, float* dst, int64_t n) {
-#if MOLE_QX86
+#if MOLE_X86
   if (use_avx512()) return load_avx512(src, dst, n);
 #endif
   load_scalar(src, dst, n);
 }
 template <typename out_t>
 void store_tile(const float* src, out_t* dst, int64_t n) {
-#if MOLE_QX86
+#if MOLE_X86
   if (use_avx512()) return store_avx512(src, dst, n);
 #endif
   store_scalar(src, dst, n);
@@ -580,7 +568,7 @@ struct FusedRoutine {
 template <typename out_t>
 FusedRoutine<out_t> fused_routine(const QuantLayout& q) {
   FusedRoutine<out_t> r{dequant_sum_fn(q), nullptr};
-#if MOLE_QX86
+#if MOLE_X86
   if (use_avx512()) {
     switch (q.fmt) {
       case QFormat::kInt8: r.direct = fused_avx512<QFormat::kInt8, out_t>; break;
