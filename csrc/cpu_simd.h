@@ -9,6 +9,7 @@
 #define MOLE_X86 1
 // A function compiled for AVX-512 in a file built for baseline x86-64: called only after a run-time check.
 #define MOLE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define MOLE_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace mole {
 

@@ -260,6 +260,14 @@ at::Tensor lut_gather_cpu(const at::Tensor& lut, const at::Tensor& ids, const st
   return lut_gather_functional<lut_gather_into_cpu>(lut, ids, weights, layer, layer_end);
 }
 
+const char* gather_cpu_isa() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
 }  // namespace mole
 
 // Which instruction set the CPU kernels run (after the MOLE_KERNELS_CPU_ISA cap), so that tests and
@@ -270,11 +278,7 @@ TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
     if (kernel == "lut_gather_quant") return mole::quant_cpu_isa();
     MOLE_CHECK_ARG(kernel == "lut_gather", "cpu_isa: kernel must be 'lut_gather' or 'lut_gather_quant', got '",
                    std::string(kernel), "'");
-    switch (mole::cpu_isa()) {
-      case mole::Isa::kAvx512: return "avx512";
-      case mole::Isa::kAvx2: return "avx2";
-      default: return "scalar";
-    }
+    return mole::gather_cpu_isa();
   });
 }
 

@@ -49,6 +49,13 @@ bool avx512() {
   return yes;
 }
 
+// Without AVX-512 (or capped with MOLE_KERNELS_CPU_ISA=avx2), an AVX2 + FMA + F16C CPU still runs the factored
+// product in vectors (the float gather's choice and cap); the rest of the mixed kernel is scalar there.
+bool avx2() {
+  static const bool yes = !avx512() && std::strcmp(gather_cpu_isa(), "scalar") != 0;
+  return yes;
+}
+
 // acc[d] += sum_j coef[j] * basis[j * D + d] for d < D, j < R (float32 rows: the offsets' weighted sum).
 void coef_basis_scalar(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {
   for (int64_t j = 0; j < R; ++j) {
@@ -145,6 +152,66 @@ MOLE_AVX512 void factored_product_avx512(const float* coef, const uint16_t* basi
   }
 }
 
+// factored_product_avx512 with AVX2 + FMA + F16C, for exactly W full 8-column vectors at column d0.
+template <int N, int W>
+MOLE_AVX2 void factored_block_avx2(const float* coef, const uint16_t* basis, const float* cs, int64_t E, int64_t R,
+                                   int64_t D, int64_t d0, float* acc) {
+  const int64_t ER = E * R;
+  for (int64_t e = 0; e < E; ++e) {
+    __m256 a[N][W];
+#pragma GCC unroll 8
+    for (int t = 0; t < N; ++t) {
+#pragma GCC unroll 8
+      for (int v = 0; v < W; ++v) a[t][v] = _mm256_setzero_ps();
+    }
+    const uint16_t* b = basis + e * R * D + d0;
+    const float* c = coef + e * R;
+    for (int64_t j = 0; j < R; ++j, b += D) {
+      __m256 bv[W];
+#pragma GCC unroll 8
+      for (int v = 0; v < W; ++v) bv[v] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 8 * v)));
+#pragma GCC unroll 8
+      for (int t = 0; t < N; ++t) {
+        const __m256 ct = _mm256_set1_ps(c[t * ER + j]);
+#pragma GCC unroll 8
+        for (int v = 0; v < W; ++v) a[t][v] = _mm256_fmadd_ps(ct, bv[v], a[t][v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < W; ++v) {
+      const __m256 sv = cs != nullptr ? _mm256_loadu_ps(cs + e * D + d0 + 8 * v) : _mm256_set1_ps(1.f);
+#pragma GCC unroll 8
+      for (int t = 0; t < N; ++t) {
+        float* o = acc + t * D + d0 + 8 * v;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(sv, a[t][v], _mm256_loadu_ps(o)));
+      }
+    }
+  }
+}
+
+// The factored product of N tokens with AVX2: blocks of W vectors (N * W accumulators, <= 12 of the 16 registers),
+// the last whole vectors one at a time, and the columns past the last multiple of 8 in scalar code.
+template <int N, int W>
+void factored_product_avx2(const float* coef, const uint16_t* basis, const float* cs, int64_t E, int64_t R,
+                           int64_t D, float* acc) {
+  const int64_t D8 = D / 8 * 8;
+  int64_t d0 = 0;
+  for (; d0 + 8 * W <= D8; d0 += 8 * W) factored_block_avx2<N, W>(coef, basis, cs, E, R, D, d0, acc);
+  for (; d0 < D8; d0 += 8) factored_block_avx2<N, 1>(coef, basis, cs, E, R, D, d0, acc);
+  const int64_t ER = E * R;
+  for (int64_t d = D8; d < D; ++d) {
+    for (int64_t e = 0; e < E; ++e) {
+      for (int t = 0; t < N; ++t) {
+        float s = 0.f;
+        for (int64_t j = 0; j < R; ++j) {
+          s += coef[t * ER + e * R + j] * static_cast<float>(c10::Half(basis[(e * R + j) * D + d], c10::Half::from_bits()));
+        }
+        acc[t * D + d] += (cs != nullptr ? cs[e * D + d] : 1.f) * s;
+      }
+    }
+  }
+}
+
 // acc[d] += sum_e w[e] * scale_e * code_e[d] * cs[e * D + d]: an int8 part's rows of one token in a normalised
 // table (one float32 scale per row, csrc/lut_gather_quant.h), decoded, weighted and column-scaled in registers
 // (the general quantized route decodes each row into scratch first: part_sum).
@@ -207,8 +274,8 @@ void coef_basis(const float* coef, const float* basis, int64_t R, int64_t D, flo
 //   acc[t, d] += sum_e cs[e, d] * sum_j coef[t, e, j] * basis[b + e, j, d]
 // coef: n x E x rank floats (weight * scale * code); cs: the layer's column scales [E, D], or null (1);
 // acc: n rows of D. One pass over the basis for all n tokens: the float16 basis as the table stores it, widened
-// in registers (AVX-512) or a row at a time into tmp (D floats, the scalar path: each basis row widened once per
-// group of tokens, not once per token, and no float32 copy of the basis kept anywhere).
+// in registers (AVX-512, AVX2) or a row at a time into tmp (D floats, the scalar path: each basis row widened
+// once per group of tokens, not once per token; no float32 copy of the basis is kept anywhere).
 constexpr int kTokenGroup = 8;
 void factored_product(const float* coef, int n, const MixedPart& p, int64_t b, const float* cs, int64_t E, int64_t D,
                       float* acc, float* tmp) {
@@ -226,6 +293,19 @@ void factored_product(const float* coef, int n, const MixedPart& p, int64_t b, c
       case 3: return factored_product_avx512<3, 4>(coef, h, cs, E, R, D, acc);
       case 2: return factored_product_avx512<2, 4>(coef, h, cs, E, R, D, acc);
       default: return factored_product_avx512<1, 8>(coef, h, cs, E, R, D, acc);
+    }
+  }
+  if (avx2()) {
+    const auto* h = reinterpret_cast<const uint16_t*>(basis);
+    switch (n) {  // N * W accumulators: >= 8 where 12 registers allow
+      case 8: return factored_product_avx2<8, 1>(coef, h, cs, E, R, D, acc);
+      case 7: return factored_product_avx2<7, 1>(coef, h, cs, E, R, D, acc);
+      case 6: return factored_product_avx2<6, 2>(coef, h, cs, E, R, D, acc);
+      case 5: return factored_product_avx2<5, 2>(coef, h, cs, E, R, D, acc);
+      case 4: return factored_product_avx2<4, 2>(coef, h, cs, E, R, D, acc);
+      case 3: return factored_product_avx2<3, 4>(coef, h, cs, E, R, D, acc);
+      case 2: return factored_product_avx2<2, 4>(coef, h, cs, E, R, D, acc);
+      default: return factored_product_avx2<1, 8>(coef, h, cs, E, R, D, acc);
     }
   }
 #endif

@@ -228,7 +228,8 @@ def test_decode_step_lean_path_matches_float64(shape, plan, normalize):
 @pytest.mark.parametrize("normalize", [False, True])
 def test_factored_products_of_every_group_size_and_bits(shape, rank, normalize):
     """The factored product (AVX-512: float16 basis widened in registers, column scale after each expert's
-    sum; scalar path, in the child run below: a basis row widened and column-scaled once per token group) in
+    sum; AVX2, in a child run below: the same in 8-column vectors; scalar path, in another: a basis row widened
+    and column-scaled once per token group) in
     groups of 1 to 8 tokens, a part per code width (2 to 8 bits: codes 8 at a time, a rank that is not a
     multiple of 8 leaves a tail), odd D and D past one column block, E = 1: the rows and fused gathers and
     the step call (lean path up to 64 tokens, general path beyond), T = 1 to 65, against float64."""
@@ -277,9 +278,13 @@ SCALAR_CHILD_TESTS = ("test_rows_and_fused_match_float64", "test_decode_step_cal
                       "test_decode_step_lean_path_matches_float64", "test_factored_products_of_every_group_size_and_bits")
 
 
-@pytest.mark.child_run(args=[__file__, "-k", " or ".join(SCALAR_CHILD_TESTS)], env={"MOLE_KERNELS_CPU_ISA": "scalar"})
-def test_scalar_cpu_path(request):
-    """The kernels pick AVX-512 or scalar code at run time; run the gather tests on the scalar path."""
+@pytest.mark.parametrize("isa", [
+    pytest.param(isa, marks=pytest.mark.child_run(args=[__file__, "-k", " or ".join(SCALAR_CHILD_TESTS)],
+                                                  env={"MOLE_KERNELS_CPU_ISA": isa}))
+    for isa in ("scalar", "avx2")])
+def test_capped_cpu_paths(isa, request):
+    """The kernels pick AVX-512, AVX2 (the factored product; the rest scalar) or scalar code at run time; run
+    the gather tests capped at each lower one."""
     result = child_result(request)
     assert_child_ran(result, count_cases(module_tests(globals(), lambda fn: fn.__name__ in SCALAR_CHILD_TESTS)))
 
