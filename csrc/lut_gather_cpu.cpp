@@ -12,11 +12,9 @@
 #include "lut_gather_quant.h"
 #include "cpu_simd.h"
 
-// SIMD paths use `#pragma GCC target` regions (GCC); other compilers get the scalar path.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// GCC 12 warns falsely about _mm512_undefined_* inside its own intrinsic headers.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
+// SIMD paths use `#pragma GCC target` regions (GCC); other compilers get the scalar path. cpu_simd.h
+// includes the intrinsics.
+#if MOLE_X86 && !defined(__clang__)
 #define MOLE_X86_SIMD 1
 #else
 #define MOLE_X86_SIMD 0

@@ -25,6 +25,7 @@ struct MixedPart {
   int64_t rank = 0, bits = 0;  // kFactored: coefficients per row and their bits
   const uint8_t* data = nullptr;
   const c10::Half* basis = nullptr;  // kFactored: float16 [L, E, rank, D] (FactoredLUT.basis)
+  const float* basis_f32 = nullptr;  // kFactored, scalar path only (no AVX-512 or AVX2): the basis widened to float32
   at::ScalarType dtype = at::kFloat;  // kFloat: the part's dtype
 };
 

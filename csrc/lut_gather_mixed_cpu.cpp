@@ -274,14 +274,15 @@ void coef_basis(const float* coef, const float* basis, int64_t R, int64_t D, flo
 //   acc[t, d] += sum_e cs[e, d] * sum_j coef[t, e, j] * basis[b + e, j, d]
 // coef: n x E x rank floats (weight * scale * code); cs: the layer's column scales [E, D], or null (1);
 // acc: n rows of D. One pass over the basis for all n tokens: the float16 basis as the table stores it, widened
-// in registers (AVX-512, AVX2) or a row at a time into tmp (D floats, the scalar path: each basis row widened
-// once per group of tokens, not once per token; no float32 copy of the basis is kept anywhere).
+// in registers (AVX-512, AVX2), or its float32 copy (the scalar path: widening there, even once per group of
+// tokens, made the call 1.7x slower than reading the copy). tmp: kTokenGroup * D floats (the scalar path's
+// per-expert sums).
 constexpr int kTokenGroup = 8;
 void factored_product(const float* coef, int n, const MixedPart& p, int64_t b, const float* cs, int64_t E, int64_t D,
                       float* acc, float* tmp) {
   const int64_t R = p.rank;
-  const c10::Half* basis = p.basis + b * R * D;
 #if MOLE_X86
+  const c10::Half* basis = p.basis + b * R * D;
   if (avx512()) {
     const auto* h = reinterpret_cast<const uint16_t*>(basis);
     switch (n) {  // N * W >= 8 accumulators
@@ -309,16 +310,13 @@ void factored_product(const float* coef, int n, const MixedPart& p, int64_t b, c
     }
   }
 #endif
-  float* row = tmp;  // basis row (e, j), widened and column-scaled (cs * sum_j = sum_j cs *: the same product)
+  const float* wide = p.basis_f32 + b * R * D;
+  float* sum = tmp;  // n x D: each token's sum over j for expert e
   for (int64_t e = 0; e < E; ++e) {
-    for (int64_t j = 0; j < R; ++j) {
-      const c10::Half* src = basis + (e * R + j) * D;
-      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d]) * (cs != nullptr ? cs[e * D + d] : 1.f);
-      for (int t = 0; t < n; ++t) {
-        const float c = coef[(t * E + e) * R + j];
-        float* a = acc + t * D;
-        for (int64_t d = 0; d < D; ++d) a[d] += c * row[d];
-      }
+    std::fill(sum, sum + n * D, 0.f);
+    for (int t = 0; t < n; ++t) coef_basis_scalar(coef + (t * E + e) * R, wide + e * R * D, R, D, sum + t * D);
+    for (int t = 0; t < n; ++t) {
+      for (int64_t d = 0; d < D; ++d) acc[t * D + d] += (cs != nullptr ? cs[e * D + d] : 1.f) * sum[t * D + d];
     }
   }
 }
@@ -424,6 +422,11 @@ MixedTable make_mixed_table(const at::Tensor& rank, at::TensorList parts, c10::s
       p.rank = b.size(-2);
       MOLE_CHECK_ARG(p.rank >= 1, op, ": the basis of part ", k, " has rank 0");
       p.basis = b.const_data_ptr<c10::Half>();
+      if (!avx512() && !avx2()) {  // the scalar path reads a float32 copy (see factored_product)
+        const at::Tensor wide = b.to(at::kFloat).contiguous();
+        p.basis_f32 = wide.const_data_ptr<float>();
+        m.keep.push_back(wide);
+      }
       p.row_bytes = factored_row_bytes(p.rank, p.bits);
       MOLE_CHECK_ARG(t.scalar_type() == at::kByte && t.size(-1) == p.row_bytes, op, ": part ", k,
                      " (factored, rank ", p.rank, ", ", p.bits, " bits) must be uint8 rows of ", p.row_bytes,

@@ -228,8 +228,8 @@ def test_decode_step_lean_path_matches_float64(shape, plan, normalize):
 @pytest.mark.parametrize("normalize", [False, True])
 def test_factored_products_of_every_group_size_and_bits(shape, rank, normalize):
     """The factored product (AVX-512: float16 basis widened in registers, column scale after each expert's
-    sum; AVX2, in a child run below: the same in 8-column vectors; scalar path, in another: a basis row widened
-    and column-scaled once per token group) in
+    sum; AVX2, in a child run below: the same in 8-column vectors; scalar path, in another: a float32 copy of the
+    basis, column scale after each expert's sum) in
     groups of 1 to 8 tokens, a part per code width (2 to 8 bits: codes 8 at a time, a rank that is not a
     multiple of 8 leaves a tail), odd D and D past one column block, E = 1: the rows and fused gathers and
     the step call (lean path up to 64 tokens, general path beyond), T = 1 to 65, against float64."""
