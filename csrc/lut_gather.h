@@ -82,10 +82,6 @@ int64_t rows_out_stride(const at::Tensor& out, int64_t id_dims, int64_t inner);
 // (a fused sum over nothing is zero). Keeps zero-sized work away from the kernels.
 bool nothing_to_read(const GatherPlan& plan, const at::Tensor& out, bool accumulate);
 
-// The instruction set the float CPU kernels use: "avx512", "avx2" (with FMA and F16C) or "scalar"
-// (MOLE_KERNELS_CPU_ISA=scalar|avx2 caps it).
-const char* gather_cpu_isa();
-
 // Either raises (faults == nullopt) naming the first id outside [0, V), or adds
 // the number of such ids to faults[0] (no synchronisation on CUDA).
 void check_ids_cpu(const at::Tensor& ids, int64_t V, const std::optional<at::Tensor>& faults);

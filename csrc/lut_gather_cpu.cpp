@@ -53,12 +53,7 @@ inline void vstore(at::Half* p, Vec v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 inline void vstore(at::BFloat16* p, Vec v) {  // round to nearest even; NaN stays NaN
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0b1000);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), mole::bf16x8_avx2(v));
 }
 using mole::fused_span_scalar;
 using mole::prefetch_l2;
@@ -101,24 +96,11 @@ using mole::prefetch_l2;
 namespace mole {
 namespace {
 
-enum class Isa { kScalar, kAvx2, kAvx512 };
-
-Isa cpu_isa() {
+CpuIsa cpu_isa() {
 #if MOLE_X86_SIMD
-  static const Isa isa = [] {
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    Isa best = avx2 && avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kScalar;
-    // MOLE_KERNELS_CPU_ISA=scalar|avx2 caps the choice (tests run every path on one CPU).
-    const char* cap = std::getenv("MOLE_KERNELS_CPU_ISA");
-    if (cap != nullptr && std::strcmp(cap, "scalar") == 0) best = Isa::kScalar;
-    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
-    return best;
-  }();
-  return isa;
+  return x86_cpu_isa();
 #else
-  return Isa::kScalar;
+  return CpuIsa::kScalar;
 #endif
 }
 
@@ -128,9 +110,9 @@ void fused_span(const lut_t* base, const lut_t* next, int64_t D, int64_t E, cons
                 const out_t* add0, const out_t* add1) {
   switch (cpu_isa()) {
 #if MOLE_X86_SIMD
-    case Isa::kAvx512:
+    case CpuIsa::kAvx512:
       return avx512::fused_span(base, next, D, E, w, dst, n, add0, add1);
-    case Isa::kAvx2:
+    case CpuIsa::kAvx2:
       return avx2::fused_span(base, next, D, E, w, dst, n, add0, add1);
 #endif
     default:
@@ -258,25 +240,17 @@ at::Tensor lut_gather_cpu(const at::Tensor& lut, const at::Tensor& ids, const st
   return lut_gather_functional<lut_gather_into_cpu>(lut, ids, weights, layer, layer_end);
 }
 
-const char* gather_cpu_isa() {
-  switch (cpu_isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "scalar";
-  }
-}
-
 }  // namespace mole
 
 // Which instruction set the CPU kernels run (after the MOLE_KERNELS_CPU_ISA cap), so that tests and
-// `mole-kernels info` can see the switch: "avx512", "avx2" or "scalar". The quantized gather has its
-// own dispatch (AVX-512 or scalar).
+// `mole-kernels info` can see the switch: "avx512", "avx2" or "scalar". The float gather's vector code
+// needs GCC (pragma regions); the quantized kernels' does not (target attributes), so they may differ.
 TORCH_LIBRARY_FRAGMENT(mole_kernels, m) {
   m.def("cpu_isa(str kernel) -> str", [](c10::string_view kernel) -> std::string {
     if (kernel == "lut_gather_quant") return mole::quant_cpu_isa();
     MOLE_CHECK_ARG(kernel == "lut_gather", "cpu_isa: kernel must be 'lut_gather' or 'lut_gather_quant', got '",
                    std::string(kernel), "'");
-    return mole::gather_cpu_isa();
+    return mole::isa_name(mole::cpu_isa());
   });
 }
 

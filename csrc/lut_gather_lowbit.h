@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "cpu_simd.h"
+
 namespace mole {
 
 struct QuantLayout;
@@ -26,10 +28,14 @@ constexpr float kQ3Levels[16] = {-1.0f, -0.6245400309562683f, -0.351301103830337
 constexpr float kQ2Levels[16] = {-1.0f, -0.29978814721107483f, 0.29978814721107483f, 1.0f};
 constexpr float kQ1Levels[16] = {-1.0f, 1.0f};
 
-// Columns [c0, c0 + n) of one low-bit row: dst[k] = deq(c0 + k) (lowbit_span_set) or
-// dst[k] += w * deq(c0 + k) (lowbit_span_acc). `avx512`: the caller found AVX-512 usable.
-void lowbit_span_set(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float* dst, bool avx512);
-void lowbit_span_acc(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst,
-                     bool avx512);
+// Columns [c0, c0 + n) of one low-bit row: dst[k] = deq(c0 + k). `isa`: the instruction set the caller
+// chose (usable here).
+void lowbit_span_set(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float* dst, CpuIsa isa);
+
+// The low-bit formats' DequantSum (lut_gather_quant.h): acc[k] += sum_e w[e] * deq_e(c0 + k) over E rows
+// q.row_bytes apart, E <= kExpertGroup, with the instruction set `isa`.
+using LowbitSum = void (*)(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0,
+                           int64_t n, float* acc);
+LowbitSum lowbit_sum_fn(const QuantLayout& q, CpuIsa isa);
 
 }  // namespace mole

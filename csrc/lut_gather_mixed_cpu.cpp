@@ -44,16 +44,21 @@ int64_t factored_row_bytes(int64_t rank, int64_t bits) {
   return payload + payload % 2 + 2;
 }
 
+// The instruction set of this file's own vector code (the factored product), as the quantized kernels that
+// decode the quantized parts choose it: AVX-512, AVX2 + FMA + F16C, or scalar (MOLE_KERNELS_CPU_ISA caps it).
 bool avx512() {
-  static const bool yes = std::strcmp(quant_cpu_isa(), "avx512") == 0;  // the quantized kernels' choice and cap
-  return yes;
+#if MOLE_X86
+  return x86_cpu_isa() == CpuIsa::kAvx512;
+#else
+  return false;
+#endif
 }
-
-// Without AVX-512 (or capped with MOLE_KERNELS_CPU_ISA=avx2), an AVX2 + FMA + F16C CPU still runs the factored
-// product in vectors (the float gather's choice and cap); the rest of the mixed kernel is scalar there.
 bool avx2() {
-  static const bool yes = !avx512() && std::strcmp(gather_cpu_isa(), "scalar") != 0;
-  return yes;
+#if MOLE_X86
+  return x86_cpu_isa() == CpuIsa::kAvx2;
+#else
+  return false;
+#endif
 }
 
 // acc[d] += sum_j coef[j] * basis[j * D + d] for d < D, j < R (float32 rows: the offsets' weighted sum).

@@ -3,10 +3,10 @@
 // Rows form: rows are dequantized in float32 tiles that stay in L1 (scale * code: one rounding, the
 // same as mole_kernels.dequantize, so the rows form is exact) and stored in the output dtype. Fused
 // form: a token's rows are summed over experts with the router weight folded into the scale; with
-// AVX-512, int8 / fp8 / nf4 sums of up to kExpertGroup rows stay in registers and go straight to the
-// output dtype (as the bf16 gather's), other sums go through a float32 tile. AVX-512 decodes 16-32
-// codes per instruction group (chosen at run time); a scalar path serves every other CPU and the
-// tails. Work is split over tokens (and columns for small batches) with at::parallel_for, as in
+// AVX-512 or AVX2, int8 / fp8 / nf4 sums of up to kExpertGroup rows stay in registers and go straight to
+// the output dtype (as the bf16 gather's), other sums go through a float32 tile. AVX-512 decodes 16-32
+// codes per instruction group, AVX2 8-16 (chosen at run time); a scalar path serves every other CPU and
+// the tails. Work is split over tokens (and columns for small batches) with at::parallel_for, as in
 // lut_gather.
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -356,7 +356,112 @@ MOLE_AVX512 inline bool fp8_nan_in(const uint8_t* rows, int64_t rb, int64_t E, i
   return nan != 0;
 }
 
-// Where a fused sum's columns start from and go (k: columns from c0), so that the AVX-512 sum below is
+// ---- AVX2 + FMA + F16C path: the AVX-512 path's sums on 8-float vectors (CPUs without AVX-512) ------
+
+// nf4's 16 levels as two 8-float tables (AVX2 permutes 8 lanes): level i is lo[i & 7] or, when bit 3 is set, hi[i & 7].
+struct Nf4Levels8 {
+  __m256 lo, hi;
+};
+MOLE_AVX2 inline Nf4Levels8 nf4_levels8() { return {_mm256_loadu_ps(kNf4Levels), _mm256_loadu_ps(kNf4Levels + 8)}; }
+// The levels of 8 codes, one in each 32-bit lane's low 4 bits (higher bits are ignored).
+MOLE_AVX2 inline __m256 nf4_lookup8(__m256i codes, const Nf4Levels8& t) {
+  const __m256 lo = _mm256_permutevar8x32_ps(t.lo, codes), hi = _mm256_permutevar8x32_ps(t.hi, codes);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));  // bit 3 -> the sign bit
+}
+
+// fp8 e4m3 codes (one per 16-bit lane) as fp16 times 2^-8, as decode16 does for AVX-512; NaN codes give an fp16 NaN.
+MOLE_AVX2 inline __m128i fp8_to_half8(__m128i b) {
+  const __m128i t = _mm_slli_epi16(b, 7);
+  const __m128i h = _mm_add_epi16(t, _mm_and_si128(t, _mm_set1_epi16(0x4000)));  // the sign from bit 14 to bit 15
+  const __m128i nan = _mm_cmpeq_epi16(_mm_or_si128(b, _mm_set1_epi16(0x80)), _mm_set1_epi16(0xff));
+  return _mm_blendv_epi8(h, _mm_set1_epi16(0x7e00), nan);
+}
+MOLE_AVX2 inline __m256i fp8_to_half16(__m256i b) {
+  const __m256i t = _mm256_slli_epi16(b, 7);
+  const __m256i h = _mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000)));
+  const __m256i nan = _mm256_cmpeq_epi16(_mm256_or_si256(b, _mm256_set1_epi16(0x80)), _mm256_set1_epi16(0xff));
+  return _mm256_blendv_epi8(h, _mm256_set1_epi16(0x7e00), nan);
+}
+
+// Codes j .. j + 7 of a row (nf4: j even), before the scale (fp8: times 2^-8).
+template <QFormat F>
+MOLE_AVX2 inline __m256 decode8(const uint8_t* row, int64_t j, const Nf4Levels8& nf4) {
+  if constexpr (F == QFormat::kInt8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j))));
+  } else if constexpr (F == QFormat::kFp8E4M3) {
+    return _mm256_cvtph_ps(fp8_to_half8(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)))));
+  } else {
+    int32_t four;  // 4 bytes: 8 nibbles, low first
+    std::memcpy(&four, row + (j >> 1), sizeof(four));
+    const __m128i b = _mm_cvtsi32_si128(four);
+    return nf4_lookup8(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, _mm_srli_epi16(b, 4))), nf4);
+  }
+}
+
+// Codes j .. j + 15 of a row as two vectors (nf4: j even), one load per row.
+template <QFormat F>
+MOLE_AVX2 inline void decode16_avx2(const uint8_t* row, int64_t j, const Nf4Levels8& nf4, __m256& lo, __m256& hi) {
+  if constexpr (F == QFormat::kInt8) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j));
+    lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  } else if constexpr (F == QFormat::kFp8E4M3) {
+    const __m256i h = fp8_to_half16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))));
+    lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+  } else {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (j >> 1)));
+    const __m128i codes = _mm_unpacklo_epi8(b, _mm_srli_epi16(b, 4));  // byte k: code k in its low 4 bits
+    lo = nf4_lookup8(_mm256_cvtepu8_epi32(codes), nf4);
+    hi = nf4_lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)), nf4);
+  }
+}
+
+MOLE_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+MOLE_AVX2 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+MOLE_AVX2 inline __m256 load8(const at::BFloat16* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+MOLE_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+MOLE_AVX2 inline void store8(at::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+MOLE_AVX2 inline void store8(at::BFloat16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16x8_avx2(v)); }
+
+// A whole span of one row, as span_avx512.
+template <QFormat F, bool ACC>
+MOLE_AVX2 void span_avx2(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
+  const Nf4Levels8 nf4 = nf4_levels8();
+  const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;
+  float* out = dst - c0;
+  auto scale = [&](int64_t b) { return load_scale(row, q, b); };
+  walk_scale_blocks<ACC>(q, c0, n, w, scale, [&](int64_t j, int64_t stop, float s) MOLE_AVX2 {
+    if (F == QFormat::kNf4 && (j & 1)) {
+      segment_scalar<ACC>(F, row, j, 1, s, out + j);
+      ++j;
+    }
+    const __m256 vs = _mm256_set1_ps(s * unit);
+    for (; j + 8 <= stop; j += 8) {
+      const __m256 x = decode8<F>(row, j, nf4);
+      if (ACC) _mm256_storeu_ps(out + j, _mm256_fmadd_ps(vs, x, _mm256_loadu_ps(out + j)));
+      else _mm256_storeu_ps(out + j, _mm256_mul_ps(vs, x));
+    }
+    if (j < stop) segment_scalar<ACC>(F, row, j, stop - j, s, out + j);
+  });
+}
+
+template <bool ACC>
+void span_avx2_any(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
+  switch (q.fmt) {
+    case QFormat::kInt8: return span_avx2<QFormat::kInt8, ACC>(q, row, c0, n, w, dst);
+    case QFormat::kFp8E4M3: return span_avx2<QFormat::kFp8E4M3, ACC>(q, row, c0, n, w, dst);
+    case QFormat::kNf4: return span_avx2<QFormat::kNf4, ACC>(q, row, c0, n, w, dst);
+    default: return;  // the low-bit formats never come here (dequant_span)
+  }
+}
+
+// Where a fused sum's columns start from and go (k: columns from c0), so that the AVX-512 and AVX2 sums below are
 // written once for both: AccSink reads and writes a float32 acc (DequantSum); OutSink starts from
 // add0 + add1 (either may be null; add0 may be dst) and stores straight to out's dtype, so the fused
 // gather keeps its sums in registers as the bf16 one does (no float tile to zero, reload and convert).
@@ -366,6 +471,8 @@ struct AccSink {
   MOLE_AVX512 __m512 load16(int64_t k) const { return _mm512_loadu_ps(acc + k); }
   MOLE_AVX512 void store16(int64_t k, __m512 v) const { _mm512_storeu_ps(acc + k, v); }
   MOLE_AVX512 void store_split(int64_t k, __m512 even, __m512 odd) const { mole::store_split(acc + k, even, odd); }
+  MOLE_AVX2 __m256 load8(int64_t k) const { return _mm256_loadu_ps(acc + k); }
+  MOLE_AVX2 void store8(int64_t k, __m256 v) const { _mm256_storeu_ps(acc + k, v); }
   float load1(int64_t k) const { return acc[k]; }
   void store1(int64_t k, float v) const { acc[k] = v; }
 };
@@ -382,6 +489,11 @@ struct OutSink {
   }
   MOLE_AVX512 void store16(int64_t k, __m512 v) const { mole::store16(dst + k, v); }
   MOLE_AVX512 void store_split(int64_t k, __m512 even, __m512 odd) const { mole::store_split(dst + k, even, odd); }
+  MOLE_AVX2 __m256 load8(int64_t k) const {
+    const __m256 a = add0 != nullptr ? mole::load8(add0 + k) : _mm256_setzero_ps();
+    return add1 != nullptr ? _mm256_add_ps(a, mole::load8(add1 + k)) : a;
+  }
+  MOLE_AVX2 void store8(int64_t k, __m256 v) const { mole::store8(dst + k, v); }
   float load1(int64_t k) const {
     const float a = add0 != nullptr ? static_cast<float>(add0[k]) : 0.f;
     return add1 != nullptr ? a + static_cast<float>(add1[k]) : a;
@@ -467,59 +579,116 @@ MOLE_AVX512 void store_avx512(const float* src, out_t* dst, int64_t n) {
   for (; k + 16 <= n; k += 16) store16(dst + k, _mm512_loadu_ps(src + k));
   store_scalar(src + k, dst + k, n - k);
 }
-#endif
 
-bool use_avx512() {
-#if MOLE_X86
-  static const bool yes = [] {
-    // MOLE_KERNELS_CPU_ISA=scalar|avx2 caps the choice, as for lut_gather (tests run the scalar path).
-    const char* cap = std::getenv("MOLE_KERNELS_CPU_ISA");
-    if (cap != nullptr && (std::strcmp(cap, "scalar") == 0 || std::strcmp(cap, "avx2") == 0)) return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
-
-// Columns [c0, c0 + n) of one row: dst = deq (ACC = false) or dst += w * deq (ACC = true).
-template <bool ACC>
-void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
-  if (is_lowbit(q.fmt)) {  // lut_gather_lowbit_cpu.cpp
-    return ACC ? lowbit_span_acc(q, row, c0, n, w, dst, use_avx512()) : lowbit_span_set(q, row, c0, n, dst, use_avx512());
+// The AVX2 sum: sum_avx512_into on 16 columns (two vectors) per pass, then 8, then single columns.
+template <QFormat F, typename Sink>
+MOLE_AVX2 void sum_avx2_into(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0,
+                              int64_t n, const Sink& sink) {
+  const Nf4Levels8 nf4 = nf4_levels8();
+  const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;  // exact: a power of two (see decode16)
+  const float* fp8 = fp8_table().v;
+  const int64_t rb = q.row_bytes;
+  float s[kExpertGroup];
+  __m256 vs[kExpertGroup];
+  auto column = [&](int64_t j) {
+    float v = sink.load1(j - c0);
+    column_scalar(F, fp8, rows, rb, E, s, j, &v);
+    sink.store1(j - c0, v);
+  };
+  for (int64_t j = c0, end = c0 + n; j < end;) {
+    const int64_t b = j / q.block, stop = std::min(end, (b + 1) * q.block);
+    for (int64_t e = 0; e < E; ++e) {
+      s[e] = w[e] * load_scale(rows + e * rb, q, b);
+      vs[e] = _mm256_set1_ps(s[e] * unit);
+    }
+    if (F == QFormat::kNf4 && (j & 1) && j < stop) column(j++);  // vector nf4 decoding starts on a byte boundary
+    for (; j + 16 <= stop; j += 16) {
+      __m256 a0 = sink.load8(j - c0), a1 = sink.load8(j + 8 - c0);
+      for (int64_t e = 0; e < E; ++e) {
+        __m256 x0, x1;
+        decode16_avx2<F>(rows + e * rb, j, nf4, x0, x1);
+        a0 = _mm256_fmadd_ps(vs[e], x0, a0);
+        a1 = _mm256_fmadd_ps(vs[e], x1, a1);
+      }
+      sink.store8(j - c0, a0);
+      sink.store8(j + 8 - c0, a1);
+    }
+    for (; j + 8 <= stop; j += 8) {
+      __m256 a = sink.load8(j - c0);
+      for (int64_t e = 0; e < E; ++e) a = _mm256_fmadd_ps(vs[e], decode8<F>(rows + e * rb, j, nf4), a);
+      sink.store8(j - c0, a);
+    }
+    for (; j < stop; ++j) column(j);
   }
-#if MOLE_X86
-  if (use_avx512()) return span_avx512_any<ACC>(q, row, c0, n, w, dst);
-#endif
-  walk_scale_blocks<ACC>(q, c0, n, w, [&](int64_t b) { return load_scale(row, q, b); },
-                         [&](int64_t j, int64_t stop, float s) {
-                           segment_scalar<ACC>(q.fmt, row, j, stop - j, s, dst + (j - c0));
-                         });
 }
 
-// The low-bit formats' DequantSum: their decoders (lut_gather_lowbit_cpu.cpp) work a row at a time,
-// so each of the E rows is added into acc in turn.
-template <bool AVX512>
-void sum_lowbit(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0, int64_t n,
-                float* acc) {
-  for (int64_t e = 0; e < E; ++e) lowbit_span_acc(q, rows + e * q.row_bytes, c0, n, w[e], acc, AVX512);
+template <QFormat F>
+void sum_avx2(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0, int64_t n, float* acc) {
+  sum_avx2_into<F>(q, rows, E, w, c0, n, AccSink{acc});
+}
+template <QFormat F, typename out_t>
+void fused_avx2(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0, int64_t n,
+                out_t* dst, const out_t* add0, const out_t* add1) {
+  sum_avx2_into<F>(q, rows, E, w, c0, n, OutSink<out_t>{dst, add0, add1});
+}
+
+template <typename out_t>
+MOLE_AVX2 void load_avx2(const out_t* src, float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) _mm256_storeu_ps(dst + k, load8(src + k));
+  load_scalar(src + k, dst + k, n - k);
+}
+template <typename out_t>
+MOLE_AVX2 void store_avx2(const float* src, out_t* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) store8(dst + k, _mm256_loadu_ps(src + k));
+  store_scalar(src + k, dst + k, n - k);
+}
+#endif
+
+// The quantized kernels' instruction set: the float gather's choice and cap (cpu_simd.h), also under clang
+// (these kernels use target attributes, not pragma regions).
+CpuIsa quant_isa() {
+#if MOLE_X86
+  return x86_cpu_isa();
+#else
+  return CpuIsa::kScalar;
+#endif
+}
+
+// Columns [c0, c0 + n) of one row, dequantized into dst (the rows form; fused sums use dequant_sum_fn).
+void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float* dst) {
+  if (is_lowbit(q.fmt)) return lowbit_span_set(q, row, c0, n, dst, quant_isa());  // lut_gather_lowbit_cpu.cpp
+#if MOLE_X86
+  if (quant_isa() == CpuIsa::kAvx512) return span_avx512_any<false>(q, row, c0, n, 1.f, dst);
+  if (quant_isa() == CpuIsa::kAvx2) return span_avx2_any<false>(q, row, c0, n, 1.f, dst);
+#endif
+  walk_scale_blocks<false>(q, c0, n, 1.f, [&](int64_t b) { return load_scale(row, q, b); },
+                           [&](int64_t j, int64_t stop, float s) {
+                             segment_scalar<false>(q.fmt, row, j, stop - j, s, dst + (j - c0));
+                           });
 }
 
 }  // namespace
 
 // The one place that picks a format's summing routine (see DequantSum in lut_gather_quant.h).
 DequantSum dequant_sum_fn(const QuantLayout& q) {
-  if (is_lowbit(q.fmt)) return use_avx512() ? sum_lowbit<true> : sum_lowbit<false>;
+  if (is_lowbit(q.fmt)) return lowbit_sum_fn(q, quant_isa());  // lut_gather_lowbit_cpu.cpp
 #if MOLE_X86
-  if (use_avx512()) {
+  if (quant_isa() == CpuIsa::kAvx512) {
     switch (q.fmt) {
       case QFormat::kInt8: return sum_avx512<QFormat::kInt8>;
       case QFormat::kFp8E4M3: return sum_avx512<QFormat::kFp8E4M3>;
       case QFormat::kNf4: return sum_avx512<QFormat::kNf4>;
       default: break;  // the low-bit formats returned above
+    }
+  }
+  if (quant_isa() == CpuIsa::kAvx2) {
+    switch (q.fmt) {
+      case QFormat::kInt8: return sum_avx2<QFormat::kInt8>;
+      case QFormat::kFp8E4M3: return sum_avx2<QFormat::kFp8E4M3>;
+      case QFormat::kNf4: return sum_avx2<QFormat::kNf4>;
+      default: break;
     }
   }
 #endif
@@ -537,14 +706,16 @@ namespace {
 template <typename out_t>
 void load_tile(const out_t* src, float* dst, int64_t n) {
 #if MOLE_X86
-  if (use_avx512()) return load_avx512(src, dst, n);
+  if (quant_isa() == CpuIsa::kAvx512) return load_avx512(src, dst, n);
+  if (quant_isa() == CpuIsa::kAvx2) return load_avx2(src, dst, n);
 #endif
   load_scalar(src, dst, n);
 }
 template <typename out_t>
 void store_tile(const float* src, out_t* dst, int64_t n) {
 #if MOLE_X86
-  if (use_avx512()) return store_avx512(src, dst, n);
+  if (quant_isa() == CpuIsa::kAvx512) return store_avx512(src, dst, n);
+  if (quant_isa() == CpuIsa::kAvx2) return store_avx2(src, dst, n);
 #endif
   store_scalar(src, dst, n);
 }
@@ -569,12 +740,20 @@ template <typename out_t>
 FusedRoutine<out_t> fused_routine(const QuantLayout& q) {
   FusedRoutine<out_t> r{dequant_sum_fn(q), nullptr};
 #if MOLE_X86
-  if (use_avx512()) {
+  if (quant_isa() == CpuIsa::kAvx512) {
     switch (q.fmt) {
       case QFormat::kInt8: r.direct = fused_avx512<QFormat::kInt8, out_t>; break;
       case QFormat::kFp8E4M3: r.direct = fused_avx512<QFormat::kFp8E4M3, out_t>; break;
       case QFormat::kNf4: r.direct = fused_avx512<QFormat::kNf4, out_t>; break;
-      default: break;  // the low-bit formats decode a row at a time (sum_lowbit)
+      default: break;  // the low-bit formats sum through a float32 tile (lowbit_sum_fn)
+    }
+  }
+  if (quant_isa() == CpuIsa::kAvx2) {
+    switch (q.fmt) {
+      case QFormat::kInt8: r.direct = fused_avx2<QFormat::kInt8, out_t>; break;
+      case QFormat::kFp8E4M3: r.direct = fused_avx2<QFormat::kFp8E4M3, out_t>; break;
+      case QFormat::kNf4: r.direct = fused_avx2<QFormat::kNf4, out_t>; break;
+      default: break;
     }
   }
 #endif
@@ -660,9 +839,9 @@ void rows_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, out_t
       for (int64_t c0 = 0; c0 < D; c0 += kTile) {
         const int64_t m = std::min(kTile, D - c0);
         if constexpr (std::is_same_v<out_t, float>) {
-          dequant_span<false>(q, row, c0, m, 1.f, dst + c0);
+          dequant_span(q, row, c0, m, dst + c0);
         } else {
-          dequant_span<false>(q, row, c0, m, 1.f, tile);
+          dequant_span(q, row, c0, m, tile);
           store_tile(tile, dst + c0, m);
         }
       }
@@ -672,7 +851,7 @@ void rows_kernel(const QuantPlan& p, const uint8_t* data, const id_t* ids, out_t
 
 }  // namespace
 
-const char* quant_cpu_isa() { return use_avx512() ? "avx512" : "scalar"; }
+const char* quant_cpu_isa() { return isa_name(quant_isa()); }
 
 void fused_step_quant_cpu(const QuantLayout& q, const uint8_t* const* seg, int64_t T, int64_t E, const float* w,
                           const at::Tensor& out, const at::Tensor& add0, const at::Tensor& add1) {

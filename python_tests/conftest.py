@@ -204,8 +204,8 @@ _ISA_ORDER = ["scalar", "avx2", "avx512"]
 
 def expected_cpu_isa(cap=None):
     """(lut_gather's ISA, lut_gather_quant's ISA) this CPU should run under the cap
-    MOLE_KERNELS_CPU_ISA=cap, from /proc/cpuinfo (not from the extension). The quantized gather
-    has AVX-512 and scalar code only. None when the CPU's flags cannot be read here."""
+    MOLE_KERNELS_CPU_ISA=cap, from /proc/cpuinfo (not from the extension); both follow the same rule.
+    None when the CPU's flags cannot be read here."""
     import platform
 
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -219,4 +219,4 @@ def expected_cpu_isa(cap=None):
         "avx2" if avx2 else "scalar"
     if cap in _ISA_ORDER:
         best = _ISA_ORDER[min(_ISA_ORDER.index(best), _ISA_ORDER.index(cap))]
-    return best, ("avx512" if best == "avx512" else "scalar")
+    return best, best

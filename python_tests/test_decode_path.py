@@ -125,6 +125,29 @@ def test_prefetcher_every_layer_count_from_1_to_25(path, monkeypatch):
         table.close()
 
 
+def test_reader_counts_its_cpu_steps_into_the_table_stats():
+    """table.stats counts every CPU step of every reader of a table (the usual step's fast path): each id's
+    rows once per step, none after reset_stats; the general path (autograd on) into the same counters."""
+    t = LookupTable.from_tensor(torch.randn(V, L, E, D), "host", device="cpu")
+    readers = [t.reader(), t.reader()]
+    sizes = [1, 5, 3, 8]
+    x = torch.randn(8, D)
+    with torch.no_grad():
+        for i, n in enumerate(sizes):
+            ids = torch.randint(0, V, (n,))
+            readers[i % 2].start(ids)(1, x[:n], x[:n], x[:n], torch.randn(E, D))
+            s = t.stats
+            assert (s.calls, s.rows_requested) == (i + 1, sum(sizes[:i + 1]))
+            assert s.bytes_read["host"] == sum(sizes[:i + 1]) * t.row_bytes
+        readers[0].start(torch.arange(4))
+        t.reset_stats()
+        assert (t.stats.calls, t.stats.rows_requested, t.stats.bytes_read["host"]) == (0, 0, 0)
+        readers[1].start(torch.arange(2))
+    readers[0].start(torch.arange(3))  # autograd on: the general path
+    assert (t.stats.calls, t.stats.rows_requested, t.stats.bytes_read["host"]) == (2, 5, 5 * t.row_bytes)
+    t.close()
+
+
 def test_reader_bulk_step_reads_unique_rows_once_and_counts_bad_ids():
     """The host tier's many-token step (ids on the GPU there; the same code on a CPU here): unique rows
     prefetched once, each layer combined at the tokens' positions among them, bad ids counted once."""

@@ -674,14 +674,18 @@ def test_format_costs_and_gate():
         format_costs(m, text, [{"plan": plan, "normalise": True}], counts=counts)
 
 
-# ------------------------------------------------------------------ the scalar CPU path -----
+# ------------------------------------------------------------------ the capped CPU paths ----
 
 SCALAR_CHILD_TESTS = ("test_rows_equal_dequantized_table", "test_fused_matches_float64")
 
 
-@pytest.mark.child_run(args=[__file__, "-k", " or ".join(SCALAR_CHILD_TESTS)], env={"MOLE_KERNELS_CPU_ISA": "scalar"})
-def test_scalar_cpu_path(request):
-    """The low-bit decoders pick AVX-512 or scalar code at run time; run the gather tests on the scalar path."""
+@pytest.mark.parametrize("isa", [
+    pytest.param(isa, marks=pytest.mark.child_run(args=[__file__, "-k", " or ".join(SCALAR_CHILD_TESTS)],
+                                                  env={"MOLE_KERNELS_CPU_ISA": isa}))
+    for isa in ("scalar", "avx2")])
+def test_capped_cpu_paths(isa, request):
+    """The low-bit decoders pick AVX-512, AVX2 or scalar code at run time; run the gather tests capped at
+    each lower one."""
     result = child_result(request)
     assert_child_ran(result, count_cases(module_tests(globals(), lambda fn: fn.__name__ in SCALAR_CHILD_TESTS)))
 

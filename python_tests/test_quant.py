@@ -221,12 +221,14 @@ def test_fused_matches_float64(device, case):
     torch.testing.assert_close(got.cpu().double(), want, atol=1e-5 * scale * E, rtol=1e-5)
 
 
-# The CPU's fused sum by batch size and expert count: with AVX-512, int8 / fp8 / nf4 rows are summed in
-# registers straight into out for up to 16 experts (E = 17: the float32 tile, groups of 16), fp8 by its
-# even/odd word decoding on 32-column pieces of a scale block (block 128, and 33 = one piece + a column);
-# T = 7 splits tokens into column spans, T >= 8 takes whole tokens, 65 an odd count past the threads' split.
-FUSED_PATH_FORMATS = [("int8", 101, None), ("fp8_e4m3", 768, 128), ("fp8_e4m3", 99, 33), ("nf4", 768, 64),
-                      ("nf4", 101, None), ("q2", 96, 32)]
+# The CPU's fused sum by batch size and expert count: with AVX-512 or AVX2, int8 / fp8 / nf4 rows are summed
+# in registers straight into out for up to 16 experts (E = 17: the float32 tile, groups of 16), fp8 (AVX-512)
+# by its even/odd word decoding on 32-column pieces of a scale block (block 128, and 33 = one piece + a
+# column); AVX2 takes 16 columns, then 8, then single ones (45, 30 and 25 = 16 + 8 + a tail; nf4 blocks of 25
+# start on odd columns too); T = 7 splits tokens into column spans, T >= 8 takes whole tokens, 65 an odd count
+# past the threads' split.
+FUSED_PATH_FORMATS = [("int8", 101, None), ("int8", 45, None), ("fp8_e4m3", 768, 128), ("fp8_e4m3", 99, 33),
+                      ("fp8_e4m3", 90, 30), ("nf4", 768, 64), ("nf4", 101, None), ("nf4", 75, 25), ("q2", 96, 32)]
 
 
 @pytest.mark.parametrize("device", ["cpu"])
@@ -456,7 +458,7 @@ def test_opcheck(device):
         torch.library.opcheck(op, args)
 
 
-# The scalar child run's selection: the CPU cases of the gather tests, and the ISA report.
+# The capped child runs' selection: the CPU cases of the gather tests, and the ISA report.
 SCALAR_CHILD_TESTS = ("test_rows_equal_dequantized_table", "test_fused_matches_float64", "test_fused_accumulates_into_out",
                       "test_fused_cpu_paths_match_float64", "test_fused_fp8_every_code_and_nan_codes",
                       "test_combine_residual_and_shared_through_the_fused_cpu_sum")
@@ -465,10 +467,14 @@ SCALAR_CHILD_TESTS = ("test_rows_equal_dequantized_table", "test_fused_matches_f
 ISA_TEST = os.path.join(os.path.dirname(__file__), "test_lut_gather.py::test_reported_cpu_isa_follows_the_cpu_and_the_cap")
 
 
-@pytest.mark.child_run(args=[__file__, ISA_TEST, "-k", f"({' or '.join(SCALAR_CHILD_TESTS)}) and cpu or reported_cpu_isa"],
-                       env={"MOLE_KERNELS_CPU_ISA": "scalar"})
-def test_scalar_cpu_path(request):
-    """The CPU kernel picks AVX-512 or scalar decoding at run time; run the CPU gather tests on the scalar path."""
+@pytest.mark.parametrize("isa", [
+    pytest.param(isa, marks=pytest.mark.child_run(
+        args=[__file__, ISA_TEST, "-k", f"({' or '.join(SCALAR_CHILD_TESTS)}) and cpu or reported_cpu_isa"],
+        env={"MOLE_KERNELS_CPU_ISA": isa}))
+    for isa in ("scalar", "avx2")])
+def test_capped_cpu_paths(isa, request):
+    """The CPU kernel picks AVX-512, AVX2 or scalar decoding at run time; run the CPU gather tests capped at
+    each lower one."""
     result = child_result(request)
     gather = module_tests(globals(), lambda fn: fn.__name__ in SCALAR_CHILD_TESTS)
     assert_child_ran(result, count_cases(gather, {"device": "cpu"}) + (expected_cpu_isa() is not None))
