@@ -13,13 +13,15 @@
 // codes of q1. Rows stay 2-byte aligned; the kernels use unaligned loads.
 #pragma once
 
+#include <c10/util/Half.h>
+
 #include <cstdint>
+#include <cstring>
 
 #include "cpu_simd.h"
+#include "lut_gather_quant.h"
 
 namespace mole {
-
-struct QuantLayout;
 
 // Lloyd-Max levels of a unit normal for 8 and 4 levels, divided by their largest level (the same
 // float32 numbers as mole_kernels.quant.LOWBIT), padded to 16 for one-permute decoding.
@@ -28,14 +30,77 @@ constexpr float kQ3Levels[16] = {-1.0f, -0.6245400309562683f, -0.351301103830337
 constexpr float kQ2Levels[16] = {-1.0f, -0.29978814721107483f, 0.29978814721107483f, 1.0f};
 constexpr float kQ1Levels[16] = {-1.0f, 1.0f};
 
+template <int BITS>
+constexpr const float* lowbit_levels() {
+  return BITS == 3 ? kQ3Levels : BITS == 2 ? kQ2Levels : kQ1Levels;
+}
+
+// Block b's scale of a row.
+inline float lowbit_scale(const uint8_t* row, const QuantLayout& q, int64_t b) {
+  uint16_t h;  // memcpy: rows are only 2-byte aligned (and a staging buffer need not be)
+  std::memcpy(&h, row + q.scale_offset + 2 * b, sizeof(h));
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// Value j's code.
+template <int BITS>
+inline uint32_t code_at(const uint8_t* row, int64_t j) {
+  const int64_t bit = j * BITS;
+  // The byte after the last code byte is still inside the row (the scales follow), so reading two
+  // bytes is in bounds; a code spans at most two bytes.
+  const uint32_t two = row[bit >> 3] | (BITS == 3 ? uint32_t(row[(bit >> 3) + 1]) << 8 : 0u);
+  return (two >> (bit & 7)) & ((1u << BITS) - 1);
+}
+
+#if MOLE_X86
+// lowbit_scale in one F16C instruction, for the vector paths (c10::Half's portable conversion is ~20).
+MOLE_AVX2 inline float lowbit_scale_f16c(const uint8_t* row, const QuantLayout& q, int64_t b) {
+  uint16_t h;
+  std::memcpy(&h, row + q.scale_offset + 2 * b, sizeof(h));
+  return _cvtsh_ss(h);
+}
+
+// The codes of values j .. j + 15 (j % 8 == 0, so they start at byte j * BITS / 8) as lane indices:
+// 16 * BITS bits broadcast to the lanes, shifted per lane and masked.
+template <int BITS>
+MOLE_AVX512 inline __m512i codes16(const uint8_t* row, int64_t j) {
+  const uint8_t* p = row + j * BITS / 8;
+  if constexpr (BITS == 3) {
+    // 48 bits: two 24-bit halves of 8 codes each, put in dwords 0 and 1 and spread to 8 lanes each (bits past
+    // a half's 24 are masked off below). Reading 8 bytes stays in the row: 16 codes end at least 2 bytes (the
+    // scales) before its end.
+    uint64_t w;
+    std::memcpy(&w, p, sizeof(w));
+    const __m512i two = _mm512_castsi128_si512(_mm_cvtsi64_si128(static_cast<long long>((w & 0xffffffffu) | (w >> 24) << 32)));
+    const __m512i v = _mm512_permutexvar_epi32(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), two);
+    const __m512i sh = _mm512_set_epi32(21, 18, 15, 12, 9, 6, 3, 0, 21, 18, 15, 12, 9, 6, 3, 0);
+    return _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi32(7));
+  } else if constexpr (BITS == 2) {
+    uint32_t w;
+    std::memcpy(&w, p, sizeof(w));
+    const __m512i sh = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(w)), sh), _mm512_set1_epi32(3));
+  } else {
+    uint16_t w;
+    std::memcpy(&w, p, sizeof(w));
+    const __m512i sh = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(w)), sh), _mm512_set1_epi32(1));
+  }
+}
+
+// The same for values j .. j + 7 (j % 8 == 0), for AVX2.
+template <int BITS>
+MOLE_AVX2 inline __m256i codes8(const uint8_t* row, int64_t j) {
+  uint32_t w = 0;  // q3: 4 bytes for 24 bits of codes (in the row, as for codes16; bits 24.. are masked off)
+  std::memcpy(&w, row + j * BITS / 8, BITS == 3 ? 4 : BITS == 2 ? 2 : 1);
+  const __m256i sh = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), sh), _mm256_set1_epi32((1 << BITS) - 1));
+}
+#endif
+
 // Columns [c0, c0 + n) of one low-bit row: dst[k] = deq(c0 + k). `isa`: the instruction set the caller
 // chose (usable here).
 void lowbit_span_set(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float* dst, CpuIsa isa);
 
-// The low-bit formats' DequantSum (lut_gather_quant.h): acc[k] += sum_e w[e] * deq_e(c0 + k) over E rows
-// q.row_bytes apart, E <= kExpertGroup, with the instruction set `isa`.
-using LowbitSum = void (*)(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0,
-                           int64_t n, float* acc);
-LowbitSum lowbit_sum_fn(const QuantLayout& q, CpuIsa isa);
 
 }  // namespace mole

@@ -3,10 +3,10 @@
 // Rows form: rows are dequantized in float32 tiles that stay in L1 (scale * code: one rounding, the
 // same as mole_kernels.dequantize, so the rows form is exact) and stored in the output dtype. Fused
 // form: a token's rows are summed over experts with the router weight folded into the scale; with
-// AVX-512 or AVX2, int8 / fp8 / nf4 sums of up to kExpertGroup rows stay in registers and go straight to
-// the output dtype (as the bf16 gather's), other sums go through a float32 tile. AVX-512 decodes 16-32
-// codes per instruction group, AVX2 8-16 (chosen at run time); a scalar path serves every other CPU and
-// the tails. Work is split over tokens (and columns for small batches) with at::parallel_for, as in
+// AVX-512 or AVX2, sums of up to kExpertGroup rows (every format: int8, fp8, nf4 and the low-bit q3, q2,
+// q1, whose decoders are in lut_gather_lowbit.h) stay in registers and go straight to the output dtype
+// (as the bf16 gather's), larger ones go through a float32 tile. AVX-512 decodes 16-32 codes per
+// instruction group, AVX2 8-16 (chosen at run time); a scalar path serves every other CPU and the tails. Work is split over tokens (and columns for small batches) with at::parallel_for, as in
 // lut_gather.
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -16,10 +16,11 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <type_traits>
 
 #include "cpu_simd.h"
 #include "direct_calls.h"
-#include "lut_gather_lowbit.h"
+#include "lut_gather_lowbit.h"  // the low-bit formats' decoders
 #include "lut_gather_quant.h"
 
 
@@ -147,12 +148,56 @@ inline float load_scale(const uint8_t* row, const QuantLayout& q, int64_t b) {
   return s;
 }
 
+// Bits per code of a low-bit format (0 for the others).
+constexpr int lowbit_bits(QFormat f) {
+  return f == QFormat::kQ3 ? 3 : f == QFormat::kQ2 ? 2 : f == QFormat::kQ1 ? 1 : 0;
+}
+
+// fn(std::integral_constant<QFormat, f>{}): a format's routines chosen once per call, instantiated per format.
+template <typename Fn>
+decltype(auto) with_format(QFormat f, Fn&& fn) {
+  switch (f) {
+    case QFormat::kInt8: return fn(std::integral_constant<QFormat, QFormat::kInt8>{});
+    case QFormat::kFp8E4M3: return fn(std::integral_constant<QFormat, QFormat::kFp8E4M3>{});
+    case QFormat::kNf4: return fn(std::integral_constant<QFormat, QFormat::kNf4>{});
+    case QFormat::kQ3: return fn(std::integral_constant<QFormat, QFormat::kQ3>{});
+    case QFormat::kQ2: return fn(std::integral_constant<QFormat, QFormat::kQ2>{});
+    default: return fn(std::integral_constant<QFormat, QFormat::kQ1>{});
+  }
+}
+
+// Block b's scale of a row: float32, float16 for the low-bit formats.
+template <QFormat F>
+inline float scale_at(const uint8_t* row, const QuantLayout& q, int64_t b) {
+  return lowbit_bits(F) ? lowbit_scale(row, q, b) : load_scale(row, q, b);
+}
+
+#if MOLE_X86
+// scale_at for the vector paths (float16 scales converted by F16C).
+template <QFormat F>
+MOLE_AVX2 inline float vscale_at(const uint8_t* row, const QuantLayout& q, int64_t b) {
+  return lowbit_bits(F) ? lowbit_scale_f16c(row, q, b) : load_scale(row, q, b);
+}
+#endif
+
+// The levels a format's codes index, padded to 16 floats (nf4 and the low-bit formats; others none).
+template <QFormat F>
+constexpr const float* levels_of() {
+  if constexpr (lowbit_bits(F) != 0) return lowbit_levels<lowbit_bits(F)>();
+  else return kNf4Levels;
+}
+
 // ---- scalar path --------------------------------------------------------------------------
 // Code j of a row as a float (before its scale); `fp8` is fp8_table().v.
 inline float decode_one(QFormat fmt, const float* fp8, const uint8_t* row, int64_t j) {
-  if (fmt == QFormat::kInt8) return static_cast<float>(static_cast<int8_t>(row[j]));
-  if (fmt == QFormat::kFp8E4M3) return fp8[row[j]];
-  return kNf4Levels[(row[j >> 1] >> ((j & 1) * 4)) & 15];
+  switch (fmt) {
+    case QFormat::kInt8: return static_cast<float>(static_cast<int8_t>(row[j]));
+    case QFormat::kFp8E4M3: return fp8[row[j]];
+    case QFormat::kNf4: return kNf4Levels[(row[j >> 1] >> ((j & 1) * 4)) & 15];
+    case QFormat::kQ3: return kQ3Levels[code_at<3>(row, j)];
+    case QFormat::kQ2: return kQ2Levels[code_at<2>(row, j)];
+    default: return kQ1Levels[code_at<1>(row, j)];
+  }
 }
 
 // dst[k] = s * x[j0 + k] (ACC = false) or dst[k] += s * x[j0 + k] (ACC = true), for k < n, where
@@ -184,7 +229,7 @@ void sum_scalar(const QuantLayout& q, const uint8_t* rows, int64_t E, const floa
   float* out = acc - c0;
   for (int64_t j = c0, end = c0 + n; j < end;) {
     const int64_t b = j / q.block, stop = std::min(end, (b + 1) * q.block);
-    for (int64_t e = 0; e < E; ++e) s[e] = w[e] * load_scale(rows + e * q.row_bytes, q, b);
+    for (int64_t e = 0; e < E; ++e) s[e] = w[e] * scale_at<F>(rows + e * q.row_bytes, q, b);
     for (; j < stop; ++j) column_scalar(F, fp8, rows, q.row_bytes, E, s, j, out + j);
   }
 }
@@ -202,8 +247,10 @@ void store_scalar(const float* src, out_t* dst, int64_t n) {
 // ---- AVX-512 path -------------------------------------------------------------------------
 
 template <QFormat F>
-MOLE_AVX512 inline __m512 decode16(const uint8_t* row, int64_t j, __m512 nf4) {
-  if constexpr (F == QFormat::kInt8) {
+MOLE_AVX512 inline __m512 decode16(const uint8_t* row, int64_t j, __m512 lv) {
+  if constexpr (lowbit_bits(F) != 0) {  // j % 8 == 0: the codes start on a byte boundary
+    return _mm512_permutexvar_ps(codes16<lowbit_bits(F)>(row, j), lv);
+  } else if constexpr (F == QFormat::kInt8) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))));
   } else if constexpr (F == QFormat::kFp8E4M3) {
     // e4m3 bits s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 are the same number times 2^-8
@@ -220,7 +267,7 @@ MOLE_AVX512 inline __m512 decode16(const uint8_t* row, int64_t j, __m512 nf4) {
     const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (j >> 1)));
     const __m512i dup = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b8, b8));
     const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-    return _mm512_permutexvar_ps(_mm512_srlv_epi32(dup, shifts), nf4);  // the permute reads an index's low 4 bits
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(dup, shifts), lv);  // the permute reads an index's low 4 bits
   }
 }
 
@@ -228,10 +275,10 @@ MOLE_AVX512 inline __m512 decode16(const uint8_t* row, int64_t j, __m512 nf4) {
 // decode16 calls: fp8's bit moves run on 32 16-bit lanes at once, and nf4 spreads its nibbles to bytes
 // with one shift and two unpacks (the permute reads only an index's low 4 bits, so no mask is needed).
 template <QFormat F>
-MOLE_AVX512 inline void decode32(const uint8_t* row, int64_t j, __m512 nf4, __m512& lo, __m512& hi) {
-  if constexpr (F == QFormat::kInt8) {
-    lo = decode16<F>(row, j, nf4);
-    hi = decode16<F>(row, j + 16, nf4);
+MOLE_AVX512 inline void decode32(const uint8_t* row, int64_t j, __m512 lv, __m512& lo, __m512& hi) {
+  if constexpr (F == QFormat::kInt8 || lowbit_bits(F) != 0) {
+    lo = decode16<F>(row, j, lv);
+    hi = decode16<F>(row, j + 16, lv);
   } else if constexpr (F == QFormat::kFp8E4M3) {
     // As decode16: b << 7 puts s.eeee.mmm at bits 14..7; adding its bit 14 to itself moves the sign to bit 15.
     const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j)));
@@ -245,8 +292,8 @@ MOLE_AVX512 inline void decode32(const uint8_t* row, int64_t j, __m512 nf4, __m5
   } else {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (j >> 1)));
     const __m128i high = _mm_srli_epi16(b, 4);  // each byte's low 4 bits: its high nibble
-    lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, high)), nf4);
-    hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(b, high)), nf4);
+    lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, high)), lv);
+    hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(b, high)), lv);
   }
 }
 
@@ -358,13 +405,15 @@ MOLE_AVX512 inline bool fp8_nan_in(const uint8_t* rows, int64_t rb, int64_t E, i
 
 // ---- AVX2 + FMA + F16C path: the AVX-512 path's sums on 8-float vectors (CPUs without AVX-512) ------
 
-// nf4's 16 levels as two 8-float tables (AVX2 permutes 8 lanes): level i is lo[i & 7] or, when bit 3 is set, hi[i & 7].
-struct Nf4Levels8 {
+// A format's 16 levels (levels_of) as two 8-float tables (AVX2 permutes 8 lanes): level i is lo[i & 7] or,
+// when bit 3 is set, hi[i & 7]. The low-bit formats have at most 8: lo holds them all.
+struct Levels8 {
   __m256 lo, hi;
 };
-MOLE_AVX2 inline Nf4Levels8 nf4_levels8() { return {_mm256_loadu_ps(kNf4Levels), _mm256_loadu_ps(kNf4Levels + 8)}; }
+template <QFormat F>
+MOLE_AVX2 inline Levels8 levels8() { return {_mm256_loadu_ps(levels_of<F>()), _mm256_loadu_ps(levels_of<F>() + 8)}; }
 // The levels of 8 codes, one in each 32-bit lane's low 4 bits (higher bits are ignored).
-MOLE_AVX2 inline __m256 nf4_lookup8(__m256i codes, const Nf4Levels8& t) {
+MOLE_AVX2 inline __m256 nf4_lookup8(__m256i codes, const Levels8& t) {
   const __m256 lo = _mm256_permutevar8x32_ps(t.lo, codes), hi = _mm256_permutevar8x32_ps(t.hi, codes);
   return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));  // bit 3 -> the sign bit
 }
@@ -383,10 +432,12 @@ MOLE_AVX2 inline __m256i fp8_to_half16(__m256i b) {
   return _mm256_blendv_epi8(h, _mm256_set1_epi16(0x7e00), nan);
 }
 
-// Codes j .. j + 7 of a row (nf4: j even), before the scale (fp8: times 2^-8).
+// Codes j .. j + 7 of a row (nf4: j even; low-bit formats: j % 8 == 0), before the scale (fp8: times 2^-8).
 template <QFormat F>
-MOLE_AVX2 inline __m256 decode8(const uint8_t* row, int64_t j, const Nf4Levels8& nf4) {
-  if constexpr (F == QFormat::kInt8) {
+MOLE_AVX2 inline __m256 decode8(const uint8_t* row, int64_t j, const Levels8& lv) {
+  if constexpr (lowbit_bits(F) != 0) {
+    return _mm256_permutevar8x32_ps(lv.lo, codes8<lowbit_bits(F)>(row, j));
+  } else if constexpr (F == QFormat::kInt8) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j))));
   } else if constexpr (F == QFormat::kFp8E4M3) {
     return _mm256_cvtph_ps(fp8_to_half8(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)))));
@@ -394,14 +445,17 @@ MOLE_AVX2 inline __m256 decode8(const uint8_t* row, int64_t j, const Nf4Levels8&
     int32_t four;  // 4 bytes: 8 nibbles, low first
     std::memcpy(&four, row + (j >> 1), sizeof(four));
     const __m128i b = _mm_cvtsi32_si128(four);
-    return nf4_lookup8(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, _mm_srli_epi16(b, 4))), nf4);
+    return nf4_lookup8(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, _mm_srli_epi16(b, 4))), lv);
   }
 }
 
 // Codes j .. j + 15 of a row as two vectors (nf4: j even), one load per row.
 template <QFormat F>
-MOLE_AVX2 inline void decode16_avx2(const uint8_t* row, int64_t j, const Nf4Levels8& nf4, __m256& lo, __m256& hi) {
-  if constexpr (F == QFormat::kInt8) {
+MOLE_AVX2 inline void decode16_avx2(const uint8_t* row, int64_t j, const Levels8& lv, __m256& lo, __m256& hi) {
+  if constexpr (lowbit_bits(F) != 0) {
+    lo = decode8<F>(row, j, lv);
+    hi = decode8<F>(row, j + 8, lv);
+  } else if constexpr (F == QFormat::kInt8) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j));
     lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
     hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
@@ -412,8 +466,8 @@ MOLE_AVX2 inline void decode16_avx2(const uint8_t* row, int64_t j, const Nf4Leve
   } else {
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (j >> 1)));
     const __m128i codes = _mm_unpacklo_epi8(b, _mm_srli_epi16(b, 4));  // byte k: code k in its low 4 bits
-    lo = nf4_lookup8(_mm256_cvtepu8_epi32(codes), nf4);
-    hi = nf4_lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)), nf4);
+    lo = nf4_lookup8(_mm256_cvtepu8_epi32(codes), lv);
+    hi = nf4_lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)), lv);
   }
 }
 
@@ -432,7 +486,7 @@ MOLE_AVX2 inline void store8(at::BFloat16* p, __m256 v) { _mm_storeu_si128(reint
 // A whole span of one row, as span_avx512.
 template <QFormat F, bool ACC>
 MOLE_AVX2 void span_avx2(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
-  const Nf4Levels8 nf4 = nf4_levels8();
+  const Levels8 lv = levels8<F>();
   const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;
   float* out = dst - c0;
   auto scale = [&](int64_t b) { return load_scale(row, q, b); };
@@ -443,7 +497,7 @@ MOLE_AVX2 void span_avx2(const QuantLayout& q, const uint8_t* row, int64_t c0, i
     }
     const __m256 vs = _mm256_set1_ps(s * unit);
     for (; j + 8 <= stop; j += 8) {
-      const __m256 x = decode8<F>(row, j, nf4);
+      const __m256 x = decode8<F>(row, j, lv);
       if (ACC) _mm256_storeu_ps(out + j, _mm256_fmadd_ps(vs, x, _mm256_loadu_ps(out + j)));
       else _mm256_storeu_ps(out + j, _mm256_mul_ps(vs, x));
     }
@@ -507,7 +561,7 @@ struct OutSink {
 template <QFormat F, typename Sink>
 MOLE_AVX512 void sum_avx512_into(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0,
                                   int64_t n, const Sink& sink) {
-  const __m512 nf4 = _mm512_loadu_ps(kNf4Levels);
+  const __m512 lv = _mm512_loadu_ps(levels_of<F>());
   const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;  // exact: a power of two (see decode16)
   const float* fp8 = fp8_table().v;
   const int64_t rb = q.row_bytes;
@@ -521,10 +575,13 @@ MOLE_AVX512 void sum_avx512_into(const QuantLayout& q, const uint8_t* rows, int6
   for (int64_t j = c0, end = c0 + n; j < end;) {
     const int64_t b = j / q.block, stop = std::min(end, (b + 1) * q.block);
     for (int64_t e = 0; e < E; ++e) {
-      s[e] = w[e] * load_scale(rows + e * rb, q, b);
+      s[e] = w[e] * vscale_at<F>(rows + e * rb, q, b);
       vs[e] = _mm512_set1_ps(s[e] * unit);
     }
     if (F == QFormat::kNf4 && (j & 1) && j < stop) column(j++);  // vector nf4 decoding starts on a byte boundary
+    if (lowbit_bits(F) != 0) {  // and low-bit decoding on a multiple of 8 values
+      while ((j & 7) && j < stop) column(j++);
+    }
     for (; j + 32 <= stop; j += 32) {
       if (F == QFormat::kFp8E4M3 && !fp8_nan_in(rows, rb, E, j)) {
         __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
@@ -540,7 +597,7 @@ MOLE_AVX512 void sum_avx512_into(const QuantLayout& q, const uint8_t* rows, int6
       __m512 a0 = sink.load16(j - c0), a1 = sink.load16(j + 16 - c0);
       for (int64_t e = 0; e < E; ++e) {
         __m512 x0, x1;
-        decode32<F>(rows + e * rb, j, nf4, x0, x1);
+        decode32<F>(rows + e * rb, j, lv, x0, x1);
         a0 = _mm512_fmadd_ps(vs[e], x0, a0);
         a1 = _mm512_fmadd_ps(vs[e], x1, a1);
       }
@@ -549,7 +606,7 @@ MOLE_AVX512 void sum_avx512_into(const QuantLayout& q, const uint8_t* rows, int6
     }
     for (; j + 16 <= stop; j += 16) {
       __m512 a = sink.load16(j - c0);
-      for (int64_t e = 0; e < E; ++e) a = _mm512_fmadd_ps(vs[e], decode16<F>(rows + e * rb, j, nf4), a);
+      for (int64_t e = 0; e < E; ++e) a = _mm512_fmadd_ps(vs[e], decode16<F>(rows + e * rb, j, lv), a);
       sink.store16(j - c0, a);
     }
     for (; j < stop; ++j) column(j);
@@ -584,7 +641,7 @@ MOLE_AVX512 void store_avx512(const float* src, out_t* dst, int64_t n) {
 template <QFormat F, typename Sink>
 MOLE_AVX2 void sum_avx2_into(const QuantLayout& q, const uint8_t* rows, int64_t E, const float* w, int64_t c0,
                               int64_t n, const Sink& sink) {
-  const Nf4Levels8 nf4 = nf4_levels8();
+  const Levels8 lv = levels8<F>();
   const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;  // exact: a power of two (see decode16)
   const float* fp8 = fp8_table().v;
   const int64_t rb = q.row_bytes;
@@ -598,15 +655,18 @@ MOLE_AVX2 void sum_avx2_into(const QuantLayout& q, const uint8_t* rows, int64_t 
   for (int64_t j = c0, end = c0 + n; j < end;) {
     const int64_t b = j / q.block, stop = std::min(end, (b + 1) * q.block);
     for (int64_t e = 0; e < E; ++e) {
-      s[e] = w[e] * load_scale(rows + e * rb, q, b);
+      s[e] = w[e] * vscale_at<F>(rows + e * rb, q, b);
       vs[e] = _mm256_set1_ps(s[e] * unit);
     }
     if (F == QFormat::kNf4 && (j & 1) && j < stop) column(j++);  // vector nf4 decoding starts on a byte boundary
+    if (lowbit_bits(F) != 0) {  // and low-bit decoding on a multiple of 8 values
+      while ((j & 7) && j < stop) column(j++);
+    }
     for (; j + 16 <= stop; j += 16) {
       __m256 a0 = sink.load8(j - c0), a1 = sink.load8(j + 8 - c0);
       for (int64_t e = 0; e < E; ++e) {
         __m256 x0, x1;
-        decode16_avx2<F>(rows + e * rb, j, nf4, x0, x1);
+        decode16_avx2<F>(rows + e * rb, j, lv, x0, x1);
         a0 = _mm256_fmadd_ps(vs[e], x0, a0);
         a1 = _mm256_fmadd_ps(vs[e], x1, a1);
       }
@@ -615,7 +675,7 @@ MOLE_AVX2 void sum_avx2_into(const QuantLayout& q, const uint8_t* rows, int64_t 
     }
     for (; j + 8 <= stop; j += 8) {
       __m256 a = sink.load8(j - c0);
-      for (int64_t e = 0; e < E; ++e) a = _mm256_fmadd_ps(vs[e], decode8<F>(rows + e * rb, j, nf4), a);
+      for (int64_t e = 0; e < E; ++e) a = _mm256_fmadd_ps(vs[e], decode8<F>(rows + e * rb, j, lv), a);
       sink.store8(j - c0, a);
     }
     for (; j < stop; ++j) column(j);
@@ -673,32 +733,14 @@ void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t 
 
 // The one place that picks a format's summing routine (see DequantSum in lut_gather_quant.h).
 DequantSum dequant_sum_fn(const QuantLayout& q) {
-  if (is_lowbit(q.fmt)) return lowbit_sum_fn(q, quant_isa());  // lut_gather_lowbit_cpu.cpp
+  return with_format(q.fmt, [](auto format) -> DequantSum {
+    constexpr QFormat F = decltype(format)::value;
 #if MOLE_X86
-  if (quant_isa() == CpuIsa::kAvx512) {
-    switch (q.fmt) {
-      case QFormat::kInt8: return sum_avx512<QFormat::kInt8>;
-      case QFormat::kFp8E4M3: return sum_avx512<QFormat::kFp8E4M3>;
-      case QFormat::kNf4: return sum_avx512<QFormat::kNf4>;
-      default: break;  // the low-bit formats returned above
-    }
-  }
-  if (quant_isa() == CpuIsa::kAvx2) {
-    switch (q.fmt) {
-      case QFormat::kInt8: return sum_avx2<QFormat::kInt8>;
-      case QFormat::kFp8E4M3: return sum_avx2<QFormat::kFp8E4M3>;
-      case QFormat::kNf4: return sum_avx2<QFormat::kNf4>;
-      default: break;
-    }
-  }
+    if (quant_isa() == CpuIsa::kAvx512) return sum_avx512<F>;
+    if (quant_isa() == CpuIsa::kAvx2) return sum_avx2<F>;
 #endif
-  switch (q.fmt) {
-    case QFormat::kInt8: return sum_scalar<QFormat::kInt8>;
-    case QFormat::kFp8E4M3: return sum_scalar<QFormat::kFp8E4M3>;
-    case QFormat::kNf4: return sum_scalar<QFormat::kNf4>;
-    default: break;
-  }
-  TORCH_INTERNAL_ASSERT(false, "dequant_sum_fn: a format without a summing routine");
+    return sum_scalar<F>;
+  });
 }
 
 namespace {
@@ -727,7 +769,7 @@ inline void prefetch_bytes(const uint8_t* p, int64_t bytes) {
 constexpr int64_t kTile = 512;          // float32 columns per L1 tile
 constexpr int64_t kSplitColumns = 256;  // columns per item when a batch is too small for whole tokens
 
-// How the fused gather sums a token's rows: `direct` (AVX-512, int8 / fp8 / nf4, up to kExpertGroup rows)
+// How the fused gather sums a token's rows: `direct` (AVX-512 or AVX2, up to kExpertGroup rows)
 // in registers straight into out, as the bf16 gather does; else `sum` (dequant_sum_fn) into a float32 tile,
 // which also keeps a sum of more rows unrounded between groups. Looked up once per call.
 template <typename out_t>
@@ -740,22 +782,11 @@ template <typename out_t>
 FusedRoutine<out_t> fused_routine(const QuantLayout& q) {
   FusedRoutine<out_t> r{dequant_sum_fn(q), nullptr};
 #if MOLE_X86
-  if (quant_isa() == CpuIsa::kAvx512) {
-    switch (q.fmt) {
-      case QFormat::kInt8: r.direct = fused_avx512<QFormat::kInt8, out_t>; break;
-      case QFormat::kFp8E4M3: r.direct = fused_avx512<QFormat::kFp8E4M3, out_t>; break;
-      case QFormat::kNf4: r.direct = fused_avx512<QFormat::kNf4, out_t>; break;
-      default: break;  // the low-bit formats sum through a float32 tile (lowbit_sum_fn)
-    }
-  }
-  if (quant_isa() == CpuIsa::kAvx2) {
-    switch (q.fmt) {
-      case QFormat::kInt8: r.direct = fused_avx2<QFormat::kInt8, out_t>; break;
-      case QFormat::kFp8E4M3: r.direct = fused_avx2<QFormat::kFp8E4M3, out_t>; break;
-      case QFormat::kNf4: r.direct = fused_avx2<QFormat::kNf4, out_t>; break;
-      default: break;
-    }
-  }
+  with_format(q.fmt, [&](auto format) {
+    constexpr QFormat F = decltype(format)::value;
+    if (quant_isa() == CpuIsa::kAvx512) r.direct = fused_avx512<F, out_t>;
+    if (quant_isa() == CpuIsa::kAvx2) r.direct = fused_avx2<F, out_t>;
+  });
 #endif
   return r;
 }

@@ -225,10 +225,11 @@ def test_fused_matches_float64(device, case):
 # in registers straight into out for up to 16 experts (E = 17: the float32 tile, groups of 16), fp8 (AVX-512)
 # by its even/odd word decoding on 32-column pieces of a scale block (block 128, and 33 = one piece + a
 # column); AVX2 takes 16 columns, then 8, then single ones (45, 30 and 25 = 16 + 8 + a tail; nf4 blocks of 25
-# start on odd columns too); T = 7 splits tokens into column spans, T >= 8 takes whole tokens, 65 an odd count
+# start on odd columns too); low-bit vectors start on a multiple of 8 columns (blocks of 25 and 45 start off it); T = 7 splits tokens into column spans, T >= 8 takes whole tokens, 65 an odd count
 # past the threads' split.
 FUSED_PATH_FORMATS = [("int8", 101, None), ("int8", 45, None), ("fp8_e4m3", 768, 128), ("fp8_e4m3", 99, 33),
-                      ("fp8_e4m3", 90, 30), ("nf4", 768, 64), ("nf4", 101, None), ("nf4", 75, 25), ("q2", 96, 32)]
+                      ("fp8_e4m3", 90, 30), ("nf4", 768, 64), ("nf4", 101, None), ("nf4", 75, 25), ("q2", 96, 32),
+                      ("q3", 75, 25), ("q1", 90, 45)]
 
 
 @pytest.mark.parametrize("device", ["cpu"])
@@ -281,7 +282,8 @@ def test_fused_fp8_every_code_and_nan_codes(device, T):
 
 
 @pytest.mark.parametrize("device", ["cpu"])
-@pytest.mark.parametrize("fmt,block", [("int8", None), ("fp8_e4m3", 128), ("nf4", 64)])
+@pytest.mark.parametrize("fmt,block", [("int8", None), ("fp8_e4m3", 128), ("nf4", 64), ("q3", 128), ("q2", 64),
+                                       ("q1", 64)])
 def test_combine_residual_and_shared_through_the_fused_cpu_sum(device, fmt, block):
     """lut_combine of a quantized table: residual + shared are the sum's start (add0 + add1)."""
     import mole_kernels
@@ -299,9 +301,11 @@ def test_combine_residual_and_shared_through_the_fused_cpu_sum(device, fmt, bloc
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("w_dtype,out_dtype", list(itertools.product(FLOAT_DTYPES, repeat=2)), ids=str)
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
-@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "nf4"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "nf4", "q3", "q1"])
 def test_fused_every_dtype_into_poisoned_out(device, w_dtype, out_dtype, id_dtype, fmt):
     V, L, E, D = 17, 2, 3, 64
+    if fmt in ("q3", "q1") and device != "cpu":
+        pytest.skip("the CUDA op refuses the low-bit formats (test_lowbit checks that it does)")
     q = quantize(torch.randn(V, L, E, D), fmt, 32 if fmt != "int8" else None)
     ids = random_ids(V, (9,), id_dtype)
     weights = torch.rand(9, E).to(w_dtype)
