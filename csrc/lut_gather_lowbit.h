@@ -11,6 +11,9 @@
 // block's scale to minimise its squared error. Why float16 scales and no 16-byte row padding: at
 // D = 128 the fp32 scales and padding of the older layout cost ~1 bit per value, as much as the
 // codes of q1. Rows stay 2-byte aligned; the kernels use unaligned loads.
+//
+// This header holds the CPU decoders (scales, codes, levels; scalar, AVX2 and AVX-512); the CPU kernels
+// that use them for every quantized format are in lut_gather_quant_cpu.cpp.
 #pragma once
 
 #include <c10/util/Half.h>
@@ -97,10 +100,5 @@ MOLE_AVX2 inline __m256i codes8(const uint8_t* row, int64_t j) {
   return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), sh), _mm256_set1_epi32((1 << BITS) - 1));
 }
 #endif
-
-// Columns [c0, c0 + n) of one low-bit row: dst[k] = deq(c0 + k). `isa`: the instruction set the caller
-// chose (usable here).
-void lowbit_span_set(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float* dst, CpuIsa isa);
-
 
 }  // namespace mole

@@ -6,8 +6,8 @@
 // AVX-512 or AVX2, sums of up to kExpertGroup rows (every format: int8, fp8, nf4 and the low-bit q3, q2,
 // q1, whose decoders are in lut_gather_lowbit.h) stay in registers and go straight to the output dtype
 // (as the bf16 gather's), larger ones go through a float32 tile. AVX-512 decodes 16-32 codes per
-// instruction group, AVX2 8-16 (chosen at run time); a scalar path serves every other CPU and the tails. Work is split over tokens (and columns for small batches) with at::parallel_for, as in
-// lut_gather.
+// instruction group, AVX2 8-16 (chosen at run time); a scalar path serves every other CPU and the tails.
+// Work is split over tokens (and columns for small batches) with at::parallel_for, as in lut_gather.
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
@@ -187,6 +187,13 @@ constexpr const float* levels_of() {
   else return kNf4Levels;
 }
 
+// The first column at or after j where F's vector decoding may start: nf4 on a byte (an even column), the
+// low-bit formats on a multiple of 8 columns (their codes then start on a byte), the others anywhere.
+template <QFormat F>
+constexpr int64_t vector_start(int64_t j) {
+  return F == QFormat::kNf4 ? (j + 1) & ~int64_t{1} : lowbit_bits(F) != 0 ? (j + 7) & ~int64_t{7} : j;
+}
+
 // ---- scalar path --------------------------------------------------------------------------
 // Code j of a row as a float (before its scale); `fp8` is fp8_table().v.
 inline float decode_one(QFormat fmt, const float* fp8, const uint8_t* row, int64_t j) {
@@ -200,16 +207,11 @@ inline float decode_one(QFormat fmt, const float* fp8, const uint8_t* row, int64
   }
 }
 
-// dst[k] = s * x[j0 + k] (ACC = false) or dst[k] += s * x[j0 + k] (ACC = true), for k < n, where
-// every element lies in one scale block.
-template <bool ACC>
-void segment_scalar(QFormat fmt, const uint8_t* row, int64_t j0, int64_t n, float s, float* dst) {
+// dst[k] = s * x[j0 + k] for k < n, where every element lies in one scale block (one rounding, as
+// mole_kernels.dequantize).
+inline void segment_scalar(QFormat fmt, const uint8_t* row, int64_t j0, int64_t n, float s, float* dst) {
   const float* fp8 = fp8_table().v;
-  for (int64_t k = 0; k < n; ++k) {
-    const float x = decode_one(fmt, fp8, row, j0 + k);
-    if (ACC) dst[k] += s * x;
-    else dst[k] = s * x;
-  }
+  for (int64_t k = 0; k < n; ++k) dst[k] = s * decode_one(fmt, fp8, row, j0 + k);
 }
 
 // Column j of E rows (`rows`, `rb` bytes apart) into *a: *a += s[e] * x_e[j], experts in order.
@@ -297,36 +299,21 @@ MOLE_AVX512 inline void decode32(const uint8_t* row, int64_t j, __m512 lv, __m51
   }
 }
 
-// A whole span in one call (the block loop inside): per-call setup is paid once per row, not per block.
-template <QFormat F, bool ACC>
-MOLE_AVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
-  const __m512 nf4 = _mm512_loadu_ps(kNf4Levels);
+// Columns [c0, c0 + n) of one row dequantized into dst (the rows form), the block loop inside: per-call
+// setup is paid once per row, not per block.
+template <QFormat F>
+MOLE_AVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float* dst) {
+  const __m512 lv = _mm512_loadu_ps(levels_of<F>());
   const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;  // exact: a power of two
   float* out = dst - c0;
-  auto scale = [&](int64_t b) { return load_scale(row, q, b); };
-  walk_scale_blocks<ACC>(q, c0, n, w, scale, [&](int64_t j, int64_t stop, float s) MOLE_AVX512 {
-    if (F == QFormat::kNf4 && (j & 1)) {  // vector nf4 decoding starts on a byte boundary
-      segment_scalar<ACC>(F, row, j, 1, s, out + j);
-      ++j;
-    }
+  auto scale = [&](int64_t b) { return vscale_at<F>(row, q, b); };
+  walk_scale_blocks<false>(q, c0, n, 1.f, scale, [&](int64_t j, int64_t stop, float s) MOLE_AVX512 {
+    const int64_t head = std::min(stop, vector_start<F>(j));
+    segment_scalar(F, row, j, head - j, s, out + j);
     const __m512 vs = _mm512_set1_ps(s * unit);
-    for (; j + 16 <= stop; j += 16) {
-      const __m512 x = decode16<F>(row, j, nf4);
-      if (ACC) _mm512_storeu_ps(out + j, _mm512_fmadd_ps(vs, x, _mm512_loadu_ps(out + j)));
-      else _mm512_storeu_ps(out + j, _mm512_mul_ps(vs, x));
-    }
-    if (j < stop) segment_scalar<ACC>(F, row, j, stop - j, s, out + j);
+    for (j = head; j + 16 <= stop; j += 16) _mm512_storeu_ps(out + j, _mm512_mul_ps(vs, decode16<F>(row, j, lv)));
+    segment_scalar(F, row, j, stop - j, s, out + j);
   });
-}
-
-template <bool ACC>
-void span_avx512_any(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
-  switch (q.fmt) {
-    case QFormat::kInt8: return span_avx512<QFormat::kInt8, ACC>(q, row, c0, n, w, dst);
-    case QFormat::kFp8E4M3: return span_avx512<QFormat::kFp8E4M3, ACC>(q, row, c0, n, w, dst);
-    case QFormat::kNf4: return span_avx512<QFormat::kNf4, ACC>(q, row, c0, n, w, dst);
-    default: return;  // the low-bit formats never come here (dequant_span)
-  }
 }
 
 MOLE_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -483,36 +470,20 @@ MOLE_AVX2 inline void store8(at::Half* p, __m256 v) {
 }
 MOLE_AVX2 inline void store8(at::BFloat16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16x8_avx2(v)); }
 
-// A whole span of one row, as span_avx512.
-template <QFormat F, bool ACC>
-MOLE_AVX2 void span_avx2(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
+// A span of one row into dst, as span_avx512.
+template <QFormat F>
+MOLE_AVX2 void span_avx2(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float* dst) {
   const Levels8 lv = levels8<F>();
   const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;
   float* out = dst - c0;
-  auto scale = [&](int64_t b) { return load_scale(row, q, b); };
-  walk_scale_blocks<ACC>(q, c0, n, w, scale, [&](int64_t j, int64_t stop, float s) MOLE_AVX2 {
-    if (F == QFormat::kNf4 && (j & 1)) {
-      segment_scalar<ACC>(F, row, j, 1, s, out + j);
-      ++j;
-    }
+  auto scale = [&](int64_t b) { return vscale_at<F>(row, q, b); };
+  walk_scale_blocks<false>(q, c0, n, 1.f, scale, [&](int64_t j, int64_t stop, float s) MOLE_AVX2 {
+    const int64_t head = std::min(stop, vector_start<F>(j));
+    segment_scalar(F, row, j, head - j, s, out + j);
     const __m256 vs = _mm256_set1_ps(s * unit);
-    for (; j + 8 <= stop; j += 8) {
-      const __m256 x = decode8<F>(row, j, lv);
-      if (ACC) _mm256_storeu_ps(out + j, _mm256_fmadd_ps(vs, x, _mm256_loadu_ps(out + j)));
-      else _mm256_storeu_ps(out + j, _mm256_mul_ps(vs, x));
-    }
-    if (j < stop) segment_scalar<ACC>(F, row, j, stop - j, s, out + j);
+    for (j = head; j + 8 <= stop; j += 8) _mm256_storeu_ps(out + j, _mm256_mul_ps(vs, decode8<F>(row, j, lv)));
+    segment_scalar(F, row, j, stop - j, s, out + j);
   });
-}
-
-template <bool ACC>
-void span_avx2_any(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float w, float* dst) {
-  switch (q.fmt) {
-    case QFormat::kInt8: return span_avx2<QFormat::kInt8, ACC>(q, row, c0, n, w, dst);
-    case QFormat::kFp8E4M3: return span_avx2<QFormat::kFp8E4M3, ACC>(q, row, c0, n, w, dst);
-    case QFormat::kNf4: return span_avx2<QFormat::kNf4, ACC>(q, row, c0, n, w, dst);
-    default: return;  // the low-bit formats never come here (dequant_span)
-  }
 }
 
 // Where a fused sum's columns start from and go (k: columns from c0), so that the AVX-512 and AVX2 sums below are
@@ -578,10 +549,7 @@ MOLE_AVX512 void sum_avx512_into(const QuantLayout& q, const uint8_t* rows, int6
       s[e] = w[e] * vscale_at<F>(rows + e * rb, q, b);
       vs[e] = _mm512_set1_ps(s[e] * unit);
     }
-    if (F == QFormat::kNf4 && (j & 1) && j < stop) column(j++);  // vector nf4 decoding starts on a byte boundary
-    if (lowbit_bits(F) != 0) {  // and low-bit decoding on a multiple of 8 values
-      while ((j & 7) && j < stop) column(j++);
-    }
+    for (const int64_t head = std::min(stop, vector_start<F>(j)); j < head;) column(j++);
     for (; j + 32 <= stop; j += 32) {
       if (F == QFormat::kFp8E4M3 && !fp8_nan_in(rows, rb, E, j)) {
         __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
@@ -658,10 +626,7 @@ MOLE_AVX2 void sum_avx2_into(const QuantLayout& q, const uint8_t* rows, int64_t 
       s[e] = w[e] * vscale_at<F>(rows + e * rb, q, b);
       vs[e] = _mm256_set1_ps(s[e] * unit);
     }
-    if (F == QFormat::kNf4 && (j & 1) && j < stop) column(j++);  // vector nf4 decoding starts on a byte boundary
-    if (lowbit_bits(F) != 0) {  // and low-bit decoding on a multiple of 8 values
-      while ((j & 7) && j < stop) column(j++);
-    }
+    for (const int64_t head = std::min(stop, vector_start<F>(j)); j < head;) column(j++);
     for (; j + 16 <= stop; j += 16) {
       __m256 a0 = sink.load8(j - c0), a1 = sink.load8(j + 8 - c0);
       for (int64_t e = 0; e < E; ++e) {
@@ -718,15 +683,17 @@ CpuIsa quant_isa() {
 
 // Columns [c0, c0 + n) of one row, dequantized into dst (the rows form; fused sums use dequant_sum_fn).
 void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float* dst) {
-  if (is_lowbit(q.fmt)) return lowbit_span_set(q, row, c0, n, dst, quant_isa());  // lut_gather_lowbit_cpu.cpp
+  with_format(q.fmt, [&](auto format) {
+    constexpr QFormat F = decltype(format)::value;
 #if MOLE_X86
-  if (quant_isa() == CpuIsa::kAvx512) return span_avx512_any<false>(q, row, c0, n, 1.f, dst);
-  if (quant_isa() == CpuIsa::kAvx2) return span_avx2_any<false>(q, row, c0, n, 1.f, dst);
+    if (quant_isa() == CpuIsa::kAvx512) return span_avx512<F>(q, row, c0, n, dst);
+    if (quant_isa() == CpuIsa::kAvx2) return span_avx2<F>(q, row, c0, n, dst);
 #endif
-  walk_scale_blocks<false>(q, c0, n, 1.f, [&](int64_t b) { return load_scale(row, q, b); },
-                           [&](int64_t j, int64_t stop, float s) {
-                             segment_scalar<false>(q.fmt, row, j, stop - j, s, dst + (j - c0));
-                           });
+    walk_scale_blocks<false>(q, c0, n, 1.f, [&](int64_t b) { return scale_at<F>(row, q, b); },
+                             [&](int64_t j, int64_t stop, float s) {
+                               segment_scalar(F, row, j, stop - j, s, dst + (j - c0));
+                             });
+  });
 }
 
 }  // namespace

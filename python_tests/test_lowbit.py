@@ -17,8 +17,9 @@ from conftest import assert_child_ran, child_result, count_cases, module_tests, 
 
 LOW = tuple(LOWBIT)
 # (shape [V, L, E, D] or [V, E, D], block): odd D, one block per row, E = 1, blocks not multiples of 16.
+# Blocks of 20 start at column 20: off the 8-column boundary where vector decoding starts.
 CASES = [((23, 2, 3, 128), None), ((17, 4, 37), 37), ((9, 1, 1, 200), 40), ((31, 3, 2, 96), 32),
-         ((5, 2, 1, 24), 8), ((12, 2, 48), 16)]
+         ((5, 2, 1, 24), 8), ((12, 2, 48), 16), ((13, 2, 2, 60), 20)]
 
 
 def ref_decode(q: QuantizedLUT) -> torch.Tensor:
