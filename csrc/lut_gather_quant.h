@@ -45,9 +45,9 @@ struct QuantLayout {
   int64_t codes_per_byte() const { return fmt == QFormat::kNf4 ? 2 : 1; }
 };
 
-// The walk every row-span decoder shares (each format's scalar and AVX-512 paths): columns [c0, c0 + n) of one
-// row cut at its scale blocks, piece(j, stop, s) called for each piece [j, stop) with s = scale(b) of its
-// block b, times w when ACC (a fused sum folds the router weight into the scale). An AVX-512 caller passes
+// The walk every row-span decoder shares (each format's scalar, AVX2 and AVX-512 paths): columns [c0, c0 + n) of
+// one row cut at its scale blocks, piece(j, stop, s) called for each piece [j, stop) with s = scale(b) of its
+// block b, times w when ACC (a fused sum folds the router weight into the scale). A vector caller passes
 // a lambda with the same target attribute as itself; the walk is inlined first (always_inline), so the
 // lambda inlines into its caller too (not into a walk of the base instruction set, which it may not).
 #if defined(__GNUC__) || defined(__clang__)

@@ -669,7 +669,8 @@ def test_the_decode_step_call_in_registers_matches_float64(lut_dtype, act_dtype)
                                    _step_reference(lut, ids, 1, x, w, residual, shared), **tol)
 
 
-QUANT_FORMATS = [("int8", None), ("fp8_e4m3", None), ("nf4", 64), ("nf4", 5)]  # nf4 block 5: odd block starts
+# nf4 block 5: odd block starts; low-bit blocks of 20: a block starting off the 8-column vector boundary
+QUANT_FORMATS = [("int8", None), ("fp8_e4m3", None), ("nf4", 64), ("nf4", 5), ("q3", 20), ("q1", 20)]
 
 
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
@@ -685,9 +686,9 @@ def test_the_quantized_decode_step_call_matches_float64(fmt, block, act_dtype, i
     ops = torch.ops.mole_kernels
     tol = dict(atol=1e-5, rtol=1e-5) if act_dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for V_, L_, E_, D_, K in [(40, 5, 3, 40, 12), (33, 2, 1, 35, 29), (17, 3, 20, 300, 7), (9, 1, 4, 5, 16)]:
-        if fmt == "nf4" and D_ % block:
+        if block is not None and D_ % block:
             continue
-        q = quantize(torch.randn(V_, L_, E_, D_), fmt, block if fmt == "nf4" else None)
+        q = quantize(torch.randn(V_, L_, E_, D_), fmt, block)
         ref = dequantize(q, torch.float32)
         w = torch.randn(E_, K).to(act_dtype)
         for shape in [(1, 1), (2, 3), ()]:
@@ -712,11 +713,13 @@ def test_the_quantized_decode_step_call_matches_float64(fmt, block, act_dtype, i
                                   torch.randn(1, 2, D_).to(act_dtype), torch.randn(1, 2, D_).to(act_dtype), w)
 
 
-@pytest.mark.child_run(args=[__file__, "-k", "quantized_decode_step_call and act_dtype0-id_dtype0"],
-                       env={"MOLE_KERNELS_CPU_ISA": "scalar"})
-def test_the_quantized_decode_step_call_on_the_scalar_path(request):
-    """The quantized sums pick AVX-512 or scalar decoding once per process: the lean path's test again on the
-    scalar routines."""
+@pytest.mark.parametrize("isa", [
+    pytest.param(isa, marks=pytest.mark.child_run(args=[__file__, "-k", "quantized_decode_step_call and act_dtype0-id_dtype0"],
+                                                  env={"MOLE_KERNELS_CPU_ISA": isa}))
+    for isa in ("scalar", "avx2")])
+def test_the_quantized_decode_step_call_on_capped_paths(isa, request):
+    """The quantized sums pick AVX-512, AVX2 or scalar decoding once per process: the lean path's test again
+    on the routines of each lower one."""
     assert_child_ran(child_result(request), len(QUANT_FORMATS))
 
 
