@@ -42,19 +42,10 @@ inline Vec vzero() { return _mm256_setzero_ps(); }
 inline Vec vset1(float x) { return _mm256_set1_ps(x); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec vload(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline Vec vload(const at::BFloat16* p) {  // bf16 is the top half of a float32
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline void vstore(at::Half* p, Vec v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-inline void vstore(at::BFloat16* p, Vec v) {  // round to nearest even; NaN stays NaN
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), mole::bf16x8_avx2(v));
-}
+template <typename T>
+inline Vec vload(const T* p) { return mole::load8(p); }
+template <typename T>
+inline void vstore(T* p, Vec v) { mole::store8(p, v); }
 using mole::fused_span_scalar;
 using mole::prefetch_l2;
 #include "lut_gather_cpu_simd.inc"
@@ -72,19 +63,10 @@ inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vset1(float x) { return _mm512_set1_ps(x); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec vload(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline Vec vload(const at::BFloat16* p) {
-  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-}
-inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline void vstore(at::Half* p, Vec v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-inline void vstore(at::BFloat16* p, Vec v) {  // round to nearest even; NaN stays NaN
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(mole::bf16_bits_avx512(v)));
-}
+template <typename T>
+inline Vec vload(const T* p) { return mole::load16(p); }
+template <typename T>
+inline void vstore(T* p, Vec v) { mole::store16(p, v); }
 using mole::fused_span_scalar;
 using mole::prefetch_l2;
 #include "lut_gather_cpu_simd.inc"
@@ -98,9 +80,9 @@ namespace {
 
 CpuIsa cpu_isa() {
 #if MOLE_X86_SIMD
-  return x86_cpu_isa();
+  return cpu_vector_isa();
 #else
-  return CpuIsa::kScalar;
+  return CpuIsa::kScalar;  // the vector code here needs GCC's pragma regions
 #endif
 }
 

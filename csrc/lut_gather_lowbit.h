@@ -56,7 +56,7 @@ inline uint32_t code_at(const uint8_t* row, int64_t j) {
 }
 
 #if MOLE_X86
-// lowbit_scale in one F16C instruction, for the vector paths (c10::Half's portable conversion is ~20).
+// lowbit_scale in one F16C instruction, for the vector paths (c10::Half converts with portable bit operations).
 MOLE_AVX2 inline float lowbit_scale_f16c(const uint8_t* row, const QuantLayout& q, int64_t b) {
   uint16_t h;
   std::memcpy(&h, row + q.scale_offset + 2 * b, sizeof(h));

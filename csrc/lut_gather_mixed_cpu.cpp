@@ -46,20 +46,8 @@ int64_t factored_row_bytes(int64_t rank, int64_t bits) {
 
 // The instruction set of this file's own vector code (the factored product), as the quantized kernels that
 // decode the quantized parts choose it: AVX-512, AVX2 + FMA + F16C, or scalar (MOLE_KERNELS_CPU_ISA caps it).
-bool avx512() {
-#if MOLE_X86
-  return x86_cpu_isa() == CpuIsa::kAvx512;
-#else
-  return false;
-#endif
-}
-bool avx2() {
-#if MOLE_X86
-  return x86_cpu_isa() == CpuIsa::kAvx2;
-#else
-  return false;
-#endif
-}
+bool avx512() { return cpu_vector_isa() == CpuIsa::kAvx512; }
+bool avx2() { return cpu_vector_isa() == CpuIsa::kAvx2; }
 
 // acc[d] += sum_j coef[j] * basis[j * D + d] for d < D, j < R (float32 rows: the offsets' weighted sum).
 void coef_basis_scalar(const float* coef, const float* basis, int64_t R, int64_t D, float* acc) {

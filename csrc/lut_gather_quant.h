@@ -45,25 +45,6 @@ struct QuantLayout {
   int64_t codes_per_byte() const { return fmt == QFormat::kNf4 ? 2 : 1; }
 };
 
-// The walk every row-span decoder shares (each format's scalar, AVX2 and AVX-512 paths): columns [c0, c0 + n) of
-// one row cut at its scale blocks, piece(j, stop, s) called for each piece [j, stop) with s = scale(b) of its
-// block b, times w when ACC (a fused sum folds the router weight into the scale). A vector caller passes
-// a lambda with the same target attribute as itself; the walk is inlined first (always_inline), so the
-// lambda inlines into its caller too (not into a walk of the base instruction set, which it may not).
-#if defined(__GNUC__) || defined(__clang__)
-#define MOLE_ALWAYS_INLINE __attribute__((always_inline))
-#else
-#define MOLE_ALWAYS_INLINE
-#endif
-template <bool ACC, typename Scale, typename Piece>
-MOLE_ALWAYS_INLINE inline void walk_scale_blocks(const QuantLayout& q, int64_t c0, int64_t n, float w, Scale scale, Piece piece) {
-  for (int64_t j = c0, end = c0 + n; j < end;) {
-    const int64_t b = j / q.block, stop = std::min(end, (b + 1) * q.block);
-    piece(j, stop, ACC ? w * scale(b) : scale(b));
-    j = stop;
-  }
-}
-
 // Parses the format name and checks dim / block_size. Throws ValueError naming the argument.
 QuantLayout make_quant_layout(c10::string_view format, int64_t dim, int64_t block_size);
 

@@ -148,6 +148,24 @@ inline float load_scale(const uint8_t* row, const QuantLayout& q, int64_t b) {
   return s;
 }
 
+// Columns [c0, c0 + n) of one row cut at its scale blocks: piece(j, stop, scale(b)) for each piece [j, stop) of
+// block b (the rows form's spans, each format on each path). A vector caller passes a lambda with its own
+// target attribute; the walk is inlined first (always_inline), so the lambda inlines into its caller too (not
+// into a walk of the base instruction set, which it may not).
+#if defined(__GNUC__) || defined(__clang__)
+#define MOLE_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define MOLE_ALWAYS_INLINE
+#endif
+template <typename Scale, typename Piece>
+MOLE_ALWAYS_INLINE inline void walk_scale_blocks(const QuantLayout& q, int64_t c0, int64_t n, Scale scale, Piece piece) {
+  for (int64_t j = c0, end = c0 + n; j < end;) {
+    const int64_t b = j / q.block, stop = std::min(end, (b + 1) * q.block);
+    piece(j, stop, scale(b));
+    j = stop;
+  }
+}
+
 // Bits per code of a low-bit format (0 for the others).
 constexpr int lowbit_bits(QFormat f) {
   return f == QFormat::kQ3 ? 3 : f == QFormat::kQ2 ? 2 : f == QFormat::kQ1 ? 1 : 0;
@@ -307,29 +325,13 @@ MOLE_AVX512 void span_avx512(const QuantLayout& q, const uint8_t* row, int64_t c
   const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;  // exact: a power of two
   float* out = dst - c0;
   auto scale = [&](int64_t b) { return vscale_at<F>(row, q, b); };
-  walk_scale_blocks<false>(q, c0, n, 1.f, scale, [&](int64_t j, int64_t stop, float s) MOLE_AVX512 {
+  walk_scale_blocks(q, c0, n, scale, [&](int64_t j, int64_t stop, float s) MOLE_AVX512 {
     const int64_t head = std::min(stop, vector_start<F>(j));
     segment_scalar(F, row, j, head - j, s, out + j);
     const __m512 vs = _mm512_set1_ps(s * unit);
     for (j = head; j + 16 <= stop; j += 16) _mm512_storeu_ps(out + j, _mm512_mul_ps(vs, decode16<F>(row, j, lv)));
     segment_scalar(F, row, j, stop - j, s, out + j);
   });
-}
-
-MOLE_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-MOLE_AVX512 inline __m512 load16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-MOLE_AVX512 inline __m512 load16(const at::BFloat16* p) {
-  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-}
-MOLE_AVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-MOLE_AVX512 inline void store16(at::Half* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-MOLE_AVX512 inline void store16(at::BFloat16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits_avx512(v)));
 }
 
 // 32 columns from their even (p[0], p[2], ..., p[30]) and odd (p[1], ..., p[31]) halves, as fp8's fast
@@ -458,18 +460,6 @@ MOLE_AVX2 inline void decode16_avx2(const uint8_t* row, int64_t j, const Levels8
   }
 }
 
-MOLE_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-MOLE_AVX2 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-MOLE_AVX2 inline __m256 load8(const at::BFloat16* p) {
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-MOLE_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-MOLE_AVX2 inline void store8(at::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-MOLE_AVX2 inline void store8(at::BFloat16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16x8_avx2(v)); }
-
 // A span of one row into dst, as span_avx512.
 template <QFormat F>
 MOLE_AVX2 void span_avx2(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float* dst) {
@@ -477,7 +467,7 @@ MOLE_AVX2 void span_avx2(const QuantLayout& q, const uint8_t* row, int64_t c0, i
   const float unit = F == QFormat::kFp8E4M3 ? 256.f : 1.f;
   float* out = dst - c0;
   auto scale = [&](int64_t b) { return vscale_at<F>(row, q, b); };
-  walk_scale_blocks<false>(q, c0, n, 1.f, scale, [&](int64_t j, int64_t stop, float s) MOLE_AVX2 {
+  walk_scale_blocks(q, c0, n, scale, [&](int64_t j, int64_t stop, float s) MOLE_AVX2 {
     const int64_t head = std::min(stop, vector_start<F>(j));
     segment_scalar(F, row, j, head - j, s, out + j);
     const __m256 vs = _mm256_set1_ps(s * unit);
@@ -671,15 +661,9 @@ MOLE_AVX2 void store_avx2(const float* src, out_t* dst, int64_t n) {
 }
 #endif
 
-// The quantized kernels' instruction set: the float gather's choice and cap (cpu_simd.h), also under clang
-// (these kernels use target attributes, not pragma regions).
-CpuIsa quant_isa() {
-#if MOLE_X86
-  return x86_cpu_isa();
-#else
-  return CpuIsa::kScalar;
-#endif
-}
+// The quantized kernels' instruction set: the float gather's choice and cap, also under clang (these
+// kernels use target attributes, not pragma regions).
+CpuIsa quant_isa() { return cpu_vector_isa(); }
 
 // Columns [c0, c0 + n) of one row, dequantized into dst (the rows form; fused sums use dequant_sum_fn).
 void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t n, float* dst) {
@@ -689,10 +673,8 @@ void dequant_span(const QuantLayout& q, const uint8_t* row, int64_t c0, int64_t 
     if (quant_isa() == CpuIsa::kAvx512) return span_avx512<F>(q, row, c0, n, dst);
     if (quant_isa() == CpuIsa::kAvx2) return span_avx2<F>(q, row, c0, n, dst);
 #endif
-    walk_scale_blocks<false>(q, c0, n, 1.f, [&](int64_t b) { return scale_at<F>(row, q, b); },
-                             [&](int64_t j, int64_t stop, float s) {
-                               segment_scalar(F, row, j, stop - j, s, dst + (j - c0));
-                             });
+    walk_scale_blocks(q, c0, n, [&](int64_t b) { return scale_at<F>(row, q, b); },
+                      [&](int64_t j, int64_t stop, float s) { segment_scalar(F, row, j, stop - j, s, dst + (j - c0)); });
   });
 }
 
