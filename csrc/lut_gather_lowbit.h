@@ -27,11 +27,14 @@
 namespace mole {
 
 // Lloyd-Max levels of a unit normal for 8 and 4 levels, divided by their largest level (the same
-// float32 numbers as mole_kernels.quant.LOWBIT), padded to 16 for one-permute decoding.
+// float32 numbers as mole_kernels.quant.LOWBIT), repeated through the first 8 entries (AVX2's permute reads an
+// index's low 3 bits, so its decoders leave the bits above q2's and q1's codes unmasked) and zero-padded to 16
+// for the AVX-512 permute (whose decoders mask the codes).
 constexpr float kQ3Levels[16] = {-1.0f, -0.6245400309562683f, -0.3513011038303375f, -0.11389870941638947f,
                                  0.11389870941638947f, 0.3513011038303375f, 0.6245400309562683f, 1.0f};
-constexpr float kQ2Levels[16] = {-1.0f, -0.29978814721107483f, 0.29978814721107483f, 1.0f};
-constexpr float kQ1Levels[16] = {-1.0f, 1.0f};
+constexpr float kQ2Levels[16] = {-1.0f, -0.29978814721107483f, 0.29978814721107483f, 1.0f,
+                                 -1.0f, -0.29978814721107483f, 0.29978814721107483f, 1.0f};
+constexpr float kQ1Levels[16] = {-1.0f, 1.0f, -1.0f, 1.0f, -1.0f, 1.0f, -1.0f, 1.0f};
 
 template <int BITS>
 constexpr const float* lowbit_levels() {
@@ -91,13 +94,30 @@ MOLE_AVX512 inline __m512i codes16(const uint8_t* row, int64_t j) {
   }
 }
 
-// The same for values j .. j + 7 (j % 8 == 0), for AVX2.
+// The codes of values j .. j + 7 (j % 8 == 0) for AVX2, each in its lane's low BITS bits, the bits above left
+// unmasked (the levels repeat through 8 entries: _mm256_permutevar8x32_ps reads 3 bits).
 template <int BITS>
 MOLE_AVX2 inline __m256i codes8(const uint8_t* row, int64_t j) {
-  uint32_t w = 0;  // q3: 4 bytes for 24 bits of codes (in the row, as for codes16; bits 24.. are masked off)
+  uint32_t w = 0;  // q3: 4 bytes for 24 bits of codes (in the row, as for codes16)
   std::memcpy(&w, row + j * BITS / 8, BITS == 3 ? 4 : BITS == 2 ? 2 : 1);
-  const __m256i sh = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
-  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), sh), _mm256_set1_epi32((1 << BITS) - 1));
+  return _mm256_srlv_epi32(_mm256_set1_epi32(int(w)), _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS,
+                                                                         5 * BITS, 6 * BITS, 7 * BITS));
+}
+
+// Values j .. j + 15 as two codes8 vectors: q2's and q1's 16 codes (4 or 2 bytes) from one broadcast word.
+template <int BITS>
+MOLE_AVX2 inline void codes16_avx2(const uint8_t* row, int64_t j, __m256i& lo, __m256i& hi) {
+  if constexpr (BITS == 3) {
+    lo = codes8<3>(row, j);
+    hi = codes8<3>(row, j + 8);
+  } else {
+    uint32_t w = 0;
+    std::memcpy(&w, row + j * BITS / 8, 2 * BITS);
+    const __m256i all = _mm256_set1_epi32(int(w));
+    lo = _mm256_srlv_epi32(all, _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS));
+    hi = _mm256_srlv_epi32(all, _mm256_setr_epi32(8 * BITS, 9 * BITS, 10 * BITS, 11 * BITS, 12 * BITS, 13 * BITS,
+                                                  14 * BITS, 15 * BITS));
+  }
 }
 #endif
 

@@ -448,8 +448,10 @@ MOLE_AVX2 inline __m256 decode8(const uint8_t* row, int64_t j, const Levels8& lv
 template <QFormat F>
 MOLE_AVX2 inline void decode16_avx2(const uint8_t* row, int64_t j, const Levels8& lv, __m256& lo, __m256& hi) {
   if constexpr (lowbit_bits(F) != 0) {
-    lo = decode8<F>(row, j, lv);
-    hi = decode8<F>(row, j + 8, lv);
+    __m256i a, b;
+    codes16_avx2<lowbit_bits(F)>(row, j, a, b);
+    lo = _mm256_permutevar8x32_ps(lv.lo, a);
+    hi = _mm256_permutevar8x32_ps(lv.lo, b);
   } else if constexpr (F == QFormat::kInt8) {  // two 8-byte loads widened in place: no shuffle to split one
     lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j))));
     hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j + 8))));
