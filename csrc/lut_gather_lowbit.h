@@ -94,14 +94,21 @@ MOLE_AVX512 inline __m512i codes16(const uint8_t* row, int64_t j) {
   }
 }
 
-// The codes of values j .. j + 7 (j % 8 == 0) for AVX2, each in its lane's low BITS bits, the bits above left
-// unmasked (the levels repeat through 8 entries: _mm256_permutevar8x32_ps reads 3 bits).
+// Lane k's shift for the code k0 + k of a word (8 lanes), for AVX2.
+template <int BITS>
+MOLE_AVX2 inline __m256i code_shifts8(int k0) {
+  return _mm256_setr_epi32(k0 * BITS, (k0 + 1) * BITS, (k0 + 2) * BITS, (k0 + 3) * BITS, (k0 + 4) * BITS,
+                           (k0 + 5) * BITS, (k0 + 6) * BITS, (k0 + 7) * BITS);
+}
+
+// The codes of values j .. j + 7 (j % 8 == 0; nf4, BITS = 4: j even) for AVX2, each in its lane's low BITS bits,
+// the bits above left unmasked (the low-bit levels repeat through 8 entries, _mm256_permutevar8x32_ps reads 3
+// bits; nf4's lookup reads 4).
 template <int BITS>
 MOLE_AVX2 inline __m256i codes8(const uint8_t* row, int64_t j) {
   uint32_t w = 0;  // q3: 4 bytes for 24 bits of codes (in the row, as for codes16)
-  std::memcpy(&w, row + j * BITS / 8, BITS == 3 ? 4 : BITS == 2 ? 2 : 1);
-  return _mm256_srlv_epi32(_mm256_set1_epi32(int(w)), _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS,
-                                                                         5 * BITS, 6 * BITS, 7 * BITS));
+  std::memcpy(&w, row + j * BITS / 8, BITS == 3 ? 4 : BITS);
+  return _mm256_srlv_epi32(_mm256_set1_epi32(int(w)), code_shifts8<BITS>(0));
 }
 
 // Values j .. j + 15 as two codes8 vectors: q2's and q1's 16 codes (4 or 2 bytes) from one broadcast word.
@@ -114,9 +121,8 @@ MOLE_AVX2 inline void codes16_avx2(const uint8_t* row, int64_t j, __m256i& lo, _
     uint32_t w = 0;
     std::memcpy(&w, row + j * BITS / 8, 2 * BITS);
     const __m256i all = _mm256_set1_epi32(int(w));
-    lo = _mm256_srlv_epi32(all, _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS));
-    hi = _mm256_srlv_epi32(all, _mm256_setr_epi32(8 * BITS, 9 * BITS, 10 * BITS, 11 * BITS, 12 * BITS, 13 * BITS,
-                                                  14 * BITS, 15 * BITS));
+    lo = _mm256_srlv_epi32(all, code_shifts8<BITS>(0));
+    hi = _mm256_srlv_epi32(all, code_shifts8<BITS>(8));
   }
 }
 #endif

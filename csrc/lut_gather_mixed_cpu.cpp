@@ -606,11 +606,9 @@ void part_sum(const MixedTable& m, MixedRow at, int64_t l, const float* w, float
     return;
   }
 #if MOLE_X86
-  if (p.kind == PartKind::kQuant && p.q.fmt == QFormat::kInt8 && avx512()) {
-    return int8_scaled_sum_avx512(p.q, rows, E, w, cs, acc);
-  }
-  if (p.kind == PartKind::kQuant && p.q.fmt == QFormat::kInt8 && avx2()) {
-    return int8_scaled_sum_avx2(p.q, rows, E, w, cs, acc);
+  if (p.kind == PartKind::kQuant && p.q.fmt == QFormat::kInt8) {
+    if (avx512()) return int8_scaled_sum_avx512(p.q, rows, E, w, cs, acc);
+    if (avx2()) return int8_scaled_sum_avx2(p.q, rows, E, w, cs, acc);
   }
 #endif
   for (int64_t e = 0; e < E; ++e) {  // each expert's column scales: w_e * row_e decoded, then scaled into acc
@@ -716,9 +714,11 @@ void mixed_fused_cpu(const MixedTable& m, const MixedRow* where, int64_t T, int6
 #if MOLE_X86
         if constexpr (std::is_same_v<scalar_t, float>) {
           auto f = [](const scalar_t* x) { return reinterpret_cast<const float*>(x); };  // scalar_t is float
+          const float* r0 = a0 ? f(a0 + t * D) : nullptr;
+          const float* r1 = a1 ? f(a1 + t * D) : nullptr;
           const float* off = m.offset != nullptr ? m.offset + l * E * D : nullptr;
-          if (avx512()) return start_row_avx512(a0 ? f(a0 + t * D) : nullptr, a1 ? f(a1 + t * D) : nullptr, off, w + t * E, E, D, a);
-          if (avx2()) return start_row_avx2(a0 ? f(a0 + t * D) : nullptr, a1 ? f(a1 + t * D) : nullptr, off, w + t * E, E, D, a);
+          if (avx512()) return start_row_avx512(r0, r1, off, w + t * E, E, D, a);
+          if (avx2()) return start_row_avx2(r0, r1, off, w + t * E, E, D, a);
         }
 #endif
         for (int64_t d = 0; d < D; ++d) {

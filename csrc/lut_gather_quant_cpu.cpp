@@ -407,15 +407,6 @@ MOLE_AVX2 inline __m256 nf4_lookup8(__m256i codes, const Levels8& t) {
   return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));  // bit 3 -> the sign bit
 }
 
-// nf4 codes j .. j + 7 (j even), one per 32-bit lane's low 4 bits (higher bits are other codes: nf4_lookup8
-// ignores them): the row's 4 bytes broadcast and each lane shifted by its own amount, as codes8 does for the
-// low-bit formats (no byte shuffles, which cost more than the lookup's permutes on some CPUs).
-MOLE_AVX2 inline __m256i nf4_codes8(const uint8_t* row, int64_t j) {
-  int32_t four;  // 4 bytes: 8 nibbles, low first
-  std::memcpy(&four, row + (j >> 1), sizeof(four));
-  return _mm256_srlv_epi32(_mm256_set1_epi32(four), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
-}
-
 // fp8 e4m3 codes (one per 16-bit lane) as fp16 times 2^-8, as decode16 does for AVX-512; NaN codes give an fp16 NaN.
 MOLE_AVX2 inline __m128i fp8_to_half8(__m128i b) {
   const __m128i t = _mm_slli_epi16(b, 7);
@@ -440,7 +431,7 @@ MOLE_AVX2 inline __m256 decode8(const uint8_t* row, int64_t j, const Levels8& lv
   } else if constexpr (F == QFormat::kFp8E4M3) {
     return _mm256_cvtph_ps(fp8_to_half8(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)))));
   } else {
-    return nf4_lookup8(nf4_codes8(row, j), lv);
+    return nf4_lookup8(codes8<4>(row, j), lv);
   }
 }
 
@@ -460,8 +451,8 @@ MOLE_AVX2 inline void decode16_avx2(const uint8_t* row, int64_t j, const Levels8
     lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
     hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
   } else {
-    lo = nf4_lookup8(nf4_codes8(row, j), lv);
-    hi = nf4_lookup8(nf4_codes8(row, j + 8), lv);
+    lo = nf4_lookup8(codes8<4>(row, j), lv);
+    hi = nf4_lookup8(codes8<4>(row, j + 8), lv);
   }
 }
 
