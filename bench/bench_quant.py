@@ -15,8 +15,12 @@ from disk), `bytes_ratio_vs_bf16`, and GB/s of table bytes read.
 `test_quant_fused_per_call` (the goal: a fused quantized gather costs <= 1.3x the bf16 one per call
 at T = 1-64): the formats alternate call by call (CALLS calls each per round, ids rotated), each
 round keeps every provider's median call, and the result is the median over ROUNDS rounds, through the public call (`lut_gather`, whose Python checks a caller pays too) and
-through the op itself (`torch.ops.mole_kernels.*`); ratios to bf16 in `extra_info["vs_bf16"]`.
+through the op itself (`torch.ops.mole_kernels.*`); ratios to bf16 in `extra_info["vs_bf16"]`. The op's call
+reads another layer than the public call just before it on the same table (layer + L/2): the same rows would
+be in cache, and the op's ratios would compare decoding warm rows, not what a decode step's gather reads.
+Threads: the machine's default (MOLE_BENCH_QUANT_THREADS sets another count; decode steps run one thread).
 """
+import os
 import statistics
 import time
 
@@ -82,10 +86,20 @@ def test_quant_gather(benchmark, tables, provider, form, T):
 
 PER_CALL_TOKENS = pick([1, 8, 32, 64], [8])
 ROUNDS, CALLS = pick(9, 1), pick(400, 4)
+PER_CALL_THREADS = int(os.environ.get("MOLE_BENCH_QUANT_THREADS", "0"))  # 0: the machine's default
+
+
+@pytest.fixture
+def per_call_threads():
+    old = torch.get_num_threads()
+    if PER_CALL_THREADS > 0:
+        torch.set_num_threads(PER_CALL_THREADS)
+    yield torch.get_num_threads()
+    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("T", PER_CALL_TOKENS)
-def test_quant_fused_per_call(benchmark, tables, T):
+def test_quant_fused_per_call(benchmark, tables, per_call_threads, T):
     L, E, D = MODEL_SHAPES[SHAPE]
     ops = torch.ops.mole_kernels
     inputs = [(ids, torch.softmax(torch.randn(T, E), -1), i % L)
@@ -95,11 +109,11 @@ def test_quant_fused_per_call(benchmark, tables, T):
         table = tables(provider)
         if provider == "bf16":
             calls["bf16"] = lambda ids, w, l, t=table: mole_kernels.lut_gather(t, ids, w, layer=l)
-            calls["bf16-op"] = lambda ids, w, l, t=table: ops.lut_gather(t, ids, w, l, None)
+            calls["bf16-op"] = lambda ids, w, l, t=table: ops.lut_gather(t, ids, w, (l + L // 2) % L, None)
         else:
             calls[provider] = lambda ids, w, l, t=table: quantized_lut_gather(t, ids, w, layer=l, dtype=torch.bfloat16)
             calls[provider + "-op"] = lambda ids, w, l, t=table: ops.lut_gather_quant(
-                t.data, t.format, t.dim, t.block_size, ids, w, l, torch.bfloat16, None)
+                t.data, t.format, t.dim, t.block_size, ids, w, (l + L // 2) % L, torch.bfloat16, None)
     times = {p: [] for p in calls}
 
     def one_round():
@@ -120,6 +134,6 @@ def test_quant_fused_per_call(benchmark, tables, T):
     benchmark.group = f"quant-fused-per-call-T{T}"
     benchmark.extra_info.update(
         provider="interleaved", op="lut_gather_quant-fused-per-call", shape=f"{SHAPE}-V{QUANT_VOCAB}-T{T}",
-        device="cpu", T=T, rounds=ROUNDS, calls=CALLS, us_per_call={p: round(v, 3) for p, v in us.items()},
+        device="cpu", T=T, rounds=ROUNDS, calls=CALLS, threads=per_call_threads, us_per_call={p: round(v, 3) for p, v in us.items()},
         vs_bf16={p: round(v / us["bf16-op" if p.endswith("-op") else "bf16"], 4) for p, v in us.items()},
     )
