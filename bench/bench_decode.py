@@ -55,7 +55,7 @@ import time
 import pytest
 import torch
 
-from conftest import GPU_QUICK, HAS_CUDA, SMOKE, paired_ratio, sync, zipf_ids
+from conftest import GPU_QUICK, HAS_CUDA, SMOKE, num_threads, paired_ratio, sync, zipf_ids
 from mole_kernels import DenseForCausalLM, LookupTable, MoLEConfig, MoLEForCausalLM
 from mole_kernels.model.layers import StaticKVCache
 
@@ -191,11 +191,8 @@ def _stepper(cfg, model, provider, B, ids, steps=STEPS):
 
 @pytest.fixture(scope="module")
 def threads():
-    old = torch.get_num_threads()
-    if not HAS_CUDA:
-        torch.set_num_threads(CPU_THREADS)
-    yield torch.get_num_threads()
-    torch.set_num_threads(old)
+    with num_threads(None if HAS_CUDA else CPU_THREADS) as n:
+        yield n
 
 
 @pytest.mark.parametrize("shape,B,mode", CASES, ids=[f"{s}-B{b}-{m}" for s, b, m in CASES])

@@ -43,7 +43,7 @@ import os
 import pytest
 import torch
 
-from conftest import GPU_QUICK, HAS_CUDA, SMOKE, Rotation, pick, run, zipf_ids
+from conftest import GPU_QUICK, HAS_CUDA, SMOKE, Rotation, num_threads, pick, run, zipf_ids
 from mole_kernels.model import DenseForCausalLM, MoEForCausalLM, MoLEConfig, MoLEForCausalLM, StaticKVCache
 from mole_kernels.model.layers import _attention_mask
 from mole_kernels.table import LookupTable
@@ -128,13 +128,10 @@ class Models:
 
 @pytest.fixture(scope="module", params=SHAPES)
 def models(request):
-    threads = torch.get_num_threads()
-    if not HAS_CUDA:
-        torch.set_num_threads(CPU_THREADS)
-    m = Models(request.param)
-    yield m
-    m.close()
-    torch.set_num_threads(threads)  # the other suites keep their own setting
+    with num_threads(None if HAS_CUDA else CPU_THREADS):  # the other suites keep their own setting
+        m = Models(request.param)
+        yield m
+        m.close()
 
 
 def _decode(model, B, tokens, graph):

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import SMOKE  # noqa: E402
+from conftest import SMOKE, num_threads  # noqa: E402
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (pip install "
                                                           "'transformers>=5.16.1,<5.20')")
@@ -119,10 +119,8 @@ def measure(shape, B, rounds=ROUNDS, prompt=PROMPT, new=NEW):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with num_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("shape,B", CASES, ids=[f"{s}-B{b}" for s, b in CASES])

@@ -29,7 +29,7 @@ import torch
 
 import mole_kernels
 from mole_kernels.quant import quantize, quantized_lut_gather
-from conftest import MODEL_SHAPES, SMOKE, Rotation, pick, run, zipf_ids
+from conftest import MODEL_SHAPES, SMOKE, Rotation, num_threads, pick, run, zipf_ids
 
 SHAPE = "160M-4E"
 QUANT_VOCAB = 256 if SMOKE else 2048
@@ -91,11 +91,8 @@ PER_CALL_THREADS = int(os.environ.get("MOLE_BENCH_QUANT_THREADS", "0"))  # 0: th
 
 @pytest.fixture
 def per_call_threads():
-    old = torch.get_num_threads()
-    if PER_CALL_THREADS > 0:
-        torch.set_num_threads(PER_CALL_THREADS)
-    yield torch.get_num_threads()
-    torch.set_num_threads(old)
+    with num_threads(PER_CALL_THREADS or None) as n:
+        yield n
 
 
 @pytest.mark.parametrize("T", PER_CALL_TOKENS)
@@ -134,6 +131,7 @@ def test_quant_fused_per_call(benchmark, tables, per_call_threads, T):
     benchmark.group = f"quant-fused-per-call-T{T}"
     benchmark.extra_info.update(
         provider="interleaved", op="lut_gather_quant-fused-per-call", shape=f"{SHAPE}-V{QUANT_VOCAB}-T{T}",
-        device="cpu", T=T, rounds=ROUNDS, calls=CALLS, threads=per_call_threads, us_per_call={p: round(v, 3) for p, v in us.items()},
+        device="cpu", T=T, rounds=ROUNDS, calls=CALLS, threads=per_call_threads,
+        us_per_call={p: round(v, 3) for p, v in us.items()},
         vs_bf16={p: round(v / us["bf16-op" if p.endswith("-op") else "bf16"], 4) for p, v in us.items()},
     )

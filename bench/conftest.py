@@ -13,6 +13,7 @@ An autouse fixture adds `commit`, `torch`, `cuda`, `gpu`, `cpu_threads`, `smoke`
 every benchmark's extra_info, so each row of the JSON says what it ran on and how busy the
 machine was (bench/report.py prints them on every table and figure).
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -102,6 +103,19 @@ class Rotation:
         item = self.items[self.i % len(self.items)]
         self.i += 1
         return item
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's CPU thread count set to `n` (None: left as it is) inside the block and restored after it, so
+    a suite's setting does not leak into the next; the block gets the count in effect."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")
