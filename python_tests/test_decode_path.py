@@ -669,6 +669,18 @@ def test_the_decode_step_call_in_registers_matches_float64(lut_dtype, act_dtype)
                                    _step_reference(lut, ids, 1, x, w, residual, shared), **tol)
 
 
+FLOAT_STEP_K = "the_decode_step_call_in_registers or (the_decode_step_call_matches and id_dtype0)"
+
+
+@pytest.mark.parametrize("isa", [
+    pytest.param(isa, marks=pytest.mark.child_run(args=[__file__, "-k", FLOAT_STEP_K], env={"MOLE_KERNELS_CPU_ISA": isa}))
+    for isa in ("scalar", "avx2")])
+def test_the_decode_step_call_on_capped_paths(isa, request):
+    """The lean path's router and row sum pick AVX-512, AVX2 or four-lane vectors once per process: its two
+    float tests again (every table and activation dtype) on each lower instruction set."""
+    assert_child_ran(child_result(request), 18)
+
+
 # nf4 block 5: odd block starts; low-bit blocks of 20: a block starting off the 8-column vector boundary
 QUANT_FORMATS = [("int8", None), ("fp8_e4m3", None), ("nf4", 64), ("nf4", 5), ("q3", 20), ("q1", 20)]
 
