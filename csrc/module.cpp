@@ -237,17 +237,44 @@ PyObject* wait_reads(PyObject*, PyObject* const* args, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
-// _plain_eager(ids) -> bool: whether nothing needs to see an op called with `ids`, so that the direct
-// calls above may run instead: grad mode off, ids a plain tensor, no Python dispatch mode, no functorch
+// _plain_eager(ids, tally=None) -> bool: whether nothing needs to see an op called with `ids`, so that the
+// direct calls above may run instead: grad mode off, ids a plain tensor, no Python dispatch mode, no functorch
 // transform (torch.compile is asked in Python, where dynamo answers it). One call, not four from Python:
-// a decode step asks it first thing, when all of this code is cold.
+// a decode step asks it first thing, when all of this code is cold. With `tally` (an int64 CPU tensor [2]:
+// steps, ids), a plain call also counts itself there: a table's counters for its usual CPU step, kept here
+// because the same counts in Python objects cost ~1 % of a demo-sized decode step (cold attribute updates).
+// The GIL is held throughout, so this and _take_tally never interleave.
+int64_t* tally_arg(PyObject* o) {
+  const at::Tensor& t = tensor_arg(o, "tally");
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kLong && t.numel() == 2 && t.is_contiguous(),
+                    "tally must be a contiguous int64 CPU tensor of 2 elements");
+  return t.data_ptr<int64_t>();
+}
+
 PyObject* plain_eager(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
-  check_count(n, 1, "_plain_eager(ids)");
+  TORCH_CHECK_TYPE(n == 1 || n == 2, "mole_kernels._C._plain_eager(ids, tally=None) takes 1 or 2 positional "
+                   "arguments, got ", n);
   const bool plain = !at::GradMode::is_enabled() && THPVariable_CheckExact(args[0]) &&
                      c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
                      !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+  if (plain && n == 2 && args[1] != Py_None) {
+    int64_t* tally = tally_arg(args[1]);
+    tally[0] += 1;
+    tally[1] += THPVariable_Unpack(args[0]).numel();
+  }
   return PyBool_FromLong(plain);
+  END_HANDLE_TH_ERRORS
+}
+
+// _take_tally(tally) -> (steps, ids): what _plain_eager counted into `tally` since the last call, which it zeroes.
+PyObject* take_tally(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_count(n, 1, "_take_tally(tally)");
+  int64_t* tally = tally_arg(args[0]);
+  const int64_t steps = tally[0], ids = tally[1];
+  tally[0] = tally[1] = 0;
+  return Py_BuildValue("(LL)", static_cast<long long>(steps), static_cast<long long>(ids));
   END_HANDLE_TH_ERRORS
 }
 
@@ -273,6 +300,8 @@ PyMethodDef methods[] = {
      "waits for the storage reads a background _read_unique_file left running"},
     {"_plain_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_eager)), METH_FASTCALL,
      "whether a call with these ids may skip the dispatcher (eager, no grad, no dispatch mode or transform)"},
+    {"_take_tally", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(take_tally)), METH_FASTCALL,
+     "(steps, ids) that _plain_eager counted into a tally since the last call; zeroes it"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -754,8 +754,16 @@ def test_direct_calls_run_only_where_nothing_needs_to_see_the_op():
         seen = []
         torch.vmap(lambda y: seen.append(_C._plain_eager(y)) or y)(torch.ones(3, 2))
         assert seen == [False]
-        with pytest.raises(TypeError, match="takes 1 positional arguments"):
+        with pytest.raises(TypeError, match="takes 1 or 2 positional arguments"):
             _C._plain_eager()
+        # A tally ([steps, ids], a table's count of its usual steps) counts plain calls only, and is taken once.
+        tally = torch.zeros(2, dtype=torch.int64)
+        assert _C._plain_eager(torch.ones(2, 3), tally) and _C._plain_eager(ids, tally)
+        assert not _C._plain_eager(ids.as_subclass(Sub), tally)
+        assert _C._take_tally(tally) == (2, 8) and _C._take_tally(tally) == (0, 0)
+        for bad in (torch.zeros(3, dtype=torch.int64), torch.zeros(2), torch.zeros(4, dtype=torch.int64)[::2]):
+            with pytest.raises(ValueError, match="tally must be a contiguous int64 CPU tensor of 2 elements"):
+                _C._plain_eager(ids, bad)
 
 
 def _drop_from_page_cache(path) -> bool:

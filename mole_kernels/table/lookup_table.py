@@ -52,6 +52,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .. import _C
 from .._ops import ops, raise_on_bad_ids
 from ..lut_gather import lut_gather
 from ..quant import QuantizedLUT, canonical_format, quantize, quantized_layout
@@ -160,7 +161,10 @@ class LookupTable:
         self.dtype = quant.dtype if quant is not None else stored_dtype
         self._token_bytes = math.prod(self._stored_shape[1:]) * stored_dtype.itemsize
         self.metadata = dict(metadata or {})
-        self.stats = TableStats()
+        self._stats = TableStats()
+        # The usual CPU step's counts ([steps, ids], LayerReader: one table in RAM, plain eager), kept by
+        # _C._plain_eager and folded into stats when they are read.
+        self._eager_tally = torch.zeros(2, dtype=torch.int64)
         self._staging_bytes = staging_bytes
         self._staging = None  # GPU staging: pinned, two halves (created on first use)
         self._faults = None  # bad ids among ids that were on a GPU (created on first use)
@@ -451,8 +455,20 @@ class LookupTable:
                 f"dtype={str(self.dtype).replace('torch.', '')}{quant}, bytes={_human(self.nbytes)}, "
                 f"row={_human(self.row_bytes)}, device={self.device})")
 
+    @property
+    def stats(self) -> TableStats:
+        """The table's :class:`TableStats` (every read so far, or since :meth:`reset_stats`)."""
+        steps, ids = _C._take_tally(self._eager_tally)
+        if steps:
+            s = self._stats
+            s.calls += steps
+            s.rows_requested += ids
+            s.bytes_read[self.placement] += ids * self.row_bytes
+        return self._stats
+
     def reset_stats(self) -> None:
-        self.stats = TableStats()
+        _C._take_tally(self._eager_tally)
+        self._stats = TableStats()
 
     # ------------------------------------------------------------ reading whole tokens ------
 

@@ -61,7 +61,14 @@ class LayerReader:
         # The usual CPU step (the "cpu" path) is kept to a handful of Python operations: at the demo's
         # shape a few microseconds per step are a percent of the step.
         self._in_ram = table.device.type == "cpu" and table.placement != "disk"
-        self._direct = _direct_fn(table._lut) if self._in_ram else None  # (C++ function, the table's arguments)
+        # The in-RAM step's layer call but for its ids (partial(call, ids) is one flat partial), and where the
+        # step counts itself (the table's stats read it).
+        self._direct_call = None
+        if self._in_ram:
+            fn, head = _direct_fn(table._lut)
+            self._direct_call = partial(fn, *head)
+        self._tally = table._eager_tally
+        self._direct = None  # CPU disk tier: (C++ function, the staged rows' arguments), made with its staging
         self._file_cpu = table.device.type == "cpu" and table.placement == "disk"
         # What the counters of every step need, looked up once (the table's tier never changes).
         self._placement, self._row_bytes = table.placement, table.row_bytes
@@ -85,11 +92,9 @@ class LayerReader:
     def start(self, ids: torch.Tensor) -> Callable[..., torch.Tensor]:
         """Begins a step for ``ids`` (any shape, on the table's device); returns its layers' call,
         ``combine(l, x, residual, shared, router_weight=None)`` (see the module docstring)."""
-        if self._in_ram and _plain_eager(ids):  # the usual CPU step, first: the table in RAM, read in place
-            n = ids.numel()
-            self._count(n, n, eager=True)
-            fn, head = self._direct
-            return partial(fn, *head, ids)
+        # The usual CPU step, first: the table in RAM, read in place; the check counts the step in the table's tally.
+        if self._in_ram and not torch.compiler.is_compiling() and _C._plain_eager(ids, self._tally):
+            return partial(self._direct_call, ids)
         if self._file_cpu and _plain_eager(ids):  # the same over the step's unique rows, read with one call
             inverse = self._read_rows_cpu(ids, eager=True, background=True)[1]
             fn, head = self._direct
