@@ -199,14 +199,35 @@ PyObject* mixed_read_step(PyObject*, PyObject* const* args, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
-// _read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst[, background])
-//   -> (inverse, unique rows, ticket of the reads left running: 0 for none; see direct_calls.h)
+// A table's tally of its usual CPU steps (an int64 CPU tensor [3]: steps, ids, tokens whose rows were read), which
+// _plain_eager and _read_unique_file count into and _take_tally empties; LookupTable.stats folds it in. Kept here
+// because the same counts in Python objects cost ~0.6 % of a demo-sized decode step (cold attribute updates). The
+// GIL is held wherever a tally changes, so counting and taking never interleave.
+int64_t* tally_arg(PyObject* o) {
+  const at::Tensor& t = tensor_arg(o, "tally");
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kLong && t.numel() == 3 && t.is_contiguous(),
+                    "tally must be a contiguous int64 CPU tensor of 3 elements");
+  return t.data_ptr<int64_t>();
+}
+
+void count_step(PyObject* tally, int64_t ids, int64_t read) {
+  if (tally == nullptr || tally == Py_None) return;
+  int64_t* c = tally_arg(tally);
+  c[0] += 1;
+  c[1] += ids;
+  c[2] += read;
+}
+
+// _read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst[, background[, tally]])
+//   -> (inverse, unique rows, ticket of the reads left running: 0 for none; see direct_calls.h); a tally
+//   (None: none) counts the step once its reads have started.
 PyObject* read_unique_file(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(n == 7 || n == 8, "_read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst"
-                   "[, background]) takes 7 or 8 arguments, got ", n);
+  TORCH_CHECK_TYPE(n >= 7 && n <= 9, "_read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst"
+                   "[, background[, tally]]) takes 7 to 9 arguments, got ", n);
   TORCH_CHECK_TYPE(PyBool_Check(args[5]), "strict must be a bool");
   TORCH_CHECK_TYPE(n == 7 || PyBool_Check(args[7]), "background must be a bool");
+  if (n == 9 && args[8] != Py_None) tally_arg(args[8]);  // checked before any read starts
   const at::Tensor& ids = tensor_arg(args[1], "ids");
   const at::Tensor& dst = tensor_arg(args[6], "dst");
   const int64_t handle = int_arg(args[0], "handle"), row_bytes = int_arg(args[2], "row_bytes");
@@ -215,8 +236,9 @@ PyObject* read_unique_file(PyObject*, PyObject* const* args, Py_ssize_t n) {
   {
     pybind11::gil_scoped_release no_gil;  // file reads: let other Python threads run meanwhile
     result = mole::read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, args[5] == Py_True, dst,
-                                    n == 8 && args[7] == Py_True);
+                                    n >= 8 && args[7] == Py_True);
   }
+  count_step(n == 9 ? args[8] : nullptr, ids.numel(), std::get<1>(result));
   PyObject* inverse = THPVariable_Wrap(std::get<0>(result));
   if (inverse == nullptr) return nullptr;
   return Py_BuildValue("(NLL)", inverse, static_cast<long long>(std::get<1>(result)),
@@ -240,16 +262,8 @@ PyObject* wait_reads(PyObject*, PyObject* const* args, Py_ssize_t n) {
 // _plain_eager(ids, tally=None) -> bool: whether nothing needs to see an op called with `ids`, so that the
 // direct calls above may run instead: grad mode off, ids a plain tensor, no Python dispatch mode, no functorch
 // transform (torch.compile is asked in Python, where dynamo answers it). One call, not four from Python:
-// a decode step asks it first thing, when all of this code is cold. With `tally` (an int64 CPU tensor [2]:
-// steps, ids), a plain call also counts itself there: a table's counters for its usual CPU step, kept here
-// because the same counts in Python objects cost ~1 % of a demo-sized decode step (cold attribute updates).
-// The GIL is held throughout, so this and _take_tally never interleave.
-int64_t* tally_arg(PyObject* o) {
-  const at::Tensor& t = tensor_arg(o, "tally");
-  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kLong && t.numel() == 2 && t.is_contiguous(),
-                    "tally must be a contiguous int64 CPU tensor of 2 elements");
-  return t.data_ptr<int64_t>();
-}
+// a decode step asks it first thing, when all of this code is cold. A plain call counts itself in `tally` as a
+// step reading every id's rows in place (a table in RAM).
 
 PyObject* plain_eager(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
@@ -258,23 +272,22 @@ PyObject* plain_eager(PyObject*, PyObject* const* args, Py_ssize_t n) {
   const bool plain = !at::GradMode::is_enabled() && THPVariable_CheckExact(args[0]) &&
                      c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
                      !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
-  if (plain && n == 2 && args[1] != Py_None) {
-    int64_t* tally = tally_arg(args[1]);
-    tally[0] += 1;
-    tally[1] += THPVariable_Unpack(args[0]).numel();
+  if (plain && n == 2) {
+    const int64_t ids = THPVariable_Unpack(args[0]).numel();
+    count_step(args[1], ids, ids);
   }
   return PyBool_FromLong(plain);
   END_HANDLE_TH_ERRORS
 }
 
-// _take_tally(tally) -> (steps, ids): what _plain_eager counted into `tally` since the last call, which it zeroes.
+// _take_tally(tally) -> (steps, ids, tokens read): what was counted into `tally` since the last call; zeroes it.
 PyObject* take_tally(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_count(n, 1, "_take_tally(tally)");
   int64_t* tally = tally_arg(args[0]);
-  const int64_t steps = tally[0], ids = tally[1];
-  tally[0] = tally[1] = 0;
-  return Py_BuildValue("(LL)", static_cast<long long>(steps), static_cast<long long>(ids));
+  const long long steps = tally[0], ids = tally[1], read = tally[2];
+  tally[0] = tally[1] = tally[2] = 0;
+  return Py_BuildValue("(LLL)", steps, ids, read);
   END_HANDLE_TH_ERRORS
 }
 
@@ -301,7 +314,7 @@ PyMethodDef methods[] = {
     {"_plain_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_eager)), METH_FASTCALL,
      "whether a call with these ids may skip the dispatcher (eager, no grad, no dispatch mode or transform)"},
     {"_take_tally", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(take_tally)), METH_FASTCALL,
-     "(steps, ids) that _plain_eager counted into a tally since the last call; zeroes it"},
+     "(steps, ids, tokens read) counted into a table's tally since the last call; zeroes it"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

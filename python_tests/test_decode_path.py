@@ -569,6 +569,11 @@ def test_direct_calls_equal_the_ops_and_check_their_arguments():
     inverse, unique, ticket = _C._read_unique_file(t._store.handle(), torch.tensor([[7, 2, 7]]), row, 0, row, True, dst)
     assert unique == 2 and inverse.tolist() == [[1, 0, 1]] and ticket == 0  # foreground: nothing left running
     assert torch.equal(dst[:2 * row].view(torch.float32).view(2, L, E, D), lut[[2, 7]])
+    tally = torch.zeros(3, dtype=torch.int64)  # a step counts itself: 3 ids, 2 tokens' rows read
+    _C._read_unique_file(t._store.handle(), torch.tensor([[7, 2, 7]]), row, 0, row, True, dst, False, tally)
+    assert tally.tolist() == [1, 3, 2]
+    with pytest.raises(ValueError, match="tally must be"):
+        _C._read_unique_file(t._store.handle(), torch.tensor([1]), row, 0, row, True, dst, False, torch.zeros(3))
     handle = t._store.handle()
     t.close()
     with pytest.raises(RuntimeError, match="the table was closed"):
@@ -756,13 +761,13 @@ def test_direct_calls_run_only_where_nothing_needs_to_see_the_op():
         assert seen == [False]
         with pytest.raises(TypeError, match="takes 1 or 2 positional arguments"):
             _C._plain_eager()
-        # A tally ([steps, ids], a table's count of its usual steps) counts plain calls only, and is taken once.
-        tally = torch.zeros(2, dtype=torch.int64)
+        # A tally ([steps, ids, tokens read], a table's count of its CPU steps) counts plain calls only, and is taken once.
+        tally = torch.zeros(3, dtype=torch.int64)
         assert _C._plain_eager(torch.ones(2, 3), tally) and _C._plain_eager(ids, tally)
         assert not _C._plain_eager(ids.as_subclass(Sub), tally)
-        assert _C._take_tally(tally) == (2, 8) and _C._take_tally(tally) == (0, 0)
-        for bad in (torch.zeros(3, dtype=torch.int64), torch.zeros(2), torch.zeros(4, dtype=torch.int64)[::2]):
-            with pytest.raises(ValueError, match="tally must be a contiguous int64 CPU tensor of 2 elements"):
+        assert _C._take_tally(tally) == (2, 8, 8) and _C._take_tally(tally) == (0, 0, 0)
+        for bad in (torch.zeros(2, dtype=torch.int64), torch.zeros(3), torch.zeros(6, dtype=torch.int64)[::2]):
+            with pytest.raises(ValueError, match="tally must be a contiguous int64 CPU tensor of 3 elements"):
                 _C._plain_eager(ids, bad)
 
 

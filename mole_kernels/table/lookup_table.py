@@ -162,9 +162,9 @@ class LookupTable:
         self._token_bytes = math.prod(self._stored_shape[1:]) * stored_dtype.itemsize
         self.metadata = dict(metadata or {})
         self._stats = TableStats()
-        # The usual CPU step's counts ([steps, ids], LayerReader: one table in RAM, plain eager), kept by
-        # _C._plain_eager and folded into stats when they are read.
-        self._eager_tally = torch.zeros(2, dtype=torch.int64)
+        # The CPU steps' counts ([steps, ids, tokens read]: LayerReader's steps, in C++ (csrc/module.cpp says
+        # why)), folded into stats when they are read.
+        self._tally = torch.zeros(3, dtype=torch.int64)
         self._staging_bytes = staging_bytes
         self._staging = None  # GPU staging: pinned, two halves (created on first use)
         self._faults = None  # bad ids among ids that were on a GPU (created on first use)
@@ -458,16 +458,16 @@ class LookupTable:
     @property
     def stats(self) -> TableStats:
         """The table's :class:`TableStats` (every read so far, or since :meth:`reset_stats`)."""
-        steps, ids = _C._take_tally(self._eager_tally)
+        steps, ids, read = _C._take_tally(self._tally)
         if steps:
             s = self._stats
             s.calls += steps
             s.rows_requested += ids
-            s.bytes_read[self.placement] += ids * self.row_bytes
+            s.bytes_read[self.placement] += read * self.row_bytes
         return self._stats
 
     def reset_stats(self) -> None:
-        _C._take_tally(self._eager_tally)
+        _C._take_tally(self._tally)
         self._stats = TableStats()
 
     # ------------------------------------------------------------ reading whole tokens ------
@@ -539,12 +539,12 @@ class LookupTable:
             if path in ("device", "zero_copy"):
                 out = lut_gather(self._lut, self._to_device(ids, "gather"), layer=layer, faults=self._fault_counter())
                 self._count_direct(ids.numel(), layer, path)
-                self.stats.add_time("gather", t0)
+                self._stats.add_time("gather", t0)
                 return out
             rows, inv = self._unique_rows(ids, layer)
             t0 = time.perf_counter()
             out = lut_gather(rows, inv)
-            self.stats.add_time("gather", t0)
+            self._stats.add_time("gather", t0)
             return out
 
     def gather_combine(self, ids: torch.Tensor, weights: torch.Tensor, layer: Optional[int], *,
@@ -573,7 +573,7 @@ class LookupTable:
                 rows, inv = self._unique_rows(ids, layer)
                 t0 = time.perf_counter()
                 res = lut_gather(rows, inv, weights, out=out, accumulate=accumulate)
-            self.stats.add_time("gather", t0)
+            self._stats.add_time("gather", t0)
             return res
 
     def prefetcher(self, max_tokens: int, *, strict: bool = True) -> "Prefetcher":
@@ -635,8 +635,8 @@ class LookupTable:
                              f"{self.placement!r}, got {path!r}")
         if path == "zero_copy" and self.device.type == "cuda" and not self.pinned:
             raise RuntimeError("LookupTable: zero_copy needs the host table pinned (it was built for device=cpu)")
-        self.stats.last_path = path
-        self.stats.paths[path] = self.stats.paths.get(path, 0) + 1
+        self._stats.last_path = path
+        self._stats.paths[path] = self._stats.paths.get(path, 0) + 1
         return path
 
     def _segment(self, layer: Optional[int]):
@@ -649,7 +649,7 @@ class LookupTable:
         return layer * seg, seg, (E, last)
 
     def _count_direct(self, n: int, layer, path: str):
-        s = self.stats
+        s = self._stats
         s.calls += 1
         s.rows_requested += n
         moved = n * self._segment(layer)[1]
@@ -683,7 +683,7 @@ class LookupTable:
                 U = uniq.numel()
                 self._staged_copy(uniq, seg_off, seg_bytes, out)
                 inv = inv.to(self.device, non_blocking=True)
-            s = self.stats
+            s = self._stats
             s.add_time("read", t0)
             s.calls += 1
             s.rows_requested += T
@@ -694,7 +694,7 @@ class LookupTable:
     def _staged_copy(self, uniq: torch.Tensor, seg_off: int, seg_bytes: int, dst: torch.Tensor):
         """GPU dma/disk paths: table -> pinned staging (host threads: memcpy or pread) -> dst, in a few
         large async copies pipelined in C++ (``TableStore.stage_rows``)."""
-        s = self.stats
+        s = self._stats
         if self._staging is None:
             self._staging = _store("host", "", 0, self._staging_bytes, True, self.device)
         s.dma_copies += self._store.stage_rows(uniq, self.row_bytes, seg_off, seg_bytes, self._staging, dst)

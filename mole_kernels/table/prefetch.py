@@ -166,7 +166,7 @@ class Prefetcher:
             lut_gather(src, idx, layer=slice(a, b), out=buf[:T, a:b], faults=self._faults if g == 0 else self._scratch)
             if self._cuda:
                 self._ready[slot][g].record(self._stream)
-        t.stats.add_time("gather", t0)
+        t._stats.add_time("gather", t0)
 
     def _wait(self, handle: Prefetch, l: int) -> None:
         """Checks that ``handle``'s rows are still there and ``l`` a layer; the current stream then waits for

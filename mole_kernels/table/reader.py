@@ -67,7 +67,7 @@ class LayerReader:
         if self._in_ram:
             fn, head = _direct_fn(table._lut)
             self._direct_call = partial(fn, *head)
-        self._tally = table._eager_tally
+        self._tally = table._tally
         self._direct = None  # CPU disk tier: (C++ function, the staged rows' arguments), made with its staging
         self._file_cpu = table.device.type == "cpu" and table.placement == "disk"
         # What the counters of every step need, looked up once (the table's tier never changes).
@@ -96,14 +96,14 @@ class LayerReader:
         if self._in_ram and not torch.compiler.is_compiling() and _C._plain_eager(ids, self._tally):
             return partial(self._direct_call, ids)
         if self._file_cpu and _plain_eager(ids):  # the same over the step's unique rows, read with one call
-            inverse = self._read_rows_cpu(ids, eager=True, background=True)[1]
+            inverse = self._read_rows_cpu(ids, background=True)[1]
             fn, head = self._direct
             combine = partial(fn, *head, inverse)
             return combine if not self._pending else self._after_reads(combine)
         t = self.table
         path = self._path(ids)
         if path == "staged-cpu":  # a file on a CPU: the step's unique rows read once, with one C++ call
-            return _direct_combine(*self._read_rows_cpu(ids), None)
+            return _direct_combine(*_read_rows_outside_graph(self, ids), None)
         if path == "prefetch":
             return _Prefetched(self._prefetch(ids.numel()).start(ids, path="zero_copy")).combine
         if path == "bulk":
@@ -154,11 +154,11 @@ class LayerReader:
         handle = self._prefetch(uniq.numel()).start(uniq, path="zero_copy")
         return _Prefetched(handle, inverse.view(ids.shape), self._scratch).combine
 
-    def _read_rows_cpu(self, ids: torch.Tensor, eager: bool = False, background: bool = False):
+    def _read_rows_cpu(self, ids: torch.Tensor, background: bool = False):
         """(staging as a table of rows, each id's row in it) for a step on a CPU. The staging keeps its
-        typed view between steps, so a step costs the read itself and nothing per layer. ``eager``:
-        known not to be traced by torch.compile (see _count). ``background``: rows that must come from
-        storage may still be arriving on return (``self._pending``; see :meth:`_after_reads`)."""
+        typed view between steps, so a step costs the read itself and nothing per layer; the read counts
+        the step in the table's tally. ``background``: rows that must come from storage may still be
+        arriving on return (``self._pending``; see :meth:`_after_reads`)."""
         if self._pending:  # an earlier step that never reached its first layer: its reads end first
             self._wait_reads()
         t = self.table
@@ -174,12 +174,10 @@ class LayerReader:
         if self._file is None:
             self._file = t._store.handle()
         row = self._row_bytes
-        with t._lock:  # the read itself is thread-safe; the lock keeps the counters exact
-            # One direct call into C++ (csrc/direct_calls.h says why not a TorchScript method); an id
-            # outside [0, V) raises here, naming the first one.
-            inverse, unique, self._pending = _C._read_unique_file(self._file, ids, row, 0, row, True, self._staged,
-                                                                  background)
-            self._count(T, unique, eager)
+        # One direct call into C++ (csrc/direct_calls.h says why not a TorchScript method), thread-safe; an id
+        # outside [0, V) raises here, naming the first one.
+        inverse, _, self._pending = _C._read_unique_file(self._file, ids, row, 0, row, True, self._staged, background,
+                                                         self._tally)
         return self._staged_table, inverse
 
     def _after_reads(self, combine: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -201,11 +199,12 @@ class LayerReader:
         ticket, self._pending = self._pending, 0
         _C._wait_reads(ticket)
 
-    def _count(self, rows: int, read: int, eager: bool = False):
-        """The table's counters for a step that reads `read` tokens' rows for `rows` ids."""
-        if not eager and torch.compiler.is_compiling():  # Python state: a compiled step would recompile on every change
+    def _count(self, rows: int, read: int):
+        """The table's counters for a step that reads `read` tokens' rows for `rows` ids, on the paths whose
+        reads do not count themselves in C++ (the table's tally: the CPU's eager and file steps)."""
+        if torch.compiler.is_compiling():  # Python state: a compiled step would recompile on every change
             return
-        s = self.table.stats
+        s = self.table._stats
         s.calls += 1
         s.rows_requested += rows
         s.bytes_read[self._placement] += read * self._row_bytes
@@ -224,6 +223,13 @@ class LayerReader:
         if ids.is_cuda:
             return "prefetch" if ids.numel() <= self.prefetch_tokens else "bulk"
         return "staged" if ids.numel() > t.dma_min_tokens else "direct"
+
+
+@torch.compiler.disable
+def _read_rows_outside_graph(reader: LayerReader, ids: torch.Tensor):
+    """reader._read_rows_cpu(ids), outside any compiled graph (one opaque file read per step; dynamo cannot trace
+    it). The eager step calls it directly."""
+    return reader._read_rows_cpu(ids)
 
 
 def _direct_combine(table, ids: torch.Tensor, faults: Optional[torch.Tensor]) -> Callable[..., torch.Tensor]:
