@@ -86,7 +86,7 @@ inline void store_f32x4(out_t* p, const F32x4& v) {
 // The lean path's row sum, dst[j] = add0[j] + add1[j] + sum_e w[e] * base[e * D + j] for j < D, columns held
 // in registers over the E rows: AVX-512 or AVX2 multiply-adds where the CPU has them (32 columns a step; the
 // CPU's choice of cpu_simd.h), else four-lane vectors (GCC/Clang vector extensions: SSE on baseline x86-64, NEON
-// on arm64) in fused_span_scalar's order. The last D % 16 columns (D % 32 on AVX) take fused_span_scalar.
+// on arm64) in fused_span_scalar's order. Columns short of a whole vector take fused_span_scalar.
 // Why vectors at all: the scalar span's float32 tile on the stack cost a load and a store per expert and
 // column, and a copy out; why the wide ones: at the demo's B = 32 the four-lane sum and router were ~3 of a
 // hot layer call's 4.5 us.
