@@ -210,12 +210,14 @@ int64_t* tally_arg(PyObject* o) {
   return t.data_ptr<int64_t>();
 }
 
-void count_step(PyObject* tally, int64_t ids, int64_t read) {
-  if (tally == nullptr || tally == Py_None) return;
-  int64_t* c = tally_arg(tally);
-  c[0] += 1;
-  c[1] += ids;
-  c[2] += read;
+// tally_arg, or null for None.
+int64_t* optional_tally_arg(PyObject* o) { return o == Py_None ? nullptr : tally_arg(o); }
+
+void count_step(int64_t* tally, int64_t ids, int64_t read) {
+  if (tally == nullptr) return;
+  tally[0] += 1;
+  tally[1] += ids;
+  tally[2] += read;
 }
 
 // _read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst[, background[, tally]])
@@ -227,7 +229,7 @@ PyObject* read_unique_file(PyObject*, PyObject* const* args, Py_ssize_t n) {
                    "[, background[, tally]]) takes 7 to 9 arguments, got ", n);
   TORCH_CHECK_TYPE(PyBool_Check(args[5]), "strict must be a bool");
   TORCH_CHECK_TYPE(n == 7 || PyBool_Check(args[7]), "background must be a bool");
-  if (n == 9 && args[8] != Py_None) tally_arg(args[8]);  // checked before any read starts
+  int64_t* tally = n == 9 ? optional_tally_arg(args[8]) : nullptr;  // checked before any read starts
   const at::Tensor& ids = tensor_arg(args[1], "ids");
   const at::Tensor& dst = tensor_arg(args[6], "dst");
   const int64_t handle = int_arg(args[0], "handle"), row_bytes = int_arg(args[2], "row_bytes");
@@ -238,7 +240,7 @@ PyObject* read_unique_file(PyObject*, PyObject* const* args, Py_ssize_t n) {
     result = mole::read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, args[5] == Py_True, dst,
                                     n >= 8 && args[7] == Py_True);
   }
-  count_step(n == 9 ? args[8] : nullptr, ids.numel(), std::get<1>(result));
+  count_step(tally, ids.numel(), std::get<1>(result));
   PyObject* inverse = THPVariable_Wrap(std::get<0>(result));
   if (inverse == nullptr) return nullptr;
   return Py_BuildValue("(NLL)", inverse, static_cast<long long>(std::get<1>(result)),
@@ -264,7 +266,6 @@ PyObject* wait_reads(PyObject*, PyObject* const* args, Py_ssize_t n) {
 // transform (torch.compile is asked in Python, where dynamo answers it). One call, not four from Python:
 // a decode step asks it first thing, when all of this code is cold. A plain call counts itself in `tally` as a
 // step reading every id's rows in place (a table in RAM).
-
 PyObject* plain_eager(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(n == 1 || n == 2, "mole_kernels._C._plain_eager(ids, tally=None) takes 1 or 2 positional "
@@ -274,7 +275,7 @@ PyObject* plain_eager(PyObject*, PyObject* const* args, Py_ssize_t n) {
                      !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
   if (plain && n == 2) {
     const int64_t ids = THPVariable_Unpack(args[0]).numel();
-    count_step(args[1], ids, ids);
+    count_step(optional_tally_arg(args[1]), ids, ids);
   }
   return PyBool_FromLong(plain);
   END_HANDLE_TH_ERRORS

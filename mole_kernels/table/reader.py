@@ -93,7 +93,7 @@ class LayerReader:
         """Begins a step for ``ids`` (any shape, on the table's device); returns its layers' call,
         ``combine(l, x, residual, shared, router_weight=None)`` (see the module docstring)."""
         # The usual CPU step, first: the table in RAM, read in place; the check counts the step in the table's tally.
-        if self._in_ram and not torch.compiler.is_compiling() and _C._plain_eager(ids, self._tally):
+        if self._in_ram and _plain_eager(ids, self._tally):
             return partial(self._direct_call, ids)
         if self._file_cpu and _plain_eager(ids):  # the same over the step's unique rows, read with one call
             inverse = self._read_rows_cpu(ids, background=True)[1]
@@ -259,11 +259,12 @@ def _direct_fn(table):
     return _C._lut_combine, (table,)
 
 
-def _plain_eager(ids: torch.Tensor) -> bool:
+def _plain_eager(ids: torch.Tensor, tally: Optional[torch.Tensor] = None) -> bool:
     """Whether nothing needs to see the op: eager (no torch.compile, dispatch mode or functorch
     transform), no autograd, plain ids (the tables are plain tensors that never require grad).
-    torch.compile is asked first, in Python, where dynamo answers it; the rest in one C++ call."""
-    return not torch.compiler.is_compiling() and _C._plain_eager(ids)
+    torch.compile is asked first, in Python, where dynamo answers it; the rest in one C++ call, which
+    counts a plain step reading ids' rows in place into ``tally`` (a table's, when given)."""
+    return not torch.compiler.is_compiling() and _C._plain_eager(ids, tally)
 
 
 def _op_combine(op, l, x, residual, shared, router_weight=None):
