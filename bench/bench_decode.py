@@ -24,7 +24,8 @@ The paper's real vocabulary (`test_real_vocab_decode`, CPU): 160M-4E with V = 50
 LUT, built once with `LookupTable.build` into files under $MOLE_BENCH_TABLE_DIR, default /tmp, reused
 by later runs with MOLE_BENCH_KEEP_TABLES=1, else deleted at the end), B = 1, 8 and 32, in phases
 of interleaved rounds: (1) dense, `mole-host`, `mole-disk` (page cache warm) and `mole-disk-cold`
-(the file's pages dropped with posix_fadvise(DONTNEED) before each run; the bytes the process read
+(the file's pages dropped with posix_fadvise(DONTNEED) and the reader's row cache emptied
+(`LookupTable.drop_cached_rows`) before each run; the bytes the process read
 from storage, /proc/self/io read_bytes, go to `extra_info["cold_bytes_read"]`); (2) per quantized
 format (int8, fp8_e4m3, nf4 with blocks of 64; MOLE_BENCH_REAL_FORMATS="q3/128,q2/64,q1/64" picks others),
 `mole-host` against `mole-host-<format>`, one format's table in RAM at a time (peak ~5.6 GB: the bf16 table
@@ -342,6 +343,7 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
 
         def drop():
             _drop_pages(paths["bf16"])
+            cold.drop_cached_rows()
             read.append(_storage_bytes_read())
 
         got, cpu, each = benchmark.pedantic(lambda: _interleaved(runs, REAL_ROUNDS, before={"mole-disk-cold": drop}),

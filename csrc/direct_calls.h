@@ -13,6 +13,7 @@
 
 #include <c10/util/string_view.h>
 
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -68,14 +69,19 @@ bool router_softmax_into(const at::Tensor& x, const at::Tensor& weight, int64_t 
 // lut_combine computes them (csrc/lut_combine.cpp); the mixed table's step shares them.
 std::vector<float> softmax_weights(const at::Tensor& logits, int64_t T, int64_t E);
 
-// TableStore.read_unique on the file store named by `handle` (TableStore.handle(), csrc/lookup_table.cpp):
-// (inverse, unique rows, ticket). `background`: the rows not in the page cache are left reading on
-// threads of their own (ticket > 0; 0 when every row was cached), so the step computes meanwhile;
-// wait_reads(ticket) before dst is used, once (it also reports a read's failure or a changed file).
-std::tuple<at::Tensor, int64_t, int64_t> read_unique_file(int64_t handle, const at::Tensor& ids, int64_t row_bytes,
-                                                          int64_t seg_offset, int64_t seg_bytes, bool strict,
-                                                          const at::Tensor& dst, bool background);
+// Blocks until the storage reads a background read_through_cache left running under `ticket` are done, once
+// (it also reports a read's failure or a changed file).
 void wait_reads(int64_t ticket);
+
+// A disk-tier reader's row cache (csrc/lookup_table.cpp says why): `slots` (uint8, whole rows of
+// `row_bytes`) holds the rows of recent steps of the file named by `handle`. read_through_cache gives
+// (each id's slot, in ids' shape; rows read from the file; ticket of the reads left running: `background`
+// leaves the rows not in the page cache reading on threads of their own, so the step computes meanwhile; 0
+// when none); drop_cached_rows makes the next step forget every row (thread-safe).
+struct RowCache;
+std::shared_ptr<RowCache> make_row_cache(int64_t handle, const at::Tensor& slots, int64_t row_bytes);
+std::tuple<at::Tensor, int64_t, int64_t> read_through_cache(RowCache& cache, const at::Tensor& ids, bool background);
+void drop_cached_rows(RowCache& cache);
 
 // The decode step's lean paths (lut_combine.cpp, lut_gather_mixed_cpu.cpp) share these two.
 // Whether `t` is a contiguous CPU tensor of `dtype` and shape ids.shape + [last].

@@ -195,15 +195,18 @@ struct File {
 constexpr int64_t kColdReaders = 8;
 
 // A step's rows that must wait for storage: read by ColdReads::run on up to kColdReaders threads.
-// Everything the threads touch is held here (the file, the ids and the destination tensors), so a
-// background read (read_unique_file's `background`) that nobody waits for cannot write to freed memory.
+// Everything the threads touch is held here (the file and the destination tensor), so a background
+// read (read_through_cache's `background`) that nobody waits for cannot write to freed memory.
 struct ColdReads {
+  struct Row {
+    int64_t at;    // the row's first byte in the table
+    char* dst;     // where it goes (inside `dst`)
+    int64_t done;  // bytes already read
+  };
   std::shared_ptr<File> file;
-  at::Tensor ids, dst;  // held only: `id` and `out` point into them
-  const int64_t* id = nullptr;
-  char* out = nullptr;
-  int64_t row_bytes = 0, seg_offset = 0, n = 0;
-  std::vector<std::pair<int64_t, int64_t>> rows;  // (row, bytes already read)
+  at::Tensor dst;  // held only: the rows' destinations point into it
+  int64_t n = 0;   // bytes per row
+  std::vector<Row> rows;
   std::atomic<size_t> next{0};
   std::mutex mu;
   std::condition_variable done_cv;
@@ -214,13 +217,22 @@ struct ColdReads {
   void run() {
     try {
       for (size_t c = next++; c < rows.size(); c = next++) {
-        const auto [i, done] = rows[c];
-        file->read_exact(out + i * n + done, id[i] * row_bytes + seg_offset + done, n - done);
+        const Row& r = rows[c];
+        file->read_exact(r.dst + r.done, r.at + r.done, n - r.done);
       }
     } catch (...) {
       const std::lock_guard<std::mutex> lock(mu);
       if (!error) error = std::current_exception();
     }
+  }
+
+  // Reads table bytes [at, +n) to dst now if the page cache holds them (without blocking), else leaves
+  // the row (or what a partial read left of it) here for the storage reads.
+  void read_if_cached(int64_t at, char* out) {
+    struct iovec v {out, static_cast<size_t>(n)};
+    const ssize_t got = ::preadv2(file->fd, &v, 1, file->offset + at, RWF_NOWAIT);
+    if (got == n) return;
+    rows.push_back({at, out, got > 0 ? got : 0});  // EAGAIN (not cached), a partial read, or no RWF_NOWAIT here
   }
 
   int64_t threads() const { return std::min<int64_t>(static_cast<int64_t>(rows.size()), kColdReaders); }
@@ -270,18 +282,9 @@ struct ColdReads {
 std::shared_ptr<ColdReads> read_cached_rows(const std::shared_ptr<File>& file, const int64_t* id, int64_t count,
                                             int64_t row_bytes, int64_t seg_offset, int64_t n, char* out) {
   auto cold = std::make_shared<ColdReads>();
-  for (int64_t i = 0; i < count; ++i) {
-    struct iovec v {out + i * n, static_cast<size_t>(n)};
-    const ssize_t got = ::preadv2(file->fd, &v, 1, file->offset + id[i] * row_bytes + seg_offset, RWF_NOWAIT);
-    if (got == n) continue;
-    cold->rows.emplace_back(i, got > 0 ? got : 0);  // EAGAIN (not cached), a partial read, or no RWF_NOWAIT here
-  }
   cold->file = file;
-  cold->id = id;
-  cold->out = out;
-  cold->row_bytes = row_bytes;
-  cold->seg_offset = seg_offset;
   cold->n = n;
+  for (int64_t i = 0; i < count; ++i) cold->read_if_cached(id[i] * row_bytes + seg_offset, out + i * n);
   return cold;
 }
 
@@ -325,11 +328,9 @@ at::Tensor checked_ids(const at::Tensor& ids, int64_t rows, const char* what) {
 }  // namespace
 
 // The row copy behind TableStore.copy_rows: from host bytes (memcpy) or a file (pread), `total`
-// bytes of table, into a CPU buffer. `background` (a file): the rows that must wait for storage are
-// left reading on their own threads, returned (wait() on them before using dst); else none are left.
-std::shared_ptr<ColdReads> copy_segments(const at::Tensor& host, const std::shared_ptr<File>& file, int64_t total,
-                                         const at::Tensor& ids, int64_t row_bytes, int64_t seg_offset,
-                                         int64_t seg_bytes, const at::Tensor& dst, bool background = false) {
+// bytes of table, into a CPU buffer.
+void copy_segments(const at::Tensor& host, const std::shared_ptr<File>& file, int64_t total, const at::Tensor& ids,
+                   int64_t row_bytes, int64_t seg_offset, int64_t seg_bytes, const at::Tensor& dst) {
     MOLE_CHECK_ARG(row_bytes > 0 && total % row_bytes == 0, "TableStore.copy_rows: row_bytes (", row_bytes,
                    ") must divide the table's ", total, " bytes");
     MOLE_CHECK_ARG(seg_offset >= 0 && seg_bytes > 0 &&
@@ -342,30 +343,22 @@ std::shared_ptr<ColdReads> copy_segments(const at::Tensor& host, const std::shar
     MOLE_CHECK_ARG(dst.device().is_cpu() && dst.is_contiguous() && static_cast<int64_t>(dst.nbytes()) >= need,
                    "TableStore.copy_rows: dst must be a contiguous CPU tensor of at least ", need, " bytes, got ",
                    dst.nbytes(), " bytes on ", dst.device());
-    if (n == 0) return nullptr;
+    if (n == 0) return;
     char* out = static_cast<char*>(dst.data_ptr());
     const int64_t* id = flat.const_data_ptr<int64_t>();
     // ~256 KB per task: enough to amortise scheduling, small enough to spread a decode batch.
     const int64_t grain = std::max<int64_t>(1, (256 << 10) / seg_bytes);
     if (file) {
-      auto cold = read_cached_rows(file, id, n, row_bytes, seg_offset, seg_bytes, out);
-      if (background && !cold->rows.empty()) {
-        cold->ids = flat;  // held by the threads: they read `id` and write `out`
-        cold->dst = dst;
-        ColdReads::start(cold);
-        return cold;  // its wait() also checks the file, after the reads
-      }
-      cold->read_now();
+      read_cached_rows(file, id, n, row_bytes, seg_offset, seg_bytes, out)->read_now();
       // After the reads, against the file as opened: a change before or during them shows (a rewrite
-      // while we read would have mixed old and new rows). One fstat per call: a decode step makes one.
+      // while we read would have mixed old and new rows).
       file->check_unchanged();
-      return nullptr;
+      return;
     }
     const char* src = static_cast<const char*>(host.const_data_ptr());
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) std::memcpy(out + i * seg_bytes, src + id[i] * row_bytes + seg_offset, seg_bytes);
     });
-    return nullptr;
 }
 
 // Handles that name an open table file for direct calls from the Python module (csrc/module.cpp): a
@@ -411,25 +404,32 @@ std::tuple<at::Tensor, at::Tensor> dedupe_ids(const at::Tensor& ids, int64_t V, 
   return {u, inverse};
 }
 
-// dedupe_ids, then copy_segments of the unique rows: (inverse, number of unique rows, the storage reads
-// left running when `background`, else null).
-std::tuple<at::Tensor, int64_t, std::shared_ptr<ColdReads>> read_unique_rows(
-    const at::Tensor& host, const std::shared_ptr<File>& file, int64_t total, const at::Tensor& ids, int64_t row_bytes,
-    int64_t seg_offset, int64_t seg_bytes, bool strict, const at::Tensor& dst, bool background = false) {
+// dedupe_ids, then copy_segments of the unique rows: (inverse, number of unique rows).
+std::tuple<at::Tensor, int64_t> read_unique_rows(const at::Tensor& host, const std::shared_ptr<File>& file,
+                                                 int64_t total, const at::Tensor& ids, int64_t row_bytes,
+                                                 int64_t seg_offset, int64_t seg_bytes, bool strict,
+                                                 const at::Tensor& dst) {
   MOLE_CHECK_ARG(row_bytes > 0, "TableStore.read_unique: row_bytes must be > 0, got ", row_bytes);
   auto [uniq, inverse] = dedupe_ids(ids, total / row_bytes, strict);
-  auto cold = copy_segments(host, file, total, uniq, row_bytes, seg_offset, seg_bytes, dst, background);
-  return {inverse, uniq.numel(), cold};
+  copy_segments(host, file, total, uniq, row_bytes, seg_offset, seg_bytes, dst);
+  return {inverse, uniq.numel()};
 }
 
-// Background reads of read_unique_file, by ticket (0: none), until wait_reads takes them.
+// Background reads of read_through_cache, by ticket (0: none), until wait_reads takes them.
 std::mutex g_pending_mu;
 std::unordered_map<int64_t, std::shared_ptr<ColdReads>> g_pending;
 int64_t g_next_ticket = 0;
 
-std::tuple<at::Tensor, int64_t, int64_t> read_unique_file(int64_t handle, const at::Tensor& ids, int64_t row_bytes,
-                                                          int64_t seg_offset, int64_t seg_bytes, bool strict,
-                                                          const at::Tensor& dst, bool background) {
+namespace {
+
+// Files the background reads of a step under a new ticket, for wait_reads.
+int64_t pending_ticket(std::shared_ptr<ColdReads> cold) {
+  const std::lock_guard<std::mutex> lock(g_pending_mu);
+  g_pending.emplace(++g_next_ticket, std::move(cold));
+  return g_next_ticket;
+}
+
+std::shared_ptr<File> open_handle(int64_t handle) {
   std::shared_ptr<File> file;
   {
     const std::lock_guard<std::mutex> lock(g_handles_mu);
@@ -437,13 +437,10 @@ std::tuple<at::Tensor, int64_t, int64_t> read_unique_file(int64_t handle, const 
     if (it != g_handles.end()) file = it->second.lock();
   }
   TORCH_CHECK(file != nullptr, "TableStore: the table was closed");
-  auto [inverse, unique, cold] =
-      read_unique_rows(at::Tensor(), file, file->nbytes, ids, row_bytes, seg_offset, seg_bytes, strict, dst, background);
-  if (cold == nullptr) return {inverse, unique, 0};
-  const std::lock_guard<std::mutex> lock(g_pending_mu);
-  g_pending.emplace(++g_next_ticket, std::move(cold));
-  return {inverse, unique, g_next_ticket};
+  return file;
 }
+
+}  // namespace
 
 void wait_reads(int64_t ticket) {
   std::shared_ptr<ColdReads> cold;
@@ -458,6 +455,136 @@ void wait_reads(int64_t ticket) {
   cold->wait();
   cold->file->check_unchanged();  // as copy_segments does after reading in the foreground
 }
+
+// ------------------------------------------------------------------ the disk tier's row cache --------
+//
+// Why: a warm row costs a pread (~0.6 us of system call and page-cache lookup, then the copy) every step
+// it is used, ~30 us per step at B = 32 with 8 KB rows, and the step's copies evict the model's weights
+// from the core's cache. Token frequencies are steep (Zipf): the rows of recent steps are mostly the
+// rows of the next. So a reader keeps them in its staging, one slot per row, and a step reads from the
+// file only the rows no slot holds; a layer then reads each token's row at its slot.
+//
+// Slots are replaced by CLOCK (a slot used since the hand last passed gets another round), never a slot
+// of the current step. A failed or abandoned read forgets every row (they are read again); rows read
+// from the file are checked against it as opened, as every read is (File::check_unchanged).
+struct RowCache {
+  std::weak_ptr<File> file;  // the table's (closing the table closes it: a later step raises)
+  at::Tensor slots;          // uint8 [capacity * row_bytes]: the reader's staging
+  int64_t row_bytes = 0, capacity = 0;
+  std::vector<int32_t> slot_of;    // per table row: its slot, or -1
+  std::vector<int64_t> id_of;      // per slot: its table row, or -1
+  std::vector<uint64_t> used_in;   // per slot: the last step that used it
+  std::vector<uint8_t> recent;     // per slot: used since the hand last passed
+  int64_t hand = 0;
+  uint64_t step = 0;
+  std::shared_ptr<ColdReads> pending;  // the last step's reads left running
+  std::atomic<bool> drop{false};       // drop_cached_rows asked: forget every row at the next step
+  std::mutex mu;                       // one step at a time
+
+  void forget_all() {
+    for (int64_t s = 0; s < capacity; ++s) {
+      if (id_of[s] >= 0) slot_of[id_of[s]] = -1;
+      id_of[s] = -1;
+      recent[s] = 0;
+    }
+  }
+
+  // A slot for a row this step has not placed yet (a step of at most `capacity` ids always finds one).
+  int64_t free_slot() {
+    for (;;) {
+      const int64_t s = hand;
+      hand = hand + 1 == capacity ? 0 : hand + 1;
+      if (used_in[s] == step) continue;
+      if (recent[s]) {
+        recent[s] = 0;
+        continue;
+      }
+      if (id_of[s] >= 0) slot_of[id_of[s]] = -1;
+      return s;
+    }
+  }
+};
+
+std::shared_ptr<RowCache> make_row_cache(int64_t handle, const at::Tensor& slots, int64_t row_bytes) {
+  const std::shared_ptr<File> file = open_handle(handle);
+  MOLE_CHECK_ARG(row_bytes > 0 && file->nbytes % row_bytes == 0, "row cache: row_bytes (", row_bytes,
+                 ") must divide the table's ", file->nbytes, " bytes");
+  MOLE_CHECK_ARG(slots.device().is_cpu() && slots.scalar_type() == at::kByte && slots.is_contiguous() &&
+                     slots.numel() >= row_bytes && slots.numel() % row_bytes == 0,
+                 "row cache: slots must be a contiguous uint8 CPU tensor of whole rows of ", row_bytes, " bytes");
+  auto c = std::make_shared<RowCache>();
+  c->file = file;
+  c->slots = slots;
+  c->row_bytes = row_bytes;
+  c->capacity = slots.numel() / row_bytes;
+  c->slot_of.assign(static_cast<size_t>(file->nbytes / row_bytes), -1);
+  c->id_of.assign(c->capacity, -1);
+  c->used_in.assign(c->capacity, 0);
+  c->recent.assign(c->capacity, 0);
+  return c;
+}
+
+std::tuple<at::Tensor, int64_t, int64_t> read_through_cache(RowCache& c, const at::Tensor& ids, bool background) {
+  const std::lock_guard<std::mutex> lock(c.mu);
+  if (c.pending) {  // the last step's reads end first; a failure (seen or not) forgets the rows, read again below
+    const auto pending = std::move(c.pending);
+    try {
+      pending->wait();
+    } catch (...) {
+      c.forget_all();
+    }
+  }
+  if (c.drop.exchange(false)) c.forget_all();
+  std::shared_ptr<File> file = c.file.lock();
+  TORCH_CHECK(file != nullptr, "TableStore: the table was closed");
+  const int64_t V = static_cast<int64_t>(c.slot_of.size());
+  const at::Tensor flat = checked_ids(ids, V, "LookupTable");  // every id checked before any slot changes
+  const int64_t n = flat.numel();
+  MOLE_CHECK_ARG(std::min(n, V) <= c.capacity, "row cache: a step of ", n, " ids needs ", std::min(n, V),
+                 " slots, the cache has ", c.capacity);
+  const int64_t* id = flat.const_data_ptr<int64_t>();
+  at::Tensor inverse = at::detail::empty_cpu(ids.sizes(), at::kLong);
+  int64_t* slot = inverse.data_ptr<int64_t>();
+  ++c.step;
+  std::shared_ptr<ColdReads> cold;
+  int64_t read = 0;
+  char* base = static_cast<char*>(c.slots.data_ptr());
+  try {
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t s = c.slot_of[id[i]];
+      if (s < 0) {
+        s = c.free_slot();
+        c.slot_of[id[i]] = static_cast<int32_t>(s);
+        c.id_of[s] = id[i];
+        if (cold == nullptr) {
+          cold = std::make_shared<ColdReads>();
+          cold->file = file;
+          cold->dst = c.slots;
+          cold->n = c.row_bytes;
+        }
+        cold->read_if_cached(id[i] * c.row_bytes, base + s * c.row_bytes);
+        ++read;
+      }
+      c.used_in[s] = c.step;
+      c.recent[s] = 1;
+      slot[i] = s;
+    }
+    if (cold == nullptr) return {inverse, 0, 0};  // every row in a slot: no read, nothing to check
+    if (background && !cold->rows.empty()) {
+      ColdReads::start(cold);
+      c.pending = cold;
+      return {inverse, read, pending_ticket(std::move(cold))};  // its wait() checks the file, after the reads
+    }
+    cold->read_now();
+    file->check_unchanged();
+  } catch (...) {
+    c.forget_all();
+    throw;
+  }
+  return {inverse, read, 0};
+}
+
+void drop_cached_rows(RowCache& c) { c.drop = true; }
 
 struct TableStore : torch::CustomClassHolder {
   std::string kind_;
@@ -590,12 +717,10 @@ struct TableStore : torch::CustomClassHolder {
   std::tuple<at::Tensor, int64_t> read_unique(const at::Tensor& ids, int64_t row_bytes, int64_t seg_offset,
                                               int64_t seg_bytes, bool strict, const at::Tensor& dst) const {
     check_open();
-    auto [inverse, unique, cold] =
-        read_unique_rows(bytes_, file_, nbytes(), ids, row_bytes, seg_offset, seg_bytes, strict, dst);
-    return {inverse, unique};
+    return read_unique_rows(bytes_, file_, nbytes(), ids, row_bytes, seg_offset, seg_bytes, strict, dst);
   }
 
-  // A handle for read_unique_file (a file store), valid until the store is closed.
+  // A handle for the direct calls' row caches (a file store), valid until the store is closed.
   int64_t handle() {
     check_open();
     TORCH_CHECK(kind_ == "file", "TableStore: handle() is for file stores");

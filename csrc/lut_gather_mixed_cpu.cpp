@@ -948,19 +948,17 @@ at::Tensor lut_combine_mixed_step_cpu(const MixedTable& m, const at::Tensor& ids
   return out;
 }
 
-void mixed_read_step(const at::Tensor& rank, at::IntArrayRef starts, at::IntArrayRef handles,
-                     at::IntArrayRef token_bytes, at::TensorList staging, const at::Tensor& step_rank,
-                     const at::Tensor& ids) {
+void mixed_read_step(const at::Tensor& rank, at::IntArrayRef starts, const std::vector<RowCache*>& caches,
+                     int64_t cap, const at::Tensor& step_rank, const at::Tensor& ids) {
   const char* op = "MixedLookupTable (disk)";
-  const size_t K = handles.size();
-  MOLE_CHECK_ARG(K >= 1 && starts.size() == K && token_bytes.size() == K && staging.size() == K, op,
-                 ": one start, file, row size and staging buffer per part");
+  const size_t K = caches.size();
+  MOLE_CHECK_ARG(K >= 1 && starts.size() == K, op, ": one start and row cache per part");
   MOLE_CHECK_ARG(rank.scalar_type() == at::kInt && rank.is_contiguous() && step_rank.scalar_type() == at::kInt &&
                      step_rank.is_contiguous() && ids.device().is_cpu(),
                  op, ": rank maps must be contiguous int32 and ids on the CPU");
-  const int64_t cap = staging[0].size(0), T = ids.numel(), V = rank.numel();
+  const int64_t T = ids.numel(), V = rank.numel();
   MOLE_CHECK_ARG(T <= cap && step_rank.numel() == static_cast<int64_t>(K) * cap, op, ": a step of ", T,
-                 " tokens needs staging for as many rows per part (", cap, ")");
+                 " tokens needs as many slots per part (", cap, ")");
   const at::Tensor flat = as_contiguous(ids, at::kLong);
   const int64_t* id = flat.const_data_ptr<int64_t>();
   const int32_t* r = rank.const_data_ptr<int32_t>();
@@ -980,11 +978,11 @@ void mixed_read_step(const at::Tensor& rank, at::IntArrayRef starts, at::IntArra
     if (n == 0) continue;
     at::Tensor lid = at::detail::empty_cpu({n}, at::kLong);
     std::copy(local[k].begin(), local[k].end(), lid.data_ptr<int64_t>());
-    // The part's unique rows of the step, read with pread into its staging (csrc/lookup_table.cpp).
-    const at::Tensor inverse =
-        std::get<0>(read_unique_file(handles[k], lid, token_bytes[k], 0, token_bytes[k], true, staging[k], false));
-    const int64_t* inv = inverse.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < n; ++i) out[pos[k][i]] = static_cast<int32_t>(static_cast<int64_t>(k) * cap + inv[i]);
+    // The part's rows of the step through its row cache (csrc/lookup_table.cpp): read with pread the ones no
+    // slot holds.
+    const at::Tensor slot = std::get<0>(read_through_cache(*caches[k], lid, false));
+    const int64_t* sl = slot.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) out[pos[k][i]] = static_cast<int32_t>(static_cast<int64_t>(k) * cap + sl[i]);
   }
 }
 

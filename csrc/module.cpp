@@ -181,26 +181,48 @@ PyObject* lut_combine_mixed(PyObject*, PyObject* const* args, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
-// _mixed_read_step(rank, starts, handles, token_bytes, staging, step_rank, ids) -> None (mixed_read_step)
+constexpr const char* kRowCacheCapsule = "mole_kernels.RowCache";
+
+mole::RowCache& row_cache_arg(PyObject* o) {
+  auto* c = static_cast<std::shared_ptr<mole::RowCache>*>(PyCapsule_GetPointer(o, kRowCacheCapsule));
+  if (c == nullptr) throw python_error();
+  return **c;
+}
+
+// _mixed_read_step(rank, starts, caches, cap, step_rank, ids) -> None (mixed_read_step; caches: _row_cache's)
 PyObject* mixed_read_step(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
-  check_count(n, 7, "_mixed_read_step(rank, starts, handles, token_bytes, staging, step_rank, ids)");
-  const std::vector<int64_t> starts = ints_arg(args[1], "starts"), handles = ints_arg(args[2], "handles");
-  const std::vector<int64_t> token_bytes = ints_arg(args[3], "token_bytes");
-  const std::vector<at::Tensor> staging = tensors_arg(args[4], "staging");
+  check_count(n, 6, "_mixed_read_step(rank, starts, caches, cap, step_rank, ids)");
+  const std::vector<int64_t> starts = ints_arg(args[1], "starts");
+  std::vector<mole::RowCache*> caches;
+  {
+    PyObject* seq = PySequence_Fast(args[2], "caches must be a list of row caches");
+    if (seq == nullptr) throw python_error();
+    for (Py_ssize_t i = 0, m = PySequence_Fast_GET_SIZE(seq); i < m; ++i) {
+      PyObject* item = PySequence_Fast_GET_ITEM(seq, i);
+      auto* c = static_cast<std::shared_ptr<mole::RowCache>*>(PyCapsule_GetPointer(item, kRowCacheCapsule));
+      if (c == nullptr) {
+        Py_DECREF(seq);
+        throw python_error();
+      }
+      caches.push_back(c->get());  // the list's capsules outlive the call (its caller holds them)
+    }
+    Py_DECREF(seq);
+  }
   const at::Tensor& rank = tensor_arg(args[0], "rank");
-  const at::Tensor& step_rank = tensor_arg(args[5], "step_rank");
-  const at::Tensor& ids = tensor_arg(args[6], "ids");
+  const at::Tensor& step_rank = tensor_arg(args[4], "step_rank");
+  const at::Tensor& ids = tensor_arg(args[5], "ids");
+  const int64_t cap = int_arg(args[3], "cap");
   {
     pybind11::gil_scoped_release no_gil;  // file reads: let other Python threads run meanwhile
-    mole::mixed_read_step(rank, starts, handles, token_bytes, staging, step_rank, ids);
+    mole::mixed_read_step(rank, starts, caches, cap, step_rank, ids);
   }
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 
 // A table's tally of its usual CPU steps (an int64 CPU tensor [3]: steps, ids, tokens whose rows were read), which
-// _plain_eager and _read_unique_file count into and _take_tally empties; LookupTable.stats folds it in. Kept here
+// _plain_eager and _read_cached count into and _take_tally empties; LookupTable.stats folds it in. Kept here
 // because the same counts in Python objects cost ~0.6 % of a demo-sized decode step (cold attribute updates). The
 // GIL is held wherever a tally changes, so counting and taking never interleave.
 int64_t* tally_arg(PyObject* o) {
@@ -220,35 +242,51 @@ void count_step(int64_t* tally, int64_t ids, int64_t read) {
   tally[2] += read;
 }
 
-// _read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst[, background[, tally]])
-//   -> (inverse, unique rows, ticket of the reads left running: 0 for none; see direct_calls.h); a tally
-//   (None: none) counts the step once its reads have started.
-PyObject* read_unique_file(PyObject*, PyObject* const* args, Py_ssize_t n) {
+// _row_cache(handle, slots, row_bytes) -> an opaque handle: a disk-tier reader's cache of rows (direct_calls.h).
+PyObject* row_cache(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(n >= 7 && n <= 9, "_read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, strict, dst"
-                   "[, background[, tally]]) takes 7 to 9 arguments, got ", n);
-  TORCH_CHECK_TYPE(PyBool_Check(args[5]), "strict must be a bool");
-  TORCH_CHECK_TYPE(n == 7 || PyBool_Check(args[7]), "background must be a bool");
-  int64_t* tally = n == 9 ? optional_tally_arg(args[8]) : nullptr;  // checked before any read starts
-  const at::Tensor& ids = tensor_arg(args[1], "ids");
-  const at::Tensor& dst = tensor_arg(args[6], "dst");
-  const int64_t handle = int_arg(args[0], "handle"), row_bytes = int_arg(args[2], "row_bytes");
-  const int64_t seg_offset = int_arg(args[3], "seg_offset"), seg_bytes = int_arg(args[4], "seg_bytes");
-  std::tuple<at::Tensor, int64_t, int64_t> result;
-  {
-    pybind11::gil_scoped_release no_gil;  // file reads: let other Python threads run meanwhile
-    result = mole::read_unique_file(handle, ids, row_bytes, seg_offset, seg_bytes, args[5] == Py_True, dst,
-                                    n >= 8 && args[7] == Py_True);
-  }
-  count_step(tally, ids.numel(), std::get<1>(result));
-  PyObject* inverse = THPVariable_Wrap(std::get<0>(result));
-  if (inverse == nullptr) return nullptr;
-  return Py_BuildValue("(NLL)", inverse, static_cast<long long>(std::get<1>(result)),
-                       static_cast<long long>(std::get<2>(result)));
+  check_count(n, 3, "_row_cache(handle, slots, row_bytes)");
+  auto* cache = new std::shared_ptr<mole::RowCache>(
+      mole::make_row_cache(int_arg(args[0], "handle"), tensor_arg(args[1], "slots"), int_arg(args[2], "row_bytes")));
+  PyObject* capsule = PyCapsule_New(cache, kRowCacheCapsule, [](PyObject* c) {
+    delete static_cast<std::shared_ptr<mole::RowCache>*>(PyCapsule_GetPointer(c, kRowCacheCapsule));
+  });
+  if (capsule == nullptr) delete cache;
+  return capsule;
   END_HANDLE_TH_ERRORS
 }
 
-// _wait_reads(ticket): blocks until a background _read_unique_file's reads are done (raises their error).
+// _read_cached(cache, ids, background, tally) -> (each id's slot, ticket of the reads left running: 0 for none);
+// a tally (None: none) counts the step with the rows it read from the file.
+PyObject* read_cached(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_count(n, 4, "_read_cached(cache, ids, background, tally)");
+  TORCH_CHECK_TYPE(PyBool_Check(args[2]), "background must be a bool");
+  mole::RowCache& cache = row_cache_arg(args[0]);
+  int64_t* tally = optional_tally_arg(args[3]);  // checked before any read starts
+  const at::Tensor& ids = tensor_arg(args[1], "ids");
+  std::tuple<at::Tensor, int64_t, int64_t> result;
+  {
+    pybind11::gil_scoped_release no_gil;  // file reads: let other Python threads run meanwhile
+    result = mole::read_through_cache(cache, ids, args[2] == Py_True);
+  }
+  count_step(tally, ids.numel(), std::get<1>(result));
+  PyObject* slots = THPVariable_Wrap(std::get<0>(result));
+  if (slots == nullptr) return nullptr;
+  return Py_BuildValue("(NL)", slots, static_cast<long long>(std::get<2>(result)));
+  END_HANDLE_TH_ERRORS
+}
+
+// _drop_cached_rows(cache): the cache's next step forgets every row it holds (any thread may ask).
+PyObject* drop_cached_rows(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_count(n, 1, "_drop_cached_rows(cache)");
+  mole::drop_cached_rows(row_cache_arg(args[0]));
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// _wait_reads(ticket): blocks until a background _read_cached's reads are done (raises their error).
 PyObject* wait_reads(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_count(n, 1, "_wait_reads(ticket)");
@@ -308,10 +346,14 @@ PyMethodDef methods[] = {
     {"_lut_gather_quant", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lut_gather_quant)),
      METH_FASTCALL,
      "torch.ops.mole_kernels.lut_gather_quant on plain CPU tensors, called directly (NotImplemented otherwise)"},
-    {"_read_unique_file", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(read_unique_file)),
-     METH_FASTCALL, "TableStore.read_unique on the file named by a TableStore.handle(), called directly"},
+    {"_row_cache", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(row_cache)), METH_FASTCALL,
+     "a disk-tier reader's cache of recent rows over its staging, for _read_cached"},
+    {"_read_cached", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(read_cached)), METH_FASTCALL,
+     "a disk-tier step's rows through a reader's row cache: each id's slot (rows no slot holds read from the file)"},
+    {"_drop_cached_rows", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(drop_cached_rows)),
+     METH_FASTCALL, "makes a row cache's next step forget every row it holds"},
     {"_wait_reads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(wait_reads)), METH_FASTCALL,
-     "waits for the storage reads a background _read_unique_file left running"},
+     "waits for the storage reads a background _read_cached left running"},
     {"_plain_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_eager)), METH_FASTCALL,
      "whether a call with these ids may skip the dispatcher (eager, no grad, no dispatch mode or transform)"},
     {"_take_tally", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(take_tally)), METH_FASTCALL,

@@ -565,19 +565,131 @@ def test_direct_calls_equal_the_ops_and_check_their_arguments():
 
     t = LookupTable.from_tensor(lut, "disk", device="cpu")
     row = t.row_bytes
-    dst = torch.empty(4 * row, dtype=torch.uint8)
-    inverse, unique, ticket = _C._read_unique_file(t._store.handle(), torch.tensor([[7, 2, 7]]), row, 0, row, True, dst)
-    assert unique == 2 and inverse.tolist() == [[1, 0, 1]] and ticket == 0  # foreground: nothing left running
-    assert torch.equal(dst[:2 * row].view(torch.float32).view(2, L, E, D), lut[[2, 7]])
-    tally = torch.zeros(3, dtype=torch.int64)  # a step counts itself: 3 ids, 2 tokens' rows read
-    _C._read_unique_file(t._store.handle(), torch.tensor([[7, 2, 7]]), row, 0, row, True, dst, False, tally)
-    assert tally.tolist() == [1, 3, 2]
+    slots = torch.empty(4 * row, dtype=torch.uint8).fill_(0xFF)  # poisoned: a slot never read shows as NaN
+    cache = _C._row_cache(t._store.handle(), slots, row)
+    tally = torch.zeros(3, dtype=torch.int64)
+    slot, ticket = _C._read_cached(cache, torch.tensor([[7, 2, 7]]), False, tally)
+    assert ticket == 0 and slot.shape == (1, 3) and slot[0, 0] == slot[0, 2] != slot[0, 1]  # foreground: none left
+    rows = slots.view(torch.float32).view(4, L, E, D)
+    assert torch.equal(rows[slot[0]], lut[[7, 2, 7]])
+    assert tally.tolist() == [1, 3, 2]  # a step counts itself: 3 ids, 2 tokens' rows read
+    again, _ = _C._read_cached(cache, torch.tensor([2, 7]), False, tally)
+    assert tally.tolist() == [2, 5, 2] and again.tolist() == [slot[0, 1], slot[0, 0]]  # both in slots: none read
     with pytest.raises(ValueError, match="tally must be"):
-        _C._read_unique_file(t._store.handle(), torch.tensor([1]), row, 0, row, True, dst, False, torch.zeros(3))
+        _C._read_cached(cache, torch.tensor([1]), False, torch.zeros(3))
+    with pytest.raises(ValueError, match="a step of 5 ids needs 5 slots, the cache has 4"):
+        _C._read_cached(cache, torch.arange(5), False, None)
+    with pytest.raises(ValueError, match=rf"ids contains {V} \(at flat position 1\)"):
+        _C._read_cached(cache, torch.tensor([3, V]), False, None)
+    with pytest.raises(ValueError, match="slots must be a contiguous uint8 CPU tensor of whole rows"):
+        _C._row_cache(t._store.handle(), torch.empty(row + 1, dtype=torch.uint8), row)
+    assert torch.equal(rows[_C._read_cached(cache, torch.tensor([2, 7]), False, None)[0]], lut[[2, 7]])
     handle = t._store.handle()
     t.close()
     with pytest.raises(RuntimeError, match="the table was closed"):
-        _C._read_unique_file(handle, torch.tensor([1]), row, 0, row, True, dst)
+        _C._read_cached(cache, torch.tensor([2]), False, None)  # even a row a slot holds: the table is gone
+    with pytest.raises(RuntimeError, match="the table was closed"):
+        _C._row_cache(handle, slots, row)
+
+
+@pytest.mark.parametrize("fmt", [None, "int8", "nf4"])
+@torch.no_grad()  # a decode step's
+def test_the_row_cache_serves_every_step_as_the_file(fmt, monkeypatch):
+    """The CPU disk tier's row cache at its smallest (16 slots: rows replaced all the time) over 60 steps of
+    1-16 Zipf-like ids (repeated ids included) against float64 for every layer; a step reads from the file
+    only the rows no slot holds (the table's stats count them); drop_cached_rows makes the next step read
+    them all again; a step of more ids than slots gets a larger cache."""
+    monkeypatch.setattr(LayerReader, "row_cache_bytes", 0)
+    V_, L_, E_, D_ = 64, 2, 3, 20
+    lut = torch.randn(V_, L_, E_, D_)
+    block = 4 if fmt == "nf4" else None
+    t = LookupTable.from_tensor(lut if fmt is None else quantize(lut, fmt, block), "disk", device="cpu")
+    ref = lut.double() if fmt is None else dequantize(quantize(lut, fmt, block), torch.float64)
+    reader = t.reader()
+    g = torch.Generator().manual_seed(1)
+    zipf = 1.0 / torch.arange(1, V_ + 1).double()
+    w = torch.randn(E_, 8, generator=g)
+
+    def step(ids):
+        before = t.stats.bytes_read["disk"]
+        combine = reader.start(ids)
+        for l in range(L_):
+            x, residual, shared = (torch.randn(*ids.shape, k, generator=g) for k in (8, D_, D_))
+            torch.testing.assert_close(combine(l, x, residual, shared, w).double(),
+                                       _step_reference(ref, ids, l, x, w, residual, shared), atol=1e-5, rtol=1e-5)
+        return (t.stats.bytes_read["disk"] - before) // t.row_bytes
+
+    seen = set()  # the ids whose rows the cache may hold (a step reads at least the others)
+    for k in range(60):
+        ids = torch.multinomial(zipf, [1, 3, 16, 5, 11][k % 5], replacement=True, generator=g).view(-1, 1)
+        uniq = set(ids.view(-1).tolist())
+        assert len(uniq - seen) <= step(ids) <= len(uniq)
+        seen |= uniq
+        assert step(ids) == 0  # the same ids again: every row in a slot
+    reader.drop_cached_rows()
+    assert step(ids) == len(uniq)
+    t.drop_cached_rows()  # the table reaches its readers' caches
+    assert step(ids) == len(uniq)
+    big = torch.arange(40).view(2, 20)  # more ids than slots: a cache of 40 slots
+    assert step(big) == 40 and step(big) == 0 and reader._cache_rows == 40
+    t.close()
+
+
+@torch.no_grad()  # a decode step's
+def test_a_file_changed_under_the_row_cache_is_a_clear_error(tmp_path):
+    """A step whose rows are all in the row cache reads nothing and serves the rows read before the file
+    changed; the first step that reads from the file raises, and so does every later one (the cache forgot
+    its rows: they would be read from the changed file)."""
+    import time
+
+    lut = torch.randn(V, L, E, D)
+    path = tmp_path / "t.safetensors"
+    LookupTable.from_tensor(lut, "host", device="cpu").save(path)
+    t = LookupTable.open(path, "disk")
+    reader = t.reader()
+    ids, other = torch.tensor([[1, 2]]), torch.tensor([[V - 1]])
+
+    def layer0(ids):
+        logits, h, shared = torch.randn(*ids.shape, E), torch.randn(*ids.shape, D), torch.randn(*ids.shape, D)
+        want = h.double() + shared.double() + (torch.softmax(logits.double(), -1)[..., None]
+                                               * lut.double()[ids, 0]).sum(-2)
+        torch.testing.assert_close(reader.start(ids)(0, logits, h, shared, None).double(), want, atol=1e-5, rtol=1e-5)
+
+    layer0(ids)
+    time.sleep(0.01)  # a later modification time, even on coarse clocks
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) - 64)
+        f.write(os.urandom(64))
+    layer0(ids)  # every row in a slot: as read before the change
+    for step in (other, ids):
+        with pytest.raises(RuntimeError, match="changed after it was opened"):
+            layer0(step)
+    t.close()
+
+
+@pytest.mark.parametrize("placement", ["host", "disk"])
+@torch.no_grad()
+def test_a_mixed_table_step_serves_many_steps_as_the_table_it_stands_for(placement, tmp_path, monkeypatch):
+    """Decode steps over a mixed table (disk: through the smallest row caches, rows replaced all the time) give
+    the float32 table's output over 40 steps of 1-16 ids whose rows land in every part; a step of more ids than
+    slots gets larger caches."""
+    monkeypatch.setattr(LayerReader, "row_cache_bytes", 0)
+    cfg, mole, ref, _ = _mixed_models(2, placement, tmp_path)
+    table = ref.lut.read().double()
+    reader = mole.lut.reader()
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(cfg.num_experts, cfg.hidden_size, generator=g)
+    for k in range(40):
+        B = [1, 16, 5, 12][k % 4] if k < 39 else 40
+        ids = torch.randint(0, cfg.vocab_size, (B, 1), generator=g)
+        combine = reader.start(ids)
+        for l in range(cfg.num_hidden_layers):
+            x, residual, shared = (torch.randn(B, 1, cfg.hidden_size, generator=g) for _ in range(3))
+            torch.testing.assert_close(combine(l, x, residual, shared, w).double(),
+                                       _step_reference(table, ids, l, x, w, residual, shared), atol=1e-4, rtol=1e-4)
+    mole.lut.drop_cached_rows()
+    if placement == "disk":
+        assert reader._cap == 40
 
 
 def _step_reference(lut, ids, layer, x, w, residual, shared):
@@ -831,8 +943,8 @@ def test_cold_disk_rows_are_read_in_the_background(tmp_path, fmt):
             torch.testing.assert_close(got.double(), _step_reference(ref_lut, ids, l, x, w, residual, shared),
                                        atol=1e-5, rtol=1e-5)
     _drop_from_page_cache(path)
-    ticket = _C._read_unique_file(t._store.handle(), torch.tensor([7]), t.row_bytes, 0, t.row_bytes, True,
-                                  torch.empty(t.row_bytes, dtype=torch.uint8), True)[2]
+    cache = _C._row_cache(t._store.handle(), torch.empty(t.row_bytes, dtype=torch.uint8), t.row_bytes)
+    ticket = _C._read_cached(cache, torch.tensor([7]), True, None)[1]
     assert ticket > 0
     _C._wait_reads(ticket)
     with pytest.raises(ValueError, match=f"no reads are pending under ticket {ticket}"):

@@ -47,6 +47,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -165,6 +166,7 @@ class LookupTable:
         # The CPU steps' counts ([steps, ids, tokens read]: LayerReader's steps, in C++ (csrc/module.cpp says
         # why)), folded into stats when they are read.
         self._tally = torch.zeros(3, dtype=torch.int64)
+        self._readers = weakref.WeakSet()  # the LayerReaders over it (drop_cached_rows reaches their row caches)
         self._staging_bytes = staging_bytes
         self._staging = None  # GPU staging: pinned, two halves (created on first use)
         self._faults = None  # bad ids among ids that were on a GPU (created on first use)
@@ -584,6 +586,14 @@ class LookupTable:
         """What a model's steps read through: every layer's rows for a step's ids, combined with the
         router weights, residual and shared output in one fused call per layer."""
         return LayerReader(self)
+
+    def drop_cached_rows(self) -> None:
+        """Makes every reader of a disk-tier table on a CPU forget the rows it keeps in RAM
+        (:attr:`LayerReader.row_cache_bytes`): their next steps read them from the file again. With the
+        file's pages dropped from the page cache too (``posix_fadvise(DONTNEED)``), the next steps read
+        from storage: what a cold start costs."""
+        for reader in list(self._readers):
+            reader.drop_cached_rows()
 
     # ------------------------------------------------------------ internals -----------------
 

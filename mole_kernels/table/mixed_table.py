@@ -10,10 +10,12 @@ modes see instead. A model takes it like a :class:`~mole_kernels.table.LookupTab
     model.set_lut(MixedLookupTable(m))          # or MixedLookupTable.open("lut.safetensors") (save_mixed's file)
 
 Disk tier (``MixedLookupTable.open(path, "disk")``): the rank map, the factored parts' bases and the
-offsets and column scales are read into RAM (small); each part's rows stay in the file. A step reads
-each part's unique rows of its ids with ``pread`` into that part's staging buffer, with one C++ call
-(``_C._mixed_read_step``), and its layers then run the same C++ call as the host tier over the staging
-buffers, whose rank map is the step's own (token t -> its row in its part's staging).
+offsets and column scales are read into RAM (small); each part's rows stay in the file. Each part keeps the
+rows of recent steps in a row cache over its staging buffer (as :class:`~mole_kernels.table.LayerReader`
+does, up to its ``row_cache_bytes`` for all parts together); a step reads with ``pread`` only the rows of its
+ids no slot holds, with one C++ call (``_C._mixed_read_step``), and its layers then run the same C++ call as
+the host tier over the staging buffers, whose rank map is the step's own (token t -> its row's slot in its
+part's staging).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Callable, Optional
 import json
 import os
 import struct
+import weakref
 
 import torch
 
@@ -30,7 +33,7 @@ from .. import _C
 from .._ops import ops
 from ..mixed import MixedLUT, load_mixed, mixed_lut_gather, mixed_op_args
 from .lookup_table import _store
-from .reader import _plain_eager, _router_logits
+from .reader import LayerReader, _plain_eager, _router_logits
 
 __all__ = ["MixedLookupTable"]
 
@@ -52,6 +55,7 @@ class MixedLookupTable:
         self.placement = "host" if _files is None else "disk"
         self._head, self._norm = mixed_op_args(m)
         self._stores = _files  # disk: one file store per part (its rows in the table file)
+        self._readers = weakref.WeakSet()  # disk: the readers over it (drop_cached_rows reaches their row caches)
         # host: the arguments checked once; the step's call takes the handle as is
         self._handle = _C._mixed_table(*self._head, *self._norm) if _files is None else None
 
@@ -136,7 +140,16 @@ class MixedLookupTable:
         return MixedLUT(self.lut.rank, parts, self.lut.offset, self.lut.col_scale)
 
     def reader(self):
-        return MixedReader(self) if self.placement == "host" else MixedDiskReader(self)
+        if self.placement == "host":
+            return MixedReader(self)
+        reader = MixedDiskReader(self)
+        self._readers.add(reader)
+        return reader
+
+    def drop_cached_rows(self) -> None:
+        """As :meth:`LookupTable.drop_cached_rows`: the disk tier's readers forget the rows they keep in RAM."""
+        for reader in list(self._readers):
+            reader.drop_cached_rows()
 
 
 class MixedReader:
@@ -155,8 +168,9 @@ class MixedReader:
 
 
 class MixedDiskReader:
-    """A model's steps over a disk-tier :class:`MixedLookupTable`: per step, each part's unique rows of the
-    ids read into its staging (one C++ call), then the host tier's call per layer over the staging."""
+    """A model's steps over a disk-tier :class:`MixedLookupTable`: per step, each part's rows of the ids through
+    its row cache (one C++ call: the rows no slot holds are read from the file), then the host tier's call per
+    layer over the staging."""
 
     faults = 0
 
@@ -165,15 +179,19 @@ class MixedDiskReader:
         m = table.lut
         self._starts = list(m.starts)
         self._token_bytes = [getattr(p, "data", p)[0].numel() * getattr(p, "data", p).element_size() for p in m.parts]
-        self._handles = [s.handle() for s in table._stores]
         self._cap = 0
 
     def _grow(self, tokens: int) -> None:
-        """Staging for `tokens` rows per part, and the staged table's arguments and handle over it."""
-        cap = max(tokens, 16)
+        """Row caches with a slot per part for every token of a step of `tokens` ids, and up to
+        LayerReader.row_cache_bytes of them in all (never more slots than the largest part's rows), with the
+        staged table's arguments and handle over them."""
         m, t = self.table.lut, self.table
+        most = max(getattr(p, "data", p).shape[0] for p in m.parts)
+        cap = max(tokens, min(most, max(16, LayerReader.row_cache_bytes // sum(self._token_bytes))))
         self._staging = [torch.empty((cap, *getattr(p, "data", p).shape[1:]), dtype=getattr(p, "data", p).dtype)
                          for p in m.parts]
+        self._caches = [_C._row_cache(store.handle(), staging.view(-1).view(torch.uint8), row)
+                        for store, staging, row in zip(t._stores, self._staging, self._token_bytes)]
         self._step_rank = torch.zeros(len(m.parts) * cap, dtype=torch.int32)
         rank, _, formats, blocks, bases, dim = t._head
         self._head, self._norm = (self._step_rank, self._staging, formats, blocks, bases, dim), t._norm
@@ -186,7 +204,7 @@ class MixedDiskReader:
         T = ids.numel()
         if T > self._cap:
             self._grow(T)
-        args = (self.table.lut.rank, self._starts, self._handles, self._token_bytes, self._staging, self._step_rank, ids)
+        args = (self.table.lut.rank, self._starts, self._caches, self._cap, self._step_rank, ids)
         if _plain_eager(ids):  # the usual step: the C++ calls themselves, the positions viewed once per shape
             _C._mixed_read_step(*args)
             positions = self._views.get(ids.shape)
@@ -195,6 +213,11 @@ class MixedDiskReader:
             return partial(_C._lut_combine_mixed, self._handle, positions)
         _read_step(*args)
         return partial(_op_combine_mixed, self, self._positions[:T].view(ids.shape))
+
+    def drop_cached_rows(self) -> None:
+        """Forgets the rows the row caches hold: the next step reads its rows from the files."""
+        for c in getattr(self, "_caches", ()):
+            _C._drop_cached_rows(c)
 
 
 @torch.compiler.disable

@@ -20,9 +20,10 @@ step, in :meth:`LayerReader._path`:
   the tokens' positions among them (:meth:`LayerReader._start_bulk`).
 - ``staged`` (``staged-cpu`` on a CPU): the unique rows of the step are read once (the disk
   tier with ``pread``; the host tier's DMA path for large batches of host ids) into a buffer on
-  the device, then ``direct`` over that buffer with the ids' positions in it. On a CPU the rows
-  not in the page cache are read in the background, overlapping the step's work up to its first
-  LUT term (:meth:`LayerReader._after_reads`).
+  the device, then ``direct`` over that buffer with the ids' positions in it. On a CPU that buffer
+  is a row cache (:attr:`LayerReader.row_cache_bytes`): the rows of recent steps stay in its slots and
+  a step reads only the rows none holds; the rows not in the page cache are read in the background,
+  overlapping the step's work up to its first LUT term (:meth:`LayerReader._after_reads`).
 
 Ids are checked where they enter the model (on the host); kernels on a GPU then run in
 counted-faults mode (:attr:`LayerReader.faults`), so no step synchronises except where the
@@ -55,9 +56,15 @@ class LayerReader:
     #: as they are; larger ones (prefill) prefetch their unique rows only (the ``bulk`` path).
     prefetch_tokens = 256
 
+    #: disk tier on a CPU: the rows of recent steps are kept in RAM, up to this many bytes (at least one step's
+    #: rows), and a step reads from the file only the rows none holds (RowCache in csrc/lookup_table.cpp says
+    #: why). :meth:`LookupTable.drop_cached_rows` forgets them.
+    row_cache_bytes = 64 << 20
+
     def __init__(self, table: LookupTable):
         table._check_open()
         self.table = table
+        table._readers.add(self)
         # The usual CPU step (the "cpu" path) is kept to a handful of Python operations: at the demo's
         # shape a few microseconds per step are a percent of the step.
         self._in_ram = table.device.type == "cpu" and table.placement != "disk"
@@ -68,16 +75,16 @@ class LayerReader:
             fn, head = _direct_fn(table._lut)
             self._direct_call = partial(fn, *head)
         self._tally = table._tally
-        self._direct = None  # CPU disk tier: (C++ function, the staged rows' arguments), made with its staging
+        self._direct = None  # CPU disk tier: (C++ function, the row cache's slots as a table), made with the cache
         self._file_cpu = table.device.type == "cpu" and table.placement == "disk"
         # What the counters of every step need, looked up once (the table's tier never changes).
         self._placement, self._row_bytes = table.placement, table.row_bytes
         self._h2d = table.placement == "host" and table.device.type == "cuda"
         self._prefetcher: Optional[Prefetcher] = None
         self._staged: Optional[torch.Tensor] = None  # unique rows of a staged step (bytes, on the device)
-        self._staged_table = None  # CPU: the staging bytes as a table of rows (float or QuantizedLUT)
-        self._staged_tokens = 0  # ... holding this many tokens' rows
-        self._file = None  # CPU, disk tier: the table file's handle for direct reads
+        self._staged_table = None  # CPU, disk tier: the row cache's slots as a table of rows (float or QuantizedLUT)
+        self._cache = None  # ... the cache itself (a _C._row_cache handle)
+        self._cache_rows = 0  # ... holding this many rows
         self._pending = 0  # CPU, disk tier: the ticket of the step's storage reads still running (0: none)
         self._faults = torch.zeros(1, dtype=torch.int64, device=table.device)
         self._layers = None  # GPU, float table read in place: its [V, E, D] device view per layer (made once)
@@ -155,30 +162,37 @@ class LayerReader:
         return _Prefetched(handle, inverse.view(ids.shape), self._scratch).combine
 
     def _read_rows_cpu(self, ids: torch.Tensor, background: bool = False):
-        """(staging as a table of rows, each id's row in it) for a step on a CPU. The staging keeps its
-        typed view between steps, so a step costs the read itself and nothing per layer; the read counts
-        the step in the table's tally. ``background``: rows that must come from storage may still be
-        arriving on return (``self._pending``; see :meth:`_after_reads`)."""
+        """(the row cache's slots as a table of rows, each id's slot) for a step on a CPU: the rows no slot
+        holds are read from the file (one C++ call, which counts the step in the table's tally); the slots keep
+        their typed view between steps, so a step costs the read and nothing per layer. ``background``: rows
+        that must come from storage may still be arriving on return (``self._pending``; see
+        :meth:`_after_reads`)."""
         if self._pending:  # an earlier step that never reached its first layer: its reads end first
             self._wait_reads()
-        t = self.table
-        T = ids.numel()
-        if self._staged_tokens < T:
-            tokens = max(T, 16)
-            self._staged = torch.empty(tokens * t.row_bytes, dtype=torch.uint8)
-            rows = self._staged.view(t._stored_dtype).view(tokens, *t._stored_shape[1:])
-            self._staged_table = rows if t._quant is None else QuantizedLUT(
-                rows, t._quant.format, t._quant.dim, t._quant.block_size, t._quant.dtype)
-            self._staged_tokens = tokens
-            self._direct = _direct_fn(self._staged_table)
-        if self._file is None:
-            self._file = t._store.handle()
-        row = self._row_bytes
+        if self._cache_rows < min(ids.numel(), self.table.shape[0]):
+            self._new_cache(ids.numel())
         # One direct call into C++ (csrc/direct_calls.h says why not a TorchScript method), thread-safe; an id
         # outside [0, V) raises here, naming the first one.
-        inverse, _, self._pending = _C._read_unique_file(self._file, ids, row, 0, row, True, self._staged, background,
-                                                         self._tally)
-        return self._staged_table, inverse
+        slots, self._pending = _C._read_cached(self._cache, ids, background, self._tally)
+        return self._staged_table, slots
+
+    def _new_cache(self, tokens: int) -> None:
+        """A row cache with a slot for every row of a step of ``tokens`` ids, and up to
+        :attr:`row_cache_bytes` of them (the rows of an older cache are read again as needed)."""
+        t = self.table
+        rows = min(t.shape[0], max(tokens, 16, self.row_cache_bytes // t.row_bytes))
+        slots = torch.empty(rows * t.row_bytes, dtype=torch.uint8)
+        table = slots.view(t._stored_dtype).view(rows, *t._stored_shape[1:])
+        self._staged_table = table if t._quant is None else QuantizedLUT(
+            table, t._quant.format, t._quant.dim, t._quant.block_size, t._quant.dtype)
+        self._direct = _direct_fn(self._staged_table)
+        self._cache = _C._row_cache(t._store.handle(), slots, t.row_bytes)
+        self._cache_rows = rows
+
+    def drop_cached_rows(self) -> None:
+        """Forgets the rows the row cache holds (disk tier on a CPU): the next step reads its rows from the file."""
+        if self._cache is not None:
+            _C._drop_cached_rows(self._cache)
 
     def _after_reads(self, combine: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """``combine`` for a step whose storage reads are still running (rows not in the page cache).
