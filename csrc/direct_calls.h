@@ -82,6 +82,7 @@ struct RowCache;
 std::shared_ptr<RowCache> make_row_cache(int64_t handle, const at::Tensor& slots, int64_t row_bytes);
 std::tuple<at::Tensor, int64_t, int64_t> read_through_cache(RowCache& cache, const at::Tensor& ids, bool background);
 void drop_cached_rows(RowCache& cache);
+int64_t row_cache_slots(const RowCache& cache);  // how many rows it holds at most
 
 // The decode step's lean paths (lut_combine.cpp, lut_gather_mixed_cpu.cpp) share these two.
 // Whether `t` is a contiguous CPU tensor of `dtype` and shape ids.shape + [last].

@@ -586,6 +586,8 @@ std::tuple<at::Tensor, int64_t, int64_t> read_through_cache(RowCache& c, const a
 
 void drop_cached_rows(RowCache& c) { c.drop = true; }
 
+int64_t row_cache_slots(const RowCache& c) { return c.capacity; }
+
 struct TableStore : torch::CustomClassHolder {
   std::string kind_;
   at::Tensor bytes_;             // "host": uint8 [nbytes]; undefined once closed

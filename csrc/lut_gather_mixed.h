@@ -70,11 +70,11 @@ at::Tensor lut_combine_mixed_step_cpu(const MixedTable& m, const at::Tensor& ids
                                       const std::optional<at::Tensor>& shared);
 
 // A disk-tier step of a mixed table: each part's rows of `ids` through its row cache (`caches[k]`, over the
-// part's file of [n_k, L, E, x] bytes and a staging buffer of `cap` tokens' rows; csrc/direct_calls.h), and
-// step_rank[t] (int32 [K * cap]) set to k * cap + the row's slot in cache k for token t: a MixedTable over the
-// staging buffers with rank step_rank then serves ids 0 .. T-1. `rank`: the table's int32 [V]; `starts`: each
-// part's first rank. A bad id raises naming it.
+// part's file of [n_k, L, E, x] bytes and a staging buffer of `cap` tokens' rows, the same `cap` for every part;
+// csrc/direct_calls.h), and step_rank[t] (int32 [K * cap]) set to k * cap + the row's slot in cache k for token
+// t: a MixedTable over the staging buffers with rank step_rank then serves ids 0 .. T-1. `rank`: the table's
+// int32 [V]; `starts`: each part's first rank. A bad id raises naming it.
 void mixed_read_step(const at::Tensor& rank, at::IntArrayRef starts, const std::vector<RowCache*>& caches,
-                     int64_t cap, const at::Tensor& step_rank, const at::Tensor& ids);
+                     const at::Tensor& step_rank, const at::Tensor& ids);
 
 }  // namespace mole

@@ -949,10 +949,14 @@ at::Tensor lut_combine_mixed_step_cpu(const MixedTable& m, const at::Tensor& ids
 }
 
 void mixed_read_step(const at::Tensor& rank, at::IntArrayRef starts, const std::vector<RowCache*>& caches,
-                     int64_t cap, const at::Tensor& step_rank, const at::Tensor& ids) {
+                     const at::Tensor& step_rank, const at::Tensor& ids) {
   const char* op = "MixedLookupTable (disk)";
   const size_t K = caches.size();
   MOLE_CHECK_ARG(K >= 1 && starts.size() == K, op, ": one start and row cache per part");
+  const int64_t cap = row_cache_slots(*caches[0]);  // each part's slots: step_rank numbers part k's from k * cap
+  for (const RowCache* c : caches) {
+    MOLE_CHECK_ARG(row_cache_slots(*c) == cap, op, ": every part's row cache must hold as many rows (", cap, ")");
+  }
   MOLE_CHECK_ARG(rank.scalar_type() == at::kInt && rank.is_contiguous() && step_rank.scalar_type() == at::kInt &&
                      step_rank.is_contiguous() && ids.device().is_cpu(),
                  op, ": rank maps must be contiguous int32 and ids on the CPU");

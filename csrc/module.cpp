@@ -189,33 +189,28 @@ mole::RowCache& row_cache_arg(PyObject* o) {
   return **c;
 }
 
-// _mixed_read_step(rank, starts, caches, cap, step_rank, ids) -> None (mixed_read_step; caches: _row_cache's)
+// A list or tuple of _row_cache handles (the sequence's caller holds them for the call).
+std::vector<mole::RowCache*> row_caches_arg(PyObject* o, const char* name) {
+  TORCH_CHECK_TYPE(PyList_Check(o) || PyTuple_Check(o), name, " must be a list or tuple of row caches");
+  std::vector<mole::RowCache*> out;
+  for (Py_ssize_t i = 0, n = PySequence_Fast_GET_SIZE(o); i < n; ++i) {
+    out.push_back(&row_cache_arg(PySequence_Fast_GET_ITEM(o, i)));
+  }
+  return out;
+}
+
+// _mixed_read_step(rank, starts, caches, step_rank, ids) -> None (mixed_read_step; caches: _row_cache's)
 PyObject* mixed_read_step(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
-  check_count(n, 6, "_mixed_read_step(rank, starts, caches, cap, step_rank, ids)");
+  check_count(n, 5, "_mixed_read_step(rank, starts, caches, step_rank, ids)");
   const std::vector<int64_t> starts = ints_arg(args[1], "starts");
-  std::vector<mole::RowCache*> caches;
-  {
-    PyObject* seq = PySequence_Fast(args[2], "caches must be a list of row caches");
-    if (seq == nullptr) throw python_error();
-    for (Py_ssize_t i = 0, m = PySequence_Fast_GET_SIZE(seq); i < m; ++i) {
-      PyObject* item = PySequence_Fast_GET_ITEM(seq, i);
-      auto* c = static_cast<std::shared_ptr<mole::RowCache>*>(PyCapsule_GetPointer(item, kRowCacheCapsule));
-      if (c == nullptr) {
-        Py_DECREF(seq);
-        throw python_error();
-      }
-      caches.push_back(c->get());  // the list's capsules outlive the call (its caller holds them)
-    }
-    Py_DECREF(seq);
-  }
+  const std::vector<mole::RowCache*> caches = row_caches_arg(args[2], "caches");
   const at::Tensor& rank = tensor_arg(args[0], "rank");
-  const at::Tensor& step_rank = tensor_arg(args[4], "step_rank");
-  const at::Tensor& ids = tensor_arg(args[5], "ids");
-  const int64_t cap = int_arg(args[3], "cap");
+  const at::Tensor& step_rank = tensor_arg(args[3], "step_rank");
+  const at::Tensor& ids = tensor_arg(args[4], "ids");
   {
     pybind11::gil_scoped_release no_gil;  // file reads: let other Python threads run meanwhile
-    mole::mixed_read_step(rank, starts, caches, cap, step_rank, ids);
+    mole::mixed_read_step(rank, starts, caches, step_rank, ids);
   }
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS

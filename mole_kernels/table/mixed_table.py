@@ -204,7 +204,7 @@ class MixedDiskReader:
         T = ids.numel()
         if T > self._cap:
             self._grow(T)
-        args = (self.table.lut.rank, self._starts, self._caches, self._cap, self._step_rank, ids)
+        args = (self.table.lut.rank, self._starts, self._caches, self._step_rank, ids)
         if _plain_eager(ids):  # the usual step: the C++ calls themselves, the positions viewed once per shape
             _C._mixed_read_step(*args)
             positions = self._views.get(ids.shape)
