@@ -2,6 +2,8 @@
 // register the torch ops (torch.ops.mole_kernels.*). It also holds direct calls for the CPU decode
 // path and the public gathers, past the dispatcher (csrc/direct_calls.h says why; the ops stay the public way), and
 // the check that says when they may run.
+#include <memory>
+
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -144,7 +146,25 @@ std::vector<int64_t> ints_arg(PyObject* o, const char* name) {
   return out;
 }
 
-constexpr const char* kMixedCapsule = "mole_kernels.MixedTable";
+// Opaque handles: a capsule owns one C++ object (deleted with it) and its name is the type check when a call
+// reads it back (a wrong object raises instead of being misread).
+template <typename T, const char* kName>
+PyObject* owning_capsule(std::unique_ptr<T> object) {
+  PyObject* capsule = PyCapsule_New(object.get(), kName, [](PyObject* c) {
+    delete static_cast<T*>(PyCapsule_GetPointer(c, kName));
+  });
+  if (capsule != nullptr) object.release();
+  return capsule;
+}
+
+template <typename T, const char* kName>
+T& capsule_arg(PyObject* o) {
+  auto* object = static_cast<T*>(PyCapsule_GetPointer(o, kName));
+  if (object == nullptr) throw python_error();
+  return *object;
+}
+
+constexpr char kMixedCapsule[] = "mole_kernels.MixedTable";
 
 // _mixed_table(rank, parts, formats, block_sizes, bases, dim, offset, col_scale) -> an opaque handle: the
 // arguments of lut_gather_mixed checked once and kept (with their tensors) for _lut_combine_mixed.
@@ -157,14 +177,9 @@ PyObject* mixed_table(PyObject*, PyObject* const* args, Py_ssize_t n) {
   if (formats == nullptr) throw python_error();
   const std::vector<at::Tensor> parts = tensors_arg(args[1], "parts"), bases = tensors_arg(args[4], "bases");
   const std::vector<int64_t> blocks = ints_arg(args[3], "block_sizes");
-  auto* table = new mole::MixedTable(mole::make_mixed_table(
+  return owning_capsule<mole::MixedTable, kMixedCapsule>(std::make_unique<mole::MixedTable>(mole::make_mixed_table(
       tensor_arg(args[0], "rank"), parts, c10::string_view(formats, static_cast<size_t>(len)), blocks, bases,
-      int_arg(args[5], "dim"), optional_tensor_arg(args[6], "offset"), optional_tensor_arg(args[7], "col_scale")));
-  PyObject* capsule = PyCapsule_New(table, kMixedCapsule, [](PyObject* c) {
-    delete static_cast<mole::MixedTable*>(PyCapsule_GetPointer(c, kMixedCapsule));
-  });
-  if (capsule == nullptr) delete table;
-  return capsule;
+      int_arg(args[5], "dim"), optional_tensor_arg(args[6], "offset"), optional_tensor_arg(args[7], "col_scale"))));
   END_HANDLE_TH_ERRORS
 }
 
@@ -172,22 +187,18 @@ PyObject* mixed_table(PyObject*, PyObject* const* args, Py_ssize_t n) {
 PyObject* lut_combine_mixed(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_count(n, 7, "_lut_combine_mixed(table, ids, layer, logits_or_x, residual, shared, router_weight)");
-  auto* table = static_cast<const mole::MixedTable*>(PyCapsule_GetPointer(args[0], kMixedCapsule));
-  if (table == nullptr) throw python_error();
+  const auto& table = capsule_arg<mole::MixedTable, kMixedCapsule>(args[0]);
   return THPVariable_Wrap(mole::lut_combine_mixed_step_cpu(
-      *table, tensor_arg(args[1], "ids"), optional_int_arg(args[2], "layer"),
+      table, tensor_arg(args[1], "ids"), optional_int_arg(args[2], "layer"),
       tensor_arg(args[3], args[6] == Py_None ? "logits" : "x"), optional_tensor_arg(args[6], "router_weight"),
       optional_tensor_arg(args[4], "residual"), optional_tensor_arg(args[5], "shared")));
   END_HANDLE_TH_ERRORS
 }
 
-constexpr const char* kRowCacheCapsule = "mole_kernels.RowCache";
+constexpr char kRowCacheCapsule[] = "mole_kernels.RowCache";
+using RowCacheHandle = std::shared_ptr<mole::RowCache>;  // as make_row_cache returns it
 
-mole::RowCache& row_cache_arg(PyObject* o) {
-  auto* c = static_cast<std::shared_ptr<mole::RowCache>*>(PyCapsule_GetPointer(o, kRowCacheCapsule));
-  if (c == nullptr) throw python_error();
-  return **c;
-}
+mole::RowCache& row_cache_arg(PyObject* o) { return *capsule_arg<RowCacheHandle, kRowCacheCapsule>(o); }
 
 // A list or tuple of _row_cache handles (the sequence's caller holds them for the call).
 std::vector<mole::RowCache*> row_caches_arg(PyObject* o, const char* name) {
@@ -241,13 +252,8 @@ void count_step(int64_t* tally, int64_t ids, int64_t read) {
 PyObject* row_cache(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_count(n, 3, "_row_cache(handle, slots, row_bytes)");
-  auto* cache = new std::shared_ptr<mole::RowCache>(
-      mole::make_row_cache(int_arg(args[0], "handle"), tensor_arg(args[1], "slots"), int_arg(args[2], "row_bytes")));
-  PyObject* capsule = PyCapsule_New(cache, kRowCacheCapsule, [](PyObject* c) {
-    delete static_cast<std::shared_ptr<mole::RowCache>*>(PyCapsule_GetPointer(c, kRowCacheCapsule));
-  });
-  if (capsule == nullptr) delete cache;
-  return capsule;
+  return owning_capsule<RowCacheHandle, kRowCacheCapsule>(std::make_unique<RowCacheHandle>(
+      mole::make_row_cache(int_arg(args[0], "handle"), tensor_arg(args[1], "slots"), int_arg(args[2], "row_bytes"))));
   END_HANDLE_TH_ERRORS
 }
 
