@@ -914,17 +914,26 @@ def _drop_from_page_cache(path) -> bool:
 _COLD_TRIES = 20
 
 
+def _until_cold(path, attempt):
+    """attempt() after dropping the file's pages, until it returns something (it left reads running, else
+    None); skips when no try does."""
+    for _ in range(_COLD_TRIES):
+        _drop_from_page_cache(path)
+        got = attempt()
+        if got is not None:
+            return got
+    pytest.skip(f"every non-blocking read of a dropped page was answered at once ({_COLD_TRIES} tries): no read "
+                "here is still running")
+
+
 def _start_cold(reader, path, ids):
     """reader.start(ids) for a step whose storage reads are left running (reader._pending); each try first
-    forgets the reader's cached rows and drops the file's pages. Skips when no try leaves a read running."""
-    for _ in range(_COLD_TRIES):
+    forgets the reader's cached rows."""
+    def attempt():
         reader.drop_cached_rows()
-        _drop_from_page_cache(path)
         combine = reader.start(ids)
-        if reader._pending:
-            return combine
-    pytest.skip(f"every non-blocking read of a dropped page was answered at once ({_COLD_TRIES} tries): no step "
-                "here has rows still arriving")
+        return combine if reader._pending else None
+    return _until_cold(path, attempt)
 
 
 @pytest.mark.parametrize("fmt", [None, "nf4"])
@@ -959,14 +968,11 @@ def test_cold_disk_rows_are_read_in_the_background(tmp_path, fmt):
             assert reader._pending == 0
             torch.testing.assert_close(got.double(), _step_reference(ref_lut, ids, l, x, w, residual, shared),
                                        atol=1e-5, rtol=1e-5)
-    for _ in range(_COLD_TRIES):  # a ticket of reads still running, waited for twice
-        _drop_from_page_cache(path)
+    def read_cold():  # a ticket of reads still running (and its cache, kept for them), waited for twice below
         cache = _C._row_cache(t._store.handle(), torch.empty(t.row_bytes, dtype=torch.uint8), t.row_bytes)
         ticket = _C._read_cached(cache, torch.tensor([7]), True, None)[1]
-        if ticket > 0:
-            break
-    else:
-        pytest.skip(f"every non-blocking read of a dropped page was answered at once ({_COLD_TRIES} tries)")
+        return (cache, ticket) if ticket > 0 else None
+    cache, ticket = _until_cold(path, read_cold)
     _C._wait_reads(ticket)
     with pytest.raises(ValueError, match=f"no reads are pending under ticket {ticket}"):
         _C._wait_reads(ticket)
