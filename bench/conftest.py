@@ -85,7 +85,15 @@ def paired_ratio(num, den, *, level: float = 0.9, resamples: int = 2000, seed: i
     if len(num) != len(den) or not num:
         raise ValueError(f"paired_ratio: needs the same number (>= 1) of rounds on both sides, got {len(num)} "
                          f"and {len(den)}")
-    r = torch.tensor([a / b for a, b in zip(num, den)], dtype=torch.float64)
+    return median_interval([a / b for a, b in zip(num, den)], level=level, resamples=resamples, seed=seed)
+
+
+def median_interval(values, *, level: float = 0.9, resamples: int = 2000, seed: int = 0) -> tuple:
+    """(median, lo, hi) of ``values``, ``lo..hi`` a bootstrap interval of that median at ``level``: of one
+    process's per-round ratios (paired_ratio), or of several processes' medians (bench/across_processes.py)."""
+    if not len(values):
+        raise ValueError("median_interval: needs at least one value")
+    r = torch.tensor(list(values), dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     boot = r[torch.randint(0, len(r), (resamples, len(r)), generator=g)].quantile(0.5, dim=1)
     tail = (1 - level) / 2

@@ -6,7 +6,7 @@
 // op: at small shapes that alone made MoLE 10 % slower than dense. The functions here are the ones
 // the ops run on a CPU (the decode step's usual case by a lean path of the same arithmetic, equal up
 // to float32 rounding); mole_kernels/table/reader.py uses them when no torch.compile, dispatch mode
-// or autograd would need to see the op (_C._plain_eager and torch.compiler.is_compiling say so).
+// or autograd would need to see the op (_C._plain_eager and torch.compiler.is_dynamo_compiling say so).
 #pragma once
 
 #include <ATen/ATen.h>

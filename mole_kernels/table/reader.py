@@ -100,7 +100,8 @@ class LayerReader:
         """Begins a step for ``ids`` (any shape, on the table's device); returns its layers' call,
         ``combine(l, x, residual, shared, router_weight=None)`` (see the module docstring)."""
         # The usual CPU step, first: the table in RAM, read in place; the check counts the step in the table's tally.
-        if self._in_ram and _plain_eager(ids, self._tally):
+        # _plain_eager written out: a step starts with this code cold, where each Python frame costs a microsecond.
+        if self._in_ram and not _dynamo_tracing() and _C._plain_eager(ids, self._tally):
             return partial(self._direct_call, ids)
         if self._file_cpu and _plain_eager(ids):  # the same over the step's unique rows, read with one call
             inverse = self._read_rows_cpu(ids, background=True)[1]
@@ -273,12 +274,20 @@ def _direct_fn(table):
     return _C._lut_combine, (table,)
 
 
+# Whether dynamo is tracing the caller (dynamo answers it as a constant True): one Python frame, where
+# torch.compiler.is_compiling runs two and looks up five module attributes. A decode step starts with all of
+# that cold: timed inside the bench's loop (demo, B = 8), start() took 11-16 us with is_compiling, 7-10 us with
+# this. Export's non-strict tracing, which is_compiling also covers, passes FakeTensors, which _C._plain_eager
+# refuses. torch < 2.3 lacks it: is_compiling there.
+_dynamo_tracing = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+
+
 def _plain_eager(ids: torch.Tensor, tally: Optional[torch.Tensor] = None) -> bool:
     """Whether nothing needs to see the op: eager (no torch.compile, dispatch mode or functorch
     transform), no autograd, plain ids (the tables are plain tensors that never require grad).
     torch.compile is asked first, in Python, where dynamo answers it; the rest in one C++ call, which
     counts a plain step reading ids' rows in place into ``tally`` (a table's, when given)."""
-    return not torch.compiler.is_compiling() and _C._plain_eager(ids, tally)
+    return not _dynamo_tracing() and _C._plain_eager(ids, tally)
 
 
 def _op_combine(op, l, x, residual, shared, router_weight=None):
