@@ -278,7 +278,7 @@ def _direct_fn(table):
 # torch.compiler.is_compiling runs two and looks up five module attributes. A decode step starts with all of
 # that cold: timed inside the bench's loop (demo, B = 8), start() took 11-16 us with is_compiling, 7-10 us with
 # this. Export's non-strict tracing, which is_compiling also covers, passes FakeTensors, which _C._plain_eager
-# refuses. torch < 2.3 lacks it: is_compiling there.
+# refuses. Every supported torch (2.4+) has it; its docs call it internal, so is_compiling stands in should it go.
 _dynamo_tracing = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 
 
