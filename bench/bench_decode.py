@@ -23,10 +23,10 @@ Batches: B = 1 everywhere, and B = 8 and 32 at the demo shape (eager and compile
 The paper's real vocabulary (`test_real_vocab_decode`, CPU): 160M-4E with V = 50,304 (a 3.7 GB bf16
 LUT, built once with `LookupTable.build` into files under $MOLE_BENCH_TABLE_DIR, default /tmp, reused
 by later runs with MOLE_BENCH_KEEP_TABLES=1, else deleted at the end), B = 1, 8 and 32, in phases
-of interleaved rounds: (1) dense, `mole-host`, `mole-disk` (page cache warm) and `mole-disk-cold`
-(the file's pages dropped with posix_fadvise(DONTNEED) and the reader's row cache emptied
-(`LookupTable.drop_cached_rows`) before each run; the bytes the process read
-from storage, /proc/self/io read_bytes, go to `extra_info["cold_bytes_read"]`); (2) per quantized
+of rounds interleaved step by step (`_interleaved` says why): (1) dense, `mole-host`, `mole-disk` (page
+cache warm) and `mole-disk-cold` (the file's pages dropped with posix_fadvise(DONTNEED) and the reader's
+row cache emptied (`LookupTable.drop_cached_rows`) before each round's run of its steps; the bytes the
+process read from storage, /proc/self/io read_bytes, go to `extra_info["cold_bytes_read_per_run"]`); (2) per quantized
 format (int8, fp8_e4m3, nf4 with blocks of 64; MOLE_BENCH_REAL_FORMATS="q3/128,q2/64,q1/64" picks others),
 `mole-host` against `mole-host-<format>`, one format's table in RAM at a time (peak ~5.6 GB: the bf16 table
 and an int8 one); (3) compiled
@@ -164,30 +164,37 @@ def _paired(num, den):
     return [round(x, 4) for x in paired_ratio(num, den)]
 
 
-def _stepper(cfg, model, provider, B, ids, steps=STEPS):
-    """A callable running `steps` decode steps of `provider` (what generate's loop runs per token)."""
-    cache = StaticKVCache(cfg, B, CONTEXT + steps + 1, device=DEV, dtype=model.dtype)
-    cache.valid[:, :CONTEXT] = True
-    if provider.endswith("-graph"):
-        step = model._graph_step(cache, B)
-        call = lambda tok, idx, pos: step(tok, idx, pos)  # noqa: E731
-    elif provider.endswith("-compiled"):
-        compiled = model._compiled_decode_step()
-        call = lambda tok, idx, pos: compiled(cache, tok, idx, pos)  # noqa: E731
-    else:
-        call = lambda tok, idx, pos: model._decode_step(cache, tok, idx, pos)  # noqa: E731
+class _Stepper:
+    """`steps` decode steps of `provider` (what generate's loop runs per token): calling it runs them all in a
+    row, `step(i)` the i-th alone (at its own position; device-synchronised either way)."""
+
+    def __init__(self, cfg, model, provider, B, ids, steps=STEPS):
+        self.ids, self.steps, self.B = ids, steps, B
+        cache = StaticKVCache(cfg, B, CONTEXT + steps + 1, device=DEV, dtype=model.dtype)
+        cache.valid[:, :CONTEXT] = True
+        if provider.endswith("-graph"):
+            step = model._graph_step(cache, B)
+            self._call = lambda tok, idx, pos: step(tok, idx, pos)  # noqa: E731
+        elif provider.endswith("-compiled"):
+            compiled = model._compiled_decode_step()
+            self._call = lambda tok, idx, pos: compiled(cache, tok, idx, pos)  # noqa: E731
+        else:
+            self._call = lambda tok, idx, pos: model._decode_step(cache, tok, idx, pos)  # noqa: E731
 
     @torch.no_grad()
-    def run_steps():
+    def __call__(self):
         idx = torch.tensor([CONTEXT], device=DEV)
-        pos = torch.full((B,), CONTEXT, device=DEV)
-        for i in range(steps):
-            call(ids[i], idx, pos)
+        pos = torch.full((self.B,), CONTEXT, device=DEV)
+        for i in range(self.steps):
+            self._call(self.ids[i], idx, pos)
             idx += 1
             pos += 1
         sync(DEV)
 
-    return run_steps
+    @torch.no_grad()
+    def step(self, i):
+        self._call(self.ids[i], torch.tensor([CONTEXT + i], device=DEV), torch.full((self.B,), CONTEXT + i, device=DEV))
+        sync(DEV)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +210,7 @@ def test_decode_vs_dense(benchmark, threads, built, shape, B, mode):
     runs = {}
     for p in _providers(mode):
         base = p.removesuffix("-graph").removesuffix("-compiled").removesuffix("-again")
-        runs[p] = _stepper(cfg, models[base], p, B, ids)
+        runs[p] = _Stepper(cfg, models[base], p, B, ids)
         runs[p]()  # warm-up: lazy buffers, graph capture, compilation
     times = {p: [] for p in runs}
     order = list(runs)
@@ -291,21 +298,32 @@ def _storage_bytes_read():
 
 
 def _interleaved(runs, rounds, before=None):
-    """Each provider's median ms/token over `rounds` interleaved rounds (each round starts one provider
-    later than the last), as (wall clock, this thread's CPU time, the wall-clock times of every round
-    for :func:`paired_ratio`); `before[p]()` runs untimed just
-    before each of p's runs. CPU time leaves out the time slices other processes take on a loaded
-    machine (the steps run on this one thread: one torch thread), but also a cold read's wait."""
+    """Each provider's median ms/token over `rounds` rounds, as (wall clock, this thread's CPU time, the
+    wall-clock times of every round for :func:`paired_ratio`). A round runs every provider's REAL_STEPS
+    steps interleaved step by step: step i of every provider, then step i + 1 in the reverse order (each
+    round starts one provider later than the last), so two providers' step i run within one step of
+    each other. Why not a provider's steps in a row: this machine's load changes over seconds, about a
+    round of providers' runs, and paired a run apart the ratios carried it (A/A intervals 2-8 % wide at
+    160M-4E, B = 8, against 1.2-1.6 % paired per step: bench/results/issue24_26_zen4_s15.md); and a
+    160M-4E step streams its 0.6 GB of weights from memory, so a provider's own previous step leaves it
+    nothing warm that another's evicts. `before[p]()` runs untimed just before p's first step of each
+    round. CPU time leaves out the time slices other processes take on a loaded machine (the steps run
+    on this one thread: one torch thread), but also a cold read's wait."""
     wall, cpu = {p: [] for p in runs}, {p: [] for p in runs}
     order = list(runs)
     for _ in range(rounds):
-        for p in order:
-            if before and p in before:
-                before[p]()
-            t0, c0 = time.perf_counter(), time.thread_time()
-            runs[p]()
-            cpu[p].append((time.thread_time() - c0) / REAL_STEPS * 1e3)
-            wall[p].append((time.perf_counter() - t0) / REAL_STEPS * 1e3)
+        w, c = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
+        for i in range(REAL_STEPS):
+            for p in order if i % 2 == 0 else order[::-1]:
+                if i == 0 and before and p in before:
+                    before[p]()
+                t0, c0 = time.perf_counter(), time.thread_time()
+                runs[p].step(i)
+                c[p] += time.thread_time() - c0
+                w[p] += time.perf_counter() - t0
+        for p in runs:
+            cpu[p].append(c[p] / REAL_STEPS * 1e3)
+            wall[p].append(w[p] / REAL_STEPS * 1e3)
         order.append(order.pop(0))
     return ({p: statistics.median(v) for p, v in wall.items()}, {p: statistics.median(v) for p, v in cpu.items()},
             wall)
@@ -327,7 +345,7 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
         return m.eval()
 
     def stepper(model, provider="eager"):
-        run = _stepper(cfg, model, provider, B, ids, REAL_STEPS)
+        run = _Stepper(cfg, model, provider, B, ids, REAL_STEPS)
         run()  # warm-up: lazy buffers, compilation, the warm providers' pages
         return run
 
@@ -359,8 +377,8 @@ def test_real_vocab_decode(benchmark, threads, real_tables, B):
         for r, m in ((ratios, got), (cpu_ratios, cpu)):
             r["disk/host"] = m["mole-disk"] / m["mole-host"]
             r["disk-cold/host"] = m["mole-disk-cold"] / m["mole-host"]
-        # read_bytes after each drop, so consecutive differences span one cold run and the runs after it
-        # in its round; the warm providers read nothing from storage (their pages are cached).
+        # read_bytes after each drop, so consecutive differences span one round, the cold run's steps and the
+        # others' between them; the warm providers read nothing from storage (their pages and rows are cached).
         read.append(_storage_bytes_read())
         info["cold_bytes_read_per_run"] = round(statistics.median(b - a for a, b in zip(read, read[1:])))
         info["cold_row_bytes_per_run"] = sum(len(set(r.tolist())) for r in ids) * host.row_bytes

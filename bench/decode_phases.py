@@ -70,7 +70,7 @@ def main():
     for p in names:
         models[p]._hidden = timed_hidden(models[p], acc[p], clock)
     ids = zipf_ids(cfg.vocab_size, args.batch, batches=bd.STEPS, seed=args.batch)
-    runs = {p: bd._stepper(cfg, models[p], p, args.batch, ids) for p in names}
+    runs = {p: bd._Stepper(cfg, models[p], p, args.batch, ids) for p in names}
     for run in runs.values():
         run()  # warm-up
     per = {p: {k: [] for k in PHASES + ["step"]} for p in names}
