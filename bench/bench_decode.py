@@ -300,15 +300,16 @@ def _storage_bytes_read():
 def _interleaved(runs, rounds, before=None):
     """Each provider's median ms/token over `rounds` rounds, as (wall clock, this thread's CPU time, the
     wall-clock times of every round for :func:`paired_ratio`). A round runs every provider's REAL_STEPS
-    steps interleaved step by step: step i of every provider, then step i + 1 in the reverse order (each
-    round starts one provider later than the last), so two providers' step i run within one step of
-    each other. Why not a provider's steps in a row: this machine's load changes over seconds, about a
-    round of providers' runs, and paired a run apart the ratios carried it (A/A intervals 2-8 % wide at
-    160M-4E, B = 8, against 1.2-1.6 % paired per step: bench/results/issue24_26_zen4_s15.md); and a
-    160M-4E step streams its 0.6 GB of weights from memory, so a provider's own previous step leaves it
-    nothing warm that another's evicts. `before[p]()` runs untimed just before p's first step of each
-    round. CPU time leaves out the time slices other processes take on a loaded machine (the steps run
-    on this one thread: one torch thread), but also a cold read's wait."""
+    steps interleaved: step i of every provider one after another, then step i + 1 in the reverse order
+    (each round starts one provider later than the last), so the providers' step i run within a few steps'
+    time. Why not each provider's steps in a row: this machine's load changes over seconds, about a round of
+    such runs, and the per-round ratios carried it (at 160M-4E, B = 8, two blocks of rounds paired that way
+    gave A/A intervals 1.3 % and 8.3 % wide, two paired per step 1.2 % and 1.6 %:
+    bench/results/issue24_26_zen4_s15.md). A 160M-4E step streams its 0.6 GB of weights from memory, so
+    a provider's own previous step leaves it nothing warm that another's would evict. `before[p]()` runs
+    untimed just before p's first step of each round. CPU time leaves out the time slices other processes
+    take on a loaded machine (the steps run on this one thread: one torch thread), but also a cold read's
+    wait."""
     wall, cpu = {p: [] for p in runs}, {p: [] for p in runs}
     order = list(runs)
     for _ in range(rounds):
