@@ -13,9 +13,10 @@ this thread's CPU time (time.thread_time_ns), steadier on a shared machine; `wal
 
 `--probes` adds two MoLE providers on the same weights and table, in the same rounds, that tell what the
 layer call's time in the step is made of: `mole-rows-cached` reads one token's rows for every id (the same
-arithmetic, its rows always in cache), and `mole-prewarmed` runs each layer's call once, untimed, before the
-layer's MLP, so the timed call finds its code, tensor metadata, router weight and rows fetched (the MLP
-between them streams less than the L2 cache holds; a layer's attention and MLP together stream more).
+arithmetic, its rows always in cache; its `pre` also makes those ids), and `mole-prewarmed` runs each
+layer's call once, untimed, before the layer's MLP, so the timed call finds its code, tensor metadata,
+router weight and rows fetched (the MLP between them streams less than the L2 cache holds; a layer's
+attention and MLP together stream more).
 """
 import argparse
 import os
@@ -105,11 +106,12 @@ def main():
     print(f"demo shape, B = {args.batch}, {args.clock} clock, us per step (median of {args.rounds} rounds; "
           f"load {os.getloadavg()[0]:.1f}); each MoLE provider's difference to dense in brackets")
     for k in PHASES + ["step"]:
-        d = statistics.median(per["dense"][k])
-        print(f"  {k:8s} dense {d:8.1f}" + "".join(
-            f"  {p} {statistics.median(per[p][k]):8.1f} ({statistics.median(per[p][k]) - d:+6.1f})" for p in names[1:]))
-    for m in {id(m.lut): m.lut for m in models.values() if getattr(m, "lut", None) is not None}.values():
-        m.close()
+        med = {p: statistics.median(per[p][k]) for p in names}
+        print(f"  {k:8s} dense {med['dense']:8.1f}" + "".join(
+            f"  {p} {med[p]:8.1f} ({med[p] - med['dense']:+6.1f})" for p in names[1:]))
+    for m in models.values():
+        if getattr(m, "lut", None) is not None:
+            m.lut.close()  # once per model: the probes share mole-host's table, and closing is idempotent
 
 
 if __name__ == "__main__":
